@@ -1,0 +1,46 @@
+"""JSON instead of mitmproxy's HTML error pages.
+
+When a provider cannot be reached, mitmproxy's protocol layer writes its own HTML 502 before any
+addon can answer. This addon swaps that renderer (for the life of the addon) for an
+OpenAI-shaped JSON error, so SDKs raise a proper APIStatusError with a readable message.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http, version
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import _http1, _http2
+
+from addon.errors import error_body, error_type
+
+
+def json_error(status: int, message: str) -> bytes:
+    text = message or http.status_codes.RESPONSES.get(status, "error")
+    if status == 502:
+        text = f"provider unreachable: {text}"
+    return error_body(text, error_type(status), code="upstream_unreachable" if status == 502 else None)
+
+
+def json_error_response(status: int, message: str = "") -> bytes:
+    resp = http.Response.make(
+        status,
+        json_error(status, message),
+        http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json"),
+    )
+    return http1.assemble_response(resp)
+
+
+class JsonErrorPages:
+    def __init__(self) -> None:
+        self._saved = None
+
+    def load(self, loader) -> None:
+        if self._saved is None:
+            self._saved = (_http1.make_error_response, _http2.format_error)
+            _http1.make_error_response = json_error_response
+            _http2.format_error = json_error  # HTTP/2 keeps its text/html content-type header
+
+    def done(self) -> None:
+        if self._saved is not None:
+            _http1.make_error_response, _http2.format_error = self._saved
+            self._saved = None

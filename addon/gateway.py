@@ -1,0 +1,210 @@
+"""The mitmproxy adapter: routes OpenAI Chat Completions by virtual key to a provider.
+
+Run with mitmdump/mitmweb in reverse mode against an unreachable placeholder target and
+connection_strategy=lazy (run.sh does this), so that nothing is ever forwarded that this addon
+did not route on purpose. mitmproxy fails *open* when a hook raises, so every hook here catches
+and answers a JSON 500 instead.
+
+Data path: request -> key lookup -> provider.prepare -> (mitmproxy sends it) -> responseheaders
+(redact the real key, choose stream translation) -> response (translate a whole body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+if __package__ in (None, "") or not __package__.startswith("addon"):
+    # loaded by mitmproxy as a script: make the `addon` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mitmproxy import ctx, exceptions, http
+
+from addon.errors import GatewayError, error_body
+from addon.errorpages import JsonErrorPages
+from addon.keys import KeysError, KeyStore, load_keys
+from addon.providers import PROVIDERS
+from addon.streams import fail_closed_stream
+
+log = logging.getLogger("gateway")
+
+CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
+HEALTH_PATHS = frozenset({"/health", "/v1/health"})
+# client headers that must never reach a provider: the virtual key, and client-chosen
+# account scoping that would not match the gateway's key
+DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
+REDACTED = "REDACTED"
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
+    flow.response = http.Response.make(error.status, error.body(), {**JSON_HEADERS, **error.headers})
+    flow.metadata.setdefault("gateway", {})["answered"] = error.code or error.type
+    flow.marked = ":no_entry:"
+
+
+def presented_key(request: http.Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.headers.get("x-api-key") or None
+
+
+def parse_chat_request(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
+    if not isinstance(body, dict):
+        raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
+    return body
+
+
+class Gateway:
+    """Routes chat completions to providers; everything else is answered locally."""
+
+    def __init__(self) -> None:
+        self.keys: KeyStore | None = None
+        # per in-flight flow: the provider Exchange that translates its response
+        self.exchanges: dict[str, object] = {}
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "keys_file", str, "keys.json",
+            "Path of the gateway keys file (JSON, or YAML by extension): virtual keys -> provider keys.",
+        )
+
+    def configure(self, updated) -> None:
+        if "keys_file" in updated:
+            try:
+                self.keys = load_keys(ctx.options.keys_file)
+            except KeysError as e:
+                if self.keys is not None:  # a later change: reject it, keep the keys in force
+                    raise exceptions.OptionsError(str(e)) from None
+                # at start-up one clear line (mitmdump's ErrorCheck then exits), no traceback
+                log.error("gateway: %s", e)
+                return
+            log.info("gateway: %d virtual keys loaded from %s", len(self.keys), ctx.options.keys_file)
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        try:
+            self.route(flow)
+        except GatewayError as e:
+            answer(flow, e)
+        except Exception:
+            log.exception("gateway: internal error while routing; request not forwarded")
+            answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self.redact(flow)
+            exchange = self.exchanges.get(flow.id)
+            response = flow.response
+            if exchange is None or response is None:
+                return
+            if response.status_code == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
+                translator = exchange.stream_translator()
+                if translator is None:
+                    response.stream = True
+                else:
+                    response.stream = fail_closed_stream(translator, response.headers, flow.request.http_version)
+        except Exception:
+            log.exception("gateway: internal error on response headers")
+            flow.metadata.setdefault("gateway", {})["failed"] = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        exchange = self.exchanges.pop(flow.id, None)
+        try:
+            if flow.metadata.get("gateway", {}).get("failed"):
+                raise RuntimeError("response headers could not be handled")
+            if exchange is None or flow.response.stream:
+                return
+            body = exchange.translate_body(flow.response.status_code, flow.response.content or b"")
+            if body is not None:
+                flow.response.headers.pop("content-encoding", None)
+                flow.response.headers["content-type"] = "application/json"
+                flow.response.content = body
+        except Exception:
+            log.exception("gateway: internal error while translating a response")
+            flow.response = http.Response.make(
+                502, error_body("the gateway could not translate the provider response", "server_error", "gateway_error"), JSON_HEADERS
+            )
+        if flow.response.status_code >= 400:
+            flow.marked = flow.marked or ":warning:"
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.exchanges.pop(flow.id, None)
+        self.redact(flow)
+        flow.marked = ":boom:"
+
+    # --- routing -----------------------------------------------------------------------
+
+    def route(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        path, _, query = request.path.partition("?")
+        if path in HEALTH_PATHS:
+            if request.method not in ("GET", "HEAD"):
+                raise GatewayError(405, f"method {request.method} not allowed on {path}", code="method_not_allowed")
+            flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
+            return
+        if path not in CHAT_PATHS:
+            raise GatewayError(404, f"unknown path {path}: this gateway serves POST /v1/chat/completions", code="unknown_path")
+        if request.method != "POST":
+            raise GatewayError(405, f"method {request.method} not allowed on {path}; use POST", code="method_not_allowed", headers={"allow": "POST"})
+
+        presented = presented_key(request)
+        if presented is None:
+            raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
+        if self.keys is None:
+            raise GatewayError(503, "the gateway has no keys loaded", code="no_keys")
+        key = self.keys.lookup(presented)
+        if key is None:
+            raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
+
+        raw = request.content or b""
+        body = parse_chat_request(raw)
+        provider = PROVIDERS[key.provider]
+        upstream, exchange = provider.prepare(body, raw, key.api_key)
+
+        meta = flow.metadata.setdefault("gateway", {})
+        meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider,
+                    model=body["model"], stream=bool(body.get("stream")))
+        flow.comment = f"{key.name} -> {key.provider}"
+
+        for name in DROPPED_HEADERS:
+            request.headers.pop(name, None)
+        if meta["stream"]:
+            request.headers["accept-encoding"] = "identity"  # stream callables see raw bytes
+        request.url = f"{key.upstream_url}?{query}" if query else key.upstream_url
+        request.headers.update(upstream.headers)
+        if upstream.body is not None:
+            request.content = upstream.body
+        self.exchanges[flow.id] = exchange
+
+    def redact(self, flow: http.HTTPFlow) -> None:
+        """The real key is on the request object while it is sent; overwrite it afterwards so
+        no view, log line or saved flow carries it."""
+        provider = flow.metadata.get("gateway", {}).get("provider")
+        if provider is None:
+            return
+        header = PROVIDERS[provider].secret_header
+        if header in flow.request.headers:
+            flow.request.headers[header] = REDACTED
+
+
+addons = [JsonErrorPages(), Gateway()]

@@ -1,0 +1,71 @@
+"""Incremental Server-Sent Events framing.
+
+`SSEDecoder.feed(piece)` takes body pieces split anywhere (mid-line, mid-CRLF, mid-UTF-8
+character) and returns the complete events they finish, as (event name, data) pairs. Nothing is
+held back except an incomplete event.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SSEDecoder:
+    __slots__ = ("_buf", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, piece: bytes) -> list[tuple[str | None, str]]:
+        buf = self._buf + piece if self._buf else piece
+        events: list[tuple[str | None, str]] = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._line(line, events)
+        rest = buf[start:]
+        # a lone trailing \r may be a CR line ending whose \n has not arrived yet: keep it
+        self._buf = rest
+        return events
+
+    def flush(self) -> list[tuple[str | None, str]]:
+        """At end of stream: a final event without its blank line still counts."""
+        events: list[tuple[str | None, str]] = []
+        if self._buf:
+            self._line(self._buf.rstrip(b"\r"), events)
+            self._buf = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list) -> None:
+        if not line:
+            if self._data or self._event is not None:
+                events.append((self._event, "\n".join(self._data)))
+            self._event = None
+            self._data = []
+            return
+        if line[0] == 0x3A:  # ":" comment / keep-alive
+            return
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
+        elif field == b"event":
+            self._event = value.decode("utf-8", "replace")
+
+
+def encode_data(obj: dict) -> bytes:
+    """One `data:` event carrying compact JSON."""
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"

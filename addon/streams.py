@@ -1,0 +1,69 @@
+"""Wrapping a provider's stream translator for mitmproxy's response stream callable.
+
+mitmproxy calls the callable with each received body piece, before content decoding, and once
+with b"" at the end. This wrapper decodes gzip/deflate, fixes the framing headers for a body of
+new length, and fails closed: if the translator raises, the client gets an OpenAI-shaped error
+event and [DONE] instead of untranslated provider bytes or a hung stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable
+
+from addon.errors import error_dict
+from addon.providers.base import StreamTranslator
+from addon.sse import DONE, encode_data
+
+log = logging.getLogger("gateway")
+
+_DECODERS = {"gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), "deflate": lambda: zlib.decompressobj()}
+
+
+def fail_closed_stream(translator: StreamTranslator, headers, http_version: str):
+    """Return the callable to assign to `flow.response.stream`; adjusts `headers` in place."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
+    if decoder is not None:
+        del headers["content-encoding"]
+    headers.pop("content-length", None)
+    if http_version == "HTTP/1.1":
+        headers["transfer-encoding"] = "chunked"
+    failed = False
+
+    def stream(piece: bytes) -> bytes | Iterable[bytes]:
+        nonlocal failed
+        if failed:
+            return [] if piece else b""
+        try:
+            if decoder is not None:
+                data = decoder.decompress(piece) if piece else decoder.flush()
+                if piece and not data:
+                    return []
+                out = translator(data) if data else []
+                if not piece:
+                    out = _concat(out, translator(b""))
+            else:
+                out = translator(piece)
+        except Exception:
+            log.exception("gateway: stream translation failed; ending the stream with an error")
+            failed = True
+            error = error_dict("the gateway could not translate the provider stream", "server_error", "gateway_error")
+            return [encode_data(error), DONE]
+        if piece and out == b"":
+            return []  # b"" would end an HTTP/1.1 chunked body early
+        return out
+
+    return stream
+
+
+def _concat(a: bytes | Iterable[bytes], b: bytes | Iterable[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    for part in (a, b):
+        if isinstance(part, (bytes, bytearray)):
+            if part:
+                out.append(bytes(part))
+        else:
+            out.extend(p for p in part if p)
+    return out

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web
+# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081)
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV="$ROOT/.venv"
+
+find_python() {
+    # mitmproxy 12 needs Python >= 3.12
+    local candidates=("${PYTHON:-}" python3.13 python3.12 python3 python)
+    local root
+    for root in "$(pyenv root 2>/dev/null || true)" "$HOME/.pyenv"; do
+        [ -n "$root" ] && candidates+=("$root"/versions/3.1[2-9]*/bin/python)
+    done
+    candidates+=(/usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9])
+    local py
+    for py in "${candidates[@]}"; do
+        [ -n "$py" ] || continue
+        command -v "$py" >/dev/null 2>&1 || [ -x "$py" ] || continue
+        if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+            echo "$py"; return 0
+        fi
+    done
+    return 1
+}
+
+ensure_venv() {
+    local stamp="$VENV/.requirements.sha256" want
+    want=$(sha256sum requirements.txt | cut -c1-64)
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        if ! py=$(find_python); then
+            echo "run.sh: no Python >= 3.12 found (mitmproxy 12 needs it)." >&2
+            echo "        Install one (e.g. 'pyenv install 3.12' or your OS's python3.12 package) or set PYTHON=/path/to/python3.12." >&2
+            exit 1
+        fi
+        echo "run.sh: creating .venv with $py ($("$py" --version 2>&1))" >&2
+        "$py" -m venv "$VENV"
+    fi
+    echo "run.sh: installing requirements.txt into .venv" >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt >&2
+    echo "$want" > "$stamp"
+}
+
+check_keys() {
+    "$VENV/bin/python" -m addon.keys "$KEYS_FILE" || exit 1
+}
+
+proxy_args() {
+    echo --mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" \
+         --set connection_strategy=lazy \
+         --set "keys_file=$KEYS_FILE" \
+         -s "$ROOT/addon/gateway.py"
+}
+
+KEYS_FILE=${KEYS_FILE:-keys.json}
+GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
+GATEWAY_PORT=${GATEWAY_PORT:-8080}
+WEB_PORT=${WEB_PORT:-8081}
+
+cmd=${1:-}
+case "$cmd" in
+    test)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    web)
+        shift
+        ensure_venv
+        check_keys
+        # shellcheck disable=SC2046
+        exec "$VENV/bin/mitmweb" $(proxy_args) --set web_host=127.0.0.1 --set "web_port=$WEB_PORT" \
+            --set web_open_browser=false --set web_columns='["index","method","path","status","size","time","comment"]' "$@"
+        ;;
+    setup)
+        ensure_venv
+        ;;
+    *)
+        ensure_venv
+        check_keys
+        # shellcheck disable=SC2046
+        exec "$VENV/bin/mitmdump" $(proxy_args) "$@"
+        ;;
+esac

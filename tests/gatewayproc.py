@@ -1,0 +1,82 @@
+"""Start the real gateway (mitmdump + addon/gateway.py, as run.sh does) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+LISTENING = re.compile(rb"listening at (?:\S+?):(\d+)")
+
+
+class GatewayProcess:
+    def __init__(self, keys: dict | str, extra_args: list[str] | None = None, env: dict | None = None) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="gw-test-")
+        if isinstance(keys, dict):
+            self.keys_file = os.path.join(self.tmp.name, "keys.json")
+            Path(self.keys_file).write_text(json.dumps(keys))
+        else:
+            self.keys_file = keys
+        self.extra_args = extra_args or []
+        self.env = env
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.output = bytearray()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(MITMDUMP),
+            "--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0",
+            "--set", "connection_strategy=lazy",
+            "--set", f"keys_file={self.keys_file}",
+            "--set", f"confdir={self.tmp.name}",
+            "-s", str(ROOT / "addon" / "gateway.py"),
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30) -> "GatewayProcess":
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output += line
+            m = LISTENING.search(line)
+            if m:
+                self.port = int(m.group(1))
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+        self.stop()
+        raise RuntimeError("gateway did not start:\n" + self.output.decode(errors="replace"))
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output += line
+
+    def log(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.tmp.cleanup()
