@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web
+# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web   ./run.sh bench [--quick]
 # Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,6 +46,19 @@ ensure_venv() {
     echo "$want" > "$stamp"
 }
 
+ensure_wrk() {
+    # the benchmark's load generator (a Debian/Ubuntu package; not a Python dependency)
+    command -v wrk >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: installing wrk (apt-get install wrk)" >&2
+        apt-get install -y -q wrk >&2 || { apt-get update -q >&2 && apt-get install -y -q wrk >&2; } || true
+    fi
+    if ! command -v wrk >/dev/null 2>&1; then
+        echo "run.sh: the benchmark needs wrk: 'sudo apt-get install wrk' (Debian/Ubuntu), 'brew install wrk' (macOS)" >&2
+        exit 1
+    fi
+}
+
 check_keys() {
     "$VENV/bin/python" -m addon.keys "$KEYS_FILE" || exit 1
 }
@@ -79,6 +92,12 @@ case "$cmd" in
         ;;
     setup)
         ensure_venv
+        ;;
+    bench)
+        shift
+        ensure_venv
+        ensure_wrk
+        exec "$VENV/bin/python" bench/run.py "$@"
         ;;
     *)
         ensure_venv

@@ -1,0 +1,603 @@
+"""The gateway benchmark: gateway vs bare mitmdump, in one run, alternating so noise hits both.
+
+    ./run.sh bench [--quick] [--out FILE] [--rounds N] [--duration S]
+
+Starts bench/fakeprovider.py (fast fixed answers), bare mitmdump in reverse mode (no addon) in front
+of it, a second bare mitmdump with stream_large_bodies=1 (bare mitmdump buffers chunked bodies, so
+streams need it to be passed through at all), and the gateway (addon/gateway.py, a generated keys
+file pointing at the fake). Measures throughput/latency with wrk (bench/post.lua), streaming
+time-to-first-chunk with an asyncio client, 1,000 concurrent streams, memory over many requests, and
+the stream translator's CPU per event in-process. Prints a table, writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from addon.providers import PROVIDERS  # noqa: E402
+from fakeprovider import anthropic_events  # noqa: E402
+
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+SCENARIOS = ("openai", "anthropic")
+ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
+MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class Settings:
+    rounds: int = 3  # alternating bare/gateway rounds per (scenario, connections)
+    duration: float = 4.0  # seconds per wrk round
+    connections: tuple[int, ...] = (1, 16, 64)
+    stream_iterations: int = 40  # sequential 200-event streams per target
+    stream_events: int = 200
+    stream_first_ms: int = 5  # provider pause after the first event: TTFC is not masked by the burst
+    concurrent_streams: int = 1000
+    concurrent_events: int = 20
+    concurrent_gap_ms: int = 250  # 20 events x 250 ms: every stream stays open ~5 s
+    memory_requests: int = 50_000  # per target
+    translator_repeats: int = 200  # in-process 200-event streams
+
+
+QUICK = Settings(rounds=1, duration=1.0, connections=(1, 16), stream_iterations=5, concurrent_streams=50,
+                 concurrent_events=5, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, name: str, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at start-up:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not listen on {port} within {timeout}s")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory from /proc (psutil is not a dependency)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class RssSampler:
+    """Peak resident memory of a process while a block runs (sampled every 20 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_mb(self.pid)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb(self.pid))
+
+
+class Stack:
+    """fake provider + bare mitmdump + bare streaming mitmdump + gateway, torn down on exit."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = self.tmp / f"{name}.log"
+        proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                stdin=subprocess.DEVNULL)
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> "Stack":
+        fake = subprocess.Popen([sys.executable, str(BENCH / "fakeprovider.py")], stdout=subprocess.PIPE,
+                                stderr=open(self.tmp / "fake.log", "wb"), cwd=ROOT)
+        self.procs["fake"] = fake
+        line = fake.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"fake provider did not start: {(self.tmp / 'fake.log').read_text()}")
+        self.ports["fake"] = fake_port = int(line.split()[1])
+        fake_url = f"http://127.0.0.1:{fake_port}"
+
+        keys = {"virtual_keys": {}}
+        for scenario in SCENARIOS:
+            if scenario in PROVIDERS:
+                # keep the provider's own base path (/v1 or none) so the upstream path is the real one
+                base_path = urlsplit(PROVIDERS[scenario].default_base_url).path
+                keys["virtual_keys"][f"vk_bench_{scenario}"] = {
+                    "provider": scenario, "api_key": f"sk-bench-{scenario}-0000000000", "base_url": fake_url + base_path}
+        keys_file = self.tmp / "keys.json"
+        keys_file.write_text(json.dumps(keys))
+
+        common = ["--set", "connection_strategy=lazy", "--set", f"confdir={self.tmp / 'confdir'}"]
+        for name in ("bare", "bare_stream", "gateway"):
+            self.ports[name] = free_port()
+        # the same options as ./run.sh, the addon being the only difference
+        self._spawn("bare", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare']}", *common])
+        self._spawn("bare_stream", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare_stream']}",
+                                    *common, "--set", "stream_large_bodies=1"])
+        self._spawn("gateway", [str(MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{self.ports['gateway']}",
+                                *common, "--set", f"keys_file={keys_file}", "-s", str(ROOT / "addon" / "gateway.py")])
+        for name in ("bare", "bare_stream", "gateway"):
+            wait_port(self.ports[name], self.procs[name], name, self.tmp / f"{name}.log")
+        return self
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- requests --------------------------------------------------------------------------------
+
+def request_spec(target: str, scenario: str, stream: bool = False) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers) of the same logical request as the client of `target` sends it."""
+    if target == "gateway" or scenario == "openai":
+        model = "gpt-4o-mini" if scenario == "openai" else ANTHROPIC_MODEL
+        body: dict = {"model": model, "messages": MESSAGES, "max_tokens": 64}
+        if stream:
+            body["stream"] = True
+        key = f"vk_bench_{scenario}" if target == "gateway" else "sk-bench-openai-0000000000"
+        return "/v1/chat/completions", json.dumps(body).encode(), {"Authorization": f"Bearer {key}"}
+    # bare mitmdump in front of Anthropic: the client speaks Anthropic's API itself
+    body = {"model": ANTHROPIC_MODEL, "max_tokens": 64, "system": MESSAGES[0]["content"], "messages": MESSAGES[1:]}
+    if stream:
+        body["stream"] = True
+    return "/v1/messages", json.dumps(body).encode(), {"x-api-key": "sk-bench-anthropic-0000000000",
+                                                       "anthropic-version": "2023-06-01"}
+
+
+def wrk(url: str, spec: tuple[str, bytes, dict], connections: int, duration: float, tmp: Path) -> dict:
+    path, body, headers = spec
+    body_file = tmp / "body.json"
+    body_file.write_bytes(body)
+    env = {**os.environ, "BENCH_PATH": path, "BENCH_BODY": str(body_file),
+           "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items())}
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+           "-s", str(BENCH / "post.lua"), url]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            r = json.loads(line[len("BENCHJSON "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+            r["error_count"] = sum(r["errors"].values())
+            return r
+    raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+
+
+async def http_stream(port: int, spec: tuple[str, bytes, dict], extra: dict[str, str] | None = None,
+                      opened: list | None = None) -> dict:
+    """One POST; reads a chunked (or content-length) body. Times to first body byte and to the end."""
+    path, body, headers = spec
+    head = [f"POST {path} HTTP/1.1", f"host: 127.0.0.1:{port}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close"]
+    head += [f"{k}: {v}" for k, v in {**headers, **(extra or {})}.items()]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        t0 = time.perf_counter()
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        resp_head = await reader.readuntil(b"\r\n\r\n")
+        if opened is not None:
+            opened[0] += 1
+            opened[1] = max(opened[1], opened[0])
+        status = int(resp_head.split(b" ", 2)[1])
+        lower = resp_head.lower()
+        first = None
+        data = bytearray()
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                chunk = await reader.readexactly(size + 2)
+                if first is None:
+                    first = time.perf_counter()
+                data += chunk[:-2]
+        else:
+            i = lower.find(b"content-length:")
+            n = int(lower[i + 15:lower.find(b"\r\n", i)]) if i >= 0 else -1
+            data += await (reader.readexactly(n) if n >= 0 else reader.read())
+            first = time.perf_counter()
+        end = time.perf_counter()
+        if opened is not None:
+            opened[0] -= 1
+        return {"status": status, "ttfc": (first or end) - t0, "total": end - t0, "bytes": len(data),
+                "events": data.count(b"data:"), "done": data.rstrip().endswith(b"[DONE]") or b"message_stop" in data}
+    finally:
+        writer.close()
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+def median(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+def throughput(stack: Stack, s: Settings) -> dict:
+    out: dict = {}
+    scenarios = [sc for sc in SCENARIOS if sc in PROVIDERS]
+    for scenario in scenarios:  # warm up both (imports, connection setup, caches)
+        for target in ("bare", "gateway"):
+            wrk(stack.url(target), request_spec(target, scenario), 4, 1, stack.tmp)
+    for scenario in scenarios:
+        out[scenario] = {str(c): {"bare": [], "gateway": []} for c in s.connections}
+    for rnd in range(s.rounds):
+        order = ("bare", "gateway") if rnd % 2 == 0 else ("gateway", "bare")
+        for scenario in scenarios:
+            for c in s.connections:
+                for target in order:
+                    r = wrk(stack.url(target), request_spec(target, scenario), c, s.duration, stack.tmp)
+                    out[scenario][str(c)][target].append(r)
+                    print(f"  round {rnd + 1}/{s.rounds} {scenario:9s} c={c:<3d} {target:8s} "
+                          f"{r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
+                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  errors {r['error_count']}", flush=True)
+    summary: dict = {}
+    for scenario, per_c in out.items():
+        summary[scenario] = {}
+        for c, runs in per_c.items():
+            row = {}
+            for target, rs in runs.items():
+                row[target] = {"rps": median([r["rps"] for r in rs]),
+                               "p50_ms": median([r["latency_us"]["p50"] for r in rs]) / 1000,
+                               "p99_ms": median([r["latency_us"]["p99"] for r in rs]) / 1000,
+                               "requests": sum(r["requests"] for r in rs),
+                               "errors": sum(r["error_count"] for r in rs),
+                               "rounds": [{"rps": r["rps"], "p50_ms": r["latency_us"]["p50"] / 1000,
+                                           "p99_ms": r["latency_us"]["p99"] / 1000} for r in rs]}
+            b, g = row["bare"], row["gateway"]
+            row["ratio"] = {"rps": ratio(g["rps"], b["rps"]), "p50": ratio(g["p50_ms"], b["p50_ms"]),
+                            "p99": ratio(g["p99_ms"], b["p99_ms"])}
+            row["added_p50_ms"] = g["p50_ms"] - b["p50_ms"]
+            summary[scenario][c] = row
+    return summary
+
+
+def direct(stack: Stack, s: Settings) -> dict:
+    """The fake provider alone: shows it is far from being the bottleneck."""
+    spec = request_spec("bare", "openai")
+    r1 = wrk(stack.url("fake"), spec, 1, s.duration, stack.tmp)
+    r64 = wrk(stack.url("fake"), spec, 64, s.duration, stack.tmp)
+    return {"c1": {"rps": r1["rps"], "p50_ms": r1["latency_us"]["p50"] / 1000},
+            "c64": {"rps": r64["rps"], "p50_ms": r64["latency_us"]["p50"] / 1000}}
+
+
+def streaming(stack: Stack, s: Settings) -> dict:
+    extra = {"x-bench-events": str(s.stream_events), "x-bench-first-ms": str(s.stream_first_ms)}
+    result: dict = {}
+    for scenario in [sc for sc in SCENARIOS if sc in PROVIDERS]:
+        runs: dict[str, list] = {"bare_stream": [], "gateway": []}
+
+        async def go():
+            for i in range(s.stream_iterations + 2):
+                order = ("bare_stream", "gateway") if i % 2 == 0 else ("gateway", "bare_stream")
+                for target in order:
+                    r = await http_stream(stack.ports[target], request_spec(target, scenario, stream=True), extra)
+                    if i >= 2:  # the first two are warm-up
+                        runs[target].append(r)
+        asyncio.run(go())
+        row: dict = {"events": s.stream_events, "provider_first_event_pause_ms": s.stream_first_ms}
+        for target, rs in runs.items():
+            bad = [r for r in rs if r["status"] != 200 or not r["done"]]
+            row["bare" if target == "bare_stream" else "gateway"] = {
+                "ttfc_ms": median([r["ttfc"] for r in rs]) * 1000, "total_ms": median([r["total"] for r in rs]) * 1000,
+                "events_received": median([r["events"] for r in rs]), "incomplete": len(bad), "iterations": len(rs)}
+        b, g = row["bare"], row["gateway"]
+        row["ratio"] = {"ttfc": ratio(g["ttfc_ms"], b["ttfc_ms"]), "total": ratio(g["total_ms"], b["total_ms"])}
+        row["added_ttfc_ms"] = g["ttfc_ms"] - b["ttfc_ms"]
+        # the whole-stream difference spread over the events: proxy-side cost per event, CPU and I/O
+        row["added_per_event_us"] = (g["total_ms"] - b["total_ms"]) * 1000 / s.stream_events
+        result[scenario] = row
+    return result
+
+
+def concurrent_streams(stack: Stack, s: Settings) -> dict:
+    scenario = "anthropic" if "anthropic" in PROVIDERS else "openai"
+    extra = {"x-bench-events": str(s.concurrent_events), "x-bench-gap-ms": str(s.concurrent_gap_ms)}
+    result: dict = {"scenario": scenario, "streams": s.concurrent_streams, "events_per_stream": s.concurrent_events,
+                    "event_gap_ms": s.concurrent_gap_ms}
+    for target in ("bare_stream", "gateway"):
+        spec = request_spec(target, scenario, stream=True)
+        opened = [0, 0]
+
+        async def one(delay: float):
+            await asyncio.sleep(delay)
+            try:
+                return await asyncio.wait_for(http_stream(stack.ports[target], spec, extra, opened), 120)
+            except Exception as e:  # counted as incomplete, never hangs the run
+                return {"status": 0, "error": repr(e), "done": False}
+
+        async def go():
+            # ramp the connects over ~0.5 s: mitmproxy's listen backlog is small, and a dropped SYN
+            # costs a 1 s retransmit, not a failure
+            return await asyncio.gather(*(one(i * 0.5 / s.concurrent_streams) for i in range(s.concurrent_streams)))
+
+        before = rss_mb(stack.pid(target))
+        t0 = time.perf_counter()
+        with RssSampler(stack.pid(target)) as sampler:
+            rs = asyncio.run(go())
+        ok = [r for r in rs if r.get("status") == 200 and r.get("done")]
+        errors = sorted({r.get("error", f"status {r.get('status')}") for r in rs if r not in ok})[:5]
+        result["bare" if target == "bare_stream" else "gateway"] = {
+            "completed": len(ok), "all_complete": len(ok) == s.concurrent_streams, "peak_open": opened[1],
+            "rss_before_mb": before, "rss_peak_mb": sampler.peak, "wall_s": time.perf_counter() - t0,
+            "errors": errors}
+    result["ratio"] = {"rss_peak": ratio(result["gateway"]["rss_peak_mb"], result["bare"]["rss_peak_mb"])}
+    return result
+
+
+def memory(stack: Stack, s: Settings) -> dict:
+    """RSS before and after memory_requests requests per target (16 connections, both scenarios)."""
+    scenarios = [sc for sc in SCENARIOS if sc in PROVIDERS]
+    done = {"bare": 0, "gateway": 0}
+    before = {t: rss_mb(stack.pid(t)) for t in done}
+    segment = 2.0 if s.memory_requests < 10_000 else 5.0
+    i = 0
+    t0 = time.perf_counter()
+    while min(done.values()) < s.memory_requests:
+        scenario = scenarios[i % len(scenarios)]
+        order = ("bare", "gateway") if i % 2 == 0 else ("gateway", "bare")
+        for target in order:
+            if done[target] < s.memory_requests:
+                r = wrk(stack.url(target), request_spec(target, scenario), 16, segment, stack.tmp)
+                done[target] += r["requests"]
+        i += 1
+    print(f"  {done['gateway']} gateway / {done['bare']} bare requests in {time.perf_counter() - t0:.0f} s", flush=True)
+    time.sleep(0.5)  # let closing connections be released
+    out = {}
+    for t in done:
+        after = rss_mb(stack.pid(t))
+        out[t] = {"requests": done[t], "rss_before_mb": before[t], "rss_after_mb": after, "growth_mb": after - before[t]}
+    return out
+
+
+def translator_cpu(s: Settings) -> dict:
+    """CPU per event of the Anthropic stream translator (as the gateway wraps it), in-process."""
+    if "anthropic" not in PROVIDERS:
+        return {"available": False, "reason": "no 'anthropic' provider in addon.providers.PROVIDERS yet"}
+    from mitmproxy.http import Headers
+
+    from addon.streams import fail_closed_stream
+
+    provider = PROVIDERS["anthropic"]
+    raw = json.dumps({"model": ANTHROPIC_MODEL, "messages": MESSAGES, "max_tokens": 64, "stream": True}).encode()
+    events = anthropic_events(200)
+
+    def setup():
+        upstream, exchange = provider.prepare(json.loads(raw), raw, "sk-bench-anthropic-0000000000")
+        return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1")
+
+    def run(stream) -> list:
+        out = [stream(e) for e in events]
+        out.append(stream(b""))
+        return out
+
+    sample = b"".join(p if isinstance(p, bytes) else b"".join(p) for p in run(setup()))
+    if b"[DONE]" not in sample or b"word100" not in sample:
+        return {"available": False, "reason": f"translator output looks wrong: {sample[:300]!r}"}
+    t = time.process_time()
+    streams = [setup() for _ in range(s.translator_repeats)]
+    setup_cpu = time.process_time() - t
+    t = time.process_time()
+    for stream in streams:
+        run(stream)
+    cpu = time.process_time() - t
+    return {"available": True, "events_per_stream": len(events), "streams": s.translator_repeats,
+            "us_per_event": cpu / (s.translator_repeats * len(events)) * 1e6,
+            "setup_us_per_stream": setup_cpu / s.translator_repeats * 1e6}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def targets(res: dict) -> list[dict]:
+    t: list[dict] = []
+
+    def add(name, value, limit, ok):
+        t.append({"name": name, "value": value, "target": limit, "ok": bool(ok) if value is not None else None})
+
+    for scenario, floor in (("openai", 0.9), ("anthropic", 0.8)):
+        for c, row in res["throughput"].get(scenario, {}).items():
+            add(f"{scenario} throughput c={c} gateway/bare", row["ratio"]["rps"], f">= {floor}",
+                row["ratio"]["rps"] is not None and row["ratio"]["rps"] >= floor)
+        row = res["throughput"].get(scenario, {}).get("1")
+        if row:
+            add(f"{scenario} added p50 at c=1 (ms)", row["added_p50_ms"], "<= 0.2", row["added_p50_ms"] <= 0.2)
+    tr = res["translator"]
+    if tr.get("available"):
+        add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
+    for scenario, row in res["streaming"].items():
+        add(f"{scenario} stream first chunk over bare (ms)", row["added_ttfc_ms"], "<= 1", row["added_ttfc_ms"] <= 1)
+    mem = res["memory"]["gateway"]
+    add(f"gateway RSS growth over {mem['requests']} requests (MB)", mem["growth_mb"], "< 10", mem["growth_mb"] < 10)
+    cs = res["concurrent_streams"]["gateway"]
+    add(f"{res['concurrent_streams']['streams']} concurrent streams all complete", cs["completed"],
+        f"== {res['concurrent_streams']['streams']}", cs["all_complete"])
+    add(f"{res['concurrent_streams']['streams']} concurrent streams peak RSS (MB)", cs["rss_peak_mb"], "< 300",
+        cs["rss_peak_mb"] < 300)
+    return t
+
+
+def fmt(v, nd=2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_table(res: dict) -> None:
+    rows = [("metric", "bare", "gateway", "gw/bare")]
+    for scenario, per_c in res["throughput"].items():
+        for c, row in per_c.items():
+            b, g = row["bare"], row["gateway"]
+            rows.append((f"{scenario} c={c} req/s", fmt(b["rps"], 0), fmt(g["rps"], 0), fmt(row["ratio"]["rps"])))
+            rows.append((f"{scenario} c={c} p50 ms", fmt(b["p50_ms"]), fmt(g["p50_ms"]), fmt(row["ratio"]["p50"])))
+            rows.append((f"{scenario} c={c} p99 ms", fmt(b["p99_ms"]), fmt(g["p99_ms"]), fmt(row["ratio"]["p99"])))
+    for scenario, row in res["streaming"].items():
+        b, g = row["bare"], row["gateway"]
+        rows.append((f"{scenario} stream {row['events']} ev: first chunk ms", fmt(b["ttfc_ms"]), fmt(g["ttfc_ms"]),
+                     fmt(row["ratio"]["ttfc"])))
+        rows.append((f"{scenario} stream {row['events']} ev: total ms", fmt(b["total_ms"]), fmt(g["total_ms"]),
+                     fmt(row["ratio"]["total"])))
+    cs = res["concurrent_streams"]
+    rows.append((f"{cs['streams']} streams ({cs['scenario']}): completed", str(cs["bare"]["completed"]),
+                 str(cs["gateway"]["completed"]), ""))
+    rows.append((f"{cs['streams']} streams: peak open", str(cs["bare"]["peak_open"]), str(cs["gateway"]["peak_open"]), ""))
+    rows.append((f"{cs['streams']} streams: peak RSS MB", fmt(cs["bare"]["rss_peak_mb"], 1),
+                 fmt(cs["gateway"]["rss_peak_mb"], 1), fmt(cs["ratio"]["rss_peak"])))
+    m = res["memory"]
+    rows.append(("RSS before MB", fmt(m["bare"]["rss_before_mb"], 1), fmt(m["gateway"]["rss_before_mb"], 1), ""))
+    rows.append((f"RSS after ~{m['gateway']['requests']} req MB", fmt(m["bare"]["rss_after_mb"], 1),
+                 fmt(m["gateway"]["rss_after_mb"], 1), ""))
+    rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
+    tr = res["translator"]
+    if tr.get("available"):
+        rows.append(("translator CPU us/event (in-process)", "", fmt(tr["us_per_event"]), ""))
+    d = res["direct"]
+    rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for i, r in enumerate(rows):
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}")
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\ntargets:")
+    for t in res["targets"]:
+        mark = {True: "ok  ", False: "MISS", None: "n/a "}[t["ok"]]
+        print(f"  [{mark}] {t['name']}: {fmt(t['value'])} (target {t['target']})")
+    if not tr.get("available"):
+        print(f"  [n/a ] translator CPU: {tr['reason']}")
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts, a few seconds (the smoke test)")
+    ap.add_argument("--out", help="JSON result path (default bench/results/bench-<time>.json)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds per throughput cell")
+    ap.add_argument("--duration", type=float, help="seconds per wrk round")
+    args = ap.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.rounds:
+        s.rounds = args.rounds
+    if args.duration:
+        s.duration = args.duration
+    if not shutil.which("wrk"):
+        print("bench: wrk not found; install it (Debian/Ubuntu: apt-get install wrk) or use ./run.sh bench", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 4 * s.concurrent_streams + 256  # client + proxy, both sides of each stream
+    if soft < need:  # children inherit it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+
+    started = time.time()
+    stack = Stack()
+    try:
+        print(f"bench: starting fake provider, bare mitmdump and gateway ({'quick' if args.quick else 'full'} run)", flush=True)
+        stack.start()
+        res: dict = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
+                              "settings": asdict(s), "git": git_rev(), "python": platform.python_version(),
+                              "cpus": os.cpu_count(), "providers": [sc for sc in SCENARIOS if sc in PROVIDERS],
+                              "mitmproxy": _mitmproxy_version()},
+                     "rss_startup_mb": {t: rss_mb(stack.pid(t)) for t in ("bare", "bare_stream", "gateway")}}
+        print("bench: translator CPU (in-process)", flush=True)
+        res["translator"] = translator_cpu(s)
+        print("bench: direct to the fake provider", flush=True)
+        res["direct"] = direct(stack, s)
+        print("bench: throughput and latency (wrk, alternating bare/gateway)", flush=True)
+        res["throughput"] = throughput(stack, s)
+        print(f"bench: memory over {s.memory_requests} requests per target", flush=True)
+        res["memory"] = memory(stack, s)
+        print(f"bench: streaming, {s.stream_events}-event streams", flush=True)
+        res["streaming"] = streaming(stack, s)
+        print(f"bench: {s.concurrent_streams} concurrent streams", flush=True)
+        res["concurrent_streams"] = concurrent_streams(stack, s)
+        res["meta"]["seconds"] = time.time() - started
+        res["targets"] = targets(res)
+    finally:
+        stack.stop()
+    out = Path(args.out) if args.out else BENCH / "results" / time.strftime(
+        f"bench-%Y%m%d-%H%M%S{'-quick' if args.quick else ''}.json", time.gmtime(started))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print_table(res)
+    print(f"\nbench: {res['meta']['seconds']:.0f} s; results in {out}")
+    return 0
+
+
+def _mitmproxy_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("mitmproxy")
+    except Exception:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark: `bench/run.py --quick` completes and writes well-formed JSON.
+
+Never asserts on timings or ratios (the machine may be busy); only that every part ran, answered
+correctly and produced sane, non-zero numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from addon.providers import PROVIDERS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (./run.sh bench installs it)")]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "targets:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_throughput_cells_ran_without_errors(result):
+    scenarios = [s for s in ("openai", "anthropic") if s in PROVIDERS]
+    assert list(result["throughput"]) == scenarios
+    for scenario in scenarios:
+        cells = result["throughput"][scenario]
+        assert set(cells) == {"1", "16"}
+        for row in cells.values():
+            for target in ("bare", "gateway"):
+                assert row[target]["rps"] > 0
+                assert row[target]["errors"] == 0  # every answer was a 2xx
+                assert 0 < row[target]["p50_ms"] <= row[target]["p99_ms"]
+            assert row["ratio"]["rps"] > 0 and "added_p50_ms" in row
+
+
+def test_streams_complete(result):
+    for row in result["streaming"].values():
+        for target in ("bare", "gateway"):
+            assert row[target]["incomplete"] == 0
+            assert row[target]["events_received"] > 0
+            assert 0 < row[target]["ttfc_ms"] <= row[target]["total_ms"]
+    cs = result["concurrent_streams"]
+    for target in ("bare", "gateway"):
+        assert cs[target]["all_complete"], cs[target]["errors"]
+        assert cs[target]["rss_peak_mb"] > 0
+
+
+def test_memory_and_targets_reported(result):
+    for target in ("bare", "gateway"):
+        m = result["memory"][target]
+        assert m["requests"] >= result["meta"]["settings"]["memory_requests"]
+        assert m["rss_before_mb"] > 0 and m["rss_after_mb"] > 0
+    assert result["direct"]["c64"]["rps"] > 0
+    names = [t["name"] for t in result["targets"]]
+    assert any("throughput" in n for n in names) and any("RSS growth" in n for n in names)
+    assert all({"name", "value", "target", "ok"} <= set(t) for t in result["targets"])
+
+
+def test_translator_cpu_measured_when_anthropic_exists(result):
+    tr = result["translator"]
+    if "anthropic" not in PROVIDERS:
+        assert tr["available"] is False
+        return
+    assert tr["available"], tr
+    assert tr["us_per_event"] > 0
