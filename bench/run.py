@@ -40,6 +40,7 @@ from fakeprovider import anthropic_events  # noqa: E402
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 SCENARIOS = ("openai", "anthropic")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
@@ -455,24 +456,24 @@ def targets(res: dict) -> list[dict]:
         t.append({"name": name, "value": value, "target": limit, "ok": bool(ok) if value is not None else None})
 
     for scenario, floor in (("openai", 0.9), ("anthropic", 0.8)):
-        for c, row in res["throughput"].get(scenario, {}).items():
+        for c, row in res.get("throughput", {}).get(scenario, {}).items():
             add(f"{scenario} throughput c={c} gateway/bare", row["ratio"]["rps"], f">= {floor}",
                 row["ratio"]["rps"] is not None and row["ratio"]["rps"] >= floor)
-        row = res["throughput"].get(scenario, {}).get("1")
+        row = res.get("throughput", {}).get(scenario, {}).get("1")
         if row:
             add(f"{scenario} added p50 at c=1 (ms)", row["added_p50_ms"], "<= 0.2", row["added_p50_ms"] <= 0.2)
-    tr = res["translator"]
+    tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
-    for scenario, row in res["streaming"].items():
+    for scenario, row in res.get("streaming", {}).items():
         add(f"{scenario} stream first chunk over bare (ms)", row["added_ttfc_ms"], "<= 1", row["added_ttfc_ms"] <= 1)
-    mem = res["memory"]["gateway"]
-    add(f"gateway RSS growth over {mem['requests']} requests (MB)", mem["growth_mb"], "< 10", mem["growth_mb"] < 10)
-    cs = res["concurrent_streams"]["gateway"]
-    add(f"{res['concurrent_streams']['streams']} concurrent streams all complete", cs["completed"],
-        f"== {res['concurrent_streams']['streams']}", cs["all_complete"])
-    add(f"{res['concurrent_streams']['streams']} concurrent streams peak RSS (MB)", cs["rss_peak_mb"], "< 300",
-        cs["rss_peak_mb"] < 300)
+    if "memory" in res:
+        mem = res["memory"]["gateway"]
+        add(f"gateway RSS growth over {mem['requests']} requests (MB)", mem["growth_mb"], "< 10", mem["growth_mb"] < 10)
+    if "concurrent_streams" in res:
+        cs, n = res["concurrent_streams"]["gateway"], res["concurrent_streams"]["streams"]
+        add(f"{n} concurrent streams all complete", cs["completed"], f"== {n}", cs["all_complete"])
+        add(f"{n} concurrent streams peak RSS (MB)", cs["rss_peak_mb"], "< 300", cs["rss_peak_mb"] < 300)
     return t
 
 
@@ -486,34 +487,38 @@ def fmt(v, nd=2) -> str:
 
 def print_table(res: dict) -> None:
     rows = [("metric", "bare", "gateway", "gw/bare")]
-    for scenario, per_c in res["throughput"].items():
+    for scenario, per_c in res.get("throughput", {}).items():
         for c, row in per_c.items():
             b, g = row["bare"], row["gateway"]
             rows.append((f"{scenario} c={c} req/s", fmt(b["rps"], 0), fmt(g["rps"], 0), fmt(row["ratio"]["rps"])))
             rows.append((f"{scenario} c={c} p50 ms", fmt(b["p50_ms"]), fmt(g["p50_ms"]), fmt(row["ratio"]["p50"])))
             rows.append((f"{scenario} c={c} p99 ms", fmt(b["p99_ms"]), fmt(g["p99_ms"]), fmt(row["ratio"]["p99"])))
-    for scenario, row in res["streaming"].items():
+    for scenario, row in res.get("streaming", {}).items():
         b, g = row["bare"], row["gateway"]
         rows.append((f"{scenario} stream {row['events']} ev: first chunk ms", fmt(b["ttfc_ms"]), fmt(g["ttfc_ms"]),
                      fmt(row["ratio"]["ttfc"])))
         rows.append((f"{scenario} stream {row['events']} ev: total ms", fmt(b["total_ms"]), fmt(g["total_ms"]),
                      fmt(row["ratio"]["total"])))
-    cs = res["concurrent_streams"]
-    rows.append((f"{cs['streams']} streams ({cs['scenario']}): completed", str(cs["bare"]["completed"]),
-                 str(cs["gateway"]["completed"]), ""))
-    rows.append((f"{cs['streams']} streams: peak open", str(cs["bare"]["peak_open"]), str(cs["gateway"]["peak_open"]), ""))
-    rows.append((f"{cs['streams']} streams: peak RSS MB", fmt(cs["bare"]["rss_peak_mb"], 1),
-                 fmt(cs["gateway"]["rss_peak_mb"], 1), fmt(cs["ratio"]["rss_peak"])))
-    m = res["memory"]
-    rows.append(("RSS before MB", fmt(m["bare"]["rss_before_mb"], 1), fmt(m["gateway"]["rss_before_mb"], 1), ""))
-    rows.append((f"RSS after ~{m['gateway']['requests']} req MB", fmt(m["bare"]["rss_after_mb"], 1),
-                 fmt(m["gateway"]["rss_after_mb"], 1), ""))
-    rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
-    tr = res["translator"]
+    if "concurrent_streams" in res:
+        cs = res["concurrent_streams"]
+        rows.append((f"{cs['streams']} streams ({cs['scenario']}): completed", str(cs["bare"]["completed"]),
+                     str(cs["gateway"]["completed"]), ""))
+        rows.append((f"{cs['streams']} streams: peak open", str(cs["bare"]["peak_open"]),
+                     str(cs["gateway"]["peak_open"]), ""))
+        rows.append((f"{cs['streams']} streams: peak RSS MB", fmt(cs["bare"]["rss_peak_mb"], 1),
+                     fmt(cs["gateway"]["rss_peak_mb"], 1), fmt(cs["ratio"]["rss_peak"])))
+    if "memory" in res:
+        m = res["memory"]
+        rows.append(("RSS before MB", fmt(m["bare"]["rss_before_mb"], 1), fmt(m["gateway"]["rss_before_mb"], 1), ""))
+        rows.append((f"RSS after ~{m['gateway']['requests']} req MB", fmt(m["bare"]["rss_after_mb"], 1),
+                     fmt(m["gateway"]["rss_after_mb"], 1), ""))
+        rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
+    tr = res.get("translator", {})
     if tr.get("available"):
         rows.append(("translator CPU us/event (in-process)", "", fmt(tr["us_per_event"]), ""))
-    d = res["direct"]
-    rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
+    if "direct" in res:
+        d = res["direct"]
+        rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for i, r in enumerate(rows):
@@ -524,7 +529,7 @@ def print_table(res: dict) -> None:
     for t in res["targets"]:
         mark = {True: "ok  ", False: "MISS", None: "n/a "}[t["ok"]]
         print(f"  [{mark}] {t['name']}: {fmt(t['value'])} (target {t['target']})")
-    if not tr.get("available"):
+    if tr and not tr.get("available"):
         print(f"  [n/a ] translator CPU: {tr['reason']}")
 
 
@@ -542,7 +547,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON result path (default bench/results/bench-<time>.json)")
     ap.add_argument("--rounds", type=int, help="alternating rounds per throughput cell")
     ap.add_argument("--duration", type=float, help="seconds per wrk round")
+    ap.add_argument("--only", help=f"comma-separated subset of: {','.join(SECTIONS)} (for focused before/after runs)")
     args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}")
     s = QUICK if args.quick else Settings()
     if args.rounds:
         s.rounds = args.rounds
@@ -566,18 +575,16 @@ def main(argv=None) -> int:
                               "cpus": os.cpu_count(), "providers": [sc for sc in SCENARIOS if sc in PROVIDERS],
                               "mitmproxy": _mitmproxy_version()},
                      "rss_startup_mb": {t: rss_mb(stack.pid(t)) for t in ("bare", "bare_stream", "gateway")}}
-        print("bench: translator CPU (in-process)", flush=True)
-        res["translator"] = translator_cpu(s)
-        print("bench: direct to the fake provider", flush=True)
-        res["direct"] = direct(stack, s)
-        print("bench: throughput and latency (wrk, alternating bare/gateway)", flush=True)
-        res["throughput"] = throughput(stack, s)
-        print(f"bench: memory over {s.memory_requests} requests per target", flush=True)
-        res["memory"] = memory(stack, s)
-        print(f"bench: streaming, {s.stream_events}-event streams", flush=True)
-        res["streaming"] = streaming(stack, s)
-        print(f"bench: {s.concurrent_streams} concurrent streams", flush=True)
-        res["concurrent_streams"] = concurrent_streams(stack, s)
+        steps = {"translator": ("translator CPU (in-process)", lambda: translator_cpu(s)),
+                 "direct": ("direct to the fake provider", lambda: direct(stack, s)),
+                 "throughput": ("throughput and latency (wrk, alternating bare/gateway)", lambda: throughput(stack, s)),
+                 "memory": (f"memory over {s.memory_requests} requests per target", lambda: memory(stack, s)),
+                 "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
+                 "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s))}
+        for name, (title, step) in steps.items():
+            if name in only:
+                print(f"bench: {title}", flush=True)
+                res[name] = step()
         res["meta"]["seconds"] = time.time() - started
         res["targets"] = targets(res)
     finally:
