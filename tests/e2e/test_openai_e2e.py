@@ -139,3 +139,17 @@ def test_no_real_key_in_the_gateway_log(gateway):
     log = gateway.log()
     for secret in (OPENAI_KEY, DEEPSEEK_KEY, "sk-down-real-key-cccc3333"):
         assert secret not in log
+
+
+def test_slow_provider_gets_a_json_504(provider, gateway_factory):
+    gw = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
+                          "virtual_keys": {"vk_slow": {"provider": "openai", "api_key": "sk-slow-real-key-dddd4444"}}},
+                         extra_args=["--set", "upstream_timeout=0.5"])
+    provider.handler = lambda req: Reply.json({"late": True}, delay=5)
+    with pytest.raises(openai.InternalServerError) as e:
+        client(gw, "vk_slow").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert e.value.status_code == 504
+    assert e.value.body["code"] == "upstream_timeout"
+    # the gateway keeps serving after a timeout
+    provider.handler = default_reply
+    assert client(gw, "vk_slow").chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content == "hello"
