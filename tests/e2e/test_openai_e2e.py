@@ -6,10 +6,10 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 import pytest
 
+from tests import rawhttp
 from tests.fakeprovider import Reply, default_reply, openai_stream
 
 pytestmark = pytest.mark.e2e
@@ -75,12 +75,12 @@ def test_unknown_key_bad_json_and_unknown_path_never_reach_the_provider(gateway,
     with pytest.raises(openai.AuthenticationError) as e:
         client(gateway, "vk_nope").chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert e.value.body["code"] == "invalid_api_key"
-    http = httpx.Client(base_url=gateway.url, headers={"authorization": "Bearer vk_openai"})
-    r = http.post("/v1/chat/completions", content=b'{"model": ')
+    auth = {"authorization": "Bearer vk_openai"}
+    r = rawhttp.request(gateway.url, "POST", "/v1/chat/completions", content=b'{"model": ', headers=auth)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = http.post("/v1/completions", json={"model": "x", "prompt": "y"})
+    r = rawhttp.request(gateway.url, "POST", "/v1/completions", json={"model": "x", "prompt": "y"}, headers=auth)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    r = http.get("/v1/chat/completions")
+    r = rawhttp.request(gateway.url, "GET", "/v1/chat/completions", headers=auth)
     assert r.status_code == 405
     with pytest.raises(openai.NotFoundError):
         client(gateway).embeddings.create(model="text-embedding-3-small", input="x")
