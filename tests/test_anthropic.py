@@ -258,8 +258,17 @@ def test_n_of_one_is_fine():
     assert "n" not in upstream_body(req(n=1))
 
 
-@pytest.mark.parametrize("response_format", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}])
-def test_json_response_formats_rejected(response_format):
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": False}
+
+
+def test_json_schema_response_format_becomes_native_output_format():
+    body = upstream_body(req(response_format={"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON_SCHEMA}}))
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": PERSON_SCHEMA}}
+    assert "response_format" not in body
+
+
+@pytest.mark.parametrize("response_format", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "yaml"}])
+def test_other_json_response_formats_rejected(response_format):
     assert rejects(req(response_format=response_format)).param == "response_format"
 
 

@@ -74,6 +74,8 @@ REQUESTS = {
     "named_tool": {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL],
                    "tool_choice": {"type": "function", "function": {"name": "weather"}}},
     "reasoning": {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
+    "json_schema": {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {"type": "object", "properties": {}}}}},
 }
 
 

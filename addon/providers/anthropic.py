@@ -140,6 +140,9 @@ def build_request(request: dict) -> dict:
     if not out.get("stop_sequences", True):
         del out["stop_sequences"]
     apply_reasoning_effort(request, out)
+    output_format = convert_response_format(request.get("response_format"))
+    if output_format is not None:
+        out["output_config"] = {"format": output_format}
     tools = request.get("tools")
     if tools:
         out["tools"] = [convert_tool(tool, i) for i, tool in enumerate(tools)]
@@ -162,13 +165,27 @@ def check_unsupported(request: dict) -> None:
     modalities = request.get("modalities")
     if modalities and any(m != "text" for m in modalities):
         raise bad_request("only text output is supported by the Anthropic provider", "modalities")
-    response_format = request.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
-        raise bad_request(
-            f"response_format '{response_format.get('type')}' is not supported by the Anthropic provider; "
-            "describe the JSON you want in the prompt, or use a tool with the schema",
-            "response_format",
-        )
+
+
+def convert_response_format(response_format) -> dict | None:
+    """json_schema -> Anthropic's native structured output (the answer is JSON text, as with
+    OpenAI); models without it make Anthropic answer 400, which the client sees. json_object has
+    no Anthropic equivalent that guarantees JSON: rejected rather than silently ignored."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                              "response_format", "invalid_value")
+        return {"type": "json_schema", "schema": schema}
+    raise bad_request(
+        f"response_format '{kind}' is not supported by the Anthropic provider; use 'json_schema' with a schema",
+        "response_format",
+    )
 
 
 def max_tokens_for(request: dict) -> int:

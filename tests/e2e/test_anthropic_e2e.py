@@ -6,6 +6,7 @@ import json
 import time
 
 import openai
+import pydantic
 import pytest
 
 from tests.fakeprovider import Received, Reply
@@ -258,3 +259,18 @@ def test_real_key_never_in_gateway_output(client, provider, gateway):
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert only_request(provider).headers["x-api-key"] == REAL_KEY
     assert REAL_KEY not in gateway.log()
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+def test_structured_output_with_sdk_parse(client, provider):
+    provider.reset(lambda r: Reply.json(anthropic_message([{"type": "text", "text": '{"name": "Ada", "age": 36}'}])))
+    completion = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Ada, 36"}], response_format=Person)
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    body = assert_anthropic_request(only_request(provider))
+    schema = body["output_config"]["format"]["schema"]
+    assert body["output_config"]["format"]["type"] == "json_schema"
+    assert set(schema["properties"]) == {"name", "age"} and schema["additionalProperties"] is False
