@@ -13,7 +13,6 @@ from addon.providers.anthropic import (
     FALLBACK_MAX_TOKENS,
     AnthropicProvider,
     StreamTranslator,
-    build_request,
     default_max_tokens,
 )
 from addon.streams import fail_closed_stream
@@ -276,12 +275,14 @@ def test_text_response_format_is_harmless():
     assert "response_format" not in upstream_body(req(response_format={"type": "text"}))
 
 
-@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logprobs", True), ("logit_bias", {"1": 5}), ("top_logprobs", 3)])
+@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logprobs", True), ("logit_bias", {"1": 5}), ("top_logprobs", 3),
+                                        ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")])
 def test_answer_changing_openai_only_params_rejected(name, value):
     assert rejects(req(**{name: value})).param == name
 
 
-@pytest.mark.parametrize("name,value", [("presence_penalty", 0), ("logprobs", False), ("seed", 7), ("store", True), ("service_tier", "auto")])
+@pytest.mark.parametrize("name,value", [("presence_penalty", 0), ("logprobs", False), ("seed", 7), ("store", True), ("service_tier", "auto"),
+                                        ("prediction", {"type": "content", "content": "x"})])
 def test_harmless_openai_only_params_dropped(name, value):
     assert name not in upstream_body(req(**{name: value}))
 

@@ -98,7 +98,8 @@ REJECTED_UNLESS_DEFAULT: dict[str, tuple] = {
     "top_logprobs": (None, 0),
     "audio": (None,),
     "web_search_options": (None,),
-    "prediction": (None,),
+    "functions": (None, []),  # legacy function calling: use tools
+    "function_call": (None,),
 }
 # reasoning_effort -> thinking budget (Anthropic requires >= 1024 and < max_tokens)
 THINKING_BUDGETS: dict[str, int] = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
