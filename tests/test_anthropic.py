@@ -132,6 +132,16 @@ def test_assistant_tool_calls_become_tool_use_and_tool_results_follow_in_one_use
     ]
 
 
+def test_tool_results_come_first_in_their_user_turn():
+    body = upstream_body(req([
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "by the way"},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]))
+    assert [b["type"] for b in body["messages"][-1]["content"]] == ["tool_result", "text"]
+
+
 def test_assistant_tool_call_without_content_and_empty_arguments():
     body = upstream_body(req([
         {"role": "user", "content": "time?"},

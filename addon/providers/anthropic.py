@@ -247,6 +247,9 @@ def convert_messages(messages: list) -> tuple[list[dict], list[dict]]:
             turns.append({"role": anthropic_role, "content": blocks})
     if not turns:
         raise bad_request("at least one user or assistant message with content is required", "messages", "invalid_value")
+    for turn in turns:
+        if turn["role"] == "user":  # Anthropic wants tool results before any other user content
+            turn["content"].sort(key=lambda block: block["type"] != "tool_result")
     last = turns[-1]
     if last["role"] == "assistant" and last["content"][-1]["type"] == "text":
         # a prefilled final assistant turn may not end in whitespace
