@@ -344,6 +344,25 @@ def test_parallel_tool_calls_false_disables_parallel_use():
     assert "tool_choice" not in upstream_body(req(tools=[WEATHER_TOOL], parallel_tool_calls=True))
 
 
+def test_tool_history_without_tools_declares_them_uncallable():
+    body = upstream_body(req([
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                                             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                                             {"id": "c3", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        {"role": "tool", "tool_call_id": "c2", "content": "2"},
+        {"role": "tool", "tool_call_id": "c3", "content": "3"},
+    ]))
+    assert body["tools"] == [{"name": "f", "input_schema": {"type": "object"}}, {"name": "g", "input_schema": {"type": "object"}}]
+    assert body["tool_choice"] == {"type": "none"}
+
+
+def test_tool_choice_requiring_tools_without_tools_rejected():
+    assert rejects(req(tool_choice="required")).param == "tool_choice"
+    assert "tool_choice" not in upstream_body(req(tool_choice="none"))
+
+
 def test_non_function_tool_rejected():
     assert rejects(req(tools=[{"type": "custom", "custom": {"name": "x"}}])).param == "tools[0]"
 

@@ -74,6 +74,10 @@ REQUESTS = {
     "named_tool": {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL],
                    "tool_choice": {"type": "function", "function": {"name": "weather"}}},
     "reasoning": {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
+    "tool_history_without_tools": {"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "summarise"}]},
     "json_schema": {"messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {"type": "object", "properties": {}}}}},
 }

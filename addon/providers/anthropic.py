@@ -150,10 +150,23 @@ def build_request(request: dict) -> dict:
         tool_choice = convert_tool_choice(request.get("tool_choice"), request.get("parallel_tool_calls"))
         if tool_choice is not None:
             out["tool_choice"] = tool_choice
+    elif request.get("tool_choice") not in (None, "none", "auto"):
+        raise bad_request("tool_choice needs tools", "tool_choice", "invalid_value")
+    else:
+        declare_history_tools(out)
     user = request.get("user")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user[:512]}
     return out
+
+
+def declare_history_tools(out: dict) -> None:
+    """Anthropic rejects tool_use/tool_result blocks in a request without tools, OpenAI does not
+    (a follow-up turn that only summarises). Declare the tools the history used, uncallable."""
+    names = [block["name"] for message in out["messages"] for block in message["content"] if block["type"] == "tool_use"]
+    if names:
+        out["tools"] = [{"name": name, "input_schema": {"type": "object"}} for name in dict.fromkeys(names)]
+        out["tool_choice"] = {"type": "none"}
 
 
 def check_unsupported(request: dict) -> None:
