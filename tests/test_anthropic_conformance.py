@@ -124,3 +124,31 @@ def test_generated_chunks_match_openai_stream_response(raw):
     for chunk in chunks:
         errors = list(check.iter_errors(chunk))
         assert not errors, f"{chunk}: {errors[0].message[:300]}"
+
+
+CASSETTES = sorted((SHARED_REFERENCE / "recorded" / "anthropic").glob("*.yaml")) if SHARED_REFERENCE.exists() else []
+
+
+def recorded_responses() -> list:
+    cases = []
+    for path in CASSETTES:
+        for i, interaction in enumerate(yaml.safe_load(path.read_text())["interactions"]):
+            response = interaction["response"]
+            cases.append(pytest.param(response["status"]["code"], response["parsed_body"], id=f"{path.stem}-{i}"))
+    return cases
+
+
+@pytest.mark.skipif(not CASSETTES, reason="shared reference recordings absent")
+@pytest.mark.parametrize("status,body", recorded_responses())
+def test_recorded_real_responses_translate_to_valid_openai(status, body):
+    _, exchange = AnthropicProvider().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]}, b"", "k")
+    translated = json.loads(exchange.translate_body(status, json.dumps(body).encode()))
+    if status >= 400:
+        assert translated["error"]["message"] == body["error"]["message"]
+        assert translated["error"]["code"] == body["error"]["type"]
+        return
+    assert_valid("openai-openapi.yaml", "CreateChatCompletionResponse", translated)
+    assert translated["id"] == body["id"]
+    tool_uses = [b for b in body["content"] if b["type"] == "tool_use"]
+    calls = translated["choices"][0]["message"].get("tool_calls") or []
+    assert [(c["id"], json.loads(c["function"]["arguments"])) for c in calls] == [(b["id"], b["input"]) for b in tool_uses]
