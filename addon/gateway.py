@@ -27,6 +27,7 @@ from addon.errorpages import JsonErrorPages
 from addon.keys import KeysError, KeyStore, load_keys
 from addon.providers import PROVIDERS
 from addon.streams import fail_closed_stream
+from addon.timeouts import UpstreamTimeout
 
 log = logging.getLogger("gateway")
 
@@ -207,4 +208,4 @@ class Gateway:
             flow.request.headers[header] = REDACTED
 
 
-addons = [JsonErrorPages(), Gateway()]
+addons = [JsonErrorPages(), Gateway(), UpstreamTimeout()]
