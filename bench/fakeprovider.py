@@ -41,7 +41,7 @@ ANTHROPIC_MESSAGE = {
 
 
 def anthropic_events(n: int) -> list[bytes]:
-    """n SSE events shaped like a recorded Anthropic text stream (ping included)."""
+    """n SSE events shaped like a recorded Anthropic text stream (ping included); at least 6."""
     def ev(name: str, obj: dict) -> bytes:
         return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(obj, separators=(",", ":")).encode())
     head = [
@@ -62,7 +62,7 @@ def anthropic_events(n: int) -> list[bytes]:
     deltas = [ev("content_block_delta", {"type": "content_block_delta", "index": 0,
                                          "delta": {"type": "text_delta", "text": f" word{i}"}})
               for i in range(max(0, n - len(head) - len(tail)))]
-    return (head + deltas + tail)[:n] if n < 6 else head + deltas + tail
+    return head + deltas + tail
 
 
 def openai_events(n: int) -> list[bytes]:

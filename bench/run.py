@@ -62,7 +62,7 @@ class Settings:
 
 
 QUICK = Settings(rounds=1, duration=1.0, connections=(1, 16), stream_iterations=5, concurrent_streams=50,
-                 concurrent_events=5, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20)
+                 concurrent_events=6, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20)
 
 
 # --- processes -------------------------------------------------------------------------------
