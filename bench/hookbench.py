@@ -27,7 +27,7 @@ from addon import gateway  # noqa: E402
 from addon.keys import parse_keys  # noqa: E402
 from addon.providers import PROVIDERS  # noqa: E402
 from fakeprovider import REPLY_ANTHROPIC, REPLY_OPENAI  # noqa: E402
-from run import ANTHROPIC_MODEL, MESSAGES  # noqa: E402
+from run import ANTHROPIC_MODEL, MESSAGES, SDK_HEADERS  # noqa: E402
 
 
 def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
@@ -37,9 +37,9 @@ def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
     out = []
     for _ in range(n):
         req = http.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions", body,
-                                {"host": "127.0.0.1:8080", "authorization": f"Bearer vk_bench_{scenario}",
-                                 "content-type": "application/json", "user-agent": "OpenAI/Python 1.50.0",
-                                 "accept": "application/json"})
+                                {"host": "127.0.0.1:8080", "accept-encoding": "gzip, deflate", "connection": "keep-alive",
+                                 "content-type": "application/json", **SDK_HEADERS,
+                                 "authorization": f"Bearer vk_bench_{scenario}"})
         out.append(tflow.tflow(req=req))
     return out, payload
 

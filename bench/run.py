@@ -42,6 +42,12 @@ MITMDUMP = Path(sys.executable).parent / "mitmdump"
 SCENARIOS = ("openai", "anthropic")
 SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
+# what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
+# every mitmproxy Headers lookup scans all fields
+SDK_HEADERS = {"accept": "application/json", "user-agent": "OpenAI/Python 1.54.0", "x-stainless-lang": "python",
+               "x-stainless-package-version": "1.54.0", "x-stainless-os": "Linux", "x-stainless-arch": "x64",
+               "x-stainless-runtime": "CPython", "x-stainless-runtime-version": "3.12.1",
+               "x-stainless-async": "false", "x-stainless-retry-count": "0", "x-stainless-read-timeout": "600"}
 MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
 
@@ -194,12 +200,12 @@ def request_spec(target: str, scenario: str, stream: bool = False) -> tuple[str,
         if stream:
             body["stream"] = True
         key = f"vk_bench_{scenario}" if target == "gateway" else "sk-bench-openai-0000000000"
-        return "/v1/chat/completions", json.dumps(body).encode(), {"Authorization": f"Bearer {key}"}
+        return "/v1/chat/completions", json.dumps(body).encode(), {**SDK_HEADERS, "Authorization": f"Bearer {key}"}
     # bare mitmdump in front of Anthropic: the client speaks Anthropic's API itself
     body = {"model": ANTHROPIC_MODEL, "max_tokens": 64, "system": MESSAGES[0]["content"], "messages": MESSAGES[1:]}
     if stream:
         body["stream"] = True
-    return "/v1/messages", json.dumps(body).encode(), {"x-api-key": "sk-bench-anthropic-0000000000",
+    return "/v1/messages", json.dumps(body).encode(), {**SDK_HEADERS, "x-api-key": "sk-bench-anthropic-0000000000",
                                                        "anthropic-version": "2023-06-01"}
 
 
