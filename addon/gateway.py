@@ -198,14 +198,18 @@ class Gateway:
                     model=body["model"], stream=bool(body.get("stream")))
         flow.comment = f"{key.name} -> {key.provider}"
 
-        # one pass over the fields: Headers.pop of an absent name raises and catches a KeyError
-        request.headers.fields = tuple(f for f in request.headers.fields if f[0].lower() not in _DROPPED)
-        if meta["stream"]:
-            request.headers["accept-encoding"] = "identity"  # stream callables see raw bytes
         scheme, host, port, path = upstream_target(key.upstream_url)
         request.scheme, request.host, request.port = scheme, host, port
         request.path = f"{path}?{query}" if query else path
-        request.headers.update(upstream.headers)
+        # Drop the client's auth headers and set the provider's in one pass over the fields:
+        # each Headers.pop / __setitem__ rescans every field (and pop of an absent name raises).
+        upstream_headers = upstream.headers
+        if meta["stream"]:
+            upstream_headers = {**upstream_headers, "accept-encoding": "identity"}  # stream callables see raw bytes
+        replaced = _DROPPED.union(name.lower().encode() for name in upstream_headers)
+        fields = [f for f in request.headers.fields if f[0].lower() not in replaced]
+        fields += [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in upstream_headers.items()]
+        request.headers.fields = tuple(fields)
         if upstream.body is not None:
             request.content = upstream.body
         self.exchanges[flow.id] = exchange
