@@ -209,7 +209,18 @@ def request_spec(target: str, scenario: str, stream: bool = False) -> tuple[str,
                                                        "anthropic-version": "2023-06-01"}
 
 
-def wrk(url: str, spec: tuple[str, bytes, dict], connections: int, duration: float, tmp: Path) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, spec: tuple[str, bytes, dict], connections: int, duration: float, tmp: Path,
+        pid: int | None = None) -> dict:
     path, body, headers = spec
     body_file = tmp / "body.json"
     body_file.write_bytes(body)
@@ -217,12 +228,16 @@ def wrk(url: str, spec: tuple[str, bytes, dict], connections: int, duration: flo
            "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in headers.items())}
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
            "-s", str(BENCH / "post.lua"), url]
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60)
+    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     for line in out.stdout.splitlines():
         if line.startswith("BENCHJSON "):
             r = json.loads(line[len("BENCHJSON "):])
             r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
             r["error_count"] = sum(r["errors"].values())
+            # the proxy's own CPU per request: far steadier than req/s on a shared machine
+            r["cpu_us_per_request"] = cpu / r["requests"] * 1e6 if pid and r["requests"] else None
             return r
     raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
 
@@ -289,11 +304,13 @@ def throughput(stack: Stack, s: Settings) -> dict:
         for scenario in scenarios:
             for c in s.connections:
                 for target in order:
-                    r = wrk(stack.url(target), request_spec(target, scenario), c, s.duration, stack.tmp)
+                    r = wrk(stack.url(target), request_spec(target, scenario), c, s.duration, stack.tmp,
+                            stack.pid(target))
                     out[scenario][str(c)][target].append(r)
                     print(f"  round {rnd + 1}/{s.rounds} {scenario:9s} c={c:<3d} {target:8s} "
                           f"{r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
-                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  errors {r['error_count']}", flush=True)
+                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  cpu {r['cpu_us_per_request']:5.0f} us/req  "
+                          f"errors {r['error_count']}", flush=True)
     summary: dict = {}
     for scenario, per_c in out.items():
         summary[scenario] = {}
@@ -305,12 +322,16 @@ def throughput(stack: Stack, s: Settings) -> dict:
                                "p99_ms": median([r["latency_us"]["p99"] for r in rs]) / 1000,
                                "requests": sum(r["requests"] for r in rs),
                                "errors": sum(r["error_count"] for r in rs),
+                               "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs]),
                                "rounds": [{"rps": r["rps"], "p50_ms": r["latency_us"]["p50"] / 1000,
-                                           "p99_ms": r["latency_us"]["p99"] / 1000} for r in rs]}
+                                           "p99_ms": r["latency_us"]["p99"] / 1000,
+                                           "cpu_us_per_request": r["cpu_us_per_request"]} for r in rs]}
             b, g = row["bare"], row["gateway"]
             row["ratio"] = {"rps": ratio(g["rps"], b["rps"]), "p50": ratio(g["p50_ms"], b["p50_ms"]),
                             "p99": ratio(g["p99_ms"], b["p99_ms"])}
+            row["ratio"]["cpu_per_request"] = ratio(g["cpu_us_per_request"], b["cpu_us_per_request"])
             row["added_p50_ms"] = g["p50_ms"] - b["p50_ms"]
+            row["added_cpu_us_per_request"] = g["cpu_us_per_request"] - b["cpu_us_per_request"]
             summary[scenario][c] = row
     return summary
 
@@ -499,6 +520,8 @@ def print_table(res: dict) -> None:
             rows.append((f"{scenario} c={c} req/s", fmt(b["rps"], 0), fmt(g["rps"], 0), fmt(row["ratio"]["rps"])))
             rows.append((f"{scenario} c={c} p50 ms", fmt(b["p50_ms"]), fmt(g["p50_ms"]), fmt(row["ratio"]["p50"])))
             rows.append((f"{scenario} c={c} p99 ms", fmt(b["p99_ms"]), fmt(g["p99_ms"]), fmt(row["ratio"]["p99"])))
+            rows.append((f"{scenario} c={c} proxy CPU us/req", fmt(b["cpu_us_per_request"], 0),
+                         fmt(g["cpu_us_per_request"], 0), fmt(row["ratio"]["cpu_per_request"])))
     for scenario, row in res.get("streaming", {}).items():
         b, g = row["bare"], row["gateway"]
         rows.append((f"{scenario} stream {row['events']} ev: first chunk ms", fmt(b["ttfc_ms"]), fmt(g["ttfc_ms"]),
