@@ -350,23 +350,28 @@ def streaming(stack: Stack, s: Settings) -> dict:
     result: dict = {}
     for scenario in [sc for sc in SCENARIOS if sc in PROVIDERS]:
         runs: dict[str, list] = {"bare_stream": [], "gateway": []}
+        cpu = {"bare_stream": 0.0, "gateway": 0.0}
 
         async def go():
             for i in range(s.stream_iterations + 2):
                 order = ("bare_stream", "gateway") if i % 2 == 0 else ("gateway", "bare_stream")
                 for target in order:
+                    cpu0 = cpu_seconds(stack.pid(target))
                     r = await http_stream(stack.ports[target], request_spec(target, scenario, stream=True), extra)
                     if i >= 2:  # the first two are warm-up
                         runs[target].append(r)
+                        cpu[target] += cpu_seconds(stack.pid(target)) - cpu0
         asyncio.run(go())
         row: dict = {"events": s.stream_events, "provider_first_event_pause_ms": s.stream_first_ms}
         for target, rs in runs.items():
             bad = [r for r in rs if r["status"] != 200 or not r["done"]]
             row["bare" if target == "bare_stream" else "gateway"] = {
                 "ttfc_ms": median([r["ttfc"] for r in rs]) * 1000, "total_ms": median([r["total"] for r in rs]) * 1000,
-                "events_received": median([r["events"] for r in rs]), "incomplete": len(bad), "iterations": len(rs)}
+                "events_received": median([r["events"] for r in rs]), "incomplete": len(bad), "iterations": len(rs),
+                "cpu_us_per_event": cpu[target] / max(len(rs), 1) / s.stream_events * 1e6}
         b, g = row["bare"], row["gateway"]
         row["ratio"] = {"ttfc": ratio(g["ttfc_ms"], b["ttfc_ms"]), "total": ratio(g["total_ms"], b["total_ms"])}
+        row["ratio"]["cpu_per_event"] = ratio(g["cpu_us_per_event"], b["cpu_us_per_event"])
         row["added_ttfc_ms"] = g["ttfc_ms"] - b["ttfc_ms"]
         # the whole-stream difference spread over the events: proxy-side cost per event, CPU and I/O
         row["added_per_event_us"] = (g["total_ms"] - b["total_ms"]) * 1000 / s.stream_events
@@ -528,6 +533,8 @@ def print_table(res: dict) -> None:
                      fmt(row["ratio"]["ttfc"])))
         rows.append((f"{scenario} stream {row['events']} ev: total ms", fmt(b["total_ms"]), fmt(g["total_ms"]),
                      fmt(row["ratio"]["total"])))
+        rows.append((f"{scenario} stream: proxy CPU us/event", fmt(b["cpu_us_per_event"], 1),
+                     fmt(g["cpu_us_per_event"], 1), fmt(row["ratio"]["cpu_per_event"])))
     if "concurrent_streams" in res:
         cs = res["concurrent_streams"]
         rows.append((f"{cs['streams']} streams ({cs['scenario']}): completed", str(cs["bare"]["completed"]),

@@ -43,6 +43,7 @@ def test_throughput_cells_ran_without_errors(result):
                 assert row[target]["rps"] > 0
                 assert row[target]["errors"] == 0  # every answer was a 2xx
                 assert 0 < row[target]["p50_ms"] <= row[target]["p99_ms"]
+                assert row[target]["cpu_us_per_request"] >= 0
             assert row["ratio"]["rps"] > 0 and "added_p50_ms" in row
 
 
@@ -52,6 +53,7 @@ def test_streams_complete(result):
             assert row[target]["incomplete"] == 0
             assert row[target]["events_received"] > 0
             assert 0 < row[target]["ttfc_ms"] <= row[target]["total_ms"]
+            assert row[target]["cpu_us_per_event"] >= 0
     cs = result["concurrent_streams"]
     for target in ("bare", "gateway"):
         assert cs[target]["all_complete"], cs[target]["errors"]
