@@ -158,18 +158,23 @@ class Stack:
         keys_file = self.tmp / "keys.json"
         keys_file.write_text(json.dumps(keys))
 
-        common = ["--set", "connection_strategy=lazy", "--set", f"confdir={self.tmp / 'confdir'}"]
         for name in ("bare", "bare_stream", "gateway"):
             self.ports[name] = free_port()
         # the same options as ./run.sh, the addon being the only difference
-        self._spawn("bare", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare']}", *common])
+        self._spawn("bare", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare']}",
+                             *self.common_args("bare")])
         self._spawn("bare_stream", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare_stream']}",
-                                    *common, "--set", "stream_large_bodies=1"])
+                                    *self.common_args("bare_stream"), "--set", "stream_large_bodies=1"])
         self._spawn("gateway", [str(MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{self.ports['gateway']}",
-                                *common, "--set", f"keys_file={keys_file}", "-s", str(ROOT / "addon" / "gateway.py")])
+                                *self.common_args("gateway"), "--set", f"keys_file={keys_file}",
+                                "-s", str(ROOT / "addon" / "gateway.py")])
         for name in ("bare", "bare_stream", "gateway"):
             wait_port(self.ports[name], self.procs[name], name, self.tmp / f"{name}.log")
         return self
+
+    def common_args(self, name: str) -> list[str]:
+        # a confdir each: mitmdumps starting at once would race writing the same new CA files
+        return ["--set", "connection_strategy=lazy", "--set", f"confdir={self.tmp / ('confdir-' + name)}"]
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid
