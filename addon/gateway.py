@@ -26,6 +26,7 @@ from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
 from addon.keys import KeysError, KeyStore, load_keys
 from addon.providers import PROVIDERS
+from addon.recording import Recorder, Snapshot
 from addon.streams import fail_closed_stream
 
 log = logging.getLogger("gateway")
@@ -207,4 +208,5 @@ class Gateway:
             flow.request.headers[header] = REDACTED
 
 
-addons = [JsonErrorPages(), Gateway()]
+# Snapshot before and Recorder after the Gateway: see addon/recording.py
+addons = [JsonErrorPages(), Snapshot(), Gateway(), Recorder()]

@@ -70,6 +70,10 @@ class KeyStore:
     def __iter__(self):
         return iter(self._keys.values())
 
+    def virtual_keys_by_fingerprint(self) -> dict[str, str]:
+        """fingerprint -> virtual key: how a recorded flow's marker is resolved on replay."""
+        return {vk.fingerprint: presented for presented, vk in self._keys.items()}
+
 
 def load_keys(path: str) -> KeyStore:
     """Read and validate a keys file; raises KeysError with one clear line."""
