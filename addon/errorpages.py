@@ -13,18 +13,34 @@ from mitmproxy.proxy.layers.http import _http1, _http2
 
 from addon.errors import error_body, error_type
 
+# mitmproxy error message -> our timeout text, set by the timeout addon's error hook right
+# before mitmproxy renders that flow's error (the renderer is not told which flow it is for)
+_timeouts: dict[str, str] = {}
 
-def json_error(status: int, message: str) -> bytes:
+
+def answer_next_as_timeout(message: str, text: str) -> None:
+    _timeouts[message] = text
+
+
+def _classify(status: int, message: str) -> tuple[int, str, str | None]:
+    if status == 502 and message in _timeouts:
+        return 504, _timeouts.pop(message), "upstream_timeout"
     text = message or http.status_codes.RESPONSES.get(status, "error")
     if status == 502:
-        text = f"provider unreachable: {text}"
-    return error_body(text, error_type(status), code="upstream_unreachable" if status == 502 else None)
+        return 502, f"provider unreachable: {text}", "upstream_unreachable"
+    return status, text, None
+
+
+def json_error(status: int, message: str) -> bytes:
+    status, text, code = _classify(status, message)
+    return error_body(text, error_type(status), code=code)
 
 
 def json_error_response(status: int, message: str = "") -> bytes:
+    status, text, code = _classify(status, message)
     resp = http.Response.make(
         status,
-        json_error(status, message),
+        error_body(text, error_type(status), code=code),
         http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json"),
     )
     return http1.assemble_response(resp)

@@ -28,6 +28,7 @@ from addon.keys import KeysError, KeyStore, load_keys
 from addon.providers import PROVIDERS
 from addon.recording import Recorder, Snapshot
 from addon.streams import fail_closed_stream
+from addon.timeouts import UpstreamTimeout
 
 log = logging.getLogger("gateway")
 
@@ -209,4 +210,4 @@ class Gateway:
 
 
 # Snapshot before and Recorder after the Gateway: see addon/recording.py
-addons = [JsonErrorPages(), Snapshot(), Gateway(), Recorder()]
+addons = [JsonErrorPages(), Snapshot(), Gateway(), UpstreamTimeout(), Recorder()]

@@ -31,9 +31,7 @@ class SSEDecoder:
             if line.endswith(b"\r"):
                 line = line[:-1]
             self._line(line, events)
-        rest = buf[start:]
-        # a lone trailing \r may be a CR line ending whose \n has not arrived yet: keep it
-        self._buf = rest
+        self._buf = buf[start:]
         return events
 
     def flush(self) -> list[tuple[str | None, str]]:

@@ -34,6 +34,9 @@ class Reply:
     chunks: list[bytes] | None = None  # sent chunked, one write per chunk
     delay: float = 0.0  # seconds between chunks (or before a plain body)
     gzip: bool = False
+    # streaming proof without timing: after the first chunk, hold the rest until the test
+    # sets this event (it does so once its client has seen that chunk)
+    hold_after_first: threading.Event | None = None
 
     @classmethod
     def json(cls, obj, status: int = 200, **kw) -> "Reply":
@@ -86,6 +89,7 @@ class FakeProvider:
         self.handler = handler
         self.received: list[Received] = []
         self.connections = 0
+        self.holds_released: list[bool] = []  # per held reply: was it released by the client?
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._server = None
@@ -108,6 +112,10 @@ class FakeProvider:
             self._server.close()
             for w in list(self._writers):
                 w.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
@@ -118,6 +126,7 @@ class FakeProvider:
 
     def reset(self, handler: Callable[[Received], Reply] | None = None) -> None:
         self.received.clear()
+        self.holds_released.clear()
         self.handler = handler or default_reply
 
     # -- HTTP --
@@ -162,7 +171,10 @@ class FakeProvider:
         headers["transfer-encoding"] = "chunked"
         writer.write(_head(reply.status, headers))
         compressor = gzip.zlib.compressobj(9, gzip.zlib.DEFLATED, 16 + gzip.zlib.MAX_WBITS) if reply.gzip else None
-        for piece in reply.chunks:
+        for i, piece in enumerate(reply.chunks):
+            if i == 1 and reply.hold_after_first is not None:
+                released = await asyncio.get_running_loop().run_in_executor(None, reply.hold_after_first.wait, 10)
+                self.holds_released.append(released)
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             if compressor:

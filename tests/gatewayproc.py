@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +61,21 @@ class GatewayProcess:
             if m:
                 self.port = int(m.group(1))
                 threading.Thread(target=self._drain, daemon=True).start()
-                return self
+                if self._healthy(deadline):
+                    return self
+                break
         self.stop()
         raise RuntimeError("gateway did not start:\n" + self.output.decode(errors="replace"))
+
+    def _healthy(self, deadline: float) -> bool:
+        """Listening is not ready: mitmdump exits after printing it if start-up logged an error."""
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                time.sleep(0.05)
+        return False
 
     def _drain(self) -> None:
         for line in self.proc.stdout:

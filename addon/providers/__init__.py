@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from addon.providers.anthropic import AnthropicProvider
 from addon.providers.base import Provider
 from addon.providers.openai import OpenAICompatible
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OpenAICompatible("openai", "https://api.openai.com/v1"),
     "deepseek": OpenAICompatible("deepseek", "https://api.deepseek.com"),
+    "anthropic": AnthropicProvider(),
 }

@@ -1,0 +1,44 @@
+"""Start-up: a bad keys file stops the gateway with one clear line and no secret."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.gatewayproc import GatewayProcess
+
+pytestmark = pytest.mark.e2e
+SECRET = "sk-secret-never-print-0001"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "not found"),
+    ('{"virtual_keys": ', "is not valid JSON"),
+    (json.dumps({"virtual_keys": {"vk_x": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_x': unknown provider 'nope'"),
+    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai"}}}), "virtual key 'vk_x' has no \"api_key\""),
+])
+def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
+    path = tmp_path / "keys.json"
+    if content is not None:
+        path.write_text(content)
+    gw = GatewayProcess(str(path))
+    try:
+        proc = subprocess.run(gw.command(), capture_output=True, text=True, timeout=60)
+    finally:
+        gw.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert expected in out and str(path) in out
+    assert "Traceback" not in out
+    assert SECRET not in out
+
+
+def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
+    from tests.gatewayproc import ROOT
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": SECRET}}, "providers": {"zzz": {}}}))
+    proc = subprocess.run([str(ROOT / "run.sh")], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KEYS_FILE": str(path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "providers.zzz: unknown provider" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr

@@ -1,0 +1,187 @@
+"""The adapter's decisions, driven through mitmproxy's own addon test helpers (no sockets)."""
+
+import json
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from addon.gateway import Gateway
+from addon.providers.openai import PASSTHROUGH
+
+REAL = "sk-real-secret-key-123456"
+KEYS = {
+    "providers": {"openai": {"base_url": "http://127.0.0.1:9001/v1"}},
+    "virtual_keys": {
+        "vk_o": {"provider": "openai", "api_key": REAL},
+        "vk_d": {"provider": "deepseek", "api_key": "sk-deepseek-real-999999", "base_url": "https://ds.example/"},
+    },
+}
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def gw(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(KEYS))
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, keys_file=str(path))
+        yield addon
+
+
+def flow(path="/v1/chat/completions", method="POST", body=CHAT, headers=None):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"authorization": "Bearer vk_o", "content-type": "application/json", "host": "127.0.0.1:1"}
+    hdrs.update(headers or {})
+    req = tutils.treq(method=method.encode(), path=path.encode(), host="127.0.0.1", port=1, scheme=b"http",
+                      content=content)
+    req.headers.clear()
+    for k, v in hdrs.items():
+        if v is not None:
+            req.headers[k] = v
+    return tflow.tflow(req=req)
+
+
+def error_of(f):
+    assert f.response is not None, "the gateway should have answered itself"
+    return f.response.status_code, json.loads(f.response.content)["error"]
+
+
+def test_routes_openai_and_swaps_the_key(gw):
+    f = flow(path="/v1/chat/completions?trace=1")
+    gw.request(f)
+    assert f.response is None
+    assert f.request.url == "http://127.0.0.1:9001/v1/chat/completions?trace=1"
+    assert f.request.headers["authorization"] == f"Bearer {REAL}"
+    assert f.request.headers["host"] == "127.0.0.1:9001"
+    assert json.loads(f.request.content) == CHAT
+    assert f.metadata["gateway"]["provider"] == "openai"
+    assert "vk_o" in f.comment and REAL not in f.comment
+
+
+def test_x_api_key_and_unversioned_path_route_deepseek(gw):
+    f = flow(path="/chat/completions", headers={"authorization": None, "x-api-key": "vk_d"})
+    gw.request(f)
+    assert f.response is None
+    assert f.request.url == "https://ds.example/chat/completions"
+    assert f.request.headers["authorization"] == "Bearer sk-deepseek-real-999999"
+    assert "x-api-key" not in f.request.headers
+
+
+def test_client_account_headers_are_not_forwarded(gw):
+    f = flow(headers={"openai-organization": "org-x", "openai-project": "p", "cookie": "a=b", "user-agent": "ua"})
+    gw.request(f)
+    for h in ("openai-organization", "openai-project", "cookie"):
+        assert h not in f.request.headers
+    assert f.request.headers["user-agent"] == "ua"
+
+
+@pytest.mark.parametrize("kwargs, status, code", [
+    (dict(headers={"authorization": None}), 401, "missing_api_key"),
+    (dict(headers={"authorization": "Bearer vk_unknown"}), 401, "invalid_api_key"),
+    (dict(headers={"authorization": "Basic dms6"}), 401, "missing_api_key"),
+    (dict(body=b"{not json"), 400, "invalid_json"),
+    (dict(body=[1, 2]), 400, "invalid_request"),
+    (dict(body={"messages": CHAT["messages"]}), 400, "missing_model"),
+    (dict(body={"model": "gpt-4o"}), 400, "missing_messages"),
+    (dict(body={"model": "gpt-4o", "messages": []}), 400, "missing_messages"),
+    (dict(path="/v1/embeddings"), 404, "unknown_path"),
+    (dict(path="/v1/chat/completions/../../admin"), 404, "unknown_path"),
+    (dict(method="GET"), 405, "method_not_allowed"),
+    (dict(path="/health", method="POST"), 405, "method_not_allowed"),
+])
+def test_bad_requests_are_answered_locally_and_not_forwarded(gw, kwargs, status, code):
+    f = flow(**kwargs)
+    gw.request(f)
+    got_status, err = error_of(f)
+    assert (got_status, err["code"]) == (status, code)
+    assert err["message"] and err["type"]
+    assert f.request.host == "127.0.0.1" and f.request.port == 1  # still the unreachable placeholder
+    assert REAL not in f.request.headers.get("authorization", "")
+
+
+def test_health(gw):
+    f = flow(path="/health", method="GET", headers={"authorization": None})
+    gw.request(f)
+    assert f.response.status_code == 200
+
+
+def test_internal_error_fails_closed(gw, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+    monkeypatch.setattr("addon.providers.openai.OpenAICompatible.prepare", boom)
+    f = flow()
+    gw.request(f)
+    status, err = error_of(f)
+    assert status == 500 and err["code"] == "gateway_error"
+    assert f.request.port == 1
+
+
+def test_key_is_redacted_once_the_response_starts(gw):
+    f = flow()
+    gw.request(f)
+    f.response = tutils.tresp(content=b'{"ok": true}')
+    gw.responseheaders(f)
+    assert f.request.headers["authorization"] == "REDACTED"
+    gw.response(f)
+    assert REAL.encode() not in json.dumps(f.get_state(), default=repr).encode()
+
+
+def test_key_is_redacted_on_error(gw):
+    f = flow()
+    gw.request(f)
+    f.response = None
+    gw.error(f)
+    assert f.request.headers["authorization"] == "REDACTED"
+    assert not gw.exchanges
+
+
+def test_streams_pass_through_untouched(gw):
+    f = flow(body={**CHAT, "stream": True})
+    gw.request(f)
+    assert f.request.headers["accept-encoding"] == "identity"
+    f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"), content=b"")
+    gw.responseheaders(f)
+    assert f.response.stream is True
+
+
+def test_foreign_provider_errors_are_wrapped_openai_errors_kept(gw):
+    f = flow()
+    gw.request(f)
+    f.response = tutils.tresp(status_code=502, content=b"<html>bad gateway</html>", headers=http.Headers(content_type="text/html"))
+    gw.responseheaders(f)
+    gw.response(f)
+    assert f.response.status_code == 502
+    err = json.loads(f.response.content)["error"]
+    assert "bad gateway" in err["message"] and err["code"] == "upstream_error"
+
+    original = b'{"error": {"message": "nope", "type": "invalid_request_error", "param": null, "code": "x"}}'
+    f = flow()
+    gw.request(f)
+    f.response = tutils.tresp(status_code=400, content=original)
+    gw.responseheaders(f)
+    gw.response(f)
+    assert f.response.content == original
+
+
+def test_translation_failure_becomes_502(gw, monkeypatch):
+    monkeypatch.setattr(type(PASSTHROUGH), "translate_body", lambda self, s, b: 1 / 0)
+    f = flow()
+    gw.request(f)
+    f.response = tutils.tresp(content=b"{}")
+    gw.responseheaders(f)
+    gw.response(f)
+    assert f.response.status_code == 502
+    assert json.loads(f.response.content)["error"]["code"] == "gateway_error"
+
+
+def test_bad_keys_file_on_reload_keeps_the_old_keys(gw, tmp_path):
+    from mitmproxy import ctx, exceptions
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(exceptions.OptionsError):
+        ctx.options.update(keys_file=str(bad))
+    f = flow()
+    gw.request(f)
+    assert f.response is None and f.request.port == 9001
