@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web
-# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081)
+# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
+#                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
+# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081),
+#              WEB_PASSWORD (mitmweb password; generated and printed once when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -72,10 +74,39 @@ case "$cmd" in
     web)
         shift
         ensure_venv
+        if [ -z "${WEB_PASSWORD:-}" ]; then
+            WEB_PASSWORD=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(18))')
+            echo "run.sh: mitmweb password (printed once): $WEB_PASSWORD" >&2
+        fi
+        # mitmweb shows its options to the (logged-in) user and ps shows argv: pass a hash
+        web_hash=$(printf %s "$WEB_PASSWORD" | "$VENV/bin/python" -c 'import argon2, sys; print(argon2.PasswordHasher().hash(sys.stdin.read()))')
+        # view_filter: in-flight flows (their request still carries the real key) are not listed
+        web_args=(--set web_host=127.0.0.1 --set "web_port=$WEB_PORT" --set web_open_browser=false
+                  --set "web_password=$web_hash" --set 'view_filter=~s | ~e'
+                  --set web_columns='["index","method","path","status","size","time","comment"]')
+        if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+            # ./run.sh web FILE: offline inspection, no listener; Replay re-routes through the
+            # gateway addon (KEYS_FILE), so a recorded flow never goes out with REDACTED
+            file=$1; shift
+            exec "$VENV/bin/mitmweb" -n -r "$file" --set "keys_file=$KEYS_FILE" -s "$ROOT/addon/gateway.py" "${web_args[@]}" "$@"
+        fi
         check_keys
         # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmweb" $(proxy_args) --set web_host=127.0.0.1 --set "web_port=$WEB_PORT" \
-            --set web_open_browser=false --set web_columns='["index","method","path","status","size","time","comment"]' "$@"
+        exec "$VENV/bin/mitmweb" $(proxy_args) "${web_args[@]}" "$@"
+        ;;
+    record)
+        shift
+        [ $# -gt 0 ] || { echo "usage: ./run.sh record FILE [mitmproxy args]" >&2; exit 2; }
+        file=$1; shift
+        ensure_venv
+        check_keys
+        # shellcheck disable=SC2046
+        exec "$VENV/bin/mitmdump" $(proxy_args) --set "record_file=$file" "$@"
+        ;;
+    replay)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addon.replay --keys "$KEYS_FILE" "$@"
         ;;
     setup)
         ensure_venv

@@ -123,6 +123,8 @@ class Snapshot:
         return store.virtual_keys_by_fingerprint() if store is not None else {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:  # flows loaded from a file (mitmweb -r) pass through the hooks too
+            return
         if not routed(flow):
             scrub(flow.request.headers)  # answered by the gateway: the client's key is still there
             return
@@ -136,11 +138,11 @@ class Snapshot:
 
     def response(self, flow: http.HTTPFlow) -> None:
         upstream = flow.metadata.get("record", {}).get("upstream")
-        if upstream is not None and not flow.response.stream:
+        if flow.live and upstream is not None and not flow.response.stream:
             upstream["pieces"] = [flow.response.raw_content or b""]
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if not routed(flow):
+        if flow.live and not routed(flow):
             scrub(flow.request.headers)
 
 
@@ -179,7 +181,7 @@ class Recorder:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = flow.metadata.get("record", {}).get("upstream")
-        if self.writer is None or upstream is None or not flow.response.stream:
+        if self.writer is None or upstream is None or not flow.live or not flow.response.stream:
             return
         self.sent[flow.id] = sent = []
         flow.response.stream = tap(flow.response.stream, upstream["pieces"], sent)
@@ -196,7 +198,7 @@ class Recorder:
         self.write(flow)
 
     def write(self, flow: http.HTTPFlow) -> None:
-        if self.writer is None:
+        if self.writer is None or not flow.live:
             return
         copy = flow.copy()
         scrub(copy.request.headers)  # belt and braces: Snapshot and gateway.redact did this
