@@ -303,7 +303,8 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: Gateway, vks
     return first_diff(recorded_body, parse_body(replayed_type, decoded(resp_headers, body)))
 
 
-def replay(paths: list[str], keys_file: str, out=sys.stdout) -> list[Result]:
+def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
+    out = out or sys.stdout
     flows = []
     for path in paths:
         with open(path, "rb") as f:
