@@ -136,7 +136,7 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     return out, {fingerprint(vk): vk for vk in data["virtual_keys"]}
 
 
-class Gateway:
+class ReplayGateway:
     """A fresh mitmdump running the real addon, on a free port."""
 
     def __init__(self, keys: dict) -> None:
@@ -145,7 +145,7 @@ class Gateway:
         Path(self.keys_file).write_text(json.dumps(keys))
         self.output = bytearray()
 
-    def start(self, timeout: float = 30) -> "Gateway":
+    def start(self, timeout: float = 30) -> "ReplayGateway":
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mitmdump"), "--set", "flow_detail=0",
              "--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0",
@@ -261,7 +261,7 @@ def label(n: int, flow: http.HTTPFlow) -> str:
     return f"#{n} {snap['method']} {snap['path']} [{route}] {status}"
 
 
-def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: Gateway, vks: dict[str, str]) -> str | None:
+def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: ReplayGateway, vks: dict[str, str]) -> str | None:
     """Send one recorded client request; return None if it matches, else a short diff."""
     record = flow.metadata["record"]
     upstream = record.get("upstream")
@@ -311,7 +311,7 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
             flows += [fl for fl in io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
     server = ReplayServer().start()
     keys, vks = replay_keys(keys_file, server.url)
-    gateway = Gateway(keys).start()
+    gateway = ReplayGateway(keys).start()
     results = []
     try:
         for n, flow in enumerate(flows, 1):
