@@ -156,6 +156,7 @@ class Recorder:
         self.file = None
         self.writer: io.FlowWriter | None = None
         self.sent: dict[str, list[bytes]] = {}  # flow id -> stream pieces the client received
+        self.started = False
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -175,9 +176,16 @@ class Recorder:
         try:
             self.file = open(path, "ab")
         except OSError as e:
-            raise exceptions.OptionsError(f"record_file {path}: {e.strerror}") from None
+            message = f"record_file {path}: {e.strerror}"
+            if self.started:
+                raise exceptions.OptionsError(message) from None
+            log.error("gateway: %s", message)  # at start-up: one line, and mitmdump exits
+            return
         self.writer = io.FlowWriter(self.file)
         log.info("gateway: recording flows to %s", path)
+
+    def running(self) -> None:
+        self.started = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = flow.metadata.get("record", {}).get("upstream")

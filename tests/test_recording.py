@@ -317,3 +317,11 @@ def test_mitmweb_does_not_list_in_flight_flows(mitmweb, provider_server):
     assert answered[0].status_code == 200
     status, body = web_get(web_port, "/flows", password)
     assert len(json.loads(body)) == 1 and b"sk-corpus" not in body
+
+
+def test_run_sh_record_refuses_an_unwritable_file(keys_file, tmp_path):
+    proc = subprocess.run(["./run.sh", "record", str(tmp_path / "missing-dir" / "x.mitm"), "--set", f"confdir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0"})
+    assert proc.returncode != 0
+    assert "record_file" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
