@@ -42,6 +42,9 @@ class GatewayProcess:
             "--set", "connection_strategy=lazy",
             "--set", f"keys_file={self.keys_file}",
             "--set", f"confdir={self.tmp.name}",
+            # each gateway its own ledger (budgets must not leak between tests); a test that
+            # needs a shared one passes its own --set usage_db=..., which comes later and wins
+            "--set", f"usage_db={os.path.join(self.tmp.name, 'usage.sqlite3')}",
             "-s", str(ROOT / "addon" / "gateway.py"),
             *self.extra_args,
         ]
