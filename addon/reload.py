@@ -33,9 +33,9 @@ class KeysReloader:
         self._task: asyncio.Task | None = None
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "keys_reload_interval", float, 2.0,
-            "Seconds between checks of the keys file for changes; 0 turns hot reload off.",
+        loader.add_option(  # mitmproxy options cannot be floats: milliseconds
+            "keys_reload_ms", int, 2000,
+            "Milliseconds between checks of the keys file for changes; 0 turns hot reload off.",
         )
 
     def configure(self, updated) -> None:
@@ -43,7 +43,7 @@ class KeysReloader:
             self._seen = file_state(ctx.options.keys_file)
 
     def running(self) -> None:
-        if ctx.options.keys_reload_interval > 0 and self._task is None:
+        if ctx.options.keys_reload_ms > 0 and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def done(self) -> None:
@@ -53,7 +53,7 @@ class KeysReloader:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(ctx.options.keys_reload_interval or 2.0)
+            await asyncio.sleep((ctx.options.keys_reload_ms or 2000) / 1000)
             try:
                 self.check()
             except Exception:
