@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import sqlite3
 import sys
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"usage: --since {args.since!r} is not a date such as 2026-11-01 or 2026-11-01T12:00", file=sys.stderr)
         return 2
+    if not os.path.exists(args.db):
+        print(f"usage: no usage ledger at {args.db} (the gateway creates it; USAGE_DB names another)", file=sys.stderr)
+        return 1
     try:
         rows = usage_table(args.db, args.key, since)
     except sqlite3.Error as e:
