@@ -75,6 +75,23 @@ class KeyPolicy:
             return True
         return any(fnmatchcase(model, pattern) for pattern in self.models)
 
+    def describe(self) -> str:
+        """One line for the operator: '[models gpt-4o,o3; rpm 60; budget $25/30d]'."""
+        parts = []
+        if self.disabled:
+            parts.append("DISABLED")
+        if self.models is not None:
+            parts.append("models " + ",".join(self.models))
+        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm)) if value is not None]
+        period = f"/{self.budget_period // 3600}h" if self.budget_period else ""
+        if self.budget_tokens is not None:
+            parts.append(f"budget {self.budget_tokens} tokens{period}")
+        if self.budget_usd is not None:
+            parts.append(f"budget ${self.budget_usd:g}{period}")
+        if self.expires_at is not None:
+            parts.append("expires " + datetime.fromtimestamp(self.expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return f"[{'; '.join(parts)}]" if parts else ""
+
     @property
     def has_budget(self) -> bool:
         return self.budget_tokens is not None or self.budget_usd is not None
@@ -345,4 +362,5 @@ if __name__ == "__main__":  # python -m addon.keys FILE: check a keys file (run.
         print(f"gateway: {e}", file=sys.stderr)
         sys.exit(1)
     for vk in store:
-        print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)})", file=sys.stderr)
+        rules = vk.policy.describe()
+        print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}", file=sys.stderr)

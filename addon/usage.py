@@ -102,7 +102,8 @@ class StreamUsage:
         buf = self._buf + piece if self._buf else piece
         end = _last_event_end(buf)
         complete, self._buf = buf[:end], buf[end:]
-        if complete and _USAGE in complete:
+        # byte checks first: OpenAI puts `"usage":null` on every chunk, so `"usage"` alone is common
+        if complete and _USAGE in complete and _USAGE_OBJECT.search(complete):
             complete = self._events(complete)
         if not self.strip:
             return [piece]

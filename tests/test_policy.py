@@ -149,3 +149,9 @@ def test_prices_exact_before_glob():
     assert keys.price("gpt-4o").input == 2.5
     assert keys.price("gpt-4o-mini-2024").input == 0.15
     assert keys.price("o3") is None
+
+
+def test_policy_summary_for_the_keys_check():
+    keys = keys_with(models=["gpt-4o"], rpm=5, budget_usd=2.5, budget_period="1d", disabled=True)
+    assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/24h]"
+    assert keys_with().lookup("vk_test_policy").policy.describe() == ""
