@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from addon import ledger as ledger_db
 from addon.keys import Price
 from addon.ledger import Ledger, UsageRecord
-from addon.store import BUCKET, MemoryStore
+from addon.store import BUCKET, MINUTE, MemoryStore
 from addon.usage import StreamUsage, Usage, cost, usage_from_body
 
 log = logging.getLogger("gateway")
@@ -49,10 +49,13 @@ class UsageAccounting:
         try:
             self.ledger = Ledger(path)
             buckets = ledger_db.spend_buckets(path, BUCKET)
+            recent = ledger_db.recent_tokens(path, time.time() - MINUTE)
         except Exception as e:  # sqlite3.Error, OSError: one line, the gateway does not start
             raise exceptions.OptionsError(f"usage_db {path}: {e}") from None
         for fingerprint, start, tokens, usd in buckets:
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
+        for fingerprint, when, tokens in recent:
+            self.store.seed_tokens(fingerprint, tokens, when)
         log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", path, len(buckets))
 
     def done(self) -> None:

@@ -5,8 +5,9 @@ connection_strategy=lazy (run.sh does this), so that nothing is ever forwarded t
 did not route on purpose. mitmproxy fails *open* when a hook raises, so every hook here catches
 and answers a JSON 500 instead.
 
-Data path: request -> key lookup -> key policy (policy.py) -> provider.prepare -> (mitmproxy sends it) -> responseheaders
-(redact the real key, choose stream translation) -> response (translate a whole body).
+Data path: request -> key lookup -> key policy (policy.py) -> provider.prepare -> (mitmproxy
+sends it) -> responseheaders (redact the real key, choose stream translation) -> response
+(translate a whole body). Usage is counted by accounting.py, hot reload lives in reload.py.
 """
 
 from __future__ import annotations

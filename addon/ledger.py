@@ -136,7 +136,7 @@ def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int,
 
 
 def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
-    """(fingerprint, time, tokens) of requests since `since`: seeds the tpm window."""
+    """(fingerprint, time, tokens) of requests since `since`, oldest first: seeds the tpm window."""
     db = connect(path)
     try:
         return db.execute(

@@ -108,9 +108,13 @@ class MemoryStore:
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         if tokens:
-            self._tokens.setdefault(key, deque()).append((when, tokens))
-            self._token_sums[key] = self._token_sums.get(key, 0) + tokens
+            self.seed_tokens(key, tokens, when)
         self.seed_spend(key, tokens, usd, when)
+
+    def seed_tokens(self, key: str, tokens: int, when: float) -> None:
+        """The tpm window only (not spend): the last minute's ledger rows, loaded at start-up in time order."""
+        self._tokens.setdefault(key, deque()).append((when, tokens))
+        self._token_sums[key] = self._token_sums.get(key, 0) + tokens
 
     def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Spend only (not the tpm window): how past ledger rows are loaded at start-up."""

@@ -2,7 +2,7 @@
 
 import sqlite3
 
-from addon.ledger import Ledger, UsageRecord, main, spend_buckets, usage_table
+from addon.ledger import Ledger, UsageRecord, main, recent_tokens, spend_buckets, usage_table
 
 
 def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200):
@@ -31,6 +31,7 @@ def test_rows_survive_reopening_and_seed_hourly_spend(tmp_path):
     second.record(row(30.0))
     second.close()
     assert sorted(spend_buckets(db, 3600)) == [("f1", 0, 45, 1.5), ("f2", 3600, 15, 1.0)]
+    assert recent_tokens(db, since=20.0) == [("f1", 20.0, 15), ("f1", 30.0, 15), ("f2", 3700.0, 15)]
 
 
 def test_usage_table_filters_by_key_and_since(tmp_path):

@@ -172,20 +172,23 @@ def test_token_budget_is_429_budget_exceeded_and_not_retried(provider, gateway_f
     assert len(provider.received) == 1
 
 
-def test_dollar_budget_survives_a_restart(provider, gateway_factory, tmp_path):
+def test_dollar_budget_and_tpm_survive_a_restart(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
-    keys = keys_file(provider, vk_usd={"name": "alice", "budget_usd": 1.0})
+    keys = keys_file(provider, vk_usd={"name": "alice", "budget_usd": 1.0}, vk_tpm={"name": "tim", "tpm": 7})
     first = gateway_factory(keys, ["--set", f"usage_db={db}"])
     chat(first, "vk_usd")  # costs $1.00: the budget is spent
+    chat(first, "vk_tpm")  # 7 tokens: this minute's tpm is used
     first.stop()  # a clean stop writes every queued row
-    assert len(ledger_rows(db, 1)) == 1
+    assert len(ledger_rows(db, 2)) == 2
 
     second = gateway_factory(keys, ["--set", f"usage_db={db}"])
     with pytest.raises(openai.RateLimitError) as e:
         chat(second, "vk_usd")
     assert e.value.code == "budget_exceeded"
-    assert len(provider.received) == 1
-    assert "1 key-hours of past spend loaded" in second.log()
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(second, "vk_tpm")
+    assert e.value.code == "rate_limit_exceeded"
+    assert len(provider.received) == 2
 
 
 def test_dollar_budget_refuses_a_model_without_price(provider, gateway_factory):

@@ -60,3 +60,10 @@ def test_retry_after_rounds_up_to_whole_seconds():
     assert retry_after_header(0.01) == "1"
     assert retry_after_header(40.0) == "40"
     assert retry_after_header(40.2) == "41"
+
+
+def test_seed_tokens_fills_only_the_tpm_window():
+    store = MemoryStore()
+    store.seed_tokens("k", 10, when=100.0)
+    assert store.tokens_wait("k", 10, now=101.0) == 59.0
+    assert store.spend("k", None, now=101.0) == Spend(0, 0.0)
