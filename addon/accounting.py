@@ -132,7 +132,7 @@ def watched_stream(inner: Callable | bool, watcher: StreamUsage) -> Callable[[by
         parts = [out] if isinstance(out, (bytes, bytearray)) else list(out)
         if broken:
             return [p for p in parts if p]
-        held = watcher._buf  # bytes the watcher holds back from earlier pieces
+        held = watcher.held  # bytes the watcher holds back from earlier pieces
         try:
             sent: list[bytes] = []
             for part in parts:
@@ -145,6 +145,6 @@ def watched_stream(inner: Callable | bool, watcher: StreamUsage) -> Callable[[by
             # accounting must not break a client's stream: send on what the watcher held back
             log.exception("gateway: stream usage watcher failed; this stream is not counted")
             broken = True
-            return [p for p in ([held] if watcher.strip else []) + parts if p]
+            return [p for p in [held, *parts] if p]
 
     return stream

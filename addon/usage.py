@@ -92,6 +92,11 @@ class StreamUsage:
         self.usage: Usage | None = None
         self._buf = b""
 
+    @property
+    def held(self) -> bytes:
+        """Bytes received but not yet passed on (the start of an incomplete event)."""
+        return self._buf if self.strip else b""
+
     def feed(self, piece: bytes) -> list[bytes]:
         if not piece:
             rest, self._buf = self._buf, b""
