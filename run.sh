@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web
-# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081)
+#                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
+# Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
+#              GATEWAY_PORT (8080), WEB_PORT (8081)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -54,10 +56,12 @@ proxy_args() {
     echo --mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" \
          --set connection_strategy=lazy \
          --set "keys_file=$KEYS_FILE" \
+         --set "usage_db=$USAGE_DB" \
          -s "$ROOT/addon/gateway.py"
 }
 
 KEYS_FILE=${KEYS_FILE:-keys.json}
+USAGE_DB=${USAGE_DB:-usage.sqlite3}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
@@ -76,6 +80,11 @@ case "$cmd" in
         # shellcheck disable=SC2046
         exec "$VENV/bin/mitmweb" $(proxy_args) --set web_host=127.0.0.1 --set "web_port=$WEB_PORT" \
             --set web_open_browser=false --set web_columns='["index","method","path","status","size","time","comment"]' "$@"
+        ;;
+    usage)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addon.ledger --db "$USAGE_DB" "$@"
         ;;
     setup)
         ensure_venv
