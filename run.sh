@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
 #                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
-# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081),
+#                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
+# Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
+#              GATEWAY_PORT (8080), WEB_PORT (8081),
 #              WEB_PASSWORD (mitmweb password; generated and printed once when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -56,10 +58,12 @@ proxy_args() {
     echo --mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" \
          --set connection_strategy=lazy \
          --set "keys_file=$KEYS_FILE" \
+         --set "usage_db=$USAGE_DB" \
          -s "$ROOT/addon/gateway.py"
 }
 
 KEYS_FILE=${KEYS_FILE:-keys.json}
+USAGE_DB=${USAGE_DB:-usage.sqlite3}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
@@ -86,9 +90,13 @@ case "$cmd" in
                   --set web_columns='["index","method","path","status","size","time","comment"]')
         if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
             # ./run.sh web FILE: offline inspection, no listener; Replay re-routes through the
-            # gateway addon (KEYS_FILE), so a recorded flow never goes out with REDACTED
+            # gateway addon (KEYS_FILE), so a recorded flow never goes out with REDACTED.
+            # Loading a file runs the response hooks: a throwaway usage ledger keeps the
+            # recorded flows from being counted again in USAGE_DB
             file=$1; shift
-            exec "$VENV/bin/mitmweb" -n -r "$file" --set "keys_file=$KEYS_FILE" -s "$ROOT/addon/gateway.py" "${web_args[@]}" "$@"
+            ledger=$(mktemp -d)
+            exec "$VENV/bin/mitmweb" -n -r "$file" --set "keys_file=$KEYS_FILE" --set "usage_db=$ledger/usage.sqlite3" \
+                -s "$ROOT/addon/gateway.py" "${web_args[@]}" "$@"
         fi
         check_keys
         # shellcheck disable=SC2046
@@ -107,6 +115,11 @@ case "$cmd" in
         shift
         ensure_venv
         exec "$VENV/bin/python" -m addon.replay --keys "$KEYS_FILE" "$@"
+        ;;
+    usage)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addon.ledger --db "$USAGE_DB" "$@"
         ;;
     setup)
         ensure_venv

@@ -63,7 +63,10 @@ def headers_state(headers: http.Headers) -> list[list[str]]:
 
 
 def routed(flow: http.HTTPFlow) -> bool:
-    return "provider" in flow.metadata.get("gateway", {})
+    """Sent to a provider: the gateway knows the provider and did not answer itself (refusals
+    after the key lookup carry a provider too)."""
+    meta = flow.metadata.get("gateway", {})
+    return "provider" in meta and "answered" not in meta
 
 
 def hide_unnamed_key(flow: http.HTTPFlow) -> None:

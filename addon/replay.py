@@ -35,7 +35,7 @@ from mitmproxy.net import encoding
 
 from addon.keys import KeysError, fingerprint, parse_keys
 from addon.providers import PROVIDERS
-from addon.recording import unmark
+from addon.recording import routed, unmark
 from addon.sse import SSEDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +151,7 @@ class ReplayGateway:
              "--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0",
              "--set", "connection_strategy=lazy",
              "--set", f"keys_file={self.keys_file}", "--set", f"confdir={self.tmp.name}",
+             "--set", f"usage_db={os.path.join(self.tmp.name, 'usage.sqlite3')}",  # not the real ledger
              "-s", str(ROOT / "addon" / "gateway.py")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -255,7 +256,7 @@ class Result:
 
 def label(n: int, flow: http.HTTPFlow) -> str:
     meta = flow.metadata.get("gateway", {})
-    route = f"{meta['key']} -> {meta['provider']}" if "provider" in meta else meta.get("answered", "answered")
+    route = f"{meta['key']} -> {meta['provider']}" if routed(flow) else meta.get("answered", "answered")
     snap = flow.metadata["record"]["client_request"]
     status = flow.response.status_code if flow.response else "error"
     return f"#{n} {snap['method']} {snap['path']} [{route}] {status}"
@@ -282,7 +283,7 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: ReplayGatewa
     resp_headers = http.Headers([(k.encode(), v.encode()) for k, v in resp.getheaders()])
 
     # the route: which provider the gateway asked (the replay server path starts with it)
-    recorded_provider = flow.metadata.get("gateway", {}).get("provider")
+    recorded_provider = flow.metadata.get("gateway", {}).get("provider") if routed(flow) else None
     sent = server.received[0] if server.received else None
     replayed_provider = sent.path.split("/")[1] if sent else None
     if recorded_provider != replayed_provider:

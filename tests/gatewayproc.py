@@ -44,8 +44,17 @@ class GatewayProcess:
             "--set", f"keys_file={self.keys_file}",
             "--set", f"confdir={self.tmp.name}",
             "-s", str(ROOT / "addon" / "gateway.py"),
+            *self.ledger_args(),
             *self.extra_args,
         ]
+
+    def ledger_args(self) -> list[str]:
+        """Each gateway its own ledger, so budgets do not leak between tests, unless the test
+        names one. (Not both: mitmdump given the same script option twice silently fails to
+        load the script.)"""
+        if any(arg.startswith("usage_db=") for arg in self.extra_args):
+            return []
+        return ["--set", f"usage_db={os.path.join(self.tmp.name, 'usage.sqlite3')}"]
 
     def start(self, timeout: float = 30) -> "GatewayProcess":
         env = {**os.environ, **(self.env or {})}

@@ -117,7 +117,7 @@ def test_recording_keeps_client_request_raw_upstream_and_client_response(recordi
     assert flow.comment == "corpus-anthropic -> anthropic"
 
     unnamed = by_scenario(flows, "unnamed key")
-    assert unnamed.metadata["gateway"]["key"] == f"vkfp:{fingerprint('vk_corpus_unnamed_secret')}"
+    assert "vk_corpus_unnamed_secret" not in unnamed.metadata["gateway"]["key"] + unnamed.comment
 
     answered = by_scenario(flows, "gateway 400 invalid json")
     assert answered.response.status_code == 400 and "upstream" not in answered.metadata["record"]
@@ -199,7 +199,8 @@ def test_client_replay_routes_each_flow_once_with_the_real_key(recording, provid
         proc = subprocess.run(
             [str(Path(sys.executable).parent / "mitmdump"), "-n", "-C", str(tmp_path / "in.mitm"),
              "-s", str(ROOT / "addon" / "gateway.py"), "--set", f"keys_file={keys}", "--set", f"confdir={tmp_path}",
-             "--set", f"record_file={tmp_path / 'out.mitm'}"],
+             "--set", f"record_file={tmp_path / 'out.mitm'}",
+             "--set", f"usage_db={tmp_path / 'usage.sqlite3'}"],
             cwd=ROOT, capture_output=True, text=True, timeout=60)
         received = list(provider_server.received)
     finally:
@@ -241,7 +242,8 @@ def mitmweb(keys_file, provider_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps(scenarios.keys_for(provider_server.url)))
     gw_port, web_port = free_port(), free_port()
-    env = {**os.environ, "KEYS_FILE": str(keys), "GATEWAY_PORT": str(gw_port), "WEB_PORT": str(web_port)}
+    env = {**os.environ, "KEYS_FILE": str(keys), "GATEWAY_PORT": str(gw_port), "WEB_PORT": str(web_port),
+           "USAGE_DB": str(tmp_path / "usage.sqlite3")}
     env.pop("WEB_PASSWORD", None)
     proc = subprocess.Popen(["./run.sh", "web", "--set", f"confdir={tmp_path}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -278,13 +280,17 @@ def test_mitmweb_requires_the_password_and_never_shows_keys(mitmweb, provider_se
                                headers={"authorization": "Bearer vk_corpus_openai"})
         bad = rawhttp.request(gateway_url, "POST", "/v1/chat/completions", content=b"{",
                               headers={"authorization": "Bearer vk_corpus_openai"})
+        # refused after the key lookup; Anthropic's secret header is x-api-key, so only the
+        # recorder's scrubbing keeps this client's Authorization out of the UI
+        refused = rawhttp.request(gateway_url, "POST", "/v1/chat/completions", json=scenarios.chat("claude-opus-4"),
+                                  headers={"authorization": "Bearer vk_corpus_anthropic"})
     finally:
         provider_server.reset()
-    assert (resp.status_code, bad.status_code) == (200, 400)
+    assert (resp.status_code, bad.status_code, refused.status_code) == (200, 400, 403)
     status, body = web_get(web_port, "/flows", password)
     listed = json.loads(body)
-    assert [f["comment"] for f in listed] == ["corpus-openai -> openai", ""]
-    assert listed[1]["marked"]  # the gateway-answered error stands out
+    assert [f["comment"] for f in listed] == ["corpus-openai -> openai"] * 2 + ["corpus-anthropic -> anthropic"]
+    assert listed[1]["marked"] and listed[2]["marked"]  # the gateway-answered errors stand out
     for secret in scenarios.SECRETS:
         assert secret not in body.decode()
 
@@ -322,6 +328,6 @@ def test_mitmweb_does_not_list_in_flight_flows(mitmweb, provider_server):
 def test_run_sh_record_refuses_an_unwritable_file(keys_file, tmp_path):
     proc = subprocess.run(["./run.sh", "record", str(tmp_path / "missing-dir" / "x.mitm"), "--set", f"confdir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0"})
+                          env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0", "USAGE_DB": str(tmp_path / "usage.sqlite3")})
     assert proc.returncode != 0
     assert "record_file" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr

@@ -14,8 +14,8 @@ SECRET = "sk-secret-never-print-0001"
 @pytest.mark.parametrize("content, expected", [
     (None, "not found"),
     ('{"virtual_keys": ', "is not valid JSON"),
-    (json.dumps({"virtual_keys": {"vk_x": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_x': unknown provider 'nope'"),
-    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai"}}}), "virtual key 'vk_x' has no \"api_key\""),
+    (json.dumps({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_...ken': unknown provider 'nope'"),
+    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "name": "team-x"}}}), "virtual key 'team-x' has no \"api_key\""),
 ])
 def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
     path = tmp_path / "keys.json"

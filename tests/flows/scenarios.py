@@ -18,7 +18,8 @@ from tests.fakeprovider import FakeProvider, Received, Reply, openai_completion,
 KEYS = {"virtual_keys": {
     "vk_corpus_openai": {"provider": "openai", "api_key": "sk-corpus-openai-real-0001", "name": "corpus-openai"},
     "vk_corpus_deepseek": {"provider": "deepseek", "api_key": "sk-corpus-deepseek-real-0002", "name": "corpus-deepseek"},
-    "vk_corpus_anthropic": {"provider": "anthropic", "api_key": "sk-ant-corpus-real-0003", "name": "corpus-anthropic"},
+    "vk_corpus_anthropic": {"provider": "anthropic", "api_key": "sk-ant-corpus-real-0003", "name": "corpus-anthropic",
+                            "models": ["claude-sonnet-4-5"]},
     # no "name": the gateway names it by the virtual key itself, which must not reach a recording
     "vk_corpus_unnamed_secret": {"provider": "openai", "api_key": "sk-corpus-unnamed-real-0004"},
 }}
@@ -119,6 +120,9 @@ SCENARIOS = [
     Scenario("gateway 401 invalid key", "vk_not_in_the_keys_file", chat("gpt-4o")),
     Scenario("gateway 400 invalid json", "vk_corpus_openai", b"{not json"),
     Scenario("gateway 400 missing model", "vk_corpus_openai", {"messages": [{"role": "user", "content": "hi"}]}),
+    # refused after the key lookup: the client's key is still on the request (x-api-key is anthropic's header)
+    Scenario("gateway 400 anthropic unsupported n", "vk_corpus_anthropic", chat("claude-sonnet-4-5", n=3)),
+    Scenario("gateway 403 model not allowed", "vk_corpus_anthropic", chat("claude-opus-4")),
     Scenario("gateway 404 unknown path", "vk_corpus_openai", chat("gpt-4o"), path="/v1/embeddings"),
 ]
 
