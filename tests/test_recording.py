@@ -237,15 +237,14 @@ def web_get(port: int, path: str, token: str | None = None):
         return e.code, e.read()
 
 
-@pytest.fixture
-def mitmweb(keys_file, provider_server, tmp_path):
+def start_web(provider_server, tmp_path, *args: str):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps(scenarios.keys_for(provider_server.url)))
     gw_port, web_port = free_port(), free_port()
     env = {**os.environ, "KEYS_FILE": str(keys), "GATEWAY_PORT": str(gw_port), "WEB_PORT": str(web_port),
            "USAGE_DB": str(tmp_path / "usage.sqlite3")}
     env.pop("WEB_PASSWORD", None)
-    proc = subprocess.Popen(["./run.sh", "web", "--set", f"confdir={tmp_path}"], cwd=ROOT, env=env,
+    proc = subprocess.Popen(["./run.sh", "web", *args, "--set", f"confdir={tmp_path}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         password = None
@@ -265,6 +264,16 @@ def mitmweb(keys_file, provider_server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def mitmweb(provider_server, tmp_path):
+    yield from start_web(provider_server, tmp_path)
+
+
+@pytest.fixture
+def mitmweb_file(provider_server, tmp_path):
+    yield from start_web(provider_server, tmp_path, str(CORPUS))
 
 
 def test_mitmweb_requires_the_password_and_never_shows_keys(mitmweb, provider_server):
@@ -331,3 +340,34 @@ def test_run_sh_record_refuses_an_unwritable_file(keys_file, tmp_path):
                           env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0", "USAGE_DB": str(tmp_path / "usage.sqlite3")})
     assert proc.returncode != 0
     assert "record_file" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_mitmweb_opens_a_recording_and_its_replay_button_routes_once(mitmweb_file, provider_server, tmp_path):
+    _, web_port, password = mitmweb_file
+    status, body = web_get(web_port, "/flows", password)
+    listed = json.loads(body)
+    assert status == 200 and len(listed) == len(scenarios.SCENARIOS) + 1
+    assert not [s for s in scenarios.SECRETS if s in body.decode()]
+    assert not (tmp_path / "usage.sqlite3").exists()  # loading did not count recorded usage again
+    target = next(f for f in listed if f["comment"] == "corpus-openai -> openai" and f["response"]["status_code"] == 200)
+
+    provider_server.reset(answer_by_provider)
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{web_port}/flows/{target['id']}/replay", method="POST", data=b"",
+                                     headers={"Authorization": f"Bearer {password}", "X-XSRFToken": "t",
+                                              "Cookie": "_mitmproxy_xsrf=t"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            replayed = [f for f in json.loads(web_get(web_port, "/flows", password)[1]) if f["id"] == target["id"]]
+            if replayed and replayed[0].get("response"):
+                break
+            time.sleep(0.05)
+        received = list(provider_server.received)
+    finally:
+        provider_server.reset()
+    assert [r.path for r in received] == ["/openai/chat/completions"]
+    assert received[0].headers["authorization"] == "Bearer sk-corpus-openai-real-0001"
+    assert replayed[0]["is_replay"] == "request" and replayed[0]["response"]["status_code"] == 200
+    assert "sk-corpus" not in web_get(web_port, "/flows", password)[1].decode()
