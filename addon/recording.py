@@ -20,6 +20,7 @@ import os
 
 from mitmproxy import ctx, exceptions, http, io
 
+from addon.errors import error_body
 from addon.keys import fingerprint
 
 log = logging.getLogger("gateway")
@@ -104,10 +105,8 @@ class Snapshot:
         snap = flow.metadata.get("record", {}).get("client_request")
         if snap is None:
             # an upstream-shaped request with a REDACTED key: never send it anywhere
-            flow.response = http.Response.make(
-                409, b'{"error":{"message":"this flow has no recorded client request to replay",'
-                     b'"type":"invalid_request_error","param":null,"code":"not_replayable"}}',
-                {"content-type": "application/json"})
+            body = error_body("this flow has no recorded client request to replay", "invalid_request_error", "not_replayable")
+            flow.response = http.Response.make(409, body, {"content-type": "application/json"})
             flow.marked = ":no_entry:"
             return
         flow.metadata.pop("gateway", None)  # the replay is routed afresh
