@@ -262,6 +262,12 @@ def label(n: int, flow: http.HTTPFlow) -> str:
     return f"#{n} {snap['method']} {snap['path']} [{route}] {status}"
 
 
+def unreachable(flow: http.HTTPFlow) -> bool:
+    """Routed, and the provider never answered (not a timeout: that would take upstream_timeout)."""
+    meta = flow.metadata.get("gateway", {})
+    return bool(flow.error) and routed(flow) and "upstream" not in flow.metadata["record"] and not meta.get("timeout")
+
+
 def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: ReplayGateway, vks: dict[str, str]) -> str | None:
     """Send one recorded client request; return None if it matches, else a short diff."""
     record = flow.metadata["record"]
@@ -293,6 +299,10 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: ReplayGatewa
         if d := first_diff(expected, parse_body(media_type(flow.request.headers), sent.body)):
             return f"upstream request {d}"
 
+    if flow.response is None:
+        # the provider could not be reached: the replay server hangs up the same way, and the
+        # client must get the gateway's 502 (the recorded flow holds only the error)
+        return None if resp.status == 502 else f"status: 502 expected for a provider failure, got {resp.status}"
     if flow.response.status_code != resp.status:
         return f"status: {flow.response.status_code} != {resp.status}"
     recorded_type, replayed_type = media_type(flow.response.headers), media_type(resp_headers)
@@ -318,7 +328,8 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
         for n, flow in enumerate(flows, 1):
             if "client_request" not in flow.metadata.get("record", {}):
                 result = Result(f"#{n} {flow.request.method} {flow.request.path}", "skipped", "not recorded by the gateway's recorder")
-            elif flow.response is None:
+            elif flow.response is None and not unreachable(flow):
+                # a timeout or a stream cut after it started cannot be served again faithfully
                 result = Result(label(n, flow), "skipped", f"no response was recorded ({flow.error.msg if flow.error else 'unknown'})")
             else:
                 diff = replay_flow(flow, server, gateway, vks)

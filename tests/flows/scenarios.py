@@ -20,6 +20,9 @@ KEYS = {"virtual_keys": {
     "vk_corpus_deepseek": {"provider": "deepseek", "api_key": "sk-corpus-deepseek-real-0002", "name": "corpus-deepseek"},
     "vk_corpus_anthropic": {"provider": "anthropic", "api_key": "sk-ant-corpus-real-0003", "name": "corpus-anthropic",
                             "models": ["claude-sonnet-4-5"]},
+    # its provider is down: nothing listens on port 1
+    "vk_corpus_down": {"provider": "openai", "api_key": "sk-corpus-down-real-0005", "name": "corpus-down",
+                       "base_url": "http://127.0.0.1:1/v1"},
     # no "name": the gateway names it by the virtual key itself, which must not reach a recording
     "vk_corpus_unnamed_secret": {"provider": "openai", "api_key": "sk-corpus-unnamed-real-0004"},
 }}
@@ -116,6 +119,7 @@ SCENARIOS = [
              lambda r: Reply.sse(anthropic_stream([TEXT_BLOCK, TOOL_BLOCK], "tool_use"), gzip=True)),
     Scenario("anthropic 529", "vk_corpus_anthropic", chat("claude-sonnet-4-5"),
              lambda r: Reply.json({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 529)),
+    Scenario("provider unreachable", "vk_corpus_down", chat("gpt-4o"), lambda r: Reply(599)),
     Scenario("gateway 401 missing key", None, chat("gpt-4o")),
     Scenario("gateway 401 invalid key", "vk_not_in_the_keys_file", chat("gpt-4o")),
     Scenario("gateway 400 invalid json", "vk_corpus_openai", b"{not json"),
