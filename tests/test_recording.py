@@ -371,3 +371,38 @@ def test_mitmweb_opens_a_recording_and_its_replay_button_routes_once(mitmweb_fil
     assert received[0].headers["authorization"] == "Bearer sk-corpus-openai-real-0001"
     assert replayed[0]["is_replay"] == "request" and replayed[0]["response"]["status_code"] == 200
     assert "sk-corpus" not in web_get(web_port, "/flows", password)[1].decode()
+
+
+def test_a_flow_in_flight_at_shutdown_leaves_no_key_in_the_recording(provider_server, tmp_path):
+    """mitmproxy's -w would save in-flight flows at shutdown, real key included; the recorder
+    writes only finished flows (and the gateway has redacted those)."""
+    out = tmp_path / "shutdown.mitm"
+    release = threading.Event()
+
+    def hold(r):
+        release.wait(30)
+        return Reply.json(openai_completion(r.json()))
+
+    provider_server.reset(hold)
+    gw = GatewayProcess(scenarios.keys_for(provider_server.url), ["--set", f"record_file={out}"]).start()
+    def send():
+        try:
+            rawhttp.request(gw.url, "POST", "/v1/chat/completions", json=scenarios.chat("gpt-4o"),
+                            headers={"authorization": "Bearer vk_corpus_openai"})
+        except OSError:
+            pass  # the gateway went away under it: expected
+
+    client = threading.Thread(target=send, daemon=True)
+    client.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not provider_server.received and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert provider_server.received, "the request did not reach the provider"
+        gw.stop()
+    finally:
+        release.set()
+        gw.stop()
+        provider_server.reset()
+    raw = out.read_bytes() if out.exists() else b""
+    assert not [s for s in scenarios.SECRETS if s.encode() in raw]
