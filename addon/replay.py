@@ -33,7 +33,7 @@ import yaml
 from mitmproxy import http, io
 from mitmproxy.net import encoding
 
-from addon.keys import KeysError, fingerprint, parse_keys
+from addon.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
 from addon.providers import PROVIDERS
 from addon.recording import routed, unmark
 from addon.sse import SSEDecoder
@@ -125,15 +125,23 @@ class ReplayServer:
 # --- the gateway under test ----------------------------------------------------------------
 
 def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
-    """The keys file in use with every base URL pointed at the replay server (path = provider
-    name) and placeholder provider keys; plus fingerprint -> virtual key."""
+    """The keys file in use, for the replay gateway: every base URL pointed at the replay server
+    (path = provider name), placeholder provider keys, and each virtual key replaced by a
+    replay-only key (so the replay never sends a real one, and hashed keys replay too); plus
+    fingerprint -> replay-only key."""
     with open(keys_file, "rb") as f:
         data = yaml.safe_load(f) if keys_file.endswith((".yaml", ".yml")) else json.load(f)
     parse_keys(data, keys_file)  # the same validation the gateway does, with its messages
-    out = {"providers": {name: {"base_url": f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
+    out = {**data, "providers": {name: {"base_url": f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
+    by_fingerprint = {}
     for vk, entry in data["virtual_keys"].items():
-        out["virtual_keys"][vk] = {**entry, "api_key": REPLAY_API_KEY, "base_url": f"{upstream}/{entry['provider']}"}
-    return out, {fingerprint(vk): vk for vk in data["virtual_keys"]}
+        # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/keys.py)
+        fp = vk[len(HASHED_PREFIX):16 + len(HASHED_PREFIX)].lower() if vk.startswith(HASHED_PREFIX) else fingerprint(vk)
+        stand_in = f"vk-replay-{fp}"
+        out["virtual_keys"][stand_in] = {**entry, "name": entry.get("name") or f"key-{fp}",
+                                         "api_key": REPLAY_API_KEY, "base_url": f"{upstream}/{entry['provider']}"}
+        by_fingerprint[fp] = stand_in
+    return out, by_fingerprint
 
 
 class ReplayGateway:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -152,6 +153,16 @@ def test_replay_after_keys_route_elsewhere_differs_and_fails(recording, tmp_path
     assert "differs  " in out and "route: recorded provider openai, replay went to deepseek" in out
     assert "route: recorded provider anthropic, replay went to openai" in out
     assert re.search(r"ok +#\d+ POST /v1/chat/completions \[corpus-deepseek -> deepseek\]", out)  # unchanged keys still match
+
+
+def test_corpus_replays_with_hashed_keys_and_prices(tmp_path, capsys):
+    """A keys file that holds only sha256 digests of its virtual keys replays the same."""
+    keys = json.loads(json.dumps(scenarios.KEYS))
+    keys["virtual_keys"] = {f"sha256:{hashlib.sha256(vk.encode()).hexdigest()}": entry for vk, entry in keys["virtual_keys"].items()}
+    keys["prices"] = {"gpt-4o*": {"input": 2.5, "output": 10}}
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    assert replay.main(["--keys", str(path), str(CORPUS)]) == 0, capsys.readouterr().out
 
 
 def test_replayed_stream_is_translated_from_the_recorded_pieces(recording, keys_file, tmp_path, capsys):
