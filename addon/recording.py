@@ -210,11 +210,14 @@ class Recorder:
     def write(self, flow: http.HTTPFlow) -> None:
         if self.writer is None or not flow.live:
             return
-        copy = flow.copy()
-        scrub(copy.request.headers)  # belt and braces: Snapshot and gateway.redact did this
-        hide_unnamed_key(copy)
-        self.writer.add(copy)
-        self.file.flush()
+        try:
+            copy = flow.copy()
+            scrub(copy.request.headers)  # belt and braces: Snapshot and gateway.redact did this
+            hide_unnamed_key(copy)
+            self.writer.add(copy)
+            self.file.flush()
+        except Exception:  # a full disk must not look like a gateway failure to the client
+            log.exception("gateway: could not record a flow to %s", ctx.options.record_file)
 
     def done(self) -> None:
         self.close()
