@@ -137,7 +137,7 @@ def test_record_then_replay_round_trip_for_every_provider_and_stream(recording, 
 
 def test_corpus_replays_with_run_sh():
     proc = subprocess.run(["./run.sh", "replay", str(CORPUS)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "KEYS_FILE": str(ROOT / "tests" / "flows" / "keys.json")})
+                          env={**os.environ, "KEYS_FILE": str(ROOT / "tests" / "flows" / "corpus-keys.json")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(scenarios.SCENARIOS) + 1} ok, 0 differ" in proc.stdout  # + the gateway's startup /health
 

@@ -4,8 +4,8 @@
 
 Records every scenario in tests/flows/scenarios.py through a real gateway (mitmdump +
 addon/gateway.py, recording on) into tests/flows/corpus.mitm, and writes the fake keys file the
-corpus replays with (tests/flows/keys.json). Re-run it after a deliberate change of the gateway's
-output, check `git diff --stat` and the replay (`KEYS_FILE=tests/flows/keys.json ./run.sh replay
+corpus replays with (tests/flows/corpus-keys.json). Re-run it after a deliberate change of the gateway's
+output, check `git diff --stat` and the replay (`KEYS_FILE=tests/flows/corpus-keys.json ./run.sh replay
 tests/flows/corpus.mitm`), and commit both files.
 """
 
@@ -21,7 +21,7 @@ from tests.gatewayproc import GatewayProcess
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus.mitm"
-KEYS = HERE / "keys.json"
+KEYS = HERE / "corpus-keys.json"
 
 
 def record(out: Path) -> None:
