@@ -100,6 +100,8 @@ class UsageAccounting:
             log.exception("gateway: could not account a failed request")
 
     def count(self, flow: http.HTTPFlow, status: int, usage: Usage | None, streamed: bool) -> None:
+        if not flow.live:  # a flow loaded from a file (mitmweb -r) was counted when it happened
+            return
         meta = flow.metadata.get("gateway", {})
         fingerprint = meta.get("fingerprint")
         if fingerprint is None:  # not a request made with a known key

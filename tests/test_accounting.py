@@ -53,3 +53,23 @@ def test_a_failing_watcher_does_not_break_the_stream():
     pieces = [whole[i:i + 50] for i in range(0, len(whole), 50)]
     # the bytes it held back and the rest go on; nothing lost, nothing doubled
     assert run(watched_stream(True, FailsOnThirdPiece(strip=True)), pieces) == whole
+
+
+def test_flows_loaded_from_a_file_are_not_counted_again():
+    import json
+    from mitmproxy.test import taddons, tflow, tutils
+    from addon.accounting import UsageAccounting
+    from addon.store import MemoryStore
+
+    store = MemoryStore()
+    accounting = UsageAccounting(store)
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+    with taddons.context(accounting) as tctx:
+        tctx.configure(accounting, usage_db="")
+        for live in (True, False):
+            f = tflow.tflow(resp=tutils.tresp(content=body))
+            f.live = live
+            f.metadata["gateway"] = {"fingerprint": "fp-live" if live else "fp-loaded", "key": "k", "provider": "openai", "model": "m"}
+            accounting.response(f)
+    assert store.spend("fp-live", None, 2e9)[0] == 7
+    assert store.spend("fp-loaded", None, 2e9)[0] == 0
