@@ -54,12 +54,17 @@ check_keys() {
     "$VENV/bin/python" -m addon.keys "$KEYS_FILE" || exit 1
 }
 
-proxy_args() {
-    echo --mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" \
-         --set connection_strategy=lazy \
-         --set "keys_file=$KEYS_FILE" \
-         --set "usage_db=$USAGE_DB" \
-         -s "$ROOT/addon/gateway.py"
+reject_script_options() {
+    # mitmproxy refuses a script option given twice and then drops the whole gateway script
+    # (every request would get a 502): these come from the environment only
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            keys_file=*|usage_db=*|record_file=*)
+                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB) or the subcommand, not --set" >&2
+                exit 2 ;;
+        esac
+    done
 }
 
 KEYS_FILE=${KEYS_FILE:-keys.json}
@@ -67,6 +72,11 @@ USAGE_DB=${USAGE_DB:-usage.sqlite3}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
+PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}"
+            --set connection_strategy=lazy
+            --set "keys_file=$KEYS_FILE"
+            --set "usage_db=$USAGE_DB"
+            -s "$ROOT/addon/gateway.py")
 
 cmd=${1:-}
 case "$cmd" in
@@ -98,18 +108,18 @@ case "$cmd" in
             exec "$VENV/bin/mitmweb" -n -r "$file" --set "keys_file=$KEYS_FILE" --set "usage_db=$ledger/usage.sqlite3" \
                 -s "$ROOT/addon/gateway.py" "${web_args[@]}" "$@"
         fi
+        reject_script_options "$@"
         check_keys
-        # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmweb" $(proxy_args) "${web_args[@]}" "$@"
+        exec "$VENV/bin/mitmweb" "${PROXY_ARGS[@]}" "${web_args[@]}" "$@"
         ;;
     record)
         shift
         [ $# -gt 0 ] || { echo "usage: ./run.sh record FILE [mitmproxy args]" >&2; exit 2; }
         file=$1; shift
         ensure_venv
+        reject_script_options "$@"
         check_keys
-        # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmdump" $(proxy_args) --set "record_file=$file" "$@"
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" --set "record_file=$file" "$@"
         ;;
     replay)
         shift
@@ -126,8 +136,8 @@ case "$cmd" in
         ;;
     *)
         ensure_venv
+        reject_script_options "$@"
         check_keys
-        # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmdump" $(proxy_args) "$@"
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "$@"
         ;;
 esac

@@ -42,3 +42,11 @@ def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
     assert proc.returncode == 1
     assert "providers.zzz: unknown provider" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_run_sh_refuses_script_options_it_sets_itself(tmp_path):
+    from tests.gatewayproc import ROOT
+    proc = subprocess.run([str(ROOT / "run.sh"), "--set", "usage_db=/tmp/x.sqlite3"], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "USAGE_DB" in proc.stderr
