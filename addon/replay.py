@@ -20,30 +20,24 @@ import asyncio
 import http.client as httpclient
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 from mitmproxy import http, io
 from mitmproxy.net import encoding
 
 from addon.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
+from addon.process import GatewayProcess
 from addon.providers import PROVIDERS
 from addon.recording import routed, unmark
 from addon.sse import SSEDecoder
 
-ROOT = Path(__file__).resolve().parent.parent
 # JSON fields that legitimately differ between a recording and its replay: timestamps the
 # gateway stamps on translated responses
 VOLATILE = frozenset({"created"})
 HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
-LISTENING = re.compile(rb"listening at (?:\S+?):(\d+)")
 REPLAY_API_KEY = "sk-replay-not-a-real-key"  # the replay never needs the real provider keys
 
 
@@ -144,48 +138,6 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     return out, by_fingerprint
 
 
-class ReplayGateway:
-    """A fresh mitmdump running the real addon, on a free port."""
-
-    def __init__(self, keys: dict) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="gw-replay-")
-        self.keys_file = os.path.join(self.tmp.name, "keys.json")
-        Path(self.keys_file).write_text(json.dumps(keys))
-        self.output = bytearray()
-
-    def start(self, timeout: float = 30) -> "ReplayGateway":
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mitmdump"), "--set", "flow_detail=0",
-             "--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0",
-             "--set", "connection_strategy=lazy",
-             "--set", f"keys_file={self.keys_file}", "--set", f"confdir={self.tmp.name}",
-             "--set", f"usage_db={os.path.join(self.tmp.name, 'usage.sqlite3')}",  # not the real ledger
-             "-s", str(ROOT / "addon" / "gateway.py")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.output += line
-            if m := LISTENING.search(line):
-                self.port = int(m.group(1))
-                threading.Thread(target=lambda: [self.output.extend(x) for x in self.proc.stdout], daemon=True).start()
-                return self
-        self.stop()
-        raise RuntimeError("replay gateway did not start:\n" + self.output.decode(errors="replace"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.tmp.cleanup()
-
-
 # --- comparing -----------------------------------------------------------------------------
 
 def normalize(value):
@@ -276,7 +228,7 @@ def unreachable(flow: http.HTTPFlow) -> bool:
     return bool(flow.error) and routed(flow) and "upstream" not in flow.metadata["record"] and not meta.get("timeout")
 
 
-def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: ReplayGateway, vks: dict[str, str]) -> str | None:
+def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: GatewayProcess, vks: dict[str, str]) -> str | None:
     """Send one recorded client request; return None if it matches, else a short diff."""
     record = flow.metadata["record"]
     upstream = record.get("upstream")
@@ -330,7 +282,7 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
             flows += [fl for fl in io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
     server = ReplayServer().start()
     keys, vks = replay_keys(keys_file, server.url)
-    gateway = ReplayGateway(keys).start()
+    gateway = GatewayProcess(keys, extra_args=["--set", "flow_detail=0"]).start()
     results = []
     try:
         for n, flow in enumerate(flows, 1):
