@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web   ./run.sh bench [--quick]
-# Environment: KEYS_FILE (keys.json), GATEWAY_HOST (127.0.0.1), GATEWAY_PORT (8080), WEB_PORT (8081)
+# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
+#                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
+#                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
+#                  ./run.sh bench [--quick]   (benchmark against bare mitmdump: docs/bench.md)
+# Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
+#              GATEWAY_PORT (8080), WEB_PORT (8081),
+#              WEB_PASSWORD (mitmweb password; generated and printed once when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -63,17 +68,29 @@ check_keys() {
     "$VENV/bin/python" -m addon.keys "$KEYS_FILE" || exit 1
 }
 
-proxy_args() {
-    echo --mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" \
-         --set connection_strategy=lazy \
-         --set "keys_file=$KEYS_FILE" \
-         -s "$ROOT/addon/gateway.py"
+reject_script_options() {
+    # mitmproxy refuses a script option given twice and then drops the whole gateway script
+    # (every request would get a 502): these come from the environment only
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            keys_file=*|usage_db=*|record_file=*)
+                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB) or the subcommand, not --set" >&2
+                exit 2 ;;
+        esac
+    done
 }
 
 KEYS_FILE=${KEYS_FILE:-keys.json}
+USAGE_DB=${USAGE_DB:-usage.sqlite3}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
+PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}"
+            --set connection_strategy=lazy
+            --set "keys_file=$KEYS_FILE"
+            --set "usage_db=$USAGE_DB"
+            -s "$ROOT/addon/gateway.py")
 
 cmd=${1:-}
 case "$cmd" in
@@ -85,10 +102,48 @@ case "$cmd" in
     web)
         shift
         ensure_venv
+        if [ -z "${WEB_PASSWORD:-}" ]; then
+            WEB_PASSWORD=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(18))')
+            echo "run.sh: mitmweb password (printed once): $WEB_PASSWORD" >&2
+        fi
+        # mitmweb shows its options to the (logged-in) user and ps shows argv: pass a hash
+        web_hash=$(printf %s "$WEB_PASSWORD" | "$VENV/bin/python" -c 'import argon2, sys; print(argon2.PasswordHasher().hash(sys.stdin.read()))')
+        # view_filter: in-flight flows (their request still carries the real key) are not listed
+        web_args=(--set web_host=127.0.0.1 --set "web_port=$WEB_PORT" --set web_open_browser=false
+                  --set "web_password=$web_hash" --set 'view_filter=~s | ~e'
+                  --set web_columns='["index","method","path","status","size","time","comment"]')
+        if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+            # ./run.sh web FILE: offline inspection, no listener; Replay re-routes through the
+            # gateway addon (KEYS_FILE), so a recorded flow never goes out with REDACTED.
+            # Loading a file runs the response hooks: a throwaway usage ledger keeps the
+            # recorded flows from being counted again in USAGE_DB
+            file=$1; shift
+            ledger=$(mktemp -d)
+            exec "$VENV/bin/mitmweb" -n -r "$file" --set "keys_file=$KEYS_FILE" --set "usage_db=$ledger/usage.sqlite3" \
+                -s "$ROOT/addon/gateway.py" "${web_args[@]}" "$@"
+        fi
+        reject_script_options "$@"
         check_keys
-        # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmweb" $(proxy_args) --set web_host=127.0.0.1 --set "web_port=$WEB_PORT" \
-            --set web_open_browser=false --set web_columns='["index","method","path","status","size","time","comment"]' "$@"
+        exec "$VENV/bin/mitmweb" "${PROXY_ARGS[@]}" "${web_args[@]}" "$@"
+        ;;
+    record)
+        shift
+        [ $# -gt 0 ] || { echo "usage: ./run.sh record FILE [mitmproxy args]" >&2; exit 2; }
+        file=$1; shift
+        ensure_venv
+        reject_script_options "$@"
+        check_keys
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" --set "record_file=$file" "$@"
+        ;;
+    replay)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addon.replay --keys "$KEYS_FILE" "$@"
+        ;;
+    usage)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m addon.ledger --db "$USAGE_DB" "$@"
         ;;
     setup)
         ensure_venv
@@ -101,8 +156,8 @@ case "$cmd" in
         ;;
     *)
         ensure_venv
+        reject_script_options "$@"
         check_keys
-        # shellcheck disable=SC2046
-        exec "$VENV/bin/mitmdump" $(proxy_args) "$@"
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "$@"
         ;;
 esac

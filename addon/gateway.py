@@ -5,8 +5,9 @@ connection_strategy=lazy (run.sh does this), so that nothing is ever forwarded t
 did not route on purpose. mitmproxy fails *open* when a hook raises, so every hook here catches
 and answers a JSON 500 instead.
 
-Data path: request -> key lookup -> provider.prepare -> (mitmproxy sends it) -> responseheaders
-(redact the real key, choose stream translation) -> response (translate a whole body).
+Data path: request -> key lookup -> key policy (policy.py) -> provider.prepare -> (mitmproxy
+sends it) -> responseheaders (redact the real key, choose stream translation) -> response
+(translate a whole body). Usage is counted by accounting.py, hot reload lives in reload.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 if __package__ in (None, "") or not __package__.startswith("addon"):
     # loaded by mitmproxy as a script: make the `addon` package importable
@@ -24,17 +26,24 @@ if __package__ in (None, "") or not __package__.startswith("addon"):
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 
+from addon import policy
+from addon.accounting import UsageAccounting
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
-from addon.keys import KeysError, KeyStore, load_keys
+from addon.keys import KeysError, KeyStore, VirtualKey, load_keys
 from addon.providers import PROVIDERS
+from addon.recording import Recorder, Snapshot
+from addon.reload import KeysReloader
+from addon.store import MemoryStore, UsageStore
 from addon.streams import fail_closed_stream
 from addon.timeouts import UpstreamTimeout
+from addon.usage import client_wants_stream_usage, request_stream_usage
 
 log = logging.getLogger("gateway")
 
 CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
+MODELS_PATHS = frozenset({"/models", "/v1/models"})
 # client headers that must never reach a provider: the virtual key, and client-chosen
 # account scoping that would not match the gateway's key
 DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
@@ -86,8 +95,9 @@ def parse_chat_request(raw: bytes) -> dict:
 class Gateway:
     """Routes chat completions to providers; everything else is answered locally."""
 
-    def __init__(self) -> None:
-        self.keys: KeyStore | None = None
+    def __init__(self, store: UsageStore | None = None) -> None:
+        self.keys: KeyStore | None = None  # replaced whole on reload (reload.py), never mutated
+        self.store: UsageStore = store if store is not None else MemoryStore()  # rate limits and spend
         # per in-flight flow: the provider Exchange that translates its response
         self.exchanges: dict[str, object] = {}
 
@@ -174,29 +184,39 @@ class Gateway:
                 raise GatewayError(405, f"method {request.method} not allowed on {path}", code="method_not_allowed")
             flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
             return
+        model_path = path.startswith("/v1/models/") or path.startswith("/models/")
+        if path in MODELS_PATHS or model_path:
+            if request.method != "GET":
+                raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
+            self.answer_models(flow, self.authenticate(request), path.partition("/models/")[2] if model_path else None)
+            return
         if path not in CHAT_PATHS:
             raise GatewayError(404, f"unknown path {path}: this gateway serves POST /v1/chat/completions", code="unknown_path")
         if request.method != "POST":
             raise GatewayError(405, f"method {request.method} not allowed on {path}; use POST", code="method_not_allowed", headers={"allow": "POST"})
 
-        presented = presented_key(request)
-        if presented is None:
-            raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
-        if self.keys is None:
-            raise GatewayError(503, "the gateway has no keys loaded", code="no_keys")
-        key = self.keys.lookup(presented)
-        if key is None:
-            raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
+        key = self.authenticate(request)
+        keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
+        meta = flow.metadata.setdefault("gateway", {})
+        meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
+        flow.comment = f"{key.name} -> {key.provider}"
 
         raw = request.content or b""
         body = parse_chat_request(raw)
+        model = body["model"]
+        meta.update(model=model, stream=bool(body.get("stream")))
+        price = keys.price(model)
+        meta["price"] = [price.input, price.output, price.cached_input] if price else None
+        policy.admit(key, model, keys, self.store, time.time())  # raises: nothing is forwarded
+        if meta["stream"]:
+            # always ask for stream usage so the ledger can count it; accounting.py hides it
+            # again from a client that did not ask
+            meta["client_usage"] = client_wants_stream_usage(body)
+            if not meta["client_usage"]:
+                raw = request_stream_usage(body)
+                request.content = raw
         provider = PROVIDERS[key.provider]
         upstream, exchange = provider.prepare(body, raw, key.api_key)
-
-        meta = flow.metadata.setdefault("gateway", {})
-        meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider,
-                    model=body["model"], stream=bool(body.get("stream")))
-        flow.comment = f"{key.name} -> {key.provider}"
 
         scheme, host, port, path = upstream_target(key.upstream_url)
         request.scheme, request.host, request.port = scheme, host, port
@@ -214,6 +234,28 @@ class Gateway:
             request.content = upstream.body
         self.exchanges[flow.id] = exchange
 
+    def authenticate(self, request: http.Request) -> VirtualKey:
+        presented = presented_key(request)
+        if presented is None:
+            raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
+        if self.keys is None:
+            raise GatewayError(503, "the gateway has no keys loaded", code="no_keys")
+        key = self.keys.lookup(presented)
+        if key is None:
+            raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
+        policy.check_key(key, time.time())
+        return key
+
+    def answer_models(self, flow: http.HTTPFlow, key: VirtualKey, model: str | None) -> None:
+        """GET /v1/models lists the key's models; GET /v1/models/{id} answers one the key may use."""
+        if model is None:
+            body = policy.models_page(key)
+        elif key.policy.models is not None and key.policy.allows_model(model):
+            body = policy.model_object(key, model)
+        else:
+            raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")
+        flow.response = http.Response.make(200, json.dumps(body).encode(), JSON_HEADERS)
+
     def redact(self, flow: http.HTTPFlow) -> None:
         """The real key is on the request object while it is sent; overwrite it afterwards so
         no view, log line or saved flow carries it."""
@@ -225,4 +267,7 @@ class Gateway:
             flow.request.headers[header] = REDACTED
 
 
-addons = [JsonErrorPages(), Gateway(), UpstreamTimeout()]
+_store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
+_gateway = Gateway(_store)
+# Snapshot before and Recorder after the Gateway: see addon/recording.py
+addons = [JsonErrorPages(), Snapshot(), _gateway, KeysReloader(_gateway), UsageAccounting(_store), UpstreamTimeout(), Recorder()]

@@ -3,8 +3,14 @@
 Format (JSON, or YAML when the file ends in .yaml/.yml):
 
     {"providers": {"openai": {"base_url": "http://127.0.0.1:9001/v1"}},   # optional
+     "prices": {"gpt-4o*": {"input": 2.5, "output": 10}},                 # optional, USD per 1M tokens
      "virtual_keys": {"vk_user1_openai": {"provider": "openai", "api_key": "sk-...",
-                                          "base_url": "..."}}}            # base_url optional
+                                          "base_url": "..."},             # base_url optional
+                      "sha256:<hex of the virtual key>": {...}}}          # hashed: file holds no secret
+
+Each entry may carry policy fields (models, rpm, tpm, budget_tokens, budget_usd, budget_period,
+expires_at, disabled); see docs/policy.md. Unknown fields are rejected: a typo in "budget_usd"
+must not silently lift a budget.
 
 Everything is validated and precomputed at load time so a request costs one dict lookup.
 Error messages name the file and the entry, never a secret.
@@ -15,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -40,6 +49,66 @@ def fingerprint(virtual_key: str) -> str:
     return hashlib.sha256(virtual_key.encode()).hexdigest()[:16]
 
 
+HASHED_PREFIX = "sha256:"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
+_PERIOD_SECONDS = {"h": 3600, "d": 86400}
+BASE_FIELDS = frozenset({"provider", "api_key", "base_url", "name"})
+POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled"})
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What a virtual key may do; None means no limit of that kind."""
+
+    models: tuple[str, ...] | None = None  # allowed model names, `*` globs allowed
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    budget_period: int | None = None  # seconds of the rolling budget window; None = lifetime
+    expires_at: float | None = None  # unix time
+    disabled: bool = False
+
+    def allows_model(self, model: str) -> bool:
+        if self.models is None:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def describe(self) -> str:
+        """One line for the operator: '[models gpt-4o,o3; rpm 60; budget $25/30d]'."""
+        parts = []
+        if self.disabled:
+            parts.append("DISABLED")
+        if self.models is not None:
+            parts.append("models " + ",".join(self.models))
+        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm)) if value is not None]
+        period = f"/{self.budget_period // 3600}h" if self.budget_period else ""
+        if self.budget_tokens is not None:
+            parts.append(f"budget {self.budget_tokens} tokens{period}")
+        if self.budget_usd is not None:
+            parts.append(f"budget ${self.budget_usd:g}{period}")
+        if self.expires_at is not None:
+            parts.append("expires " + datetime.fromtimestamp(self.expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return f"[{'; '.join(parts)}]" if parts else ""
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_tokens is not None or self.budget_usd is not None
+
+
+NO_POLICY = KeyPolicy()
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None  # cached prompt tokens; None = billed as input
+
+
 @dataclass(frozen=True)
 class VirtualKey:
     name: str  # what logs, mitmweb and the usage ledger show: never the secret
@@ -48,6 +117,7 @@ class VirtualKey:
     api_key: str  # the real provider key: only ever placed on the outgoing request
     base_url: str
     upstream_url: str  # base_url + the provider's endpoint path
+    policy: KeyPolicy = field(default=NO_POLICY)
 
     def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
         return (
@@ -57,18 +127,43 @@ class VirtualKey:
 
 
 class KeyStore:
-    def __init__(self, keys: Mapping[str, VirtualKey], source: str = "") -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, VirtualKey],
+        source: str = "",
+        hashed: Mapping[str, VirtualKey] | None = None,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
         self._keys = dict(keys)
+        self._hashed = dict(hashed or {})  # sha256 hex of the virtual key -> key
+        self.prices = dict(prices or {})  # model name or glob -> price
         self.source = source
 
     def lookup(self, presented: str) -> VirtualKey | None:
-        return self._keys.get(presented)
+        key = self._keys.get(presented)
+        if key is None and self._hashed:
+            key = self._hashed.get(hashlib.sha256(presented.encode()).hexdigest())
+        return key
+
+    def price(self, model: str) -> Price | None:
+        """Exact model name first, then the first glob that matches (in file order)."""
+        price = self.prices.get(model)
+        if price is None:
+            for pattern, p in self.prices.items():
+                if fnmatchcase(model, pattern):
+                    return p
+        return price
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys) + len(self._hashed)
 
     def __iter__(self):
-        return iter(self._keys.values())
+        yield from self._keys.values()
+        yield from self._hashed.values()
+
+    def virtual_keys_by_fingerprint(self) -> dict[str, str]:
+        """fingerprint -> virtual key: how a recorded flow's marker is resolved on replay."""
+        return {vk.fingerprint: presented for presented, vk in self._keys.items()}
 
 
 def load_keys(path: str) -> KeyStore:
@@ -102,10 +197,35 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
     entries = data.get("virtual_keys")
     if not isinstance(entries, dict) or not entries:
         raise KeysError(f"{source}: \"virtual_keys\" must be a non-empty object")
+    prices = _parse_prices(data.get("prices") or {}, source)
     keys: dict[str, VirtualKey] = {}
+    hashed: dict[str, VirtualKey] = {}
     for vk, entry in entries.items():
-        keys[vk] = _parse_entry(str(vk), entry, provider_urls, source)
-    return KeyStore(keys, source)
+        vk = str(vk)
+        if vk.startswith(HASHED_PREFIX):
+            digest = vk[len(HASHED_PREFIX):].lower()
+            if not _HEX64.fullmatch(digest):
+                raise KeysError(f"{source}: virtual key {vk[:20]!r}...: a hashed key must be \"sha256:\" + 64 hex digits")
+            hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest)
+        else:
+            keys[vk] = _parse_entry(vk, entry, provider_urls, source)
+    return KeyStore(keys, source, hashed, prices)
+
+
+def _parse_prices(section: object, source: str) -> dict[str, Price]:
+    if not isinstance(section, dict):
+        raise KeysError(f"{source}: \"prices\" must be an object of model -> {{\"input\", \"output\"}}")
+    prices: dict[str, Price] = {}
+    for model, conf in section.items():
+        where = f"{source}: prices.{model}"
+        if not isinstance(conf, dict) or not {"input", "output"} <= conf.keys():
+            raise KeysError(f"{where} must be an object with \"input\" and \"output\" (USD per million tokens)")
+        unknown = conf.keys() - {"input", "output", "cached_input"}
+        if unknown:
+            raise KeysError(f"{where}: unknown field {sorted(unknown)[0]!r} (known: input, output, cached_input)")
+        values = {name: _number(conf[name], f"{where}.{name}", allow_zero=True) for name in conf}
+        prices[str(model)] = Price(**values)
+    return prices
 
 
 def _provider_base_urls(section: object, source: str) -> dict[str, str]:
@@ -124,10 +244,18 @@ def _provider_base_urls(section: object, source: str) -> dict[str, str]:
     return urls
 
 
-def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: str) -> VirtualKey:
-    where = f"{source}: virtual key {vk!r}"
+def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: str, digest: str | None = None) -> VirtualKey:
+    # a hashed entry's fingerprint is the same as the plain key's would be, so spend carries over
+    # when a key is moved from plain to hashed
+    key_fingerprint = digest[:16] if digest else fingerprint(vk)
+    # messages name the entry by its "name", else masked: the virtual key itself is a client's secret
+    label = entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else None
+    where = f"{source}: virtual key {label or (vk[:15] + '...' if digest else mask(vk))!r}"
     if not isinstance(entry, dict):
         raise KeysError(f"{where} must be an object with \"provider\" and \"api_key\"")
+    unknown = entry.keys() - BASE_FIELDS - POLICY_FIELDS
+    if unknown:
+        raise KeysError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     provider = entry.get("provider")
     if provider not in PROVIDERS:
         raise KeysError(
@@ -146,15 +274,76 @@ def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: 
         base_url = _check_url(entry["base_url"], f"{where}: base_url")
     else:
         base_url = provider_urls[provider]
-    name = entry.get("name") or vk
+    # the virtual key is the client's secret: without a "name" the key is known by its fingerprint
+    name = entry.get("name") or f"key-{key_fingerprint}"
     return VirtualKey(
         name=str(name),
-        fingerprint=fingerprint(vk),
+        fingerprint=key_fingerprint,
         provider=provider,
         api_key=api_key,
         base_url=base_url,
         upstream_url=base_url + PROVIDERS[provider].endpoint_path,
+        policy=_parse_policy(entry, where),
     )
+
+
+def _parse_policy(entry: dict, where: str) -> KeyPolicy:
+    if not POLICY_FIELDS & entry.keys():
+        return NO_POLICY
+    models = entry.get("models")
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise KeysError(f"{where}: models must be a list of model names (\"*\" globs allowed)")
+        models = tuple(models)
+    period = entry.get("budget_period")
+    if period is not None:
+        m = _PERIOD.fullmatch(period) if isinstance(period, str) else None
+        if m is None:
+            raise KeysError(f"{where}: budget_period must look like \"12h\", \"1d\" or \"30d\" (absent = lifetime)")
+        period = int(m.group(1)) * _PERIOD_SECONDS[m.group(2)]
+        if "budget_tokens" not in entry and "budget_usd" not in entry:
+            raise KeysError(f"{where}: budget_period needs budget_tokens or budget_usd")
+    disabled = entry.get("disabled", False)
+    if not isinstance(disabled, bool):
+        raise KeysError(f"{where}: disabled must be true or false")
+    return KeyPolicy(
+        models=models,
+        rpm=_optional_int(entry, "rpm", where),
+        tpm=_optional_int(entry, "tpm", where),
+        budget_tokens=_optional_int(entry, "budget_tokens", where),
+        budget_usd=_number(entry["budget_usd"], f"{where}: budget_usd") if "budget_usd" in entry else None,
+        budget_period=period,
+        expires_at=_timestamp(entry["expires_at"], f"{where}: expires_at") if "expires_at" in entry else None,
+        disabled=disabled,
+    )
+
+
+def _optional_int(entry: dict, name: str, where: str) -> int | None:
+    value = entry.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise KeysError(f"{where}: {name} must be a positive whole number")
+    return value
+
+
+def _number(value: object, where: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        raise KeysError(f"{where} must be a {'non-negative' if allow_zero else 'positive'} number")
+    return float(value)
+
+
+def _timestamp(value: object, where: str) -> float:
+    """ISO 8601; a time without a zone is UTC."""
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise KeysError(f"{where} must be an ISO 8601 time such as \"2026-12-31T23:59:59Z\"")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
 
 
 def _check_url(value: object, where: str) -> str:
@@ -177,4 +366,5 @@ if __name__ == "__main__":  # python -m addon.keys FILE: check a keys file (run.
         print(f"gateway: {e}", file=sys.stderr)
         sys.exit(1)
     for vk in store:
-        print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)})", file=sys.stderr)
+        rules = vk.policy.describe()
+        print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}", file=sys.stderr)

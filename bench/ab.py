@@ -42,7 +42,7 @@ def main() -> int:
         port = bench.free_port()
         name = f"gateway@{args.rev}"
         proc = stack._spawn("old", [str(bench.MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
-                                    *stack.common_args("old"), "--set", f"keys_file={stack.tmp / 'keys.json'}", "-s", str(old / "addon" / "gateway.py")])
+                                    *stack.common_args("old"), *stack.gateway_args(old / "addon")])
         stack.ports["old"] = port
         bench.wait_port(port, proc, name, stack.tmp / "old.log")
         targets = ("bare", "old", "gateway")

@@ -166,8 +166,7 @@ class Stack:
         self._spawn("bare_stream", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare_stream']}",
                                     *self.common_args("bare_stream"), "--set", "stream_large_bodies=1"])
         self._spawn("gateway", [str(MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{self.ports['gateway']}",
-                                *self.common_args("gateway"), "--set", f"keys_file={keys_file}",
-                                "-s", str(ROOT / "addon" / "gateway.py")])
+                                *self.common_args("gateway"), *self.gateway_args(ROOT / "addon")])
         for name in ("bare", "bare_stream", "gateway"):
             wait_port(self.ports[name], self.procs[name], name, self.tmp / f"{name}.log")
         return self
@@ -175,6 +174,15 @@ class Stack:
     def common_args(self, name: str) -> list[str]:
         # a confdir each: mitmdumps starting at once would race writing the same new CA files
         return ["--set", "connection_strategy=lazy", "--set", f"confdir={self.tmp / ('confdir-' + name)}"]
+
+    def gateway_args(self, addon_dir: Path) -> list[str]:
+        """Options for a gateway whose code is in addon_dir: the bench's keys, and a throwaway
+        usage ledger (never the user's usage.sqlite3), when that version has one."""
+        args = ["--set", f"keys_file={self.tmp / 'keys.json'}"]
+        accounting = addon_dir / "accounting.py"
+        if accounting.exists() and '"usage_db"' in accounting.read_text():
+            args += ["--set", f"usage_db={self.tmp / ('usage-' + addon_dir.parent.name + '.sqlite3')}"]
+        return args + ["-s", str(addon_dir / "gateway.py")]
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid

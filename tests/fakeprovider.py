@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -123,6 +124,13 @@ class FakeProvider:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_received(self, count: int = 1, timeout: float = 30) -> bool:
+        """Wait (bounded) until `count` requests have arrived; for tests that hold one in flight."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(self.received) >= count
 
     def reset(self, handler: Callable[[Received], Reply] | None = None) -> None:
         self.received.clear()

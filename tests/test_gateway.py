@@ -7,6 +7,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
+from addon.keys import fingerprint
 from addon.providers.openai import PASSTHROUGH
 
 REAL = "sk-real-secret-key-123456"
@@ -57,7 +58,8 @@ def test_routes_openai_and_swaps_the_key(gw):
     assert f.request.headers["host"] == "127.0.0.1:9001"
     assert json.loads(f.request.content) == CHAT
     assert f.metadata["gateway"]["provider"] == "openai"
-    assert "vk_o" in f.comment and REAL not in f.comment
+    assert f.comment == f"key-{fingerprint('vk_o')} -> openai"  # neither the virtual nor the real key
+    assert "vk_o" not in f.comment and REAL not in f.comment
 
 
 def test_x_api_key_and_unversioned_path_route_deepseek(gw):

@@ -42,10 +42,11 @@ def test_yaml_keys_file(tmp_path):
 
 
 @pytest.mark.parametrize("data, expected", [
-    ({"virtual_keys": {"vk_x": {"provider": "nope", "api_key": REAL}}}, "virtual key 'vk_x': unknown provider 'nope'"),
-    ({"virtual_keys": {"vk_x": {"provider": "openai"}}}, "virtual key 'vk_x' has no \"api_key\""),
+    # the virtual key is a client's secret too: entries are named masked, or by their "name"
+    ({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": REAL}}}, "virtual key 'vk_...ken': unknown provider 'nope'"),
+    ({"virtual_keys": {"vk_user_broken": {"provider": "openai", "name": "team-a"}}}, "virtual key 'team-a' has no \"api_key\""),
     ({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": "  "}}}, "has no \"api_key\""),
-    ({"virtual_keys": {"vk_x": "sk-abc"}}, "virtual key 'vk_x' must be an object"),
+    ({"virtual_keys": {"vk_user_broken": "sk-abc"}}, "virtual key 'vk_...ken' must be an object"),
     ({"virtual_keys": {}}, "\"virtual_keys\" must be a non-empty object"),
     ([], "top level must be an object"),
     ({"providers": {"bogus": {}}, "virtual_keys": {"vk": {"provider": "openai", "api_key": REAL}}}, "providers.bogus: unknown provider"),

@@ -153,3 +153,20 @@ def test_slow_provider_gets_a_json_504(provider, gateway_factory):
     # the gateway keeps serving after a timeout
     provider.handler = default_reply
     assert client(gw, "vk_slow").chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content == "hello"
+
+
+def test_verbose_logging_never_prints_a_real_key(provider, gateway_factory):
+    secret, down_secret = "sk-verbose-real-key-eeee5555", "sk-verbose-down-key-ffff6666"
+    gw = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
+                          "virtual_keys": {"vk_verbose": {"provider": "openai", "api_key": secret},
+                                           "vk_verbose_down": {"provider": "openai", "api_key": down_secret,
+                                                               "base_url": "http://127.0.0.1:9/v1"}}},
+                         extra_args=["--set", "flow_detail=4"])
+    client(gw, "vk_verbose").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    list(client(gw, "vk_verbose").chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    with pytest.raises(openai.InternalServerError):
+        client(gw, "vk_verbose_down").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    log = gw.log()
+    assert "authorization: redacted" in log.lower()  # headers were printed, after redaction
+    assert secret not in log and down_secret not in log
+    assert "vk_verbose" not in log  # the virtual key is a client's secret too

@@ -14,8 +14,8 @@ SECRET = "sk-secret-never-print-0001"
 @pytest.mark.parametrize("content, expected", [
     (None, "not found"),
     ('{"virtual_keys": ', "is not valid JSON"),
-    (json.dumps({"virtual_keys": {"vk_x": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_x': unknown provider 'nope'"),
-    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai"}}}), "virtual key 'vk_x' has no \"api_key\""),
+    (json.dumps({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_...ken': unknown provider 'nope'"),
+    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "name": "team-x"}}}), "virtual key 'team-x' has no \"api_key\""),
 ])
 def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
     path = tmp_path / "keys.json"
@@ -42,3 +42,11 @@ def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
     assert proc.returncode == 1
     assert "providers.zzz: unknown provider" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_run_sh_refuses_script_options_it_sets_itself(tmp_path):
+    from tests.gatewayproc import ROOT
+    proc = subprocess.run([str(ROOT / "run.sh"), "--set", "usage_db=/tmp/x.sqlite3"], capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "USAGE_DB" in proc.stderr

@@ -1,0 +1,219 @@
+"""The usage ledger: one SQLite row per routed request, written off the request path.
+
+`Ledger.record()` only puts the row on a queue; a writer thread inserts rows in batches (one
+transaction per batch) into a WAL database, so a request never waits on the disk. `close()`
+drains the queue, so a clean shutdown loses nothing; a crash can lose the rows still queued
+(at most about one batch interval). Rows hold the key's name and fingerprint, never a secret.
+
+Also the read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
+restarts), and `python -m addon.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
+table (`./run.sh usage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import astuple, dataclass
+from datetime import datetime, timezone
+
+log = logging.getLogger("gateway")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,                 -- unix seconds when the request arrived
+    key_name TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,    -- sha256(virtual key)[:16]
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status INTEGER NOT NULL,          -- HTTP status the client got; 0: connection failed
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    streamed INTEGER NOT NULL,
+    cost_usd REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
+"""
+COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
+           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd")
+INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+BATCH = 500
+FLUSH_EVERY = 0.2  # seconds the writer waits to gather a batch
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    ts: float
+    key_name: str
+    key_fingerprint: str
+    provider: str
+    model: str
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    latency_ms: float
+    streamed: bool
+    cost_usd: float
+
+
+def connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, fast
+    db.executescript(SCHEMA)
+    return db
+
+
+class Ledger:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        connect(path).close()  # create the schema now, so a bad path fails at start-up
+        self._queue: queue.Queue[UsageRecord | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="usage-ledger", daemon=True)
+        self._writer.start()
+
+    def record(self, row: UsageRecord) -> None:
+        self._queue.put(row)
+
+    def close(self) -> None:
+        """Write everything queued, then stop the writer."""
+        self._queue.put(None)
+        self._writer.join(30)
+
+    def _write_loop(self) -> None:
+        db = connect(self.path)
+        try:
+            stop = False
+            while not stop:
+                rows = [self._queue.get()]
+                deadline = time.monotonic() + FLUSH_EVERY
+                while len(rows) < BATCH:
+                    try:
+                        rows.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        break
+                if None in rows:
+                    stop = True
+                    rows = [r for r in rows if r is not None]
+                    while True:  # anything queued behind the stop marker
+                        try:
+                            r = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if r is not None:
+                            rows.append(r)
+                if rows:
+                    try:
+                        with db:
+                            db.executemany(INSERT, [astuple(r) for r in rows])
+                    except sqlite3.Error as e:
+                        log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+        finally:
+            db.close()
+
+
+def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int, float]]:
+    """(fingerprint, bucket start, tokens, usd) for every bucket with usage: seeds budgets."""
+    db = connect(path)
+    try:
+        return db.execute(
+            "SELECT key_fingerprint, CAST(ts / ? AS INTEGER) * ?, SUM(prompt_tokens + completion_tokens), SUM(cost_usd)"
+            " FROM usage GROUP BY 1, 2",
+            (bucket_seconds, bucket_seconds),
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
+    """(fingerprint, time, tokens) of requests since `since`, oldest first: seeds the tpm window."""
+    db = connect(path)
+    try:
+        return db.execute(
+            "SELECT key_fingerprint, ts, prompt_tokens + completion_tokens FROM usage"
+            " WHERE ts >= ? AND prompt_tokens + completion_tokens > 0 ORDER BY ts",
+            (since,),
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def usage_table(path: str, key: str | None = None, since: float | None = None) -> list[tuple]:
+    """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
+    where, args = [], []
+    if key:
+        where.append("(key_name = ? OR key_fingerprint = ?)")
+        args += [key, key]
+    if since is not None:
+        where.append("ts >= ?")
+        args.append(since)
+    sql = (
+        "SELECT key_name, key_fingerprint, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
+        " SUM(cached_tokens), SUM(cost_usd) FROM usage"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " GROUP BY key_fingerprint, key_name ORDER BY key_name"
+    )
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def parse_since(text: str) -> float:
+    """A date or ISO time (UTC unless it says otherwise) -> unix seconds."""
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def format_table(rows: list[tuple]) -> str:
+    header = ("key", "fingerprint", "requests", "prompt", "completion", "cached", "cost_usd")
+    lines = [header] + [
+        (name, fp, str(n), str(p or 0), str(c or 0), str(cached or 0), f"{usd or 0:.6f}")
+        for name, fp, n, p, c, cached, usd in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    # text columns left-aligned, numbers right-aligned
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in lines
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run.sh usage", description="Per-key usage from the gateway's usage ledger.")
+    parser.add_argument("--db", default="usage.sqlite3", help="ledger file (USAGE_DB)")
+    parser.add_argument("--key", help="only this key (name or fingerprint)")
+    parser.add_argument("--since", help="only requests at or after this date/time, e.g. 2026-11-01 (UTC)")
+    args = parser.parse_args(argv)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError:
+        print(f"usage: --since {args.since!r} is not a date such as 2026-11-01 or 2026-11-01T12:00", file=sys.stderr)
+        return 2
+    if not os.path.exists(args.db):
+        print(f"usage: no usage ledger at {args.db} (the gateway creates it; USAGE_DB names another)", file=sys.stderr)
+        return 1
+    try:
+        rows = usage_table(args.db, args.key, since)
+    except sqlite3.Error as e:
+        print(f"usage: cannot read ledger {args.db}: {e}", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

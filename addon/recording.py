@@ -1,0 +1,243 @@
+"""Recording flows for offline replay, and making mitmproxy's own replays safe.
+
+A recorded flow keeps three things (see docs/recording.md):
+- `flow.metadata["record"]["client_request"]`: the request as the client sent it, its key replaced
+  by a fingerprint marker (`Bearer vkfp:<fingerprint>`);
+- `flow.metadata["record"]["upstream"]`: the provider's response as it arrived (status, headers,
+  raw body pieces: one piece for a whole body, the received pieces for a stream);
+- `flow.request` / `flow.response`: what the gateway sent upstream (its key REDACTED) and what the
+  client received (for streams: the bytes sent, stored after the stream ended).
+
+Two addons sit around the Gateway, because mitmproxy calls addons in list order:
+`Snapshot` before it (sees the client request and the provider response before the gateway
+rewrites them), `Recorder` after it (sees the stream callable the gateway chose, and the final flow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mitmproxy import ctx, exceptions, http, io
+
+from addon.errors import error_body
+from addon.keys import fingerprint
+
+log = logging.getLogger("gateway")
+
+MARKER = "vkfp:"  # a fingerprint stands in for a client's key in recorded flows
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+REDACTED = "REDACTED"  # what gateway.redact() leaves in the upstream secret header
+
+
+def mark(value: str) -> str:
+    """A key header value -> the same value with the secret replaced by its fingerprint marker."""
+    scheme, sep, token = value.partition(" ")
+    if sep and token.strip():
+        return f"{scheme} {MARKER}{fingerprint(token.strip())}"
+    return f"{MARKER}{fingerprint(value.strip())}"
+
+
+def is_safe(value: str) -> bool:
+    return value == REDACTED or value.rpartition(" ")[2].startswith(MARKER)
+
+
+def scrub(headers: http.Headers) -> None:
+    """Replace every key-carrying header value that is not already redacted or marked."""
+    for name in CLIENT_KEY_HEADERS:
+        values = headers.get_all(name)
+        if values and not all(is_safe(v) for v in values):
+            headers.set_all(name, [v if is_safe(v) else mark(v) for v in values])
+
+
+def unmark(value: str, virtual_keys: dict[str, str]) -> str:
+    """The inverse of mark() for keys in the keys file in use; unknown fingerprints stay marked
+    (the gateway then answers 401 as it did for an unknown key)."""
+    head, sep, token = value.rpartition(" ")
+    if token.startswith(MARKER) and token[len(MARKER):] in virtual_keys:
+        return f"{head}{sep}{virtual_keys[token[len(MARKER):]]}"
+    return value
+
+
+def headers_state(headers: http.Headers) -> list[list[str]]:
+    return [[k, v] for k, v in headers.items(multi=True)]
+
+
+def routed(flow: http.HTTPFlow) -> bool:
+    """Sent to a provider: the gateway knows the provider and did not answer itself (refusals
+    after the key lookup carry a provider too)."""
+    meta = flow.metadata.get("gateway", {})
+    return "provider" in meta and "answered" not in meta
+
+
+def hide_unnamed_key(flow: http.HTTPFlow) -> None:
+    """A key without a "name" in the keys file is named by the virtual key itself: keep that
+    name out of recordings (the fingerprint still identifies it)."""
+    meta = flow.metadata.get("gateway", {})
+    name = meta.get("key")
+    if name and fingerprint(name) == meta.get("fingerprint"):
+        meta["key"] = MARKER + meta["fingerprint"]
+        flow.comment = flow.comment.replace(name, meta["key"])
+
+
+class Snapshot:
+    """Runs before the Gateway: keeps the client's request (key marked) and the provider's
+    response before they are rewritten; on `is_replay == "request"` restores the client's request
+    so the gateway routes the replay once, re-resolving the key through the keys file in use."""
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        if flow.is_replay == "request":
+            self.restore(flow)
+        elif flow.live:
+            headers = flow.request.headers.copy()
+            scrub(headers)
+            flow.metadata["record"] = {"client_request": {
+                "method": flow.request.method,
+                "path": flow.request.path,
+                "http_version": flow.request.http_version,
+                "headers": headers_state(headers),
+                "content": flow.request.raw_content or b"",
+            }}
+
+    def restore(self, flow: http.HTTPFlow) -> None:
+        snap = flow.metadata.get("record", {}).get("client_request")
+        if snap is None:
+            # an upstream-shaped request with a REDACTED key: never send it anywhere
+            body = error_body("this flow has no recorded client request to replay", "invalid_request_error", "not_replayable")
+            flow.response = http.Response.make(409, body, {"content-type": "application/json"})
+            flow.marked = ":no_entry:"
+            return
+        flow.metadata.pop("gateway", None)  # the replay is routed afresh
+        flow.metadata["record"] = {"client_request": snap}
+        known = self.virtual_keys()
+        req = flow.request
+        req.method = snap["method"]
+        req.path = snap["path"]
+        req.headers = http.Headers([(k.encode(), unmark(v, known).encode()) for k, v in snap["headers"]])
+        req.raw_content = snap["content"]
+
+    @staticmethod
+    def virtual_keys() -> dict[str, str]:
+        gateway = ctx.master.addons.get("gateway")
+        store = getattr(gateway, "keys", None)
+        return store.virtual_keys_by_fingerprint() if store is not None else {}
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:  # flows loaded from a file (mitmweb -r) pass through the hooks too
+            return
+        if not routed(flow):
+            scrub(flow.request.headers)  # answered by the gateway: the client's key is still there
+            return
+        record = flow.metadata.setdefault("record", {})
+        record["upstream"] = {
+            "status": flow.response.status_code,
+            "reason": flow.response.reason,
+            "headers": headers_state(flow.response.headers),
+            "pieces": [],
+        }
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        upstream = flow.metadata.get("record", {}).get("upstream")
+        if flow.live and upstream is not None and not flow.response.stream:
+            upstream["pieces"] = [flow.response.raw_content or b""]
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.live and not routed(flow):
+            scrub(flow.request.headers)
+
+
+class Recorder:
+    """Runs after the Gateway: taps streams and appends every finished flow to `record_file`.
+
+    Written with FlowWriter on response/error only, not with mitmproxy's `-w`: that also saves
+    in-flight flows at shutdown, whose request still carries the real provider key."""
+
+    def __init__(self) -> None:
+        self.file = None
+        self.writer: io.FlowWriter | None = None
+        self.sent: dict[str, list[bytes]] = {}  # flow id -> stream pieces the client received
+        self.started = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "record_file", str, "",
+            "Append every flow the gateway handles to this file (mitmproxy flow format), with "
+            "the raw provider response for replay. Keys are stored as fingerprints only.",
+        )
+
+    def configure(self, updated) -> None:
+        if "record_file" not in updated:
+            return
+        self.close()
+        path = ctx.options.record_file
+        if not path:
+            return
+        path = os.path.expanduser(path)
+        try:
+            self.file = open(path, "ab")
+        except OSError as e:
+            message = f"record_file {path}: {e.strerror}"
+            if self.started:
+                raise exceptions.OptionsError(message) from None
+            log.error("gateway: %s", message)  # at start-up: one line, and mitmdump exits
+            return
+        self.writer = io.FlowWriter(self.file)
+        log.info("gateway: recording flows to %s", path)
+
+    def running(self) -> None:
+        self.started = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        upstream = flow.metadata.get("record", {}).get("upstream")
+        if self.writer is None or upstream is None or not flow.live or not flow.response.stream:
+            return
+        self.sent[flow.id] = sent = []
+        flow.response.stream = tap(flow.response.stream, upstream["pieces"], sent)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        sent = self.sent.pop(flow.id, None)
+        if sent is not None:
+            # the body the client got, stored after the stream ended (nothing more is sent)
+            flow.response.raw_content = b"".join(sent)
+        self.write(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.sent.pop(flow.id, None)
+        self.write(flow)
+
+    def write(self, flow: http.HTTPFlow) -> None:
+        if self.writer is None or not flow.live:
+            return
+        try:
+            copy = flow.copy()
+            scrub(copy.request.headers)  # belt and braces: Snapshot and gateway.redact did this
+            hide_unnamed_key(copy)
+            self.writer.add(copy)
+            self.file.flush()
+        except Exception:  # a full disk must not look like a gateway failure to the client
+            log.exception("gateway: could not record a flow to %s", ctx.options.record_file)
+
+    def done(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.file = self.writer = None
+
+
+def tap(stream, received: list[bytes], sent: list[bytes]):
+    """Wrap a response stream (True or a callable) to keep the raw pieces and what was sent."""
+    def tapped(piece: bytes):
+        if piece:
+            received.append(piece)
+        out = stream(piece) if callable(stream) else piece
+        if isinstance(out, (bytes, bytearray)):
+            sent.append(bytes(out))
+            return out
+        out = [bytes(p) for p in out]  # a generator can only be consumed once
+        sent.extend(out)
+        return out
+    return tapped

@@ -1,0 +1,75 @@
+"""Hot reload of the keys file: poll its mtime, swap the gateway's KeyStore when it changes.
+
+Polling (not inotify) so it works the same on every OS and with editors that replace the file.
+A request looks its key up once, so requests in flight keep the key they started with. An edit
+that does not load keeps the keys in force and logs one line (once per edit, not per poll).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from mitmproxy import ctx
+
+from addon.keys import KeysError, load_keys
+
+log = logging.getLogger("gateway")
+
+
+def file_state(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class KeysReloader:
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway  # anything with a `keys` attribute
+        self._seen: tuple | None = None
+        self._task: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(  # mitmproxy options cannot be floats: milliseconds
+            "keys_reload_ms", int, 2000,
+            "Milliseconds between checks of the keys file for changes; 0 turns hot reload off.",
+        )
+
+    def configure(self, updated) -> None:
+        if "keys_file" in updated:  # the Gateway (re)loaded it: that version is the one in force
+            self._seen = file_state(ctx.options.keys_file)
+
+    def running(self) -> None:
+        if ctx.options.keys_reload_ms > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep((ctx.options.keys_reload_ms or 2000) / 1000)
+            try:
+                self.check()
+            except Exception:
+                log.exception("gateway: keys file check failed")
+
+    def check(self) -> None:
+        path = ctx.options.keys_file
+        state = file_state(path)
+        if state == self._seen:
+            return
+        self._seen = state
+        try:
+            keys = load_keys(path)
+        except KeysError as e:
+            kept = len(self.gateway.keys) if self.gateway.keys is not None else 0
+            log.error("gateway: keys file changed but not reloaded, keeping the %d keys in force: %s", kept, e)
+            return
+        self.gateway.keys = keys
+        log.info("gateway: keys file reloaded: %d virtual keys from %s", len(keys), path)

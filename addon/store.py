@@ -1,0 +1,133 @@
+"""Rate-limit counters and spend per virtual key, behind a small interface.
+
+`UsageStore` is all the policy code knows. `MemoryStore` keeps everything in this process (one
+gateway); a Redis store implementing the same four methods could back several gateways
+(rpm: a sorted set per key, ZREMRANGEBYSCORE + ZCARD + ZADD in one MULTI/Lua call; tpm and spend:
+INCRBY on per-minute / per-hour bucket keys with an expiry). Keys are identified by fingerprint,
+never by the virtual key itself. Times are unix seconds, passed in so rules are testable.
+
+Windows:
+- rpm: sliding window log over the last 60 s (exact: every admitted request's time is kept).
+- tpm: sliding window over the last 60 s of tokens *recorded* (a request's tokens count when its
+  response ends, so one request can take a key past its tpm; the next one is then refused).
+- spend: hourly buckets; a budget period covers every bucket that overlaps the last N hours, so
+  the window errs on the side of counting a little more than N hours, never less.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import NamedTuple, Protocol
+
+MINUTE = 60.0
+BUCKET = 3600  # seconds per spend bucket
+
+
+class Spend(NamedTuple):
+    tokens: int
+    usd: float
+
+
+class UsageStore(Protocol):
+    def take_request(self, key: str, rpm: int, now: float) -> float | None:
+        """Admit one request under `rpm` and count it; or, when full, return seconds until a slot frees."""
+
+    def tokens_wait(self, key: str, tpm: int, now: float) -> float | None:
+        """None when the key used fewer than `tpm` tokens in the last minute, else seconds to wait."""
+
+    def spend(self, key: str, period: int | None, now: float) -> Spend:
+        """Tokens and dollars recorded for the key in the last `period` seconds (None: ever)."""
+
+    def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
+        """Count a finished request's tokens and cost (kept in step with the usage ledger)."""
+
+
+class _KeySpend:
+    __slots__ = ("buckets", "tokens", "usd")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list] = {}  # hour number -> [tokens, usd]
+        self.tokens = 0  # lifetime
+        self.usd = 0.0
+
+
+class MemoryStore:
+    """The single-process store. Not thread-safe: used from mitmproxy's event loop only, where
+    a check-and-count in one call cannot interleave with another request's."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, deque[float]] = {}
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}
+        self._token_sums: dict[str, int] = {}
+        self._spend: dict[str, _KeySpend] = {}
+
+    def take_request(self, key: str, rpm: int, now: float) -> float | None:
+        times = self._requests.setdefault(key, deque())
+        while times and times[0] <= now - MINUTE:
+            times.popleft()
+        if len(times) >= rpm:
+            return times[len(times) - rpm] + MINUTE - now
+        times.append(now)
+        return None
+
+    def tokens_wait(self, key: str, tpm: int, now: float) -> float | None:
+        used = self._expire_tokens(key, now)
+        if used < tpm:
+            return None
+        # wait until enough of the oldest entries leave the window to drop below tpm
+        for when, tokens in self._tokens[key]:
+            used -= tokens
+            if used < tpm:
+                return when + MINUTE - now
+        return MINUTE  # unreachable: used drops to 0 < tpm
+
+    def _expire_tokens(self, key: str, now: float) -> int:
+        window = self._tokens.get(key)
+        if not window:
+            return 0
+        total = self._token_sums[key]
+        while window and window[0][0] <= now - MINUTE:
+            total -= window.popleft()[1]
+        self._token_sums[key] = total
+        return total
+
+    def spend(self, key: str, period: int | None, now: float) -> Spend:
+        spend = self._spend.get(key)
+        if spend is None:
+            return Spend(0, 0.0)
+        if period is None:
+            return Spend(spend.tokens, spend.usd)
+        first = int((now - period) // BUCKET)
+        tokens, usd = 0, 0.0
+        for hour, (t, u) in spend.buckets.items():
+            if hour >= first:
+                tokens += t
+                usd += u
+        return Spend(tokens, usd)
+
+    def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
+        if tokens:
+            self.seed_tokens(key, tokens, when)
+        self.seed_spend(key, tokens, usd, when)
+
+    def seed_tokens(self, key: str, tokens: int, when: float) -> None:
+        """The tpm window only (not spend): the last minute's ledger rows, loaded at start-up in time order."""
+        self._tokens.setdefault(key, deque()).append((when, tokens))
+        self._token_sums[key] = self._token_sums.get(key, 0) + tokens
+
+    def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
+        """Spend only (not the tpm window): how past ledger rows are loaded at start-up."""
+        spend = self._spend.get(key)
+        if spend is None:
+            spend = self._spend[key] = _KeySpend()
+        bucket = spend.buckets.setdefault(int(when // BUCKET), [0, 0.0])
+        bucket[0] += tokens
+        bucket[1] += usd
+        spend.tokens += tokens
+        spend.usd += usd
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After is whole seconds; round up so a client that waits exactly that long gets in."""
+    return str(max(1, math.ceil(seconds)))

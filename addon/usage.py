@@ -1,0 +1,160 @@
+"""Token usage from OpenAI-format responses: whole JSON bodies and SSE streams.
+
+Everything here reads what the *client* receives (after any provider translation), so it works
+for every provider whose exchange speaks OpenAI format back. Pure: no mitmproxy.
+
+Streams: the gateway always asks upstream for usage (`stream_options.include_usage`, see
+`request_stream_usage`). `StreamUsage` watches the client-bound bytes for the usage and, when the
+client did not ask for it, removes it: the usage-only chunk (`"choices": []`, OpenAI) is dropped;
+a usage field riding on a content chunk (DeepSeek) is deleted from that chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import NamedTuple
+
+from addon.keys import Price
+from addon.sse import encode_data
+
+_USAGE = b'"usage"'
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which OpenAI puts on every chunk
+_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.S)
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_from_dict(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = usage.get("prompt_cache_hit_tokens")  # DeepSeek
+    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), _count(cached))
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage of a whole chat.completion body; None when it has none (errors, non-JSON)."""
+    if _USAGE not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return usage_from_dict(data.get("usage")) if isinstance(data, dict) else None
+
+
+def cost(usage: Usage, price: Price | None) -> float:
+    """USD for one request; 0.0 without a price."""
+    if price is None:
+        return 0.0
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    cached_rate = price.input if price.cached_input is None else price.cached_input
+    return ((usage.prompt_tokens - cached) * price.input + cached * cached_rate + usage.completion_tokens * price.output) / 1e6
+
+
+def client_wants_stream_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def request_stream_usage(body: dict) -> bytes:
+    """The request body with `stream_options.include_usage` set (mutates `body`), re-encoded."""
+    options = body.get("stream_options")
+    body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class StreamUsage:
+    """Watches client-bound OpenAI SSE bytes for usage; with `strip`, removes it from them.
+
+    `feed(piece)` returns the bytes to send on (a list, possibly empty); `feed(b"")` at the end
+    flushes. Cheap when nothing is to be found: only complete events are looked at, and a run
+    of events without `"usage"` in its bytes is passed on as one piece without being parsed.
+    Without `strip`, pieces pass through at once; with it, an incomplete trailing event is held
+    until it completes (the client could not use half an event anyway).
+    """
+
+    __slots__ = ("strip", "usage", "_buf")
+
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.usage: Usage | None = None
+        self._buf = b""
+
+    @property
+    def held(self) -> bytes:
+        """Bytes received but not yet passed on (the start of an incomplete event)."""
+        return self._buf if self.strip else b""
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        if not piece:
+            rest, self._buf = self._buf, b""
+            if not rest:
+                return []
+            out = self._events(rest)  # non-strip: these bytes were sent already
+            return [out] if self.strip and out else []
+        buf = self._buf + piece if self._buf else piece
+        end = _last_event_end(buf)
+        complete, self._buf = buf[:end], buf[end:]
+        # byte checks first: OpenAI puts `"usage":null` on every chunk, so `"usage"` alone is common
+        if complete and _USAGE in complete and _USAGE_OBJECT.search(complete):
+            complete = self._events(complete)
+        if not self.strip:
+            return [piece]
+        return [complete] if complete else []
+
+    def _events(self, data: bytes) -> bytes:
+        """Look at each event in `data` that carries a usage object; return `data` as the client gets it."""
+        out: list[bytes] = []
+        pos = 0
+        for m in _EVENT.finditer(data):
+            out.append(self._event(m.group()))
+            pos = m.end()
+        if pos < len(data):  # a final event without its blank line (end of stream only)
+            out.append(self._event(data[pos:]))
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes:
+        if not _USAGE_OBJECT.search(event):
+            return event
+        payload = b"\n".join(
+            line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+        )
+        try:
+            chunk = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        usage = usage_from_dict(chunk.get("usage"))
+        if usage is None:
+            return event
+        self.usage = usage
+        if not self.strip:
+            return event
+        if chunk.get("choices") == []:
+            return b""  # the usage-only chunk the client did not ask for
+        del chunk["usage"]  # DeepSeek: usage on the last content chunk; keep the content
+        return encode_data(chunk)
+
+
+def _last_event_end(buf: bytes) -> int:
+    """Offset just past the last complete SSE event in `buf` (0 if none)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

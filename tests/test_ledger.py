@@ -1,0 +1,61 @@
+"""ledger.py: the batched writer, the seeds it gives the store, and the usage table."""
+
+import sqlite3
+
+from addon.ledger import Ledger, UsageRecord, main, recent_tokens, spend_buckets, usage_table
+
+
+def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200):
+    return UsageRecord(ts, name, fp, "openai", "gpt-4o", status, prompt, completion, 0, 12.5, False, usd)
+
+
+def test_rows_are_written_in_the_background_and_flushed_on_close(tmp_path):
+    db = tmp_path / "u.sqlite3"
+    ledger = Ledger(str(db))
+    for i in range(1200):  # more than one batch
+        ledger.record(row(1000.0 + i))
+    ledger.close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*), SUM(prompt_tokens) FROM usage").fetchone() == (1200, 12000)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_rows_survive_reopening_and_seed_hourly_spend(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    first = Ledger(db)
+    first.record(row(10.0))
+    first.record(row(20.0))
+    first.record(row(3700.0, fp="f2", usd=1.0))
+    first.close()
+    second = Ledger(db)  # a restart
+    second.record(row(30.0))
+    second.close()
+    assert sorted(spend_buckets(db, 3600)) == [("f1", 0, 45, 1.5), ("f2", 3600, 15, 1.0)]
+    assert recent_tokens(db, since=20.0) == [("f1", 20.0, 15), ("f1", 30.0, 15), ("f2", 3700.0, 15)]
+
+
+def test_usage_table_filters_by_key_and_since(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    ledger.record(row(100.0))
+    ledger.record(row(200.0, status=429, prompt=0, completion=0, usd=0.0))
+    ledger.record(row(300.0, name="bob", fp="f2"))
+    ledger.close()
+    assert usage_table(db) == [("alice", "f1", 2, 10, 5, 0, 0.5), ("bob", "f2", 1, 10, 5, 0, 0.5)]
+    assert usage_table(db, key="f2") == [("bob", "f2", 1, 10, 5, 0, 0.5)]
+    assert usage_table(db, since=150.0) == [("alice", "f1", 1, 0, 0, 0, 0.0), ("bob", "f2", 1, 10, 5, 0, 0.5)]
+
+
+def test_the_usage_command_prints_a_table(tmp_path, capsys):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    ledger.record(row(1_800_000_000.0))  # 2027-01-15
+    ledger.close()
+    assert main(["--db", db, "--key", "alice"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "fingerprint", "requests", "prompt", "completion", "cached", "cost_usd"]
+    assert lines[1].split() == ["alice", "f1", "1", "10", "5", "0", "0.500000"]
+    assert main(["--db", db, "--since", "2027-02-01"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1  # header only
+    assert main(["--db", db, "--since", "someday"]) == 2
+    assert main(["--db", str(tmp_path / "missing.sqlite3")]) == 1

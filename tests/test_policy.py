@@ -1,0 +1,157 @@
+"""policy.py rules on parsed keys files, with an in-memory store and the time passed in."""
+
+import hashlib
+
+import pytest
+
+from addon import policy
+from addon.errors import GatewayError
+from addon.keys import KeysError, parse_keys
+from addon.store import MemoryStore
+
+
+def keys_with(**fields):
+    return parse_keys({
+        "prices": {"gpt-4o": {"input": 2.5, "output": 10.0}, "gpt-4o-mini*": {"input": 0.15, "output": 0.6}},
+        "virtual_keys": {"vk_test_policy": {"provider": "openai", "api_key": "sk-test-123456", "name": "t", **fields}},
+    })
+
+
+def refusal(keys, model="gpt-4o", store=None, now=1000.0) -> GatewayError:
+    key = keys.lookup("vk_test_policy")
+    with pytest.raises(GatewayError) as e:
+        policy.check_key(key, now)
+        policy.admit(key, model, keys, store or MemoryStore(), now)
+    return e.value
+
+
+def admitted(keys, model="gpt-4o", store=None, now=1000.0) -> None:
+    key = keys.lookup("vk_test_policy")
+    policy.check_key(key, now)
+    policy.admit(key, model, keys, store or MemoryStore(), now)
+
+
+def test_a_key_without_policy_is_admitted():
+    admitted(keys_with(), "anything")
+
+
+def test_models_allow_list_with_globs():
+    keys = keys_with(models=["gpt-4o", "gpt-4o-mini*"])
+    admitted(keys, "gpt-4o")
+    admitted(keys, "gpt-4o-mini-2024-07-18")
+    e = refusal(keys, "gpt-4.1")
+    assert (e.status, e.code, e.type, e.param) == (403, "model_not_allowed", "permission_error", "model")
+
+
+def test_disabled_and_expired_keys_are_401():
+    assert (refusal(keys_with(disabled=True)).status, refusal(keys_with(disabled=True)).code) == (401, "key_disabled")
+    expired = keys_with(expires_at="1970-01-01T00:10:00Z")  # 600
+    e = refusal(expired, now=600.0)
+    assert (e.status, e.code) == (401, "key_expired")
+    admitted(expired, now=599.0)
+
+
+def test_token_budget_exceeded_is_429_without_retry():
+    keys = keys_with(budget_tokens=100)
+    store = MemoryStore()
+    fp = keys.lookup("vk_test_policy").fingerprint
+    store.add_usage(fp, 99, 0.0, when=900.0)
+    admitted(keys, store=store)
+    store.add_usage(fp, 1, 0.0, when=950.0)
+    e = refusal(keys, store=store)
+    assert (e.status, e.code) == (429, "budget_exceeded")
+    assert e.headers == {"x-should-retry": "false"}
+
+
+def test_dollar_budget_over_a_period():
+    keys = keys_with(budget_usd=1.0, budget_period="1d")
+    store = MemoryStore()
+    fp = keys.lookup("vk_test_policy").fingerprint
+    store.add_usage(fp, 10, 1.0, when=0.0)
+    assert refusal(keys, store=store, now=3600.0).code == "budget_exceeded"
+    admitted(keys, store=store, now=2 * 86400.0)  # the day has rolled past
+
+
+def test_dollar_budget_refuses_unpriced_models():
+    e = refusal(keys_with(budget_usd=5), "some-unpriced-model")
+    assert (e.status, e.code) == (403, "model_not_priced")
+
+
+def test_rpm_429_with_retry_after_and_refusals_take_no_slot():
+    keys = keys_with(rpm=2, models=["gpt-4o"])
+    store = MemoryStore()
+    admitted(keys, store=store, now=0.0)
+    assert refusal(keys, "other", store=store, now=1.0).code == "model_not_allowed"
+    admitted(keys, store=store, now=2.0)
+    e = refusal(keys, store=store, now=3.0)
+    assert (e.status, e.code, e.headers["retry-after"]) == (429, "rate_limit_exceeded", "57")
+
+
+def test_tpm_429():
+    keys = keys_with(tpm=50)
+    store = MemoryStore()
+    store.add_usage(keys.lookup("vk_test_policy").fingerprint, 50, 0.0, when=990.0)
+    e = refusal(keys, store=store, now=1000.0)
+    assert (e.status, e.code, e.headers["retry-after"]) == (429, "rate_limit_exceeded", "50")
+
+
+def test_models_listing_leaves_out_globs_and_lists_nothing_without_a_list():
+    keys = keys_with(models=["gpt-4o", "gpt-4o-mini*"])
+    page = policy.models_page(keys.lookup("vk_test_policy"))
+    assert page == {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "openai"}]}
+    assert policy.models_page(keys_with().lookup("vk_test_policy"))["data"] == []
+
+
+def test_hashed_keys_are_found_by_the_presented_key():
+    secret = "vk_hashed_client_secret"
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    keys = parse_keys({"virtual_keys": {f"sha256:{digest}": {"provider": "openai", "api_key": "sk-test-123456", "name": "h"}}})
+    key = keys.lookup(secret)
+    assert key is not None and key.name == "h"
+    assert key.fingerprint == digest[:16]  # the same as the plain key's: spend carries over
+    assert keys.lookup(f"sha256:{digest}") is None  # the hash itself is not a key
+    assert keys.lookup("vk_other") is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"rpm": 0}, "rpm must be a positive whole number"),
+    ({"tpm": "10"}, "tpm must be a positive whole number"),
+    ({"models": "gpt-4o"}, "models must be a list"),
+    ({"budget_period": "1w", "budget_usd": 1}, "budget_period must look like"),
+    ({"budget_period": "1d"}, "budget_period needs budget_tokens or budget_usd"),
+    ({"budget_usd": -1}, "budget_usd must be a positive number"),
+    ({"expires_at": "next week"}, "expires_at must be an ISO 8601 time"),
+    ({"disabled": "yes"}, "disabled must be true or false"),
+    ({"budget_dollars": 5}, "unknown field 'budget_dollars'"),
+])
+def test_invalid_policy_fields_name_the_entry_not_the_secret(fields, message):
+    with pytest.raises(KeysError) as e:
+        parse_keys({"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "sk-real-secret-1", **fields}}}, "keys.json")
+    text = str(e.value)
+    assert message in text and text.startswith("keys.json: virtual key")
+    assert "vk_secret_value_xyz" not in text and "sk-real-secret-1" not in text
+
+
+def test_invalid_hashed_key_and_prices():
+    with pytest.raises(KeysError, match="sha256"):
+        parse_keys({"virtual_keys": {"sha256:abc": {"provider": "openai", "api_key": "k"}}})
+    with pytest.raises(KeysError, match="prices.gpt-4o"):
+        parse_keys({"prices": {"gpt-4o": {"input": 1}}, "virtual_keys": {"v": {"provider": "openai", "api_key": "k"}}})
+
+
+def test_unnamed_keys_are_named_by_fingerprint_not_by_the_secret():
+    key = parse_keys({"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "k"}}}).lookup("vk_secret_value_xyz")
+    assert key.name == f"key-{key.fingerprint}"
+
+
+def test_prices_exact_before_glob():
+    keys = keys_with()
+    assert keys.price("gpt-4o").input == 2.5
+    assert keys.price("gpt-4o-mini-2024").input == 0.15
+    assert keys.price("o3") is None
+
+
+def test_policy_summary_for_the_keys_check():
+    keys = keys_with(models=["gpt-4o"], rpm=5, budget_usd=2.5, budget_period="1d", disabled=True)
+    assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/24h]"
+    assert keys_with().lookup("vk_test_policy").policy.describe() == ""

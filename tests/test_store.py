@@ -1,0 +1,69 @@
+"""MemoryStore: the sliding windows and spend buckets, with the time passed in."""
+
+from addon.store import BUCKET, MemoryStore, Spend, retry_after_header
+
+
+def test_rpm_admits_up_to_the_limit_then_says_when_a_slot_frees():
+    store = MemoryStore()
+    assert store.take_request("k", 2, now=100.0) is None
+    assert store.take_request("k", 2, now=110.0) is None
+    assert store.take_request("k", 2, now=120.0) == 40.0  # the request at 100 leaves at 160
+    # a refused request takes no slot: at 160 the first one has left the window
+    assert store.take_request("k", 2, now=160.0) is None
+    assert store.take_request("k", 2, now=161.0) == 9.0
+
+
+def test_rpm_is_per_key():
+    store = MemoryStore()
+    assert store.take_request("a", 1, now=0.0) is None
+    assert store.take_request("b", 1, now=0.0) is None
+    assert store.take_request("a", 1, now=1.0) is not None
+
+
+def test_tpm_counts_recorded_tokens_of_the_last_minute():
+    store = MemoryStore()
+    assert store.tokens_wait("k", 100, now=0.0) is None
+    store.add_usage("k", 60, 0.0, when=10.0)
+    assert store.tokens_wait("k", 100, now=11.0) is None
+    store.add_usage("k", 50, 0.0, when=20.0)
+    # 110 >= 100: wait until the 60 recorded at 10 leave (at 70)
+    assert store.tokens_wait("k", 100, now=21.0) == 49.0
+    assert store.tokens_wait("k", 100, now=70.0) is None
+
+
+def test_spend_lifetime_and_rolling_period():
+    store = MemoryStore()
+    day = 86400
+    store.add_usage("k", 100, 1.0, when=0.0)
+    store.add_usage("k", 10, 0.5, when=3 * day)
+    assert store.spend("k", None, now=3 * day) == Spend(110, 1.5)
+    assert store.spend("k", day, now=3 * day + 10) == Spend(10, 0.5)
+    assert store.spend("other", None, now=0.0) == Spend(0, 0.0)
+
+
+def test_spend_period_counts_whole_overlapping_hours():
+    store = MemoryStore()
+    store.add_usage("k", 5, 0.0, when=BUCKET + 10)
+    # a 1h window ending at 2h+20 starts at 1h+20, inside the bucket of the usage: counted
+    assert store.spend("k", 3600, now=2 * BUCKET + 20).tokens == 5
+    assert store.spend("k", 3600, now=3 * BUCKET + 20).tokens == 0
+
+
+def test_seed_spend_does_not_count_towards_tpm():
+    store = MemoryStore()
+    store.seed_spend("k", 1000, 2.0, when=0.0)
+    assert store.tokens_wait("k", 10, now=1.0) is None
+    assert store.spend("k", None, now=1.0) == Spend(1000, 2.0)
+
+
+def test_retry_after_rounds_up_to_whole_seconds():
+    assert retry_after_header(0.01) == "1"
+    assert retry_after_header(40.0) == "40"
+    assert retry_after_header(40.2) == "41"
+
+
+def test_seed_tokens_fills_only_the_tpm_window():
+    store = MemoryStore()
+    store.seed_tokens("k", 10, when=100.0)
+    assert store.tokens_wait("k", 10, now=101.0) == 59.0
+    assert store.spend("k", None, now=101.0) == Spend(0, 0.0)
