@@ -1,16 +1,23 @@
 """The addon's own CPU per request, in-process and deterministic: the gateway hooks on synthetic flows.
 
     .venv/bin/python bench/hookbench.py [--n 20000]
+    .venv/bin/python bench/hookbench.py --chain [--n 10000]   # every addon in gateway.addons, each timed
 
 Runs Gateway.request / responseheaders / response for an OpenAI passthrough request and, when
 the provider exists, an Anthropic one, on pre-built flows (flow construction is not timed), and
 prints microseconds of CPU per request. What py-spy shows as the addon's share of the proxy,
 without the proxy's noise: use it for before/after numbers of hot-path changes.
+
+--chain runs every addon of addon/gateway.py's `addons` list (policy, usage ledger, recording,
+timeouts...) in order, as mitmproxy would (but without its dispatch cost), and prints each hook's
+thread CPU plus the whole process's CPU (which includes the usage ledger's writer thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import json
 import sys
 import time
@@ -63,10 +70,58 @@ def run(scenario: str, n: int) -> float:
     return cpu / n * 1e6
 
 
+async def chain(n: int) -> None:
+    import tempfile
+
+    from mitmproxy.test import taddons
+
+    tmp = Path(tempfile.mkdtemp(prefix="gw-hookbench-"))
+    keys = tmp / "keys.json"
+    keys.write_text(json.dumps({"virtual_keys": {
+        f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
+        for s in ("openai", "anthropic") if s in PROVIDERS}}))
+    addons = gateway.addons
+    with taddons.context(*addons) as tctx:
+        opts = {"keys_file": str(keys)}
+        if "usage_db" in tctx.options:
+            opts["usage_db"] = str(tmp / "usage.sqlite3")  # never the user's ledger
+        tctx.options.update(**opts)
+        for scenario in ("openai", "anthropic"):
+            if scenario not in PROVIDERS:
+                continue
+            for count in (500, n):  # warm-up, then measured
+                fs, payload = flows(scenario, count)
+                responses = [http.Response.make(200, payload, {"content-type": "application/json"}) for _ in fs]
+                cost: collections.Counter = collections.Counter()
+                p0 = time.process_time()
+                for f, resp in zip(fs, responses):
+                    for hook in ("request", "responseheaders", "response"):
+                        if hook == "responseheaders":
+                            f.response = resp
+                        for addon in addons:
+                            fn = getattr(addon, hook, None)
+                            if fn is not None:
+                                t = time.thread_time()
+                                fn(f)
+                                cost[f"{type(addon).__name__}.{hook}"] += time.thread_time() - t
+                    await asyncio.sleep(0)  # let call_later / background work run as in the proxy
+                await asyncio.sleep(0.6)  # the ledger writer flushes every 0.2 s
+                process = (time.process_time() - p0) / count * 1e6
+                assert f.response.status_code == 200, f.response.content[:300]
+            print(f"{scenario}: hooks {sum(cost.values()) / n * 1e6:.1f} us/request; "
+                  f"whole process (incl. background threads) {process:.1f} us/request")
+            for name, v in cost.most_common():
+                print(f"   {v / n * 1e6:6.1f} us  {name}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--chain", action="store_true", help="all addons of addon/gateway.py, each timed")
     args = ap.parse_args()
+    if args.chain:
+        asyncio.run(chain(args.n))
+        return 0
     for scenario in ("openai", "anthropic"):
         if scenario in PROVIDERS:
             run(scenario, 500)  # warm-up
