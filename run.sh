@@ -110,7 +110,7 @@ case "$cmd" in
         web_hash=$(printf %s "$WEB_PASSWORD" | "$VENV/bin/python" -c 'import argon2, sys; print(argon2.PasswordHasher().hash(sys.stdin.read()))')
         # view_filter: in-flight flows (their request still carries the real key) are not listed
         web_args=(--set web_host=127.0.0.1 --set "web_port=$WEB_PORT" --set web_open_browser=false
-                  --set "web_password=$web_hash" --set 'view_filter=~s | ~e'
+                  --set "web_password=$web_hash" --set 'view_filter=~s | ~e' --set replayable_flows=true
                   --set web_columns='["index","method","path","status","size","time","comment"]')
         if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
             # ./run.sh web FILE: offline inspection, no listener; Replay re-routes through the

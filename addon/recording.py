@@ -83,14 +83,31 @@ def hide_unnamed_key(flow: http.HTTPFlow) -> None:
 class Snapshot:
     """Runs before the Gateway: keeps the client's request (key marked) and the provider's
     response before they are rewritten; on `is_replay == "request"` restores the client's request
-    so the gateway routes the replay once, re-resolving the key through the keys file in use."""
+    so the gateway routes the replay once, re-resolving the key through the keys file in use.
+
+    Keeping costs a copy per request, so it happens only while recording or when asked for
+    (`replayable_flows`, which ./run.sh web sets for mitmweb's Replay button)."""
+
+    def __init__(self) -> None:
+        self.keeping = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "replayable_flows", bool, False,
+            "Keep each client's request on its flow (the key as a fingerprint), so mitmweb's Replay "
+            "can re-send it through the gateway. Always on while record_file is set.",
+        )
+
+    def configure(self, updated) -> None:
+        if "replayable_flows" in updated or "record_file" in updated:
+            self.keeping = ctx.options.replayable_flows or bool(ctx.options.record_file)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
         if flow.is_replay == "request":
             self.restore(flow)
-        elif flow.live:
+        elif flow.live and self.keeping:
             headers = flow.request.headers.copy()
             scrub(headers)
             flow.metadata["record"] = {"client_request": {
@@ -130,7 +147,9 @@ class Snapshot:
         if not routed(flow):
             scrub(flow.request.headers)  # answered by the gateway: the client's key is still there
             return
-        record = flow.metadata.setdefault("record", {})
+        record = flow.metadata.get("record")
+        if record is None:  # not keeping
+            return
         record["upstream"] = {
             "status": flow.response.status_code,
             "reason": flow.response.reason,

@@ -411,3 +411,20 @@ def test_a_flow_in_flight_at_shutdown_leaves_no_key_in_the_recording(provider_se
         provider_server.reset()
     raw = out.read_bytes() if out.exists() else b""
     assert not [s for s in scenarios.SECRETS if s.encode() in raw]
+
+
+def test_snapshot_keeps_client_requests_only_when_recording_or_asked():
+    from mitmproxy.test import taddons, tflow
+    from addon.recording import Recorder, Snapshot
+
+    snapshot, recorder = Snapshot(), Recorder()
+    with taddons.context(snapshot, recorder) as tctx:
+        f = tflow.tflow()
+        snapshot.request(f)
+        assert "record" not in f.metadata  # plain service: no copy per request
+        tctx.configure(snapshot, replayable_flows=True)
+        f = tflow.tflow()
+        f.request.headers["authorization"] = "Bearer vk_secret_client_key"
+        snapshot.request(f)
+        kept = f.metadata["record"]["client_request"]
+        assert ["authorization", f"Bearer vkfp:{fingerprint('vk_secret_client_key')}"] in kept["headers"]
