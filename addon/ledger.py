@@ -45,8 +45,17 @@ CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
 """
 COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
            "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd")
-INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-BATCH = 500
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
+BATCH = 500  # rows per INSERT statement: 6,000 parameters, under SQLite's 32,766
+
+
+def insert_statement(rows: int) -> str:
+    """One multi-row INSERT: sqlite3 releases the GIL once per statement step, so one statement
+    per batch (not executemany's step per row) spares the proxy thread a GIL hand-off per row."""
+    return f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * rows)}"
+
+
+_INSERT_BATCH = insert_statement(BATCH)
 FLUSH_EVERY = 0.2  # seconds the writer waits to gather a batch
 
 
@@ -104,7 +113,8 @@ class Ledger:
             rows = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
             try:
                 with db:
-                    db.executemany(INSERT, rows)
+                    sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
+                    db.execute(sql, [value for row in rows for value in row])
             except sqlite3.Error as e:
                 log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
 
