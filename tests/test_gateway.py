@@ -67,6 +67,7 @@ def test_x_api_key_and_unversioned_path_route_deepseek(gw):
     gw.request(f)
     assert f.response is None
     assert f.request.url == "https://ds.example/chat/completions"
+    assert f.request.headers["host"] == "ds.example"  # default port: not named
     assert f.request.headers["authorization"] == "Bearer sk-deepseek-real-999999"
     assert "x-api-key" not in f.request.headers
 
@@ -187,3 +188,10 @@ def test_bad_keys_file_on_reload_keeps_the_old_keys(gw, tmp_path):
     f = flow()
     gw.request(f)
     assert f.response is None and f.request.port == 9001
+
+
+def test_http2_authority_follows_the_upstream(gw):
+    f = flow()
+    f.request.data.authority = b"127.0.0.1:1"
+    gw.request(f)
+    assert f.request.authority == "127.0.0.1:9001"
