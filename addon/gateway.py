@@ -77,6 +77,23 @@ def upstream_target(upstream_url: str) -> UpstreamTarget:
                           url.hostport(scheme, host, port))
 
 
+_BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})
+_BODY_HEADERS_AND_TYPE = _BODY_HEADERS | {b"content-type"}
+
+
+def replace_body(message: http.Message, body: bytes, content_type: bytes | None = None) -> None:
+    """A new, unencoded body with its framing headers, in one pass over the header fields
+    (`message.content = ...` plus header edits rescans the fields once per header)."""
+    dropped = _BODY_HEADERS if content_type is None else _BODY_HEADERS_AND_TYPE
+    fields = [f for f in message.headers.fields if f[0].lower() not in dropped]
+    if content_type is not None:
+        fields.append((b"content-type", content_type))
+    if not any(f[0].lower() == b"transfer-encoding" for f in fields):
+        fields.append((b"content-length", b"%d" % len(body)))
+    message.headers.fields = tuple(fields)
+    message.data.content = body
+
+
 def presented_key(request: http.Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
@@ -169,9 +186,7 @@ class Gateway:
                 return
             body = exchange.translate_body(flow.response.status_code, flow.response.content or b"")
             if body is not None:
-                flow.response.headers.pop("content-encoding", None)
-                flow.response.headers["content-type"] = "application/json"
-                flow.response.content = body
+                replace_body(flow.response, body, b"application/json")
         except Exception:
             log.exception("gateway: internal error while translating a response")
             flow.response = http.Response.make(
@@ -225,7 +240,7 @@ class Gateway:
             meta["client_usage"] = client_wants_stream_usage(body)
             if not meta["client_usage"]:
                 raw = request_stream_usage(body)
-                request.content = raw
+                replace_body(request, raw)
         provider = PROVIDERS[key.provider]
         upstream, exchange = provider.prepare(body, raw, key.api_key)
 
@@ -251,7 +266,7 @@ class Gateway:
         fields += [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in upstream_headers.items()]
         request.headers.fields = tuple(fields)
         if upstream.body is not None:
-            request.content = upstream.body
+            replace_body(request, upstream.body)
         self.exchanges[flow.id] = exchange
 
     def authenticate(self, request: http.Request) -> VirtualKey:

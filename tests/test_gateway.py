@@ -195,3 +195,15 @@ def test_http2_authority_follows_the_upstream(gw):
     f.request.data.authority = b"127.0.0.1:1"
     gw.request(f)
     assert f.request.authority == "127.0.0.1:9001"
+
+
+def test_replace_body_sets_framing_headers_like_mitmproxy():
+    from addon.gateway import replace_body
+    resp = tutils.tresp(headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1"))
+    replace_body(resp, b'{"a":1}', b"application/json")
+    assert resp.headers["content-type"] == "application/json" and "content-encoding" not in resp.headers
+    assert resp.headers["content-length"] == "7" and resp.headers["x-keep"] == "1"
+    assert resp.raw_content == resp.content == b'{"a":1}'
+    chunked = tutils.tresp(headers=http.Headers(transfer_encoding="chunked", content_type="text/event-stream"))
+    replace_body(chunked, b"x")
+    assert "content-length" not in chunked.headers and chunked.headers["content-type"] == "text/event-stream"
