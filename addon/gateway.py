@@ -50,6 +50,7 @@ MODELS_PATHS = frozenset({"/models", "/v1/models"})
 DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
 _DROPPED = frozenset(name.encode() for name in DROPPED_HEADERS)
 REDACTED = "REDACTED"
+_REDACTED = REDACTED.encode()
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -297,9 +298,10 @@ class Gateway:
         provider = flow.metadata.get("gateway", {}).get("provider")
         if provider is None:
             return
-        header = PROVIDERS[provider].secret_header
-        if header in flow.request.headers:
-            flow.request.headers[header] = REDACTED
+        secret = PROVIDERS[provider].secret_header.encode()
+        headers = flow.request.headers
+        headers.fields = tuple((name, _REDACTED) if name.lower() == secret else (name, value)
+                               for name, value in headers.fields)
 
 
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
