@@ -235,15 +235,16 @@ class Gateway:
         price = keys.price(model)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
         policy.admit(key, model, keys, self.store, time.time())  # raises: nothing is forwarded
+        body_changed = False
         if meta["stream"]:
             # always ask for stream usage so the ledger can count it; accounting.py hides it
             # again from a client that did not ask
             meta["client_usage"] = client_wants_stream_usage(body)
             if not meta["client_usage"]:
-                raw = request_stream_usage(body)
-                replace_body(request, raw)
+                request_stream_usage(body)
+                body_changed = True
         provider = PROVIDERS[key.provider]
-        upstream, exchange = provider.prepare(body, raw, key.api_key)
+        upstream, exchange = provider.prepare(body, key.api_key)
 
         target = upstream_target(key.upstream_url)
         data = request.data  # set directly: the property setters each rewrite Host again
@@ -268,6 +269,8 @@ class Gateway:
         request.headers.fields = tuple(fields)
         if upstream.body is not None:
             replace_body(request, upstream.body)
+        elif body_changed:  # forwarded as the client sent it, but for the usage request
+            replace_body(request, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
         self.exchanges[flow.id] = exchange
 
     def authenticate(self, request: http.Request) -> VirtualKey:

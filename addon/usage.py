@@ -68,11 +68,11 @@ def client_wants_stream_usage(body: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def request_stream_usage(body: dict) -> bytes:
-    """The request body with `stream_options.include_usage` set (mutates `body`), re-encoded."""
+def request_stream_usage(body: dict) -> None:
+    """Set `stream_options.include_usage` on the request body, keeping other stream options.
+    The caller encodes the body only when the provider forwards it as it is."""
     options = body.get("stream_options")
     body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class StreamUsage:

@@ -465,7 +465,7 @@ def translator_cpu(s: Settings) -> dict:
     events = anthropic_events(200)
 
     def setup():
-        upstream, exchange = provider.prepare(json.loads(raw), raw, "sk-bench-anthropic-0000000000")
+        upstream, exchange = provider.prepare(json.loads(raw), "sk-bench-anthropic-0000000000")
         return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1")
 
     def run(stream) -> list:

@@ -25,7 +25,7 @@ def req(messages=None, **params) -> dict:
 
 
 def prepare(request: dict):
-    upstream, exchange = AnthropicProvider().prepare(request, json.dumps(request).encode(), "sk-ant-real", now=lambda: 1700000000)
+    upstream, exchange = AnthropicProvider().prepare(request, "sk-ant-real", now=lambda: 1700000000)
     return upstream, exchange
 
 

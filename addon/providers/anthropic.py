@@ -655,7 +655,7 @@ class AnthropicProvider:
     endpoint_path = "/messages"
     secret_header = "x-api-key"
 
-    def prepare(self, request: dict, raw_body: bytes, api_key: str, now: Callable[[], float] = time.time):
+    def prepare(self, request: dict, api_key: str, now: Callable[[], float] = time.time):
         body = build_request(request)
         stream_options = request.get("stream_options") or {}
         include_usage = bool(request.get("stream")) and bool(stream_options.get("include_usage"))

@@ -35,5 +35,5 @@ class Provider(Protocol):
     endpoint_path: str  # appended to base_url
     secret_header: str  # the header carrying the real key, redacted once the request is sent
 
-    def prepare(self, request: dict, raw_body: bytes, api_key: str) -> tuple[UpstreamRequest, Exchange]:
+    def prepare(self, request: dict, api_key: str) -> tuple[UpstreamRequest, Exchange]:
         """Raise GatewayError for a request this provider cannot serve."""

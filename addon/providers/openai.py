@@ -35,7 +35,7 @@ class OpenAICompatible:
         self.name = name
         self.default_base_url = default_base_url
 
-    def prepare(self, request: dict, raw_body: bytes, api_key: str):
+    def prepare(self, request: dict, api_key: str):
         return UpstreamRequest({"authorization": f"Bearer {api_key}"}, None), PASSTHROUGH
 
 
