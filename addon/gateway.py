@@ -31,7 +31,7 @@ from addon import policy
 from addon.accounting import UsageAccounting
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
-from addon.keys import KeysError, KeyStore, VirtualKey, load_keys
+from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
 from addon.providers import PROVIDERS
 from addon.recording import Recorder, Snapshot
 from addon.reload import KeysReloader
@@ -49,7 +49,6 @@ MODELS_PATHS = frozenset({"/models", "/v1/models"})
 # account scoping that would not match the gateway's key
 DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
 _DROPPED = frozenset(name.encode() for name in DROPPED_HEADERS)
-REDACTED = "REDACTED"
 _REDACTED = REDACTED.encode()
 JSON_HEADERS = {"content-type": "application/json"}
 

@@ -37,6 +37,9 @@ class KeysError(ValueError):
     """The keys file cannot be used; the message is one line meant for the operator."""
 
 
+REDACTED = "REDACTED"  # what a real key header reads once the request has been sent
+
+
 def mask(secret: str) -> str:
     """sk-abc123456 -> 'sk-...456': enough to tell keys apart, never enough to use one."""
     if len(secret) < 10:

@@ -21,13 +21,12 @@ import os
 from mitmproxy import ctx, exceptions, http, io
 
 from addon.errors import error_body
-from addon.keys import fingerprint
+from addon.keys import REDACTED, fingerprint
 
 log = logging.getLogger("gateway")
 
 MARKER = "vkfp:"  # a fingerprint stands in for a client's key in recorded flows
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
-REDACTED = "REDACTED"  # what gateway.redact() leaves in the upstream secret header
 
 
 def mark(value: str) -> str:
