@@ -2,7 +2,7 @@
 # The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
 #                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
 #                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
-#                  ./run.sh bench [--quick]   (benchmark against bare mitmdump: docs/bench.md)
+#                  ./run.sh bench [--quick]   (benchmark against bare mitmdump: README "Benchmark")
 # Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
 #              GATEWAY_PORT (8080), WEB_PORT (8081),
 #              WEB_PASSWORD (mitmweb password; generated and printed once when unset)

@@ -9,7 +9,7 @@ Format (JSON, or YAML when the file ends in .yaml/.yml):
                       "sha256:<hex of the virtual key>": {...}}}          # hashed: file holds no secret
 
 Each entry may carry policy fields (models, rpm, tpm, budget_tokens, budget_usd, budget_period,
-expires_at, disabled); see docs/policy.md. Unknown fields are rejected: a typo in "budget_usd"
+expires_at, disabled); see README.md, "Virtual key policy". Unknown fields are rejected: a typo in "budget_usd"
 must not silently lift a budget.
 
 Everything is validated and precomputed at load time so a request costs one dict lookup.

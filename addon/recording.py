@@ -1,6 +1,6 @@
 """Recording flows for offline replay, and making mitmproxy's own replays safe.
 
-A recorded flow keeps three things (see docs/recording.md):
+A recorded flow keeps three things (see README.md, "Recording, replaying and inspecting traffic"):
 - `flow.metadata["record"]["client_request"]`: the request as the client sent it, its key replaced
   by a fingerprint marker (`Bearer vkfp:<fingerprint>`);
 - `flow.metadata["record"]["upstream"]`: the provider's response as it arrived (status, headers,

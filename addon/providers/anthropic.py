@@ -4,7 +4,7 @@
 Anthropic cannot serve faithfully); the exchange maps the Message back to a chat.completion, an
 Anthropic error body to an OpenAI error, and the Anthropic event stream to chat.completion.chunk
 events, incrementally. Everything here is pure: dicts and bytes in, dicts and bytes out.
-Policy decisions (defaults, dropped and rejected parameters) are documented in docs/anthropic.md.
+Policy decisions (defaults, dropped and rejected parameters) are documented in README.md ("Anthropic (Claude) behind the OpenAI API").
 """
 
 from __future__ import annotations
