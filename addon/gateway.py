@@ -29,6 +29,7 @@ from mitmproxy.net.http import url
 
 from addon import policy
 from addon.accounting import UsageAccounting
+from addon.chain import AddonChain
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
 from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
@@ -308,5 +309,7 @@ class Gateway:
 
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
 _gateway = Gateway(_store)
-# Snapshot before and Recorder after the Gateway: see addon/recording.py
-addons = [JsonErrorPages(), Snapshot(), _gateway, KeysReloader(_gateway), UsageAccounting(_store), UpstreamTimeout(), Recorder()]
+# one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
+# after the Gateway: see addon/recording.py)
+addons = [AddonChain(JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
+                     UsageAccounting(_store), UpstreamTimeout(), Recorder())]

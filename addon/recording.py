@@ -8,7 +8,7 @@ A recorded flow keeps three things (see README.md, "Recording, replaying and ins
 - `flow.request` / `flow.response`: what the gateway sent upstream (its key REDACTED) and what the
   client received (for streams: the bytes sent, stored after the stream ended).
 
-Two addons sit around the Gateway, because mitmproxy calls addons in list order:
+Two addons sit around the Gateway, because their hooks run in chain order (addon/chain.py):
 `Snapshot` before it (sees the client request and the provider response before the gateway
 rewrites them), `Recorder` after it (sees the stream callable the gateway chose, and the final flow).
 """
@@ -87,7 +87,8 @@ class Snapshot:
     Keeping costs a copy per request, so it happens only while recording or when asked for
     (`replayable_flows`, which ./run.sh web sets for mitmweb's Replay button)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gateway=None) -> None:
+        self.gateway = gateway  # anything with a `keys` attribute: replays re-resolve keys there
         self.keeping = False
 
     def load(self, loader) -> None:
@@ -134,10 +135,8 @@ class Snapshot:
         req.headers = http.Headers([(k.encode(), unmark(v, known).encode()) for k, v in snap["headers"]])
         req.raw_content = snap["content"]
 
-    @staticmethod
-    def virtual_keys() -> dict[str, str]:
-        gateway = ctx.master.addons.get("gateway")
-        store = getattr(gateway, "keys", None)
+    def virtual_keys(self) -> dict[str, str]:
+        store = getattr(self.gateway, "keys", None)
         return store.virtual_keys_by_fingerprint() if store is not None else {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

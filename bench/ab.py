@@ -1,9 +1,9 @@
 """A/B the gateway against an older revision of itself, in one run: proxy CPU per request.
 
-    .venv/bin/python bench/ab.py REV [--rounds 4] [--duration 3] [--connections 16]
+    .venv/bin/python bench/ab.py REV [REV ...] [--rounds 4] [--duration 3] [--connections 16]
 
-Starts bare mitmdump, the gateway as checked out, and the gateway from git revision REV (its addon/
-directory exported to a temporary directory), all in front of the same fake provider, and runs
+Starts bare mitmdump, the gateway as checked out, and the gateway from each git revision REV (its
+addon/ directory exported to a temporary directory) or directory REV (holding an addon/), all in front of the same fake provider, and runs
 wrk against each in alternating order. Prints proxy CPU per request (from /proc/PID/stat) and
 req/s, per scenario: the before/after numbers for a hot-path change.
 """
@@ -11,6 +11,7 @@ req/s, per scenario: the before/after numbers for a hot-path change.
 from __future__ import annotations
 
 import argparse
+import io
 import subprocess
 import sys
 import tarfile
@@ -24,7 +25,8 @@ import run as bench  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("rev", help="git revision to compare against (e.g. main, HEAD~2)")
+    ap.add_argument("revs", nargs="+", metavar="REV",
+                    help="git revisions to compare against (e.g. main, HEAD~2), or directories holding an addon/")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=3)
     ap.add_argument("--connections", type=int, default=16)
@@ -32,20 +34,28 @@ def main() -> int:
     if not bench.shutil.which("wrk"):
         print("ab: wrk not found (./run.sh bench installs it)", file=sys.stderr)
         return 2
-    old = Path(tempfile.mkdtemp(prefix="gw-ab-"))
-    archive = subprocess.run(["git", "-C", str(bench.ROOT), "archive", args.rev, "addon"], capture_output=True, check=True)
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
-        tar.extractall(old, filter="data")
+    tmp = Path(tempfile.mkdtemp(prefix="gw-ab-"))
+    others: dict[str, Path] = {}  # target name -> a directory holding that version's addon/
+    for i, rev in enumerate(args.revs):
+        if (Path(rev) / "addon").is_dir():
+            others[f"v{i}"] = Path(rev).resolve()
+            continue
+        others[f"v{i}"] = tmp / f"v{i}"
+        archive = subprocess.run(["git", "-C", str(bench.ROOT), "archive", rev, "addon"], capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp / f"v{i}", filter="data")
+    labels = {"bare": "bare mitmdump", "gateway": "gateway (worktree)"}
     stack = bench.Stack()
     try:
         stack.start()
-        port = bench.free_port()
-        name = f"gateway@{args.rev}"
-        proc = stack._spawn("old", [str(bench.MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
-                                    *stack.common_args("old"), *stack.gateway_args(old / "addon")])
-        stack.ports["old"] = port
-        bench.wait_port(port, proc, name, stack.tmp / "old.log")
-        targets = ("bare", "old", "gateway")
+        for (name, root), rev in zip(others.items(), args.revs):
+            port = bench.free_port()
+            labels[name] = f"gateway@{rev}"
+            proc = stack._spawn(name, [str(bench.MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
+                                       *stack.common_args(name), *stack.gateway_args(root / "addon")])
+            stack.ports[name] = port
+            bench.wait_port(port, proc, labels[name], stack.tmp / f"{name}.log")
+        targets = ("bare", *others, "gateway")
         for scenario in [s for s in bench.SCENARIOS if s in bench.PROVIDERS]:
             def spec(t):
                 return bench.request_spec("bare" if t == "bare" else "gateway", scenario)
@@ -63,12 +73,12 @@ def main() -> int:
             for t in targets:
                 cpu = bench.median([r["cpu_us_per_request"] for r in runs[t]])
                 rps = bench.median([r["rps"] for r in runs[t]])
-                label = {"bare": "bare mitmdump", "old": name, "gateway": "gateway (worktree)"}[t]
+                label = labels[t]
                 extra = f"  (+{cpu - base:4.0f} us over bare)" if t != "bare" else ""
                 print(f"  {label:24s} {cpu:6.0f} us CPU/request{extra}  {rps:6.0f} req/s")
     finally:
         stack.stop()
-        bench.shutil.rmtree(old, ignore_errors=True)
+        bench.shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -8,7 +8,7 @@ the provider exists, an Anthropic one, on pre-built flows (flow construction is 
 prints microseconds of CPU per request. What py-spy shows as the addon's share of the proxy,
 without the proxy's noise: use it for before/after numbers of hot-path changes.
 
---chain runs every addon of addon/gateway.py's `addons` list (policy, usage ledger, recording,
+--chain runs every part of addon/gateway.py's AddonChain (policy, usage ledger, recording,
 timeouts...) in order, as mitmproxy would (but without its dispatch cost), and prints each hook's
 thread CPU plus the whole process's CPU (which includes the usage ledger's writer thread).
 """
@@ -82,7 +82,7 @@ async def chain(n: int) -> None:
     keys.write_text(json.dumps({"virtual_keys": {
         f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
         for s in ("openai", "anthropic") if s in PROVIDERS}}))
-    addons = gateway.addons
+    addons = gateway.addons[0].parts  # the AddonChain's parts, each timed
     with taddons.context(*addons) as tctx:
         opts = {"keys_file": str(keys)}
         if "usage_db" in tctx.options:
