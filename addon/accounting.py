@@ -17,6 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from addon import ledger as ledger_db
 from addon.keys import Price
 from addon.ledger import Ledger, UsageRecord
+from addon.messages import plain_content
 from addon.store import BUCKET, MINUTE, MemoryStore
 from addon.usage import StreamUsage, Usage, cost, usage_from_body
 
@@ -84,7 +85,7 @@ class UsageAccounting:
             if watcher is not None:
                 usage = watcher.usage
             elif response.status_code == 200 and not response.stream and response.raw_content is not None:
-                usage = usage_from_body(response.content or b"")
+                usage = usage_from_body(plain_content(response))
             else:
                 usage = None
             self.count(flow, response.status_code, usage, streamed=watcher is not None)

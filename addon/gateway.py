@@ -33,6 +33,7 @@ from addon.chain import AddonChain
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
 from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
+from addon.messages import header, plain_content, replace_body
 from addon.providers import PROVIDERS
 from addon.recording import Recorder, Snapshot
 from addon.reload import KeysReloader
@@ -78,31 +79,20 @@ def upstream_target(upstream_url: str) -> UpstreamTarget:
                           url.hostport(scheme, host, port))
 
 
-_BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})
-_BODY_HEADERS_AND_TYPE = _BODY_HEADERS | {b"content-type"}
+@functools.lru_cache(maxsize=64)
+def replaced_header_names(upstream_names: tuple[str, ...]) -> frozenset[bytes]:
+    """Client headers (lowercase bytes) not forwarded: the client's auth, and those the provider sets."""
+    return _DROPPED.union(name.lower().encode() for name in upstream_names)
 
 
-def replace_body(message: http.Message, body: bytes, content_type: bytes | None = None) -> None:
-    """A new, unencoded body with its framing headers, in one pass over the header fields
-    (`message.content = ...` plus header edits rescans the fields once per header)."""
-    dropped = _BODY_HEADERS if content_type is None else _BODY_HEADERS_AND_TYPE
-    fields = [f for f in message.headers.fields if f[0].lower() not in dropped]
-    if content_type is not None:
-        fields.append((b"content-type", content_type))
-    if not any(f[0].lower() == b"transfer-encoding" for f in fields):
-        fields.append((b"content-length", b"%d" % len(body)))
-    message.headers.fields = tuple(fields)
-    message.data.content = body
-
-
-def presented_key(request: http.Request) -> str | None:
-    auth = request.headers.get("authorization")
+def presented_key(headers: http.Headers) -> str | None:
+    auth = header(headers, b"authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    return request.headers.get("x-api-key") or None
+    return header(headers, b"x-api-key") or None
 
 
 def parse_chat_request(raw: bytes) -> dict:
@@ -168,7 +158,7 @@ class Gateway:
             response = flow.response
             if exchange is None or response is None:
                 return
-            if response.status_code == 200 and response.headers.get("content-type", "").startswith("text/event-stream"):
+            if response.status_code == 200 and (header(response.headers, b"content-type") or "").startswith("text/event-stream"):
                 translator = exchange.stream_translator()
                 if translator is None:
                     response.stream = True
@@ -185,7 +175,7 @@ class Gateway:
                 raise RuntimeError("response headers could not be handled")
             if exchange is None or flow.response.stream:
                 return
-            body = exchange.translate_body(flow.response.status_code, flow.response.content or b"")
+            body = exchange.translate_body(flow.response.status_code, plain_content(flow.response))
             if body is not None:
                 replace_body(flow.response, body, b"application/json")
         except Exception:
@@ -228,7 +218,10 @@ class Gateway:
         meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
         flow.comment = f"{key.name} -> {key.provider}"
 
-        raw = request.content or b""
+        try:
+            raw = plain_content(request)
+        except ValueError:
+            raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
         body = parse_chat_request(raw)
         model = body["model"]
         meta.update(model=model, stream=bool(body.get("stream")))
@@ -257,7 +250,7 @@ class Gateway:
         upstream_headers = upstream.headers
         if meta["stream"]:
             upstream_headers = {**upstream_headers, "accept-encoding": "identity"}  # stream callables see raw bytes
-        replaced = _DROPPED.union(name.lower().encode() for name in upstream_headers)
+        replaced = replaced_header_names(tuple(upstream_headers))
         fields = []
         for name, value in request.headers.fields:
             lower = name.lower()
@@ -274,7 +267,7 @@ class Gateway:
         self.exchanges[flow.id] = exchange
 
     def authenticate(self, request: http.Request) -> VirtualKey:
-        presented = presented_key(request)
+        presented = presented_key(request.headers)
         if presented is None:
             raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
         if self.keys is None:

@@ -198,7 +198,7 @@ def test_http2_authority_follows_the_upstream(gw):
 
 
 def test_replace_body_sets_framing_headers_like_mitmproxy():
-    from addon.gateway import replace_body
+    from addon.messages import replace_body
     resp = tutils.tresp(headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1"))
     replace_body(resp, b'{"a":1}', b"application/json")
     assert resp.headers["content-type"] == "application/json" and "content-encoding" not in resp.headers
@@ -207,3 +207,41 @@ def test_replace_body_sets_framing_headers_like_mitmproxy():
     chunked = tutils.tresp(headers=http.Headers(transfer_encoding="chunked", content_type="text/event-stream"))
     replace_body(chunked, b"x")
     assert "content-length" not in chunked.headers and chunked.headers["content-type"] == "text/event-stream"
+
+
+def test_a_gzipped_request_body_is_decoded_and_a_broken_encoding_is_a_400(gw):
+    import gzip
+
+    f = flow(body=gzip.compress(json.dumps({**CHAT, "model": "gpt-4o-mini"}).encode()), headers={"content-encoding": "gzip"})
+    gw.request(f)
+    assert f.response is None and f.metadata["gateway"]["model"] == "gpt-4o-mini"
+    assert json.loads(f.request.content)["model"] == "gpt-4o-mini"
+
+    f = flow(body=b"not gzip at all", headers={"content-encoding": "gzip"})
+    gw.request(f)
+    status, err = error_of(f)
+    assert status == 400 and err["code"] == "invalid_encoding"
+    assert f.request.host == "127.0.0.1" and f.request.port == 1  # not routed
+
+
+def test_duplicate_authorization_headers_are_not_guessed_between(gw):
+    f = flow()
+    f.request.headers.fields += ((b"Authorization", b"Bearer vk_d"),)
+    gw.request(f)
+    status, err = error_of(f)
+    assert status == 401 and err["code"] == "invalid_api_key"
+
+
+def test_header_and_plain_content_read_raw_fields_like_mitmproxy():
+    import gzip
+
+    from addon.messages import header, plain_content
+
+    resp = http.Response.make(200, b"", {"Content-Encoding": "GZIP", "X-Dup": "a"})
+    resp.raw_content = gzip.compress(b"hello")
+    resp.headers.fields += ((b"x-dup", b"b"),)
+    assert header(resp.headers, b"x-dup") == resp.headers.get("x-dup") == "a, b"
+    assert header(resp.headers, b"x-missing") is None
+    assert plain_content(resp) == resp.content == b"hello"
+    identity = http.Response.make(200, b"raw", {"content-encoding": "identity"})
+    assert plain_content(identity) == b"raw"
