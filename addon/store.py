@@ -113,8 +113,10 @@ class MemoryStore:
 
     def seed_tokens(self, key: str, tokens: int, when: float) -> None:
         """The tpm window only (not spend): the last minute's ledger rows, loaded at start-up in time order."""
+        # expire here too, not only in tokens_wait: a key without a tpm limit is never asked,
+        # and its window would keep every request of the process's life
+        self._token_sums[key] = self._expire_tokens(key, when) + tokens
         self._tokens.setdefault(key, deque()).append((when, tokens))
-        self._token_sums[key] = self._token_sums.get(key, 0) + tokens
 
     def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Spend only (not the tpm window): how past ledger rows are loaded at start-up."""

@@ -67,3 +67,13 @@ def test_seed_tokens_fills_only_the_tpm_window():
     store.seed_tokens("k", 10, when=100.0)
     assert store.tokens_wait("k", 10, now=101.0) == 59.0
     assert store.spend("k", None, now=101.0) == Spend(0, 0.0)
+
+
+def test_the_tpm_window_stays_one_minute_long_for_keys_nobody_asks_about():
+    store = MemoryStore()
+    for i in range(10_000):  # a key with no tpm limit: tokens_wait is never called for it
+        store.add_usage("k", 5, 0.0, when=1000.0 + i)
+    assert len(store._tokens["k"]) <= 61
+    assert store.tokens_wait("k", tpm=10**9, now=1000.0 + 9_999) is None
+    assert store._token_sums["k"] == 5 * len(store._tokens["k"])
+    assert store.spend("k", None, 20_000.0).tokens == 50_000  # spend still counts everything
