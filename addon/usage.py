@@ -43,10 +43,23 @@ def usage_from_dict(usage: object) -> Usage | None:
     return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), _count(cached))
 
 
+_DECODER = json.JSONDecoder()
+
+
 def usage_from_body(body: bytes) -> Usage | None:
     """Usage of a whole chat.completion body; None when it has none (errors, non-JSON)."""
     if _USAGE not in body:
         return None
+    if body.count(_USAGE) == 1:
+        # the usual body: parse only the usage object, not the whole answer. `"usage"` with
+        # its quotes unescaped cannot be inside a JSON string, so this is the usage key.
+        m = _USAGE_OBJECT.search(body)
+        if m is None:
+            return None  # "usage": null
+        try:
+            return usage_from_dict(_DECODER.raw_decode(body[m.end() - 1:].decode())[0])
+        except (ValueError, UnicodeDecodeError):
+            return None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):

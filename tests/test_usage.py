@@ -108,6 +108,18 @@ def test_usage_from_bodies():
     assert usage_from_body(b'{"usage": null}') is None
 
 
+def test_usage_from_bodies_that_mention_usage_more_than_once():
+    # the word in the answer (escaped quotes inside a string), and as a value: still the real usage
+    answer = {"choices": [{"message": {"content": 'he wrote {"usage": {"prompt_tokens": 999}}', "role": "usage"}}],
+              "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    for body in (json.dumps(answer).encode(), json.dumps(answer, separators=(",", ":")).encode()):
+        assert usage_from_body(body) == Usage(7, 3, 0)
+    # a single usage key, pretty-printed with whitespace, followed by more keys
+    pretty = json.dumps({"usage": {"prompt_tokens": 4, "completion_tokens": 2}, "system_fingerprint": "fp"}, indent=2)
+    assert usage_from_body(pretty.encode()) == Usage(4, 2, 0)
+    assert usage_from_body(b'{"usage": {"prompt_tokens": 4, "completion') is None  # cut off
+
+
 def test_cost_uses_the_cached_price_for_cached_tokens():
     price = Price(input=2.0, output=10.0, cached_input=1.0)
     assert cost(Usage(1_000_000, 100_000, 0), price) == pytest.approx(3.0)
