@@ -19,6 +19,7 @@ from addon.keys import Price
 from addon.ledger import Ledger, UsageRecord
 from addon.messages import plain_content
 from addon.store import BUCKET, MINUTE, MemoryStore
+from addon.streams import frame_for_new_length
 from addon.usage import StreamUsage, Usage, cost, usage_from_body
 
 log = logging.getLogger("gateway")
@@ -73,6 +74,8 @@ class UsageAccounting:
             return
         try:
             watcher = StreamUsage(strip=not meta["client_usage"])
+            if watcher.strip:
+                frame_for_new_length(response.headers, flow.request.http_version)
             response.stream = watched_stream(response.stream, watcher)
             self.watchers[flow.id] = watcher
         except Exception:

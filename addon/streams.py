@@ -21,15 +21,21 @@ log = logging.getLogger("gateway")
 _DECODERS = {"gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), "deflate": lambda: zlib.decompressobj()}
 
 
+def frame_for_new_length(headers, http_version: str) -> None:
+    """A streamed body whose length changes on the way (translated, or usage stripped) cannot
+    keep the provider's content-length: the client would wait for bytes that never come."""
+    headers.pop("content-length", None)
+    if http_version == "HTTP/1.1":
+        headers["transfer-encoding"] = "chunked"
+
+
 def fail_closed_stream(translator: StreamTranslator, headers, http_version: str):
     """Return the callable to assign to `flow.response.stream`; adjusts `headers` in place."""
     encoding = headers.get("content-encoding", "").strip().lower()
     decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
     if decoder is not None:
         del headers["content-encoding"]
-    headers.pop("content-length", None)
-    if http_version == "HTTP/1.1":
-        headers["transfer-encoding"] = "chunked"
+    frame_for_new_length(headers, http_version)
     failed = False
 
     def stream(piece: bytes) -> bytes | Iterable[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +242,30 @@ def test_openai_stream_usage_is_recorded_and_hidden_from_a_client_that_did_not_a
 
     rows = ledger_rows(db, 2)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["streamed"]) for r in rows] == [(5, 2, 1), (5, 2, 1)]
+
+
+def test_a_stream_sent_with_content_length_still_ends_when_its_usage_is_stripped(provider, gateway_factory, tmp_path):
+    # an OpenAI-compatible server (or a caching proxy) may send the SSE body whole, with a
+    # content-length: the stripped usage chunk shortens it, so that length must not reach the client
+    provider.reset(lambda req: Reply(200, b"".join(openai_stream(req.json())), {"content-type": "text/event-stream"}))
+    db = tmp_path / "usage.sqlite3"
+    gw = gateway_factory(keys_file(provider, vk_s={"name": "s"}), ["--set", f"usage_db={db}"])
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_s", max_retries=0, timeout=10)
+    chunks = list(sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+    assert all(c.usage is None for c in chunks)
+    # the SDK stops at [DONE]; a client reading to the end of the body (curl) must get there too
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
+        body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True}).encode()
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer vk_s\r\n"
+                     b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while chunk := conn.recv(65536):  # a wrong content-length would leave this waiting
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower() and b"transfer-encoding: chunked" in head.lower()
+    assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") and b'"usage"' not in rest
+    assert [r["prompt_tokens"] for r in ledger_rows(db, 2)] == [5, 5]
 
 
 def deepseek_stream(req) -> Reply:
