@@ -108,6 +108,11 @@ def parse_chat_request(raw: bytes) -> dict:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
+    # the gateway decides on these itself (stream handling, usage): a string "false" must not stream
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise GatewayError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise GatewayError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
     return body
 
 
@@ -227,17 +232,18 @@ class Gateway:
         meta.update(model=model, stream=bool(body.get("stream")))
         price = keys.price(model)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
-        policy.admit(key, model, keys, self.store, time.time())  # raises: nothing is forwarded
         body_changed = False
         if meta["stream"]:
             # always ask for stream usage so the ledger can count it; accounting.py hides it
             # again from a client that did not ask
             meta["client_usage"] = client_wants_stream_usage(body)
             if not meta["client_usage"]:
-                request_stream_usage(body)
+                raw = request_stream_usage(body, raw)
                 body_changed = True
         provider = PROVIDERS[key.provider]
-        upstream, exchange = provider.prepare(body, key.api_key)
+        upstream, exchange = provider.prepare(body, key.api_key)  # raises for what it cannot serve
+        # last: the rpm slot is taken only by a request that will be forwarded
+        policy.admit(key, model, keys, self.store, time.time())
 
         target = upstream_target(key.upstream_url)
         data = request.data  # set directly: the property setters each rewrite Host again
@@ -263,7 +269,7 @@ class Gateway:
         if upstream.body is not None:
             replace_body(request, upstream.body)
         elif body_changed:  # forwarded as the client sent it, but for the usage request
-            replace_body(request, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode())
+            replace_body(request, raw)
         self.exchanges[flow.id] = exchange
 
     def authenticate(self, request: http.Request) -> VirtualKey:

@@ -1,8 +1,9 @@
 """Virtual key rules: given a key's policy, its usage so far and the request, allow or refuse.
 
 Pure: no mitmproxy, no I/O; the time and the store are passed in. The gateway calls
-`check_key` right after the key lookup and `admit` after the body is parsed, both before
-anything is forwarded. Order matters: cheap static rules first, and the rpm slot is taken
+`check_key` right after the key lookup and `admit` once the body is parsed and the provider
+has accepted it (a request it refuses with a 400 is never forwarded), both before anything is
+forwarded. Order matters: cheap static rules first, and the rpm slot is taken
 last so a request refused for another reason does not use one up.
 """
 

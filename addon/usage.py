@@ -81,11 +81,18 @@ def client_wants_stream_usage(body: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def request_stream_usage(body: dict) -> None:
-    """Set `stream_options.include_usage` on the request body, keeping other stream options.
-    The caller encodes the body only when the provider forwards it as it is."""
+def request_stream_usage(body: dict, raw: bytes) -> bytes:
+    """Set `stream_options.include_usage` on the parsed request body (for providers that build
+    their own), keeping other stream options, and return the client's body bytes with it (for
+    providers that forward them): spliced in when the client sent no stream_options, so the
+    rest goes on byte for byte; re-encoded otherwise."""
     options = body.get("stream_options")
+    if "stream_options" not in body:
+        body["stream_options"] = {"include_usage": True}
+        start = raw.index(b"{") + 1  # the body parsed as a non-empty object
+        return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
     body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class StreamUsage:

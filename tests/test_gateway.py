@@ -245,3 +245,28 @@ def test_header_and_plain_content_read_raw_fields_like_mitmproxy():
     assert plain_content(resp) == resp.content == b"hello"
     identity = http.Response.make(200, b"raw", {"content-encoding": "identity"})
     assert plain_content(identity) == b"raw"
+
+
+@pytest.mark.parametrize("field, value", [("stream", "false"), ("stream", 1), ("stream_options", "include_usage")])
+def test_stream_fields_of_the_wrong_type_are_400(gw, field, value):
+    f = flow(body={**CHAT, field: value})
+    gw.request(f)
+    status, err = error_of(f)
+    assert status == 400 and err["param"] == field and err["code"] == "invalid_value"
+
+
+def test_a_request_the_provider_refuses_does_not_use_up_the_rpm_slot(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"virtual_keys": {"vk_a": {"provider": "anthropic", "api_key": REAL, "rpm": 1}}}))
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, keys_file=str(path))
+        refused = flow(body={**CHAT, "model": "claude-sonnet-4-5", "n": 2}, headers={"authorization": "Bearer vk_a"})
+        addon.request(refused)
+        assert error_of(refused)[0] == 400
+        ok = flow(body={**CHAT, "model": "claude-sonnet-4-5"}, headers={"authorization": "Bearer vk_a"})
+        addon.request(ok)
+        assert ok.response is None  # routed: the 400 did not count against rpm 1
+        again = flow(body={**CHAT, "model": "claude-sonnet-4-5"}, headers={"authorization": "Bearer vk_a"})
+        addon.request(again)
+        assert error_of(again)[0] == 429

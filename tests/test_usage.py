@@ -131,7 +131,15 @@ def test_cost_uses_the_cached_price_for_cached_tokens():
 def test_request_stream_usage_keeps_other_stream_options():
     body = {"model": "m", "stream": True, "stream_options": {"foo": 1}}
     assert not client_wants_stream_usage(body)
-    request_stream_usage(body)
-    sent = body
-    assert sent["stream_options"] == {"foo": 1, "include_usage": True}
-    assert client_wants_stream_usage(sent)
+    raw = request_stream_usage(body, json.dumps(body).encode())
+    assert body["stream_options"] == {"foo": 1, "include_usage": True}
+    assert json.loads(raw) == body and client_wants_stream_usage(body)
+
+
+def test_request_stream_usage_leaves_the_rest_of_the_clients_bytes_alone():
+    # number formats, escapes and key order a re-encoding would change
+    raw = b' {"model": "m", "temperature": 1.0E0, "messages": [{"role": "user", "content": "caf\\u00e9"}], "stream": true}'
+    body = json.loads(raw)
+    sent = request_stream_usage(body, raw)
+    assert sent == b' {"stream_options":{"include_usage":true},' + raw[2:]
+    assert json.loads(sent) == body and body["stream_options"] == {"include_usage": True}
