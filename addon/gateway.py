@@ -288,7 +288,7 @@ class Gateway:
         """GET /v1/models lists the key's models; GET /v1/models/{id} answers one the key may use."""
         if model is None:
             body = policy.models_page(key)
-        elif key.policy.models is not None and key.policy.allows_model(model):
+        elif key.policy.allows_model(model):  # any model, for a key without a models list
             body = policy.model_object(key, model)
         else:
             raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")

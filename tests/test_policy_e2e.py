@@ -104,6 +104,8 @@ def test_models_listing_with_the_sdk(provider, gateway_factory):
     with pytest.raises(openai.NotFoundError):
         client(gw, "vk_list").models.retrieve("gpt-5")
     assert list(client(gw, "vk_none").models.list()) == []
+    # a key without a models list may use any model: retrieve must not say otherwise
+    assert client(gw, "vk_none").models.retrieve("gpt-4o").id == "gpt-4o"
     status, bare = http(gw, "GET", "/models", "vk_list")
     assert status == 200 and json.loads(bare)["object"] == "list" and len(json.loads(bare)["data"]) == 2
     with pytest.raises(openai.AuthenticationError):
