@@ -634,6 +634,16 @@ def test_stream_error_event_becomes_error_chunk_then_done():
     assert "ignored" not in json.dumps(events[:-1])
 
 
+def test_stream_error_event_still_reports_the_usage_read_so_far():
+    stream = [message_start({"input_tokens": 12, "output_tokens": 1}), block_start(0, {"type": "text", "text": ""}),
+              block_delta(0, {"type": "text_delta", "text": "par"}),
+              sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})]
+    events = events_of(run_stream(stream, include_usage=True))
+    assert events[-3]["choices"] == [] and events[-3]["usage"]["prompt_tokens"] == 12  # before the error
+    assert events[-2]["error"]["code"] == "overloaded_error" and events[-1] == "[DONE]"
+    assert not any("usage" in e for e in events_of(run_stream(stream)) if isinstance(e, dict))
+
+
 def test_stream_ending_without_message_stop_still_finishes():
     events = events_of(run_stream(text_stream("a")[:4], include_usage=True))
     assert events[-3]["choices"][0]["finish_reason"] == "stop"

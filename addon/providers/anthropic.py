@@ -598,7 +598,10 @@ class StreamTranslator:
 
     def on_error(self, payload: dict) -> list[bytes]:
         self.done = True
-        return [encode_data(convert_error(payload.get("error") or {})), DONE]
+        # the tokens read so far are billed even when the stream fails: report them first
+        # (SDKs raise at the error event and read nothing after it)
+        usage = [self.usage_chunk()] if self.include_usage and self.usage else []
+        return [*usage, encode_data(convert_error(payload.get("error") or {})), DONE]
 
     def finish(self) -> list[bytes]:
         out = []
@@ -606,10 +609,13 @@ class StreamTranslator:
             self.finish_sent = True
             out.append(self.chunk({}, DEFAULT_FINISH_REASON))
         if self.include_usage:
-            out.append(encode_data(self._envelope([], usage=convert_usage(self.usage))))
+            out.append(self.usage_chunk())
         out.append(DONE)
         self.done = True
         return out
+
+    def usage_chunk(self) -> bytes:
+        return encode_data(self._envelope([], usage=convert_usage(self.usage)))
 
     HANDLERS = {
         "message_start": on_message_start,
