@@ -54,7 +54,7 @@ class UsageAccounting:
             recent = ledger_db.recent_tokens(path, time.time() - MINUTE)
         except Exception as e:  # sqlite3.Error, OSError: one line, the gateway does not start
             raise exceptions.OptionsError(f"usage_db {path}: {e}") from None
-        for fingerprint, start, tokens, usd in buckets:
+        for fingerprint, start, tokens, usd in sorted(buckets, key=lambda row: row[1]):  # the store prunes oldest-first
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)

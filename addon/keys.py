@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from addon.providers import PROVIDERS
+from addon.store import MAX_BUDGET_PERIOD
 
 
 class KeysError(ValueError):
@@ -304,6 +305,8 @@ def _parse_policy(entry: dict, where: str) -> KeyPolicy:
         if m is None:
             raise KeysError(f"{where}: budget_period must look like \"12h\", \"1d\" or \"30d\" (absent = lifetime)")
         period = int(m.group(1)) * _PERIOD_SECONDS[m.group(2)]
+        if period > MAX_BUDGET_PERIOD:
+            raise KeysError(f"{where}: budget_period can be at most 366d (absent = lifetime)")
         if "budget_tokens" not in entry and "budget_usd" not in entry:
             raise KeysError(f"{where}: budget_period needs budget_tokens or budget_usd")
     disabled = entry.get("disabled", False)

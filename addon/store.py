@@ -11,7 +11,8 @@ Windows:
 - tpm: sliding window over the last 60 s of tokens *recorded* (a request's tokens count when its
   response ends, so one request can take a key past its tpm; the next one is then refused).
 - spend: hourly buckets; a budget period covers every bucket that overlaps the last N hours, so
-  the window errs on the side of counting a little more than N hours, never less.
+  the window errs on the side of counting a little more than N hours, never less. Buckets older
+  than the longest allowed period are dropped; lifetime totals are kept apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import NamedTuple, Protocol
 
 MINUTE = 60.0
 BUCKET = 3600  # seconds per spend bucket
+MAX_BUDGET_PERIOD = 366 * 86400  # the longest budget_period the keys file accepts
+RETENTION_HOURS = MAX_BUDGET_PERIOD // BUCKET + 1  # spend buckets kept per key
 
 
 class Spend(NamedTuple):
@@ -44,12 +47,54 @@ class UsageStore(Protocol):
 
 
 class _KeySpend:
-    __slots__ = ("buckets", "tokens", "usd")
+    """A key's spend: lifetime totals, and hourly buckets for rolling budget periods."""
+
+    __slots__ = ("buckets", "tokens", "usd", "window")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, list] = {}  # hour number -> [tokens, usd]
+        self.buckets: dict[int, list] = {}  # hour number -> [tokens, usd], in arrival order
         self.tokens = 0  # lifetime
         self.usd = 0.0
+        # the last rolling-period answer [period, first hour, tokens, usd], kept current by add():
+        # a budget check is then O(1), not a walk over a year of buckets
+        self.window: list | None = None
+
+    def add(self, tokens: int, usd: float, when: float) -> None:
+        hour = int(when // BUCKET)
+        bucket = self.buckets.get(hour)
+        if bucket is None:
+            bucket = self.buckets[hour] = [0, 0.0]
+            self._prune(hour - RETENTION_HOURS)
+        bucket[0] += tokens
+        bucket[1] += usd
+        self.tokens += tokens
+        self.usd += usd
+        window = self.window
+        if window is not None and hour >= window[1]:
+            window[2] += tokens
+            window[3] += usd
+
+    def in_period(self, period: int, now: float) -> Spend:
+        first = int((now - period) // BUCKET)
+        window = self.window
+        if window is None or window[0] != period or window[1] != first:  # at most hourly
+            tokens, usd = 0, 0.0
+            for hour, (t, u) in self.buckets.items():
+                if hour >= first:
+                    tokens += t
+                    usd += u
+            self.window = window = [period, first, tokens, usd]
+        return Spend(window[2], window[3])
+
+    def _prune(self, before: int) -> None:
+        """Drop buckets older than any budget period can reach (oldest first: arrival order is
+        time order, start-up seeding included)."""
+        buckets = self.buckets
+        while buckets:
+            oldest = next(iter(buckets))
+            if oldest >= before:
+                return
+            del buckets[oldest]
 
 
 class MemoryStore:
@@ -98,13 +143,7 @@ class MemoryStore:
             return Spend(0, 0.0)
         if period is None:
             return Spend(spend.tokens, spend.usd)
-        first = int((now - period) // BUCKET)
-        tokens, usd = 0, 0.0
-        for hour, (t, u) in spend.buckets.items():
-            if hour >= first:
-                tokens += t
-                usd += u
-        return Spend(tokens, usd)
+        return spend.in_period(period, now)
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         if tokens:
@@ -123,11 +162,7 @@ class MemoryStore:
         spend = self._spend.get(key)
         if spend is None:
             spend = self._spend[key] = _KeySpend()
-        bucket = spend.buckets.setdefault(int(when // BUCKET), [0, 0.0])
-        bucket[0] += tokens
-        bucket[1] += usd
-        spend.tokens += tokens
-        spend.usd += usd
+        spend.add(tokens, usd, when)
 
 
 def retry_after_header(seconds: float) -> str:

@@ -119,6 +119,7 @@ def test_hashed_keys_are_found_by_the_presented_key():
     ({"models": "gpt-4o"}, "models must be a list"),
     ({"budget_period": "1w", "budget_usd": 1}, "budget_period must look like"),
     ({"budget_period": "1d"}, "budget_period needs budget_tokens or budget_usd"),
+    ({"budget_period": "367d", "budget_usd": 1}, "budget_period can be at most 366d"),
     ({"budget_usd": -1}, "budget_usd must be a positive number"),
     ({"expires_at": "next week"}, "expires_at must be an ISO 8601 time"),
     ({"disabled": "yes"}, "disabled must be true or false"),

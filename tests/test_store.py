@@ -77,3 +77,29 @@ def test_the_tpm_window_stays_one_minute_long_for_keys_nobody_asks_about():
     assert store.tokens_wait("k", tpm=10**9, now=1000.0 + 9_999) is None
     assert store._token_sums["k"] == 5 * len(store._tokens["k"])
     assert store.spend("k", None, 20_000.0).tokens == 50_000  # spend still counts everything
+
+
+def test_spend_buckets_are_kept_only_as_long_as_a_budget_period_can_reach():
+    from addon.store import MAX_BUDGET_PERIOD, RETENTION_HOURS
+
+    store = MemoryStore()
+    for hour in range(3 * 366 * 24):  # three years of hourly usage
+        store.add_usage("k", 10, 0.01, when=hour * BUCKET)
+    now = 3 * 366 * 24 * BUCKET
+    assert len(store._spend["k"].buckets) <= RETENTION_HOURS + 1
+    assert store.spend("k", None, now).tokens == 3 * 366 * 24 * 10  # lifetime: everything
+    assert store.spend("k", MAX_BUDGET_PERIOD, now).tokens == 366 * 24 * 10
+
+
+def test_a_rolling_period_answer_follows_new_usage_and_the_hour_moving_on():
+    store = MemoryStore()
+    day = 86400
+    store.add_usage("k", 100, 1.0, when=0.0)
+    assert store.spend("k", day, now=10.0) == Spend(100, 1.0)
+    store.add_usage("k", 5, 0.5, when=20.0)  # after the answer was computed
+    assert store.spend("k", day, now=30.0) == Spend(105, 1.5)
+    store.add_usage("k", 7, 0.25, when=day + 2 * BUCKET)
+    # a day later the first hour has left the window, the new usage is in it
+    assert store.spend("k", day, now=day + 2 * BUCKET + 1) == Spend(7, 0.25)
+    assert store.spend("k", 2 * day, now=day + 2 * BUCKET + 1) == Spend(112, 1.75)  # another period
+    assert store.spend("k", day, now=day + 2 * BUCKET + 2) == Spend(7, 0.25)
