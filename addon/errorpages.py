@@ -7,24 +7,33 @@ OpenAI-shaped JSON error, so SDKs raise a proper APIStatusError with a readable 
 
 from __future__ import annotations
 
+import time
+
 from mitmproxy import http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2
 
 from addon.errors import error_body, error_type
 
-# mitmproxy error message -> our timeout text, set by the timeout addon's error hook right
-# before mitmproxy renders that flow's error (the renderer is not told which flow it is for)
-_timeouts: dict[str, str] = {}
+# mitmproxy error message -> (our timeout text, until when), set by the timeout addon's error
+# hook right before mitmproxy renders that flow's error (the renderer is not told which flow it
+# is for). An entry not used at once (the client had gone) must not turn a later, unrelated
+# failure with the same message into a 504: it expires.
+_timeouts: dict[str, tuple[str, float]] = {}
+TIMEOUT_MARK_SECONDS = 1.0
 
 
 def answer_next_as_timeout(message: str, text: str) -> None:
-    _timeouts[message] = text
+    now = time.monotonic()
+    for stale in [m for m, (_, until) in _timeouts.items() if until < now]:
+        del _timeouts[stale]
+    _timeouts[message] = (text, now + TIMEOUT_MARK_SECONDS)
 
 
 def _classify(status: int, message: str) -> tuple[int, str, str | None]:
-    if status == 502 and message in _timeouts:
-        return 504, _timeouts.pop(message), "upstream_timeout"
+    mark = _timeouts.pop(message, None) if status == 502 else None
+    if mark is not None and mark[1] >= time.monotonic():
+        return 504, mark[0], "upstream_timeout"
     text = message or http.status_codes.RESPONSES.get(status, "error")
     if status == 502:
         return 502, f"provider unreachable: {text}", "upstream_unreachable"

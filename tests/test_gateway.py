@@ -270,3 +270,20 @@ def test_a_request_the_provider_refuses_does_not_use_up_the_rpm_slot(tmp_path):
         again = flow(body={**CHAT, "model": "claude-sonnet-4-5"}, headers={"authorization": "Bearer vk_a"})
         addon.request(again)
         assert error_of(again)[0] == 429
+
+
+def test_a_timeout_mark_only_turns_its_own_502_into_a_504(monkeypatch):
+    from addon import errorpages
+
+    clock = [1000.0]
+    monkeypatch.setattr(errorpages.time, "monotonic", lambda: clock[0])
+    errorpages.answer_next_as_timeout("server closed connection", "provider did not answer within 5s")
+    status, text, code = errorpages._classify(502, "server closed connection")
+    assert (status, code) == (504, "upstream_timeout") and "within 5s" in text
+    # used once only
+    assert errorpages._classify(502, "server closed connection")[0] == 502
+    # a mark whose page was never rendered (the client had gone) expires
+    errorpages.answer_next_as_timeout("server closed connection", "provider did not answer within 5s")
+    clock[0] += 5
+    assert errorpages._classify(502, "server closed connection")[0] == 502
+    assert errorpages._timeouts == {}
