@@ -172,8 +172,9 @@ class StreamUsage:
 def _last_event_end(buf: bytes) -> int:
     """Offset just past the last complete SSE event in `buf` (0 if none)."""
     lf = buf.rfind(b"\n\n")
+    cr = buf.rfind(b"\r\r")
     crlf = buf.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return max(lf + 2 if lf >= 0 else 0, cr + 2 if cr >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _count(value: object) -> int:

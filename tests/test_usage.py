@@ -84,6 +84,14 @@ def test_crlf_framed_events_and_a_final_event_without_blank_line():
     assert watcher.usage == Usage(1, 1, 0)
 
 
+def test_cr_framed_events_are_passed_on_as_they_complete():
+    first = b'data: {"choices":[{"delta":{"content":"x"}}]}\r\r'
+    watcher = StreamUsage(strip=True)
+    assert watcher.feed(first + b"data: {") == [first]  # not held until the stream ends
+    rest = watcher.feed(b'"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\r')
+    assert rest == [] and watcher.usage == Usage(1, 1, 0)
+
+
 def test_unparseable_event_mentioning_usage_is_passed_on():
     stream = b'data: {"usage": {broken\n\n'
     watcher = StreamUsage(strip=True)
