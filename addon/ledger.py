@@ -103,14 +103,19 @@ class Ledger:
         db = connect(self.path)
         try:
             while not self._stopping.wait(FLUSH_EVERY):
-                self._write_pending(db)
-            self._write_pending(db)
+                self._write_pending(db, len(self._pending))
+            while self._pending:  # record() has stopped: close() runs on its thread
+                self._write_pending(db, len(self._pending))
         finally:
             db.close()
 
-    def _write_pending(self, db: sqlite3.Connection) -> None:
-        while self._pending:
-            rows = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
+    def _write_pending(self, db: sqlite3.Connection, count: int) -> None:
+        """Write the first `count` pending rows. Not the rows that arrive meanwhile: a writer that
+        chases them under load commits a row or two at a time, and its GIL waits at every statement
+        wake it at each GIL release of the busy proxy thread (about 1 row per ~30 us of process CPU)."""
+        while count > 0:
+            rows = [self._pending.popleft() for _ in range(min(BATCH, count))]
+            count -= len(rows)
             try:
                 with db:
                     sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
