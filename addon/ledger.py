@@ -116,12 +116,21 @@ class Ledger:
         while count > 0:
             rows = [self._pending.popleft() for _ in range(min(BATCH, count))]
             count -= len(rows)
-            try:
-                with db:
-                    sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
-                    db.execute(sql, [value for row in rows for value in row])
-            except sqlite3.Error as e:
-                log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+            self._write_batch(db, rows)
+
+    def _write_batch(self, db: sqlite3.Connection, rows: list[UsageRecord]) -> None:
+        try:
+            with db:
+                sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
+                db.execute(sql, [value for row in rows for value in row])
+        except UnicodeEncodeError:  # a lone surrogate (a client's model name): uncaught, it ended the writer
+            self._write_batch(db, [UsageRecord(*map(encodable, row)) for row in rows])
+        except sqlite3.Error as e:
+            log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+
+
+def encodable(value):
+    return value.encode("utf-8", "replace").decode() if isinstance(value, str) else value
 
 
 def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int, float]]:

@@ -90,3 +90,14 @@ def test_a_flush_writes_what_was_pending_and_leaves_later_rows_for_the_next(tmp_
     # chasing the rows that arrive meanwhile would commit them a row or two at a time
     assert con.statements == 1 and len(ledger._pending) == 1
     con.db.close()
+
+
+def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_lives_on(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    bad = row(1.0)._replace(model="gpt-\ud800")  # a client's JSON may escape a lone surrogate
+    ledger.record(bad)
+    ledger.record(row(2.0))
+    ledger.close()
+    assert sqlite3.connect(db).execute("SELECT ts, model FROM usage ORDER BY ts").fetchall() == [
+        (1.0, "gpt-?"), (2.0, "gpt-4o")]
