@@ -2,7 +2,9 @@
 
 `Ledger.record()` only appends the row to a deque; a writer thread wakes every FLUSH_EVERY
 seconds and inserts what gathered, one transaction per batch, into a WAL database, so a request
-never waits on the disk (nor wakes a thread: the writer does not contend for the GIL per row).
+never waits on the disk (nor wakes a thread). Known cost: while the proxy thread is busy, each
+GIL wait of the writer (waking up, after each statement) is woken at every GIL release of the
+proxy thread and rarely wins; under full load that costs ~30 us of process CPU per request.
 `close()` writes what is pending, so a clean shutdown loses nothing; a crash can lose the rows
 still pending (at most about one flush interval). Rows hold the key's name and fingerprint, never a secret.
 
@@ -103,20 +105,34 @@ class Ledger:
         db = connect(self.path)
         try:
             while not self._stopping.wait(FLUSH_EVERY):
-                self._write_pending(db)
-            self._write_pending(db)
+                self._write_pending(db, len(self._pending))
+            while self._pending:  # record() has stopped: close() runs on its thread
+                self._write_pending(db, len(self._pending))
         finally:
             db.close()
 
-    def _write_pending(self, db: sqlite3.Connection) -> None:
-        while self._pending:
-            rows = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
-            try:
-                with db:
-                    sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
-                    db.execute(sql, [value for row in rows for value in row])
-            except sqlite3.Error as e:
-                log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+    def _write_pending(self, db: sqlite3.Connection, count: int) -> None:
+        """Write the first `count` pending rows. Not the rows that arrive meanwhile: a writer that
+        chases them under load commits a row or two at a time, and its GIL waits at every statement
+        wake it at each GIL release of the busy proxy thread (about 1 row per ~30 us of process CPU)."""
+        while count > 0:
+            rows = [self._pending.popleft() for _ in range(min(BATCH, count))]
+            count -= len(rows)
+            self._write_batch(db, rows)
+
+    def _write_batch(self, db: sqlite3.Connection, rows: list[UsageRecord]) -> None:
+        try:
+            with db:
+                sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
+                db.execute(sql, [value for row in rows for value in row])
+        except UnicodeEncodeError:  # a lone surrogate (a client's model name): uncaught, it ended the writer
+            self._write_batch(db, [UsageRecord(*map(encodable, row)) for row in rows])
+        except sqlite3.Error as e:
+            log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+
+
+def encodable(value):
+    return value.encode("utf-8", "replace").decode() if isinstance(value, str) else value
 
 
 def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int, float]]:

@@ -72,7 +72,7 @@ def run(scenario: str, n: int) -> float:
     return cpu / n * 1e6
 
 
-async def chain(n: int) -> None:
+async def chain(n: int, ledger: bool = True) -> None:
     import tempfile
 
     from mitmproxy.test import taddons
@@ -86,7 +86,7 @@ async def chain(n: int) -> None:
     with taddons.context(*addons) as tctx:
         opts = {"keys_file": str(keys)}
         if "usage_db" in tctx.options:
-            opts["usage_db"] = str(tmp / "usage.sqlite3")  # never the user's ledger
+            opts["usage_db"] = str(tmp / "usage.sqlite3") if ledger else ""  # never the user's ledger
         tctx.options.update(**opts)
         for scenario in ("openai", "anthropic"):
             if scenario not in PROVIDERS:
@@ -121,9 +121,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--chain", action="store_true", help="all addons of addon/gateway.py, each timed")
+    ap.add_argument("--no-ledger", action="store_true", help="with --chain: usage_db='' (the ledger's cost by difference)")
     args = ap.parse_args()
     if args.chain:
-        asyncio.run(chain(args.n))
+        asyncio.run(chain(args.n, ledger=not args.no_ledger))
         return 0
     for scenario in ("openai", "anthropic"):
         if scenario in PROVIDERS:

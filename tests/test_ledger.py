@@ -59,3 +59,45 @@ def test_the_usage_command_prints_a_table(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1  # header only
     assert main(["--db", db, "--since", "someday"]) == 2
     assert main(["--db", str(tmp_path / "missing.sqlite3")]) == 1
+
+
+class Chasing:
+    """A connection whose every statement lets the proxy thread record one more row meanwhile."""
+
+    def __init__(self, db, ledger):
+        self.db, self.ledger, self.statements = db, ledger, 0
+
+    def execute(self, sql, params=()):
+        self.statements += 1
+        self.ledger.record(row(9000.0 + self.statements))
+        return self.db.execute(sql, params)
+
+    def __enter__(self):
+        return self.db.__enter__()
+
+    def __exit__(self, *exc):
+        return self.db.__exit__(*exc)
+
+
+def test_a_flush_writes_what_was_pending_and_leaves_later_rows_for_the_next(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    ledger.close()  # no writer thread: this test drives the flushes
+    for i in range(3):
+        ledger.record(row(float(i)))
+    con = Chasing(sqlite3.connect(db), ledger)
+    ledger._write_pending(con, len(ledger._pending))
+    # chasing the rows that arrive meanwhile would commit them a row or two at a time
+    assert con.statements == 1 and len(ledger._pending) == 1
+    con.db.close()
+
+
+def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_lives_on(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    bad = row(1.0)._replace(model="gpt-\ud800")  # a client's JSON may escape a lone surrogate
+    ledger.record(bad)
+    ledger.record(row(2.0))
+    ledger.close()
+    assert sqlite3.connect(db).execute("SELECT ts, model FROM usage ORDER BY ts").fetchall() == [
+        (1.0, "gpt-?"), (2.0, "gpt-4o")]
