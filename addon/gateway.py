@@ -52,6 +52,7 @@ MODELS_PATHS = frozenset({"/models", "/v1/models"})
 DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
 _DROPPED = frozenset(name.encode() for name in DROPPED_HEADERS)
 _REDACTED = REDACTED.encode()
+_SECRET_HEADERS = {name: provider.secret_header.encode() for name, provider in PROVIDERS.items()}
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -300,10 +301,16 @@ class Gateway:
         provider = flow.metadata.get("gateway", {}).get("provider")
         if provider is None:
             return
-        secret = PROVIDERS[provider].secret_header.encode()
-        headers = flow.request.headers
-        headers.fields = tuple((name, _REDACTED) if name.lower() == secret else (name, value)
-                               for name, value in headers.fields)
+        secret = _SECRET_HEADERS[provider]
+        fields = flow.request.headers.fields
+        # route() dropped every client header of this name and appended the provider's one
+        # after the client's headers: look from the end, and stop at it
+        for i in range(len(fields) - 1, -1, -1):
+            name, value = fields[i]
+            if name.lower() == secret:
+                if value != _REDACTED:
+                    flow.request.headers.fields = (*fields[:i], (name, _REDACTED), *fields[i + 1:])
+                return
 
 
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
