@@ -8,6 +8,7 @@ queues a ledger row. Nothing here can refuse or hold up a request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ class UsageAccounting:
         self.store = store
         self.ledger: Ledger | None = None
         self.watchers: dict[str, StreamUsage] = {}  # per streamed flow
+        self.writer: asyncio.Task | None = None  # flushes the ledger every FLUSH_EVERY seconds
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -59,11 +61,43 @@ class UsageAccounting:
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)
         log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", path, len(buckets))
+        self.start_writer()
+
+    def running(self) -> None:
+        self.start_writer()
 
     def done(self) -> None:
+        if self.writer is not None:
+            self.writer.cancel()
+            self.writer = None
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
+
+    def start_writer(self) -> None:
+        if self.ledger is None or self.writer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not running yet: running() starts it
+            return
+        self.writer = loop.create_task(self.write_ledger())
+
+    async def write_ledger(self) -> None:
+        """Batches on the event loop (ledger.py says why not a thread); checkpoints off it."""
+        last_checkpoint = time.monotonic()
+        while True:
+            await asyncio.sleep(ledger_db.FLUSH_EVERY)
+            ledger = self.ledger
+            if ledger is None:
+                return
+            try:
+                ledger.flush()
+                if time.monotonic() - last_checkpoint >= ledger_db.CHECKPOINT_EVERY:
+                    last_checkpoint = time.monotonic()
+                    await asyncio.to_thread(ledger.checkpoint)
+            except Exception:
+                log.exception("gateway: usage ledger write failed")
 
     # --- hooks -------------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
-"""The usage ledger: one SQLite row per routed request, written off the request path.
+"""The usage ledger: one SQLite row per routed request, written in batches.
 
-`Ledger.record()` only appends the row to a deque; a writer thread wakes every FLUSH_EVERY
-seconds and inserts what gathered, one transaction per batch, into a WAL database, so a request
-never waits on the disk (nor wakes a thread). Known cost: while the proxy thread is busy, each
-GIL wait of the writer (waking up, after each statement) is woken at every GIL release of the
-proxy thread and rarely wins; under full load that costs ~30 us of process CPU per request.
+`Ledger.record()` only appends the row to a list. `flush()`, which the accounting addon calls
+every FLUSH_EVERY seconds on mitmproxy's event loop, inserts what gathered in one transaction
+into a WAL database: a commit only writes WAL pages into the page cache (synchronous=NORMAL),
+about 2 us per row. Not on a writer thread: a second Python thread starves for the GIL while
+the proxy thread is busy and is woken at every GIL release of it (bench/ab.py: the thread cost
+16-30 us of proxy CPU per request more than these batches). The one part that waits on the
+disk, the WAL checkpoint (fsync), runs on a worker thread every CHECKPOINT_EVERY seconds.
 `close()` writes what is pending, so a clean shutdown loses nothing; a crash can lose the rows
-still pending (at most about one flush interval). Rows hold the key's name and fingerprint, never a secret.
+still pending (at most about one flush interval). Rows hold the key's name and fingerprint,
+never a secret.
 
 Also the read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
 restarts), and `python -m addon.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
@@ -20,8 +23,7 @@ import logging
 import os
 import sqlite3
 import sys
-import threading
-from collections import deque
+import time
 from datetime import datetime, timezone
 from typing import NamedTuple
 
@@ -52,13 +54,15 @@ BATCH = 500  # rows per INSERT statement: 6,000 parameters, under SQLite's 32,76
 
 
 def insert_statement(rows: int) -> str:
-    """One multi-row INSERT: sqlite3 releases the GIL once per statement step, so one statement
-    per batch (not executemany's step per row) spares the proxy thread a GIL hand-off per row."""
+    """One multi-row INSERT per batch: one statement step, where executemany takes one per row."""
     return f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * rows)}"
 
 
 _INSERT_BATCH = insert_statement(BATCH)
-FLUSH_EVERY = 0.2  # seconds the writer waits to gather a batch
+FLUSH_EVERY = 0.2  # seconds between batches
+CHECKPOINT_EVERY = 10.0  # seconds between WAL checkpoints (off the event loop)
+BUSY_TIMEOUT = 0.05  # seconds a flush waits for another writer's lock before trying again later
+MAX_PENDING = 200_000  # rows kept while another writer holds the lock (about 40 MB)
 
 
 class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
@@ -76,10 +80,12 @@ class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
     cost_usd: float
 
 
-def connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+def connect(path: str, timeout: float = 10, checkpoints: bool = True) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, fast
+    if not checkpoints:
+        db.execute("PRAGMA wal_autocheckpoint=0")  # a commit must not stop to fsync the database
     db.executescript(SCHEMA)
     return db
 
@@ -87,46 +93,66 @@ def connect(path: str) -> sqlite3.Connection:
 class Ledger:
     def __init__(self, path: str) -> None:
         self.path = path
-        connect(path).close()  # create the schema now, so a bad path fails at start-up
-        self._pending: deque[UsageRecord] = deque()  # append/popleft are thread-safe
-        self._stopping = threading.Event()
-        self._writer = threading.Thread(target=self._write_loop, name="usage-ledger", daemon=True)
-        self._writer.start()
+        self._db: sqlite3.Connection | None = connect(path, timeout=BUSY_TIMEOUT, checkpoints=False)
+        self._pending: list[UsageRecord] = []
 
     def record(self, row: UsageRecord) -> None:
         self._pending.append(row)
 
-    def close(self) -> None:
-        """Write everything pending, then stop the writer."""
-        self._stopping.set()
-        self._writer.join(30)
+    def flush(self) -> None:
+        """Insert the pending rows (in statements of up to BATCH rows). Rows another writer's
+        lock keeps out stay pending for the next flush; other errors drop them, logged."""
+        if self._db is None:
+            return
+        rows, self._pending = self._pending, []
+        for start in range(0, len(rows), BATCH):
+            batch = rows[start:start + BATCH]
+            try:
+                self._write_batch(batch)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(batch), e)
+                    continue
+                kept = rows[start:][-MAX_PENDING:]
+                if len(kept) < len(rows) - start:
+                    log.error("gateway: usage ledger %s locked for long: %d oldest rows dropped",
+                              self.path, len(rows) - start - len(kept))
+                self._pending[:0] = kept  # try again later, in order
+                return
 
-    def _write_loop(self) -> None:
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (the fsync): call it from a worker thread."""
         db = connect(self.path)
         try:
-            while not self._stopping.wait(FLUSH_EVERY):
-                self._write_pending(db, len(self._pending))
-            while self._pending:  # record() has stopped: close() runs on its thread
-                self._write_pending(db, len(self._pending))
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             db.close()
 
-    def _write_pending(self, db: sqlite3.Connection, count: int) -> None:
-        """Write the first `count` pending rows. Not the rows that arrive meanwhile: a writer that
-        chases them under load commits a row or two at a time, and its GIL waits at every statement
-        wake it at each GIL release of the busy proxy thread (about 1 row per ~30 us of process CPU)."""
-        while count > 0:
-            rows = [self._pending.popleft() for _ in range(min(BATCH, count))]
-            count -= len(rows)
-            self._write_batch(db, rows)
+    def close(self) -> None:
+        """Write everything pending and close (a later flush or close does nothing)."""
+        if self._db is None:
+            return
+        deadline = time.monotonic() + 10
+        self.flush()
+        while self._pending and time.monotonic() < deadline:  # another writer holds the lock
+            time.sleep(BUSY_TIMEOUT)
+            self.flush()
+        if self._pending:
+            log.error("gateway: usage ledger %s: %d rows not written at shutdown (database locked)",
+                      self.path, len(self._pending))
+        self._db.close()
+        self._db = None
 
-    def _write_batch(self, db: sqlite3.Connection, rows: list[UsageRecord]) -> None:
+    def _write_batch(self, rows: list[UsageRecord]) -> None:
+        sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
         try:
-            with db:
-                sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
-                db.execute(sql, [value for row in rows for value in row])
-        except UnicodeEncodeError:  # a lone surrogate (a client's model name): uncaught, it ended the writer
-            self._write_batch(db, [UsageRecord(*map(encodable, row)) for row in rows])
+            with self._db:
+                self._db.execute(sql, [value for row in rows for value in row])
+        except UnicodeEncodeError:  # a lone surrogate (a client's model name) cannot be bound
+            with self._db:
+                self._db.execute(sql, [encodable(value) for row in rows for value in row])
+        except sqlite3.OperationalError:
+            raise  # flush() decides: locked -> later
         except sqlite3.Error as e:
             log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
 

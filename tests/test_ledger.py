@@ -9,7 +9,7 @@ def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200)
     return UsageRecord(ts, name, fp, "openai", "gpt-4o", status, prompt, completion, 0, 12.5, False, usd)
 
 
-def test_rows_are_written_in_the_background_and_flushed_on_close(tmp_path):
+def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path):
     db = tmp_path / "u.sqlite3"
     ledger = Ledger(str(db))
     for i in range(1200):  # more than one batch
@@ -61,35 +61,35 @@ def test_the_usage_command_prints_a_table(tmp_path, capsys):
     assert main(["--db", str(tmp_path / "missing.sqlite3")]) == 1
 
 
-class Chasing:
-    """A connection whose every statement lets the proxy thread record one more row meanwhile."""
-
-    def __init__(self, db, ledger):
-        self.db, self.ledger, self.statements = db, ledger, 0
-
-    def execute(self, sql, params=()):
-        self.statements += 1
-        self.ledger.record(row(9000.0 + self.statements))
-        return self.db.execute(sql, params)
-
-    def __enter__(self):
-        return self.db.__enter__()
-
-    def __exit__(self, *exc):
-        return self.db.__exit__(*exc)
-
-
-def test_a_flush_writes_what_was_pending_and_leaves_later_rows_for_the_next(tmp_path):
+def test_a_flush_writes_the_pending_rows_for_other_readers_at_once(tmp_path):
     db = str(tmp_path / "u.sqlite3")
     ledger = Ledger(db)
-    ledger.close()  # no writer thread: this test drives the flushes
     for i in range(3):
         ledger.record(row(float(i)))
-    con = Chasing(sqlite3.connect(db), ledger)
-    ledger._write_pending(con, len(ledger._pending))
-    # chasing the rows that arrive meanwhile would commit them a row or two at a time
-    assert con.statements == 1 and len(ledger._pending) == 1
-    con.db.close()
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM usage").fetchone() == (0,)  # batched, not per row
+    ledger.flush()
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM usage").fetchone() == (3,)
+    ledger.checkpoint()  # from a worker thread in the gateway; must not disturb the writer
+    ledger.record(row(4.0))
+    ledger.close()
+    ledger.flush()  # after close: nothing, no error
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM usage").fetchone() == (4,)
+
+
+def test_rows_another_writer_locks_out_wait_for_the_next_flush_in_order(tmp_path):
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a second gateway on the same file, mid-transaction
+    ledger.record(row(1.0))
+    ledger.record(row(2.0))
+    ledger.flush()  # waits BUSY_TIMEOUT at most, keeps the rows
+    assert len(ledger._pending) == 2
+    ledger.record(row(3.0))
+    other.execute("COMMIT")
+    ledger.flush()
+    assert [r[0] for r in sqlite3.connect(db).execute("SELECT ts FROM usage ORDER BY id")] == [1.0, 2.0, 3.0]
+    ledger.close()
 
 
 def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_lives_on(tmp_path):
