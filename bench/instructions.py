@@ -1,0 +1,117 @@
+"""Instructions per request under callgrind: a deterministic A/B of proxy cost, immune to a busy machine.
+
+    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [TARGET ...]
+
+TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git revision, or a
+directory holding an `addon/`; the default is `bare .`. Each target runs under
+`valgrind --tool=callgrind` with instrumentation off through start-up and warm-up, then on for
+N sequential keep-alive requests: the count per request repeats within about 0.1% run to run,
+where CPU time on this shared machine varies by 10%. Counts are not time (the gateway's Python
+runs at a lower IPC than mitmproxy's), so confirm a win with bench/ab.py. Needs valgrind
+(Debian package `valgrind`); about 20 s per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402
+
+
+def send(port: int, spec: tuple[str, bytes, dict], n: int) -> None:
+    path, body, headers = spec
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        for _ in range(n):
+            conn.request("POST", path, body, headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+    finally:
+        conn.close()
+
+
+def addon_dir(target: str, tmp: Path) -> Path | None:
+    """The addon/ directory of a target (None: bare mitmdump)."""
+    if target == "bare":
+        return None
+    if (Path(target) / "addon").is_dir():
+        return Path(target).resolve() / "addon"
+    out = tmp / target.replace("/", "_")
+    archive = subprocess.run(["git", "-C", str(bench.ROOT), "archive", target, "addon"], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(out, filter="data")
+    return out / "addon"
+
+
+def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path) -> float:
+    port = bench.free_port()
+    name = f"cg{port}"
+    if addon is None:
+        args = ["--mode", f"reverse:{stack.url('fake')}@127.0.0.1:{port}", *stack.common_args(name)]
+    else:
+        args = ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *stack.common_args(name), *stack.gateway_args(addon)]
+    out = tmp / f"callgrind.{port}"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                             str(bench.MITMDUMP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        bench.wait_port(port, proc, name, Path(os.devnull), timeout=180)
+        spec = bench.request_spec("bare" if addon is None else "gateway", scenario)
+        send(port, spec, 30)  # warm-up: caches, first-use imports, the upstream connection
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], capture_output=True, check=True)
+        send(port, spec, n)
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    total = 0
+    for path in glob.glob(f"{out}*"):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+    return total / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("targets", nargs="*", default=["bare", "."], metavar="TARGET")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--scenario", choices=bench.SCENARIOS, default="openai")
+    args = ap.parse_args()
+    for tool in ("valgrind", "callgrind_control"):
+        if not shutil.which(tool):
+            print(f"instructions: {tool} not found (apt-get install valgrind)", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="gw-instr-"))
+    stack = bench.Stack()
+    try:
+        stack.start()
+        first = None
+        for target in args.targets:
+            count = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp)
+            first = count if first is None else first
+            print(f"{target:32s} {count / 1e3:9.1f} k instructions/request  ({(count - first) / 1e3:+7.1f} k)", flush=True)
+    finally:
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
