@@ -61,9 +61,13 @@ class SSEDecoder:
             self._event = value.decode("utf-8", "replace")
 
 
+# compact, UTF-8 as it is; one encoder built once (json.dumps with options builds one per call)
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode_data(obj: dict) -> bytes:
     """One `data:` event carrying compact JSON."""
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + compact_json(obj).encode() + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

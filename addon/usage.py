@@ -16,7 +16,7 @@ import re
 from typing import NamedTuple
 
 from addon.keys import Price
-from addon.sse import encode_data
+from addon.sse import compact_json, encode_data
 
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which OpenAI puts on every chunk
@@ -92,7 +92,7 @@ def request_stream_usage(body: dict, raw: bytes) -> bytes:
         start = raw.index(b"{") + 1  # the body parsed as a non-empty object
         return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
     body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return compact_json(body).encode()
 
 
 class StreamUsage:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from addon.errors import GatewayError, error_dict
 from addon.providers.base import UpstreamRequest
 from addon.providers.openai import is_openai_error, wrap_foreign_error
-from addon.sse import DONE, SSEDecoder, encode_data
+from addon.sse import DONE, SSEDecoder, compact_json, encode_data
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -403,6 +403,10 @@ def convert_tool_choice(choice, parallel_tool_calls) -> dict | None:
     return converted
 
 
+# tool call arguments as json.dumps writes them (", " and ": "), which clients have seen so far
+arguments_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 # --- response --------------------------------------------------------------------------------
 
 
@@ -435,7 +439,7 @@ def convert_message(message: dict, created: int) -> dict:
             tool_calls.append({
                 "id": block["id"],
                 "type": "function",
-                "function": {"name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)},
+                "function": {"name": block["name"], "arguments": arguments_json(block.get("input") or {})},
             })
     reply: dict = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
     if tool_calls:
@@ -550,7 +554,7 @@ class StreamTranslator:
         tool_index = len(self.tool_index_by_block)
         self.tool_index_by_block[block_index] = tool_index
         initial = block.get("input")
-        arguments = json.dumps(initial, ensure_ascii=False) if initial else ""
+        arguments = arguments_json(initial) if initial else ""
         if not arguments:
             self.tools_without_arguments.add(block_index)
         call = {"index": tool_index, "id": block.get("id"), "type": "function",
@@ -649,7 +653,7 @@ class AnthropicExchange:
         message = json.loads(body)  # not JSON: the adapter answers 502
         if not isinstance(message, dict) or message.get("type") != "message":
             raise ValueError("the provider's 2xx body is not an Anthropic message")
-        return json.dumps(convert_message(message, self.created), ensure_ascii=False).encode()
+        return compact_json(convert_message(message, self.created)).encode()
 
     def stream_translator(self) -> StreamTranslator:
         return StreamTranslator(self.created, self.model, self.include_usage)
@@ -666,5 +670,5 @@ class AnthropicProvider:
         stream_options = request.get("stream_options") or {}
         include_usage = bool(request.get("stream")) and bool(stream_options.get("include_usage"))
         headers = {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
-        upstream = UpstreamRequest(headers, json.dumps(body, ensure_ascii=False).encode())
+        upstream = UpstreamRequest(headers, compact_json(body).encode())
         return upstream, AnthropicExchange(request["model"], include_usage, int(now()))
