@@ -3,8 +3,8 @@
 mitmproxy hands every event to every addon object it knows: per request that is eight events
 (four flow hooks, each followed by an `update`) walked over each addon, and an argument list
 built per hook called. Seven addon objects cost about 25 us of CPU per request more than this
-one (bench/ab.py, in the running proxy). Here
-mitmproxy sees one object; which concern runs when is spelled out once, in `AddonChain(...)`.
+one (bench/ab.py, in the running proxy). Here mitmproxy sees one object, and which concern runs
+when is spelled out once, in `AddonChain(...)`.
 
 Each part stays an ordinary mitmproxy addon (tests load them one by one). Lifecycle hooks go to
 every part that has them, unguarded, so `configure` can still reject an option with

@@ -87,7 +87,7 @@ def request_stream_usage(body: dict, raw: bytes) -> bytes:
     providers that forward them): spliced in when the client sent no stream_options, so the
     rest goes on byte for byte; re-encoded otherwise."""
     options = body.get("stream_options")
-    if "stream_options" not in body:
+    if "stream_options" not in body and json.detect_encoding(raw) == "utf-8":  # (not UTF-16/32 JSON)
         body["stream_options"] = {"include_usage": True}
         start = raw.index(b"{") + 1  # the body parsed as a non-empty object
         return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]

@@ -151,3 +151,7 @@ def test_request_stream_usage_leaves_the_rest_of_the_clients_bytes_alone():
     sent = request_stream_usage(body, raw)
     assert sent == b' {"stream_options":{"include_usage":true},' + raw[2:]
     assert json.loads(sent) == body and body["stream_options"] == {"include_usage": True}
+    # JSON in UTF-16 (json.loads reads it): re-encoded, never spliced into
+    utf16 = json.dumps({"model": "m", "messages": [], "stream": True}).encode("utf-16")
+    body = json.loads(utf16)
+    assert json.loads(request_stream_usage(body, utf16))["stream_options"] == {"include_usage": True}
