@@ -6,8 +6,9 @@ TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git 
 directory holding an `addon/`; the default is `bare .`. Each target runs under
 `valgrind --tool=callgrind` with instrumentation off through start-up and warm-up, then on for
 N sequential keep-alive requests: the count per request repeats within about 0.1% run to run,
-where CPU time on this shared machine varies by 10%. Counts are not time (the gateway's Python
-runs at a lower IPC than mitmproxy's), so confirm a win with bench/ab.py. Needs valgrind
+where CPU time on this shared machine varies by 10%. Counts are not time (C code such as the
+JSON decoder retires far more instructions per microsecond than interpreted Python), so confirm a
+win with bench/ab.py. Needs valgrind
 (Debian package `valgrind`); about 20 s per target.
 """
 
