@@ -10,6 +10,8 @@ Each part stays an ordinary mitmproxy addon (tests load them one by one). Lifecy
 every part that has them, unguarded, so `configure` can still reject an option with
 OptionsError. A flow hook that raises is logged and the parts after it still run: mitmproxy
 itself would skip them, and a skipped Gateway.request would leave a request unrouted.
+A part whose `active` attribute is False (Recorder without a record_file) gets no flow hooks
+until a later `configure` makes it active: an idle part's calls still cost in the proxy.
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error
 class AddonChain:
     def __init__(self, *parts) -> None:
         self.parts = parts
-        self.hooks = {
-            name: tuple(getattr(part, name) for part in parts if callable(getattr(part, name, None)))
-            for name in LIFECYCLE_HOOKS + FLOW_HOOKS
-        }
+        self.hooks = {name: self._bound(name, parts) for name in LIFECYCLE_HOOKS}
+        self._bind_flow_hooks()
         # mitmproxy looks hooks up by name on every event: offer only those some part has
         for name in FLOW_HOOKS:
-            if not self.hooks[name]:
+            if not self._bound(name, parts):
                 setattr(self, name, None)
+
+    def _bind_flow_hooks(self) -> None:
+        active = [part for part in self.parts if getattr(part, "active", True)]
+        for name in FLOW_HOOKS:
+            self.hooks[name] = self._bound(name, active)
+
+    @staticmethod
+    def _bound(name: str, parts) -> tuple:
+        return tuple(getattr(part, name) for part in parts if callable(getattr(part, name, None)))
 
     # --- lifecycle: every part, in order; errors propagate as mitmproxy expects ---------
 
@@ -43,6 +52,7 @@ class AddonChain:
     def configure(self, updated) -> None:
         for hook in self.hooks["configure"]:
             hook(updated)
+        self._bind_flow_hooks()
 
     def running(self) -> None:
         for hook in self.hooks["running"]:

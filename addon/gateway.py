@@ -33,7 +33,7 @@ from addon.chain import AddonChain
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
 from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
-from addon.messages import header, plain_content, replace_body
+from addon.messages import Fields, field_value, header, lower_names, plain_content, replace_body
 from addon.providers import PROVIDERS
 from addon.recording import Recorder, Snapshot
 from addon.reload import KeysReloader
@@ -86,14 +86,15 @@ def replaced_header_names(upstream_names: tuple[str, ...]) -> frozenset[bytes]:
     return _DROPPED.union(name.lower().encode() for name in upstream_names)
 
 
-def presented_key(headers: http.Headers) -> str | None:
-    auth = header(headers, b"authorization")
+def presented_key(fields: Fields, names: list[bytes]) -> str | None:
+    """The virtual key from `Authorization: Bearer` or `x-api-key` (fields and their lower_names)."""
+    auth = field_value(fields, names, b"authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    return header(headers, b"x-api-key") or None
+    return field_value(fields, names, b"x-api-key") or None
 
 
 def parse_chat_request(raw: bytes) -> dict:
@@ -181,7 +182,10 @@ class Gateway:
                 raise RuntimeError("response headers could not be handled")
             if exchange is None or flow.response.stream:
                 return
-            body = exchange.translate_body(flow.response.status_code, plain_content(flow.response))
+            status = flow.response.status_code
+            if status < 400 and not exchange.translates_success:
+                return
+            body = exchange.translate_body(status, plain_content(flow.response))
             if body is not None:
                 replace_body(flow.response, body, b"application/json")
         except Exception:
@@ -201,6 +205,8 @@ class Gateway:
 
     def route(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        fields = request.headers.fields
+        names = lower_names(fields)  # once: auth, encoding and the rewrite below all look
         path, _, query = request.path.partition("?")
         if path in HEALTH_PATHS:
             if request.method not in ("GET", "HEAD"):
@@ -211,21 +217,21 @@ class Gateway:
         if path in MODELS_PATHS or model_path:
             if request.method != "GET":
                 raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
-            self.answer_models(flow, self.authenticate(request), path.partition("/models/")[2] if model_path else None)
+            self.answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
             return
         if path not in CHAT_PATHS:
             raise GatewayError(404, f"unknown path {path}: this gateway serves POST /v1/chat/completions", code="unknown_path")
         if request.method != "POST":
             raise GatewayError(405, f"method {request.method} not allowed on {path}; use POST", code="method_not_allowed", headers={"allow": "POST"})
 
-        key = self.authenticate(request)
+        key = self.authenticate(fields, names)
         keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
         meta = flow.metadata.setdefault("gateway", {})
         meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
         flow.comment = f"{key.name} -> {key.provider}"
 
         try:
-            raw = plain_content(request)
+            raw = plain_content(request, names)
         except ValueError:
             raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
         body = parse_chat_request(raw)
@@ -258,23 +264,18 @@ class Gateway:
         if meta["stream"]:
             upstream_headers = {**upstream_headers, "accept-encoding": "identity"}  # stream callables see raw bytes
         replaced = replaced_header_names(tuple(upstream_headers))
-        fields = []
-        for name, value in request.headers.fields:
-            lower = name.lower()
-            if lower == b"host":
-                fields.append((name, target.host_header))
-            elif lower not in replaced:
-                fields.append((name, value))
-        fields += [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in upstream_headers.items()]
-        request.headers.fields = tuple(fields)
+        host = target.host_header
+        forwarded = [(f[0], host) if n == b"host" else f for f, n in zip(fields, names) if n not in replaced]
+        forwarded += [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in upstream_headers.items()]
+        request.headers.fields = tuple(forwarded)
         if upstream.body is not None:
             replace_body(request, upstream.body)
         elif body_changed:  # forwarded as the client sent it, but for the usage request
             replace_body(request, raw)
         self.exchanges[flow.id] = exchange
 
-    def authenticate(self, request: http.Request) -> VirtualKey:
-        presented = presented_key(request.headers)
+    def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
+        presented = presented_key(fields, names)
         if presented is None:
             raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
         if self.keys is None:

@@ -2,7 +2,8 @@
 
 mitmproxy's `Headers.get` decodes and lower-cases every field name on each lookup, and
 `Message.content` does such a lookup for content-encoding each time it is read: on the request
-path those scans were a good part of the gateway's own CPU. These helpers compare bytes instead.
+path those scans were a good part of the gateway's own CPU. These helpers compare bytes instead;
+`lower_names` lower-cases a message's field names once for a hook that looks up several.
 """
 
 from __future__ import annotations
@@ -13,6 +14,23 @@ _BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})
 _BODY_HEADERS_AND_TYPE = _BODY_HEADERS | {b"content-type"}
 _IDENTITY = frozenset({b"", b"identity"})
 
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+def lower_names(fields: Fields) -> list[bytes]:
+    """The field names lower-cased, in field order (membership and index tests then run in C)."""
+    return [name.lower() for name, _ in fields]
+
+
+def field_value(fields: Fields, names: list[bytes], name: bytes) -> str | None:
+    """Header `name` (lowercase bytes) from fields and their `lower_names`; duplicates joined
+    with ", " as Headers.get does."""
+    if name not in names:
+        return None
+    if names.count(name) == 1:
+        return fields[names.index(name)][1].decode("utf-8", "surrogateescape")
+    return b", ".join(f[1] for f, n in zip(fields, names) if n == name).decode("utf-8", "surrogateescape")
+
 
 def header(headers: http.Headers, name: bytes) -> str | None:
     """The value of header `name` (lowercase bytes), duplicates joined with ", " as Headers.get does."""
@@ -22,11 +40,16 @@ def header(headers: http.Headers, name: bytes) -> str | None:
     return b", ".join(values).decode("utf-8", "surrogateescape")
 
 
-def plain_content(message: http.Message) -> bytes:
-    """The body with any content-encoding removed (raises ValueError when it cannot be decoded)."""
-    for name, value in message.headers.fields:
-        if name.lower() == b"content-encoding" and value.strip().lower() not in _IDENTITY:
-            return message.content or b""  # mitmproxy decodes gzip, deflate, br, zstd
+def plain_content(message: http.Message, names: list[bytes] | None = None) -> bytes:
+    """The body with any content-encoding removed (raises ValueError when it cannot be decoded).
+    `names`: the message's `lower_names`, when the caller has them."""
+    fields = message.headers.fields
+    if names is None:
+        names = lower_names(fields)
+    if b"content-encoding" in names and any(
+        n == b"content-encoding" and f[1].strip().lower() not in _IDENTITY for f, n in zip(fields, names)
+    ):
+        return message.content or b""  # mitmproxy decodes gzip, deflate, br, zstd
     return message.raw_content or b""
 
 

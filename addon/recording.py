@@ -203,6 +203,10 @@ class Recorder:
         self.writer = io.FlowWriter(self.file)
         log.info("gateway: recording flows to %s", path)
 
+    @property
+    def active(self) -> bool:  # without a record_file the chain leaves this part out
+        return self.writer is not None
+
     def running(self) -> None:
         self.started = True
 
@@ -243,6 +247,7 @@ class Recorder:
         if self.file is not None:
             self.file.close()
         self.file = self.writer = None
+        self.sent.clear()  # inactive now: the chain calls no response hook to pop these
 
 
 def tap(stream, received: list[bytes], sent: list[bytes]):

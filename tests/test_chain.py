@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons, tflow
 
 from addon.chain import AddonChain
@@ -74,3 +74,40 @@ def test_the_gateway_script_gives_mitmproxy_one_addon():
     names = [type(part).__name__ for part in gateway.addons[0].parts]
     # Snapshot must see the client request before the Gateway rewrites it, Recorder the final flow
     assert names.index("Snapshot") < names.index("Gateway") < names.index("Recorder")
+
+
+class Switchable(ResponseOnly):
+    def __init__(self, calls: list) -> None:
+        super().__init__(calls)
+        self.active = False
+
+    def load(self, loader) -> None:
+        loader.add_option("switch", bool, False, "a test option")
+
+    def configure(self, updated) -> None:
+        self.active = ctx.options.switch
+
+
+def test_an_inactive_part_gets_no_flow_hooks_until_configure_activates_it():
+    calls: list = []
+    chain = AddonChain(Switchable(calls))
+    with taddons.context(chain) as tctx:
+        chain.response(tflow.tflow())
+        assert calls == []
+        tctx.options.update(switch=True)
+        chain.response(tflow.tflow())
+        assert calls == [("response-only", "response")]
+        tctx.options.update(switch=False)
+        chain.response(tflow.tflow())
+        assert len(calls) == 1
+
+
+def test_the_recorder_is_only_in_the_chain_while_recording(tmp_path):
+    from addon.recording import Recorder
+
+    recorder = Recorder()
+    chain = AddonChain(recorder)
+    with taddons.context(chain) as tctx:
+        assert recorder.response not in chain.hooks["response"]
+        tctx.options.update(record_file=str(tmp_path / "flows"))
+        assert recorder.response in chain.hooks["response"]

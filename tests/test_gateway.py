@@ -172,11 +172,21 @@ def test_translation_failure_becomes_502(gw, monkeypatch):
     monkeypatch.setattr(type(PASSTHROUGH), "translate_body", lambda self, s, b: 1 / 0)
     f = flow()
     gw.request(f)
-    f.response = tutils.tresp(content=b"{}")
+    f.response = tutils.tresp(status_code=500, content=b"{}")
     gw.responseheaders(f)
     gw.response(f)
     assert f.response.status_code == 502
     assert json.loads(f.response.content)["error"]["code"] == "gateway_error"
+
+
+def test_passthrough_success_body_is_not_read(gw, monkeypatch):
+    monkeypatch.setattr(type(PASSTHROUGH), "translate_body", lambda self, s, b: 1 / 0)
+    f = flow()
+    gw.request(f)
+    f.response = tutils.tresp(content=b'{"id": "x"}')
+    gw.responseheaders(f)
+    gw.response(f)
+    assert f.response.status_code == 200 and f.response.content == b'{"id": "x"}'
 
 
 def test_bad_keys_file_on_reload_keeps_the_old_keys(gw, tmp_path):
@@ -235,14 +245,18 @@ def test_duplicate_authorization_headers_are_not_guessed_between(gw):
 def test_header_and_plain_content_read_raw_fields_like_mitmproxy():
     import gzip
 
-    from addon.messages import header, plain_content
+    from addon.messages import field_value, header, lower_names, plain_content
 
     resp = http.Response.make(200, b"", {"Content-Encoding": "GZIP", "X-Dup": "a"})
     resp.raw_content = gzip.compress(b"hello")
     resp.headers.fields += ((b"x-dup", b"b"),)
     assert header(resp.headers, b"x-dup") == resp.headers.get("x-dup") == "a, b"
     assert header(resp.headers, b"x-missing") is None
-    assert plain_content(resp) == resp.content == b"hello"
+    names = lower_names(resp.headers.fields)
+    assert field_value(resp.headers.fields, names, b"x-dup") == "a, b"
+    assert field_value(resp.headers.fields, names, b"content-encoding") == "GZIP"
+    assert field_value(resp.headers.fields, names, b"x-missing") is None
+    assert plain_content(resp) == plain_content(resp, names) == resp.content == b"hello"
     identity = http.Response.make(200, b"raw", {"content-encoding": "identity"})
     assert plain_content(identity) == b"raw"
 

@@ -638,6 +638,7 @@ class StreamTranslator:
 
 class AnthropicExchange:
     __slots__ = ("model", "include_usage", "created")
+    translates_success = True
 
     def __init__(self, model: str, include_usage: bool, created: int) -> None:
         self.model = model

@@ -22,6 +22,9 @@ class UpstreamRequest(NamedTuple):
 
 
 class Exchange(Protocol):
+    # False: a 2xx body goes to the client as it is, and the adapter does not read it
+    translates_success: bool
+
     def translate_body(self, status: int, body: bytes) -> bytes | None:
         """The client's body for a whole (non-streamed) upstream body; None keeps it."""
 

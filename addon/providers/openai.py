@@ -14,6 +14,7 @@ from addon.providers.base import UpstreamRequest
 
 class PassthroughExchange:
     __slots__ = ()
+    translates_success = False
 
     def translate_body(self, status: int, body: bytes) -> bytes | None:
         if status < 400 or is_openai_error(body):
