@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 MINUTE = 60.0
@@ -102,6 +103,9 @@ class MemoryStore:
     a check-and-count in one call cannot interleave with another request's."""
 
     def __init__(self) -> None:
+        # called before usage is read (tpm, spend): the accounting counts the flows it has
+        # noted but not yet counted (accounting.py says why it defers)
+        self.before_read: Callable[[], None] | None = None
         self._requests: dict[str, deque[float]] = {}
         self._tokens: dict[str, deque[tuple[float, int]]] = {}
         self._token_sums: dict[str, int] = {}
@@ -117,6 +121,8 @@ class MemoryStore:
         return None
 
     def tokens_wait(self, key: str, tpm: int, now: float) -> float | None:
+        if self.before_read is not None:
+            self.before_read()
         used = self._expire_tokens(key, now)
         if used < tpm:
             return None
@@ -138,6 +144,8 @@ class MemoryStore:
         return total
 
     def spend(self, key: str, period: int | None, now: float) -> Spend:
+        if self.before_read is not None:
+            self.before_read()
         spend = self._spend.get(key)
         if spend is None:
             return Spend(0, 0.0)

@@ -73,3 +73,64 @@ def test_flows_loaded_from_a_file_are_not_counted_again():
             accounting.response(f)
     assert store.spend("fp-live", None, 2e9)[0] == 7
     assert store.spend("fp-loaded", None, 2e9)[0] == 0
+
+
+def _finished_flow(fingerprint: str, tokens: tuple[int, int] = (5, 2)):
+    import json
+    from mitmproxy.test import tflow, tutils
+
+    usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
+    f = tflow.tflow(resp=tutils.tresp(content=json.dumps({"choices": [], "usage": usage}).encode()))
+    f.metadata["gateway"] = {"fingerprint": fingerprint, "key": "k", "provider": "openai", "model": "m"}
+    return f
+
+
+def test_counting_waits_for_a_batch_but_every_read_of_usage_sees_it_first():
+    from mitmproxy.test import taddons
+    from addon.accounting import UsageAccounting
+    from addon.store import MemoryStore
+
+    store = MemoryStore()
+    accounting = UsageAccounting(store)
+    with taddons.context(accounting) as tctx:
+        tctx.configure(accounting, usage_db="")
+        f = _finished_flow("fp", (600, 400))
+        accounting.response(f)
+        assert len(accounting.unsettled) == 1  # noted, not yet parsed or counted
+        # a tpm check right after the response already sees its 1,000 tokens
+        assert store.tokens_wait("fp", 1000, f.response.timestamp_end + 1) is not None
+        assert accounting.unsettled == []
+        accounting.response(_finished_flow("fp", (1, 1)))
+        assert store.spend("fp", None, 2e9).tokens == 1002
+
+
+def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path):
+    import asyncio
+    import sqlite3
+    from mitmproxy.test import taddons
+    from addon import ledger
+    from addon.accounting import UsageAccounting
+    from addon.store import MemoryStore
+
+    async def go():
+        store = MemoryStore()
+        accounting = UsageAccounting(store)
+        with taddons.context(accounting) as tctx:
+            tctx.configure(accounting, usage_db="")
+            accounting.running()
+            accounting.response(_finished_flow("fp"))
+            await asyncio.sleep(ledger.FLUSH_EVERY * 2.5)
+            assert accounting.unsettled == [] and store._spend["fp"].tokens == 7
+            accounting.done()
+
+        store = MemoryStore()
+        accounting = UsageAccounting(store)
+        db = tmp_path / "usage.sqlite3"
+        with taddons.context(accounting) as tctx:
+            tctx.configure(accounting, usage_db=str(db))
+            accounting.response(_finished_flow("fp2"))
+            accounting.done()  # stopping: settled and written, nothing lost
+        rows = sqlite3.connect(db).execute("SELECT key_fingerprint, prompt_tokens FROM usage").fetchall()
+        assert rows == [("fp2", 5)]
+
+    asyncio.run(go())
