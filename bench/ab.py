@@ -1,6 +1,6 @@
 """A/B the gateway against an older revision of itself, in one run: proxy CPU per request.
 
-    .venv/bin/python bench/ab.py REV [REV ...] [--rounds 4] [--duration 3] [--connections 16]
+    .venv/bin/python bench/ab.py REV [REV ...] [--rounds 4] [--duration 3] [--connections 16] [--scenario S]
 
 Starts bare mitmdump, the gateway as checked out, and the gateway from each git revision REV (its
 addon/ directory exported to a temporary directory) or directory REV (holding an addon/), all in front of the same fake provider, and runs
@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=3)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--scenario", choices=bench.SCENARIOS, help="only this scenario (default: all)")
     args = ap.parse_args()
     if not bench.shutil.which("wrk"):
         print("ab: wrk not found (./run.sh bench installs it)", file=sys.stderr)
@@ -56,7 +57,7 @@ def main() -> int:
             stack.ports[name] = port
             bench.wait_port(port, proc, labels[name], stack.tmp / f"{name}.log")
         targets = ("bare", *others, "gateway")
-        for scenario in [s for s in bench.SCENARIOS if s in bench.PROVIDERS]:
+        for scenario in [s for s in bench.SCENARIOS if s in bench.PROVIDERS and args.scenario in (None, s)]:
             def spec(t):
                 return bench.request_spec("bare" if t == "bare" else "gateway", scenario)
             runs: dict[str, list] = {t: [] for t in targets}
