@@ -18,6 +18,7 @@ Error messages name the file and the entry, never a secret.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,15 @@ def mask(secret: str) -> str:
     if len(secret) < 10:
         return "***"
     return f"{secret[:3]}...{secret[-3:]}"
+
+
+MODEL_ANSWERS_KEPT = 4096  # per cache of model-name answers (prices, allowed models)
+
+
+@functools.lru_cache(maxsize=MODEL_ANSWERS_KEPT)
+def _matches_any(model: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a model name matches one of a key's `models` (names or globs), remembered."""
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 
 def fingerprint(virtual_key: str) -> str:
@@ -77,7 +87,7 @@ class KeyPolicy:
     def allows_model(self, model: str) -> bool:
         if self.models is None:
             return True
-        return any(fnmatchcase(model, pattern) for pattern in self.models)
+        return _matches_any(model, self.models)
 
     def describe(self) -> str:
         """One line for the operator: '[models gpt-4o,o3; rpm 60; budget $25/30d]'."""
@@ -142,6 +152,9 @@ class KeyStore:
         self._hashed = dict(hashed or {})  # sha256 hex of the virtual key -> key
         self.prices = dict(prices or {})  # model name or glob -> price
         self.source = source
+        # model -> price answers: a glob walk costs ~0.3 us per pattern, per request. The store
+        # is replaced whole on reload, and so is this cache.
+        self._price_of: dict[str, Price | None] = {}
 
     def lookup(self, presented: str) -> VirtualKey | None:
         key = self._keys.get(presented)
@@ -151,11 +164,16 @@ class KeyStore:
 
     def price(self, model: str) -> Price | None:
         """Exact model name first, then the first glob that matches (in file order)."""
+        try:
+            return self._price_of[model]
+        except KeyError:
+            pass
         price = self.prices.get(model)
         if price is None:
-            for pattern, p in self.prices.items():
-                if fnmatchcase(model, pattern):
-                    return p
+            price = next((p for pattern, p in self.prices.items() if fnmatchcase(model, pattern)), None)
+        if len(self._price_of) >= MODEL_ANSWERS_KEPT:  # clients choose model names: stay bounded
+            self._price_of.clear()
+        self._price_of[model] = price
         return price
 
     def __len__(self) -> int:

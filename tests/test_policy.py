@@ -156,3 +156,21 @@ def test_policy_summary_for_the_keys_check():
     keys = keys_with(models=["gpt-4o"], rpm=5, budget_usd=2.5, budget_period="1d", disabled=True)
     assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/24h]"
     assert keys_with().lookup("vk_test_policy").policy.describe() == ""
+
+
+def test_remembered_price_and_model_answers_match_a_fresh_lookup_and_stay_bounded(monkeypatch):
+    from addon import keys as keys_module
+
+    keys = keys_with()
+    for _ in range(2):  # the second round is answered from the caches
+        assert keys.price("gpt-4o").input == 2.5
+        assert keys.price("gpt-4o-mini-2024").input == 0.15
+        assert keys.price("o3") is None
+    monkeypatch.setattr(keys_module, "MODEL_ANSWERS_KEPT", 8)
+    for i in range(50):
+        keys.price(f"client-chosen-{i}")
+    assert len(keys._price_of) <= 8
+    policy = keys_module.KeyPolicy(models=("gpt-4o*", "o3"))
+    for _ in range(2):
+        assert policy.allows_model("gpt-4o-mini") and policy.allows_model("o3")
+        assert not policy.allows_model("o3-mini") and not policy.allows_model("claude")
