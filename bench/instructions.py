@@ -1,6 +1,6 @@
 """Instructions per request under callgrind: a deterministic A/B of proxy cost, immune to a busy machine.
 
-    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [TARGET ...]
+    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [--cache-sim] [TARGET ...]
 
 TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git revision, or a
 directory holding an `addon/`; the default is `bare .`. Each target runs under
@@ -8,7 +8,9 @@ directory holding an `addon/`; the default is `bare .`. Each target runs under
 N sequential keep-alive requests: the count per request repeats within about 0.1% run to run,
 where CPU time on this shared machine varies by 10%. Counts are not time (C code such as the
 JSON decoder retires far more instructions per microsecond than interpreted Python), so confirm a
-win with bench/ab.py. Needs valgrind
+win with bench/ab.py. --cache-sim adds valgrind's simulated L1 cache misses (instruction, data)
+and branch mispredictions per request: code that costs more in the proxy than its instruction
+count says shows up there. Needs valgrind
 (Debian package `valgrind`); about 20 s per target.
 """
 
@@ -59,7 +61,10 @@ def addon_dir(target: str, tmp: Path) -> Path | None:
     return out / "addon"
 
 
-def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path) -> float:
+def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path,
+                             cache_sim: bool = False) -> dict[str, float]:
+    """callgrind's event counts per request: Ir (instructions), and with cache_sim I1mr, D1mr
+    (L1 misses), Bcm, Bim (mispredicted conditional and indirect branches)."""
     port = bench.free_port()
     name = f"cg{port}"
     if addon is None:
@@ -67,7 +72,8 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
     else:
         args = ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *stack.common_args(name), *stack.gateway_args(addon)]
     out = tmp / f"callgrind.{port}"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+    sim = ["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", *sim, "--instr-atstart=no", f"--callgrind-out-file={out}",
                              str(bench.MITMDUMP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         bench.wait_port(port, proc, name, Path(os.devnull), timeout=180)
@@ -80,13 +86,18 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
     finally:
         proc.terminate()
         proc.wait(120)
-    total = 0
+    best: dict[str, int] = {}
     for path in glob.glob(f"{out}*"):
+        events: list[str] = []
         with open(path, errors="replace") as f:
             for line in f:
-                if line.startswith(("summary:", "totals:")):
-                    total = max(total, int(line.split()[1]))
-    return total / n
+                if line.startswith("events:"):
+                    events = line.split()[1:]
+                elif line.startswith(("summary:", "totals:")):
+                    counts = dict(zip(events, map(int, line.split()[1:])))
+                    if counts.get("Ir", 0) > best.get("Ir", 0):
+                        best = counts
+    return {event: count / n for event, count in best.items()}
 
 
 def main() -> int:
@@ -94,6 +105,7 @@ def main() -> int:
     ap.add_argument("targets", nargs="*", default=["bare", "."], metavar="TARGET")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--scenario", choices=bench.SCENARIOS, default="openai")
+    ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
@@ -105,9 +117,14 @@ def main() -> int:
         stack.start()
         first = None
         for target in args.targets:
-            count = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp)
-            first = count if first is None else first
-            print(f"{target:32s} {count / 1e3:9.1f} k instructions/request  ({(count - first) / 1e3:+7.1f} k)", flush=True)
+            counts = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp,
+                                              args.cache_sim)
+            first = counts if first is None else first
+            line = f"{target:32s} {counts['Ir'] / 1e3:9.1f} k instructions/request  ({(counts['Ir'] - first['Ir']) / 1e3:+7.1f} k)"
+            for event, label in (("I1mr", "I1 misses"), ("D1mr", "D1 misses"), ("Bcm", "branch mispredicts")):
+                if event in counts:
+                    line += f"  {label} {counts[event] / 1e3:6.1f} k ({100 * (counts[event] / first[event] - 1):+5.1f}%)"
+            print(line, flush=True)
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
