@@ -8,6 +8,8 @@ held back except an incomplete event.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from json.encoder import c_make_encoder, encode_basestring
 
 
 class SSEDecoder:
@@ -61,8 +63,26 @@ class SSEDecoder:
             self._event = value.decode("utf-8", "replace")
 
 
-# compact, UTF-8 as it is; one encoder built once (json.dumps with options builds one per call)
-compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+def json_encoder(item_separator: str, key_separator: str) -> Callable[[object], str]:
+    """`json.JSONEncoder(separators=..., ensure_ascii=False).encode`, with its C encoder built
+    once. JSONEncoder.encode builds a new one (nine arguments, a markers dict) on every call:
+    on the Anthropic path that setup cost 28k instructions per request (bench/instructions.py)
+    and ~15-50 us in the running proxy (bench/ab.py, c=1). No circular-reference check: what
+    the gateway encodes was parsed from JSON or built from it, so it has no cycles."""
+    stdlib = json.JSONEncoder(separators=(item_separator, key_separator), ensure_ascii=False)
+    if c_make_encoder is None:  # a Python without the json C accelerator
+        return stdlib.encode
+    encoder = c_make_encoder(None, stdlib.default, encode_basestring, None, key_separator, item_separator,
+                             False, False, True)  # sort_keys, skipkeys, allow_nan as JSONEncoder's defaults
+
+    def encode(obj: object) -> str:
+        return "".join(encoder(obj, 0))
+
+    return encode
+
+
+# compact, UTF-8 as it is
+compact_json = json_encoder(",", ":")
 
 
 def encode_data(obj: dict) -> bytes:

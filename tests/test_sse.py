@@ -1,3 +1,7 @@
+import json
+
+import pytest
+
 from addon.sse import SSEDecoder, encode_data
 
 STREAM = (
@@ -41,3 +45,24 @@ def test_events_come_out_as_soon_as_complete():
 
 def test_encode_data_is_compact_utf8():
     assert encode_data({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2.5, None, True, "é\n\"\u2028", {"b": {}}], 1: 2, "big": 2**80, "f": 1e16},
+    "x", 5, [], float("nan"), {"nested": [[{"deep": [1e-7]}]]},
+])
+def test_the_reused_encoders_write_what_jsonencoder_writes(value):
+    from addon.sse import compact_json, json_encoder
+
+    assert compact_json(value) == json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode(value)
+    assert json_encoder(", ", ": ")(value) == json.dumps(value, ensure_ascii=False)
+
+
+def test_the_reused_encoder_refuses_what_jsonencoder_refuses():
+    from addon.sse import compact_json
+
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        compact_json({"a": object()})
+    with pytest.raises(TypeError, match="keys must be"):
+        compact_json({(1, 2): 3})
+    assert compact_json({"after": "errors"}) == '{"after":"errors"}'

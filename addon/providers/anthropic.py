@@ -19,7 +19,7 @@ from collections.abc import Callable
 from addon.errors import GatewayError, error_dict
 from addon.providers.base import UpstreamRequest
 from addon.providers.openai import is_openai_error, wrap_foreign_error
-from addon.sse import DONE, SSEDecoder, compact_json, encode_data
+from addon.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -404,7 +404,7 @@ def convert_tool_choice(choice, parallel_tool_calls) -> dict | None:
 
 
 # tool call arguments as json.dumps writes them (", " and ": "), which clients have seen so far
-arguments_json = json.JSONEncoder(ensure_ascii=False).encode
+arguments_json = json_encoder(", ", ": ")
 
 
 # --- response --------------------------------------------------------------------------------
