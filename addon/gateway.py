@@ -33,7 +33,7 @@ from addon.chain import AddonChain
 from addon.errors import GatewayError, error_body
 from addon.errorpages import JsonErrorPages
 from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
-from addon.messages import Fields, field_value, header, lower_names, plain_content, replace_body
+from addon.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers import PROVIDERS
 from addon.recording import Recorder, Snapshot
 from addon.reload import KeysReloader
@@ -81,9 +81,11 @@ def upstream_target(upstream_url: str) -> UpstreamTarget:
 
 
 @functools.lru_cache(maxsize=64)
-def replaced_header_names(upstream_names: tuple[str, ...]) -> frozenset[bytes]:
-    """Client headers (lowercase bytes) not forwarded: the client's auth, and those the provider sets."""
-    return _DROPPED.union(name.lower().encode() for name in upstream_names)
+def replaced_header_names(upstream_names: tuple[str, ...], new_body: bool) -> frozenset[bytes]:
+    """Client headers (lowercase bytes) not forwarded: the client's auth, those the provider
+    sets, and with a new body its framing (content-length, content-encoding)."""
+    dropped = _DROPPED.union(name.lower().encode() for name in upstream_names)
+    return dropped | BODY_HEADERS if new_body else dropped
 
 
 def presented_key(fields: Fields, names: list[bytes]) -> str | None:
@@ -239,16 +241,17 @@ class Gateway:
         meta.update(model=model, stream=bool(body.get("stream")))
         price = keys.price(model)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
-        body_changed = False
+        new_body = None
         if meta["stream"]:
             # always ask for stream usage so the ledger can count it; accounting.py hides it
             # again from a client that did not ask
             meta["client_usage"] = client_wants_stream_usage(body)
             if not meta["client_usage"]:
-                raw = request_stream_usage(body, raw)
-                body_changed = True
+                new_body = request_stream_usage(body, raw)
         provider = PROVIDERS[key.provider]
         upstream, exchange = provider.prepare(body, key.api_key)  # raises for what it cannot serve
+        if upstream.body is not None:
+            new_body = upstream.body
         # last: the rpm slot is taken only by a request that will be forwarded
         policy.admit(key, model, keys, self.store, time.time())
 
@@ -258,20 +261,20 @@ class Gateway:
         if data.authority:  # HTTP/2 :authority
             data.authority = target.host_header
         request.path = f"{target.path}?{query}" if query else target.path
-        # Drop the client's auth headers, point Host at the provider and set the provider's
-        # headers in one pass over the fields: each Headers.pop / __setitem__ rescans them all.
+        # Drop the client's auth headers, point Host at the provider, set the provider's headers
+        # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
+        # rescans them all.
         upstream_headers = upstream.headers
         if meta["stream"]:
             upstream_headers = {**upstream_headers, "accept-encoding": "identity"}  # stream callables see raw bytes
-        replaced = replaced_header_names(tuple(upstream_headers))
+        replaced = replaced_header_names(tuple(upstream_headers), new_body is not None)
         host = target.host_header
         forwarded = [(f[0], host) if n == b"host" else f for f, n in zip(fields, names) if n not in replaced]
         forwarded += [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in upstream_headers.items()]
+        if new_body is not None:  # the provider's body, or the client's with the usage request
+            forwarded += framing_fields(names, new_body)
+            request.data.content = new_body
         request.headers.fields = tuple(forwarded)
-        if upstream.body is not None:
-            replace_body(request, upstream.body)
-        elif body_changed:  # forwarded as the client sent it, but for the usage request
-            replace_body(request, raw)
         self.exchanges[flow.id] = exchange
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:

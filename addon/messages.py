@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-_BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})
-_BODY_HEADERS_AND_TYPE = _BODY_HEADERS | {b"content-type"}
+BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})  # a new body's framing replaces them
+_BODY_HEADERS_AND_TYPE = BODY_HEADERS | {b"content-type"}
 _IDENTITY = frozenset({b"", b"identity"})
 
 Fields = tuple[tuple[bytes, bytes], ...]
@@ -53,14 +53,20 @@ def plain_content(message: http.Message, names: list[bytes] | None = None) -> by
     return message.raw_content or b""
 
 
+def framing_fields(names: list[bytes], body: bytes) -> list[tuple[bytes, bytes]]:
+    """The content-length of a new, unencoded body, unless the message is chunked (mitmproxy
+    then frames it); after the fields in BODY_HEADERS were dropped."""
+    return [] if b"transfer-encoding" in names else [(b"content-length", b"%d" % len(body))]
+
+
 def replace_body(message: http.Message, body: bytes, content_type: bytes | None = None) -> None:
     """A new, unencoded body with its framing headers, in one pass over the header fields
     (`message.content = ...` plus header edits rescans the fields once per header)."""
-    dropped = _BODY_HEADERS if content_type is None else _BODY_HEADERS_AND_TYPE
-    fields = [f for f in message.headers.fields if f[0].lower() not in dropped]
+    dropped = BODY_HEADERS if content_type is None else _BODY_HEADERS_AND_TYPE
+    fields = message.headers.fields
+    names = lower_names(fields)
+    kept = [f for f, n in zip(fields, names) if n not in dropped]
     if content_type is not None:
-        fields.append((b"content-type", content_type))
-    if not any(f[0].lower() == b"transfer-encoding" for f in fields):
-        fields.append((b"content-length", b"%d" % len(body)))
-    message.headers.fields = tuple(fields)
+        kept.append((b"content-type", content_type))
+    message.headers.fields = (*kept, *framing_fields(names, body))
     message.data.content = body
