@@ -54,8 +54,8 @@ MESSAGES = [{"role": "system", "content": "You are a terse assistant."},
 
 @dataclass
 class Settings:
-    rounds: int = 3  # alternating bare/gateway rounds per (scenario, connections)
-    duration: float = 4.0  # seconds per wrk round
+    rounds: int = 5  # alternating bare/gateway rounds per (scenario, connections)
+    duration: float = 3.0  # seconds per wrk round
     connections: tuple[int, ...] = (1, 16, 64)
     stream_iterations: int = 40  # sequential 200-event streams per target
     stream_events: int = 200
@@ -339,12 +339,19 @@ def throughput(stack: Stack, s: Settings) -> dict:
                                "rounds": [{"rps": r["rps"], "p50_ms": r["latency_us"]["p50"] / 1000,
                                            "p99_ms": r["latency_us"]["p99"] / 1000,
                                            "cpu_us_per_request": r["cpu_us_per_request"]} for r in rs]}
-            b, g = row["bare"], row["gateway"]
-            row["ratio"] = {"rps": ratio(g["rps"], b["rps"]), "p50": ratio(g["p50_ms"], b["p50_ms"]),
-                            "p99": ratio(g["p99_ms"], b["p99_ms"])}
-            row["ratio"]["cpu_per_request"] = ratio(g["cpu_us_per_request"], b["cpu_us_per_request"])
-            row["added_p50_ms"] = g["p50_ms"] - b["p50_ms"]
-            row["added_cpu_us_per_request"] = g["cpu_us_per_request"] - b["cpu_us_per_request"]
+            # each round measures bare and gateway back to back: compare within rounds (paired),
+            # then take the median, so a slow stretch of the machine falls on both sides of a pair
+            pairs = list(zip(runs["bare"], runs["gateway"]))
+
+            def paired(f):
+                return median([v for v in (f(b, g) for b, g in pairs) if v is not None]) if pairs else None
+
+            row["ratio"] = {"rps": paired(lambda b, g: ratio(g["rps"], b["rps"])),
+                            "p50": paired(lambda b, g: ratio(g["latency_us"]["p50"], b["latency_us"]["p50"])),
+                            "p99": paired(lambda b, g: ratio(g["latency_us"]["p99"], b["latency_us"]["p99"])),
+                            "cpu_per_request": paired(lambda b, g: ratio(g["cpu_us_per_request"], b["cpu_us_per_request"]))}
+            row["added_p50_ms"] = paired(lambda b, g: (g["latency_us"]["p50"] - b["latency_us"]["p50"]) / 1000)
+            row["added_cpu_us_per_request"] = paired(lambda b, g: g["cpu_us_per_request"] - b["cpu_us_per_request"])
             summary[scenario][c] = row
     return summary
 
