@@ -32,6 +32,8 @@ SETTLE_AT = 10_000  # finished flows noted before they are settled at once, what
 from addon.streams import frame_for_new_length
 from addon.usage import StreamUsage, Usage, cost, usage_from_body
 
+NO_USAGE = Usage()
+
 log = logging.getLogger("gateway")
 
 
@@ -172,19 +174,19 @@ class UsageAccounting:
               usage: Usage | http.Response | None, streamed: bool) -> None:
         if isinstance(usage, http.Response):
             usage = usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
-        usage = usage or Usage()
-        price = Price(*meta["price"]) if meta.get("price") else None
-        usd = cost(usage, price)
+        if usage is None:
+            usage = NO_USAGE
+        price = meta.get("price")
+        usd = cost(usage, Price(*price)) if price else 0.0
         fingerprint = meta["fingerprint"]
-        if usage.total or usd:
-            self.store.add_usage(fingerprint, usage.total, usd, ended)
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        if tokens or usd:
+            self.store.add_usage(fingerprint, tokens, usd, ended)
         if self.ledger is not None:
-            self.ledger.record(UsageRecord(
-                ts=started, key_name=meta.get("key", ""), key_fingerprint=fingerprint,
-                provider=meta.get("provider", ""), model=meta.get("model", ""), status=status,
-                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens, latency_ms=max(0.0, (ended - started) * 1000),
-                streamed=streamed, cost_usd=usd,
+            self.ledger.record(UsageRecord(  # positional, in COLUMNS order
+                started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
+                status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                max(0.0, (ended - started) * 1000), streamed, usd,
             ))
 
 

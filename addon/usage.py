@@ -40,7 +40,11 @@ def usage_from_dict(usage: object) -> Usage | None:
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if cached is None:
         cached = usage.get("prompt_cache_hit_tokens")  # DeepSeek
-    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), _count(cached))
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    # counts are positive ints; anything else (null, a string, a bool, a negative) counts 0
+    return Usage(prompt if type(prompt) is int and prompt > 0 else 0,
+                 completion if type(completion) is int and completion > 0 else 0,
+                 cached if type(cached) is int and cached > 0 else 0)
 
 
 _DECODER = json.JSONDecoder()
@@ -48,12 +52,13 @@ _DECODER = json.JSONDecoder()
 
 def usage_from_body(body: bytes) -> Usage | None:
     """Usage of a whole chat.completion body; None when it has none (errors, non-JSON)."""
-    if _USAGE not in body:
+    at = body.rfind(_USAGE)  # OpenAI-format bodies end with it
+    if at < 0:
         return None
-    if body.count(_USAGE) == 1:
+    if body.find(_USAGE) == at:
         # the usual body: parse only the usage object, not the whole answer. `"usage"` with
         # its quotes unescaped cannot be inside a JSON string, so this is the usage key.
-        m = _USAGE_OBJECT.search(body)
+        m = _USAGE_OBJECT.match(body, at)
         if m is None:
             return None  # "usage": null
         try:
@@ -176,6 +181,3 @@ def _last_event_end(buf: bytes) -> int:
     crlf = buf.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, cr + 2 if cr >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
