@@ -145,8 +145,8 @@ class Stack:
         line = fake.stdout.readline().decode()
         if not line.startswith("PORT "):
             raise RuntimeError(f"fake provider did not start: {(self.tmp / 'fake.log').read_text()}")
-        self.ports["fake"] = fake_port = int(line.split()[1])
-        fake_url = f"http://127.0.0.1:{fake_port}"
+        self.ports["fake"] = int(line.split()[1])
+        fake_url = self.url("fake")
 
         keys = {"virtual_keys": {}}
         for scenario in SCENARIOS:
@@ -158,18 +158,27 @@ class Stack:
         keys_file = self.tmp / "keys.json"
         keys_file.write_text(json.dumps(keys))
 
-        for name in ("bare", "bare_stream", "gateway"):
-            self.ports[name] = free_port()
-        # the same options as ./run.sh, the addon being the only difference
-        self._spawn("bare", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare']}",
-                             *self.common_args("bare")])
-        self._spawn("bare_stream", [str(MITMDUMP), "--mode", f"reverse:{fake_url}@127.0.0.1:{self.ports['bare_stream']}",
-                                    *self.common_args("bare_stream"), "--set", "stream_large_bodies=1"])
-        self._spawn("gateway", [str(MITMDUMP), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{self.ports['gateway']}",
-                                *self.common_args("gateway"), *self.gateway_args(ROOT / "addon")])
-        for name in ("bare", "bare_stream", "gateway"):
-            wait_port(self.ports[name], self.procs[name], name, self.tmp / f"{name}.log")
+        self.restart("bare", "bare_stream", "gateway")
         return self
+
+    def restart(self, *names: str) -> None:
+        """(Re)start these proxies, each on a new port, and wait until they listen."""
+        fake_url = self.url("fake")
+        for name in names:
+            old = self.procs.get(name)
+            if old is not None and old.poll() is None:
+                old.terminate()
+                old.wait(10)
+            self.ports[name] = port = free_port()
+            # the same options as ./run.sh, the addon being the only difference
+            cmd = {
+                "bare": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}"],
+                "bare_stream": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}", "--set", "stream_large_bodies=1"],
+                "gateway": ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *self.gateway_args(ROOT / "addon")],
+            }[name]
+            self._spawn(name, [str(MITMDUMP), *cmd, *self.common_args(name)])
+        for name in names:
+            wait_port(self.ports[name], self.procs[name], name, self.tmp / f"{name}.log")
 
     def common_args(self, name: str) -> list[str]:
         # a confdir each: mitmdumps starting at once would race writing the same new CA files
@@ -307,12 +316,17 @@ def median(xs):
 def throughput(stack: Stack, s: Settings) -> dict:
     out: dict = {}
     scenarios = [sc for sc in SCENARIOS if sc in PROVIDERS]
-    for scenario in scenarios:  # warm up both (imports, connection setup, caches)
-        for target in ("bare", "gateway"):
-            wrk(stack.url(target), request_spec(target, scenario), 4, 1, stack.tmp)
     for scenario in scenarios:
         out[scenario] = {str(c): {"bare": [], "gateway": []} for c in s.connections}
     for rnd in range(s.rounds):
+        if rnd:
+            # fresh processes each round: one process can run the same code a few percent
+            # faster or slower than another for its whole life (memory layout, the core it
+            # lands on; bench/ab.py A/A runs of identical gateways differed by up to 3.5%)
+            stack.restart("bare", "gateway")
+        for scenario in scenarios:  # warm up both (imports, connection setup, caches)
+            for target in ("bare", "gateway"):
+                wrk(stack.url(target), request_spec(target, scenario), 4, 1, stack.tmp)
         order = ("bare", "gateway") if rnd % 2 == 0 else ("gateway", "bare")
         for scenario in scenarios:
             for c in s.connections:
