@@ -34,10 +34,8 @@ def field_value(fields: Fields, names: list[bytes], name: bytes) -> str | None:
 
 def header(headers: http.Headers, name: bytes) -> str | None:
     """The value of header `name` (lowercase bytes), duplicates joined with ", " as Headers.get does."""
-    values = [value for key, value in headers.fields if key.lower() == name]
-    if not values:
-        return None
-    return b", ".join(values).decode("utf-8", "surrogateescape")
+    fields = headers.fields
+    return field_value(fields, lower_names(fields), name)
 
 
 def plain_content(message: http.Message, names: list[bytes] | None = None) -> bytes:
