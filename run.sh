@@ -65,7 +65,7 @@ ensure_wrk() {
 }
 
 check_keys() {
-    "$VENV/bin/python" -m addon.keys "$KEYS_FILE" || exit 1
+    "$VENV/bin/python" -m addon.policy.keys "$KEYS_FILE" || exit 1
 }
 
 reject_script_options() {
@@ -138,12 +138,12 @@ case "$cmd" in
     replay)
         shift
         ensure_venv
-        exec "$VENV/bin/python" -m addon.replay --keys "$KEYS_FILE" "$@"
+        exec "$VENV/bin/python" -m addon.recording.replay --keys "$KEYS_FILE" "$@"
         ;;
     usage)
         shift
         ensure_venv
-        exec "$VENV/bin/python" -m addon.ledger --db "$USAGE_DB" "$@"
+        exec "$VENV/bin/python" -m addon.usage.ledger --db "$USAGE_DB" "$@"
         ;;
     setup)
         ensure_venv

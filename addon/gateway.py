@@ -5,9 +5,9 @@ connection_strategy=lazy (run.sh does this), so that nothing is ever forwarded t
 did not route on purpose. mitmproxy fails *open* when a hook raises, so every hook here catches
 and answers a JSON 500 instead.
 
-Data path: request -> key lookup -> key policy (policy.py) -> provider.prepare -> (mitmproxy
+Data path: request -> key lookup -> key policy (policy/rules.py) -> provider.prepare -> (mitmproxy
 sends it) -> responseheaders (redact the real key, choose stream translation) -> response
-(translate a whole body). Usage is counted by accounting.py, hot reload lives in reload.py.
+(translate a whole body). Usage is counted by usage/accounting.py, hot reload lives in policy/reload.py.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ if __package__ in (None, "") or not __package__.startswith("addon"):
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 
-from addon import policy
-from addon.accounting import UsageAccounting
+from addon.policy import rules
+from addon.usage.accounting import UsageAccounting
 from addon.chain import AddonChain
-from addon.errors import GatewayError, error_body
-from addon.errorpages import JsonErrorPages
-from addon.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
-from addon.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
+from addon.wire.errors import GatewayError, error_body
+from addon.wire.errorpages import JsonErrorPages
+from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
+from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers import PROVIDERS
-from addon.recording import Recorder, Snapshot
-from addon.reload import KeysReloader
-from addon.store import MemoryStore, UsageStore
-from addon.streams import fail_closed_stream
-from addon.timeouts import UpstreamTimeout
-from addon.usage import client_wants_stream_usage, request_stream_usage
+from addon.recording.recorder import Recorder, Snapshot
+from addon.policy.reload import KeysReloader
+from addon.policy.store import MemoryStore, UsageStore
+from addon.wire.streams import fail_closed_stream
+from addon.wire.timeouts import UpstreamTimeout
+from addon.usage.tokens import client_wants_stream_usage, request_stream_usage
 
 log = logging.getLogger("gateway")
 
@@ -124,7 +124,7 @@ class Gateway:
     """Routes chat completions to providers; everything else is answered locally."""
 
     def __init__(self, store: UsageStore | None = None) -> None:
-        self.keys: KeyStore | None = None  # replaced whole on reload (reload.py), never mutated
+        self.keys: KeyStore | None = None  # replaced whole on reload (policy/reload.py), never mutated
         self.store: UsageStore = store if store is not None else MemoryStore()  # rate limits and spend
         # per in-flight flow: the provider Exchange that translates its response
         self.exchanges: dict[str, object] = {}
@@ -253,7 +253,7 @@ class Gateway:
         if upstream.body is not None:
             new_body = upstream.body
         # last: the rpm slot is taken only by a request that will be forwarded
-        policy.admit(key, model, keys, self.store, time.time())
+        rules.admit(key, model, keys, self.store, time.time())
 
         target = upstream_target(key.upstream_url)
         data = request.data  # set directly: the property setters each rewrite Host again
@@ -286,15 +286,15 @@ class Gateway:
         key = self.keys.lookup(presented)
         if key is None:
             raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
-        policy.check_key(key, time.time())
+        rules.check_key(key, time.time())
         return key
 
     def answer_models(self, flow: http.HTTPFlow, key: VirtualKey, model: str | None) -> None:
         """GET /v1/models lists the key's models; GET /v1/models/{id} answers one the key may use."""
         if model is None:
-            body = policy.models_page(key)
+            body = rules.models_page(key)
         elif key.policy.allows_model(model):  # any model, for a key without a models list
-            body = policy.model_object(key, model)
+            body = rules.model_object(key, model)
         else:
             raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")
         flow.response = http.Response.make(200, json.dumps(body).encode(), JSON_HEADERS)
@@ -320,6 +320,6 @@ class Gateway:
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
 _gateway = Gateway(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
-# after the Gateway: see addon/recording.py)
+# after the Gateway: see addon/recording/recorder.py)
 addons = [AddonChain(JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
                      UsageAccounting(_store), UpstreamTimeout(), Recorder())]

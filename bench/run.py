@@ -188,8 +188,9 @@ class Stack:
         """Options for a gateway whose code is in addon_dir: the bench's keys, and a throwaway
         usage ledger (never the user's usage.sqlite3), when that version has one."""
         args = ["--set", f"keys_file={self.tmp / 'keys.json'}"]
-        accounting = addon_dir / "accounting.py"
-        if accounting.exists() and '"usage_db"' in accounting.read_text():
+        # (addon/usage/accounting.py since the regrouping; addon/accounting.py in older revisions)
+        if any(f.exists() and '"usage_db"' in f.read_text()
+               for f in (addon_dir / "usage" / "accounting.py", addon_dir / "accounting.py")):
             args += ["--set", f"usage_db={self.tmp / ('usage-' + addon_dir.parent.name + '.sqlite3')}"]
         return args + ["-s", str(addon_dir / "gateway.py")]
 
@@ -479,7 +480,7 @@ def translator_cpu(s: Settings) -> dict:
         return {"available": False, "reason": "no 'anthropic' provider in addon.providers.PROVIDERS yet"}
     from mitmproxy.http import Headers
 
-    from addon.streams import fail_closed_stream
+    from addon.wire.streams import fail_closed_stream
 
     provider = PROVIDERS["anthropic"]
     raw = json.dumps({"model": ANTHROPIC_MODEL, "messages": MESSAGES, "max_tokens": 64, "stream": True}).encode()

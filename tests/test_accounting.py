@@ -1,7 +1,7 @@
 """watched_stream: the usage watcher composed after a provider's stream translator."""
 
-from addon.accounting import watched_stream
-from addon.usage import StreamUsage, Usage
+from addon.usage.accounting import watched_stream
+from addon.usage.tokens import StreamUsage, Usage
 from tests.fakeprovider import openai_stream
 
 STREAM = openai_stream({"model": "gpt-4o"})
@@ -58,8 +58,8 @@ def test_a_failing_watcher_does_not_break_the_stream():
 def test_flows_loaded_from_a_file_are_not_counted_again():
     import json
     from mitmproxy.test import taddons, tflow, tutils
-    from addon.accounting import UsageAccounting
-    from addon.store import MemoryStore
+    from addon.usage.accounting import UsageAccounting
+    from addon.policy.store import MemoryStore
 
     store = MemoryStore()
     accounting = UsageAccounting(store)
@@ -87,8 +87,8 @@ def _finished_flow(fingerprint: str, tokens: tuple[int, int] = (5, 2)):
 
 def test_counting_waits_for_a_batch_but_every_read_of_usage_sees_it_first():
     from mitmproxy.test import taddons
-    from addon.accounting import UsageAccounting
-    from addon.store import MemoryStore
+    from addon.usage.accounting import UsageAccounting
+    from addon.policy.store import MemoryStore
 
     store = MemoryStore()
     accounting = UsageAccounting(store)
@@ -108,9 +108,9 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
     import asyncio
     import sqlite3
     from mitmproxy.test import taddons
-    from addon import ledger
-    from addon.accounting import UsageAccounting
-    from addon.store import MemoryStore
+    from addon.usage import ledger
+    from addon.usage.accounting import UsageAccounting
+    from addon.policy.store import MemoryStore
 
     async def go():
         store = MemoryStore()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from addon.errors import GatewayError
+from addon.wire.errors import GatewayError
 from addon.providers import PROVIDERS
 from addon.providers.anthropic import (
     FALLBACK_MAX_TOKENS,
@@ -15,7 +15,7 @@ from addon.providers.anthropic import (
     StreamTranslator,
     default_max_tokens,
 )
-from addon.streams import fail_closed_stream
+from addon.wire.streams import fail_closed_stream
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 

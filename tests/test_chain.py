@@ -103,7 +103,7 @@ def test_an_inactive_part_gets_no_flow_hooks_until_configure_activates_it():
 
 
 def test_the_recorder_is_only_in_the_chain_while_recording(tmp_path):
-    from addon.recording import Recorder
+    from addon.recording.recorder import Recorder
 
     recorder = Recorder()
     chain = AddonChain(recorder)

@@ -7,7 +7,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
-from addon.keys import fingerprint
+from addon.policy.keys import fingerprint
 from addon.providers.openai import PASSTHROUGH
 
 REAL = "sk-real-secret-key-123456"
@@ -208,7 +208,7 @@ def test_http2_authority_follows_the_upstream(gw):
 
 
 def test_replace_body_sets_framing_headers_like_mitmproxy():
-    from addon.messages import replace_body
+    from addon.wire.messages import replace_body
     resp = tutils.tresp(headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1"))
     replace_body(resp, b'{"a":1}', b"application/json")
     assert resp.headers["content-type"] == "application/json" and "content-encoding" not in resp.headers
@@ -245,7 +245,7 @@ def test_duplicate_authorization_headers_are_not_guessed_between(gw):
 def test_header_and_plain_content_read_raw_fields_like_mitmproxy():
     import gzip
 
-    from addon.messages import field_value, header, lower_names, plain_content
+    from addon.wire.messages import field_value, header, lower_names, plain_content
 
     resp = http.Response.make(200, b"", {"Content-Encoding": "GZIP", "X-Dup": "a"})
     resp.raw_content = gzip.compress(b"hello")
@@ -287,7 +287,7 @@ def test_a_request_the_provider_refuses_does_not_use_up_the_rpm_slot(tmp_path):
 
 
 def test_a_timeout_mark_only_turns_its_own_502_into_a_504(monkeypatch):
-    from addon import errorpages
+    from addon.wire import errorpages
 
     clock = [1000.0]
     monkeypatch.setattr(errorpages.time, "monotonic", lambda: clock[0])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from addon.keys import KeysError, fingerprint, load_keys, mask, parse_keys
+from addon.policy.keys import KeysError, fingerprint, load_keys, mask, parse_keys
 
 REAL = "sk-real-secret-key-123456"
 

@@ -1,8 +1,8 @@
-"""ledger.py: the batched writer, the seeds it gives the store, and the usage table."""
+"""addon/usage/ledger.py: the batched writer, the seeds it gives the store, and the usage table."""
 
 import sqlite3
 
-from addon.ledger import Ledger, UsageRecord, main, recent_tokens, spend_buckets, usage_table
+from addon.usage.ledger import Ledger, UsageRecord, main, recent_tokens, spend_buckets, usage_table
 
 
 def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200):

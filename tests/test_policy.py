@@ -1,13 +1,13 @@
-"""policy.py rules on parsed keys files, with an in-memory store and the time passed in."""
+"""addon/policy/rules.py on parsed keys files, with an in-memory store and the time passed in."""
 
 import hashlib
 
 import pytest
 
-from addon import policy
-from addon.errors import GatewayError
-from addon.keys import KeysError, parse_keys
-from addon.store import MemoryStore
+from addon.policy import rules as policy
+from addon.wire.errors import GatewayError
+from addon.policy.keys import KeysError, parse_keys
+from addon.policy.store import MemoryStore
 
 
 def keys_with(**fields):
@@ -159,7 +159,7 @@ def test_policy_summary_for_the_keys_check():
 
 
 def test_remembered_price_and_model_answers_match_a_fresh_lookup_and_stay_bounded(monkeypatch):
-    from addon import keys as keys_module
+    from addon.policy import keys as keys_module
 
     keys = keys_with()
     for _ in range(2):  # the second round is answered from the caches

@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 
-from addon.ledger import format_table, usage_table
+from addon.usage.ledger import format_table, usage_table
 from tests.fakeprovider import Reply, openai_stream
 
 pytestmark = pytest.mark.e2e

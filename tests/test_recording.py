@@ -1,4 +1,4 @@
-"""Recording, offline replay and inspection (issue 4): addon/recording.py, addon/replay.py, run.sh."""
+"""Recording, offline replay and inspection (issue 4): addon/recording/recorder.py, addon/recording/replay.py, run.sh."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pytest
 from mitmproxy import http, io
 from mitmproxy.test import tflow
 
-from addon import replay
-from addon.keys import fingerprint
-from addon.recording import mark, scrub, unmark
+from addon.recording import replay
+from addon.policy.keys import fingerprint
+from addon.recording.recorder import mark, scrub, unmark
 from tests import rawhttp
 from tests.fakeprovider import Reply, openai_completion
 from tests.flows import scenarios
@@ -415,7 +415,7 @@ def test_a_flow_in_flight_at_shutdown_leaves_no_key_in_the_recording(provider_se
 
 def test_snapshot_keeps_client_requests_only_when_recording_or_asked():
     from mitmproxy.test import taddons, tflow
-    from addon.recording import Recorder, Snapshot
+    from addon.recording.recorder import Recorder, Snapshot
 
     snapshot, recorder = Snapshot(), Recorder()
     with taddons.context(snapshot, recorder) as tctx:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from addon.sse import SSEDecoder, encode_data
+from addon.wire.sse import SSEDecoder, encode_data
 
 STREAM = (
     b"event: message_start\r\ndata: {\"a\": 1}\r\n\r\n"
@@ -52,14 +52,14 @@ def test_encode_data_is_compact_utf8():
     "x", 5, [], float("nan"), {"nested": [[{"deep": [1e-7]}]]},
 ])
 def test_the_reused_encoders_write_what_jsonencoder_writes(value):
-    from addon.sse import compact_json, json_encoder
+    from addon.wire.sse import compact_json, json_encoder
 
     assert compact_json(value) == json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode(value)
     assert json_encoder(", ", ": ")(value) == json.dumps(value, ensure_ascii=False)
 
 
 def test_the_reused_encoder_refuses_what_jsonencoder_refuses():
-    from addon.sse import compact_json
+    from addon.wire.sse import compact_json
 
     with pytest.raises(TypeError, match="not JSON serializable"):
         compact_json({"a": object()})

@@ -1,6 +1,6 @@
 """MemoryStore: the sliding windows and spend buckets, with the time passed in."""
 
-from addon.store import BUCKET, MemoryStore, Spend, retry_after_header
+from addon.policy.store import BUCKET, MemoryStore, Spend, retry_after_header
 
 
 def test_rpm_admits_up_to_the_limit_then_says_when_a_slot_frees():
@@ -80,7 +80,7 @@ def test_the_tpm_window_stays_one_minute_long_for_keys_nobody_asks_about():
 
 
 def test_spend_buckets_are_kept_only_as_long_as_a_budget_period_can_reach():
-    from addon.store import MAX_BUDGET_PERIOD, RETENTION_HOURS
+    from addon.policy.store import MAX_BUDGET_PERIOD, RETENTION_HOURS
 
     store = MemoryStore()
     for hour in range(3 * 366 * 24):  # three years of hourly usage

@@ -4,7 +4,7 @@ import zlib
 
 from mitmproxy import http
 
-from addon.streams import fail_closed_stream
+from addon.wire.streams import fail_closed_stream
 
 
 def upper(piece: bytes):

@@ -1,11 +1,11 @@
-"""usage.py: usage from bodies and from client-bound streams, split at every byte."""
+"""addon/usage/tokens.py: usage from bodies and from client-bound streams, split at every byte."""
 
 import json
 
 import pytest
 
-from addon.keys import Price
-from addon.usage import StreamUsage, Usage, client_wants_stream_usage, cost, request_stream_usage, usage_from_body
+from addon.policy.keys import Price
+from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, cost, request_stream_usage, usage_from_body
 from tests.conftest import SHARED_REFERENCE
 from tests.fakeprovider import openai_stream
 

@@ -16,10 +16,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-from addon.errors import GatewayError, error_dict
+from addon.wire.errors import GatewayError, error_dict
 from addon.providers.base import UpstreamRequest
 from addon.providers.openai import is_openai_error, wrap_foreign_error
-from addon.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
+from addon.wire.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
 
 ANTHROPIC_VERSION = "2023-06-01"
 

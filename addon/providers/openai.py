@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from addon.errors import error_body, error_type
+from addon.wire.errors import error_body, error_type
 from addon.providers.base import UpstreamRequest
 
 

@@ -14,7 +14,7 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
-from addon import errorpages
+from addon.wire import errorpages
 
 log = logging.getLogger("gateway")
 

@@ -20,8 +20,8 @@ import os
 
 from mitmproxy import ctx, exceptions, http, io
 
-from addon.errors import error_body
-from addon.keys import REDACTED, fingerprint
+from addon.wire.errors import error_body
+from addon.policy.keys import REDACTED, fingerprint
 
 log = logging.getLogger("gateway")
 

@@ -15,8 +15,8 @@ import json
 import re
 from typing import NamedTuple
 
-from addon.keys import Price
-from addon.sse import compact_json, encode_data
+from addon.policy.keys import Price
+from addon.wire.sse import compact_json, encode_data
 
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which OpenAI puts on every chunk

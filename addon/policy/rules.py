@@ -9,9 +9,9 @@ last so a request refused for another reason does not use one up.
 
 from __future__ import annotations
 
-from addon.errors import GatewayError
-from addon.keys import KeyStore, VirtualKey
-from addon.store import UsageStore, retry_after_header
+from addon.wire.errors import GatewayError
+from addon.policy.keys import KeyStore, VirtualKey
+from addon.policy.store import UsageStore, retry_after_header
 
 # A budget is not something a retry fixes: tell the openai SDK not to retry (it honours this header)
 NO_RETRY = {"x-should-retry": "false"}

@@ -13,7 +13,7 @@ from mitmproxy import http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2
 
-from addon.errors import error_body, error_type
+from addon.wire.errors import error_body, error_type
 
 # mitmproxy error message -> (our timeout text, until when), set by the timeout addon's error
 # hook right before mitmproxy renders that flow's error (the renderer is not told which flow it

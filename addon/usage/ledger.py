@@ -12,7 +12,7 @@ still pending (at most about one flush interval). Rows hold the key's name and f
 never a secret.
 
 Also the read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
-restarts), and `python -m addon.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
+restarts), and `python -m addon.usage.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
 table (`./run.sh usage`).
 """
 

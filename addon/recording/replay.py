@@ -1,8 +1,8 @@
 """Replay recorded flows offline through a fresh gateway and compare what the client gets.
 
-    python -m addon.replay [--keys KEYS_FILE] FILE...      (./run.sh replay FILE does this)
+    python -m addon.recording.replay [--keys KEYS_FILE] FILE...      (./run.sh replay FILE does this)
 
-For every recorded flow (see addon/recording.py) a local replay server answers with the
+For every recorded flow (see addon/recording/recorder.py) a local replay server answers with the
 provider response as recorded (a stream in its recorded pieces, so the gateway's stream
 translation runs), the recorded client request goes through a real gateway process (mitmdump +
 addon/gateway.py) whose keys come from KEYS_FILE with every upstream pointed at the replay server,
@@ -28,11 +28,11 @@ import yaml
 from mitmproxy import http, io
 from mitmproxy.net import encoding
 
-from addon.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
-from addon.process import GatewayProcess
+from addon.policy.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
+from addon.recording.process import GatewayProcess
 from addon.providers import PROVIDERS
-from addon.recording import routed, unmark
-from addon.sse import SSEDecoder
+from addon.recording.recorder import routed, unmark
+from addon.wire.sse import SSEDecoder
 
 # JSON fields that legitimately differ between a recording and its replay: timestamps the
 # gateway stamps on translated responses
@@ -129,7 +129,7 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     out = {**data, "providers": {name: {"base_url": f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
     by_fingerprint = {}
     for vk, entry in data["virtual_keys"].items():
-        # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/keys.py)
+        # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/policy/keys.py)
         fp = vk[len(HASHED_PREFIX):16 + len(HASHED_PREFIX)].lower() if vk.startswith(HASHED_PREFIX) else fingerprint(vk)
         stand_in = f"vk-replay-{fp}"
         out["virtual_keys"][stand_in] = {**entry, "name": entry.get("name") or f"key-{fp}",
@@ -305,7 +305,7 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m addon.replay", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m addon.recording.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", metavar="FILE", help="recorded flow files (./run.sh record FILE)")
     parser.add_argument("--keys", default=os.environ.get("KEYS_FILE", "keys.json"), help="keys file (default: $KEYS_FILE or keys.json)")
     args = parser.parse_args(argv)

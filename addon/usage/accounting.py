@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http
 
-from addon import ledger as ledger_db
-from addon.keys import Price
-from addon.ledger import Ledger, UsageRecord
-from addon.messages import plain_content
-from addon.store import BUCKET, MINUTE, MemoryStore
-from addon.streams import frame_for_new_length
-from addon.usage import StreamUsage, Usage, cost, usage_from_body
+from addon.usage import ledger as ledger_db
+from addon.policy.keys import Price
+from addon.usage.ledger import Ledger, UsageRecord
+from addon.wire.messages import plain_content
+from addon.policy.store import BUCKET, MINUTE, MemoryStore
+from addon.wire.streams import frame_for_new_length
+from addon.usage.tokens import StreamUsage, Usage, cost, usage_from_body
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
 NO_USAGE = Usage()

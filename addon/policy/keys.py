@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from addon.providers import PROVIDERS
-from addon.store import MAX_BUDGET_PERIOD
+from addon.policy.store import MAX_BUDGET_PERIOD
 
 
 class KeysError(ValueError):
@@ -381,7 +381,7 @@ def _check_url(value: object, where: str) -> str:
     return value.rstrip("/")
 
 
-if __name__ == "__main__":  # python -m addon.keys FILE: check a keys file (run.sh does before start)
+if __name__ == "__main__":  # python -m addon.policy.keys FILE: check a keys file (run.sh does before start)
     import sys
 
     try:

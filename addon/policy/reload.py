@@ -13,7 +13,7 @@ import os
 
 from mitmproxy import ctx
 
-from addon.keys import KeysError, load_keys
+from addon.policy.keys import KeysError, load_keys
 
 log = logging.getLogger("gateway")
 

@@ -12,9 +12,9 @@ import logging
 import zlib
 from collections.abc import Iterable
 
-from addon.errors import error_dict
+from addon.wire.errors import error_dict
 from addon.providers.base import StreamTranslator
-from addon.sse import DONE, encode_data
+from addon.wire.sse import DONE, encode_data
 
 log = logging.getLogger("gateway")
 

@@ -1,6 +1,6 @@
 """Start the real gateway (mitmdump + addon/gateway.py, as run.sh does) on a free 127.0.0.1 port.
 
-Used by the offline replay (addon/replay.py) and by the tests.
+Used by the offline replay (addon/recording/replay.py) and by the tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 LISTENING = re.compile(rb"listening at (?:\S+?):(\d+)")
 
