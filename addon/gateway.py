@@ -34,7 +34,7 @@ from addon.wire.errors import GatewayError, error_body
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
-from addon.providers import PROVIDERS
+from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot
 from addon.policy.reload import KeysReloader
 from addon.policy.store import MemoryStore, UsageStore

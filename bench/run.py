@@ -35,7 +35,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from addon.providers import PROVIDERS  # noqa: E402
+from addon.providers.registry import PROVIDERS  # noqa: E402
 from fakeprovider import anthropic_events  # noqa: E402
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from addon.wire.errors import GatewayError
-from addon.providers import PROVIDERS
+from addon.providers.registry import PROVIDERS
 from addon.providers.anthropic import (
     FALLBACK_MAX_TOKENS,
     AnthropicProvider,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.providers import PROVIDERS
+from addon.providers.registry import PROVIDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 

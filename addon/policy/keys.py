@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from addon.providers import PROVIDERS
+from addon.providers.catalog import CATALOG
 from addon.policy.store import MAX_BUDGET_PERIOD
 
 
@@ -253,11 +253,11 @@ def _parse_prices(section: object, source: str) -> dict[str, Price]:
 def _provider_base_urls(section: object, source: str) -> dict[str, str]:
     if not isinstance(section, dict):
         raise KeysError(f"{source}: \"providers\" must be an object")
-    urls = {name: p.default_base_url for name, p in PROVIDERS.items()}
+    urls = {name: p.default_base_url for name, p in CATALOG.items()}
     for name, conf in section.items():
-        if name not in PROVIDERS:
+        if name not in CATALOG:
             raise KeysError(
-                f"{source}: providers.{name}: unknown provider (known: {', '.join(PROVIDERS)})"
+                f"{source}: providers.{name}: unknown provider (known: {', '.join(CATALOG)})"
             )
         if not isinstance(conf, dict):
             raise KeysError(f"{source}: providers.{name} must be an object")
@@ -279,9 +279,9 @@ def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: 
     if unknown:
         raise KeysError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     provider = entry.get("provider")
-    if provider not in PROVIDERS:
+    if provider not in CATALOG:
         raise KeysError(
-            f"{where}: unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"
+            f"{where}: unknown provider {provider!r} (known: {', '.join(CATALOG)})"
         )
     api_key = entry.get("api_key")
     if not isinstance(api_key, str) or not api_key.strip():
@@ -304,7 +304,7 @@ def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: 
         provider=provider,
         api_key=api_key,
         base_url=base_url,
-        upstream_url=base_url + PROVIDERS[provider].endpoint_path,
+        upstream_url=base_url + CATALOG[provider].endpoint_path,
         policy=_parse_policy(entry, where),
     )
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from addon.wire.errors import GatewayError, error_dict
 from addon.providers.base import UpstreamRequest
+from addon.providers.catalog import CATALOG
 from addon.providers.openai import is_openai_error, wrap_foreign_error
 from addon.wire.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
 
@@ -662,9 +663,7 @@ class AnthropicExchange:
 
 class AnthropicProvider:
     name = "anthropic"
-    default_base_url = "https://api.anthropic.com/v1"
-    endpoint_path = "/messages"
-    secret_header = "x-api-key"
+    default_base_url, endpoint_path, secret_header = CATALOG["anthropic"]
 
     def prepare(self, request: dict, api_key: str, now: Callable[[], float] = time.time):
         body = build_request(request)

@@ -7,13 +7,9 @@ response (whole body, or stream pieces) back into OpenAI format. Nothing here kn
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
-# A stream translator takes one received body piece (b"" at the end) and returns what the
-# client gets for it. It must never return b"" for a non-empty piece (that ends an HTTP/1.1
-# chunked body); return [] instead.
-StreamTranslator = Callable[[bytes], bytes | Iterable[bytes]]
+from addon.wire.streams import StreamTranslator
 
 
 class UpstreamRequest(NamedTuple):

@@ -10,6 +10,7 @@ import json
 
 from addon.wire.errors import error_body, error_type
 from addon.providers.base import UpstreamRequest
+from addon.providers.catalog import CATALOG
 
 
 class PassthroughExchange:
@@ -29,12 +30,9 @@ PASSTHROUGH = PassthroughExchange()
 
 
 class OpenAICompatible:
-    endpoint_path = "/chat/completions"
-    secret_header = "authorization"
-
-    def __init__(self, name: str, default_base_url: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.default_base_url = default_base_url
+        self.default_base_url, self.endpoint_path, self.secret_header = CATALOG[name]
 
     def prepare(self, request: dict, api_key: str):
         return UpstreamRequest({"authorization": f"Bearer {api_key}"}, None), PASSTHROUGH

@@ -30,7 +30,7 @@ from mitmproxy.net import encoding
 
 from addon.policy.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
 from addon.recording.process import GatewayProcess
-from addon.providers import PROVIDERS
+from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import routed, unmark
 from addon.wire.sse import SSEDecoder
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from addon.wire.errors import error_dict
-from addon.providers.base import StreamTranslator
 from addon.wire.sse import DONE, encode_data
 
 log = logging.getLogger("gateway")
+
+# A stream translator takes one received body piece (b"" at the end) and returns what the
+# client gets for it. It must never return b"" for a non-empty piece (that ends an HTTP/1.1
+# chunked body); return [] instead.
+StreamTranslator = Callable[[bytes], bytes | Iterable[bytes]]
 
 _DECODERS = {"gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), "deflate": lambda: zlib.decompressobj()}
 
