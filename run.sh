@@ -31,9 +31,11 @@ find_python() {
 }
 
 ensure_venv() {
-    local stamp="$VENV/.requirements.sha256" want
-    want=$(sha256sum requirements.txt | cut -c1-64)
-    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    # ensure_venv: what the gateway needs (requirements.txt); ensure_venv dev: and the test suite's
+    local files=(requirements.txt) stamp="$VENV/.requirements.sha256" want
+    [ "${1:-}" = dev ] && files+=(requirements-dev.txt)
+    want=$(cat "${files[@]}" | sha256sum | cut -c1-64)
+    if [ -x "$VENV/bin/python" ] && grep -qx "$want" "$stamp" 2>/dev/null; then
         return 0
     fi
     if [ ! -x "$VENV/bin/python" ]; then
@@ -46,9 +48,10 @@ ensure_venv() {
         echo "run.sh: creating .venv with $py ($("$py" --version 2>&1))" >&2
         "$py" -m venv "$VENV"
     fi
-    echo "run.sh: installing requirements.txt into .venv" >&2
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt >&2
-    echo "$want" > "$stamp"
+    echo "run.sh: installing ${files[*]} into .venv" >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "${files[-1]}" >&2
+    # one line per installed set (runtime, runtime+dev): either is current until a file changes
+    { grep -v "^$want\$" "$stamp" 2>/dev/null | tail -n 3; echo "$want"; } > "$stamp.new" && mv "$stamp.new" "$stamp"
 }
 
 ensure_wrk() {
@@ -96,7 +99,7 @@ cmd=${1:-}
 case "$cmd" in
     test)
         shift
-        ensure_venv
+        ensure_venv dev
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     web)
