@@ -28,6 +28,7 @@ from addon.usage.ledger import Ledger, UsageRecord
 from addon.wire.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, MemoryStore
 from addon.wire.streams import frame_for_new_length
+from addon.usage.estimate import StreamSample, estimate_from_chars
 from addon.usage.tokens import StreamUsage, Usage, cost, usage_from_body
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
@@ -40,7 +41,7 @@ class UsageAccounting:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self.ledger: Ledger | None = None
-        self.watchers: dict[str, StreamUsage] = {}  # per streamed flow
+        self.watchers: dict[str, tuple[StreamUsage, StreamSample]] = {}  # per streamed flow
         # finished flows not yet counted: (meta, started, ended, status, usage or whole response)
         self.unsettled: list[tuple] = []
         store.before_read = self.settle
@@ -128,25 +129,26 @@ class UsageAccounting:
             watcher = StreamUsage(strip=not meta["client_usage"])
             if watcher.strip:
                 frame_for_new_length(response.headers, flow.request.http_version)
-            response.stream = watched_stream(response.stream, watcher)
-            self.watchers[flow.id] = watcher
+            sample = StreamSample()
+            response.stream = watched_stream(response.stream, watcher, sample)
+            self.watchers[flow.id] = watcher, sample
         except Exception:
             log.exception("gateway: could not watch a stream for usage")
 
     def response(self, flow: http.HTTPFlow) -> None:
-        watcher = self.watchers.pop(flow.id, None)
+        watched = self.watchers.pop(flow.id, None)
         response = flow.response
-        if watcher is not None:
-            self.note(flow, response.status_code, watcher.usage, streamed=True)
+        if watched is not None:
+            self.note(flow, response.status_code, stream_usage(flow, *watched), streamed=True)
         elif response.status_code == 200 and not response.stream:
             self.note(flow, 200, response, streamed=False)  # its usage is read when settled
         else:
             self.note(flow, response.status_code, None, streamed=False)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        watcher = self.watchers.pop(flow.id, None)
+        watched = self.watchers.pop(flow.id, None)
         status = flow.response.status_code if flow.response else 0
-        self.note(flow, status, watcher.usage if watcher else None, streamed=watcher is not None)
+        self.note(flow, status, stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
 
     def note(self, flow: http.HTTPFlow, status: int, usage: Usage | http.Response | None, streamed: bool) -> None:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""
@@ -185,11 +187,29 @@ class UsageAccounting:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                max(0.0, (ended - started) * 1000), streamed, usd,
+                max(0.0, (ended - started) * 1000), streamed, usd, usage.estimated,
             ))
 
 
-def watched_stream(inner: Callable | bool, watcher: StreamUsage) -> Callable[[bytes], list[bytes]]:
+def stream_usage(flow: http.HTTPFlow, watcher: StreamUsage, sample: StreamSample) -> Usage:
+    """What a finished or abandoned stream is charged: the provider's usage when it came and
+    counts the answer; else an estimate (usage/estimate.py) from the request body and the text
+    the client was sent, with the input tokens the provider did report. A stream that sent text
+    is never charged zero (a client that hangs up before the usage chunk must not get it free)."""
+    usage = watcher.usage
+    if usage is not None and usage.completion_tokens:
+        return usage  # the usual case: nothing more to read
+    chars = sample.text_chars()
+    if usage is not None and not chars:
+        return usage  # the provider's count, and no answer text to dispute it
+    try:
+        body = plain_content(flow.request)
+    except ValueError:
+        body = flow.request.raw_content or b""
+    return estimate_from_chars(body, chars, usage.prompt_tokens if usage is not None else None)
+
+
+def watched_stream(inner: Callable | bool, watcher: StreamUsage, sample: StreamSample | None = None) -> Callable[[bytes], list[bytes]]:
     """Compose the stream callable mitmproxy already has (or True: pass through) with `watcher`."""
     broken = False
 
@@ -207,7 +227,11 @@ def watched_stream(inner: Callable | bool, watcher: StreamUsage) -> Callable[[by
                     sent.extend(watcher.feed(bytes(part)))
             if not piece:
                 sent.extend(watcher.feed(b""))
-            return [p for p in sent if p]
+            sent = [p for p in sent if p]
+            if sample is not None:
+                for p in sent:
+                    sample.add(p)
+            return sent
         except Exception:
             # accounting must not break a client's stream: send on what the watcher held back
             log.exception("gateway: stream usage watcher failed; this stream is not counted")

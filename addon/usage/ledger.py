@@ -43,12 +43,15 @@ CREATE TABLE IF NOT EXISTS usage (
     cached_tokens INTEGER NOT NULL,
     latency_ms REAL NOT NULL,
     streamed INTEGER NOT NULL,
-    cost_usd REAL NOT NULL
+    cost_usd REAL NOT NULL,
+    estimated INTEGER NOT NULL DEFAULT 0  -- 1: tokens estimated (usage/estimate.py), the provider's never came
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
 """
+# columns added after the first release: (name, definition), added by ALTER TABLE to older files
+ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"),)
 COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
-           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd")
+           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated")
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
 BATCH = 500  # rows per INSERT statement: 6,000 parameters, under SQLite's 32,766
 
@@ -78,6 +81,7 @@ class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
     latency_ms: float
     streamed: bool
     cost_usd: float
+    estimated: bool = False
 
 
 def connect(path: str, timeout: float = 10, checkpoints: bool = True) -> sqlite3.Connection:
@@ -87,7 +91,17 @@ def connect(path: str, timeout: float = 10, checkpoints: bool = True) -> sqlite3
     if not checkpoints:
         db.execute("PRAGMA wal_autocheckpoint=0")  # a commit must not stop to fsync the database
     db.executescript(SCHEMA)
+    upgrade(db)
     return db
+
+
+def upgrade(db: sqlite3.Connection) -> None:
+    """Give a ledger file written by an older gateway the columns added since."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+    for name, definition in ADDED_COLUMNS:
+        if name not in have:
+            with db:
+                db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
 
 
 class Ledger:
@@ -101,7 +115,9 @@ class Ledger:
 
     def flush(self) -> None:
         """Insert the pending rows (in statements of up to BATCH rows). Rows another writer's
-        lock keeps out stay pending for the next flush; other errors drop them, logged."""
+        lock keeps out stay pending for the next flush. A batch that fails otherwise is
+        written row by row: only a row that cannot be written is dropped (logged), never
+        the rows that came with it."""
         if self._db is None:
             return
         rows, self._pending = self._pending, []
@@ -111,7 +127,7 @@ class Ledger:
                 self._write_batch(batch)
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
-                    log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(batch), e)
+                    self._write_rows(batch)
                     continue
                 kept = rows[start:][-MAX_PENDING:]
                 if len(kept) < len(rows) - start:
@@ -119,6 +135,8 @@ class Ledger:
                               self.path, len(rows) - start - len(kept))
                 self._pending[:0] = kept  # try again later, in order
                 return
+            except Exception:  # sqlite3.Error, OverflowError, ...: one bad row, or all?
+                self._write_rows(batch)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file (the fsync): call it from a worker thread."""
@@ -151,10 +169,18 @@ class Ledger:
         except UnicodeEncodeError:  # a lone surrogate (a client's model name) cannot be bound
             with self._db:
                 self._db.execute(sql, [encodable(value) for row in rows for value in row])
-        except sqlite3.OperationalError:
-            raise  # flush() decides: locked -> later
-        except sqlite3.Error as e:
-            log.error("gateway: usage ledger %s: could not write %d rows: %s", self.path, len(rows), e)
+
+    def _write_rows(self, rows: list[UsageRecord]) -> None:
+        """One row at a time, after a batch failed: drop (and log) only the rows that fail."""
+        failed, error = 0, None
+        for row in rows:
+            try:
+                self._write_batch([row])
+            except Exception as e:
+                failed, error = failed + 1, e
+        if failed:
+            log.error("gateway: usage ledger %s: could not write %d of %d rows: %s",
+                      self.path, failed, len(rows), type(error).__name__ + ": " + str(error)[:200])
 
 
 def encodable(value):

@@ -23,10 +23,17 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which O
 _EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|\r\r)", re.S)
 
 
+# The most tokens one request is counted with, per field: far above any model's context
+# window, far below SQLite's 64-bit integers. A provider number above it (10**30 was seen) is
+# clamped to it, so one bad answer can neither overflow the ledger nor escape its budget.
+MAX_TOKENS = 10**9
+
+
 class Usage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    estimated: bool = False  # not the provider's count: estimate.py's, for lack of one
 
     @property
     def total(self) -> int:
@@ -41,10 +48,13 @@ def usage_from_dict(usage: object) -> Usage | None:
     if cached is None:
         cached = usage.get("prompt_cache_hit_tokens")  # DeepSeek
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    # counts are positive ints; anything else (null, a string, a bool, a negative) counts 0
-    return Usage(prompt if type(prompt) is int and prompt > 0 else 0,
-                 completion if type(completion) is int and completion > 0 else 0,
-                 cached if type(cached) is int and cached > 0 else 0)
+    # counts are positive ints up to MAX_TOKENS; anything else (null, a string, a bool, a
+    # negative) counts 0, and more counts MAX_TOKENS
+    return Usage(_count(prompt), _count(completion), _count(cached))
+
+
+def _count(value: object) -> int:
+    return min(value, MAX_TOKENS) if type(value) is int and value > 0 else 0
 
 
 _DECODER = json.JSONDecoder()

@@ -1,0 +1,145 @@
+"""Issue #11 break 2: a stream the client abandons before the usage chunk is still charged.
+
+The attack: a streaming client hangs up as soon as it sees `finish_reason`, before the provider's
+usage chunk arrives. Before the fix every such request was a ledger row of 0 tokens and a
+100-token budget was never used up.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from addon.usage.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, estimate_usage, prompt_chars,
+                                  streamed_text, tokens_for)
+from addon.usage.tokens import Usage
+from tests.fakeprovider import Reply, openai_stream
+
+REAL_KEY = "sk-real-provider-key-123456"
+ANSWER = "x" * 200  # 50 tokens at 4 characters a token
+
+
+# --- the estimator (pure) ----------------------------------------------------------------
+
+def test_estimate_counts_prompt_strings_and_streamed_text_at_four_chars_a_token():
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "a" * 94}]}).encode()
+    assert prompt_chars(body) == 6 + 4 + 94
+    assert estimate_usage(body, "b" * 9) == Usage(26, 3, 0, True)
+    assert CHARS_PER_TOKEN == 4 and tokens_for(1) == 1 and tokens_for(0) == 0
+
+
+def test_known_input_tokens_win_over_the_prompt_estimate():
+    assert estimate_usage(b'{"messages": ["' + b"a" * 4000 + b'"]}', "four", prompt_tokens=11) == Usage(11, 1, 0, True)
+
+
+def test_a_body_that_is_not_json_is_estimated_from_its_bytes():
+    assert estimate_usage(b"\xff" * 40, "") == Usage(10, 0, 0, True)
+
+
+def test_streamed_text_reads_answer_text_from_openai_and_anthropic_chunks():
+    sse = b"".join(openai_stream({"model": "m"}, pieces=("hé", 'l"o')))
+    assert streamed_text(sse) == 'hél"o'
+    tool = b'data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\\"a\\":1}"}}]}}]}\n\n'
+    assert streamed_text(tool) == '{"a":1}'
+    anthropic = b'event: content_block_delta\ndata: {"delta":{"type":"text_delta","text":"abc"}}\n\n'
+    assert streamed_text(anthropic) == "abc"
+
+
+def test_stream_sample_is_bounded_and_scales_to_all_bytes_sent():
+    sample = StreamSample()
+    event = b'data: {"choices":[{"delta":{"content":"' + b"y" * 40 + b'"}}]}\n\n'
+    count = 4 * SAMPLE_BYTES // len(event)
+    for _ in range(count):
+        sample.add(event)
+    assert sample.sent == count * len(event)
+    assert sum(map(len, sample._kept)) <= SAMPLE_BYTES + len(event)
+    assert abs(sample.text_chars() - 40 * count) <= 40  # the sample's share, scaled
+
+
+# --- the attack through the real gateway ---------------------------------------------------
+
+def ledger(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY id")]
+    finally:
+        db.close()
+
+
+def wait_rows(path: Path, count: int, timeout: float = 15) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    rows = ledger(path)
+    while len(rows) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rows = ledger(path)
+    return rows
+
+
+@pytest.mark.e2e
+def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budget_refuses(provider, gateway_factory, tmp_path):
+    releases: list[threading.Event] = []
+
+    def answer(req):
+        body = req.json()
+        events = openai_stream(body, pieces=(ANSWER[:100], ANSWER[100:]))
+        release = threading.Event()  # the usage chunk waits until the client has hung up
+        releases.append(release)
+        head, tail = b"".join(events[:-2]), events[-2:]  # [..., usage chunk, [DONE]]
+        return Reply.sse([head, *tail], hold_after_first=release)
+
+    provider.reset(answer)
+    db = tmp_path / "usage.sqlite3"
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {"vk_budget": {"provider": "openai", "api_key": REAL_KEY, "budget_tokens": 100}}}
+    gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
+
+    answered = refused = 0
+    for attempt in range(12):
+        try:
+            stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+        except openai.RateLimitError as e:
+            assert e.code == "budget_exceeded"
+            refused += 1
+            break
+        text = ""
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                if chunk.choices[0].finish_reason:
+                    break  # the attack: hang up before the usage chunk
+        stream.close()
+        assert text == ANSWER
+        answered += 1
+        assert len(wait_rows(db, answered)) == answered  # the hang-up is noticed and counted
+        for release in releases:
+            release.set()
+
+    assert refused == 1
+    # 3 prompt tokens ("gpt-4o", "user", "hi": 12 characters) + 50 for the answer a request
+    assert answered == 2
+    rows = wait_rows(db, answered)
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"], r["status"]) for r in rows] == [(3, 50, 1, 200)] * 2
+    assert provider.holds_released == [True] * answered  # the usage chunk came only after the hang-up
+
+
+@pytest.mark.e2e
+def test_a_stream_with_its_usage_chunk_is_charged_exactly_and_not_marked(provider, gateway_factory, tmp_path):
+    db = tmp_path / "usage.sqlite3"
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {"vk_a": {"provider": "openai", "api_key": REAL_KEY}}}
+    gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_a", max_retries=0)
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+    rows = wait_rows(db, 1)
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in rows] == [(5, 2, 0)]
