@@ -5,6 +5,9 @@
 #                  ./run.sh bench [--quick]   (benchmark against bare mitmdump: README "Benchmark")
 # Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
 #              GATEWAY_PORT (8080), WEB_PORT (8081),
+#              GATEWAY_WORKERS (1; N or auto: N mitmdump workers behind HAProxy, docs/fleet.md),
+#              GATEWAY_DRAIN_S (30), REDIS_URL (workers > 1: shared Redis; unset: a local redis-server),
+#              FLEET_DIR (.fleet: HAProxy config, fleet.json, local Redis data),
 #              WEB_PASSWORD (mitmweb password; generated and printed once when unset)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -77,8 +80,8 @@ reject_script_options() {
     local arg
     for arg in "$@"; do
         case "$arg" in
-            keys_file=*|usage_db=*|record_file=*)
-                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB) or the subcommand, not --set" >&2
+            keys_file=*|usage_db=*|record_file=*|redis_url=*)
+                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB, REDIS_URL) or the subcommand, not --set" >&2
                 exit 2 ;;
         esac
     done
@@ -89,11 +92,51 @@ USAGE_DB=${USAGE_DB:-usage.sqlite3}
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
-PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}"
-            --set connection_strategy=lazy
-            --set "keys_file=$KEYS_FILE"
-            --set "usage_db=$USAGE_DB"
-            -s "$ROOT/addon/gateway.py")
+GATEWAY_ARGS=(--set connection_strategy=lazy
+              --set "keys_file=$KEYS_FILE"
+              --set "usage_db=$USAGE_DB"
+              -s "$ROOT/addon/gateway.py")
+PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}")
+
+gateway_workers() {
+    # GATEWAY_WORKERS: a positive number, or auto (one per core)
+    local n=${GATEWAY_WORKERS:-1}
+    [ "$n" = auto ] && n=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
+    if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
+        echo "run.sh: GATEWAY_WORKERS=$GATEWAY_WORKERS: give a number of workers (1 or more) or auto" >&2
+        exit 2
+    fi
+    echo "$n"
+}
+
+ensure_fleet_tools() {
+    # GATEWAY_WORKERS > 1: HAProxy balances the workers; a local redis-server unless REDIS_URL is given
+    local need=(haproxy) missing=() tool
+    [ -z "${REDIS_URL:-}" ] && need+=(redis-server)
+    for tool in "${need[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "run.sh: installing ${missing[*]} (apt-get install ${missing[*]})" >&2
+        apt-get install -y -q "${missing[@]}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${missing[@]}" >&2; } || true
+        missing=()
+        for tool in "${need[@]}"; do
+            command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+        done
+        [ ${#missing[@]} -eq 0 ] && return 0
+    fi
+    echo "run.sh: GATEWAY_WORKERS > 1 needs ${missing[*]}: 'sudo apt-get install ${missing[*]}' (Debian/Ubuntu; or ./run.sh setup as root)" >&2
+    return 1
+}
+
+run_fleet() {
+    # N mitmdump workers on loopback ports behind HAProxy on GATEWAY_HOST:GATEWAY_PORT (docs/fleet.md)
+    local workers=$1; shift
+    exec "$VENV/bin/python" -m fleet.supervisor --workers "$workers" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" \
+        --drain-s "${GATEWAY_DRAIN_S:-30}" --redis-url "${REDIS_URL:-}" --state-dir "${FLEET_DIR:-$ROOT/.fleet}" \
+        --mitmdump "$VENV/bin/mitmdump" -- "${GATEWAY_ARGS[@]}" "$@"
+}
 
 cmd=${1:-}
 case "$cmd" in
@@ -150,6 +193,7 @@ case "$cmd" in
         ;;
     setup)
         ensure_venv
+        ensure_fleet_tools || true  # what GATEWAY_WORKERS > 1 needs: installed as root, else how
         ;;
     bench)
         shift
@@ -158,9 +202,14 @@ case "$cmd" in
         exec "$VENV/bin/python" bench/run.py "$@"
         ;;
     *)
+        workers=$(gateway_workers)
         ensure_venv
         reject_script_options "$@"
         check_keys
+        if [ "$workers" -gt 1 ]; then
+            ensure_fleet_tools || exit 1
+            run_fleet "$workers" "$@"
+        fi
         exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "$@"
         ;;
 esac

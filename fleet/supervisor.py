@@ -1,0 +1,304 @@
+"""GATEWAY_WORKERS > 1: run N mitmdump workers behind HAProxy, and a local redis-server.
+
+`./run.sh` execs this (`python -m fleet.supervisor`) when GATEWAY_WORKERS is more than one. It
+starts, watches and stops processes; it never touches a request. The balancing is HAProxy's
+(deploy/haproxy.cfg.template), the shared limits are Redis's.
+
+- Workers: `mitmdump <the gateway's arguments>` in reverse mode on 127.0.0.1, each on its own
+  port. A worker that exits is started again on the same port (HAProxy's health checks route
+  around it meanwhile); one that keeps dying is retried with a growing pause.
+- Redis: without REDIS_URL, a local redis-server on 127.0.0.1 (AOF on, data in the state
+  directory); its URL goes to every worker as `--set redis_url=...`.
+- Stop (SIGINT, SIGTERM): HAProxy is soft-stopped first (it stops accepting, lets requests in
+  flight finish, for at most GATEWAY_DRAIN_S), then the workers get SIGTERM (they write their
+  pending ledger rows and exit), then Redis. A second Ctrl-C skips the wait.
+- No orphans: children run in their own process group (a terminal's Ctrl-C reaches only this
+  process, which then drains in order) and get SIGTERM from the kernel if this process dies
+  (PR_SET_PDEATHSIG).
+- `<state dir>/fleet.json` names every process (pid, port) for operators and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "deploy" / "haproxy.cfg.template"
+START_TIMEOUT = 60.0  # seconds for a worker / Redis / HAProxy to become ready at start
+STOP_TIMEOUT = 15.0  # seconds a worker gets after SIGTERM (it writes its ledger rows) before SIGKILL
+RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dying
+POLL = 0.2
+
+
+def say(message: str) -> None:
+    print(f"fleet: {message}", file=sys.stderr, flush=True)
+
+
+def masked_url(url: str) -> str:
+    """A URL fit for a log line: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the process group still gets our signals
+        pass
+
+
+def spawn(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(argv, process_group=0, preexec_fn=_die_with_parent, **kw)
+
+
+def http_ok(host: str, port: int, path: str = "/health", timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n".encode())
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def render_haproxy(bind: str, ports: list[int], drain_s: float, template: Path = TEMPLATE) -> str:
+    servers = "\n".join(f"    server w{i} 127.0.0.1:{port}" for i, port in enumerate(ports, 1))
+    return string.Template(template.read_text()).substitute(
+        BIND=bind, SERVERS=servers, DRAIN_S=max(1, int(round(drain_s))))
+
+
+def haproxy_bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Child:
+    """One supervised process: how to start it, and when it was last started."""
+
+    def __init__(self, name: str, argv: list[str], port: int) -> None:
+        self.name, self.argv, self.port = name, argv, port
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.pause = 0.5  # before the next restart, doubled while it keeps dying
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = spawn(self.argv)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, worker_args: list[str]) -> None:
+        self.args = args
+        self.state = Path(args.state_dir).resolve()
+        self.stopping = 0  # 1: draining, 2: stop now
+        ports = [free_port() for _ in range(args.workers)]
+        self.workers = [
+            Child(f"worker {i}", [args.mitmdump, "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
+                                  *worker_args], port)
+            for i, port in enumerate(ports, 1)
+        ]
+        self.redis: Child | None = None
+        self.haproxy: Child | None = None
+        self.redis_url = args.redis_url
+
+    # --- start -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.start_redis()
+        redis_arg = ["--set", f"redis_url={self.redis_url}"]
+        for w in self.workers:
+            w.argv += redis_arg
+            w.start()
+        self.wait_ready("workers", lambda: all(http_ok("127.0.0.1", w.port) for w in self.workers),
+                        self.workers)
+        config = self.state / "haproxy.cfg"
+        config.write_text(render_haproxy(haproxy_bind(self.args.host, self.args.port),
+                                         [w.port for w in self.workers], self.args.drain_s))
+        self.haproxy = Child("haproxy", [self.args.haproxy, "-db", "-f", str(config)], self.args.port)
+        self.haproxy.start()
+        self.wait_ready("HAProxy", lambda: http_ok(self.args.host, self.args.port), [self.haproxy])
+        self.write_state()
+        say(f"ready: {len(self.workers)} workers behind HAProxy at http://{haproxy_bind(self.args.host, self.args.port)} "
+            f"(Redis {masked_url(self.redis_url)}{', local' if self.redis else ''}; drain {self.args.drain_s:g} s)")
+
+    def start_redis(self) -> None:
+        data = self.state / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.redis = Child("redis-server", [
+            self.args.redis_server, "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
+            "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(data / "redis.log"),
+        ], port)
+        self.redis.start()
+        self.wait_ready("redis-server", lambda: redis_ping(port), [self.redis])
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def wait_ready(self, what: str, ready, children: list[Child]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():
+            dead = [c for c in children if not c.alive()]
+            if dead or time.monotonic() > deadline or self.stopping:
+                reason = f"{dead[0].name} exited with {dead[0].proc.returncode}" if dead else (
+                    "stopped" if self.stopping else f"not ready after {START_TIMEOUT:g} s")
+                raise StartError(f"{what}: {reason}")
+            time.sleep(0.05)
+
+    def write_state(self) -> None:
+        state = {
+            "supervisor": os.getpid(),
+            "listen": haproxy_bind(self.args.host, self.args.port),
+            "workers": [{"name": w.name, "pid": w.pid, "port": w.port} for w in self.workers],
+            "haproxy": self.haproxy.pid if self.haproxy else None,
+            "redis": {"pid": self.redis.pid, "port": self.redis.port} if self.redis else None,
+        }
+        tmp = self.state / "fleet.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.state / "fleet.json")
+
+    # --- run ---------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Until asked to stop: restart whatever died."""
+        while not self.stopping:
+            changed = False
+            for child in [*self.workers, self.redis, self.haproxy]:
+                if child is None or child.alive():
+                    continue
+                now = time.monotonic()
+                if child.restart_at is None:
+                    ran = now - child.started
+                    child.pause = 0.5 if ran > 30 else min(child.pause * 2, RESTART_PAUSE_MAX)
+                    child.restart_at = now + (0 if ran > 30 else child.pause)
+                    say(f"{child.name} (pid {child.pid}, port {child.port}) exited with {child.proc.returncode}; "
+                        f"restarting{'' if ran > 30 else f' in {child.restart_at - now:.1f} s'}")
+                if now >= child.restart_at:
+                    child.start()
+                    changed = True
+            if changed:
+                self.write_state()
+            time.sleep(POLL)
+
+    # --- stop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        drain = self.args.drain_s
+        if self.haproxy and self.haproxy.alive():
+            if self.stopping < 2:
+                say(f"stopping: HAProxy takes no new requests; waiting up to {drain:g} s for requests in flight")
+                self.haproxy.proc.send_signal(signal.SIGUSR1)
+                self.wait_exit([self.haproxy], drain + 2)
+            self.terminate([self.haproxy], 2)
+        self.terminate(self.workers, STOP_TIMEOUT)
+        if self.redis:
+            self.terminate([self.redis], STOP_TIMEOUT)
+        say("stopped")
+
+    def wait_exit(self, children: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(c.alive() for c in children) and time.monotonic() < deadline and self.stopping < 2:
+            time.sleep(0.05)
+
+    def terminate(self, children: list[Child], timeout: float) -> None:
+        for c in children:
+            if c.alive():
+                c.proc.terminate()
+        self.wait_exit(children, timeout)
+        for c in children:
+            if c.alive():
+                say(f"{c.name} (pid {c.pid}) did not stop; killing it")
+                c.proc.kill()
+        for c in children:
+            if c.proc is not None:
+                c.proc.wait()
+
+
+class StartError(Exception):
+    pass
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m fleet.supervisor",
+                                     description="N gateway workers behind HAProxy (run.sh does this for GATEWAY_WORKERS > 1).")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="where HAProxy listens (GATEWAY_HOST)")
+    parser.add_argument("--port", type=int, default=8080, help="(GATEWAY_PORT)")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="at most this long for requests in flight at a stop")
+    parser.add_argument("--redis-url", default="", help="shared Redis; empty: start a local redis-server")
+    parser.add_argument("--state-dir", default=str(ROOT / ".fleet"), help="haproxy.cfg, fleet.json, redis/ (data)")
+    parser.add_argument("--mitmdump", default=str(Path(sys.executable).parent / "mitmdump"))
+    parser.add_argument("--haproxy", default="haproxy")
+    parser.add_argument("--redis-server", default="redis-server")
+    parser.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then mitmdump's arguments for every worker (no --mode)")
+    args = parser.parse_args(argv)
+    worker_args = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.drain_s < 0:
+        parser.error("--drain-s must not be negative")
+    return args, worker_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, worker_args = parse_args(sys.argv[1:] if argv is None else argv)
+    fleet = Fleet(args, worker_args)
+
+    def on_signal(signum, frame):
+        fleet.stopping = min(fleet.stopping + 1, 2)
+        if fleet.stopping == 2:
+            say("second signal: stopping now")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        fleet.start()
+        fleet.watch()
+    except StartError as e:
+        say(f"could not start: {e}")
+        code = 1
+    finally:
+        fleet.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""A gateway fleet started the way a user starts one: `GATEWAY_WORKERS=N ./run.sh`.
+
+run.sh execs fleet/supervisor.py, which starts the mitmdump workers, a local redis-server (unless
+REDIS_URL is given) and HAProxy from deploy/haproxy.cfg.template. Tests skip with a clear reason
+when haproxy or redis-server is not installed (.ci/run installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.gatewayproc import ROOT
+
+READY = "fleet: ready:"
+
+
+def require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install {' '.join(missing)}; .ci/run does)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes (its parent has not reaped it yet)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class FleetProcess:
+    """`GATEWAY_WORKERS=workers ./run.sh` on a free port, its own state dir and (unless given) ledger."""
+
+    def __init__(self, keys: dict, workers: int = 3, env: dict | None = None, args: list[str] | None = None) -> None:
+        require("haproxy", *(() if (env or {}).get("REDIS_URL") else ("redis-server",)))
+        self.tmp = tempfile.TemporaryDirectory(prefix="fleet-")
+        tmp = Path(self.tmp.name)
+        (tmp / "keys.json").write_text(json.dumps(keys))
+        self.port = free_port()
+        self.state_dir = tmp / "state"
+        self.env = {
+            **os.environ, "GATEWAY_WORKERS": str(workers), "GATEWAY_PORT": str(self.port),
+            "KEYS_FILE": str(tmp / "keys.json"), "USAGE_DB": str(tmp / "usage.sqlite3"),
+            "FLEET_DIR": str(self.state_dir), "GATEWAY_DRAIN_S": "10", **(env or {}),
+        }
+        self.ledger = self.env["USAGE_DB"]
+        # -q: no line per request; confdir: no CA written to the real home
+        self.args = ["-q", "--set", f"confdir={tmp}", *(args or [])]
+        self.proc: subprocess.Popen | None = None
+        self.output = bytearray()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> "FleetProcess":
+        self.proc = subprocess.Popen([str(ROOT / "run.sh"), *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while READY.encode() not in self.output:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("fleet did not start:\n" + self.log())
+            time.sleep(0.05)
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output += line
+
+    def log(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "fleet.json").read_text())
+
+    def pids(self) -> list[int]:
+        """Every process the fleet started (workers, HAProxy, Redis), from fleet.json."""
+        state = self.state()
+        pids = [w["pid"] for w in state["workers"]] + [state["haproxy"]]
+        return pids + ([state["redis"]["pid"]] if state["redis"] else [])
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)  # run.sh exec'd the supervisor: this is its pid
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                pids = self.pids()
+            except (OSError, ValueError):
+                pids = []
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGINT)  # the second one: no drain
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                for pid in pids:  # pdeathsig would do it too
+                    if alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+        self.tmp.cleanup()

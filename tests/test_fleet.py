@@ -1,0 +1,278 @@
+"""GATEWAY_WORKERS=3 ./run.sh: three mitmdump workers behind a real HAProxy, with a local Redis.
+
+Every test starts the fleet the way a user does (run.sh), against the fake provider on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from fleet.supervisor import render_haproxy
+from tests.fakeprovider import Reply, default_reply, openai_stream
+from tests.gatewayproc import ROOT
+from tests.services.haproxy import FleetProcess, alive, require
+
+pytestmark = pytest.mark.fleet
+
+REAL_KEY = "sk-real-provider-key-fleet-7890"
+VIRTUAL_KEY = "vk_fleet_user_1"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def keys(provider) -> dict:
+    return {
+        "providers": {"openai": {"base_url": provider.url + "/v1"}},
+        "virtual_keys": {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "fleet-user"}},
+    }
+
+
+@pytest.fixture
+def fleet(provider):
+    started: list[FleetProcess] = []
+
+    def start(workers: int = 3, **kw) -> FleetProcess:
+        f = FleetProcess(keys(provider), workers, **kw).start()
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        f.stop()
+
+
+def post(url: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:
+    """One request on a new client connection (what a client without keep-alive does)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"authorization": f"Bearer {VIRTUAL_KEY}", "content-type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def chat_body(stream: bool = False) -> dict:
+    return {"model": "gpt-4o", "messages": MESSAGES, "stream": stream}
+
+
+def provider_connections(pid: int, provider_port: int) -> int:
+    """Established TCP connections process `pid` holds to the provider: its requests in flight."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == provider_port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def held_streams(provider, release: threading.Event):
+    """Streams whose first chunk goes out at once and the rest only after `release`."""
+    provider.handler = lambda req: (Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
+                                    if req.json().get("stream") else default_reply(req))
+
+
+def read_stream(url: str, started: threading.Event | None = None) -> bytes | Exception:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(stream=True)),
+                     {"authorization": f"Bearer {VIRTUAL_KEY}", "content-type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return RuntimeError(f"status {resp.status}")
+        body = resp.read1()
+        if started is not None:
+            started.set()
+        while True:
+            piece = resp.read1()
+            if not piece:
+                break
+            body += piece
+        return body
+    except Exception as e:  # the test counts these
+        return e
+    finally:
+        conn.close()
+
+
+def complete(body) -> bool:
+    return isinstance(body, bytes) and body.rstrip().endswith(b"data: [DONE]") and b'"content": "c"' in body.replace(b'":"', b'": "')
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_haproxy_template_renders_a_config_haproxy_accepts(tmp_path):
+    require("haproxy")
+    config = render_haproxy("127.0.0.1:18080", [41001, 41002], 30)
+    assert "balance leastconn" in config and "http-reuse always" in config and "hard-stop-after 30s" in config
+    assert "server w1 127.0.0.1:41001" in config and "server w2 127.0.0.1:41002" in config
+    assert "forwardfor" not in config.replace("(no forwardfor)", "")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-3"])
+def test_run_sh_refuses_a_bad_worker_count(tmp_path, value):
+    proc = subprocess.run([str(ROOT / "run.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GATEWAY_WORKERS": value})
+    assert proc.returncode == 2
+    assert f"GATEWAY_WORKERS={value}: give a number of workers (1 or more) or auto" in proc.stderr
+
+
+# --- the fleet ---------------------------------------------------------------------------------
+
+
+def test_fleet_answers_streams_chunk_by_chunk_through_haproxy(fleet, provider):
+    f = fleet()
+    state = f.state()
+    assert len(state["workers"]) == 3 and state["redis"] and all(alive(pid) for pid in f.pids())
+    # the workers and Redis listen on loopback only; HAProxy on GATEWAY_HOST:GATEWAY_PORT
+    assert "bind 127.0.0.1:" in (f.state_dir / "haproxy.cfg").read_text()
+
+    first_seen = threading.Event()
+    provider.handler = lambda req: Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen)
+    client = openai.OpenAI(base_url=f.url + "/v1", api_key=VIRTUAL_KEY, max_retries=0)
+    stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = []
+    for chunk in stream:
+        first_seen.set()  # the provider sends the rest only once the client has seen chunk 1
+        chunks.append(chunk)
+    assert provider.holds_released == [True], "HAProxy or the gateway held back the first chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "abc"
+    [got] = provider.received
+    assert got.headers["authorization"] == f"Bearer {REAL_KEY}"
+    # no header of HAProxy's own reaches the provider
+    assert not any(name.startswith("x-forwarded") or name == "forwarded" for name in got.headers)
+    assert REAL_KEY not in f.log() and VIRTUAL_KEY not in f.log()
+
+
+def test_kill_9_of_a_worker_fails_only_its_requests_and_it_comes_back(fleet, provider):
+    f = fleet()
+    release = threading.Event()
+    held_streams(provider, release)
+    victim = f.state()["workers"][0]
+    with ThreadPoolExecutor(20) as pool:
+        streams = [pool.submit(read_stream, f.url) for _ in range(6)]
+        assert provider.wait_received(6, timeout=30)
+        time.sleep(0.2)  # every worker has written chunk 1 to HAProxy
+        in_flight = provider_connections(victim["pid"], provider.port)
+        assert in_flight >= 1, "leastconn gave the victim none of six streams"
+        os.kill(victim["pid"], signal.SIGKILL)
+        # new requests right away, while HAProxy has not yet seen the worker fail a health check
+        answers = list(pool.map(lambda _: post(f.url, chat_body()), range(30)))
+        release.set()
+        results = [s.result(timeout=30) for s in streams]
+    assert [status for status, _ in answers] == [200] * 30, f.log()[-6000:]
+    failed = [r for r in results if not complete(r)]
+    assert len(failed) == in_flight, results
+
+    # the supervisor starts it again on the same port; HAProxy sends it requests again
+    deadline = time.monotonic() + 30
+    while True:
+        worker = f.state()["workers"][0]
+        if worker["pid"] != victim["pid"] and alive(worker["pid"]):
+            break
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.1)
+    assert worker["port"] == victim["port"]
+    assert "worker 1 (pid %d, port %d) exited with -9; restarting" % (victim["pid"], victim["port"]) in f.log()
+    from fleet.supervisor import http_ok
+    while not http_ok("127.0.0.1", worker["port"]):
+        assert time.monotonic() < deadline, "the restarted worker does not answer /health"
+        time.sleep(0.1)
+    time.sleep(2.5)  # HAProxy's next health check sees it up (inter 1s, rise 1)
+    release2 = threading.Event()
+    held_streams(provider, release2)
+    provider.received.clear()
+    with ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(read_stream, f.url) for _ in range(6)]
+        assert provider.wait_received(6, timeout=30)
+        time.sleep(0.2)
+        assert provider_connections(worker["pid"], provider.port) >= 1, "HAProxy sends the restarted worker nothing"
+        release2.set()
+        assert all(complete(s.result(timeout=30)) for s in streams)
+
+
+def test_sigterm_drains_streams_in_flight_and_the_ledger_has_a_row_per_answer(fleet, provider):
+    f = fleet()
+    release = threading.Event()
+    def handler(req):
+        if req.json().get("stream"):
+            return Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
+        reply = default_reply(req)
+        reply.delay = 0.02  # requests are in flight when SIGTERM comes
+        return reply
+
+    provider.handler = handler
+    answered: list[int] = []
+    refused: list[Exception] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _ = post(f.url, chat_body(), timeout=15)
+                answered.append(status)
+            except OSError as e:  # HAProxy stopped listening: this client is done
+                refused.append(e)
+                return
+
+    pids = f.pids()
+    started = threading.Event()
+    with ThreadPoolExecutor(6) as pool:
+        loaders = [pool.submit(load) for _ in range(4)]
+        time.sleep(1.0)
+        stream = pool.submit(read_stream, f.url, started)
+        assert started.wait(15), "the stream did not start"
+        f.signal(signal.SIGTERM)
+        time.sleep(1.0)  # draining: the stream's rest has not been sent yet
+        assert not stream.done()
+        release.set()
+        body = stream.result(timeout=20)
+        for loader in loaders:
+            loader.result(timeout=30)
+        stop.set()
+    assert f.wait(60) == 0
+    assert complete(body), body  # the stream in flight at SIGTERM finished
+    assert len(refused) == 4  # new connections were refused once the drain began
+    assert answered and set(answered) == {200}
+    assert "fleet: stopped" in f.log()
+    assert not [pid for pid in pids if alive(pid)], "orphan processes"
+
+    db = sqlite3.connect(f.ledger)
+    rows = db.execute("SELECT status, streamed FROM usage").fetchall()
+    db.close()
+    assert len(rows) == len(answered) + 1  # every answer, and the drained stream
+    assert sorted(rows) == sorted([(200, 0)] * len(answered) + [(200, 1)])
