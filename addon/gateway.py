@@ -37,6 +37,7 @@ from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_field
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot
 from addon.policy.reload import KeysReloader
+from addon.policy.logredact import LogRedaction
 from addon.policy.store import MemoryStore, UsageStore
 from addon.wire.streams import fail_closed_stream
 from addon.wire.timeouts import UpstreamTimeout
@@ -321,5 +322,5 @@ _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage co
 _gateway = Gateway(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
 # after the Gateway: see addon/recording/recorder.py)
-addons = [AddonChain(JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
+addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
                      UsageAccounting(_store), UpstreamTimeout(), Recorder())]

@@ -179,6 +179,13 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys) + len(self._hashed)
 
+    def secrets(self):
+        """Every secret this store knows in clear: the virtual keys (not hashed ones) and the
+        real provider keys. For the log redaction (policy/logredact.py) only."""
+        yield from self._keys
+        for key in (*self._keys.values(), *self._hashed.values()):
+            yield key.api_key
+
     def __iter__(self):
         yield from self._keys.values()
         yield from self._hashed.values()

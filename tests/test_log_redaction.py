@@ -1,0 +1,78 @@
+"""Issue #11 break 4: no key reaches the log, not even through mitmproxy's own log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import pytest
+
+from addon.policy.keys import parse_keys
+from addon.policy.logredact import RedactingFilter
+
+VK = "vk_user_secret_7f3a"
+REAL = "sk-real-provider-key-123456"
+ODD = "vk with spaces/and:colons 123"
+
+
+def keystore(*virtual: str, real: str = REAL):
+    return parse_keys({"virtual_keys": {vk: {"provider": "openai", "api_key": real} for vk in virtual}})
+
+
+def redacted(flt: RedactingFilter, msg: str, *args, exc_info=None) -> str:
+    record = logging.LogRecord("mitmproxy.proxy.server", logging.INFO, __file__, 1, msg, args, exc_info)
+    assert flt.filter(record) is True  # never dropped
+    return logging.Formatter().format(record)
+
+
+def test_mitmproxys_mid_headers_line_is_redacted_by_header_and_by_known_key():
+    keys = keystore(VK)
+    flt = RedactingFilter(lambda: keys)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + VK.encode() + b"\r\nX-Api-Key: other-secret-99\r\n"
+    text = redacted(flt, "Client closed connection before completing request headers: %r", head)
+    assert VK not in text and "other-secret-99" not in text
+    assert "Authorization: Bearer vk_...f3a" in text
+    # a known key anywhere, not only in a header; an unknown token is left alone
+    text = redacted(flt, "upstream said %s about %s and api-key=%s", REAL, "innocent-token", "abcdefghijkl")
+    assert REAL not in text and "sk-...456" in text and "innocent-token" in text and "abcdefghijkl" not in text
+
+
+def test_tracebacks_and_odd_shaped_keys_are_redacted_too():
+    keys = keystore(VK, ODD)
+    flt = RedactingFilter(lambda: keys)
+    try:
+        raise ValueError(f"bad key {REAL} and {ODD}")
+    except ValueError:
+        import sys
+        text = redacted(flt, "failed", exc_info=sys.exc_info())
+    assert "Traceback" in text and "ValueError" in text
+    assert REAL not in text and ODD not in text
+
+
+def test_a_reload_is_seen_at_the_next_record():
+    current = {"keys": keystore(VK)}
+    flt = RedactingFilter(lambda: current["keys"])
+    assert "vk_new_key_000111" in redacted(flt, "seen vk_new_key_000111")
+    current["keys"] = keystore("vk_new_key_000111", real="sk-new-real-000222")
+    text = redacted(flt, "seen vk_new_key_000111 sk-new-real-000222")
+    assert "vk_new_key_000111" not in text and "sk-new-real-000222" not in text
+
+
+@pytest.mark.e2e
+def test_a_client_that_hangs_up_mid_headers_leaves_no_key_in_the_gateway_log(provider, gateway_factory):
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {VK: {"name": "alice", "provider": "openai", "api_key": REAL}}}
+    gw = gateway_factory(keys, ["--set", "termlog_verbosity=debug", "--set", "proxy_debug=true"])
+    for header in (f"Authorization: Bearer {VK}", f"x-api-key: {VK}", "Authorization: Bearer vk_unknown_guess_42"):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+            time.sleep(0.2)  # let the gateway read it before the hang-up
+    deadline = time.monotonic() + 10
+    while gw.log().count("before completing request headers") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = gw.log()
+    assert log.count("before completing request headers") == 3  # the line is there...
+    assert VK not in log and "vk_unknown_guess_42" not in log and REAL not in log  # ...without the keys
+    assert "Bearer vk_...f3a" in log
