@@ -32,7 +32,7 @@ from addon.usage.accounting import UsageAccounting
 from addon.chain import AddonChain
 from addon.wire.errors import GatewayError, error_body
 from addon.wire.errorpages import JsonErrorPages
-from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys
+from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot
@@ -139,7 +139,7 @@ class Gateway:
     def configure(self, updated) -> None:
         if "keys_file" in updated:
             try:
-                self.keys = load_keys(ctx.options.keys_file)
+                self.keys = load_keys_with_timeout(ctx.options.keys_file)  # a FIFO must not hang it
             except KeysError as e:
                 if self.keys is not None:  # a later change: reject it, keep the keys in force
                     raise exceptions.OptionsError(str(e)) from None

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import re
+import stat
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -195,17 +197,56 @@ class KeyStore:
         return {vk.fingerprint: presented for presented, vk in self._keys.items()}
 
 
-def load_keys(path: str) -> KeyStore:
-    """Read and validate a keys file; raises KeysError with one clear line."""
+KEYS_READ_TIMEOUT = 5.0  # seconds a read of the keys file may take (start-up and reload)
+
+
+def read_regular_file(path: str) -> bytes:
+    """The file's bytes, if it is a regular file. Opened without blocking: a FIFO (or a device)
+    at the path is refused at once instead of waiting for a writer that never comes."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise KeysError(
             f"keys file {path} not found (copy keys.example.json to {path} and put real keys in)"
         ) from None
     except OSError as e:
         raise KeysError(f"keys file {path} cannot be read: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeysError(f"keys file {path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise KeysError(f"keys file {path} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def load_keys_with_timeout(path: str, timeout: float = KEYS_READ_TIMEOUT) -> KeyStore:
+    """load_keys on a daemon thread: a stuck file system holds the caller `timeout` seconds at
+    most (and the thread, if it never returns, does not keep the process from exiting)."""
+    result: list = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(load_keys(path))
+        except BaseException as e:  # handed to the caller
+            result.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="keys file read", daemon=True).start()
+    if not done.wait(timeout):
+        raise KeysError(f"keys file {path} was not read within {timeout:g}s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def load_keys(path: str) -> KeyStore:
+    """Read and validate a keys file; raises KeysError with one clear line."""
+    raw = read_regular_file(path)
     try:
         if path.endswith((".yaml", ".yml")):
             data = yaml.safe_load(raw)

@@ -3,6 +3,8 @@
 Polling (not inotify) so it works the same on every OS and with editors that replace the file.
 A request looks its key up once, so requests in flight keep the key they started with. An edit
 that does not load keeps the keys in force and logs one line (once per edit, not per poll).
+The check (stat and read) runs off the event loop with a timeout, and only a regular file is
+read: a FIFO or a stuck file system at the path cannot freeze the gateway.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 
 from mitmproxy import ctx
 
-from addon.policy.keys import KeysError, load_keys
+from addon.policy.keys import KEYS_READ_TIMEOUT, KeysError, KeyStore, load_keys_with_timeout
 
 log = logging.getLogger("gateway")
 
@@ -31,6 +33,7 @@ class KeysReloader:
         self.gateway = gateway  # anything with a `keys` attribute
         self._seen: tuple | None = None
         self._task: asyncio.Task | None = None
+        self._reading: asyncio.Future | None = None  # the check running on a worker thread
 
     def load(self, loader) -> None:
         loader.add_option(  # mitmproxy options cannot be floats: milliseconds
@@ -55,21 +58,37 @@ class KeysReloader:
         while True:
             await asyncio.sleep((ctx.options.keys_reload_ms or 2000) / 1000)
             try:
-                self.check()
+                await self.check()
             except Exception:
                 log.exception("gateway: keys file check failed")
 
-    def check(self) -> None:
+    async def check(self) -> None:
         path = ctx.options.keys_file
-        state = file_state(path)
-        if state == self._seen:
+        if self._reading is not None and not self._reading.done():
+            return  # a check still stuck in the file system (logged once): do not pile threads up
+        self._reading = asyncio.ensure_future(asyncio.to_thread(self.read_if_changed, path))
+        try:
+            state, loaded = await asyncio.wait_for(asyncio.shield(self._reading), KEYS_READ_TIMEOUT + 1)
+        except TimeoutError:  # (a read gives up after KEYS_READ_TIMEOUT: here its stat hangs)
+            log.error("gateway: keys file %s could not be checked within %gs; keeping the keys in force",
+                      path, KEYS_READ_TIMEOUT)
+            return
+        if state == self._seen and loaded is None:
             return
         self._seen = state
-        try:
-            keys = load_keys(path)
-        except KeysError as e:
+        if isinstance(loaded, KeysError):
             kept = len(self.gateway.keys) if self.gateway.keys is not None else 0
-            log.error("gateway: keys file changed but not reloaded, keeping the %d keys in force: %s", kept, e)
+            log.error("gateway: keys file changed but not reloaded, keeping the %d keys in force: %s", kept, loaded)
             return
-        self.gateway.keys = keys
-        log.info("gateway: keys file reloaded: %d virtual keys from %s", len(keys), path)
+        self.gateway.keys = loaded
+        log.info("gateway: keys file reloaded: %d virtual keys from %s", len(loaded), path)
+
+    def read_if_changed(self, path: str) -> tuple[tuple | None, KeyStore | KeysError | None]:
+        """(file state, new keys or why not, or None if unchanged). Runs on a worker thread."""
+        state = file_state(path)
+        if state == self._seen:
+            return state, None
+        try:
+            return state, load_keys_with_timeout(path)
+        except KeysError as e:
+            return state, e
