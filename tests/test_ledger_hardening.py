@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,3 +105,132 @@ def test_a_provider_answer_with_10_to_the_30_tokens_loses_no_other_keys_rows(pro
     assert count(db, "key_name = 'bob' AND prompt_tokens = 5") == 20
     assert count(db, f"key_name = 'mallory' AND prompt_tokens = {MAX_TOKENS}") == 1
     assert "OverflowError" not in gw.log() and "Traceback" not in gw.log()
+
+
+# --- break 7: a deleted ledger, a full disk -------------------------------------------------
+
+def remove_ledger(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):  # rm usage.sqlite3*
+        Path(str(db) + suffix).unlink(missing_ok=True)
+
+
+def test_a_deleted_ledger_is_recreated_loudly_and_later_rows_go_to_it(tmp_path, caplog):
+    db = tmp_path / "u.sqlite3"
+    ledger = Ledger(str(db))
+    ledger.record(row(1.0))
+    ledger.flush()
+    remove_ledger(db)
+    ledger.checkpoint()  # the WAL checkpoint must not quietly recreate an empty file
+    assert not db.exists()
+    with caplog.at_level(logging.ERROR, "gateway"):
+        for i in range(200):
+            ledger.record(row(2.0 + i))
+        ledger.flush()
+    assert count(db) == 200
+    assert "was deleted while the gateway ran" in caplog.text
+    ledger.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 512 KB tmpfs (root can mount one): a disk that really fills up."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    import subprocess
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_rows_wait_out_a_full_disk_and_are_written_when_space_comes_back(tiny_disk, caplog):
+    db = tiny_disk / "u.sqlite3"
+    ledger = Ledger(str(db))
+    ledger.record(row(0.0))
+    ledger.flush()
+    filler = fill(tiny_disk)
+    with caplog.at_level(logging.ERROR, "gateway"):
+        for batch in range(6):  # 300 rows over several flushes while the disk is full
+            for i in range(50):
+                ledger.record(row(1.0 + batch * 50 + i, name="bob"))
+            ledger.flush()
+        full = [r.getMessage() for r in caplog.records]
+        filler.unlink()
+        ledger.flush()
+    assert count(db, "key_name = 'bob'") == 300
+    assert len(full) == 1 and "full" in full[0]  # one line, not one per batch
+    assert "written again" in caplog.records[-1].getMessage()
+    ledger.close()
+
+
+@pytest.mark.e2e
+def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path):
+    db = tmp_path / "usage.sqlite3"
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY, "budget_tokens": 70},
+                             "vk_free": {"name": "free", "provider": "openai", "api_key": REAL_KEY}}}
+    gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
+    budget = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
+    free = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_free", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    for _ in range(9):  # 63 of 70 tokens
+        budget.chat.completions.create(model="gpt-4o", messages=messages)
+    wait_count(db, 9)
+    remove_ledger(db)
+    budget.chat.completions.create(model="gpt-4o", messages=messages)  # 70: the budget is used up
+    for _ in range(20):
+        free.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.RateLimitError):  # the spend before the rm still counts
+        budget.chat.completions.create(model="gpt-4o", messages=messages)
+    wait_count(db, 22)
+    assert count(db, "key_name = 'free'") == 20 and count(db, "key_name = 'budget'") == 2  # 1 served, 1 refused
+    assert gw.log().count("was deleted while the gateway ran") == 1
+
+
+@pytest.mark.e2e
+def test_a_full_disk_under_the_running_gateway_loses_no_row(provider, gateway_factory, tiny_disk):
+    db = tiny_disk / "usage.sqlite3"
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {"vk_a": {"name": "alice", "provider": "openai", "api_key": REAL_KEY}}}
+    gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
+    filler = fill(tiny_disk)
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)  # keep-alive
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(300):
+        conn.request("POST", "/v1/chat/completions", body, {"authorization": "Bearer vk_a", "content-type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+    conn.close()
+    deadline = time.monotonic() + 10
+    while "cannot be written" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    filler.unlink()
+    wait_count(db, 300)
+    assert count(db, "key_name = 'alice'") == 300
+    assert gw.log().count("cannot be written") == 1
+
+
+def wait_count(db: Path, rows: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if db.exists() and count(db) >= rows:
+                return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)

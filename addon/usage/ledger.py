@@ -26,6 +26,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from typing import NamedTuple
+from urllib.parse import quote
 
 log = logging.getLogger("gateway")
 
@@ -104,21 +105,53 @@ def upgrade(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _waits(error: sqlite3.OperationalError) -> str | None:
+    """Why a write should be tried again later rather than its rows dropped, or None."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return "locked"  # another writer: the usual short wait, not logged
+    if "full" in text or "disk I/O" in text or "unable to open" in text or "readonly" in text:
+        return text  # disk full, or the file went away under us: rows wait, logged once
+    return None
+
+
 class Ledger:
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = connect(path, timeout=BUSY_TIMEOUT, checkpoints=False)
+        self._identity = file_identity(path)
+        self._open = True
         self._pending: list[UsageRecord] = []
+        self._failing: str | None = None  # why writes fail at the moment (logged once, when it starts)
 
     def record(self, row: UsageRecord) -> None:
         self._pending.append(row)
 
     def flush(self) -> None:
-        """Insert the pending rows (in statements of up to BATCH rows). Rows another writer's
-        lock keeps out stay pending for the next flush. A batch that fails otherwise is
-        written row by row: only a row that cannot be written is dropped (logged), never
-        the rows that came with it."""
-        if self._db is None:
+        """Insert the pending rows (in statements of up to BATCH rows).
+
+        - Rows another writer's lock keeps out, or a full disk, stay pending (up to MAX_PENDING,
+          oldest dropped beyond that) and go in with a later flush; a full disk logs one line
+          when it starts and one when rows are written again.
+        - A ledger file deleted or replaced while the gateway runs is noticed here (its inode)
+          and recreated, with an error in the log; the spend counted in memory is kept.
+        - A batch that fails otherwise is written row by row: only a row that cannot be written
+          is dropped (logged), never the rows that came with it."""
+        if not self._open:
+            return
+        if (self._db is None or file_identity(self.path) != self._identity) and not self._reopen():
+            self._keep([], self._pending)
+            return
+        if not self._pending:
             return
         rows, self._pending = self._pending, []
         for start in range(0, len(rows), BATCH):
@@ -126,21 +159,61 @@ class Ledger:
             try:
                 self._write_batch(batch)
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
+                why = _waits(e)
+                if why is None:
                     self._write_rows(batch)
                     continue
-                kept = rows[start:][-MAX_PENDING:]
-                if len(kept) < len(rows) - start:
-                    log.error("gateway: usage ledger %s locked for long: %d oldest rows dropped",
-                              self.path, len(rows) - start - len(kept))
-                self._pending[:0] = kept  # try again later, in order
+                if why != "locked":
+                    self._fails(why, len(rows) - start)
+                self._keep(rows[start:], self._pending)
                 return
             except Exception:  # sqlite3.Error, OverflowError, ...: one bad row, or all?
                 self._write_rows(batch)
+        if self._failing is not None:
+            log.error("gateway: usage ledger %s is written again; the %d rows kept meanwhile are in it",
+                      self.path, len(rows))
+            self._failing = None
+
+    def _keep(self, rows: list[UsageRecord], later: list[UsageRecord]) -> None:
+        """Keep `rows` (then `later`) pending, in order, at most MAX_PENDING of them."""
+        rows = rows + later
+        kept = rows[-MAX_PENDING:]
+        if len(kept) < len(rows):
+            log.error("gateway: usage ledger %s cannot be written for long: %d oldest rows dropped",
+                      self.path, len(rows) - len(kept))
+        self._pending = kept
+
+    def _fails(self, why: str, rows: int) -> None:
+        if self._failing is None:
+            log.error("gateway: usage ledger %s cannot be written (%s): %d rows kept in memory (up to %d)"
+                      " and written when it can be", self.path, why, rows, MAX_PENDING)
+        self._failing = why
+
+    def _reopen(self) -> bool:
+        """The ledger file was deleted or replaced: say so, and write to a new one."""
+        if self._db is not None:  # first: closing the last connection removes its WAL, not the new one's
+            gone = file_identity(self.path) is None
+            self._db.close()
+            self._db = None
+            log.error("gateway: usage ledger %s was %s while the gateway ran: rows from now on go to a new file"
+                      " (the rows before went with the old one); budgets keep the spend counted in memory,"
+                      " but a restart reads only what the new file holds",
+                      self.path, "deleted" if gone else "replaced")
+        try:
+            self._db = connect(self.path, timeout=BUSY_TIMEOUT, checkpoints=False)
+        except (sqlite3.Error, OSError) as e:
+            self._fails(f"it cannot be recreated: {e}", len(self._pending))
+            return False
+        self._identity = file_identity(self.path)
+        return True
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database file (the fsync): call it from a worker thread."""
-        db = connect(self.path)
+        """Copy the WAL into the database file (the fsync): call it from a worker thread. Never
+        creates the file: a deleted ledger is for flush() to notice and recreate, loudly."""
+        try:
+            db = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True, timeout=10)
+        except sqlite3.OperationalError:
+            return
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
@@ -148,18 +221,19 @@ class Ledger:
 
     def close(self) -> None:
         """Write everything pending and close (a later flush or close does nothing)."""
-        if self._db is None:
+        if not self._open:
             return
         deadline = time.monotonic() + 10
         self.flush()
-        while self._pending and time.monotonic() < deadline:  # another writer holds the lock
+        while self._pending and time.monotonic() < deadline:  # another writer's lock, a full disk
             time.sleep(BUSY_TIMEOUT)
             self.flush()
         if self._pending:
-            log.error("gateway: usage ledger %s: %d rows not written at shutdown (database locked)",
-                      self.path, len(self._pending))
-        self._db.close()
-        self._db = None
+            log.error("gateway: usage ledger %s: %d rows not written at shutdown (%s)",
+                      self.path, len(self._pending), self._failing or "database locked")
+        if self._db is not None:
+            self._db.close()
+        self._db, self._open = None, False
 
     def _write_batch(self, rows: list[UsageRecord]) -> None:
         sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
