@@ -1,13 +1,14 @@
-"""The mitmproxy adapter: routes OpenAI Chat Completions by virtual key to a provider.
+"""The mitmproxy adapter: routes each inbound API's requests by virtual key to a provider.
 
 Run with mitmdump/mitmweb in reverse mode against an unreachable placeholder target and
 connection_strategy=lazy (run.sh does this), so that nothing is ever forwarded that this addon
 did not route on purpose. mitmproxy fails *open* when a hook raises, so every hook here catches
 and answers a JSON 500 instead.
 
-Data path: request -> key lookup -> key policy (policy/rules.py) -> provider.prepare -> (mitmproxy
-sends it) -> responseheaders (redact the real key, choose stream translation) -> response
-(translate a whole body). Usage is counted by usage/accounting.py, hot reload lives in policy/reload.py.
+Data path: request -> inbound API by path (apis/) -> key lookup -> the API's request check -> key
+policy (policy/rules.py) -> translation pair for (API, the key's provider) (translate/) -> provider
+key (providers/) -> (mitmproxy sends it) -> responseheaders (redact the real key, choose stream
+translation) -> response (translate a whole body). Nothing here branches on an API or provider. Usage is counted by usage/accounting.py, hot reload lives in policy/reload.py.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ from mitmproxy.net.http import url
 from addon.policy import rules
 from addon.usage.accounting import UsageAccounting
 from addon.chain import AddonChain
-from addon.wire.errors import GatewayError, error_body
+from addon.apis.base import InboundAPI
+from addon.apis.registry import APIS, ENDPOINTS, api_for_path
+from addon.translate.base import Pair
+from addon.translate.registry import PAIRS
+from addon.wire.errors import GatewayError
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
+from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot
 from addon.policy.reload import KeysReloader
@@ -41,11 +47,9 @@ from addon.policy.logredact import LogRedaction
 from addon.policy.store import MemoryStore, UsageStore
 from addon.wire.streams import fail_closed_stream
 from addon.wire.timeouts import UpstreamTimeout
-from addon.usage.tokens import client_wants_stream_usage, request_stream_usage
 
 log = logging.getLogger("gateway")
 
-CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
 MODELS_PATHS = frozenset({"/models", "/v1/models"})
 # client headers that must never reach a provider: the virtual key, and client-chosen
@@ -57,8 +61,24 @@ _SECRET_HEADERS = {name: provider.secret_header.encode() for name, provider in P
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+class Route(NamedTuple):
+    provider: Provider
+    pair: Pair
+
+
+# inbound API name -> provider name -> how that provider serves it (built once; a provider
+# without a pair for an API is missing here, and gets a 400)
+ROUTES: dict[str, dict[str, Route]] = {
+    api: {name: Route(provider, PAIRS[(api, provider.api)]) for name, provider in PROVIDERS.items() if (api, provider.api) in PAIRS}
+    for api in APIS
+}
+SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" for api in APIS.values())
+
+
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
-    flow.response = http.Response.make(error.status, error.body(), {**JSON_HEADERS, **error.headers})
+    """Answer `error` in the error shape of the API served at the request's path."""
+    body = api_for_path(flow.request.path).error_body(error)
+    flow.response = http.Response.make(error.status, body, {**JSON_HEADERS, **error.headers})
     flow.metadata.setdefault("gateway", {})["answered"] = error.code or error.type
     flow.marked = ":no_entry:"
 
@@ -100,35 +120,14 @@ def presented_key(fields: Fields, names: list[bytes]) -> str | None:
     return field_value(fields, names, b"x-api-key") or None
 
 
-def parse_chat_request(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
-    if not isinstance(body, dict):
-        raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
-    # the gateway decides on these itself (stream handling, usage): a string "false" must not stream
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise GatewayError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise GatewayError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
-    return body
-
-
 class Gateway:
-    """Routes chat completions to providers; everything else is answered locally."""
+    """Routes the inbound APIs' requests to providers; everything else is answered locally."""
 
     def __init__(self, store: UsageStore | None = None) -> None:
         self.keys: KeyStore | None = None  # replaced whole on reload (policy/reload.py), never mutated
         self.store: UsageStore = store if store is not None else MemoryStore()  # rate limits and spend
-        # per in-flight flow: the provider Exchange that translates its response
-        self.exchanges: dict[str, object] = {}
+        # per in-flight flow: the pair's Exchange that translates its response, and the API
+        self.exchanges: dict[str, tuple[object, InboundAPI]] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -164,27 +163,29 @@ class Gateway:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
             self.redact(flow)
-            exchange = self.exchanges.get(flow.id)
+            routed = self.exchanges.get(flow.id)
             response = flow.response
-            if exchange is None or response is None:
+            if routed is None or response is None:
                 return
             if response.status_code == 200 and (header(response.headers, b"content-type") or "").startswith("text/event-stream"):
+                exchange, api = routed
                 translator = exchange.stream_translator()
                 if translator is None:
                     response.stream = True
                 else:
-                    response.stream = fail_closed_stream(translator, response.headers, flow.request.http_version)
+                    response.stream = fail_closed_stream(translator, response.headers, flow.request.http_version, api.stream_error)
         except Exception:
             log.exception("gateway: internal error on response headers")
             flow.metadata.setdefault("gateway", {})["failed"] = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        exchange = self.exchanges.pop(flow.id, None)
+        routed = self.exchanges.pop(flow.id, None)
         try:
             if flow.metadata.get("gateway", {}).get("failed"):
                 raise RuntimeError("response headers could not be handled")
-            if exchange is None or flow.response.stream:
+            if routed is None or flow.response.stream:
                 return
+            exchange = routed[0]
             status = flow.response.status_code
             if status < 400 and not exchange.translates_success:
                 return
@@ -193,9 +194,8 @@ class Gateway:
                 replace_body(flow.response, body, b"application/json")
         except Exception:
             log.exception("gateway: internal error while translating a response")
-            flow.response = http.Response.make(
-                502, error_body("the gateway could not translate the provider response", "server_error", "gateway_error"), JSON_HEADERS
-            )
+            error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
+            flow.response = http.Response.make(502, api_for_path(flow.request.path).error_body(error), JSON_HEADERS)
         if flow.response.status_code >= 400:
             flow.marked = flow.marked or ":warning:"
 
@@ -222,10 +222,12 @@ class Gateway:
                 raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
             self.answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
             return
-        if path not in CHAT_PATHS:
-            raise GatewayError(404, f"unknown path {path}: this gateway serves POST /v1/chat/completions", code="unknown_path")
-        if request.method != "POST":
-            raise GatewayError(405, f"method {request.method} not allowed on {path}; use POST", code="method_not_allowed", headers={"allow": "POST"})
+        api = ENDPOINTS.get(path)
+        if api is None:
+            raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
+        if request.method not in api.methods:
+            allowed = ", ".join(sorted(api.methods))
+            raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
 
         key = self.authenticate(fields, names)
         keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
@@ -237,20 +239,16 @@ class Gateway:
             raw = plain_content(request, names)
         except ValueError:
             raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
-        body = parse_chat_request(raw)
+        body = api.parse_request(raw)
         model = body["model"]
-        meta.update(model=model, stream=bool(body.get("stream")))
+        meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
         price = keys.price(model)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
-        new_body = None
-        if meta["stream"]:
-            # always ask for stream usage so the ledger can count it; accounting.py hides it
-            # again from a client that did not ask
-            meta["client_usage"] = client_wants_stream_usage(body)
-            if not meta["client_usage"]:
-                new_body = request_stream_usage(body, raw)
-        provider = PROVIDERS[key.provider]
-        upstream, exchange = provider.prepare(body, key.api_key)  # raises for what it cannot serve
+        route = ROUTES[api.name].get(key.provider)
+        if route is None:
+            raise GatewayError(400, f"provider {key.provider} cannot serve {path}", code="unsupported_endpoint")
+        new_body = api.prepare_usage(body, raw, meta) if meta["stream"] else None
+        upstream, exchange = route.pair.prepare(body)  # raises for what it cannot serve
         if upstream.body is not None:
             new_body = upstream.body
         # last: the rpm slot is taken only by a request that will be forwarded
@@ -265,7 +263,9 @@ class Gateway:
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.
-        upstream_headers = upstream.headers
+        upstream_headers = route.provider.auth_headers(key.api_key)
+        if upstream.headers:
+            upstream_headers.update(upstream.headers)
         if meta["stream"]:
             upstream_headers = {**upstream_headers, "accept-encoding": "identity"}  # stream callables see raw bytes
         replaced = replaced_header_names(tuple(upstream_headers), new_body is not None)
@@ -276,7 +276,7 @@ class Gateway:
             forwarded += framing_fields(names, new_body)
             request.data.content = new_body
         request.headers.fields = tuple(forwarded)
-        self.exchanges[flow.id] = exchange
+        self.exchanges[flow.id] = (exchange, api)
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 from addon.providers.registry import PROVIDERS  # noqa: E402
+from addon.translate.registry import PAIRS  # noqa: E402
 from fakeprovider import anthropic_events  # noqa: E402
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -482,12 +483,12 @@ def translator_cpu(s: Settings) -> dict:
 
     from addon.wire.streams import fail_closed_stream
 
-    provider = PROVIDERS["anthropic"]
+    pair = PAIRS[("openai_chat", PROVIDERS["anthropic"].api)]
     raw = json.dumps({"model": ANTHROPIC_MODEL, "messages": MESSAGES, "max_tokens": 64, "stream": True}).encode()
     events = anthropic_events(200)
 
     def setup():
-        upstream, exchange = provider.prepare(json.loads(raw), "sk-bench-anthropic-0000000000")
+        upstream, exchange = pair.prepare(json.loads(raw))
         return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1")
 
     def run(stream) -> list:

@@ -1,4 +1,4 @@
-"""Unit tests of the Anthropic provider's mapping rules: pure functions, no gateway process."""
+"""Unit tests of the OpenAI Chat -> Anthropic Messages pair's mapping rules: pure functions, no gateway process."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 
 from addon.wire.errors import GatewayError
 from addon.providers.registry import PROVIDERS
-from addon.providers.anthropic import (
+from addon.translate.registry import PAIRS
+from addon.translate.openai_chat_anthropic import (
     FALLBACK_MAX_TOKENS,
-    AnthropicProvider,
+    OpenAIChatToAnthropic,
     StreamTranslator,
     default_max_tokens,
 )
@@ -25,7 +26,7 @@ def req(messages=None, **params) -> dict:
 
 
 def prepare(request: dict):
-    upstream, exchange = AnthropicProvider().prepare(request, "sk-ant-real", now=lambda: 1700000000)
+    upstream, exchange = OpenAIChatToAnthropic(now=lambda: 1700000000).prepare(request)
     return upstream, exchange
 
 
@@ -49,11 +50,13 @@ def test_registered_with_its_endpoint():
     assert provider.default_base_url == "https://api.anthropic.com/v1"
     assert provider.endpoint_path == "/messages"
     assert provider.secret_header == "x-api-key"
+    assert provider.auth_headers("sk-ant-real") == {"x-api-key": "sk-ant-real"}
+    assert isinstance(PAIRS[("openai_chat", provider.api)], OpenAIChatToAnthropic)
 
 
-def test_headers_carry_real_key_and_version_only():
-    upstream, _ = prepare(req())
-    assert upstream.headers == {"x-api-key": "sk-ant-real", "anthropic-version": "2023-06-01", "content-type": "application/json"}
+def test_headers_carry_version_only():
+    upstream, _ = prepare(req())  # the real key is the provider's header (providers/anthropic.py)
+    assert upstream.headers == {"anthropic-version": "2023-06-01", "content-type": "application/json"}
 
 
 # --- request: messages -----------------------------------------------------------------------

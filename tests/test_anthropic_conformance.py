@@ -8,7 +8,7 @@ from functools import cache
 
 import pytest
 
-from addon.providers.anthropic import AnthropicProvider, StreamTranslator
+from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic, StreamTranslator
 from tests.conftest import SHARED_REFERENCE
 from tests.test_anthropic import PNG_B64, WEATHER_TOOL, message, text_stream
 from tests.test_anthropic_boundaries import FIXTURE, RECORDED
@@ -86,7 +86,7 @@ REQUESTS = {
 @pytest.mark.parametrize("name", REQUESTS)
 def test_generated_requests_match_create_message_params(name):
     request = {"model": "claude-sonnet-4-5", **REQUESTS[name]}
-    upstream, _ = AnthropicProvider().prepare(request, "sk-ant-x")
+    upstream, _ = OpenAIChatToAnthropic().prepare(request)
     assert_valid("anthropic-openapi.json", "CreateMessageParams", json.loads(upstream.body))
 
 
@@ -105,7 +105,7 @@ RESPONSES = {
 
 @pytest.mark.parametrize("name", RESPONSES)
 def test_generated_completions_match_openai_response(name):
-    _, exchange = AnthropicProvider().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]}, "k")
+    _, exchange = OpenAIChatToAnthropic().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]})
     assert_valid("openai-openapi.yaml", "CreateChatCompletionResponse", json.loads(exchange.translate_body(200, RESPONSES[name])))
 
 
@@ -141,7 +141,7 @@ def recorded_responses() -> list:
 @pytest.mark.skipif(not CASSETTES, reason="shared reference recordings absent")
 @pytest.mark.parametrize("status,body", recorded_responses())
 def test_recorded_real_responses_translate_to_valid_openai(status, body):
-    _, exchange = AnthropicProvider().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]}, "k")
+    _, exchange = OpenAIChatToAnthropic().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]})
     translated = json.loads(exchange.translate_body(status, json.dumps(body).encode()))
     if status >= 400:
         assert translated["error"]["message"] == body["error"]["message"]

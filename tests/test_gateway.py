@@ -8,7 +8,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
 from addon.policy.keys import fingerprint
-from addon.providers.openai import PASSTHROUGH
+from addon.translate.passthrough import PassthroughExchange
 
 REAL = "sk-real-secret-key-123456"
 KEYS = {
@@ -113,7 +113,7 @@ def test_health(gw):
 def test_internal_error_fails_closed(gw, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("bug")
-    monkeypatch.setattr("addon.providers.openai.OpenAICompatible.prepare", boom)
+    monkeypatch.setattr("addon.translate.passthrough.Passthrough.prepare", boom)
     f = flow()
     gw.request(f)
     status, err = error_of(f)
@@ -169,7 +169,7 @@ def test_foreign_provider_errors_are_wrapped_openai_errors_kept(gw):
 
 
 def test_translation_failure_becomes_502(gw, monkeypatch):
-    monkeypatch.setattr(type(PASSTHROUGH), "translate_body", lambda self, s, b: 1 / 0)
+    monkeypatch.setattr(PassthroughExchange, "translate_body", lambda self, s, b: 1 / 0)
     f = flow()
     gw.request(f)
     f.response = tutils.tresp(status_code=500, content=b"{}")
@@ -180,7 +180,7 @@ def test_translation_failure_becomes_502(gw, monkeypatch):
 
 
 def test_passthrough_success_body_is_not_read(gw, monkeypatch):
-    monkeypatch.setattr(type(PASSTHROUGH), "translate_body", lambda self, s, b: 1 / 0)
+    monkeypatch.setattr(PassthroughExchange, "translate_body", lambda self, s, b: 1 / 0)
     f = flow()
     gw.request(f)
     f.response = tutils.tresp(content=b'{"id": "x"}')

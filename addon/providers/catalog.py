@@ -1,5 +1,6 @@
-"""What the rest of the gateway knows about each provider without loading its translation code:
-its name, default base URL, the path appended to it, and the header that carries the real key.
+"""What the rest of the gateway knows about each provider without loading any code: its name,
+default base URL, the path appended to it, the header that carries the real key, and the API it
+speaks (which translation pair serves a client, translate/registry.py).
 
 The keys file (policy/keys.py) validates provider names and builds upstream URLs from this table;
 the registry (providers/registry.py) pairs each entry with its implementation.
@@ -14,10 +15,11 @@ class ProviderInfo(NamedTuple):
     default_base_url: str
     endpoint_path: str  # appended to base_url
     secret_header: str  # the header carrying the real key, redacted once the request is sent
+    api: str  # the API it speaks, named as in apis/ ("openai_chat", "anthropic_messages")
 
 
 CATALOG: dict[str, ProviderInfo] = {
-    "openai": ProviderInfo("https://api.openai.com/v1", "/chat/completions", "authorization"),
-    "deepseek": ProviderInfo("https://api.deepseek.com", "/chat/completions", "authorization"),
-    "anthropic": ProviderInfo("https://api.anthropic.com/v1", "/messages", "x-api-key"),
+    "openai": ProviderInfo("https://api.openai.com/v1", "/chat/completions", "authorization", "openai_chat"),
+    "deepseek": ProviderInfo("https://api.deepseek.com", "/chat/completions", "authorization", "openai_chat"),
+    "anthropic": ProviderInfo("https://api.anthropic.com/v1", "/messages", "x-api-key", "anthropic_messages"),
 }

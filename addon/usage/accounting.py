@@ -1,7 +1,7 @@
 """The mitmproxy side of usage accounting: count every routed request into the store and ledger.
 
 `UsageAccounting` runs after `Gateway` in the addon chain. For a streamed 200 it puts a
-`StreamUsage` watcher after the provider's translation (what the client receives); when a flow
+usage watcher of the request's inbound API (apis/) after the pair's translation (what the client receives); when a flow
 ends it notes what is needed to count it, and `settle()` later turns that into tokens and
 dollars, counts them in the store (budgets, tpm) and queues a ledger row. Nothing here can
 refuse or hold up a request.
@@ -29,7 +29,9 @@ from addon.wire.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, MemoryStore
 from addon.wire.streams import frame_for_new_length
 from addon.usage.estimate import StreamSample, estimate_from_chars
-from addon.usage.tokens import StreamUsage, Usage, cost, usage_from_body
+from addon.usage.tokens import Usage, cost
+from addon.apis.base import StreamUsageReader
+from addon.apis.registry import APIS, DEFAULT_API
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
 NO_USAGE = Usage()
@@ -41,7 +43,7 @@ class UsageAccounting:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self.ledger: Ledger | None = None
-        self.watchers: dict[str, tuple[StreamUsage, StreamSample]] = {}  # per streamed flow
+        self.watchers: dict[str, tuple[StreamUsageReader, StreamSample]] = {}  # per streamed flow
         # finished flows not yet counted: (meta, started, ended, status, usage or whole response)
         self.unsettled: list[tuple] = []
         store.before_read = self.settle
@@ -126,7 +128,8 @@ class UsageAccounting:
         if not meta.get("stream") or "client_usage" not in meta or response is None or not response.stream:
             return
         try:
-            watcher = StreamUsage(strip=not meta["client_usage"])
+            # usage read from what the client receives, in its API's format
+            watcher = APIS.get(meta.get("api"), DEFAULT_API).stream_usage(strip=not meta["client_usage"])
             if watcher.strip:
                 frame_for_new_length(response.headers, flow.request.http_version)
             sample = StreamSample()
@@ -174,7 +177,8 @@ class UsageAccounting:
     def count(self, meta: dict, started: float, ended: float, status: int,
               usage: Usage | http.Response | None, streamed: bool) -> None:
         if isinstance(usage, http.Response):
-            usage = usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
+            api = APIS.get(meta.get("api"), DEFAULT_API)
+            usage = api.usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
         if usage is None:
             usage = NO_USAGE
         price = meta.get("price")
@@ -191,7 +195,7 @@ class UsageAccounting:
             ))
 
 
-def stream_usage(flow: http.HTTPFlow, watcher: StreamUsage, sample: StreamSample) -> Usage:
+def stream_usage(flow: http.HTTPFlow, watcher: StreamUsageReader, sample: StreamSample) -> Usage:
     """What a finished or abandoned stream is charged: the provider's usage when it came and
     counts the answer; else an estimate (usage/estimate.py) from the request body and the text
     the client was sent, with the input tokens the provider did report. A stream that sent text
@@ -209,7 +213,7 @@ def stream_usage(flow: http.HTTPFlow, watcher: StreamUsage, sample: StreamSample
     return estimate_from_chars(body, chars, usage.prompt_tokens if usage is not None else None)
 
 
-def watched_stream(inner: Callable | bool, watcher: StreamUsage, sample: StreamSample | None = None) -> Callable[[bytes], list[bytes]]:
+def watched_stream(inner: Callable | bool, watcher: StreamUsageReader, sample: StreamSample | None = None) -> Callable[[bytes], list[bytes]]:
     """Compose the stream callable mitmproxy already has (or True: pass through) with `watcher`."""
     broken = False
 

@@ -2,8 +2,8 @@
 
 mitmproxy calls the callable with each received body piece, before content decoding, and once
 with b"" at the end. This wrapper decodes gzip/deflate, fixes the framing headers for a body of
-new length, and fails closed: if the translator raises, the client gets an OpenAI-shaped error
-event and [DONE] instead of untranslated provider bytes or a hung stream.
+new length, and fails closed: if the translator raises, the client gets the inbound API's error
+event (OpenAI: an error chunk and [DONE]) instead of untranslated provider bytes or a hung stream.
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ def frame_for_new_length(headers, http_version: str) -> None:
         headers["transfer-encoding"] = "chunked"
 
 
-def fail_closed_stream(translator: StreamTranslator, headers, http_version: str):
-    """Return the callable to assign to `flow.response.stream`; adjusts `headers` in place."""
+def openai_stream_error(message: str) -> list[bytes]:
+    return [encode_data(error_dict(message, "server_error", "gateway_error")), DONE]
+
+
+def fail_closed_stream(translator: StreamTranslator, headers, http_version: str,
+                       stream_error: Callable[[str], list[bytes]] = openai_stream_error):
+    """Return the callable to assign to `flow.response.stream`; adjusts `headers` in place.
+    `stream_error(message)` makes the events that end a stream whose translation failed."""
     encoding = headers.get("content-encoding", "").strip().lower()
     decoder = _DECODERS[encoding]() if encoding in _DECODERS else None
     if decoder is not None:
@@ -59,8 +65,7 @@ def fail_closed_stream(translator: StreamTranslator, headers, http_version: str)
         except Exception:
             log.exception("gateway: stream translation failed; ending the stream with an error")
             failed = True
-            error = error_dict("the gateway could not translate the provider stream", "server_error", "gateway_error")
-            return [encode_data(error), DONE]
+            return stream_error("the gateway could not translate the provider stream")
         if piece and out == b"":
             return []  # b"" would end an HTTP/1.1 chunked body early
         return out

@@ -1,0 +1,1 @@
+"""Inbound APIs: what a client speaks to the gateway, one module each."""

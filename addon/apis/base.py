@@ -1,0 +1,61 @@
+"""What every inbound API module declares: the seam between a client's API and the gateway.
+
+An inbound API is what a client speaks to the gateway (OpenAI Chat Completions today). Its module
+says where it is served (paths, methods), how a request is checked before anything is forwarded,
+how the gateway's own errors look on it, and how usage is read from the bytes its clients
+receive (whole bodies and streams). The adapter (gateway.py) finds the API by path in
+apis/registry.py and the translation pair for (this API, the key's provider API) in
+translate/registry.py; nothing in between branches on an API's name.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from addon.usage.tokens import Usage
+from addon.wire.errors import GatewayError
+
+
+class StreamUsageReader(Protocol):
+    strip: bool  # removes usage the client did not ask for (the stream's length changes)
+    usage: Usage | None
+
+    @property
+    def held(self) -> bytes:
+        """Bytes received but not yet passed on."""
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """Client-bound bytes in, the bytes to send on out; b"" at the end flushes."""
+
+
+class InboundAPI(Protocol):
+    name: str  # as recorded in flow metadata ("api") and named in pairs
+    paths: frozenset[str]  # request paths without the query
+    methods: frozenset[str]
+    usage_in_stream: bool  # False: the gateway asks upstream for stream usage (see prepare_usage)
+
+    def parse_request(self, raw: bytes) -> dict:
+        """The request body, checked for what the gateway itself relies on (model, stream).
+        Raises GatewayError(400) in this API's terms."""
+
+    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
+        """For a streamed request: make the answer carry usage; the new body bytes, or None."""
+
+    def error_body(self, error: GatewayError) -> bytes:
+        """A gateway answer in this API's error shape."""
+
+    def is_error(self, body: bytes) -> bool:
+        """True when a provider's error body is already in this API's error shape."""
+
+    def foreign_error(self, status: int, body: bytes) -> bytes:
+        """A provider error body in another shape (an HTML 502, an empty 503) in this one."""
+
+    def stream_error(self, message: str) -> list[bytes]:
+        """What ends a stream the gateway cannot finish (the stream's error event)."""
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        """Usage of a whole successful response body as the client receives it."""
+
+    def stream_usage(self, strip: bool) -> StreamUsageReader:
+        """A watcher of client-bound stream bytes for usage; `strip` removes usage the client
+        did not ask for."""

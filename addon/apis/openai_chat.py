@@ -1,0 +1,82 @@
+"""OpenAI Chat Completions: POST /v1/chat/completions (and /chat/completions).
+
+Errors: `{"error": {"message", "type", "param", "code"}}` (wire/errors.py). Usage: the `usage`
+object of a chat.completion, and of the stream's final chunk, which the gateway always asks for
+(`stream_options.include_usage`) and hides again from a client that did not (usage/tokens.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, request_stream_usage, usage_from_body
+from addon.wire.errors import GatewayError, error_body, error_type
+from addon.wire.streams import openai_stream_error
+
+
+class OpenAIChat:
+    name = "openai_chat"
+    paths = frozenset({"/chat/completions", "/v1/chat/completions"})
+    methods = frozenset({"POST"})
+    usage_in_stream = False
+
+    def parse_request(self, raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
+        if not isinstance(body, dict):
+            raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
+        # the gateway decides on these itself (stream handling, usage): a string "false" must not stream
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
+            raise GatewayError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            raise GatewayError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
+        return body
+
+    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
+        # always ask for stream usage so the ledger can count it; accounting.py hides it
+        # again from a client that did not ask
+        meta["client_usage"] = client_wants_stream_usage(body)
+        return None if meta["client_usage"] else request_stream_usage(body, raw)
+
+    def error_body(self, error: GatewayError) -> bytes:
+        return error.body()
+
+    def is_error(self, body: bytes) -> bool:
+        return is_openai_error(body)
+
+    def foreign_error(self, status: int, body: bytes) -> bytes:
+        return wrap_foreign_error(status, body)
+
+    def stream_error(self, message: str) -> list[bytes]:
+        return openai_stream_error(message)
+
+    def usage_from_body(self, body: bytes) -> Usage | None:
+        return usage_from_body(body)
+
+    def stream_usage(self, strip: bool) -> StreamUsage:
+        return StreamUsage(strip)
+
+
+def is_openai_error(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("error"), dict)
+
+
+def wrap_foreign_error(status: int, body: bytes) -> bytes:
+    text = body[:200].decode("utf-8", "replace").strip()
+    message = f"provider returned HTTP {status}" + (f": {text}" if text else "")
+    return error_body(message, error_type(status), code="upstream_error")
+
+
+OPENAI_CHAT = OpenAIChat()

@@ -1,0 +1,18 @@
+"""The inbound APIs the gateway serves, and which one a request path is. Adding an API means a
+module in apis/, a line here, and its translation pairs in translate/registry.py."""
+
+from __future__ import annotations
+
+from addon.apis.base import InboundAPI
+from addon.apis.openai_chat import OPENAI_CHAT
+
+APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT,)}
+# request path (no query) -> the API served there
+ENDPOINTS: dict[str, InboundAPI] = {path: api for api in APIS.values() for path in api.paths}
+# what answers where no API is served (unknown paths, /health, /v1/models)
+DEFAULT_API: InboundAPI = OPENAI_CHAT
+
+
+def api_for_path(path: str) -> InboundAPI:
+    """The API whose error shape an answer on `path` (query allowed) takes."""
+    return ENDPOINTS.get(path.partition("?")[0], DEFAULT_API)

@@ -1,0 +1,1 @@
+"""Translation pairs (inbound API x provider API): pure request, response and stream mappings."""

@@ -1,0 +1,96 @@
+"""The mapping tables between the APIs, each written once and read in both directions.
+
+A `Mapping` is a list of (a, b) rows. `forward(a)` takes the first row with that `a`, `reverse(b)`
+the first row with that `b`: rows that only one direction needs come after the row that names the
+canonical answer for the other (OpenAI "stop" reads back as Anthropic "end_turn", not
+"stop_sequence"). Anthropic is always the left column.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+class Mapping(Generic[A, B]):
+    __slots__ = ("rows", "_forward", "_reverse", "default_forward", "default_reverse")
+
+    def __init__(self, rows: list[tuple[A, B]], default_forward: B, default_reverse: A) -> None:
+        self.rows = rows
+        self._forward: dict[A, B] = {}
+        self._reverse: dict[B, A] = {}
+        for a, b in rows:
+            self._forward.setdefault(a, b)
+            self._reverse.setdefault(b, a)
+        self.default_forward = default_forward
+        self.default_reverse = default_reverse
+
+    def forward(self, a) -> B:
+        return self._forward.get(a, self.default_forward)
+
+    def reverse(self, b) -> A:
+        return self._reverse.get(b, self.default_reverse)
+
+
+# Anthropic stop_reason <-> OpenAI finish_reason
+FINISH_REASONS: Mapping[str, str] = Mapping([
+    ("end_turn", "stop"),
+    ("max_tokens", "length"),
+    ("tool_use", "tool_calls"),
+    ("refusal", "content_filter"),
+    ("stop_sequence", "stop"),
+    ("pause_turn", "stop"),
+    ("model_context_window_exceeded", "length"),
+    ("tool_use", "function_call"),  # legacy OpenAI function calling
+], default_forward="stop", default_reverse="end_turn")
+
+# Anthropic error type <-> OpenAI error type
+ERROR_TYPES: Mapping[str, str] = Mapping([
+    ("invalid_request_error", "invalid_request_error"),
+    ("authentication_error", "authentication_error"),
+    ("billing_error", "billing_error"),
+    ("permission_error", "permission_error"),
+    ("not_found_error", "not_found_error"),
+    ("rate_limit_error", "rate_limit_exceeded"),
+    ("api_error", "server_error"),
+    ("timeout_error", "timeout"),
+    ("overloaded_error", "overloaded_error"),
+    ("request_too_large", "invalid_request_error"),
+    ("rate_limit_error", "rate_limit_error"),
+    ("timeout_error", "timeout_error"),
+    ("api_error", "bad_gateway"),
+    ("overloaded_error", "service_unavailable"),
+], default_forward="server_error", default_reverse="api_error")
+
+# Anthropic error type <-> HTTP status, as Anthropic documents them. The upstream status is kept
+# when there is one; this serves errors inside a stream, and the gateway's own answers.
+ERROR_STATUSES: Mapping[str, int] = Mapping([
+    ("invalid_request_error", 400),
+    ("authentication_error", 401),
+    ("billing_error", 402),
+    ("permission_error", 403),
+    ("not_found_error", 404),
+    ("request_too_large", 413),
+    ("rate_limit_error", 429),
+    ("api_error", 500),
+    ("timeout_error", 504),
+    ("overloaded_error", 529),
+], default_forward=500, default_reverse="api_error")
+
+# Anthropic message role <-> OpenAI message role. OpenAI tool results are user turns in
+# Anthropic; system and developer messages have no Anthropic role (the `system` parameter, or a
+# system message kept in place: see the translation modules).
+ROLES: Mapping[str, str] = Mapping([
+    ("user", "user"),
+    ("assistant", "assistant"),
+    ("user", "tool"),
+], default_forward="user", default_reverse="")
+
+# Anthropic tool_choice type <-> OpenAI tool_choice string ("tool" <-> a named function)
+TOOL_CHOICES: Mapping[str, str] = Mapping([
+    ("auto", "auto"),
+    ("any", "required"),
+    ("none", "none"),
+], default_forward="", default_reverse="")
