@@ -24,7 +24,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addon.usage import ledger as ledger_db
 from addon.policy.keys import Price
-from addon.usage.ledger import Ledger, UsageRecord
+from addon.usage.ledger import Ledger, UsageRecord, display_name, open_ledger
 from addon.wire.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, MemoryStore
 from addon.wire.streams import frame_for_new_length
@@ -53,7 +53,8 @@ class UsageAccounting:
         loader.add_option(
             "usage_db", str, "usage.sqlite3",
             "SQLite file of the usage ledger (one row per request; budgets are read back from it at "
-            "start-up). Empty: keep no ledger, budgets then start from zero at every start.",
+            "start-up), or a postgresql:// URL (gateways on several machines, one ledger). "
+            "Empty: keep no ledger, budgets then start from zero at every start.",
         )
 
     def configure(self, updated) -> None:
@@ -68,16 +69,16 @@ class UsageAccounting:
         if not path:
             return
         try:
-            self.ledger = Ledger(path)
+            self.ledger = open_ledger(path)
             buckets = ledger_db.spend_buckets(path, BUCKET)
             recent = ledger_db.recent_tokens(path, time.time() - MINUTE)
-        except Exception as e:  # sqlite3.Error, OSError: one line, the gateway does not start
-            raise exceptions.OptionsError(f"usage_db {path}: {e}") from None
+        except Exception as e:  # sqlite3.Error, psycopg.Error, OSError: one line, the gateway does not start
+            raise exceptions.OptionsError(f"usage_db {display_name(path)}: {e}") from None
         for fingerprint, start, tokens, usd in sorted(buckets, key=lambda row: row[1]):  # the store prunes oldest-first
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)
-        log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", path, len(buckets))
+        log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", display_name(path), len(buckets))
 
     def running(self) -> None:
         self.start_writer()
@@ -113,7 +114,7 @@ class UsageAccounting:
             if ledger is None:
                 continue
             try:
-                ledger.flush()
+                await ledger.write()
                 if time.monotonic() - last_checkpoint >= ledger_db.CHECKPOINT_EVERY:
                     last_checkpoint = time.monotonic()
                     await asyncio.to_thread(ledger.checkpoint)

@@ -14,6 +14,10 @@ never a secret.
 Also the read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
 restarts), and `python -m addon.usage.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
 table (`./run.sh usage`).
+
+A `postgresql://` target instead of a file keeps the same table in PostgreSQL (usage/postgres.py,
+for gateways on several machines): `open_ledger` and the read functions here choose by target;
+SCHEMA and COLUMNS below define the table for both.
 """
 
 from __future__ import annotations
@@ -124,9 +128,67 @@ def _waits(error: sqlite3.OperationalError) -> str | None:
     return None
 
 
+def is_postgres(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def open_ledger(target: str):
+    """The ledger writer for USAGE_DB: a SQLite file, or a postgresql:// connection string."""
+    if is_postgres(target):
+        from addon.usage.postgres import PostgresLedger  # psycopg only when it is used
+        return PostgresLedger(target)
+    return Ledger(target)
+
+
+def display_name(target: str) -> str:
+    """USAGE_DB for a log line (a connection string's password masked)."""
+    if is_postgres(target):
+        from addon.usage import postgres
+        return postgres.display_name(target)
+    return target
+
+
+class Dialect(NamedTuple):
+    """What the read queries spell differently in SQLite and PostgreSQL."""
+    param: str  # placeholder
+    hour: str  # the bucket number of ts, ts divided by the (placeholder) bucket length
+    int_sum: str  # a sum of integers, as an integer
+
+
+SQLITE = Dialect("?", "CAST(ts / ? AS INTEGER)", "SUM({})")
+
+
+def spend_sql(d: Dialect) -> str:
+    return (f"SELECT key_fingerprint, {d.hour} * {d.param}, {d.int_sum.format('prompt_tokens + completion_tokens')},"
+            " SUM(cost_usd) FROM usage GROUP BY 1, 2")
+
+
+def recent_sql(d: Dialect) -> str:
+    return ("SELECT key_fingerprint, ts, prompt_tokens + completion_tokens FROM usage"
+            f" WHERE ts >= {d.param} AND prompt_tokens + completion_tokens > 0 ORDER BY ts")
+
+
+def usage_query(d: Dialect, key: str | None = None, since: float | None = None) -> tuple[str, list]:
+    """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
+    where, args = [], []
+    if key:
+        where.append(f"(key_name = {d.param} OR key_fingerprint = {d.param})")
+        args += [key, key]
+    if since is not None:
+        where.append(f"ts >= {d.param}")
+        args.append(since)
+    sums = ", ".join(d.int_sum.format(column) for column in ("prompt_tokens", "completion_tokens", "cached_tokens"))
+    sql = (
+        f"SELECT key_name, key_fingerprint, COUNT(*), {sums}, SUM(cost_usd) FROM usage"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " GROUP BY key_fingerprint, key_name ORDER BY key_name"
+    )
+    return sql, args
+
+
 class Ledger:
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = self.name = path
         self._db: sqlite3.Connection | None = connect(path, timeout=BUSY_TIMEOUT, checkpoints=False)
         self._identity = file_identity(path)
         self._open = True
@@ -207,6 +269,10 @@ class Ledger:
         self._identity = file_identity(self.path)
         return True
 
+    async def write(self) -> None:
+        """The accounting writer's call (PostgresLedger's goes to a thread): here on the loop."""
+        self.flush()
+
     def checkpoint(self) -> None:
         """Copy the WAL into the database file (the fsync): call it from a worker thread. Never
         creates the file: a deleted ledger is for flush() to notice and recreate, loudly."""
@@ -263,45 +329,34 @@ def encodable(value):
 
 def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int, float]]:
     """(fingerprint, bucket start, tokens, usd) for every bucket with usage: seeds budgets."""
+    if is_postgres(path):
+        from addon.usage import postgres
+        return postgres.spend_buckets(path, bucket_seconds)
     db = connect(path)
     try:
-        return db.execute(
-            "SELECT key_fingerprint, CAST(ts / ? AS INTEGER) * ?, SUM(prompt_tokens + completion_tokens), SUM(cost_usd)"
-            " FROM usage GROUP BY 1, 2",
-            (bucket_seconds, bucket_seconds),
-        ).fetchall()
+        return db.execute(spend_sql(SQLITE), (bucket_seconds, bucket_seconds)).fetchall()
     finally:
         db.close()
 
 
 def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
     """(fingerprint, time, tokens) of requests since `since`, oldest first: seeds the tpm window."""
+    if is_postgres(path):
+        from addon.usage import postgres
+        return postgres.recent_tokens(path, since)
     db = connect(path)
     try:
-        return db.execute(
-            "SELECT key_fingerprint, ts, prompt_tokens + completion_tokens FROM usage"
-            " WHERE ts >= ? AND prompt_tokens + completion_tokens > 0 ORDER BY ts",
-            (since,),
-        ).fetchall()
+        return db.execute(recent_sql(SQLITE), (since,)).fetchall()
     finally:
         db.close()
 
 
 def usage_table(path: str, key: str | None = None, since: float | None = None) -> list[tuple]:
     """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
-    where, args = [], []
-    if key:
-        where.append("(key_name = ? OR key_fingerprint = ?)")
-        args += [key, key]
-    if since is not None:
-        where.append("ts >= ?")
-        args.append(since)
-    sql = (
-        "SELECT key_name, key_fingerprint, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
-        " SUM(cached_tokens), SUM(cost_usd) FROM usage"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + " GROUP BY key_fingerprint, key_name ORDER BY key_name"
-    )
+    if is_postgres(path):
+        from addon.usage import postgres
+        return postgres.usage_table(path, key, since)
+    sql, args = usage_query(SQLITE, key, since)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return db.execute(sql, args).fetchall()
@@ -333,7 +388,7 @@ def format_table(rows: list[tuple]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh usage", description="Per-key usage from the gateway's usage ledger.")
-    parser.add_argument("--db", default="usage.sqlite3", help="ledger file (USAGE_DB)")
+    parser.add_argument("--db", default="usage.sqlite3", help="ledger file or postgresql:// URL (USAGE_DB)")
     parser.add_argument("--key", help="only this key (name or fingerprint)")
     parser.add_argument("--since", help="only requests at or after this date/time, e.g. 2026-11-01 (UTC)")
     args = parser.parse_args(argv)
@@ -342,13 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"usage: --since {args.since!r} is not a date such as 2026-11-01 or 2026-11-01T12:00", file=sys.stderr)
         return 2
-    if not os.path.exists(args.db):
+    if not is_postgres(args.db) and not os.path.exists(args.db):
         print(f"usage: no usage ledger at {args.db} (the gateway creates it; USAGE_DB names another)", file=sys.stderr)
         return 1
     try:
         rows = usage_table(args.db, args.key, since)
-    except sqlite3.Error as e:
-        print(f"usage: cannot read ledger {args.db}: {e}", file=sys.stderr)
+    except Exception as e:  # sqlite3.Error, psycopg.Error
+        if not isinstance(e, sqlite3.Error) and type(e).__module__.split(".")[0] != "psycopg":
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"usage: cannot read ledger {display_name(args.db)}: {reason}", file=sys.stderr)
         return 1
     print(format_table(rows))
     return 0

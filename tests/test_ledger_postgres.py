@@ -1,0 +1,128 @@
+"""The usage ledger in PostgreSQL (USAGE_DB=postgresql://...): a real throwaway cluster per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+
+import openai
+import psycopg
+import pytest
+
+from addon.usage import ledger as ledger_db
+from addon.usage.ledger import COLUMNS, UsageRecord, open_ledger
+from addon.usage.postgres import PostgresLedger, display_name
+from addon.policy.store import BUCKET
+from tests.gatewayproc import ROOT
+from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+
+REAL_KEY = "sk-real-provider-key-pg-4242"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+NOW = 1_764_000_000.0
+ROWS = [
+    UsageRecord(NOW - 7200.5, "team-a", "fp-a", "openai", "gpt-4o", 200, 5, 2, 1, 12.5, False, 0.000123456789),
+    UsageRecord(NOW - 30, "team-a", "fp-a", "openai", "gpt-4o", 200, 10, 20, 0, 3.25, True, 1.5, True),
+    UsageRecord(NOW - 10, "team-b", "fp-b", "deepseek", "deepseek-chat", 429, 0, 0, 0, 0.5, False, 0.0),
+    UsageRecord(NOW - 5, "team-b", "fp-b", "deepseek", "deepseek-chat", 200, 7, 3, 0, 8.0, True, 2e-7),
+]
+
+
+def test_a_password_in_the_connection_string_is_never_shown():
+    assert display_name("postgresql://gw:s3cret-pw@db.example:5432/ledger") == "postgresql://gw:***@db.example:5432/ledger"
+    assert display_name("postgresql://gw@db/ledger") == "postgresql://gw@db/ledger"
+    assert "s3cret" not in display_name("postgresql://gw@db/ledger?password=s3cret")
+    assert ledger_db.display_name("usage.sqlite3") == "usage.sqlite3"
+
+
+@pytest.mark.fleet
+def test_postgres_ledger_holds_the_sqlite_ledgers_rows_and_answers_the_same(postgres_url, tmp_path):
+    sqlite_path = str(tmp_path / "usage.sqlite3")
+    for target in (sqlite_path, postgres_url):
+        ledger = open_ledger(target)
+        for row in ROWS[:2]:
+            ledger.record(row)
+        asyncio.run(ledger.write())  # a batch during the run...
+        for row in ROWS[2:]:
+            ledger.record(row)
+        ledger.close()  # ...and what is pending at a clean stop
+    assert isinstance(open_ledger(postgres_url), PostgresLedger)
+
+    with psycopg.connect(postgres_url) as db:
+        columns = dict(db.execute("SELECT column_name, data_type FROM information_schema.columns"
+                                  " WHERE table_name = 'usage'").fetchall())
+        rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM usage ORDER BY id").fetchall()
+    assert set(columns) == {"id", *COLUMNS}
+    assert columns["cost_usd"] == columns["ts"] == columns["latency_ms"] == "double precision"
+    assert [tuple(r) for r in rows] == [tuple(int(v) if isinstance(v, bool) else v for v in row) for row in ROWS]
+
+    for query in (lambda t: ledger_db.usage_table(t), lambda t: ledger_db.usage_table(t, key="team-b"),
+                  lambda t: ledger_db.usage_table(t, since=NOW - 60),
+                  lambda t: sorted(ledger_db.spend_buckets(t, BUCKET)),
+                  lambda t: ledger_db.recent_tokens(t, NOW - 60)):
+        from_sqlite, from_postgres = query(sqlite_path), query(postgres_url)
+        assert [tuple(r) for r in from_postgres] == [tuple(r) for r in from_sqlite]
+        assert from_postgres, "the query found nothing"
+
+
+@pytest.mark.fleet
+def test_run_sh_usage_reads_postgres(postgres_url, tmp_path):
+    ledger = open_ledger(postgres_url)
+    for row in ROWS:
+        ledger.record(row)
+    ledger.close()
+    proc = subprocess.run([str(ROOT / "run.sh"), "usage", "--key", "team-a"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "USAGE_DB": postgres_url, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["team-a", "fp-a", "2", "15", "22", "1", "1.500123"]
+    assert len(lines) == 2
+
+
+@pytest.mark.fleet
+def test_usage_names_an_unreachable_postgres_without_its_password(tmp_path):
+    from tests.services.postgres import free_port
+    url = f"postgresql://gw:hunter2-secret@127.0.0.1:{free_port()}/ledger"
+    proc = subprocess.run([str(ROOT / "run.sh"), "usage"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "USAGE_DB": url, "HOME": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "usage: cannot read ledger postgresql://gw:***@127.0.0.1:" in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.fleet
+def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_spend(
+        postgres_url, provider, gateway_factory):
+    keys = {
+        "providers": {"openai": {"base_url": provider.url + "/v1"}},
+        # 7 tokens per default fake reply: the budget is spent after 8 requests
+        "virtual_keys": {"vk_pg_shared": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-team",
+                                          "budget_tokens": 50}},
+    }
+    usage_db = ["--set", f"usage_db={postgres_url}"]
+    a, b = gateway_factory(keys, usage_db), gateway_factory(keys, usage_db)
+    for gw, n in ((a, 4), (b, 3)):
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_pg_shared", max_retries=0)
+        for _ in range(n):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    a.stop()  # SIGTERM right after the answers: the rows still pending are written at the stop
+    b.stop()
+    with psycopg.connect(postgres_url) as db:
+        rows = db.execute("SELECT key_name, status, prompt_tokens + completion_tokens FROM usage").fetchall()
+    assert rows == [("pg-team", 200, 7)] * 7
+    assert REAL_KEY not in a.log() + b.log()
+
+    # a gateway started now (another machine, a restart) reads the spend: 49 of 50 tokens,
+    # one more request goes through, the one after is refused
+    c = gateway_factory(keys, usage_db)
+    client = openai.OpenAI(base_url=c.url + "/v1", api_key="vk_pg_shared", max_retries=0)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    deadline = time.monotonic() + 10
+    with pytest.raises(openai.RateLimitError) as refused:
+        while time.monotonic() < deadline:
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            time.sleep(0.1)
+    assert refused.value.body["code"] == "budget_exceeded"
+    assert len(provider.received) == 8
