@@ -147,6 +147,12 @@ class Fleet:
         redis_arg = ["--set", f"redis_url={self.redis_url}"]
         for w in self.workers:
             w.argv += redis_arg
+        # the first worker alone: on a first run it writes mitmproxy's CA into confdir, which
+        # workers starting at the same moment would read half-written
+        first, rest = self.workers[0], self.workers[1:]
+        first.start()
+        self.wait_ready("worker 1", lambda: http_ok("127.0.0.1", first.port), [first])
+        for w in rest:
             w.start()
         self.wait_ready("workers", lambda: all(http_ok("127.0.0.1", w.port) for w in self.workers),
                         self.workers)
