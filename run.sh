@@ -96,7 +96,11 @@ GATEWAY_ARGS=(--set connection_strategy=lazy
               --set "keys_file=$KEYS_FILE"
               --set "usage_db=$USAGE_DB"
               -s "$ROOT/addon/gateway.py")
-PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}")
+# one process with REDIS_URL (e.g. one per Kubernetes pod): its limits live in that Redis
+# (with GATEWAY_WORKERS > 1 the supervisor passes it to every worker)
+REDIS_ARGS=()
+[ -n "${REDIS_URL:-}" ] && REDIS_ARGS=(--set "redis_url=$REDIS_URL")
+PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}" "${REDIS_ARGS[@]}")
 
 gateway_workers() {
     # GATEWAY_WORKERS: a positive number, or auto (one per core)
@@ -193,7 +197,8 @@ case "$cmd" in
         ;;
     setup)
         ensure_venv
-        ensure_fleet_tools || true  # what GATEWAY_WORKERS > 1 needs: installed as root, else how
+        # GATEWAY_WORKERS=N ./run.sh setup: also HAProxy and redis-server (installed as root, else how)
+        if [ "$(gateway_workers)" -gt 1 ]; then ensure_fleet_tools || true; fi
         ;;
     bench)
         shift

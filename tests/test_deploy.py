@@ -1,0 +1,77 @@
+"""deploy/: the Kubernetes example is consistent with run.sh, and run.sh hands REDIS_URL to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from tests.gatewayproc import ROOT
+from tests.services.haproxy import free_port
+
+DEPLOY = ROOT / "deploy"
+
+
+def manifests() -> dict[str, dict]:
+    docs = [d for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def test_kubernetes_example_runs_one_worker_per_pod_behind_its_service():
+    m = manifests()
+    deployment, service = m["Deployment/llm-gateway"], m["Service/llm-gateway"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GATEWAY_WORKERS"] == "1" and env["GATEWAY_HOST"] == "0.0.0.0"
+    # the Service selects the pods and reaches the port the gateway listens on
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[service["spec"]["ports"][0]["targetPort"]] == int(env["GATEWAY_PORT"])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    # limits shared in the Redis the example deploys; the ledger in PostgreSQL, no password in the URL
+    redis = urlsplit(env["REDIS_URL"])
+    assert f"Service/{redis.hostname}" in m and m[f"Service/{redis.hostname}"]["spec"]["ports"][0]["port"] == redis.port
+    assert "--appendonly" in m[f"StatefulSet/{redis.hostname}"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert urlsplit(env["USAGE_DB"]).scheme == "postgresql" and urlsplit(env["USAGE_DB"]).password is None
+    assert any(e["name"] == "PGPASSWORD" and "secretKeyRef" in e["valueFrom"] for e in container["env"] if "valueFrom" in e)
+    # the drain: the pod keeps serving through preStop, within the grace period
+    sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert 0 < sleep < pod["terminationGracePeriodSeconds"]
+    # the image starts run.sh with the keys file the Secret is mounted at
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["./run.sh"]' in dockerfile
+    [mount] = container["volumeMounts"]
+    assert Path(env["KEYS_FILE"]).parent == Path(mount["mountPath"])
+
+
+def test_one_process_with_redis_url_gets_it_as_the_redis_url_option(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": "sk-real-key-deploy-1"}}}))
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "-q", "--set", f"confdir={tmp_path}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "KEYS_FILE": str(keys), "GATEWAY_PORT": str(port),
+                                                            "USAGE_DB": str(tmp_path / "u.sqlite3"), "REDIS_URL": "redis://127.0.0.1:6390/2"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")  # run.sh exec'd mitmdump
+        assert argv.count(b"redis_url=redis://127.0.0.1:6390/2") == 1
+        assert b"mitmdump" in argv[1] or b"mitmdump" in argv[0]
+    finally:
+        proc.terminate()
+        proc.wait(20)
