@@ -30,6 +30,7 @@ from mitmproxy.net.http import url
 
 from addon.policy import rules
 from addon.usage.accounting import UsageAccounting
+from addon.usage.metrics import Metrics
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
 from addon.apis.registry import APIS, ENDPOINTS, api_for_path
@@ -320,7 +321,8 @@ class Gateway:
 
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
 _gateway = Gateway(_store)
+_accounting = UsageAccounting(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
-# after the Gateway: see addon/recording/recorder.py)
+# after the Gateway: see addon/recording/recorder.py; Metrics last, its clock sees every part)
 addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
-                     UsageAccounting(_store), UpstreamTimeout(), Recorder())]
+                     _accounting, UpstreamTimeout(), Recorder(), Metrics(_gateway, _accounting, _store))]

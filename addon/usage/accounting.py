@@ -48,6 +48,8 @@ class UsageAccounting:
         self.unsettled: list[tuple] = []
         store.before_read = self.settle
         self.writer: asyncio.Task | None = None  # settles and flushes every FLUSH_EVERY seconds
+        # told each counted request's (meta, prompt, completion, cached tokens, usd): the metrics
+        self.counted: Callable[[dict, int, int, int, float], None] | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -143,6 +145,8 @@ class UsageAccounting:
         watched = self.watchers.pop(flow.id, None)
         response = flow.response
         if watched is not None:
+            if watched[1].first_at:  # time to first token (the metrics)
+                flow.metadata["gateway"]["first_chunk_at"] = watched[1].first_at
             self.note(flow, response.status_code, stream_usage(flow, *watched), streamed=True)
         elif response.status_code == 200 and not response.stream:
             self.note(flow, 200, response, streamed=False)  # its usage is read when settled
@@ -188,6 +192,8 @@ class UsageAccounting:
         tokens = usage.prompt_tokens + usage.completion_tokens
         if tokens or usd:
             self.store.add_usage(fingerprint, tokens, usd, ended)
+            if self.counted is not None:
+                self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
         if self.ledger is not None:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from addon.usage.tokens import MAX_TOKENS, Usage
 
@@ -85,14 +86,17 @@ class StreamSample:
     """The first SAMPLE_BYTES of what a stream sent its client, and how much it sent in all:
     enough to estimate the answer's length without keeping whole streams in memory."""
 
-    __slots__ = ("sent", "_kept")
+    __slots__ = ("sent", "_kept", "first_at")
 
     def __init__(self) -> None:
         self.sent = 0
         self._kept: list[bytes] = []
+        self.first_at = 0.0  # when the first bytes went to the client (time.time()): time to first token
 
     def add(self, data: bytes) -> None:
         if self.sent < SAMPLE_BYTES:
+            if not self.sent:
+                self.first_at = time.time()
             self._kept.append(data)
         self.sent += len(data)
 

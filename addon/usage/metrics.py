@@ -1,0 +1,480 @@
+"""Prometheus metrics on their own listener, and `x-gateway-overhead-ms` on every response.
+
+`GatewayMetrics` is the metric set (one registry, names in docs/metrics.md). `Metrics` is the
+addon part, last in the AddonChain so that its clock sees every other part's work:
+
+- `request`: a routed request's forwarding time goes into the flow's metadata (`forwarded`).
+- `responseheaders` (streams) / `response` (whole bodies): the gateway's own time is put on the
+  response as `x-gateway-overhead-ms`: from the end of the client's request to the response
+  leaving the gateway, less the provider's part (forwarded -> provider's headers for a stream,
+  -> provider's last byte otherwise). This runs with metrics off too.
+- With `metrics_port` set, each finished flow is noted (a tuple append) and folded into the
+  metrics in batches (`fold`, every FOLD_EVERY seconds and before every scrape), as usage
+  accounting does and for the same reason (accounting.py). Tokens and dollars are not recomputed:
+  `UsageAccounting` hands over what it counts when it settles (`UsageAccounting.counted`).
+
+Labels are bounded: key *names* from the keys file, providers from the catalog, model labels
+only from the keys file's allow-lists and price table (a glob labels as itself) else `other`,
+status classes, and refusal codes the gateway's code defines. No request text becomes a label.
+
+Across workers: with PROMETHEUS_MULTIPROC_DIR set (before start), prometheus_client keeps values
+in per-process files in that directory, every worker binds the metrics port with SO_REUSEPORT,
+and whichever worker answers a scrape sums all workers' files (docs/metrics.md argues this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import Counter as Tally
+from fnmatch import fnmatchcase
+
+from mitmproxy import ctx, exceptions, http
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+from addon.policy.keys import MODEL_ANSWERS_KEPT, KeyStore
+
+log = logging.getLogger("gateway")
+disable_created_metrics()  # no `_created` series beside every counter and histogram: half the output
+
+OVERHEAD_HEADER = b"x-gateway-overhead-ms"
+FOLD_EVERY = 0.5  # seconds between folds of noted flows into the metrics
+FOLD_AT = 10_000  # noted flows folded at once, whatever the timer
+# LLM calls: 5 ms (a refusal, a cached answer) to 10 min (a long reasoning stream)
+LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# the gateway's own time is well under 5 ms when healthy: finer buckets below, the same above
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025) + LLM_BUCKETS
+NONE = "none"  # label value where a request has no key, provider or model (refused before)
+OTHER = "other"  # model label of a model name the keys file does not name
+MAX_REQUEST_HEAD = 16 * 1024  # a scrape's request line and headers
+SCRAPE_READ_TIMEOUT = 10.0
+
+
+def multiprocess_dir() -> str | None:
+    """Where prometheus_client keeps per-process values (its own test: the variable is set)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class GatewayMetrics:
+    """The gateway's metric set in its own registry (a script reload makes a new one, no clash)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        if multiprocess_dir() is None:  # in multiprocess mode this process's numbers mean little
+            ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by key name, provider, model label, status class and "
+            "the gateway's refusal code ('' when the provider answered).",
+            ("key", "provider", "model", "status_class", "code"), registry=r)
+        self.duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "Total time of a request as its client sees it: "
+            "request received to response sent.", ("provider", "model"), buckets=LLM_BUCKETS, registry=r)
+        self.upstream = Histogram(
+            "gen_ai_server_request_duration_seconds", "The provider's time: request forwarded to the "
+            "provider's last byte.", ("provider", "model"), buckets=LLM_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Streams: request forwarded to the provider's "
+            "first body piece.", ("provider", "model"), buckets=LLM_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "The gateway's own time per request (x-gateway-overhead-ms): "
+            "total less the provider's part.", ("provider",), buckets=OVERHEAD_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "gen_ai_client_token_usage", "Tokens counted, by token type: input (prompt, cached "
+            "included), output (completion), cached_input.", ("key", "provider", "model", "token_type"), registry=r)
+        self.cost = Counter(
+            "gateway_cost_usd", "Cost in USD from the keys file's prices.", ("key", "provider", "model"), registry=r)
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests forwarded and not yet finished, by key name.",
+            ("key",), multiprocess_mode="livesum", registry=r)
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining", "What is left of a key's budget (unit: usd or tokens) in its "
+            "budget period, as of the last scrape.", ("key", "unit"), multiprocess_mode="livemostrecent", registry=r)
+        self.store_errors = Counter(
+            "gateway_store_errors", "Errors of the usage store (Redis), by operation.", ("operation",), registry=r)
+        # the targets issue (failover) sets these: 1 = up, 0 = cooling down after failures
+        self.target_up = Gauge(
+            "gateway_target_up", "Provider target state: 1 up, 0 cooling down.", ("provider", "target"),
+            multiprocess_mode="livemostrecent", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition; in multiprocess mode the sum over every worker's files."""
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+_current: GatewayMetrics | None = None  # the running gateway's metrics: for the module functions below
+
+
+def count_store_error(operation: str) -> None:
+    """For the usage store (Redis): count one failed operation. `operation` must be a constant
+    of the store's code (a method name), never request text. A no-op while metrics are off."""
+    if _current is not None:
+        _current.store_errors.labels(operation).inc()
+
+
+def set_target_state(provider: str, target: str, up: bool) -> None:
+    """For the targets issue (failover): a target's state, `target` a name from the keys file."""
+    if _current is not None:
+        _current.target_up.labels(provider, target).set(1 if up else 0)
+
+
+class ModelLabels:
+    """Model name -> label: names in the keys file's `models` lists and price table are their own
+    label, a name matching a glob there is labelled by the glob, anything else is `other`."""
+
+    def __init__(self, keys: KeyStore | None) -> None:
+        names: set[str] = set()
+        globs: list[str] = []
+        patterns = list(keys.prices) if keys is not None else []
+        for key in keys or ():
+            patterns.extend(key.policy.models or ())
+        for pattern in patterns:
+            if any(c in pattern for c in "*?["):
+                if pattern not in globs:
+                    globs.append(pattern)
+            else:
+                names.add(pattern)
+        self.names = frozenset(names)
+        self.globs = tuple(globs)
+        self._answers: dict[str, str] = {}
+
+    def __call__(self, model: str | None) -> str:
+        if model is None:
+            return NONE
+        if model in self.names:
+            return model
+        label = self._answers.get(model)
+        if label is None:
+            label = next((g for g in self.globs if fnmatchcase(model, g)), OTHER)
+            if len(self._answers) >= MODEL_ANSWERS_KEPT:  # clients choose model names: stay bounded
+                self._answers.clear()
+            self._answers[model] = label
+        return label
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Metrics:
+    def __init__(self, gateway, accounting=None, store=None) -> None:
+        self.gateway = gateway  # its `keys` (the KeyStore in force) name keys and models
+        self.accounting = accounting  # settled before a scrape; hands over tokens and cost
+        self.store = store  # budgets remaining
+        self.metrics: GatewayMetrics | None = None  # set while metrics_port is on
+        self.enabled = False
+        self.noted: list[tuple] = []
+        self.in_flight: Tally = Tally()  # key name -> forwarded and not finished (this process)
+        self._in_flight_shown: dict[str, int] = {}
+        self._labels = ModelLabels(None)
+        self._labels_of: KeyStore | None = None
+        self.sock: socket.socket | None = None
+        self.server: asyncio.Task | None = None  # the listener
+        self.folder: asyncio.Task | None = None
+        self.token = ""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "metrics_port", int, 0,
+            "Port of the Prometheus /metrics listener (its own, never the gateway's). 0: off.",
+        )
+        loader.add_option(
+            "metrics_host", str, "127.0.0.1",
+            "Address the /metrics listener binds. Other than loopback it needs a metrics token.",
+        )
+        loader.add_option(
+            "metrics_token", str, "",
+            "Bearer token /metrics requires. Prefer the METRICS_TOKEN environment variable "
+            "(used when this is empty): mitmweb shows options.",
+        )
+
+    def configure(self, updated) -> None:
+        if not {"metrics_port", "metrics_host", "metrics_token"} & set(updated):
+            return
+        opts = ctx.options
+        port, host = opts.metrics_port, opts.metrics_host
+        token = opts.metrics_token or os.environ.get("METRICS_TOKEN", "")
+        if not 0 <= port <= 65535:
+            raise exceptions.OptionsError(f"metrics_port must be 0 (off) or a port number, not {port}")
+        if port and not token and not is_loopback(host):
+            raise exceptions.OptionsError(
+                f"metrics on {host}:{port} would be public: set METRICS_TOKEN, or bind them to loopback")
+        sock = self._bind(host, port) if port else None  # raises OptionsError: before anything changes
+        self.stop_listening()
+        self.token = token
+        self.sock = sock
+        self.enabled = port > 0
+        global _current
+        if self.enabled and self.metrics is None:
+            self.metrics = GatewayMetrics()
+        _current = self.metrics if self.enabled else None
+        if self.accounting is not None:
+            self.accounting.counted = self.count_usage if self.enabled else None
+        if self.enabled:
+            self.start_serving()  # (when the event loop runs already; else running() does)
+            log.info("gateway: metrics at http://%s:%d/metrics%s%s", host, port,
+                     " (bearer token required)" if token else "",
+                     f", summed over the workers in {multiprocess_dir()}" if multiprocess_dir() else "")
+
+    @staticmethod
+    def _bind(host: str, port: int) -> socket.socket:
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if multiprocess_dir() is not None:  # every worker listens; any one answers with the sum
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.setblocking(False)
+            return sock
+        except OSError as e:
+            raise exceptions.OptionsError(f"metrics_port {host}:{port}: {e.strerror or e}") from None
+
+    def running(self) -> None:
+        if self.enabled:
+            self.start_serving()
+
+    def done(self) -> None:
+        self.stop_listening()
+        if self.enabled:
+            self.fold()
+            if multiprocess_dir() is not None:
+                multiprocess.mark_process_dead(os.getpid())  # its in-flight gauge leaves the sum
+
+    def start_serving(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not running yet: running() starts it
+            return
+        if self.server is None and self.sock is not None:
+            self.server = loop.create_task(self._listen(self.sock))
+        if self.folder is None:
+            self.folder = loop.create_task(self.fold_every())
+
+    async def _listen(self, sock: socket.socket) -> None:
+        server = await asyncio.start_server(self.serve, sock=sock, limit=MAX_REQUEST_HEAD)
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            server.close()
+
+    def stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.cancel()  # closes the socket
+            self.server = None
+        elif self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        if self.folder is not None:
+            self.folder.cancel()
+            self.folder = None
+
+    async def fold_every(self) -> None:
+        while True:
+            await asyncio.sleep(FOLD_EVERY)
+            try:
+                self.fold()
+            except Exception:
+                log.exception("gateway: could not update the metrics")
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("gateway")
+        if meta is None or flow.response is not None or flow.error is not None or not flow.live:
+            return
+        meta["forwarded"] = time.time()
+        if self.enabled:
+            self.in_flight[meta.get("key", NONE)] += 1
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is not None and response.stream and flow.live:
+            meta = flow.metadata.get("gateway")
+            forwarded = meta.get("forwarded") if meta else None
+            upstream = response.timestamp_start - forwarded if forwarded else 0.0
+            self.put_overhead(flow, response, upstream)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:
+            return
+        response = flow.response
+        meta = flow.metadata.get("gateway")
+        forwarded = meta.get("forwarded") if meta else None
+        if response.stream:
+            overhead = meta.get("overhead") if meta else None
+        else:
+            upstream = (response.timestamp_end or time.time()) - forwarded if forwarded else 0.0
+            overhead = self.put_overhead(flow, response, upstream)
+        if self.enabled and meta is not None:
+            self.note(flow, meta, response.status_code, forwarded, overhead, meta.get("answered", ""))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("gateway")
+        if self.enabled and meta is not None and flow.live:
+            if flow.response is not None:
+                status = flow.response.status_code
+            else:
+                status = 504 if meta.get("timeout") else 502
+            code = "upstream_timeout" if meta.get("timeout") else "upstream_error"
+            self.note(flow, meta, status, meta.get("forwarded"), meta.get("overhead"), code)
+
+    def put_overhead(self, flow: http.HTTPFlow, response: http.Response, upstream: float) -> float:
+        """Put the gateway's own time on the response; `upstream` the provider's part of it."""
+        overhead = max(0.0, time.time() - (flow.request.timestamp_end or flow.request.timestamp_start) - upstream)
+        response.headers.fields = (*response.headers.fields, (OVERHEAD_HEADER, b"%.3f" % (overhead * 1000)))
+        meta = flow.metadata.get("gateway")
+        if meta is not None:
+            meta["overhead"] = overhead
+        return overhead
+
+    def note(self, flow: http.HTTPFlow, meta: dict, status: int, forwarded: float | None, overhead: float | None,
+             code: str) -> None:
+        """Keep what the metrics need of a finished flow; fold() counts it."""
+        if forwarded is not None:
+            self.in_flight[meta.get("key", NONE)] -= 1
+        response = flow.response
+        ended = (response.timestamp_end if response is not None else None) or time.time()
+        self.noted.append((meta, status, code, ended - flow.request.timestamp_start, overhead,
+                           ended - forwarded if forwarded is not None else None,
+                           meta.get("first_chunk_at", 0.0) - forwarded if forwarded is not None and meta.get("first_chunk_at") else None))
+        if len(self.noted) >= FOLD_AT:
+            self.fold()
+
+    # --- counting ------------------------------------------------------------------------
+
+    def model_label(self, model: str | None) -> str:
+        keys = self.gateway.keys
+        if keys is not self._labels_of:  # the keys file was (re)loaded
+            self._labels, self._labels_of = ModelLabels(keys), keys
+        return self._labels(model)
+
+    def fold(self) -> None:
+        """Count the noted flows into the metrics (and the in-flight gauge)."""
+        m = self.metrics
+        if m is None:
+            return
+        noted, self.noted = self.noted, []
+        requests: Tally = Tally()
+        for meta, status, code, total, overhead, upstream, ttft in noted:
+            provider = meta.get("provider", NONE)
+            model = self.model_label(meta.get("model"))
+            requests[(meta.get("key", NONE), provider, model, f"{status // 100}xx", code)] += 1
+            m.duration.labels(provider, model).observe(max(0.0, total))
+            if overhead is not None:
+                m.overhead.labels(provider).observe(overhead)
+            if upstream is not None:
+                m.upstream.labels(provider, model).observe(max(0.0, upstream))
+            if ttft is not None:
+                m.ttft.labels(provider, model).observe(max(0.0, ttft))
+        for labels, count in requests.items():
+            m.requests.labels(*labels).inc(count)
+        shown = self._in_flight_shown
+        for key, count in self.in_flight.items():
+            if shown.get(key) != count:
+                m.in_flight.labels(key).set(count)
+                shown[key] = count
+
+    def count_usage(self, meta: dict, prompt: int, completion: int, cached: int, usd: float) -> None:
+        """UsageAccounting.counted: one settled request's tokens and dollars."""
+        m = self.metrics
+        if m is None:
+            return
+        key, provider, model = meta.get("key", NONE), meta.get("provider", NONE), self.model_label(meta.get("model"))
+        for token_type, count in (("input", prompt), ("output", completion), ("cached_input", cached)):
+            if count:
+                m.tokens.labels(key, provider, model, token_type).inc(count)
+        if usd:
+            m.cost.labels(key, provider, model).inc(usd)
+
+    async def update_budgets(self) -> None:
+        """Remaining budget of every key that has one, from the store (sync or async)."""
+        keys, store, m = self.gateway.keys, self.store, self.metrics
+        if keys is None or store is None or m is None:
+            return
+        now = time.time()
+        for key in keys:
+            policy = key.policy
+            if not policy.has_budget:
+                continue
+            spent = store.spend(key.fingerprint, policy.budget_period, now)
+            if inspect.isawaitable(spent):
+                spent = await spent
+            if policy.budget_usd is not None:
+                m.budget_remaining.labels(key.name, "usd").set(max(0.0, policy.budget_usd - spent.usd))
+            if policy.budget_tokens is not None:
+                m.budget_remaining.labels(key.name, "tokens").set(max(0, policy.budget_tokens - spent.tokens))
+
+    # --- the /metrics listener -------------------------------------------------------------
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One scrape per connection: GET /metrics, bearer token when one is set."""
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SCRAPE_READ_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            if len(head) > MAX_REQUEST_HEAD:
+                await self._reply(writer, 431, b"request headers too large\n")
+                return
+            status, body, extra = await self.answer(head)
+            await self._reply(writer, status, body, extra)
+        except Exception:
+            log.exception("gateway: metrics scrape failed")
+        finally:
+            writer.close()
+
+    async def answer(self, head: bytes) -> tuple[int, bytes, dict[str, str]]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return 400, b"bad request\n", {}
+        method, target = parts[0], parts[1]
+        if target.partition("?")[0] != "/metrics":
+            return 404, b"not found: the metrics are at /metrics\n", {}
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed\n", {"allow": "GET"}
+        if self.token:
+            presented = ""
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "authorization":
+                    scheme, _, presented = value.strip().partition(" ")
+                    presented = presented.strip() if scheme.lower() == "bearer" else ""
+            if not hmac.compare_digest(presented.encode(), self.token.encode()):
+                return 401, b"unauthorized: send 'Authorization: Bearer <metrics token>'\n", {"www-authenticate": 'Bearer realm="metrics"'}
+        if self.accounting is not None:
+            self.accounting.settle()  # tokens and cost of every finished request
+        self.fold()
+        await self.update_budgets()
+        body = await asyncio.to_thread(self.metrics.render)  # off the event loop
+        return 200, (b"" if method == "HEAD" else body), {"content-type": CONTENT_TYPE_LATEST}
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}.get(status, "Error")
+        headers = {"content-type": "text/plain; charset=utf-8", **(extra or {}),
+                   "content-length": str(len(body)), "connection": "close"}
+        writer.write(f"HTTP/1.1 {status} {reason}\r\n".encode() +
+                     "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n" + body)
+        await writer.drain()
+
