@@ -8,7 +8,8 @@
 #              GATEWAY_WORKERS (1; N or auto: N mitmdump workers behind HAProxy, docs/fleet.md),
 #              GATEWAY_DRAIN_S (30), REDIS_URL (workers > 1: shared Redis; unset: a local redis-server),
 #              FLEET_DIR (.fleet: HAProxy config, fleet.json, local Redis data),
-#              WEB_PASSWORD (mitmweb password; generated and printed once when unset)
+#              WEB_PASSWORD (mitmweb password; generated and printed once when unset),
+#              METRICS_PORT (Prometheus /metrics on GATEWAY_HOST; unset: off), METRICS_TOKEN (bearer)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -80,8 +81,8 @@ reject_script_options() {
     local arg
     for arg in "$@"; do
         case "$arg" in
-            keys_file=*|usage_db=*|record_file=*|redis_url=*)
-                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB, REDIS_URL) or the subcommand, not --set" >&2
+            keys_file=*|usage_db=*|record_file=*|redis_url=*|metrics_*=*)
+                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB, REDIS_URL, METRICS_PORT, METRICS_TOKEN) or the subcommand, not --set" >&2
                 exit 2 ;;
         esac
     done
@@ -96,6 +97,10 @@ GATEWAY_ARGS=(--set connection_strategy=lazy
               --set "keys_file=$KEYS_FILE"
               --set "usage_db=$USAGE_DB"
               -s "$ROOT/addon/gateway.py")
+if [ -n "${METRICS_PORT:-}" ]; then
+    # the token comes from the environment (METRICS_TOKEN), never argv: ps and mitmweb show options
+    GATEWAY_ARGS+=(--set "metrics_port=$METRICS_PORT" --set "metrics_host=$GATEWAY_HOST")
+fi
 # one process with REDIS_URL (e.g. one per Kubernetes pod): its limits live in that Redis
 # (with GATEWAY_WORKERS > 1 the supervisor passes it to every worker)
 REDIS_ARGS=()
@@ -137,6 +142,12 @@ ensure_fleet_tools() {
 run_fleet() {
     # N mitmdump workers on loopback ports behind HAProxy on GATEWAY_HOST:GATEWAY_PORT (docs/fleet.md)
     local workers=$1; shift
+    if [ -n "${METRICS_PORT:-}" ] && [ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+        # every worker keeps its numbers here and serves METRICS_PORT; a scrape sums them all
+        # (docs/metrics.md). It must start empty.
+        export PROMETHEUS_MULTIPROC_DIR="${FLEET_DIR:-$ROOT/.fleet}/metrics"
+        rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    fi
     exec "$VENV/bin/python" -m fleet.supervisor --workers "$workers" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" \
         --drain-s "${GATEWAY_DRAIN_S:-30}" --redis-url "${REDIS_URL:-}" --state-dir "${FLEET_DIR:-$ROOT/.fleet}" \
         --mitmdump "$VENV/bin/mitmdump" -- "${GATEWAY_ARGS[@]}" "$@"
@@ -211,6 +222,9 @@ case "$cmd" in
         ensure_venv
         reject_script_options "$@"
         check_keys
+        if [ -n "${METRICS_PORT:-}" ]; then
+            echo "run.sh: metrics at http://$GATEWAY_HOST:$METRICS_PORT/metrics${METRICS_TOKEN:+ (bearer token: METRICS_TOKEN)}" >&2
+        fi
         if [ "$workers" -gt 1 ]; then
             ensure_fleet_tools || exit 1
             run_fleet "$workers" "$@"

@@ -72,7 +72,7 @@ def run(scenario: str, n: int) -> float:
     return cpu / n * 1e6
 
 
-async def chain(n: int, ledger: bool = True) -> None:
+async def chain(n: int, ledger: bool = True, metrics: bool = False) -> None:
     import tempfile
 
     from mitmproxy.test import taddons
@@ -87,6 +87,11 @@ async def chain(n: int, ledger: bool = True) -> None:
         opts = {"keys_file": str(keys)}
         if "usage_db" in tctx.options:
             opts["usage_db"] = str(tmp / "usage.sqlite3") if ledger else ""  # never the user's ledger
+        if metrics:
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                opts["metrics_port"] = s.getsockname()[1]
         tctx.options.update(**opts)
         for scenario in ("openai", "anthropic"):
             if scenario not in PROVIDERS:
@@ -122,9 +127,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--chain", action="store_true", help="all addons of addon/gateway.py, each timed")
     ap.add_argument("--no-ledger", action="store_true", help="with --chain: usage_db='' (the ledger's cost by difference)")
+    ap.add_argument("--metrics", action="store_true", help="with --chain: metrics on (metrics_port set; the cost by difference)")
     args = ap.parse_args()
     if args.chain:
-        asyncio.run(chain(args.n, ledger=not args.no_ledger))
+        asyncio.run(chain(args.n, ledger=not args.no_ledger, metrics=args.metrics))
         return 0
     for scenario in ("openai", "anthropic"):
         if scenario in PROVIDERS:

@@ -1,6 +1,7 @@
 """Instructions per request under callgrind: a deterministic A/B of proxy cost, immune to a busy machine.
 
-    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [--cache-sim] [TARGET ...]
+    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [--cache-sim]
+                                           [--set OPTION=VALUE ...] [TARGET ...]
 
 TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git revision, or a
 directory holding an `addon/`; the default is `bare .`. Each target runs under
@@ -62,7 +63,7 @@ def addon_dir(target: str, tmp: Path) -> Path | None:
 
 
 def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path,
-                             cache_sim: bool = False) -> dict[str, float]:
+                             cache_sim: bool = False, options: list[str] = ()) -> dict[str, float]:
     """callgrind's event counts per request: Ir (instructions), and with cache_sim I1mr, D1mr
     (L1 misses), Bcm, Bim (mispredicted conditional and indirect branches)."""
     port = bench.free_port()
@@ -71,6 +72,8 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
         args = ["--mode", f"reverse:{stack.url('fake')}@127.0.0.1:{port}", *stack.common_args(name)]
     else:
         args = ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *stack.common_args(name), *stack.gateway_args(addon)]
+        for option in options:  # gateway options, e.g. metrics_port=9464 (metrics on)
+            args[-2:-2] = ["--set", option]
     out = tmp / f"callgrind.{port}"
     sim = ["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", *sim, "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--scenario", choices=bench.SCENARIOS, default="openai")
     ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a gateway option for the gateway targets (repeatable), e.g. metrics_port=9464")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
@@ -118,7 +123,7 @@ def main() -> int:
         first = None
         for target in args.targets:
             counts = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp,
-                                              args.cache_sim)
+                                              args.cache_sim, args.set)
             first = counts if first is None else first
             line = f"{target:32s} {counts['Ir'] / 1e3:9.1f} k instructions/request  ({(counts['Ir'] - first['Ir']) / 1e3:+7.1f} k)"
             for event, label in (("I1mr", "I1 misses"), ("D1mr", "D1 misses"), ("Bcm", "branch mispredicts")):

@@ -41,7 +41,7 @@ from fakeprovider import anthropic_events  # noqa: E402
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 SCENARIOS = ("openai", "anthropic")
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -176,6 +176,9 @@ class Stack:
                 "bare": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}"],
                 "bare_stream": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}", "--set", "stream_large_bodies=1"],
                 "gateway": ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *self.gateway_args(ROOT / "addon")],
+                # the metrics section: the same gateway with its Prometheus listener on
+                "gateway_metrics": ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *self.gateway_args(ROOT / "addon"),
+                                    "--set", f"metrics_port={free_port()}"],
             }[name]
             self._spawn(name, [str(MITMDUMP), *cmd, *self.common_args(name)])
         for name in names:
@@ -372,6 +375,47 @@ def throughput(stack: Stack, s: Settings) -> dict:
     return summary
 
 
+def metrics_cost(stack: Stack, s: Settings) -> dict:
+    """The gateway with metrics on against off (openai passthrough), alternating in paired rounds
+    like throughput(); one scrape per round, as a Prometheus server would make every few seconds."""
+    stack.restart("gateway_metrics")
+    spec = request_spec("gateway", "openai")
+    runs: dict = {str(c): {"off": [], "on": []} for c in s.connections}
+    names = {"off": "gateway", "on": "gateway_metrics"}
+    for rnd in range(s.rounds):
+        if rnd:
+            stack.restart("gateway", "gateway_metrics")
+        for name in names.values():
+            wrk(stack.url(name), spec, 4, 1, stack.tmp)
+        order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
+        for c in s.connections:
+            for side in order:
+                r = wrk(stack.url(names[side]), spec, c, s.duration, stack.tmp, stack.pid(names[side]))
+                runs[str(c)][side].append(r)
+                print(f"  round {rnd + 1}/{s.rounds} c={c:<3d} metrics {side:3s} {r['rps']:8.0f} req/s  "
+                      f"cpu {r['cpu_us_per_request']:5.0f} us/req", flush=True)
+        scrape_metrics(stack)
+    out: dict = {}
+    for c, sides in runs.items():
+        pairs = list(zip(sides["off"], sides["on"]))
+        out[c] = {side: {"rps": median([r["rps"] for r in rs]), "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs])}
+                  for side, rs in sides.items()}
+        out[c]["ratio_rps"] = median([ratio(on["rps"], off["rps"]) for off, on in pairs])
+        out[c]["added_cpu_us_per_request"] = median([on["cpu_us_per_request"] - off["cpu_us_per_request"] for off, on in pairs])
+    return out
+
+
+def scrape_metrics(stack: Stack) -> None:
+    """One GET /metrics of the gateway_metrics process (its port is in its command line)."""
+    import urllib.request
+
+    args = stack.procs["gateway_metrics"].args
+    port = next(a.split("=", 1)[1] for a in args if a.startswith("metrics_port="))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        if r.status != 200 or b"gateway_requests_total" not in r.read():
+            raise RuntimeError("metrics scrape failed")
+
+
 def direct(stack: Stack, s: Settings) -> dict:
     """The fake provider alone: shows it is far from being the bottleneck."""
     spec = request_spec("bare", "openai")
@@ -533,6 +577,8 @@ def targets(res: dict) -> list[dict]:
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
+    for c, row in res.get("metrics", {}).items():
+        add(f"metrics on/off throughput c={c}", row["ratio_rps"], ">= 0.97", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.97)
     for scenario, row in res.get("streaming", {}).items():
         add(f"{scenario} stream first chunk over bare (ms)", row["added_ttfc_ms"], "<= 1", row["added_ttfc_ms"] <= 1)
     if "memory" in res:
@@ -585,6 +631,10 @@ def print_table(res: dict) -> None:
         rows.append((f"RSS after ~{m['gateway']['requests']} req MB", fmt(m["bare"]["rss_after_mb"], 1),
                      fmt(m["gateway"]["rss_after_mb"], 1), ""))
         rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
+    for c, row in res.get("metrics", {}).items():
+        rows.append((f"metrics off/on c={c} req/s", fmt(row["off"]["rps"], 0), fmt(row["on"]["rps"], 0), fmt(row["ratio_rps"])))
+        rows.append((f"metrics off/on c={c} proxy CPU us/req", fmt(row["off"]["cpu_us_per_request"], 0),
+                     fmt(row["on"]["cpu_us_per_request"], 0), ""))
     tr = res.get("translator", {})
     if tr.get("available"):
         rows.append(("translator CPU us/event (in-process)", "", fmt(tr["us_per_event"]), ""))
@@ -652,7 +702,8 @@ def main(argv=None) -> int:
                  "throughput": ("throughput and latency (wrk, alternating bare/gateway)", lambda: throughput(stack, s)),
                  "memory": (f"memory over {s.memory_requests} requests per target", lambda: memory(stack, s)),
                  "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
-                 "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s))}
+                 "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
+                 "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s))}
         for name, (title, step) in steps.items():
             if name in only:
                 print(f"bench: {title}", flush=True)

@@ -296,3 +296,23 @@ def test_ten_thousand_random_model_names_do_not_make_ten_thousand_series(tmp_pat
     series = sum(len(v) for v in found.values())
     assert series < 200, series
     assert value(found, "gen_ai_client_token_usage_total", key="open", model=OTHER, token_type="input") == 3 * 5000
+
+
+def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports():
+    import re
+    from pathlib import Path
+
+    from addon.usage.metrics import GatewayMetrics
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    names = {family.name for family in GatewayMetrics().registry.collect()}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    used = {re.sub(r"_(bucket|total|count|sum)$", "", name)
+            for expr in exprs for name in re.findall(r"\b(gateway_\w+|gen_ai_\w+)", expr)}
+    assert used <= names, used - names
+    assert {"gateway_requests", "gateway_overhead_seconds", "gen_ai_server_time_to_first_token_seconds",
+            "gen_ai_client_token_usage", "gateway_cost_usd"} <= used
+    labels = {label.strip() for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+    labels |= {label for expr in exprs for label in re.findall(r"(\w+)=~?\"", expr)}
+    assert labels <= {"key", "provider", "model", "status_class", "code", "token_type", "unit", "le"}, labels

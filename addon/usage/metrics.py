@@ -183,6 +183,7 @@ class Metrics:
         self.noted: list[tuple] = []
         self.in_flight: Tally = Tally()  # key name -> forwarded and not finished (this process)
         self._in_flight_shown: dict[str, int] = {}
+        self._series: dict[tuple[str, str], tuple] = {}  # (provider, model) -> histogram children
         self._labels = ModelLabels(None)
         self._labels_of: KeyStore | None = None
         self.sock: socket.socket | None = None
@@ -374,17 +375,25 @@ class Metrics:
             return
         noted, self.noted = self.noted, []
         requests: Tally = Tally()
+        series = self._series
         for meta, status, code, total, overhead, upstream, ttft in noted:
             provider = meta.get("provider", NONE)
             model = self.model_label(meta.get("model"))
             requests[(meta.get("key", NONE), provider, model, f"{status // 100}xx", code)] += 1
-            m.duration.labels(provider, model).observe(max(0.0, total))
+            # a label set's children looked up once: labels() costs as much as an observe
+            children = series.get((provider, model))
+            if children is None:
+                children = series[(provider, model)] = (
+                    m.duration.labels(provider, model), m.upstream.labels(provider, model),
+                    m.ttft.labels(provider, model), m.overhead.labels(provider))
+            duration, upstream_seconds, ttft_seconds, overhead_seconds = children
+            duration.observe(max(0.0, total))
             if overhead is not None:
-                m.overhead.labels(provider).observe(overhead)
+                overhead_seconds.observe(overhead)
             if upstream is not None:
-                m.upstream.labels(provider, model).observe(max(0.0, upstream))
+                upstream_seconds.observe(max(0.0, upstream))
             if ttft is not None:
-                m.ttft.labels(provider, model).observe(max(0.0, ttft))
+                ttft_seconds.observe(max(0.0, ttft))
         for labels, count in requests.items():
             m.requests.labels(*labels).inc(count)
         shown = self._in_flight_shown
