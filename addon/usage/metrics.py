@@ -184,6 +184,7 @@ class Metrics:
         self.in_flight: Tally = Tally()  # key name -> forwarded and not finished (this process)
         self._in_flight_shown: dict[str, int] = {}
         self._series: dict[tuple[str, str], tuple] = {}  # (provider, model) -> histogram children
+        self._usage_series: dict[tuple[str, str, str], tuple] = {}  # (key, provider, model) -> token, cost children
         self._labels = ModelLabels(None)
         self._labels_of: KeyStore | None = None
         self.sock: socket.socket | None = None
@@ -407,12 +408,15 @@ class Metrics:
         m = self.metrics
         if m is None:
             return
-        key, provider, model = meta.get("key", NONE), meta.get("provider", NONE), self.model_label(meta.get("model"))
-        for token_type, count in (("input", prompt), ("output", completion), ("cached_input", cached)):
+        labels = (meta.get("key", NONE), meta.get("provider", NONE), self.model_label(meta.get("model")))
+        children = self._usage_series.get(labels)
+        if children is None:
+            children = self._usage_series[labels] = (
+                m.tokens.labels(*labels, "input"), m.tokens.labels(*labels, "output"),
+                m.tokens.labels(*labels, "cached_input"), m.cost.labels(*labels))
+        for child, count in zip(children, (prompt, completion, cached, usd)):
             if count:
-                m.tokens.labels(key, provider, model, token_type).inc(count)
-        if usd:
-            m.cost.labels(key, provider, model).inc(usd)
+                child.inc(count)
 
     async def update_budgets(self) -> None:
         """Remaining budget of every key that has one, from the store (sync or async)."""
