@@ -100,6 +100,19 @@ def haproxy_bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def forget_metrics(pid: int | None) -> None:
+    """A dead worker's live gauges (requests in flight) leave the metrics sum (docs/metrics.md):
+    a worker that crashed could not remove them itself."""
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid)
+    except OSError:
+        pass
+
+
 class Child:
     """One supervised process: how to start it, and when it was last started."""
 
@@ -216,6 +229,8 @@ class Fleet:
                     child.restart_at = now + (0 if ran > 30 else child.pause)
                     say(f"{child.name} (pid {child.pid}, port {child.port}) exited with {child.proc.returncode}; "
                         f"restarting{'' if ran > 30 else f' in {child.restart_at - now:.1f} s'}")
+                    if child in self.workers:
+                        forget_metrics(child.pid)
                 if now >= child.restart_at:
                     child.start()
                     changed = True

@@ -316,3 +316,23 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports()
     labels = {label.strip() for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
     labels |= {label for expr in exprs for label in re.findall(r"(\w+)=~?\"", expr)}
     assert labels <= {"key", "provider", "model", "status_class", "code", "token_type", "unit", "le"}, labels
+
+
+@pytest.mark.fleet
+def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
+    """GATEWAY_WORKERS=2 METRICS_PORT=... ./run.sh: one scrape, every worker's requests."""
+    from tests.services.haproxy import FleetProcess
+
+    port = free_port()
+    fleet = FleetProcess(keys_file(provider), 2, env={"METRICS_PORT": str(port)}).start()
+    try:
+        for _ in range(6):  # a new client connection each: HAProxy spreads them over the workers
+            assert post(fleet.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})[0] == 200
+        found = scrape_until(port, lambda f: value(f, "gateway_requests_total") >= 6)
+        assert value(found, "gateway_requests_total", key="bob", status_class="2xx") == 6
+        assert value(found, "gen_ai_client_token_usage_total", key="bob", token_type="input") == 30
+        files = list((fleet.state_dir / "metrics").glob("counter_*.db"))
+        assert len(files) == 2, files  # both workers counted into the shared directory
+        assert f"metrics at http://127.0.0.1:{port}/metrics" in fleet.log()
+    finally:
+        fleet.stop()
