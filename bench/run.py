@@ -38,10 +38,11 @@ sys.path.insert(0, str(BENCH))
 from addon.providers.registry import PROVIDERS  # noqa: E402
 from addon.translate.registry import PAIRS  # noqa: E402
 from fakeprovider import anthropic_events  # noqa: E402
+import fleetbench as fleet_bench  # noqa: E402  (bench/fleetbench.py: the fleet section)
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 SCENARIOS = ("openai", "anthropic")
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "fleet")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -574,6 +575,7 @@ def targets(res: dict) -> list[dict]:
         row = res.get("throughput", {}).get(scenario, {}).get("1")
         if row:
             add(f"{scenario} added p50 at c=1 (ms)", row["added_p50_ms"], "<= 0.2", row["added_p50_ms"] <= 0.2)
+    fleet_bench.targets(res, add)
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
@@ -641,6 +643,7 @@ def print_table(res: dict) -> None:
     if "direct" in res:
         d = res["direct"]
         rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
+    rows += fleet_bench.rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for i, r in enumerate(rows):
@@ -671,7 +674,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="seconds per wrk round")
     ap.add_argument("--only", help=f"comma-separated subset of: {','.join(SECTIONS)} (for focused before/after runs)")
     args = ap.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    # --quick alone skips the fleet (it starts HAProxy, Redis, nginx and N+3 gateways): --only fleet --quick
+    only = set(args.only.split(",")) if args.only else set(SECTIONS) - ({"fleet"} if args.quick else set())
     if only - set(SECTIONS):
         ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}")
     s = QUICK if args.quick else Settings()
@@ -703,7 +707,9 @@ def main(argv=None) -> int:
                  "memory": (f"memory over {s.memory_requests} requests per target", lambda: memory(stack, s)),
                  "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
                  "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
-                 "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s))}
+                 "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s)),
+                 "fleet": ("fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
+                           lambda: fleet_bench.fleet_section(stack, s))}
         for name, (title, step) in steps.items():
             if name in only:
                 print(f"bench: {title}", flush=True)

@@ -39,6 +39,7 @@ START_TIMEOUT = 60.0  # seconds for a worker / Redis / HAProxy to become ready a
 STOP_TIMEOUT = 15.0  # seconds a worker gets after SIGTERM (it writes its ledger rows) before SIGKILL
 RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dying
 POLL = 0.2
+READY_PREFIX = "fleet: ready:"  # the start-up line once HAProxy answers (tests and the bench wait for it)
 
 
 def say(message: str) -> None:
@@ -176,7 +177,7 @@ class Fleet:
         self.haproxy.start()
         self.wait_ready("HAProxy", lambda: http_ok(self.args.host, self.args.port), [self.haproxy])
         self.write_state()
-        say(f"ready: {len(self.workers)} workers behind HAProxy at http://{haproxy_bind(self.args.host, self.args.port)} "
+        say(f"{READY_PREFIX.removeprefix('fleet: ')} {len(self.workers)} workers behind HAProxy at http://{haproxy_bind(self.args.host, self.args.port)} "
             f"(Redis {masked_url(self.redis_url)}{', local' if self.redis else ''}; drain {self.args.drain_s:g} s)")
 
     def start_redis(self) -> None:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet.supervisor import READY_PREFIX as READY
 from tests.gatewayproc import ROOT
-
-READY = "fleet: ready:"
 
 
 def require(*tools: str) -> None:
