@@ -126,3 +126,39 @@ def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_sp
             time.sleep(0.1)
     assert refused.value.body["code"] == "budget_exceeded"
     assert len(provider.received) == 8
+
+
+@pytest.mark.fleet
+def test_postgres_down_keeps_rows_until_it_is_back_and_requests_go_on(provider, gateway_factory):
+    from tests.services.postgres import PostgresServer
+    server = PostgresServer().start()
+    try:
+        url = server.create_database("outage")
+        keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+                "virtual_keys": {"vk_pg_outage": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-outage"}}}
+        gw = gateway_factory(keys, ["--set", f"usage_db={url}"])
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_pg_outage", max_retries=0)
+
+        def rows() -> int:
+            with psycopg.connect(url) as db:
+                return db.execute("SELECT COUNT(*) FROM usage").fetchone()[0]
+
+        def wait_rows(n: int) -> int:
+            deadline = time.monotonic() + 15
+            while (count := rows()) < n and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return count
+
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert wait_rows(1) == 1
+        server.halt()
+        for _ in range(3):  # the ledger being down does not hold up requests
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        time.sleep(1.0)  # several write attempts fail meanwhile
+        server.start()
+        assert wait_rows(4) == 4  # the rows kept in memory went in once it was back
+        log = gw.log()
+        assert log.count("cannot write") == 1 and "writing again" in log, log
+        assert REAL_KEY not in log
+    finally:
+        server.stop()

@@ -53,8 +53,10 @@ class PostgresServer:
         return ["runuser", "-u", "postgres", "--", *argv] if self.as_root else list(argv)
 
     def start(self, timeout: float = 60) -> "PostgresServer":
-        subprocess.run(self._cmd(str(self.bin / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust",
-                                 "-E", "UTF8", "--no-sync"), check=True, capture_output=True)
+        """Create the cluster (first time) and run it; again after halt(): the same data, the same port."""
+        if not os.path.exists(self.data):
+            subprocess.run(self._cmd(str(self.bin / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust",
+                                     "-E", "UTF8", "--no-sync"), check=True, capture_output=True)
         self.proc = subprocess.Popen(self._cmd(
             str(self.bin / "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.tmp,
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
@@ -82,14 +84,21 @@ class PostgresServer:
             db.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server, keep its data (start() runs it again)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # smart shutdown; the runuser child forwards it
+            # pg_ctl signals the server itself (runuser, its parent here, does not pass SIGINT
+            # on); fast: open connections are closed
+            subprocess.run(self._cmd(str(self.bin / "pg_ctl"), "stop", "-D", self.data, "-m", "fast", "-w", "-t", "20"),
+                           capture_output=True)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
