@@ -349,3 +349,33 @@ def test_supervisor_removes_a_dead_workers_in_flight_share_only(tmp_path, monkey
     forget_metrics(4242)
     # its live gauges leave the sum; its counters stay (past requests happened); other workers untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_4343.db"]
+
+
+@pytest.mark.e2e
+def test_overhead_excludes_the_providers_time(provider, gateway_factory):
+    """A provider that takes 0.6 s: the client waits that long, the gateway's own time is apart."""
+    from tests.fakeprovider import openai_completion, openai_stream
+
+    def slow(req):
+        body = req.json()
+        if body.get("stream"):  # headers at once, then 0.3 s before each event
+            return Reply.sse(openai_stream(body), delay=0.3)
+        return Reply.json(openai_completion(body), delay=0.6)
+
+    provider.reset(slow)
+    port = free_port()
+    gw = gateway_factory(keys_file(provider), ["--set", f"metrics_port={port}"])
+    t0 = time.monotonic()
+    status, headers, _ = post(gw.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})
+    total_ms = (time.monotonic() - t0) * 1000
+    assert status == 200 and total_ms >= 600
+    overhead_ms = float(headers["x-gateway-overhead-ms"])
+    assert overhead_ms < total_ms - 500  # the provider's 0.6 s is not in it
+    status, headers, body = post(gw.port, BOB, {"model": "gpt-4o", "messages": MESSAGES, "stream": True})
+    assert status == 200 and b"[DONE]" in body
+    assert float(headers["x-gateway-overhead-ms"]) < 300  # sent before the first event, which took 0.3 s
+    found = scrape_until(port, lambda f: value(f, "gateway_requests_total", key="bob") == 2)
+    # the same split in the histograms: the provider's time holds the waits, the overhead does not
+    assert value(found, "gen_ai_server_request_duration_seconds_sum") >= 0.6 + 0.3 * 6
+    assert value(found, "gen_ai_server_time_to_first_token_seconds_sum") >= 0.3
+    assert value(found, "gateway_overhead_seconds_sum") == pytest.approx(overhead_ms / 1000 + float(headers["x-gateway-overhead-ms"]) / 1000, abs=0.002)
