@@ -47,7 +47,8 @@ from addon.policy.reload import KeysReloader
 from addon.policy.logredact import LogRedaction
 from addon.policy.store import MemoryStore, UsageStore
 from addon.wire.streams import fail_closed_stream
-from addon.wire.timeouts import UpstreamTimeout
+from addon.wire.streamends import StreamEnds
+from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
 
 log = logging.getLogger("gateway")
 
@@ -323,6 +324,9 @@ _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage co
 _gateway = Gateway(_store)
 _accounting = UsageAccounting(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
-# after the Gateway: see addon/recording/recorder.py; Metrics last, its clock sees every part)
+# after the Gateway: see addon/recording/recorder.py; the timeouts and StreamEnds before
+# UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
+# clock sees every part)
 addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
-                     _accounting, UpstreamTimeout(), Recorder(), Metrics(_gateway, _accounting, _store))]
+                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+                     Metrics(_gateway, _accounting, _store))]

@@ -38,6 +38,11 @@ class Reply:
     # streaming proof without timing: after the first chunk, hold the rest until the test
     # sets this event (it does so once its client has seen that chunk)
     hold_after_first: threading.Event | None = None
+    # bad luck: after the chunks (or half of a plain body), wait for `stall` (if given, at most
+    # 30 s: a provider that stops sending), then with `cut` close the connection without ending
+    # the body (no last chunk; fewer bytes than content-length)
+    stall: threading.Event | None = None
+    cut: bool = False
 
     @classmethod
     def json(cls, obj, status: int = 200, **kw) -> "Reply":
@@ -173,8 +178,11 @@ class FakeProvider:
             headers["content-length"] = str(len(body))
             if reply.delay:
                 await asyncio.sleep(reply.delay)
+            if reply.cut or reply.stall:
+                body = body[: len(body) // 2]
             writer.write(_head(reply.status, headers) + body)
             await writer.drain()
+            await self._bad_luck(writer, reply)
             return
         headers["transfer-encoding"] = "chunked"
         writer.write(_head(reply.status, headers))
@@ -190,11 +198,22 @@ class FakeProvider:
             if piece:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 await writer.drain()
+        if await self._bad_luck(writer, reply):
+            return
         if compressor:
             tail = compressor.flush()
             writer.write(b"%x\r\n%s\r\n" % (len(tail), tail))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+    async def _bad_luck(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+        """Stall and/or cut as the reply says; True if the connection was cut."""
+        if reply.stall is not None:
+            await asyncio.get_running_loop().run_in_executor(None, reply.stall.wait, 30)
+        if reply.cut:
+            writer.transport.abort()  # a reset, not a clean end
+            raise ConnectionResetError("cut by the test")
+        return False
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:

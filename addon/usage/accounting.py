@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 
 from addon.usage import ledger as ledger_db
 from addon.policy.keys import Price
@@ -155,8 +156,7 @@ class UsageAccounting:
 
     def error(self, flow: http.HTTPFlow) -> None:
         watched = self.watchers.pop(flow.id, None)
-        status = flow.response.status_code if flow.response else 0
-        self.note(flow, status, stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
+        self.note(flow, client_status(flow), stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
 
     def note(self, flow: http.HTTPFlow, status: int, usage: Usage | http.Response | None, streamed: bool) -> None:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""
@@ -183,7 +183,10 @@ class UsageAccounting:
               usage: Usage | http.Response | None, streamed: bool) -> None:
         if isinstance(usage, http.Response):
             api = APIS.get(meta.get("api"), DEFAULT_API)
-            usage = api.usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
+            try:
+                usage = api.usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
+            except ValueError:  # a body that cannot be decoded (corrupt gzip): its row still counts
+                usage = None
         if usage is None:
             usage = NO_USAGE
         price = meta.get("price")
@@ -202,22 +205,39 @@ class UsageAccounting:
             ))
 
 
+def client_status(flow: http.HTTPFlow) -> int:
+    """The status the client got for a failed flow: a streamed response's own (its headers went
+    out), 0 if the client had hung up, else mitmproxy's error answer: 504 after the upstream
+    timeout, 502 (a provider that cut a plain body does not make a 200)."""
+    response = flow.response
+    if response is not None and response.stream:
+        return response.status_code
+    if not flow.client_conn.state & ConnectionState.CAN_WRITE:
+        return 0
+    return 504 if flow.metadata.get("gateway", {}).get("timeout") else 502
+
+
 def stream_usage(flow: http.HTTPFlow, watcher: StreamUsageReader, sample: StreamSample) -> Usage:
     """What a finished or abandoned stream is charged: the provider's usage when it came and
     counts the answer; else an estimate (usage/estimate.py) from the request body and the text
-    the client was sent, with the input tokens the provider did report. A stream that sent text
-    is never charged zero (a client that hangs up before the usage chunk must not get it free)."""
+    the client was sent, with the tokens the provider did report (Anthropic's input tokens)
+    taking precedence. A stream that sent text is never charged zero (a client that hangs up
+    before the usage chunk must not get it free)."""
     usage = watcher.usage
-    if usage is not None and usage.completion_tokens:
+    if usage is not None and not sample.late_usage and usage.completion_tokens:
         return usage  # the usual case: nothing more to read
     chars = sample.text_chars()
-    if usage is not None and not chars:
+    if usage is not None and not sample.late_usage and not chars:
         return usage  # the provider's count, and no answer text to dispute it
     try:
         body = plain_content(flow.request)
     except ValueError:
         body = flow.request.raw_content or b""
-    return estimate_from_chars(body, chars, usage.prompt_tokens if usage is not None else None)
+    if usage is None:
+        return estimate_from_chars(body, chars)
+    estimate = estimate_from_chars(body, chars, usage.prompt_tokens)
+    return estimate._replace(completion_tokens=max(estimate.completion_tokens, usage.completion_tokens),
+                             cached_tokens=usage.cached_tokens)
 
 
 def watched_stream(inner: Callable | bool, watcher: StreamUsageReader, sample: StreamSample | None = None) -> Callable[[bytes], list[bytes]]:
@@ -231,6 +251,7 @@ def watched_stream(inner: Callable | bool, watcher: StreamUsageReader, sample: S
         if broken:
             return [p for p in parts if p]
         held = watcher.held  # bytes the watcher holds back from earlier pieces
+        before = watcher.usage
         try:
             sent: list[bytes] = []
             for part in parts:
@@ -238,6 +259,8 @@ def watched_stream(inner: Callable | bool, watcher: StreamUsageReader, sample: S
                     sent.extend(watcher.feed(bytes(part)))
             if not piece:
                 sent.extend(watcher.feed(b""))
+                if watcher.usage is not before and sample is not None:
+                    sample.late_usage = True
             sent = [p for p in sent if p]
             if sample is not None:
                 for p in sent:

@@ -86,10 +86,13 @@ class StreamSample:
     """The first SAMPLE_BYTES of what a stream sent its client, and how much it sent in all:
     enough to estimate the answer's length without keeping whole streams in memory."""
 
-    __slots__ = ("sent", "_kept", "first_at")
+    __slots__ = ("sent", "late_usage", "_kept", "first_at")
 
     def __init__(self) -> None:
         self.sent = 0
+        # the usage was first seen in the stream's final call: made up by a translator for a
+        # stream that ended without the provider's final count (input tokens known, output not)
+        self.late_usage = False
         self._kept: list[bytes] = []
         self.first_at = 0.0  # when the first bytes went to the client (time.time()): time to first token
 

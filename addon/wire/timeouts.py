@@ -1,9 +1,14 @@
-"""Provider timeout: a routed request that has no response headers after `upstream_timeout`
-seconds is abandoned and the client gets an OpenAI-shaped 504.
+"""Provider timeouts.
 
-mitmproxy itself only has an inactivity timeout (tcp_timeout, 10 min by default). This addon
-cancels the flow's server connection task; mitmproxy then reports the flow as failed and
-errorpages renders the 504 (it cannot see the flow, so the error hook hands it the message).
+- `upstream_timeout`: a routed request that has no response headers after that many seconds is
+  abandoned and the client gets an OpenAI-shaped 504.
+- `stream_idle_timeout`: a streamed response that receives no byte from the provider for that
+  many seconds is ended; the client gets an error event and [DONE] (wire/streamends.py).
+
+mitmproxy itself only has an inactivity timeout (tcp_timeout, 10 min by default). These addons
+cancel the flow's server connection task; mitmproxy then reports the flow as failed, and
+errorpages renders the 504 (it cannot see the flow, so the error hook hands it the message) or
+streamends ends the stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,29 @@ from mitmproxy import ctx, exceptions, http
 from addon.wire import errorpages
 
 log = logging.getLogger("gateway")
+
+
+def seconds_option(name: str) -> float:
+    """A positive number of seconds from a str option (mitmproxy options cannot be floats)."""
+    value = getattr(ctx.options, name)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0
+    if not 0 < seconds < float("inf"):
+        raise exceptions.OptionsError(f"{name} must be a positive number of seconds, not {value!r}")
+    return seconds
+
+
+def cancel_server_connection(flow: http.HTTPFlow) -> bool:
+    """Stop the flow's server connection task: mitmproxy then fails the flow (error hook)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    io = handler.transports.get(flow.server_conn) if handler else None
+    if io is None or io.handler is None:
+        return False  # not connected through a transport we can stop; tcp_timeout still applies
+    io.handler.cancel()
+    return True
 
 
 class UpstreamTimeout:
@@ -37,15 +65,7 @@ class UpstreamTimeout:
 
     def configure(self, updated) -> None:
         if "upstream_timeout" in updated:
-            try:
-                seconds = float(ctx.options.upstream_timeout)
-            except ValueError:
-                seconds = 0
-            if not seconds > 0:
-                raise exceptions.OptionsError(
-                    f"upstream_timeout must be a positive number of seconds, not {ctx.options.upstream_timeout!r}"
-                )
-            self.seconds = seconds
+            self.seconds = seconds_option("upstream_timeout")
 
     def running(self) -> None:
         self.sweeper = asyncio.get_running_loop().create_task(self.sweep())
@@ -89,11 +109,77 @@ class UpstreamTimeout:
     def _expire(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-        io = handler.transports.get(flow.server_conn) if handler else None
-        if io is None or io.handler is None:
-            return  # not connected through a transport we can stop; tcp_timeout still applies
-        log.warning("gateway: %s timed out after %gs", flow.request.pretty_url, self.seconds)
         self.expired.add(flow.id)
-        io.handler.cancel()
+        if cancel_server_connection(flow):
+            log.warning("gateway: %s timed out after %gs", flow.request.pretty_url, self.seconds)
+        else:
+            self.expired.discard(flow.id)
+
+
+class StreamIdleTimeout:
+    """Ends a streamed response whose provider sent no byte for `stream_idle_timeout` seconds.
+
+    Each streamed response's callable is wrapped to note the time of every piece (a dict
+    store); one sweep task checks them every second at most."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last piece])
+        self.seconds = 120.0
+        self.sweeper: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "stream_idle_timeout", str, "120",
+            "Seconds a streamed response may go without a byte from the provider before the "
+            "gateway ends it: the client gets an error event (code stream_idle_timeout) and [DONE].",
+        )
+
+    def configure(self, updated) -> None:
+        if "stream_idle_timeout" in updated:
+            self.seconds = seconds_option("stream_idle_timeout")
+
+    def running(self) -> None:
+        self.sweeper = asyncio.get_running_loop().create_task(self.sweep())
+
+    def done(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.seconds / 4))
+            try:
+                self.expire_idle(time.monotonic())
+            except Exception:
+                log.exception("gateway: stream idle check failed")
+
+    def expire_idle(self, now: float) -> None:
+        for flow_id, (flow, last) in list(self.streams.items()):
+            if now - last[0] >= self.seconds:
+                del self.streams[flow_id]
+                if flow.error is None and flow.live:
+                    flow.metadata.setdefault("gateway", {})["idle_timeout"] = self.seconds
+                    if cancel_server_connection(flow):
+                        log.warning("gateway: %s: stream ended, nothing from the provider for %gs",
+                                    flow.request.pretty_url, self.seconds)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None or not response.stream or "provider" not in flow.metadata.get("gateway", {}):
+            return
+        inner = response.stream
+        last = [time.monotonic()]
+        monotonic = time.monotonic
+
+        def stream(piece: bytes):
+            last[0] = monotonic()
+            return inner(piece) if callable(inner) else piece
+
+        response.stream = stream
+        self.streams[flow.id] = (flow, last)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.streams.pop(flow.id, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.streams.pop(flow.id, None)
