@@ -8,10 +8,8 @@ usage chunk arrives. Before the fix every such request was a ledger row of 0 tok
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -20,6 +18,7 @@ from addon.usage.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, e
                                   streamed_text, tokens_for)
 from addon.usage.tokens import Usage
 from tests.fakeprovider import Reply, openai_stream
+from tests.test_policy_e2e import ledger_rows
 
 REAL_KEY = "sk-real-provider-key-123456"
 ANSWER = "x" * 200  # 50 tokens at 4 characters a token
@@ -64,26 +63,6 @@ def test_stream_sample_is_bounded_and_scales_to_all_bytes_sent():
 
 # --- the attack through the real gateway ---------------------------------------------------
 
-def ledger(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    db = sqlite3.connect(path)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM usage ORDER BY id")]
-    finally:
-        db.close()
-
-
-def wait_rows(path: Path, count: int, timeout: float = 15) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    rows = ledger(path)
-    while len(rows) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-        rows = ledger(path)
-    return rows
-
-
 @pytest.mark.e2e
 def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budget_refuses(provider, gateway_factory, tmp_path):
     releases: list[threading.Event] = []
@@ -120,14 +99,14 @@ def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budg
         stream.close()
         assert text == ANSWER
         answered += 1
-        assert len(wait_rows(db, answered)) == answered  # the hang-up is noticed and counted
+        assert len(ledger_rows(db, answered)) == answered  # the hang-up is noticed and counted
         for release in releases:
             release.set()
 
     assert refused == 1
     # 3 prompt tokens ("gpt-4o", "user", "hi": 12 characters) + 50 for the answer a request
     assert answered == 2
-    rows = wait_rows(db, answered)
+    rows = ledger_rows(db, answered)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"], r["status"]) for r in rows] == [(3, 50, 1, 200)] * 2
     assert provider.holds_released == [True] * answered  # the usage chunk came only after the hang-up
 
@@ -141,5 +120,5 @@ def test_a_stream_with_its_usage_chunk_is_charged_exactly_and_not_marked(provide
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_a", max_retries=0)
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
-    rows = wait_rows(db, 1)
+    rows = ledger_rows(db, 1)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in rows] == [(5, 2, 0)]

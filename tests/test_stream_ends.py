@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from addon.wire.sse import DONE
 from addon.wire.streamends import chunked, stalled, tail
 from tests.fakeprovider import Reply, openai_completion, openai_stream
+from tests.test_policy_e2e import ledger_rows
 
 REAL_KEY = "sk-real-provider-key-123456"
 ANTHROPIC_KEY = "sk-ant-api03-real-test-key-0123456789"
@@ -49,20 +48,6 @@ def anthropic_head() -> list[bytes]:
     ]
 
 
-def rows(db: Path, count: int, timeout: float = 15) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = []
-        if db.exists():
-            con = sqlite3.connect(db)
-            con.row_factory = sqlite3.Row
-            found = [dict(r) for r in con.execute("SELECT * FROM usage ORDER BY id")]
-            con.close()
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def gateway(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
@@ -85,7 +70,7 @@ def test_an_anthropic_stream_that_resets_mid_way_ends_with_a_finish_chunk_and_do
         model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], stream=True))  # no exception: a proper end
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    [row] = rows(gateway.db, 1)
+    [row] = ledger_rows(gateway.db, 1)
     # what the client got (200, a stream), the 11 input tokens the provider had reported, and
     # the answer estimated from the text sent
     assert (row["status"], row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (200, 11, 20, 1)
@@ -105,7 +90,7 @@ def test_an_openai_stream_that_resets_mid_way_ends_with_an_error_event(provider,
             text += chunk.choices[0].delta.content or "" if chunk.choices else ""
     assert text == TEXT
     assert "broke off" in str(e.value)
-    [row] = rows(gateway.db, 1)
+    [row] = ledger_rows(gateway.db, 1)
     assert (row["status"], row["completion_tokens"], row["estimated"]) == (200, 20, 1)
 
 
@@ -129,7 +114,7 @@ def test_a_stream_that_stalls_is_ended_by_stream_idle_timeout_with_an_error_even
         release.set()
     assert time.monotonic() - started < 15  # stream_idle_timeout=1, not tcp_timeout's 600 s
     assert text == TEXT and "sent nothing for 1s" in str(e.value)
-    [row] = rows(gateway.db, 1)
+    [row] = ledger_rows(gateway.db, 1)
     assert (row["status"], row["completion_tokens"], row["estimated"]) == (200, 20, 1)
     assert "stream ended, nothing from the provider for 1s" in gateway.log()
 
@@ -139,7 +124,7 @@ def test_a_corrupt_gzip_200_still_gets_its_ledger_row(provider, gateway):
     provider.reset(lambda req: Reply(200, b"\x1f\x8bnot gzip at all", {"content-type": "application/json", "content-encoding": "gzip"}))
     with pytest.raises(Exception):
         client(gateway, "vk_openai").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    [row] = rows(gateway.db, 1)
+    [row] = ledger_rows(gateway.db, 1)
     assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (200, 0, 0)
     assert "Traceback" not in gateway.log()
 
@@ -150,5 +135,5 @@ def test_a_plain_body_the_provider_cut_is_a_502_for_the_client_and_in_the_ledger
     with pytest.raises(openai.APIStatusError) as e:
         client(gateway, "vk_openai").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 502
-    [row] = rows(gateway.db, 1)
+    [row] = ledger_rows(gateway.db, 1)
     assert row["status"] == 502

@@ -47,14 +47,39 @@ def cancel_server_connection(flow: http.HTTPFlow) -> bool:
     return True
 
 
-class UpstreamTimeout:
+class Sweeper:
+    """One sweep task for all flows, every second at most (a TimerHandle per request costs more
+    than a dict entry): subclasses say what `expire(now)` ends."""
+
+    seconds: float
+    sweeper: asyncio.Task | None = None
+
+    def running(self) -> None:
+        self.sweeper = asyncio.get_running_loop().create_task(self.sweep())
+
+    def done(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.seconds / 4))
+            try:
+                self.expire(time.monotonic())
+            except Exception:
+                log.exception("gateway: %s check failed", type(self).__name__)
+
+    def expire(self, now: float) -> None:
+        raise NotImplementedError
+
+
+class UpstreamTimeout(Sweeper):
     def __init__(self) -> None:
         # flow id -> (deadline, flow), in arrival order, which is deadline order: one sweep task
         # instead of a timer per request (a TimerHandle costs more than a dict entry)
         self.waiting: dict[str, tuple[float, http.HTTPFlow]] = {}
         self.expired: set[str] = set()
         self.seconds = 600.0
-        self.sweeper: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -67,23 +92,13 @@ class UpstreamTimeout:
         if "upstream_timeout" in updated:
             self.seconds = seconds_option("upstream_timeout")
 
-    def running(self) -> None:
-        self.sweeper = asyncio.get_running_loop().create_task(self.sweep())
-
-    def done(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-
-    async def sweep(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.seconds / 4))
-            now = time.monotonic()
-            while self.waiting:
-                flow_id, (deadline, flow) = next(iter(self.waiting.items()))
-                if deadline > now:
-                    break  # (after a runtime change of upstream_timeout, order is approximate)
-                del self.waiting[flow_id]
-                self._expire(flow)
+    def expire(self, now: float) -> None:
+        while self.waiting:
+            flow_id, (deadline, flow) = next(iter(self.waiting.items()))
+            if deadline > now:
+                break  # (after a runtime change of upstream_timeout, order is approximate)
+            del self.waiting[flow_id]
+            self._expire(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or "provider" not in flow.metadata.get("gateway", {}):
@@ -116,16 +131,15 @@ class UpstreamTimeout:
             self.expired.discard(flow.id)
 
 
-class StreamIdleTimeout:
+class StreamIdleTimeout(Sweeper):
     """Ends a streamed response whose provider sent no byte for `stream_idle_timeout` seconds.
 
-    Each streamed response's callable is wrapped to note the time of every piece (a dict
-    store); one sweep task checks them every second at most."""
+    Each streamed response's callable is wrapped to note the time of every piece; the sweep
+    looks at every stream in flight."""
 
     def __init__(self) -> None:
         self.streams: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last piece])
         self.seconds = 120.0
-        self.sweeper: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -138,22 +152,7 @@ class StreamIdleTimeout:
         if "stream_idle_timeout" in updated:
             self.seconds = seconds_option("stream_idle_timeout")
 
-    def running(self) -> None:
-        self.sweeper = asyncio.get_running_loop().create_task(self.sweep())
-
-    def done(self) -> None:
-        if self.sweeper is not None:
-            self.sweeper.cancel()
-
-    async def sweep(self) -> None:
-        while True:
-            await asyncio.sleep(min(1.0, self.seconds / 4))
-            try:
-                self.expire_idle(time.monotonic())
-            except Exception:
-                log.exception("gateway: stream idle check failed")
-
-    def expire_idle(self, now: float) -> None:
+    def expire(self, now: float) -> None:
         for flow_id, (flow, last) in list(self.streams.items()):
             if now - last[0] >= self.seconds:
                 del self.streams[flow_id]
