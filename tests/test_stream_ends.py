@@ -10,7 +10,8 @@ import openai
 import pytest
 
 from addon.wire.sse import DONE
-from addon.wire.streamends import chunked, stalled, tail
+from addon.apis.openai_chat import OPENAI_CHAT
+from addon.wire.streamends import BROKEN, chunked, stalled, tail
 from tests.fakeprovider import Reply, openai_completion, openai_stream
 from tests.test_policy_e2e import ledger_rows
 
@@ -21,13 +22,15 @@ TEXT = "x" * 80  # 20 tokens at 4 characters a token
 
 # --- pure parts -----------------------------------------------------------------------------
 
-def test_tail_keeps_a_proper_end_and_adds_an_error_event_otherwise():
+def test_tail_keeps_a_proper_end_and_adds_the_apis_error_events_otherwise():
     finish = [b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n', DONE]
-    assert tail(finish, None) == finish  # a translator that ended the stream: as it is
-    broken = tail([], None)  # a passthrough stream: an error event, then [DONE]
-    assert json.loads(broken[0][6:])["error"]["code"] == "upstream_stream_broken" and broken[1] == DONE
-    idle = tail(finish, stalled(120))  # a stall: the error comes before [DONE]
+    error = OPENAI_CHAT.stream_error(*BROKEN)
+    assert tail(finish, error, idle=False) == finish  # a translator that ended the stream: as it is
+    assert tail([], error, idle=False) == error  # a passthrough stream: the error event, [DONE]
+    assert json.loads(error[0][6:])["error"]["code"] == "upstream_stream_broken" and error[1] == DONE
+    idle = tail(finish, OPENAI_CHAT.stream_error(*stalled(120)), idle=True)  # a stall: error before [DONE]
     assert idle[0] == finish[0] and json.loads(idle[1][6:])["error"]["code"] == "stream_idle_timeout" and idle[2] == DONE
+    assert len(idle) == 3
     assert chunked([b"ab", b"", b"c"]) == b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
 
 

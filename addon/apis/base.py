@@ -50,8 +50,9 @@ class InboundAPI(Protocol):
     def foreign_error(self, status: int, body: bytes) -> bytes:
         """A provider error body in another shape (an HTML 502, an empty 503) in this one."""
 
-    def stream_error(self, message: str) -> list[bytes]:
-        """What ends a stream the gateway cannot finish (the stream's error event)."""
+    def stream_error(self, message: str, code: str = "gateway_error") -> list[bytes]:
+        """What ends a stream the gateway cannot finish (the stream's error event); `code`
+        says why (gateway_error, upstream_stream_broken, stream_idle_timeout)."""
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         """Usage of a whole successful response body as the client receives it."""

@@ -55,8 +55,8 @@ class OpenAIChat:
     def foreign_error(self, status: int, body: bytes) -> bytes:
         return wrap_foreign_error(status, body)
 
-    def stream_error(self, message: str) -> list[bytes]:
-        return openai_stream_error(message)
+    def stream_error(self, message: str, code: str = "gateway_error") -> list[bytes]:
+        return openai_stream_error(message, code)
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         return usage_from_body(body)

@@ -8,8 +8,9 @@ before UsageAccounting's): it makes that final call itself, so that
 
 - a translated stream (Anthropic) gets its finish chunk, usage chunk and `[DONE]`, and the
   usage accounting sees the input tokens the provider had reported;
-- a stream without a translator (OpenAI-compatible) and a stalled stream get an OpenAI-shaped
-  error event, then `[DONE]` (the openai SDK raises APIError at the error event);
+- a stream without a translator (OpenAI-compatible) and a stalled stream get the client API's
+  error event (`InboundAPI.stream_error`; OpenAI: an error chunk, then `[DONE]`, and the openai
+  SDK raises APIError at the error chunk);
 
 and writes those bytes to the client's connection as the last HTTP/1.1 chunks and the
 terminating chunk. mitmproxy closes the connection right after. What mitmproxy does not allow:
@@ -24,31 +25,29 @@ import logging
 from mitmproxy import ctx, http
 from mitmproxy.connection import ConnectionState
 
-from addon.wire.errors import error_dict
-from addon.wire.sse import DONE, encode_data
+from addon.apis.registry import APIS, DEFAULT_API
+from addon.wire.sse import DONE
 
 log = logging.getLogger("gateway")
 
-BROKEN = error_dict("the provider's stream broke off before its end", "server_error", "upstream_stream_broken")
+BROKEN = ("the provider's stream broke off before its end", "upstream_stream_broken")
 
 
-def stalled(seconds: float) -> dict:
-    return error_dict(f"the provider sent nothing for {seconds:g}s; the gateway ended the stream",
-                      "timeout", "stream_idle_timeout")
+def stalled(seconds: float) -> tuple[str, str]:
+    return f"the provider sent nothing for {seconds:g}s; the gateway ended the stream", "stream_idle_timeout"
 
 
-def tail(final: bytes | list[bytes], error: dict | None) -> list[bytes]:
-    """What the client gets last: the stream callable's final output, then `error` (if any)
-    and [DONE], unless that output ended the stream itself and nothing went wrong after."""
+def tail(final: bytes | list[bytes], error_events: list[bytes], idle: bool) -> list[bytes]:
+    """What the client gets last. A translator's final output ends the stream itself (finish
+    chunk, usage, [DONE]); without one, or after a stall, the API's error events end it (after
+    the translator's output, less its [DONE])."""
     parts = [final] if isinstance(final, (bytes, bytearray)) else list(final)
     parts = [bytes(p) for p in parts if p]
-    done = bool(parts) and parts[-1].endswith(DONE)
-    if error is None and done:
+    if parts and not idle:
         return parts
-    if done:
+    if parts and parts[-1].endswith(DONE):
         parts[-1] = parts[-1][: -len(DONE)]
-        parts = [p for p in parts if p]
-    return [*parts, encode_data(error or BROKEN), DONE]
+    return [*(p for p in parts if p), *error_events]
 
 
 def chunked(parts: list[bytes]) -> bytes:
@@ -67,7 +66,9 @@ class StreamEnds:
             final = response.stream(b"")  # the translator's finish; the usage watcher sees it
             response.stream = True  # (whatever happens, it is not called again)
             if client_writable(flow):
-                write_to_client(flow, tail(final, stalled(idle) if idle else None))
+                message, code = stalled(idle) if idle else BROKEN
+                events = APIS.get(meta.get("api"), DEFAULT_API).stream_error(message, code)
+                write_to_client(flow, tail(final, events, bool(idle)))
         except Exception:
             log.exception("gateway: could not end a broken stream for the client")
 

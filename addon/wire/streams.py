@@ -33,8 +33,8 @@ def frame_for_new_length(headers, http_version: str) -> None:
         headers["transfer-encoding"] = "chunked"
 
 
-def openai_stream_error(message: str) -> list[bytes]:
-    return [encode_data(error_dict(message, "server_error", "gateway_error")), DONE]
+def openai_stream_error(message: str, code: str = "gateway_error") -> list[bytes]:
+    return [encode_data(error_dict(message, "server_error", code)), DONE]
 
 
 def fail_closed_stream(translator: StreamTranslator, headers, http_version: str,
