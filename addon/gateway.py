@@ -33,7 +33,8 @@ from addon.usage.accounting import UsageAccounting
 from addon.usage.metrics import Metrics
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
-from addon.apis.registry import APIS, ENDPOINTS, api_for_path
+from addon.apis import anthropic_messages
+from addon.apis.registry import APIS, ENDPOINTS, api_for_request
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import GatewayError
@@ -79,7 +80,7 @@ SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" 
 
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     """Answer `error` in the error shape of the API served at the request's path."""
-    body = api_for_path(flow.request.path).error_body(error)
+    body = api_for_request(flow.request).error_body(error)
     flow.response = http.Response.make(error.status, body, {**JSON_HEADERS, **error.headers})
     flow.metadata.setdefault("gateway", {})["answered"] = error.code or error.type
     flow.marked = ":no_entry:"
@@ -128,8 +129,9 @@ class Gateway:
     def __init__(self, store: UsageStore | None = None) -> None:
         self.keys: KeyStore | None = None  # replaced whole on reload (policy/reload.py), never mutated
         self.store: UsageStore = store if store is not None else MemoryStore()  # rate limits and spend
-        # per in-flight flow: the pair's Exchange that translates its response, and the API
-        self.exchanges: dict[str, tuple[object, InboundAPI]] = {}
+        # per in-flight flow: the pair's Exchange that translates its response, the API, and
+        # the parameters the pair dropped or approximated
+        self.exchanges: dict[str, tuple[object, InboundAPI, tuple[str, ...]]] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -169,8 +171,10 @@ class Gateway:
             response = flow.response
             if routed is None or response is None:
                 return
+            if routed[2]:
+                response.headers["x-gateway-dropped-params"] = ", ".join(routed[2])
             if response.status_code == 200 and (header(response.headers, b"content-type") or "").startswith("text/event-stream"):
-                exchange, api = routed
+                exchange, api, _ = routed
                 translator = exchange.stream_translator()
                 if translator is None:
                     response.stream = True
@@ -197,7 +201,7 @@ class Gateway:
         except Exception:
             log.exception("gateway: internal error while translating a response")
             error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
-            flow.response = http.Response.make(502, api_for_path(flow.request.path).error_body(error), JSON_HEADERS)
+            flow.response = http.Response.make(502, api_for_request(flow.request).error_body(error), JSON_HEADERS)
         if flow.response.status_code >= 400:
             flow.marked = flow.marked or ":warning:"
 
@@ -248,7 +252,8 @@ class Gateway:
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
         route = ROUTES[api.name].get(key.provider)
         if route is None:
-            raise GatewayError(400, f"provider {key.provider} cannot serve {path}", code="unsupported_endpoint")
+            raise GatewayError(400, f"{path} is not available for this virtual key's provider ({key.provider})",
+                               code="unsupported_endpoint")
         new_body = api.prepare_usage(body, raw, meta) if meta["stream"] else None
         upstream, exchange = route.pair.prepare(body)  # raises for what it cannot serve
         if upstream.body is not None:
@@ -256,12 +261,15 @@ class Gateway:
         # last: the rpm slot is taken only by a request that will be forwarded
         rules.admit(key, model, keys, self.store, time.time())
 
-        target = upstream_target(key.upstream_url)
+        target = upstream_target(key.upstream_url + upstream.path_suffix if upstream.path_suffix else key.upstream_url)
         data = request.data  # set directly: the property setters each rewrite Host again
         data.scheme, data.host, data.port = target.scheme, target.host, target.port
         if data.authority:  # HTTP/2 :authority
             data.authority = target.host_header
-        request.path = f"{target.path}?{query}" if query else target.path
+        request.path = f"{target.path}?{query}" if query and upstream.keep_query else target.path
+        if upstream.dropped:  # never silently: the response header and the log name them
+            meta["dropped_params"] = list(upstream.dropped)
+            log.info("gateway: %s %s -> %s: dropped or approximated: %s", key.name, path, key.provider, ", ".join(upstream.dropped))
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.
@@ -278,7 +286,7 @@ class Gateway:
             forwarded += framing_fields(names, new_body)
             request.data.content = new_body
         request.headers.fields = tuple(forwarded)
-        self.exchanges[flow.id] = (exchange, api)
+        self.exchanges[flow.id] = (exchange, api, upstream.dropped)
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)
@@ -300,6 +308,9 @@ class Gateway:
             body = rules.model_object(key, model)
         else:
             raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")
+        if field_value(flow.request.headers.fields, lower_names(flow.request.headers.fields), b"anthropic-version"):
+            # an Anthropic client (Claude Code's model discovery): Anthropic's list shape
+            body = anthropic_messages.models_page(body) if model is None else anthropic_messages.model_object(body)
         flow.response = http.Response.make(200, json.dumps(body).encode(), JSON_HEADERS)
 
     def redact(self, flow: http.HTTPFlow) -> None:

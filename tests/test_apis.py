@@ -165,5 +165,5 @@ def test_a_provider_without_a_pair_for_the_api_is_refused(gw, toy):  # noqa: F81
     f = flow(path="/v1/toy", method="PUT", body={"model": "m", "say": "x"}, headers={"authorization": "Bearer vk_d"})
     gw.request(f)
     assert f.response.status_code == 400
-    assert json.loads(f.response.content)["problem"] == "provider deepseek cannot serve /v1/toy"
+    assert json.loads(f.response.content)["problem"] == "/v1/toy is not available for this virtual key's provider (deepseek)"
     assert f.request.port == 1  # nothing forwarded

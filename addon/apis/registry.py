@@ -3,10 +3,11 @@ module in apis/, a line here, and its translation pairs in translate/registry.py
 
 from __future__ import annotations
 
+from addon.apis.anthropic_messages import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES
 from addon.apis.base import InboundAPI
 from addon.apis.openai_chat import OPENAI_CHAT
 
-APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT,)}
+APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT, ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS)}
 # request path (no query) -> the API served there
 ENDPOINTS: dict[str, InboundAPI] = {path: api for api in APIS.values() for path in api.paths}
 # what answers where no API is served (unknown paths, /health, /v1/models)
@@ -16,3 +17,12 @@ DEFAULT_API: InboundAPI = OPENAI_CHAT
 def api_for_path(path: str) -> InboundAPI:
     """The API whose error shape an answer on `path` (query allowed) takes."""
     return ENDPOINTS.get(path.partition("?")[0], DEFAULT_API)
+
+
+def api_for_request(request) -> InboundAPI:
+    """As `api_for_path`; off the APIs' paths (/v1/models, unknown paths) a client that sends
+    `anthropic-version` is an Anthropic client and gets Anthropic's error shape."""
+    api = ENDPOINTS.get(request.path.partition("?")[0])
+    if api is not None:
+        return api
+    return ANTHROPIC_MESSAGES if "anthropic-version" in request.headers else DEFAULT_API

@@ -22,4 +22,7 @@ CATALOG: dict[str, ProviderInfo] = {
     "openai": ProviderInfo("https://api.openai.com/v1", "/chat/completions", "authorization", "openai_chat"),
     "deepseek": ProviderInfo("https://api.deepseek.com", "/chat/completions", "authorization", "openai_chat"),
     "anthropic": ProviderInfo("https://api.anthropic.com/v1", "/messages", "x-api-key", "anthropic_messages"),
+    # DeepSeek's Anthropic-compatible API: a key of this provider passes /v1/messages through
+    # instead of translating it (the default, "deepseek", translates: docs/anthropic.md says why)
+    "deepseek-anthropic": ProviderInfo("https://api.deepseek.com/anthropic", "/v1/messages", "x-api-key", "anthropic_messages"),
 }

@@ -3,12 +3,13 @@ module, and a line here."""
 
 from __future__ import annotations
 
-from addon.providers.anthropic import AnthropicProvider
+from addon.providers.anthropic import AnthropicCompatible
 from addon.providers.base import Provider
 from addon.providers.openai import OpenAICompatible
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OpenAICompatible("openai"),
     "deepseek": OpenAICompatible("deepseek"),
-    "anthropic": AnthropicProvider(),
+    "anthropic": AnthropicCompatible("anthropic"),
+    "deepseek-anthropic": AnthropicCompatible("deepseek-anthropic"),
 }

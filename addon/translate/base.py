@@ -16,6 +16,9 @@ from addon.wire.streams import StreamTranslator
 class UpstreamRequest(NamedTuple):
     headers: dict[str, str]  # set on the outgoing request (after client auth headers are removed)
     body: bytes | None  # None: forward the client's body bytes unchanged
+    path_suffix: str = ""  # appended to the key's upstream URL (".../messages" + "/count_tokens")
+    keep_query: bool = True  # False: the client's query string is not forwarded
+    dropped: tuple[str, ...] = ()  # parameters dropped or approximated: x-gateway-dropped-params
 
 
 class Exchange(Protocol):

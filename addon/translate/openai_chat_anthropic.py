@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from addon.apis.openai_chat import is_openai_error, wrap_foreign_error
 from addon.translate.base import UpstreamRequest
-from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES
+from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, REASONING_BUDGETS, ROLES, TOOL_CHOICES
 from addon.wire.errors import GatewayError, error_dict
 from addon.wire.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
 
@@ -79,8 +79,6 @@ REJECTED_UNLESS_DEFAULT: dict[str, tuple] = {
     "functions": (None, []),  # legacy function calling: use tools
     "function_call": (None,),
 }
-# reasoning_effort -> thinking budget (Anthropic requires >= 1024 and < max_tokens)
-THINKING_BUDGETS: dict[str, int] = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
 
 IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
@@ -196,9 +194,9 @@ def apply_reasoning_effort(request: dict, out: dict) -> None:
         return
     if effort == "none":
         return
-    if effort not in THINKING_BUDGETS:
+    budget = REASONING_BUDGETS.reverse(effort)  # Anthropic requires >= 1024 and < max_tokens
+    if not budget:
         raise bad_request(f"reasoning_effort '{effort}' is not supported", "reasoning_effort", "invalid_value")
-    budget = THINKING_BUDGETS[effort]
     if out["max_tokens"] <= budget:
         if request.get("max_completion_tokens") is not None or request.get("max_tokens") is not None:
             raise bad_request(

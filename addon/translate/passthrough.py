@@ -31,9 +31,9 @@ class PassthroughExchange:
 class Passthrough:
     """Stateless: one exchange object serves every request."""
 
-    def __init__(self, api: InboundAPI) -> None:
+    def __init__(self, api: InboundAPI, path_suffix: str = "") -> None:
         self.exchange = PassthroughExchange(api)
-        self.upstream = UpstreamRequest(NO_HEADERS, None)
+        self.upstream = UpstreamRequest(NO_HEADERS, None, path_suffix)
 
     def prepare(self, request: dict) -> tuple[UpstreamRequest, PassthroughExchange]:
         return self.upstream, self.exchange

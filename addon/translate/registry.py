@@ -3,7 +3,9 @@ means the provider cannot serve that API: the gateway answers 400 and forwards n
 
 from __future__ import annotations
 
+from addon.apis.anthropic_messages import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES
 from addon.apis.openai_chat import OPENAI_CHAT
+from addon.translate.anthropic_messages_openai_chat import AnthropicMessagesToOpenAIChat
 from addon.translate.base import Pair
 from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic
 from addon.translate.passthrough import Passthrough
@@ -11,4 +13,8 @@ from addon.translate.passthrough import Passthrough
 PAIRS: dict[tuple[str, str], Pair] = {
     ("openai_chat", "openai_chat"): Passthrough(OPENAI_CHAT),
     ("openai_chat", "anthropic_messages"): OpenAIChatToAnthropic(),
+    ("anthropic_messages", "anthropic_messages"): Passthrough(ANTHROPIC_MESSAGES),
+    ("anthropic_messages", "openai_chat"): AnthropicMessagesToOpenAIChat(),
+    # count_tokens: only where Anthropic's own API counts (no tokenizer guesses for the others)
+    ("anthropic_count_tokens", "anthropic_messages"): Passthrough(ANTHROPIC_COUNT_TOKENS, "/count_tokens"),
 }

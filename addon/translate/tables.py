@@ -79,6 +79,24 @@ ERROR_STATUSES: Mapping[str, int] = Mapping([
     ("overloaded_error", 529),
 ], default_forward=500, default_reverse="api_error")
 
+# Anthropic thinking budget (tokens) <-> OpenAI reasoning_effort. OpenAI -> Anthropic takes the
+# row's budget; Anthropic -> OpenAI the effort of the largest budget not above the one asked for.
+REASONING_BUDGETS: Mapping[int, str] = Mapping([
+    (1024, "low"),
+    (4096, "medium"),
+    (16384, "high"),
+    (1024, "minimal"),
+], default_forward="low", default_reverse=0)
+
+
+def effort_for_budget(budget: int) -> str:
+    best = REASONING_BUDGETS.rows[0]
+    for row in REASONING_BUDGETS.rows:
+        if best[0] < row[0] <= budget:
+            best = row
+    return best[1]
+
+
 # Anthropic message role <-> OpenAI message role. OpenAI tool results are user turns in
 # Anthropic; system and developer messages have no Anthropic role (the `system` parameter, or a
 # system message kept in place: see the translation modules).
