@@ -29,7 +29,8 @@ def error_type(status: int) -> str:
 
 
 def error_dict(message: str, kind: str) -> dict:
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    # request_id: Anthropic's own request id; the gateway's answers have none
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": None}
 
 
 def error_body(message: str, kind: str) -> bytes:

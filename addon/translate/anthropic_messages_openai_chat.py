@@ -342,14 +342,18 @@ def message_id(chat_id) -> str:
     return chat_id if chat_id.startswith("msg_") else f"msg_{chat_id}"
 
 
-def convert_usage(usage) -> dict:
-    """OpenAI usage -> Anthropic's: input_tokens exclude the cache reads."""
+def delta_usage(usage) -> dict:
+    """OpenAI usage -> Anthropic's (a message_delta's): input_tokens exclude the cache reads."""
     u = usage_from_dict(usage)
-    if u is None:
-        return {"input_tokens": 0, "output_tokens": 0}
-    cached = min(u.cached_tokens, u.prompt_tokens)
-    return {"input_tokens": u.prompt_tokens - cached, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached, "output_tokens": u.completion_tokens}
+    prompt, cached, completion = (u.prompt_tokens, min(u.cached_tokens, u.prompt_tokens), u.completion_tokens) if u else (0, 0, 0)
+    return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+            "output_tokens": completion, "server_tool_use": None}
+
+
+def convert_usage(usage) -> dict:
+    """OpenAI usage -> a Message's usage, every field Anthropic sends (the ones with no
+    equivalent null)."""
+    return {**delta_usage(usage), "cache_creation": None, "inference_geo": None, "service_tier": None}
 
 
 def tool_input(arguments) -> dict:
@@ -373,11 +377,11 @@ def convert_completion(completion: dict, model: str) -> dict:
         content.append({"type": "thinking", "thinking": reply["reasoning_content"], "signature": ""})
     text = reply.get("content") or reply.get("refusal")
     if text:
-        content.append({"type": "text", "text": text})
+        content.append({"type": "text", "text": text, "citations": None})
     for call in reply.get("tool_calls") or []:
         function = call.get("function") or {}
         content.append({"type": "tool_use", "id": call.get("id") or "", "name": function.get("name") or "",
-                        "input": tool_input(function.get("arguments"))})
+                        "input": tool_input(function.get("arguments")), "caller": DIRECT})
     return {
         "id": message_id(completion.get("id")),
         "type": "message",
@@ -386,8 +390,13 @@ def convert_completion(completion: dict, model: str) -> dict:
         "content": content,
         "stop_reason": FINISH_REASONS.reverse(choice.get("finish_reason")),
         "stop_sequence": None,
+        "stop_details": None,
         "usage": convert_usage(completion.get("usage")),
+        "container": None,
     }
+
+
+DIRECT = {"type": "direct"}  # who called a tool: the model itself
 
 
 def convert_error(status: int, body: bytes) -> bytes | None:
@@ -458,8 +467,9 @@ class MessagesStreamTranslator:
             delta = choice.get("delta") or {}
             if delta.get("reasoning_content"):
                 out.extend(self.text_delta("thinking", delta["reasoning_content"]))
-            if delta.get("content"):
-                out.extend(self.text_delta("text", delta["content"]))
+            text = delta.get("content") or delta.get("refusal")  # a refusal is the answer's text
+            if text:
+                out.extend(self.text_delta("text", text))
             for call in delta.get("tool_calls") or []:
                 out.extend(self.tool_delta(call))
             if choice.get("finish_reason"):
@@ -473,8 +483,8 @@ class MessagesStreamTranslator:
         self.started = True
         self.model = chunk.get("model") or self.model
         message = {"id": message_id(chunk.get("id")), "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+                   "content": [], "stop_reason": None, "stop_sequence": None, "stop_details": None,
+                   "usage": convert_usage(None), "container": None}  # the counts come at the end
         return [event("message_start", {"type": "message_start", "message": message})]
 
     def open_block(self, block: str | int, content_block: dict) -> list[bytes]:
@@ -493,7 +503,7 @@ class MessagesStreamTranslator:
     def text_delta(self, kind: str, text: str) -> list[bytes]:
         out = []
         if self.block != kind:
-            start = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+            start = {"type": "text", "text": "", "citations": None} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
             out = self.open_block(kind, start)
         delta = {"type": "text_delta", "text": text} if kind == "text" else {"type": "thinking_delta", "thinking": text}
         out.append(event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}))
@@ -505,7 +515,7 @@ class MessagesStreamTranslator:
         out = []
         if tool_index not in self.tool_blocks:
             out = self.open_block(tool_index, {"type": "tool_use", "id": call.get("id") or f"toolu_{tool_index}",
-                                               "name": function.get("name") or "", "input": {}})
+                                               "name": function.get("name") or "", "input": {}, "caller": DIRECT})
             self.tool_blocks[tool_index] = self.index
         elif self.block != tool_index:
             # Anthropic blocks do not interleave: arguments for a closed block cannot be sent
@@ -523,8 +533,9 @@ class MessagesStreamTranslator:
             return [*out, *self.fail({"message": "the provider's stream ended before the answer was complete",
                                       "type": "server_error"})]
         self.done = True
-        delta = {"stop_reason": self.stop_reason or FINISH_REASONS.reverse(None), "stop_sequence": None}
-        out.append(event("message_delta", {"type": "message_delta", "delta": delta, "usage": convert_usage(self.usage)}))
+        delta = {"stop_reason": self.stop_reason or FINISH_REASONS.reverse(None), "stop_sequence": None,
+                 "stop_details": None, "container": None}
+        out.append(event("message_delta", {"type": "message_delta", "delta": delta, "usage": delta_usage(self.usage)}))
         out.append(event("message_stop", {"type": "message_stop"}))
         return out
 

@@ -309,7 +309,8 @@ def test_gateway_refusals_raise_the_sdk_classes(gateway, provider):
     ask = dict(max_tokens=10, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(anthropic.AuthenticationError) as info:
         client(gateway, "vk_nobody").messages.create(model="gpt-4o", **ask)
-    assert info.value.body == {"type": "error", "error": {"type": "authentication_error", "message": "invalid virtual key"}}
+    assert info.value.body == {"type": "error", "error": {"type": "authentication_error", "message": "invalid virtual key"},
+                               "request_id": None}
     r = rawhttp.request(gateway.url, "POST", "/v1/messages", json={"model": "gpt-4o", **ask},
                         headers={"anthropic-version": "2023-06-01"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -376,7 +377,7 @@ def test_mid_stream_failure_is_an_error_event(gateway, provider):
     r = rawhttp.request(gateway.url, "POST", "/v1/messages", headers={"x-api-key": "vk_msg_openai"},
                    json={"model": "gpt-4o", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert r.content.decode().rstrip().splitlines()[-2:] == [
-        "event: error", 'data: {"type":"error","error":{"type":"api_error","message":"the provider\'s stream ended before the answer was complete"}}']
+        "event: error", 'data: {"type":"error","error":{"type":"api_error","message":"the provider\'s stream ended before the answer was complete"},"request_id":null}']
 
 
 # --- usage ledger ----------------------------------------------------------------------------
