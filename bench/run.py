@@ -37,11 +37,15 @@ sys.path.insert(0, str(BENCH))
 
 from addon.providers.registry import PROVIDERS  # noqa: E402
 from addon.translate.registry import PAIRS  # noqa: E402
-from fakeprovider import anthropic_events  # noqa: E402
+from fakeprovider import anthropic_events, openai_events  # noqa: E402
 import fleetbench as fleet_bench  # noqa: E402  (bench/fleetbench.py: the fleet section)
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-SCENARIOS = ("openai", "anthropic")
+SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
+# scenario -> the key's provider; messages_*: clients speak Anthropic's Messages API to the
+# gateway (translated to an OpenAI provider, or passed through to Anthropic), while bare
+# mitmdump carries the provider's own API
+SCENARIO_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "messages_openai": "openai", "messages_anthropic": "anthropic"}
 SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "fleet")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
@@ -151,12 +155,12 @@ class Stack:
         fake_url = self.url("fake")
 
         keys = {"virtual_keys": {}}
-        for scenario in SCENARIOS:
-            if scenario in PROVIDERS:
-                # keep the provider's own base path (/v1 or none) so the upstream path is the real one
-                base_path = urlsplit(PROVIDERS[scenario].default_base_url).path
-                keys["virtual_keys"][f"vk_bench_{scenario}"] = {
-                    "provider": scenario, "api_key": f"sk-bench-{scenario}-0000000000", "base_url": fake_url + base_path}
+        for scenario in available_scenarios():
+            provider = SCENARIO_PROVIDER[scenario]
+            # keep the provider's own base path (/v1 or none) so the upstream path is the real one
+            base_path = urlsplit(PROVIDERS[provider].default_base_url).path
+            keys["virtual_keys"][f"vk_bench_{scenario}"] = {
+                "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
         keys_file = self.tmp / "keys.json"
         keys_file.write_text(json.dumps(keys))
 
@@ -220,8 +224,24 @@ class Stack:
 
 # --- requests --------------------------------------------------------------------------------
 
+def available_scenarios() -> list[str]:
+    """The scenarios this checkout can serve (older revisions: no Messages API, no Anthropic)."""
+    from addon.apis.registry import ENDPOINTS  # noqa: E402 (absent before the inbound-API seam)
+    return [sc for sc in SCENARIOS if SCENARIO_PROVIDER[sc] in PROVIDERS
+            and (not sc.startswith("messages_") or "/v1/messages" in ENDPOINTS)]
+
+
 def request_spec(target: str, scenario: str, stream: bool = False) -> tuple[str, bytes, dict[str, str]]:
     """(path, body, headers) of the same logical request as the client of `target` sends it."""
+    if scenario.startswith("messages_"):
+        if target == "gateway":  # an anthropic-SDK client: Messages API, x-api-key
+            body = {"model": ANTHROPIC_MODEL if scenario == "messages_anthropic" else "gpt-4o-mini", "max_tokens": 64,
+                    "system": MESSAGES[0]["content"], "messages": MESSAGES[1:]}
+            if stream:
+                body["stream"] = True
+            return "/v1/messages", json.dumps(body).encode(), {**SDK_HEADERS, "x-api-key": f"vk_bench_{scenario}",
+                                                               "anthropic-version": "2023-06-01"}
+        scenario = SCENARIO_PROVIDER[scenario]  # bare: the provider's own API, as below
     if target == "gateway" or scenario == "openai":
         model = "gpt-4o-mini" if scenario == "openai" else ANTHROPIC_MODEL
         body: dict = {"model": model, "messages": MESSAGES, "max_tokens": 64}
@@ -316,12 +336,13 @@ async def http_stream(port: int, spec: tuple[str, bytes, dict], extra: dict[str,
 # --- measurements ----------------------------------------------------------------------------
 
 def median(xs):
+    xs = [x for x in xs if x is not None]  # (a wrk window that completed no request has no CPU per request)
     return statistics.median(xs) if xs else 0.0
 
 
 def throughput(stack: Stack, s: Settings) -> dict:
     out: dict = {}
-    scenarios = [sc for sc in SCENARIOS if sc in PROVIDERS]
+    scenarios = available_scenarios()
     for scenario in scenarios:
         out[scenario] = {str(c): {"bare": [], "gateway": []} for c in s.connections}
     for rnd in range(s.rounds):
@@ -342,7 +363,7 @@ def throughput(stack: Stack, s: Settings) -> dict:
                     out[scenario][str(c)][target].append(r)
                     print(f"  round {rnd + 1}/{s.rounds} {scenario:9s} c={c:<3d} {target:8s} "
                           f"{r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
-                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  cpu {r['cpu_us_per_request']:5.0f} us/req  "
+                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  cpu {fmt(r['cpu_us_per_request'], 0):>5s} us/req  "
                           f"errors {r['error_count']}", flush=True)
     summary: dict = {}
     for scenario, per_c in out.items():
@@ -394,7 +415,7 @@ def metrics_cost(stack: Stack, s: Settings) -> dict:
                 r = wrk(stack.url(names[side]), spec, c, s.duration, stack.tmp, stack.pid(names[side]))
                 runs[str(c)][side].append(r)
                 print(f"  round {rnd + 1}/{s.rounds} c={c:<3d} metrics {side:3s} {r['rps']:8.0f} req/s  "
-                      f"cpu {r['cpu_us_per_request']:5.0f} us/req", flush=True)
+                      f"cpu {fmt(r['cpu_us_per_request'], 0):>5s} us/req", flush=True)
         scrape_metrics(stack)
     out: dict = {}
     for c, sides in runs.items():
@@ -429,7 +450,7 @@ def direct(stack: Stack, s: Settings) -> dict:
 def streaming(stack: Stack, s: Settings) -> dict:
     extra = {"x-bench-events": str(s.stream_events), "x-bench-first-ms": str(s.stream_first_ms)}
     result: dict = {}
-    for scenario in [sc for sc in SCENARIOS if sc in PROVIDERS]:
+    for scenario in available_scenarios():
         runs: dict[str, list] = {"bare_stream": [], "gateway": []}
         cpu = {"bare_stream": 0.0, "gateway": 0.0}
 
@@ -497,7 +518,7 @@ def concurrent_streams(stack: Stack, s: Settings) -> dict:
 
 def memory(stack: Stack, s: Settings) -> dict:
     """RSS before and after memory_requests requests per target (16 connections, both scenarios)."""
-    scenarios = [sc for sc in SCENARIOS if sc in PROVIDERS]
+    scenarios = available_scenarios()
     done = {"bare": 0, "gateway": 0}
     before = {t: rss_mb(stack.pid(t)) for t in done}
     segment = 2.0 if s.memory_requests < 10_000 else 5.0
@@ -553,7 +574,43 @@ def translator_cpu(s: Settings) -> dict:
     cpu = time.process_time() - t
     return {"available": True, "events_per_stream": len(events), "streams": s.translator_repeats,
             "us_per_event": cpu / (s.translator_repeats * len(events)) * 1e6,
-            "setup_us_per_stream": setup_cpu / s.translator_repeats * 1e6}
+            "setup_us_per_stream": setup_cpu / s.translator_repeats * 1e6,
+            "messages": messages_translator_cpu(s)}
+
+
+def messages_translator_cpu(s: Settings) -> dict:
+    """CPU per event of the Messages -> Chat Completions stream translator: OpenAI chunks in,
+    Anthropic events out (as the gateway wraps it), in-process."""
+    if ("anthropic_messages", "openai_chat") not in PAIRS:
+        return {"available": False, "reason": "no Messages -> Chat Completions pair in this checkout"}
+    from mitmproxy.http import Headers
+
+    from addon.apis.registry import APIS
+    from addon.wire.streams import fail_closed_stream
+
+    pair, api = PAIRS[("anthropic_messages", "openai_chat")], APIS["anthropic_messages"]
+    request = {"model": "gpt-4o-mini", "max_tokens": 64, "messages": MESSAGES[1:], "stream": True}
+    events = openai_events(200)
+
+    def setup():
+        _, exchange = pair.prepare(json.loads(json.dumps(request)))
+        return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1",
+                                  api.stream_error)
+
+    def run(stream) -> list:
+        out = [stream(e) for e in events]
+        out.append(stream(b""))
+        return out
+
+    sample = b"".join(p if isinstance(p, bytes) else b"".join(p) for p in run(setup()))
+    if b"message_stop" not in sample or b"word100" not in sample:
+        return {"available": False, "reason": f"translator output looks wrong: {sample[:300]!r}"}
+    streams = [setup() for _ in range(s.translator_repeats)]
+    t = time.process_time()
+    for stream in streams:
+        run(stream)
+    cpu = time.process_time() - t
+    return {"available": True, "events_per_stream": len(events), "us_per_event": cpu / (s.translator_repeats * len(events)) * 1e6}
 
 
 def ratio(a: float, b: float) -> float | None:
@@ -568,7 +625,7 @@ def targets(res: dict) -> list[dict]:
     def add(name, value, limit, ok):
         t.append({"name": name, "value": value, "target": limit, "ok": bool(ok) if value is not None else None})
 
-    for scenario, floor in (("openai", 0.9), ("anthropic", 0.8)):
+    for scenario, floor in (("openai", 0.9), ("anthropic", 0.8), ("messages_openai", 0.8), ("messages_anthropic", 0.9)):
         for c, row in res.get("throughput", {}).get(scenario, {}).items():
             add(f"{scenario} throughput c={c} gateway/bare", row["ratio"]["rps"], f">= {floor}",
                 row["ratio"]["rps"] is not None and row["ratio"]["rps"] >= floor)
@@ -579,6 +636,9 @@ def targets(res: dict) -> list[dict]:
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
+        mt = tr.get("messages") or {}
+        if mt.get("available"):
+            add("messages -> chat stream translation CPU per event (us)", mt["us_per_event"], "<= 25", mt["us_per_event"] <= 25)
     for c, row in res.get("metrics", {}).items():
         add(f"metrics on/off throughput c={c}", row["ratio_rps"], ">= 0.97", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.97)
     for scenario, row in res.get("streaming", {}).items():
@@ -640,6 +700,8 @@ def print_table(res: dict) -> None:
     tr = res.get("translator", {})
     if tr.get("available"):
         rows.append(("translator CPU us/event (in-process)", "", fmt(tr["us_per_event"]), ""))
+        if (tr.get("messages") or {}).get("available"):
+            rows.append(("messages translator CPU us/event (in-process)", "", fmt(tr["messages"]["us_per_event"]), ""))
     if "direct" in res:
         d = res["direct"]
         rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
@@ -698,7 +760,7 @@ def main(argv=None) -> int:
         stack.start()
         res: dict = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
                               "settings": asdict(s), "git": git_rev(), "python": platform.python_version(),
-                              "cpus": os.cpu_count(), "providers": [sc for sc in SCENARIOS if sc in PROVIDERS],
+                              "cpus": os.cpu_count(), "providers": available_scenarios(),
                               "mitmproxy": _mitmproxy_version()},
                      "rss_startup_mb": {t: rss_mb(stack.pid(t)) for t in ("bare", "bare_stream", "gateway")}}
         steps = {"translator": ("translator CPU (in-process)", lambda: translator_cpu(s)),

@@ -33,7 +33,8 @@ def result(tmp_path_factory) -> dict:
 
 
 def test_throughput_cells_ran_without_errors(result):
-    scenarios = [s for s in ("openai", "anthropic") if s in PROVIDERS]
+    # the Messages API in front: translated to OpenAI, passed through to Anthropic
+    scenarios = ["openai", "anthropic", "messages_openai", "messages_anthropic"]
     assert list(result["throughput"]) == scenarios
     for scenario in scenarios:
         cells = result["throughput"][scenario]
@@ -78,3 +79,5 @@ def test_translator_cpu_measured_when_anthropic_exists(result):
         return
     assert tr["available"], tr
     assert tr["us_per_event"] > 0
+    assert tr["messages"]["available"], tr["messages"]
+    assert tr["messages"]["us_per_event"] > 0

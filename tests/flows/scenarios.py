@@ -39,6 +39,19 @@ class Scenario:
     body: dict | bytes
     reply: Callable[[Received], Reply] | None = None  # None: the gateway must answer itself
     path: str = "/v1/chat/completions"
+    headers: dict | None = None  # besides content-type and the key
+
+
+ANTHROPIC_CLIENT = {"anthropic-version": "2023-06-01"}
+
+
+def messages(model: str, text: str = "hi", **extra) -> dict:
+    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def messages_scenario(name: str, key: str | None, body: dict | bytes, reply=None, path: str = "/v1/messages") -> "Scenario":
+    """A Messages API request as the anthropic SDK sends it (x-api-key, anthropic-version)."""
+    return Scenario(name, key, body, reply, path, ANTHROPIC_CLIENT)
 
 
 def chat(model: str, text: str = "hi", **extra) -> dict:
@@ -128,6 +141,26 @@ SCENARIOS = [
     Scenario("gateway 400 anthropic unsupported n", "vk_corpus_anthropic", chat("claude-sonnet-4-5", n=3)),
     Scenario("gateway 403 model not allowed", "vk_corpus_anthropic", chat("claude-opus-4")),
     Scenario("gateway 404 unknown path", "vk_corpus_openai", chat("gpt-4o"), path="/v1/embeddings"),
+    # the Messages API in front: passthrough to anthropic, translation to OpenAI and DeepSeek
+    messages_scenario("messages anthropic passthrough", "vk_corpus_anthropic",
+                      messages("claude-sonnet-4-5", system=[{"type": "text", "text": "terse", "cache_control": {"type": "ephemeral"}}]),
+                      lambda r: Reply.json(anthropic_message([{"type": "text", "text": "Bonjour!"}]))),
+    messages_scenario("messages anthropic stream", "vk_corpus_anthropic", messages("claude-sonnet-4-5", stream=True),
+                      lambda r: Reply.sse(anthropic_stream([TEXT_BLOCK, TOOL_BLOCK], "tool_use"))),
+    messages_scenario("messages openai translated", "vk_corpus_openai",
+                      messages("gpt-4o", system="terse", tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]),
+                      openai_tool_call),
+    messages_scenario("messages openai stream translated", "vk_corpus_openai", messages("gpt-4o", stream=True),
+                      lambda r: Reply.sse(openai_stream(r.json(), pieces=("Hel", "lo")))),
+    messages_scenario("messages deepseek stream translated", "vk_corpus_deepseek",
+                      messages("deepseek-chat", stream=True, context_management={"edits": []}),
+                      lambda r: Reply.sse(openai_stream(r.json()), gzip=True)),
+    messages_scenario("messages openai 429 translated", "vk_corpus_openai", messages("gpt-4o"),
+                      openai_error(429, "Rate limit reached", "rate_limit_exceeded")),
+    messages_scenario("gateway 401 messages invalid key", "vk_not_in_the_keys_file", messages("gpt-4o")),
+    messages_scenario("gateway 400 messages top_k", "vk_corpus_openai", messages("gpt-4o", top_k=3)),
+    messages_scenario("gateway 400 count_tokens for openai", "vk_corpus_openai", messages("gpt-4o"),
+                      path="/v1/messages/count_tokens"),
 ]
 
 
@@ -141,7 +174,7 @@ def run(gateway_url: str, provider: FakeProvider, scenarios=SCENARIOS) -> None:
     """Send every scenario through a (recording) gateway, one at a time."""
     for s in scenarios:
         provider.reset(s.reply or (lambda r: Reply(599, b"the gateway should have answered this itself")))
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", **(s.headers or {})}
         if s.key:
             headers["authorization"] = f"Bearer {s.key}"
         body = s.body if isinstance(s.body, bytes) else json.dumps(s.body).encode()
