@@ -128,8 +128,9 @@ class AnthropicMessages:
         text = body[:200].decode("utf-8", "replace").strip()
         return error_body(f"provider returned HTTP {status}" + (f": {text}" if text else ""), error_type(status))
 
-    def stream_error(self, message: str) -> list[bytes]:
-        return [error_event(message)]
+    def stream_error(self, message: str, code: str = "gateway_error") -> list[bytes]:
+        # Anthropic's error events carry a type, no code: a stall is a timeout, the rest api_error
+        return [error_event(message, "timeout_error" if code == "stream_idle_timeout" else "api_error")]
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         try:

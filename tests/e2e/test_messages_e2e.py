@@ -407,3 +407,16 @@ def test_usage_read_from_anthropic_format_bytes(gateway_factory, provider_server
     assert rows == [("msg-openai", "gpt-4o", 5, 2, 0, 0), ("msg-openai", "gpt-4o", 100, 20, 40, 1),
                     ("msg-anthropic", "claude-sonnet-4-5", 38, 21, 8, 1)]
     no_secrets(gw)
+
+
+@pytest.mark.parametrize("key,reply", [
+    ("vk_msg_openai", lambda r: Reply.sse(openai_chunks({"content": "partial"})[:2], cut=True)),
+    ("vk_msg_anthropic", lambda r: Reply.sse(stream_events([text_block("partial", "more")])[:4], cut=True)),
+])
+def test_a_provider_stream_that_resets_ends_in_an_error_event(gateway, provider, key, reply):
+    provider.reset(reply)
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with client(gateway, key).messages.stream(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as s:
+            for _ in s:
+                pass
+    assert "broke off" in str(info.value) or "ended before" in str(info.value)
