@@ -379,3 +379,19 @@ def test_overhead_excludes_the_providers_time(provider, gateway_factory):
     assert value(found, "gen_ai_server_request_duration_seconds_sum") >= 0.6 + 0.3 * 6
     assert value(found, "gen_ai_server_time_to_first_token_seconds_sum") >= 0.3
     assert value(found, "gateway_overhead_seconds_sum") == pytest.approx(overhead_ms / 1000 + float(headers["x-gateway-overhead-ms"]) / 1000, abs=0.002)
+
+
+@pytest.mark.e2e
+def test_provider_unreachable_page_carries_the_overhead_and_is_counted(provider, gateway_factory):
+    keys = keys_file(provider)
+    keys["virtual_keys"]["vk_nowhere_0003"] = {"provider": "openai", "api_key": REAL_KEY, "name": "nowhere",
+                                               "base_url": f"http://127.0.0.1:{free_port()}/v1"}  # nothing listens
+    port = free_port()
+    gw = gateway_factory(keys, ["--set", f"metrics_port={port}"])
+    status, headers, body = post(gw.port, "vk_nowhere_0003", {"model": "gpt-4o", "messages": MESSAGES})
+    assert status == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable"
+    assert float(headers["x-gateway-overhead-ms"]) >= 0  # mitmproxy's own error page too
+    found = scrape_until(port, lambda f: value(f, "gateway_requests_total", key="nowhere") == 1)
+    assert value(found, "gateway_requests_total", key="nowhere", status_class="5xx", code="upstream_error") == 1
+    assert value(found, "gateway_overhead_seconds_count") == 1
+    assert value(found, "gateway_requests_in_flight", key="nowhere") == 0

@@ -41,11 +41,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from addon.policy.keys import MODEL_ANSWERS_KEPT, KeyStore
+from addon.wire import errorpages
 
 log = logging.getLogger("gateway")
 disable_created_metrics()  # no `_created` series beside every counter and histogram: half the output
 
-OVERHEAD_HEADER = b"x-gateway-overhead-ms"
+OVERHEAD_HEADER = errorpages.OVERHEAD_HEADER.encode()
 FOLD_EVERY = 0.5  # seconds between folds of noted flows into the metrics
 FOLD_AT = 10_000  # noted flows folded at once, whatever the timer
 # LLM calls: 5 ms (a refusal, a cached answer) to 10 min (a long reasoning stream)
@@ -330,14 +331,24 @@ class Metrics:
             self.note(flow, meta, response.status_code, forwarded, overhead, meta.get("answered", ""))
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:
+            return
         meta = flow.metadata.get("gateway")
-        if self.enabled and meta is not None and flow.live:
+        forwarded = meta.get("forwarded") if meta else None
+        overhead = meta.get("overhead") if meta else None
+        if flow.response is None and flow.error is not None:
+            # mitmproxy renders its own error page after this hook: it carries the gateway's
+            # time too, the request's way to the provider (the failed provider part is not ours)
+            request = flow.request
+            overhead = max(0.0, (forwarded or time.time()) - (request.timestamp_end or request.timestamp_start))
+            errorpages.put_overhead_on_next(flow.error.msg, f"{overhead * 1000:.3f}")
+        if self.enabled and meta is not None:
             if flow.response is not None:
                 status = flow.response.status_code
             else:
                 status = 504 if meta.get("timeout") else 502
             code = "upstream_timeout" if meta.get("timeout") else "upstream_error"
-            self.note(flow, meta, status, meta.get("forwarded"), meta.get("overhead"), code)
+            self.note(flow, meta, status, forwarded, overhead, code)
 
     def put_overhead(self, flow: http.HTTPFlow, response: http.Response, upstream: float) -> float:
         """Put the gateway's own time on the response; `upstream` the provider's part of it."""

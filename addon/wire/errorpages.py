@@ -20,14 +20,27 @@ from addon.wire.errors import error_body, error_type
 # is for). An entry not used at once (the client had gone) must not turn a later, unrelated
 # failure with the same message into a 504: it expires.
 _timeouts: dict[str, tuple[str, float]] = {}
+# the same for the x-gateway-overhead-ms value of the page (usage/metrics.py's error hook)
+_overheads: dict[str, tuple[str, float]] = {}
 TIMEOUT_MARK_SECONDS = 1.0
+OVERHEAD_HEADER = "x-gateway-overhead-ms"
+
+
+def _mark(marks: dict, message: str, value) -> None:
+    now = time.monotonic()
+    for stale in [m for m, (_, until) in marks.items() if until < now]:
+        del marks[stale]
+    marks[message] = (value, now + TIMEOUT_MARK_SECONDS)
 
 
 def answer_next_as_timeout(message: str, text: str) -> None:
-    now = time.monotonic()
-    for stale in [m for m, (_, until) in _timeouts.items() if until < now]:
-        del _timeouts[stale]
-    _timeouts[message] = (text, now + TIMEOUT_MARK_SECONDS)
+    _mark(_timeouts, message, text)
+
+
+def put_overhead_on_next(message: str, value: str) -> None:
+    """The next error page for `message` carries x-gateway-overhead-ms: `value` (HTTP/1 only:
+    mitmproxy's HTTP/2 error path takes a body, not headers)."""
+    _mark(_overheads, message, value)
 
 
 def _classify(status: int, message: str) -> tuple[int, str, str | None]:
@@ -41,17 +54,18 @@ def _classify(status: int, message: str) -> tuple[int, str, str | None]:
 
 
 def json_error(status: int, message: str) -> bytes:
+    _overheads.pop(message, None)
     status, text, code = _classify(status, message)
     return error_body(text, error_type(status), code=code)
 
 
 def json_error_response(status: int, message: str = "") -> bytes:
     status, text, code = _classify(status, message)
-    resp = http.Response.make(
-        status,
-        error_body(text, error_type(status), code=code),
-        http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json"),
-    )
+    headers = http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json")
+    overhead = _overheads.pop(message, None)
+    if overhead is not None and overhead[1] >= time.monotonic():
+        headers[OVERHEAD_HEADER] = overhead[0]
+    resp = http.Response.make(status, error_body(text, error_type(status), code=code), headers)
     return http1.assemble_response(resp)
 
 
