@@ -140,3 +140,19 @@ def test_a_plain_body_the_provider_cut_is_a_502_for_the_client_and_in_the_ledger
     assert e.value.status_code == 502
     [row] = ledger_rows(gateway.db, 1)
     assert row["status"] == 502
+
+
+@pytest.mark.e2e
+def test_a_whole_body_that_stalls_after_its_headers_is_a_504_after_stream_idle_timeout(provider, gateway):
+    release = threading.Event()
+    provider.reset(lambda req: Reply.json(openai_completion(req.json()), stall=release))  # headers, half the body
+    started = time.monotonic()
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client(gateway, "vk_openai").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        release.set()
+    assert time.monotonic() - started < 15  # stream_idle_timeout=1, not tcp_timeout's 600 s
+    assert e.value.status_code == 504 and "not the body within 1s" in str(e.value)
+    [row] = ledger_rows(gateway.db, 1)
+    assert row["status"] == 504

@@ -72,6 +72,15 @@ class Sweeper:
     def expire(self, now: float) -> None:
         raise NotImplementedError
 
+    def answer_as_timeout(self, flow: http.HTTPFlow, expired: set[str], text: str) -> None:
+        """In the error hook of a flow this addon cut (its id in `expired`): mitmproxy's error
+        answer becomes a 504 with `text`, and the ledger and metrics see a timeout."""
+        if flow.id in expired:
+            expired.discard(flow.id)
+            flow.metadata.setdefault("gateway", {})["timeout"] = True
+            if flow.error:
+                errorpages.answer_next_as_timeout(flow.error.msg, text)
+
 
 class UpstreamTimeout(Sweeper):
     def __init__(self) -> None:
@@ -110,13 +119,7 @@ class UpstreamTimeout(Sweeper):
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)
-        if flow.id in self.expired:
-            self.expired.discard(flow.id)
-            flow.metadata.setdefault("gateway", {})["timeout"] = True
-            if flow.error:
-                errorpages.answer_next_as_timeout(
-                    flow.error.msg, f"provider did not answer within {self.seconds:g}s"
-                )
+        self.answer_as_timeout(flow, self.expired, f"provider did not answer within {self.seconds:g}s")
 
     def _cancel(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
@@ -132,20 +135,25 @@ class UpstreamTimeout(Sweeper):
 
 
 class StreamIdleTimeout(Sweeper):
-    """Ends a streamed response whose provider sent no byte for `stream_idle_timeout` seconds.
+    """Ends a response whose provider went quiet after its headers for `stream_idle_timeout`
+    seconds: a stream that sent no byte for that long (the client gets an error event and
+    [DONE], wire/streamends.py), or a whole body still incomplete that long after its headers
+    (the client gets a 504, as for upstream_timeout).
 
     Each streamed response's callable is wrapped to note the time of every piece; the sweep
-    looks at every stream in flight."""
+    looks at every response in flight."""
 
     def __init__(self) -> None:
-        self.streams: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last piece])
+        self.waiting: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last byte])
+        self.expired: set[str] = set()  # whole bodies cut (for the error hook's 504)
         self.seconds = 120.0
 
     def load(self, loader) -> None:
         loader.add_option(
             "stream_idle_timeout", str, "120",
-            "Seconds a streamed response may go without a byte from the provider before the "
-            "gateway ends it: the client gets an error event (code stream_idle_timeout) and [DONE].",
+            "Seconds a provider may go quiet after its response headers: a stream that sends no "
+            "byte for that long is ended with an error event (code stream_idle_timeout) and "
+            "[DONE]; a whole body not complete by then gets a 504.",
         )
 
     def configure(self, updated) -> None:
@@ -153,21 +161,33 @@ class StreamIdleTimeout(Sweeper):
             self.seconds = seconds_option("stream_idle_timeout")
 
     def expire(self, now: float) -> None:
-        for flow_id, (flow, last) in list(self.streams.items()):
-            if now - last[0] >= self.seconds:
-                del self.streams[flow_id]
-                if flow.error is None and flow.live:
-                    flow.metadata.setdefault("gateway", {})["idle_timeout"] = self.seconds
-                    if cancel_server_connection(flow):
-                        log.warning("gateway: %s: stream ended, nothing from the provider for %gs",
-                                    flow.request.pretty_url, self.seconds)
+        for flow_id, (flow, last) in list(self.waiting.items()):
+            if now - last[0] < self.seconds:
+                continue
+            del self.waiting[flow_id]
+            if flow.error is not None or not flow.live or flow.response is None:
+                continue
+            streamed = bool(flow.response.stream)
+            if streamed:
+                flow.metadata.setdefault("gateway", {})["idle_timeout"] = self.seconds
+            else:
+                self.expired.add(flow_id)
+            if cancel_server_connection(flow):
+                log.warning("gateway: %s: %s, nothing from the provider for %gs", flow.request.pretty_url,
+                            "stream ended" if streamed else "response body abandoned", self.seconds)
+            else:
+                self.expired.discard(flow_id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        if response is None or not response.stream or "provider" not in flow.metadata.get("gateway", {}):
-            return
-        inner = response.stream
+        meta = flow.metadata.get("gateway", {})
+        if response is None or "provider" not in meta or "answered" in meta:
+            return  # not routed, or answered by the gateway itself
         last = [time.monotonic()]
+        self.waiting[flow.id] = (flow, last)
+        if not response.stream:
+            return  # a whole body: its deadline runs from the headers
+        inner = response.stream
         monotonic = time.monotonic
 
         def stream(piece: bytes):
@@ -175,10 +195,10 @@ class StreamIdleTimeout(Sweeper):
             return inner(piece) if callable(inner) else piece
 
         response.stream = stream
-        self.streams[flow.id] = (flow, last)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.streams.pop(flow.id, None)
+        self.waiting.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.streams.pop(flow.id, None)
+        self.waiting.pop(flow.id, None)
+        self.answer_as_timeout(flow, self.expired, f"provider sent its response headers but not the body within {self.seconds:g}s")
