@@ -88,8 +88,18 @@ reject_script_options() {
     done
 }
 
+quiet_flows() {
+    # mitmdump's per-flow lines give way to the gateway's access lines, unless the user chose a
+    # flow_detail (mitmproxy refuses an option given twice)
+    local arg
+    QUIET=(--set flow_detail=0)
+    for arg in "$@"; do
+        case "$arg" in flow_detail=*) QUIET=() ;; esac
+    done
+}
+
 KEYS_FILE=${KEYS_FILE:-keys.json}
-USAGE_DB=${USAGE_DB:-usage.sqlite3}
+USAGE_DB=${USAGE_DB-usage.sqlite3}  # set but empty: no ledger
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
@@ -194,10 +204,12 @@ case "$cmd" in
         ensure_venv
         reject_script_options "$@"
         check_keys
-        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" --set "record_file=$file" "$@"
+        quiet_flows "$@"
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "${QUIET[@]}" --set "record_file=$file" "$@"
         ;;
     replay)
         shift
+        [ $# -gt 0 ] || { echo "usage: ./run.sh replay FILE" >&2; exit 2; }
         ensure_venv
         exec "$VENV/bin/python" -m addon.recording.replay --keys "$KEYS_FILE" "$@"
         ;;
@@ -222,13 +234,14 @@ case "$cmd" in
         ensure_venv
         reject_script_options "$@"
         check_keys
+        quiet_flows "$@"
         if [ -n "${METRICS_PORT:-}" ]; then
             echo "run.sh: metrics at http://$GATEWAY_HOST:$METRICS_PORT/metrics${METRICS_TOKEN:+ (bearer token: METRICS_TOKEN)}" >&2
         fi
         if [ "$workers" -gt 1 ]; then
             ensure_fleet_tools || exit 1
-            run_fleet "$workers" "$@"
+            run_fleet "$workers" "${QUIET[@]}" "$@"
         fi
-        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "$@"
+        exec "$VENV/bin/mitmdump" "${PROXY_ARGS[@]}" "${QUIET[@]}" "$@"
         ;;
 esac

@@ -27,17 +27,19 @@ if __package__ in (None, "") or not __package__.startswith("addon"):
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
+from mitmproxy.utils import human
 
 from addon.policy import rules
 from addon.usage.accounting import UsageAccounting
 from addon.usage.metrics import Metrics
+from addon.usage.accesslog import ACCESS
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
 from addon.apis import anthropic_messages
 from addon.apis.registry import APIS, ENDPOINTS, api_for_request
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
-from addon.wire.errors import GatewayError
+from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
@@ -62,6 +64,27 @@ _DROPPED = frozenset(name.encode() for name in DROPPED_HEADERS)
 _REDACTED = REDACTED.encode()
 _SECRET_HEADERS = {name: provider.secret_header.encode() for name, provider in PROVIDERS.items()}
 JSON_HEADERS = {"content-type": "application/json"}
+GATEWAY_ERROR_HEADERS = {**JSON_HEADERS, ERROR_SOURCE: "gateway"}
+
+
+def provider_error(flow: http.HTTPFlow) -> None:
+    """Mark a provider's error response as the provider's; a 401/403 says that the provider
+    rejected the gateway's key for this virtual key (by name), not the client's key."""
+    response = flow.response
+    response.headers[ERROR_SOURCE] = "provider"
+    meta = flow.metadata.get("gateway", {})
+    if response.status_code not in (401, 403) or "provider" not in meta:
+        return
+    try:
+        body = json.loads(plain_content(response))
+        error = body["error"]
+        said = error.get("message") or ""
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    verb = "rejected" if response.status_code == 401 else "refused"
+    error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
+                        f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
+    replace_body(response, json.dumps(body).encode(), b"application/json")
 
 
 class Route(NamedTuple):
@@ -81,7 +104,7 @@ SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" 
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     """Answer `error` in the error shape of the API served at the request's path."""
     body = api_for_request(flow.request).error_body(error)
-    flow.response = http.Response.make(error.status, body, {**JSON_HEADERS, **error.headers})
+    flow.response = http.Response.make(error.status, body, {**GATEWAY_ERROR_HEADERS, **error.headers})
     flow.metadata.setdefault("gateway", {})["answered"] = error.code or error.type
     flow.marked = ":no_entry:"
 
@@ -151,6 +174,14 @@ class Gateway:
                 return
             log.info("gateway: %d virtual keys loaded from %s", len(self.keys), ctx.options.keys_file)
 
+    def running(self) -> None:
+        """The line a user copies from: where to point a client, and what it can reach."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        addrs = proxyserver.listen_addrs() if proxyserver is not None else []
+        if addrs and self.keys is not None:
+            log.info("gateway: OpenAI-compatible endpoint http://%s/v1 — %s",
+                     human.format_address(addrs[0]), self.keys.summary())
+
     # --- hooks -------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -201,9 +232,11 @@ class Gateway:
         except Exception:
             log.exception("gateway: internal error while translating a response")
             error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
-            flow.response = http.Response.make(502, api_for_request(flow.request).error_body(error), JSON_HEADERS)
+            flow.response = http.Response.make(502, api_for_request(flow.request).error_body(error), GATEWAY_ERROR_HEADERS)
         if flow.response.status_code >= 400:
             flow.marked = flow.marked or ":warning:"
+            if ERROR_SOURCE not in flow.response.headers:
+                provider_error(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.exchanges.pop(flow.id, None)
@@ -339,5 +372,5 @@ _accounting = UsageAccounting(_store)
 # UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
 # clock sees every part)
 addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
-                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(), ACCESS,
                      Metrics(_gateway, _accounting, _store))]

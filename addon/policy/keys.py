@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
@@ -85,6 +86,7 @@ class KeyPolicy:
     budget_period: int | None = None  # seconds of the rolling budget window; None = lifetime
     expires_at: float | None = None  # unix time
     disabled: bool = False
+    period_text: str | None = field(default=None, compare=False)  # budget_period as written ("30d")
 
     def allows_model(self, model: str) -> bool:
         if self.models is None:
@@ -99,7 +101,7 @@ class KeyPolicy:
         if self.models is not None:
             parts.append("models " + ",".join(self.models))
         parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm)) if value is not None]
-        period = f"/{self.budget_period // 3600}h" if self.budget_period else ""
+        period = f"/{self.period_text or f'{self.budget_period // 3600}h'}" if self.budget_period else ""
         if self.budget_tokens is not None:
             parts.append(f"budget {self.budget_tokens} tokens{period}")
         if self.budget_usd is not None:
@@ -192,6 +194,12 @@ class KeyStore:
         yield from self._keys.values()
         yield from self._hashed.values()
 
+    def summary(self) -> str:
+        """`4 virtual keys (openai 2, anthropic 1, deepseek 1)`"""
+        per_provider = Counter(vk.provider for vk in self)
+        counts = ", ".join(f"{name} {n}" for name, n in per_provider.most_common())
+        return f"{len(self)} virtual key{'s' if len(self) != 1 else ''} ({counts})"
+
     def virtual_keys_by_fingerprint(self) -> dict[str, str]:
         """fingerprint -> virtual key: how a recorded flow's marker is resolved on replay."""
         return {vk.fingerprint: presented for presented, vk in self._keys.items()}
@@ -253,11 +261,24 @@ def load_keys(path: str) -> KeyStore:
         else:
             data = json.loads(raw)
     except (ValueError, yaml.YAMLError) as e:
-        # parser messages can quote file content (a key); keep only the position
-        where = getattr(e, "lineno", None) or getattr(getattr(e, "problem_mark", None), "line", None)
-        at = f" near line {where}" if where else ""
-        raise KeysError(f"keys file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}{at}") from None
+        raise KeysError(f"keys file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}{syntax_error(e)}") from None
     return parse_keys(data, path)
+
+
+def syntax_error(e: Exception) -> str:
+    """`: Expecting ',' delimiter at line 48, column 5`: the parser's reason and position, never
+    the file's text (it could be a key). json's reasons are fixed phrases; a YAML reason is kept
+    only when it quotes nothing."""
+    if isinstance(e, json.JSONDecodeError):
+        return f": {e.msg} at line {e.lineno}, column {e.colno}"
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or ""
+    reason = f": {problem}" if problem and "'" not in problem and '"' not in problem else ""
+    if mark is not None:
+        return f"{reason} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, UnicodeDecodeError):
+        return f": not UTF-8 text (byte {e.start})"
+    return reason
 
 
 def parse_keys(data: object, source: str = "keys file") -> KeyStore:
@@ -365,7 +386,7 @@ def _parse_policy(entry: dict, where: str) -> KeyPolicy:
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise KeysError(f"{where}: models must be a list of model names (\"*\" globs allowed)")
         models = tuple(models)
-    period = entry.get("budget_period")
+    period = period_text = entry.get("budget_period")
     if period is not None:
         m = _PERIOD.fullmatch(period) if isinstance(period, str) else None
         if m is None:
@@ -385,6 +406,7 @@ def _parse_policy(entry: dict, where: str) -> KeyPolicy:
         budget_tokens=_optional_int(entry, "budget_tokens", where),
         budget_usd=_number(entry["budget_usd"], f"{where}: budget_usd") if "budget_usd" in entry else None,
         budget_period=period,
+        period_text=period_text,
         expires_at=_timestamp(entry["expires_at"], f"{where}: expires_at") if "expires_at" in entry else None,
         disabled=disabled,
     )

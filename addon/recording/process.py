@@ -48,6 +48,7 @@ class GatewayProcess:
             "--set", f"confdir={self.tmp.name}",
             "-s", str(ROOT / "addon" / "gateway.py"),
             *self.ledger_args(),
+            *self.quiet_args(),
             *self.extra_args,
         ]
 
@@ -58,6 +59,13 @@ class GatewayProcess:
         if any(arg.startswith("usage_db=") for arg in self.extra_args):
             return []
         return ["--set", f"usage_db={os.path.join(self.tmp.name, 'usage.sqlite3')}"]
+
+    def quiet_args(self) -> list[str]:
+        """As run.sh: the gateway's access lines instead of mitmproxy's per-flow lines, unless the
+        caller chose a flow_detail (mitmproxy refuses an option given twice)."""
+        if any(arg.startswith("flow_detail=") for arg in self.extra_args):
+            return []
+        return ["--set", "flow_detail=0"]
 
     def start(self, timeout: float = 30) -> "GatewayProcess":
         env = {**os.environ, **(self.env or {})}

@@ -20,7 +20,7 @@ import os
 
 from mitmproxy import ctx, exceptions, http, io
 
-from addon.wire.errors import error_body
+from addon.wire.errors import ERROR_SOURCE, error_body
 from addon.policy.keys import REDACTED, fingerprint
 
 log = logging.getLogger("gateway")
@@ -123,7 +123,7 @@ class Snapshot:
         if snap is None:
             # an upstream-shaped request with a REDACTED key: never send it anywhere
             body = error_body("this flow has no recorded client request to replay", "invalid_request_error", "not_replayable")
-            flow.response = http.Response.make(409, body, {"content-type": "application/json"})
+            flow.response = http.Response.make(409, body, {"content-type": "application/json", ERROR_SOURCE: "gateway"})
             flow.marked = ":no_entry:"
             return
         flow.metadata.pop("gateway", None)  # the replay is routed afresh

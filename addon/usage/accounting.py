@@ -24,6 +24,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
 from addon.usage import ledger as ledger_db
+from addon.usage.accesslog import log_counted, log_unkeyed
 from addon.policy.keys import Price
 from addon.usage.ledger import Ledger, UsageRecord, display_name, open_ledger
 from addon.wire.messages import plain_content
@@ -160,12 +161,14 @@ class UsageAccounting:
 
     def note(self, flow: http.HTTPFlow, status: int, usage: Usage | http.Response | None, streamed: bool) -> None:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""
-        meta = flow.metadata.get("gateway")
-        # not a request made with a known key; or loaded from a file (mitmweb -r): counted when it happened
-        if meta is None or "fingerprint" not in meta or not flow.live:
+        if not flow.live:  # loaded from a file (mitmweb -r): counted when it happened
             return
+        meta = flow.metadata.get("gateway")
         now = time.time()
         ended = (flow.response.timestamp_end if flow.response else None) or now
+        if meta is None or "fingerprint" not in meta:  # not a request made with a known key
+            log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000)
+            return
         self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
         if len(self.unsettled) >= SETTLE_AT:
             self.settle()
@@ -197,11 +200,13 @@ class UsageAccounting:
             self.store.add_usage(fingerprint, tokens, usd, ended)
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
+        latency_ms = max(0.0, (ended - started) * 1000)
+        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms)
         if self.ledger is not None:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                max(0.0, (ended - started) * 1000), streamed, usd, usage.estimated,
+                latency_ms, streamed, usd, usage.estimated,
             ))
 
 

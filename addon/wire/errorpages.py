@@ -13,7 +13,7 @@ from mitmproxy import http, version
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.layers.http import _http1, _http2
 
-from addon.wire.errors import error_body, error_type
+from addon.wire.errors import ERROR_SOURCE, error_body, error_type
 
 # mitmproxy error message -> (our timeout text, until when), set by the timeout addon's error
 # hook right before mitmproxy renders that flow's error (the renderer is not told which flow it
@@ -61,7 +61,8 @@ def json_error(status: int, message: str) -> bytes:
 
 def json_error_response(status: int, message: str = "") -> bytes:
     status, text, code = _classify(status, message)
-    headers = http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json")
+    headers = http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json",
+                           **{ERROR_SOURCE.replace("-", "_"): "gateway"})
     overhead = _overheads.pop(message, None)
     if overhead is not None and overhead[1] >= time.monotonic():
         headers[OVERHEAD_HEADER] = overhead[0]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+# on every error response: who refused, "gateway" (answered here) or "provider" (its own error)
+ERROR_SOURCE = "x-gateway-error-source"
+
 # status -> OpenAI error type, as OpenAI itself uses them
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",

@@ -1,0 +1,94 @@
+"""One access-log line per request, at the default verbosity, never a key.
+
+    gateway: 200 key=team-alpha provider=openai model=gpt-4o-mini tokens=12/34 latency=523ms
+    gateway: 429 budget_exceeded key=team-alpha provider=openai model=gpt-4o latency=1ms
+    gateway: 401 from provider key=team-alpha provider=openai model=gpt-4o latency=212ms
+    gateway: 401 invalid_api_key POST /v1/chat/completions latency=0ms
+
+Requests made with a known key are logged when usage/accounting.py counts them (it has their
+tokens then, so nothing is parsed twice; up to FLUSH_EVERY seconds after the response); the rest
+(no or an unknown key, unknown paths) when their response is made. Keys are named as everywhere
+else: the key's `name`, or `key-<fingerprint>`. Successful health checks are not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from addon.policy.keys import fingerprint
+
+log = logging.getLogger("gateway")
+
+# mitmproxy's per-connection lines, which the access line replaces at the default verbosity
+CONNECTION_NOISE = ("client connect", "client disconnect", "server connect", "server disconnect")
+
+
+class QuietConnections(logging.Filter):
+    """Drops mitmproxy's INFO `client connect` / `server disconnect ...` lines; errors stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not str(record.msg).startswith(CONNECTION_NOISE)
+
+
+class AccessLog:
+    """The `access_log` option: off, mitmproxy's connection lines come back and no access lines
+    are written."""
+
+    def __init__(self) -> None:
+        self.quiet = QuietConnections()
+        self.enabled = True
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "access_log", bool, True,
+            "One log line per request (key name, provider, model, status, tokens, latency) in place "
+            "of mitmproxy's per-connection lines.",
+        )
+
+    def configure(self, updated) -> None:
+        if "access_log" in updated:
+            from mitmproxy import ctx
+            self.enabled = ctx.options.access_log
+            server_log = logging.getLogger("mitmproxy.proxy.server")
+            server_log.removeFilter(self.quiet)
+            if self.enabled:
+                server_log.addFilter(self.quiet)
+
+    def done(self) -> None:
+        logging.getLogger("mitmproxy.proxy.server").removeFilter(self.quiet)
+
+
+ACCESS = AccessLog()  # one per gateway process: the accounting reads whether it is on
+
+
+def outcome(status: int, meta: dict) -> str:
+    """`200`, `429 budget_exceeded` (the gateway refused), `401 from provider`, `0 failed`."""
+    if "answered" in meta:
+        return f"{status} {meta['answered']}"
+    if status == 0:
+        return "0 failed"
+    if status >= 400:
+        return f"{status} from provider"
+    return str(status)
+
+
+def key_name(meta: dict) -> str:
+    """The key's name, unless someone named a key with the key itself."""
+    name = meta.get("key", "")
+    return f"key-{meta['fingerprint']}" if fingerprint(name) == meta.get("fingerprint") else name
+
+
+def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float) -> None:
+    if not ACCESS.enabled:
+        return
+    line = (f"gateway: {outcome(status, meta)} key={key_name(meta)} provider={meta.get('provider', '-')}"
+            f" model={meta.get('model', '-')}")
+    if prompt_tokens or completion_tokens:
+        line += f" tokens={prompt_tokens}/{completion_tokens}"
+    log.info("%s latency=%.0fms", line, latency_ms)
+
+
+def log_unkeyed(method: str, path: str, status: int, meta: dict, latency_ms: float) -> None:
+    if not ACCESS.enabled or status == 200 and "/health" in path:
+        return
+    log.info("gateway: %s %s %s latency=%.0fms", outcome(status, meta), method, path.partition("?")[0][:200], latency_ms)

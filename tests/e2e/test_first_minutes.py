@@ -1,0 +1,102 @@
+"""What a new user sees first: the start-up line, one access-log line per request, and which side
+(gateway or provider) refused a request."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import openai
+import pytest
+
+from tests.fakeprovider import Reply
+
+pytestmark = pytest.mark.e2e
+
+REAL = "sk-first-minutes-real-key-7777"
+VK = "vk_first_minutes_client_key"
+
+
+@pytest.fixture(scope="module")
+def gateway(provider_server, gateway_factory):
+    return gateway_factory({
+        "providers": {"openai": {"base_url": provider_server.url + "/v1"}},
+        "virtual_keys": {
+            VK: {"provider": "openai", "api_key": REAL, "name": "team-a", "models": ["gpt-4o"]},
+            "vk_first_minutes_anthropic": {"provider": "anthropic", "api_key": "sk-ant-x", "base_url": provider_server.url},
+            "vk_first_minutes_deepseek": {"provider": "deepseek", "api_key": "sk-ds-x", "name": "ds"},
+            "vk_first_minutes_other": {"provider": "openai", "api_key": "sk-o-x", "name": "other"},
+        },
+    })
+
+
+def client(gateway, key=VK):
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+
+
+def wait_for(gateway, pattern: str, timeout: float = 10) -> str:
+    """The access line of a counted request comes with the next accounting batch (0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, gateway.log(), re.M)
+        if m:
+            return m.group(0)
+        time.sleep(0.05)
+    raise AssertionError(f"no log line matching {pattern!r} in:\n{gateway.log()}")
+
+
+def test_start_up_line_names_the_endpoint_and_the_keys(gateway):
+    assert (f"gateway: OpenAI-compatible endpoint http://127.0.0.1:{gateway.port}/v1 — "
+            "4 virtual keys (openai 2, anthropic 1, deepseek 1)") in gateway.log()
+
+
+def test_one_access_line_per_request_with_tokens_and_latency(gateway, provider):
+    client(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    line = wait_for(gateway, r"^.*gateway: 200 key=team-a provider=openai model=gpt-4o tokens=5/2 latency=\d+ms$")
+    assert len(provider.received) == 1
+    assert "http://127.0.0.1:1/" not in gateway.log()  # mitmproxy's own line, naming the placeholder
+    assert VK not in gateway.log() and REAL not in gateway.log(), line
+
+
+def test_refusals_log_their_code_and_say_the_gateway_refused(gateway, provider):
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client(gateway).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+    wait_for(gateway, r"gateway: 403 model_not_allowed key=team-a provider=openai model=gpt-4o-mini latency=\d+ms")
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(gateway, "vk_nobody_has_this_key").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+    wait_for(gateway, r"gateway: 401 invalid_api_key POST /v1/chat/completions latency=\d+ms")
+    assert provider.received == []
+    assert "vk_nobody_has_this_key" not in gateway.log()
+
+
+def test_a_provider_rejecting_the_real_key_says_so_by_key_name(gateway, provider):
+    provider.handler = lambda req: Reply.json({"error": {"message": "Incorrect API key provided: sk-fir***7777.",
+                                                         "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, 401)
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    response = e.value.response
+    assert response.headers["x-gateway-error-source"] == "provider"
+    error = response.json()["error"]
+    assert error["code"] == "invalid_api_key"  # the provider's own code is kept
+    assert error["message"].startswith("the provider (openai) rejected the gateway's key for virtual key 'team-a'")
+    assert error["message"].endswith("Provider said: Incorrect API key provided: sk-fir***7777.")
+    wait_for(gateway, r"gateway: 401 from provider key=team-a provider=openai model=gpt-4o latency=\d+ms")
+
+
+def test_other_provider_errors_are_marked_as_the_providers(gateway, provider):
+    provider.handler = lambda req: Reply.json({"error": {"message": "slow down", "type": "requests", "param": None, "code": None}}, 429)
+    with pytest.raises(openai.RateLimitError) as e:
+        client(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.response.headers["x-gateway-error-source"] == "provider"
+    assert e.value.response.json()["error"]["message"] == "slow down"
+
+
+def test_unreachable_provider_is_the_gateways_answer(gateway_factory):
+    gw = gateway_factory({"virtual_keys": {"vk_first_minutes_down": {"provider": "openai", "api_key": "sk-down-x",
+                                                                      "base_url": "http://127.0.0.1:9/v1", "name": "down"}}})
+    with pytest.raises(openai.APIStatusError) as e:
+        client(gw, "vk_first_minutes_down").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 502
+    assert e.value.response.headers["x-gateway-error-source"] == "gateway"
