@@ -757,6 +757,8 @@ def main(argv=None) -> int:
     stack = Stack()
     try:
         print(f"bench: starting fake provider, bare mitmdump and gateway ({'quick' if args.quick else 'full'} run)", flush=True)
+        if args.quick:
+            print(QUICK_NOTE, flush=True)
         stack.start()
         res: dict = {"meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
                               "settings": asdict(s), "git": git_rev(), "python": platform.python_version(),
@@ -786,7 +788,13 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(res, indent=2))
     print_table(res)
     print(f"\nbench: {res['meta']['seconds']:.0f} s; results in {out}")
+    if args.quick:
+        print(QUICK_NOTE)
     return 0
+
+
+QUICK_NOTE = ("bench: --quick is a smoke test: it checks that every part runs, and its numbers are too "
+              "noisy to judge the targets by. Run ./run.sh bench (no --quick) on a quiet machine for those.")
 
 
 def _mitmproxy_version() -> str:

@@ -29,6 +29,7 @@ def result(tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "targets:" in proc.stdout
+    assert proc.stdout.rstrip().endswith("too noisy to judge the targets by. Run ./run.sh bench (no --quick) on a quiet machine for those.")
     return json.loads(out.read_text())
 
 

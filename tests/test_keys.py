@@ -95,3 +95,23 @@ def test_example_keys_file_is_valid():
     from pathlib import Path
     store = load_keys(str(Path(__file__).resolve().parent.parent / "keys.example.json"))
     assert {k.provider for k in store} >= {"openai", "deepseek"}
+
+
+def test_a_json_syntax_error_names_reason_line_and_column_but_no_content(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text('{\n  "virtual_keys": {\n    "vk_a": {"provider": "openai" "api_key": "sk-quoted-never-0001"}\n  }\n}\n')
+    with pytest.raises(KeysError) as e:
+        load_keys(str(path))
+    assert str(e.value) == f"keys file {path} is not valid JSON: Expecting ',' delimiter at line 3, column 35"
+    yaml_path = tmp_path / "keys.yaml"
+    yaml_path.write_text('virtual_keys:\n  vk_a: {provider: openai, api_key: "sk-quoted-never-0002}\n')
+    with pytest.raises(KeysError) as e:
+        load_keys(str(yaml_path))
+    assert "line 3, column 1" in str(e.value) and "sk-quoted" not in str(e.value)
+
+
+def test_the_start_up_echo_shows_budget_period_as_written():
+    store = parse_keys({"virtual_keys": {"vk": {"provider": "openai", "api_key": "sk-x", "budget_tokens": 5, "budget_period": "30d"},
+                                         "vk2": {"provider": "openai", "api_key": "sk-y", "budget_usd": 1, "budget_period": "36h"}}})
+    assert [vk.policy.describe() for vk in store] == ["[budget 5 tokens/30d]", "[budget $1/36h]"]
+    assert store.summary() == "2 virtual keys (openai 2)"

@@ -101,3 +101,21 @@ def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_li
     ledger.close()
     assert sqlite3.connect(db).execute("SELECT ts, model FROM usage ORDER BY ts").fetchall() == [
         (1.0, "gpt-?"), (2.0, "gpt-4o")]
+
+
+def test_usage_key_is_a_name_a_fingerprint_or_the_virtual_key(tmp_path, capsys):
+    from addon.policy.keys import fingerprint
+    db = str(tmp_path / "u.sqlite3")
+    ledger = Ledger(db)
+    ledger.record(row(100.0, name="carol", fp=fingerprint("vk_carol_secret")))
+    ledger.record(row(200.0, name="dave", fp="f9"))
+    ledger.close()
+    for given in ("carol", fingerprint("vk_carol_secret"), "vk_carol_secret"):
+        assert main(["--db", db, "--key", given]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in out[1:]] == ["carol"], given
+    assert main(["--db", db, "--key", "vk_nobody"]) == 1
+    captured = capsys.readouterr()
+    assert "no such key" in captured.err and "vk_nobody" not in captured.err + captured.out
+    assert main(["--db", "", "--key", "carol"]) == 1
+    assert "keeps no usage ledger" in capsys.readouterr().err

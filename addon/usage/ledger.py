@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 from urllib.parse import quote
 
+from addon.policy.keys import HASHED_PREFIX, fingerprint
+
 log = logging.getLogger("gateway")
 
 SCHEMA = """
@@ -171,9 +173,9 @@ def recent_sql(d: Dialect) -> str:
 def usage_query(d: Dialect, key: str | None = None, since: float | None = None) -> tuple[str, list]:
     """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
     where, args = [], []
-    if key:
-        where.append(f"(key_name = {d.param} OR key_fingerprint = {d.param})")
-        args += [key, key]
+    if key:  # a name, a fingerprint, or a virtual key (matched by its fingerprint)
+        where.append(f"(key_name = {d.param} OR key_fingerprint = {d.param} OR key_fingerprint = {d.param})")
+        args += [key, key, key_fingerprint(key)]
     if since is not None:
         where.append(f"ts >= {d.param}")
         args.append(since)
@@ -364,6 +366,13 @@ def usage_table(path: str, key: str | None = None, since: float | None = None) -
         db.close()
 
 
+def key_fingerprint(text: str) -> str:
+    """The fingerprint a --key names if it is a virtual key (or its "sha256:" form)."""
+    if text.startswith(HASHED_PREFIX):
+        return text[len(HASHED_PREFIX):].lower()[:16]
+    return fingerprint(text)
+
+
 def parse_since(text: str) -> float:
     """A date or ISO time (UTC unless it says otherwise) -> unix seconds."""
     when = datetime.fromisoformat(text)
@@ -389,7 +398,7 @@ def format_table(rows: list[tuple]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh usage", description="Per-key usage from the gateway's usage ledger.")
     parser.add_argument("--db", default="usage.sqlite3", help="ledger file or postgresql:// URL (USAGE_DB)")
-    parser.add_argument("--key", help="only this key (name or fingerprint)")
+    parser.add_argument("--key", help="only this key: its name, fingerprint or the virtual key itself")
     parser.add_argument("--since", help="only requests at or after this date/time, e.g. 2026-11-01 (UTC)")
     args = parser.parse_args(argv)
     try:
@@ -397,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"usage: --since {args.since!r} is not a date such as 2026-11-01 or 2026-11-01T12:00", file=sys.stderr)
         return 2
+    if not args.db:
+        print("usage: USAGE_DB is empty, so the gateway keeps no usage ledger", file=sys.stderr)
+        return 1
     if not is_postgres(args.db) and not os.path.exists(args.db):
         print(f"usage: no usage ledger at {args.db} (the gateway creates it; USAGE_DB names another)", file=sys.stderr)
         return 1
@@ -407,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"usage: cannot read ledger {display_name(args.db)}: {reason}", file=sys.stderr)
+        return 1
+    if args.key and not rows:
+        # never echo --key: it may be a virtual key
+        print(f"usage: no such key in {args.db} (give a key name, a fingerprint or a virtual key)", file=sys.stderr)
         return 1
     print(format_table(rows))
     return 0

@@ -50,3 +50,19 @@ def test_run_sh_refuses_script_options_it_sets_itself(tmp_path):
                           timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 2
     assert "USAGE_DB" in proc.stderr
+
+
+def test_run_sh_replay_without_a_file_says_how(tmp_path):
+    from tests.gatewayproc import ROOT
+    proc = subprocess.run([str(ROOT / "run.sh"), "replay"], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "usage: ./run.sh replay FILE"
+
+
+def test_run_sh_with_an_empty_usage_db_keeps_no_ledger(tmp_path):
+    from tests.gatewayproc import ROOT
+    proc = subprocess.run([str(ROOT / "run.sh"), "usage"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "USAGE_DB": ""})
+    assert proc.returncode == 1
+    assert "keeps no usage ledger" in proc.stderr
