@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
+#                  ./run.sh demo [web]   (a local fake provider and demo keys: no real keys needed)
 #                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
 #                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
 #                  ./run.sh bench [--quick]   (benchmark against bare mitmdump: README "Benchmark")
@@ -182,7 +183,9 @@ case "$cmd" in
         # view_filter: in-flight flows (their request still carries the real key) are not listed
         web_args=(--set web_host=127.0.0.1 --set "web_port=$WEB_PORT" --set web_open_browser=false
                   --set "web_password=$web_hash" --set 'view_filter=~s | ~e' --set replayable_flows=true
-                  --set web_columns='["index","method","path","status","size","time","comment"]')
+                  --set web_columns=index --set web_columns=method --set web_columns=path
+                  --set web_columns=status --set web_columns=size --set web_columns=time
+                  --set web_columns=comment)  # a list option: one --set per column
         if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
             # ./run.sh web FILE: offline inspection, no listener; Replay re-routes through the
             # gateway addon (KEYS_FILE), so a recorded flow never goes out with REDACTED.
@@ -217,6 +220,11 @@ case "$cmd" in
         shift
         ensure_venv
         exec "$VENV/bin/python" -m addon.usage.ledger --db "$USAGE_DB" "$@"
+        ;;
+    demo)
+        shift
+        ensure_venv
+        exec "$VENV/bin/python" -m demo "$@"
         ;;
     setup)
         ensure_venv

@@ -52,6 +52,7 @@ from addon.policy.store import MemoryStore, UsageStore
 from addon.wire.streams import fail_closed_stream
 from addon.wire.streamends import StreamEnds
 from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
+from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")
 
@@ -72,6 +73,7 @@ def provider_error(flow: http.HTTPFlow) -> None:
     rejected the gateway's key for this virtual key (by name), not the client's key."""
     response = flow.response
     response.headers[ERROR_SOURCE] = "provider"
+    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}provider {response.status_code}"
     meta = flow.metadata.get("gateway", {})
     if response.status_code not in (401, 403) or "provider" not in meta:
         return
@@ -85,6 +87,10 @@ def provider_error(flow: http.HTTPFlow) -> None:
     error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
                         f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
     replace_body(response, json.dumps(body).encode(), b"application/json")
+
+
+# list markers in mitmweb: mitmproxy's emoji shortcodes whose glyphs plain fonts (DejaVu) have
+REFUSED_MARK, PROVIDER_ERROR_MARK, FAILED_MARK = ":heavy_multiplication_x:", ":warning:", ":zap:"
 
 
 class Route(NamedTuple):
@@ -105,8 +111,19 @@ def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     """Answer `error` in the error shape of the API served at the request's path."""
     body = api_for_request(flow.request).error_body(error)
     flow.response = http.Response.make(error.status, body, {**GATEWAY_ERROR_HEADERS, **error.headers})
-    flow.metadata.setdefault("gateway", {})["answered"] = error.code or error.type
-    flow.marked = ":no_entry:"
+    code = error.code or error.type
+    flow.metadata.setdefault("gateway", {})["answered"] = code
+    flow.marked = REFUSED_MARK
+    # the comment column says why: "team-a -> openai · refused 429 budget_exceeded"
+    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}refused {error.status} {code}"
+
+
+def show_gateway_address(flow: http.HTTPFlow) -> None:
+    """A request the gateway answered itself was sent to the gateway: show it so, rather than
+    to the unreachable placeholder (reverse mode's target) it never went to."""
+    address = flow.client_conn.sockname
+    if address and address[0] and flow.request.port == 1:
+        flow.request.host, flow.request.port = address[0], address[1]
 
 
 class UpstreamTarget(NamedTuple):
@@ -194,6 +211,11 @@ class Gateway:
         except Exception:
             log.exception("gateway: internal error while routing; request not forwarded")
             answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
+        if flow.response is not None:
+            try:
+                show_gateway_address(flow)
+            except Exception:
+                log.exception("gateway: could not note the gateway's address on an answered flow")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
@@ -234,14 +256,14 @@ class Gateway:
             error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
             flow.response = http.Response.make(502, api_for_request(flow.request).error_body(error), GATEWAY_ERROR_HEADERS)
         if flow.response.status_code >= 400:
-            flow.marked = flow.marked or ":warning:"
+            flow.marked = flow.marked or PROVIDER_ERROR_MARK
             if ERROR_SOURCE not in flow.response.headers:
                 provider_error(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.exchanges.pop(flow.id, None)
         self.redact(flow)
-        flow.marked = ":boom:"
+        flow.marked = FAILED_MARK
 
     # --- routing -----------------------------------------------------------------------
 
@@ -372,5 +394,5 @@ _accounting = UsageAccounting(_store)
 # UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
 # clock sees every part)
 addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
-                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(), ACCESS,
+                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(), ACCESS, WebViews(),
                      Metrics(_gateway, _accounting, _store))]

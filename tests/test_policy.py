@@ -154,7 +154,7 @@ def test_prices_exact_before_glob():
 
 def test_policy_summary_for_the_keys_check():
     keys = keys_with(models=["gpt-4o"], rpm=5, budget_usd=2.5, budget_period="1d", disabled=True)
-    assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/24h]"
+    assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/1d]"  # as written in the keys file
     assert keys_with().lookup("vk_test_policy").policy.describe() == ""
 
 

@@ -309,7 +309,8 @@ def test_mitmweb_requires_the_password_and_never_shows_keys(mitmweb, provider_se
     assert (resp.status_code, bad.status_code, refused.status_code) == (200, 400, 403)
     status, body = web_get(web_port, "/flows", password)
     listed = json.loads(body)
-    assert [f["comment"] for f in listed] == ["corpus-openai -> openai"] * 2 + ["corpus-anthropic -> anthropic"]
+    assert [f["comment"] for f in listed] == ["corpus-openai -> openai", "corpus-openai -> openai · refused 400 invalid_json",
+                                              "corpus-anthropic -> anthropic · refused 403 model_not_allowed"]
     assert listed[1]["marked"] and listed[2]["marked"]  # the gateway-answered errors stand out
     for secret in scenarios.SECRETS:
         assert secret not in body.decode()

@@ -19,12 +19,14 @@ import logging
 import os
 
 from mitmproxy import ctx, exceptions, http, io
+from mitmproxy.utils import human
 
 from addon.wire.errors import ERROR_SOURCE, error_body
 from addon.policy.keys import REDACTED, fingerprint
 
 log = logging.getLogger("gateway")
 
+PLACEHOLDER = ("127.0.0.1", 1)  # run.sh's reverse target, never reachable
 MARKER = "vkfp:"  # a fingerprint stands in for a client's key in recorded flows
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 
@@ -110,6 +112,9 @@ class Snapshot:
         elif flow.live and self.keeping:
             headers = flow.request.headers.copy()
             scrub(headers)
+            if flow.client_conn.sockname and "host" in headers:
+                # reverse mode has pointed Host at its placeholder: as sent, it named the gateway
+                headers["host"] = human.format_address(flow.client_conn.sockname)
             flow.metadata["record"] = {"client_request": {
                 "method": flow.request.method,
                 "path": flow.request.path,
@@ -124,12 +129,15 @@ class Snapshot:
             # an upstream-shaped request with a REDACTED key: never send it anywhere
             body = error_body("this flow has no recorded client request to replay", "invalid_request_error", "not_replayable")
             flow.response = http.Response.make(409, body, {"content-type": "application/json", ERROR_SOURCE: "gateway"})
-            flow.marked = ":no_entry:"
+            flow.marked = ":heavy_multiplication_x:"
             return
         flow.metadata.pop("gateway", None)  # the replay is routed afresh
         flow.metadata["record"] = {"client_request": snap}
         known = self.virtual_keys()
         req = flow.request
+        # back to the unreachable placeholder: a replay the gateway fails to route goes nowhere
+        # (an answered flow shows the gateway's own address, see gateway.show_gateway_address)
+        req.scheme, req.host, req.port = "http", *PLACEHOLDER
         req.method = snap["method"]
         req.path = snap["path"]
         req.headers = http.Headers([(k.encode(), unmark(v, known).encode()) for k, v in snap["headers"]])
@@ -176,6 +184,7 @@ class Recorder:
         self.writer: io.FlowWriter | None = None
         self.sent: dict[str, list[bytes]] = {}  # flow id -> stream pieces the client received
         self.started = False
+        self.keep_streams = False  # tap streams without recording (replayable_flows: mitmweb)
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -185,6 +194,8 @@ class Recorder:
         )
 
     def configure(self, updated) -> None:
+        if "replayable_flows" in updated:  # Snapshot's option: mitmweb shows the streams kept
+            self.keep_streams = ctx.options.replayable_flows
         if "record_file" not in updated:
             return
         self.close()
@@ -204,15 +215,15 @@ class Recorder:
         log.info("gateway: recording flows to %s", path)
 
     @property
-    def active(self) -> bool:  # without a record_file the chain leaves this part out
-        return self.writer is not None
+    def active(self) -> bool:  # without a record_file or replayable_flows the chain leaves this part out
+        return self.writer is not None or self.keep_streams
 
     def running(self) -> None:
         self.started = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = flow.metadata.get("record", {}).get("upstream")
-        if self.writer is None or upstream is None or not flow.live or not flow.response.stream:
+        if upstream is None or not flow.live or not flow.response.stream:  # upstream: Snapshot is keeping
             return
         self.sent[flow.id] = sent = []
         flow.response.stream = tap(flow.response.stream, upstream["pieces"], sent)
@@ -247,7 +258,8 @@ class Recorder:
         if self.file is not None:
             self.file.close()
         self.file = self.writer = None
-        self.sent.clear()  # inactive now: the chain calls no response hook to pop these
+        if not self.keep_streams:
+            self.sent.clear()  # inactive now: the chain calls no response hook to pop these
 
 
 def tap(stream, received: list[bytes], sent: list[bytes]):

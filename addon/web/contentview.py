@@ -1,0 +1,126 @@
+"""mitmweb's first view of a gateway flow: a content view picked before JSON for every flow the
+gateway handled. The Request tab shows the client's request beside the one sent upstream, the
+Response tab the provider's answer beside what the client got (streams event by event), and a
+flow the gateway answered itself says why.
+
+The client's request and the provider's raw answer are what recording/recorder.py's Snapshot
+keeps (`replayable_flows`, which ./run.sh web sets, or while recording); without them only the
+gateway's side is shown, with a note saying how to keep the rest.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import contentviews, http
+from mitmproxy.contentviews import Metadata
+
+from addon.web.sides import Message, render
+
+NOT_KEPT = ("(the client's side is kept only with --set replayable_flows=true, which ./run.sh web sets, "
+            "or while recording)")
+
+
+def headers_list(headers) -> list[tuple[str, str]]:
+    if isinstance(headers, http.Headers):
+        return [(k, v) for k, v in headers.items(multi=True)]
+    return [(k, v) for k, v in headers]
+
+
+def url_of(request: http.Request) -> str:
+    return f"{request.method} {request.pretty_url}"
+
+
+def status_line(status: int, reason: str = "") -> str:
+    return f"{status} {reason or http.status_codes.RESPONSES.get(status, '')}".strip()
+
+
+def refusal(flow: http.HTTPFlow) -> str:
+    """The message of an error the gateway answered itself."""
+    try:
+        return json.loads(flow.response.get_content(strict=False) or b"{}")["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def summary(flow: http.HTTPFlow) -> str:
+    meta = flow.metadata.get("gateway", {})
+    if "answered" in meta:
+        return (f"Answered by the gateway, never forwarded: {flow.response.status_code} {meta['answered']}"
+                f" — {refusal(flow)}")
+    if "provider" not in meta:
+        return "Answered by the gateway, never forwarded."
+    parts = [f"key {meta.get('key', '?')} → {meta['provider']}"]
+    if meta.get("model"):
+        parts.append(f"model {meta['model']}")
+    if meta.get("stream"):
+        parts.append("streamed")
+    return "Routed by the gateway: " + ", ".join(parts)
+
+
+def request_sides(flow: http.HTTPFlow) -> str:
+    meta = flow.metadata.get("gateway", {})
+    snap = flow.metadata.get("record", {}).get("client_request")
+    upstream = flow.request
+    if "answered" in meta or "provider" not in meta:
+        # nothing went upstream: flow.request is the client's request (its key marked)
+        client = Message("CLIENT → GATEWAY", url_of(upstream), headers_list(upstream.headers), upstream.raw_content,
+                         "not forwarded: the gateway answered it itself")
+        return render([client], summary(flow))
+    messages = []
+    client_headers = None
+    if snap is not None:
+        client_headers = headers_list(snap["headers"])
+        messages.append(Message("CLIENT → GATEWAY", f"{snap['method']} {snap['path']}", client_headers,
+                                snap["content"], "as the client sent it (its key as a fingerprint)"))
+    else:
+        messages.append(Message("CLIENT → GATEWAY", "(not kept)", [], None, NOT_KEPT))
+    messages.append(Message(f"GATEWAY → PROVIDER ({meta['provider']})", url_of(upstream), headers_list(upstream.headers),
+                            upstream.raw_content, "as sent upstream (the provider key redacted once sent)", client_headers))
+    return render(messages, summary(flow))
+
+
+def response_sides(flow: http.HTTPFlow, client_body: bytes) -> str:
+    meta = flow.metadata.get("gateway", {})
+    response = flow.response
+    client_line = status_line(response.status_code, response.reason)
+    if "answered" in meta or "provider" not in meta:
+        return render([Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
+                               "the gateway's own answer")], summary(flow))
+    upstream = flow.metadata.get("record", {}).get("upstream")
+    if upstream is None:
+        provider = Message(f"PROVIDER ({meta['provider']}) → GATEWAY", "(not kept)", [], None, NOT_KEPT)
+        client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body, "what the client received")
+    else:
+        provider_headers = headers_list(upstream["headers"])
+        provider = Message(f"PROVIDER ({meta['provider']}) → GATEWAY", status_line(upstream["status"], upstream.get("reason", "")),
+                           provider_headers, b"".join(upstream["pieces"]), "as the provider answered")
+        client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
+                         "what the client received", provider_headers)
+    return render([provider, client], summary(flow))
+
+
+class GatewayView(contentviews.Contentview):
+    """Picked first (priority above JSON's) for flows the gateway handled."""
+
+    name = "LLM gateway"
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        flow = metadata.flow
+        if isinstance(flow, http.HTTPFlow) and "gateway" in flow.metadata and metadata.http_message is not None:
+            return 10
+        return -1
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        flow = metadata.flow
+        if metadata.http_message is flow.request:
+            return request_sides(flow)
+        return response_sides(flow, data)
+
+
+class WebViews:
+    """Registers the view when the addon loads (mitmweb; in mitmdump it serves flow_detail >= 3).
+    mitmproxy 12 has no way to unregister one; a reloaded script replaces it by name."""
+
+    def load(self, loader) -> None:
+        contentviews.add(GatewayView())
