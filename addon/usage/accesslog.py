@@ -4,6 +4,9 @@
     gateway: 429 budget_exceeded key=team-alpha provider=openai model=gpt-4o latency=1ms
     gateway: 401 from provider key=team-alpha provider=openai model=gpt-4o latency=212ms
     gateway: 401 invalid_api_key POST /v1/chat/completions latency=0ms
+    gateway: 0 failed key=team-alpha provider=anthropic model=claude-sonnet-4-5 tokens=~812/40 latency=3100ms
+
+(`~`: an estimate, for a stream abandoned before the provider's usage arrived.)
 
 Requests made with a known key are logged when usage/accounting.py counts them (it has their
 tokens then, so nothing is parsed twice; up to FLUSH_EVERY seconds after the response); the rest
@@ -78,13 +81,14 @@ def key_name(meta: dict) -> str:
     return f"key-{meta['fingerprint']}" if fingerprint(name) == meta.get("fingerprint") else name
 
 
-def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float) -> None:
+def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float,
+                estimated: bool = False) -> None:
     if not ACCESS.enabled:
         return
     line = (f"gateway: {outcome(status, meta)} key={key_name(meta)} provider={meta.get('provider', '-')}"
             f" model={meta.get('model', '-')}")
     if prompt_tokens or completion_tokens:
-        line += f" tokens={prompt_tokens}/{completion_tokens}"
+        line += f" tokens={'~' if estimated else ''}{prompt_tokens}/{completion_tokens}"
     log.info("%s latency=%.0fms", line, latency_ms)
 
 

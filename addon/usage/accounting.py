@@ -201,7 +201,7 @@ class UsageAccounting:
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
         latency_ms = max(0.0, (ended - started) * 1000)
-        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms)
+        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms, usage.estimated)
         if self.ledger is not None:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
