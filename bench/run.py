@@ -196,7 +196,8 @@ class Stack:
     def gateway_args(self, addon_dir: Path) -> list[str]:
         """Options for a gateway whose code is in addon_dir: the bench's keys, and a throwaway
         usage ledger (never the user's usage.sqlite3), when that version has one."""
-        args = ["--set", f"keys_file={self.tmp / 'keys.json'}"]
+        # flow_detail=0 as run.sh: the gateway's access line replaces mitmdump's per-flow line
+        args = ["--set", f"keys_file={self.tmp / 'keys.json'}", "--set", "flow_detail=0"]
         # (addon/usage/accounting.py since the regrouping; addon/accounting.py in older revisions)
         if any(f.exists() and '"usage_db"' in f.read_text()
                for f in (addon_dir / "usage" / "accounting.py", addon_dir / "accounting.py")):

@@ -24,7 +24,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
 from addon.usage import ledger as ledger_db
-from addon.usage.accesslog import log_counted, log_unkeyed
+from addon.usage.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.policy.keys import Price
 from addon.usage.ledger import Ledger, UsageRecord, display_name, open_ledger
 from addon.wire.messages import plain_content
@@ -114,6 +114,7 @@ class UsageAccounting:
                 self.settle()
             except Exception:
                 log.exception("gateway: could not count finished requests")
+            ACCESS.flush()  # the batch's access lines, in one write
             ledger = self.ledger
             if ledger is None:
                 continue
@@ -167,7 +168,7 @@ class UsageAccounting:
         now = time.time()
         ended = (flow.response.timestamp_end if flow.response else None) or now
         if meta is None or "fingerprint" not in meta:  # not a request made with a known key
-            log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000)
+            log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000, ended)
             return
         self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
         if len(self.unsettled) >= SETTLE_AT:
@@ -201,7 +202,7 @@ class UsageAccounting:
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
         latency_ms = max(0.0, (ended - started) * 1000)
-        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms, usage.estimated)
+        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms, ended, usage.estimated)
         if self.ledger is not None:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
