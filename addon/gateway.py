@@ -393,6 +393,8 @@ _accounting = UsageAccounting(_store)
 # after the Gateway: see addon/recording/recorder.py; the timeouts and StreamEnds before
 # UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
 # clock sees every part)
-addons = [AddonChain(LogRedaction(_gateway), JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
+_redaction = LogRedaction(_gateway)
+ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
+addons = [AddonChain(_redaction, JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
                      UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(), ACCESS, WebViews(),
                      Metrics(_gateway, _accounting, _store))]

@@ -46,6 +46,7 @@ class AccessLog:
         self.enabled = True
         self.pending: list[str] = []
         self.out = sys.stdout
+        self.redact = lambda text: text  # gateway.py sets the log redaction's (keys in force masked)
 
     def add(self, text: str, when: float) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(when))
@@ -55,7 +56,7 @@ class AccessLog:
         if self.pending:
             lines, self.pending = self.pending, []
             try:
-                self.out.write("\n".join(lines) + "\n")
+                self.out.write(self.redact("\n".join(lines)) + "\n")
                 self.out.flush()
             except (OSError, ValueError):  # stdout closed or gone: the access log is not worth a failure
                 pass

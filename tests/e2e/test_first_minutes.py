@@ -100,3 +100,10 @@ def test_unreachable_provider_is_the_gateways_answer(gateway_factory):
         client(gw, "vk_first_minutes_down").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 502
     assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+
+
+def test_a_key_sent_as_a_model_name_is_masked_in_the_access_line(gateway, provider):
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gateway).chat.completions.create(model="vk_first_minutes_other", messages=[{"role": "user", "content": "hi"}])
+    wait_for(gateway, r"gateway: 403 model_not_allowed key=team-a provider=openai model=\S+ latency")
+    assert "vk_first_minutes_other" not in gateway.log()
