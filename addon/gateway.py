@@ -35,7 +35,6 @@ from addon.usage.metrics import Metrics
 from addon.usage.accesslog import ACCESS
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
-from addon.apis import anthropic_messages
 from addon.apis.registry import APIS, ENDPOINTS, api_for_request
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
@@ -363,9 +362,10 @@ class Gateway:
             body = rules.model_object(key, model)
         else:
             raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")
-        if field_value(flow.request.headers.fields, lower_names(flow.request.headers.fields), b"anthropic-version"):
-            # an Anthropic client (Claude Code's model discovery): Anthropic's list shape
-            body = anthropic_messages.models_page(body) if model is None else anthropic_messages.model_object(body)
+        # in the client's API's shape: an Anthropic client (anthropic-version; Claude Code's model
+        # discovery) gets Anthropic's list
+        api = api_for_request(flow.request)
+        body = api.models_page(body) if model is None else api.model_object(body)
         flow.response = http.Response.make(200, json.dumps(body).encode(), JSON_HEADERS)
 
     def redact(self, flow: http.HTTPFlow) -> None:

@@ -8,7 +8,16 @@ import json
 
 import pytest
 
-from tests.test_anthropic_conformance import SPECS, assert_valid
+from functools import cache
+
+from tests.test_anthropic_conformance import SPECS, validator
+
+validator = cache(validator)  # one compiled schema per (spec, name): the stream test checks many events
+
+
+def assert_valid(spec_file: str, schema_name: str, instance: dict) -> None:
+    errors = sorted(validator(spec_file, schema_name).iter_errors(instance), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message[:300]}" for e in errors[:5])
 from tests.test_messages_translate import STREAM, completion, events, prepare, translate
 from addon.translate.anthropic_messages_openai_chat import MessagesExchange
 

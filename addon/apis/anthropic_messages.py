@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+from addon.apis.base import json_object
 from addon.translate.tables import ERROR_STATUSES
 from addon.usage.tokens import StreamUsage, Usage
 from addon.wire.errors import GatewayError
@@ -99,12 +100,7 @@ class AnthropicMessages:
     needs_messages = True
 
     def parse_request(self, raw: bytes) -> dict:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "model: field required (a string)", param="model", code="missing_model")
@@ -141,6 +137,12 @@ class AnthropicMessages:
 
     def stream_usage(self, strip: bool) -> AnthropicStreamUsage:
         return AnthropicStreamUsage()
+
+    def models_page(self, page: dict) -> dict:
+        return models_page(page)
+
+    def model_object(self, model: dict) -> dict:
+        return model_object(model)
 
 
 class AnthropicCountTokens(AnthropicMessages):

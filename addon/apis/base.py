@@ -12,8 +12,21 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import json
+
 from addon.usage.tokens import Usage
 from addon.wire.errors import GatewayError
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body that must be a JSON object (GatewayError 400 otherwise), for every API."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
+    if not isinstance(body, dict):
+        raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+    return body
 
 
 class StreamUsageReader(Protocol):
@@ -56,6 +69,12 @@ class InboundAPI(Protocol):
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         """Usage of a whole successful response body as the client receives it."""
+
+    def models_page(self, page: dict) -> dict:
+        """GET /v1/models (the gateway's OpenAI-shaped list) in this API's shape."""
+
+    def model_object(self, model: dict) -> dict:
+        """GET /v1/models/{id} (OpenAI-shaped) in this API's shape."""
 
     def stream_usage(self, strip: bool) -> StreamUsageReader:
         """A watcher of client-bound stream bytes for usage; `strip` removes usage the client

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from addon.apis.base import json_object
 from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, request_stream_usage, usage_from_body
 from addon.wire.errors import GatewayError, error_body, error_type
 from addon.wire.streams import openai_stream_error
@@ -21,12 +22,7 @@ class OpenAIChat:
     usage_in_stream = False
 
     def parse_request(self, raw: bytes) -> dict:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+        body = json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
@@ -63,6 +59,12 @@ class OpenAIChat:
 
     def stream_usage(self, strip: bool) -> StreamUsage:
         return StreamUsage(strip)
+
+    def models_page(self, page: dict) -> dict:
+        return page  # the gateway's own list is OpenAI-shaped
+
+    def model_object(self, model: dict) -> dict:
+        return model
 
 
 def is_openai_error(body: bytes) -> bool:

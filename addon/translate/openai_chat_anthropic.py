@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from addon.apis.anthropic_messages import anthropic_error
 from addon.apis.openai_chat import is_openai_error, wrap_foreign_error
 from addon.translate.base import UpstreamRequest
 from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, REASONING_BUDGETS, ROLES, TOOL_CHOICES
@@ -437,16 +438,6 @@ def convert_error(error: dict) -> dict:
     kind = error.get("type") or "api_error"
     openai_type = ERROR_TYPES.forward(kind)
     return error_dict(str(error.get("message") or kind), openai_type, code=kind)
-
-
-def anthropic_error(body: bytes) -> dict | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict):
-        return data["error"]
-    return None
 
 
 def new_id() -> str:
