@@ -321,9 +321,8 @@ class Gateway:
         if data.authority:  # HTTP/2 :authority
             data.authority = target.host_header
         request.path = f"{target.path}?{query}" if query and upstream.keep_query else target.path
-        if upstream.dropped:  # never silently: the response header and the log name them
+        if upstream.dropped:  # never silently: the response header and the access line name them
             meta["dropped_params"] = list(upstream.dropped)
-            log.info("gateway: %s %s -> %s: dropped or approximated: %s", key.name, path, key.provider, ", ".join(upstream.dropped))
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.

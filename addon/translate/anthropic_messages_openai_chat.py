@@ -60,6 +60,9 @@ def prefix_match(model: str, prefixes: tuple[str, ...]) -> bool:
 # --- request ---------------------------------------------------------------------------------
 
 
+MAX_NAMED = 32
+
+
 class Dropped:
     """The names of dropped or approximated parameters, each once, in the order met."""
 
@@ -67,7 +70,8 @@ class Dropped:
         self.names: dict[str, None] = {}
 
     def add(self, name: str) -> None:
-        self.names[name] = None
+        if len(self.names) < MAX_NAMED:  # a client's made-up parameter names: bounded, and cut short
+            self.names[name[:64]] = None
 
     def cache_control(self, obj) -> None:
         if isinstance(obj, dict) and "cache_control" in obj:

@@ -1,6 +1,7 @@
 """One access-log line per request, at the default verbosity, never a key.
 
     gateway: 200 key=team-alpha provider=openai model=gpt-4o-mini tokens=12/34 latency=523ms
+    gateway: 200 key=team-alpha provider=openai model=gpt-4o tokens=900/12 dropped=cache_control,thinking latency=840ms
     gateway: 429 budget_exceeded key=team-alpha provider=openai model=gpt-4o latency=1ms
     gateway: 401 from provider key=team-alpha provider=openai model=gpt-4o latency=212ms
     gateway: 401 invalid_api_key POST /v1/chat/completions latency=0ms
@@ -109,6 +110,8 @@ def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: 
     line = f"{outcome(status, meta)} key={key_name(meta)} provider={meta.get('provider', '-')} model={meta.get('model', '-')}"
     if prompt_tokens or completion_tokens:
         line += f" tokens={'~' if estimated else ''}{prompt_tokens}/{completion_tokens}"
+    if meta.get("dropped_params"):  # dropped or approximated in translation (x-gateway-dropped-params)
+        line += f" dropped={','.join(meta['dropped_params'])}"
     ACCESS.add(f"{line} latency={latency_ms:.0f}ms", ended)
 
 

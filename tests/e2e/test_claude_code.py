@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,12 @@ from tests.e2e.test_anthropic_e2e import stream_events, text_block
 from tests.fakeprovider import Received, Reply, openai_stream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.client]
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PREFIX = ROOT / ".cache" / "claude-code"
@@ -77,7 +85,8 @@ def test_claude_code_through_an_openai_key(claude, gateway, provider, tmp_path):
     assert body["messages"][0]["role"] == "system" and len(body["tools"]) >= 10
     assert "cache_control" not in sent[-1].body.decode() and "context_management" not in body
     assert_clean(sent[-1], "sk-cc-openai-real-0001")
-    assert "cc-openai /v1/messages -> openai: dropped or approximated:" in gateway.log()
+    wait_for(lambda: "key=cc-openai provider=openai model=gpt-4o" in gateway.log())
+    assert re.search(r"key=cc-openai provider=openai model=gpt-4o .*dropped=\S*cache_control", gateway.log())
 
 
 def test_claude_code_through_a_deepseek_reasoner_key(claude, gateway, provider, tmp_path):
