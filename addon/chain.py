@@ -10,7 +10,10 @@ Each part stays an ordinary mitmproxy addon (tests load them one by one). Lifecy
 every part that has them, unguarded, so `configure` can still reject an option with
 OptionsError. A flow hook that raises is logged and the parts after it still run: mitmproxy
 itself would skip them, and a skipped Gateway.request would leave a request unrouted.
-A part whose `active` attribute is False (Recorder without a record_file) gets no flow hooks
+A part's flow hook may return an awaitable (Gateway.request does when its store is asked over
+the network): the chain then returns a coroutine that awaits it and runs the later parts after
+it, and mitmproxy holds the flow until that is done. A part that answers at once costs nothing
+more. A part whose `active` attribute is False (Recorder without a record_file) gets no flow hooks
 until a later `configure` makes it active: an idle part's calls still cost in the proxy.
 """
 
@@ -64,24 +67,43 @@ class AddonChain:
 
     # --- flow hooks ----------------------------------------------------------------------
 
-    def requestheaders(self, flow) -> None:
-        self._call("requestheaders", flow)
+    def requestheaders(self, flow):
+        return self._call("requestheaders", flow)
 
-    def request(self, flow) -> None:
-        self._call("request", flow)
+    def request(self, flow):
+        return self._call("request", flow)
 
-    def responseheaders(self, flow) -> None:
-        self._call("responseheaders", flow)
+    def responseheaders(self, flow):
+        return self._call("responseheaders", flow)
 
-    def response(self, flow) -> None:
-        self._call("response", flow)
+    def response(self, flow):
+        return self._call("response", flow)
 
-    def error(self, flow) -> None:
-        self._call("error", flow)
+    def error(self, flow):
+        return self._call("error", flow)
 
-    def _call(self, name: str, flow) -> None:
-        for hook in self.hooks[name]:
+    def _call(self, name: str, flow):
+        hooks = self.hooks[name]
+        for hook in hooks:
             try:
-                hook(flow)
+                pending = hook(flow)
+            except Exception:
+                log.exception("gateway: %s hook of %s failed", name, type(hook.__self__).__name__)
+                continue
+            if pending is not None:  # an async part (the store asked over the network): the rest wait for it
+                return self._call_after(name, hooks[hooks.index(hook) + 1:], pending, flow)
+        return None
+
+    async def _call_after(self, name: str, rest: tuple, pending, flow) -> None:
+        """mitmproxy awaits what a hook returns, and holds the flow until then."""
+        try:
+            await pending
+        except Exception:
+            log.exception("gateway: %s hook failed", name)
+        for hook in rest:
+            try:
+                pending = hook(flow)
+                if pending is not None:
+                    await pending
             except Exception:
                 log.exception("gateway: %s hook of %s failed", name, type(hook.__self__).__name__)

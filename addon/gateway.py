@@ -14,11 +14,13 @@ translation) -> response (translate a whole body). Nothing here branches on an A
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from typing import NamedTuple
 
 if __package__ in (None, "") or not __package__.startswith("addon"):
@@ -43,6 +45,7 @@ from addon.wire.errorpages import JsonErrorPages
 from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
+from addon.providers.catalog import DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot
 from addon.policy.reload import KeysReloader
@@ -200,11 +203,11 @@ class Gateway:
 
     # --- hooks -------------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         try:
-            self.route(flow)
+            return self.route(flow)  # an awaitable when the store must be asked over the network
         except GatewayError as e:
             answer(flow, e)
         except Exception:
@@ -266,7 +269,7 @@ class Gateway:
 
     # --- routing -----------------------------------------------------------------------
 
-    def route(self, flow: http.HTTPFlow) -> None:
+    def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         request = flow.request
         fields = request.headers.fields
         names = lower_names(fields)  # once: auth, encoding and the rewrite below all look
@@ -312,9 +315,45 @@ class Gateway:
         upstream, exchange = route.pair.prepare(body)  # raises for what it cannot serve
         if upstream.body is not None:
             new_body = upstream.body
-        # last: the rpm slot is taken only by a request that will be forwarded
-        rules.admit(key, model, keys, self.store, time.time())
+        # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
+        demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
+        if demand.tokens:
+            meta["reserved"] = list(demand)  # what the request is charged if the provider reports no usage
+        admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
+        forward = (flow, key, path, query, route, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
+        if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
+            return self.forward_when_admitted(admitted, forward)
+        self.forward(admitted, *forward)
+        return None
 
+    async def forward_when_admitted(self, admitted: Awaitable[str | None], forward: tuple) -> None:
+        flow = forward[0]
+        try:
+            ticket = await admitted
+        except GatewayError as e:
+            answer(flow, e)
+            return
+        except Exception:
+            log.exception("gateway: internal error while admitting; request not forwarded")
+            answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
+            return
+        try:
+            self.forward(ticket, *forward)
+        except Exception:
+            log.exception("gateway: internal error while routing; request not forwarded")
+            answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
+
+    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, path: str, query: str, route, upstream,
+                new_body: bytes | None, exchange: tuple, fields: Fields, names: list[bytes]) -> None:
+        """Point the admitted request at the provider. `ticket`: the store's reservation, ended by
+        the accounting when the flow ends (released here if the request cannot go)."""
+        meta = flow.metadata["gateway"]
+        if ticket is not None:
+            if flow.error or not flow.live:  # the client left while the store was asked
+                self.store.release(key.fingerprint, ticket)
+                return
+            meta["ticket"] = ticket  # usage/accounting.py settles or releases it
+        request = flow.request
         target = upstream_target(key.upstream_url + upstream.path_suffix if upstream.path_suffix else key.upstream_url)
         data = request.data  # set directly: the property setters each rewrite Host again
         data.scheme, data.host, data.port = target.scheme, target.host, target.port
@@ -339,7 +378,7 @@ class Gateway:
             forwarded += framing_fields(names, new_body)
             request.data.content = new_body
         request.headers.fields = tuple(forwarded)
-        self.exchanges[flow.id] = (exchange, api, upstream.dropped)
+        self.exchanges[flow.id] = exchange
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)

@@ -174,3 +174,64 @@ def test_remembered_price_and_model_answers_match_a_fresh_lookup_and_stay_bounde
     for _ in range(2):
         assert policy.allows_model("gpt-4o-mini") and policy.allows_model("o3")
         assert not policy.allows_model("o3-mini") and not policy.allows_model("claude")
+
+
+# --- reservations through the rules ----------------------------------------------------
+
+import asyncio  # noqa: E402
+
+from addon.policy.store import Demand, StoreUnavailable, Verdict  # noqa: E402
+
+
+def test_max_parallel_is_429_concurrency_limit_exceeded_with_retry_after():
+    keys = keys_with(max_parallel=1)
+    key, store = keys.lookup("vk_test_policy"), MemoryStore()
+    ticket = policy.admit(key, "gpt-4o", keys, store, 0.0)
+    assert ticket is not None
+    e = refusal(keys, store=store, now=0.0)
+    assert (e.status, e.code, e.headers["retry-after"]) == (429, "concurrency_limit_exceeded", "1")
+    store.release(key.fingerprint, ticket)
+    admitted(keys, store=store, now=0.0)
+
+
+def test_worst_case_is_body_bytes_plus_max_tokens_or_the_provider_default_priced():
+    keys = keys_with(budget_usd=10)
+    key, price = keys.lookup("vk_test_policy"), keys.price("gpt-4o")  # $2.5 / $10 per million
+    assert policy.worst_case(key.policy, price, {"max_tokens": 100}, 1000, 32768) == Demand(1100, (1000 * 2.5 + 100 * 10) / 1e6)
+    assert policy.worst_case(key.policy, price, {"max_completion_tokens": 7, "max_tokens": 100}, 10, 32768).tokens == 17
+    assert policy.worst_case(key.policy, price, {"max_tokens": "9"}, 10, 500).tokens == 510  # not a count: the default
+    assert policy.worst_case(keys_with(rpm=5).lookup("vk_test_policy").policy, price, {}, 10, 500) == Demand()  # nothing to reserve
+
+
+def test_a_budget_refusal_says_what_did_not_fit():
+    keys = keys_with(budget_tokens=100)
+    key = keys.lookup("vk_test_policy")
+    with pytest.raises(GatewayError) as e:
+        policy.admit(key, "gpt-4o", keys, MemoryStore(), 0.0, Demand(101))
+    assert (e.value.status, e.value.code) == (429, "budget_exceeded")
+    assert "may use up to 101" in e.value.message
+
+
+class AsyncStore:
+    """A store that answers through an awaitable (as RedisStore does)."""
+
+    def __init__(self, verdict=None, error=None):
+        self.verdict, self.error = verdict, error
+
+    async def reserve(self, key, limits, demand, now):
+        if self.error:
+            raise self.error
+        return self.verdict
+
+
+def test_an_async_store_admits_through_an_awaitable_and_unreachable_is_503():
+    keys = keys_with(rpm=5)
+    key = keys.lookup("vk_test_policy")
+    pending = policy.admit(key, "gpt-4o", keys, AsyncStore(Verdict("t-1")), 0.0)
+    assert asyncio.run(pending) == "t-1"
+    with pytest.raises(GatewayError) as e:
+        asyncio.run(policy.admit(key, "gpt-4o", keys, AsyncStore(error=StoreUnavailable("down")), 0.0))
+    assert (e.value.status, e.value.code, e.value.headers) == (503, "store_unavailable", {"retry-after": "1"})
+    # a key without limits never asks the store, so it keeps working while the store is down
+    free = keys_with().lookup("vk_test_policy")
+    assert policy.admit(free, "gpt-4o", keys_with(), AsyncStore(error=StoreUnavailable("down")), 0.0) is None

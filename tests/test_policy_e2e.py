@@ -23,7 +23,9 @@ pytestmark = pytest.mark.e2e
 REAL_KEY = "sk-real-provider-key-123456"
 MESSAGES = [{"role": "user", "content": "hi"}]
 # $1 per default fake reply (5 prompt + 2 completion tokens)
-PRICES = {"gpt-4o": {"input": 100_000, "output": 250_000}, "deepseek-chat": {"input": 0.27, "output": 1.1}}
+PRICES = {"gpt-4o": {"input": 100_000, "output": 250_000}, "deepseek-chat": {"input": 0.27, "output": 1.1},
+          # $1 per default reply too, but prompts are free: a reservation of max_tokens=2 costs $1
+          "gpt-4o-output-priced": {"input": 0, "output": 500_000}}
 
 
 def keys_file(provider, **entries) -> dict:
@@ -165,8 +167,8 @@ def test_tpm_refuses_once_the_minute_is_used(provider, gateway_factory):
 
 
 def test_token_budget_is_429_budget_exceeded_and_not_retried(provider, gateway_factory):
-    gw = gateway_factory(keys_file(provider, vk_budget={"budget_tokens": 7, "budget_period": "1d"}))
-    chat(gw, "vk_budget")
+    gw = gateway_factory(keys_file(provider, vk_budget={"budget_tokens": 200, "budget_period": "1d"}))
+    chat(gw, "vk_budget", max_tokens=10)  # its worst case (body bytes + 10) fits; it uses 7
     sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=3)  # must not retry
     with pytest.raises(openai.RateLimitError) as e:
         sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
@@ -177,16 +179,16 @@ def test_token_budget_is_429_budget_exceeded_and_not_retried(provider, gateway_f
 
 def test_dollar_budget_and_tpm_survive_a_restart(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
-    keys = keys_file(provider, vk_usd={"name": "alice", "budget_usd": 1.0}, vk_tpm={"name": "tim", "tpm": 7})
+    keys = keys_file(provider, vk_usd={"name": "alice", "budget_usd": 1.5}, vk_tpm={"name": "tim", "tpm": 7})
     first = gateway_factory(keys, ["--set", f"usage_db={db}"])
-    chat(first, "vk_usd")  # costs $1.00: the budget is spent
+    chat(first, "vk_usd", "gpt-4o-output-priced", max_tokens=2)  # reserves $1 of $1.50, costs $1.00
     chat(first, "vk_tpm")  # 7 tokens: this minute's tpm is used
     first.stop()  # a clean stop writes every queued row
     assert len(ledger_rows(db, 2)) == 2
 
     second = gateway_factory(keys, ["--set", f"usage_db={db}"])
-    with pytest.raises(openai.RateLimitError) as e:
-        chat(second, "vk_usd")
+    with pytest.raises(openai.RateLimitError) as e:  # $1 spent + $1 reserved > $1.50
+        chat(second, "vk_usd", "gpt-4o-output-priced", max_tokens=2)
     assert e.value.code == "budget_exceeded"
     with pytest.raises(openai.RateLimitError) as e:
         chat(second, "vk_tpm")

@@ -103,3 +103,99 @@ def test_a_rolling_period_answer_follows_new_usage_and_the_hour_moving_on():
     assert store.spend("k", day, now=day + 2 * BUCKET + 1) == Spend(7, 0.25)
     assert store.spend("k", 2 * day, now=day + 2 * BUCKET + 1) == Spend(112, 1.75)  # another period
     assert store.spend("k", day, now=day + 2 * BUCKET + 2) == Spend(7, 0.25)
+
+
+# --- reservations (reserve / settle / release) -----------------------------------------
+
+from addon.policy.store import (  # noqa: E402
+    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_TTL, RPM, TPM, Demand, Limits, Verdict,
+)
+
+
+def test_concurrent_reservations_never_overshoot_a_token_budget():
+    store = MemoryStore()
+    limits = Limits(budget_tokens=100)
+    first = store.reserve("k", limits, Demand(40), now=0.0)
+    second = store.reserve("k", limits, Demand(40), now=0.0)
+    assert first.refused is None and second.refused is None and first.ticket != second.ticket
+    third = store.reserve("k", limits, Demand(40), now=0.0)  # 80 held + 40 > 100, though 0 is spent
+    assert third == Verdict(None, BUDGET_TOKENS, 0.0, 80)
+    assert store.reserve("k", limits, Demand(20), now=0.0).refused is None  # the rest still fits exactly
+
+
+def test_settle_replaces_the_worst_case_by_the_real_usage():
+    store = MemoryStore()
+    limits = Limits(budget_tokens=100)
+    ticket = store.reserve("k", limits, Demand(90), now=0.0).ticket
+    assert store.reserve("k", limits, Demand(20), now=0.0).refused == BUDGET_TOKENS
+    store.settle("k", ticket, 15, 0.0, when=1.0)
+    assert store.spend("k", None, now=2.0) == Spend(15, 0.0)
+    assert store.reserve("k", limits, Demand(85), now=2.0).refused is None  # 15 spent + 85 = 100
+
+
+def test_release_frees_the_reservation_and_charges_nothing():
+    store = MemoryStore()
+    limits = Limits(budget_usd=1.0)
+    ticket = store.reserve("k", limits, Demand(10, 0.8), now=0.0).ticket
+    assert store.reserve("k", limits, Demand(10, 0.3), now=0.0) == Verdict(None, BUDGET_USD, 0.0, 0.8)
+    store.release("k", ticket)
+    assert store.spend("k", None, now=1.0) == Spend(0, 0.0)
+    assert store.reserve("k", limits, Demand(10, 1.0), now=1.0).refused is None
+
+
+def test_a_used_up_budget_refuses_even_a_request_that_asks_for_nothing():
+    store = MemoryStore()
+    store.add_usage("k", 100, 0.0, when=0.0)
+    assert store.reserve("k", Limits(budget_tokens=100), Demand(0), now=1.0).refused == BUDGET_TOKENS
+
+
+def test_a_reservation_expires_after_its_bound():
+    store = MemoryStore()
+    limits = Limits(budget_tokens=100, max_parallel=1)
+    assert store.reserve("k", limits, Demand(100), now=0.0).ticket is not None  # never settled (worker gone)
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL - 1).refused == BUDGET_TOKENS
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL).refused is None
+
+
+def test_max_parallel_counts_requests_in_flight():
+    store = MemoryStore()
+    limits = Limits(max_parallel=2)
+    a = store.reserve("k", limits, Demand(), now=0.0).ticket
+    b = store.reserve("k", limits, Demand(), now=0.0).ticket
+    refused = store.reserve("k", limits, Demand(), now=0.0)
+    assert (refused.refused, refused.wait, refused.used) == (PARALLEL, 1.0, 2)
+    assert store.reserve("other", limits, Demand(), now=0.0).refused is None  # per key
+    store.settle("k", a, 5, 0.0, when=1.0)
+    c = store.reserve("k", limits, Demand(), now=1.0).ticket
+    assert c is not None
+    store.release("k", b)
+    store.release("k", b)  # twice: harmless
+    assert store.reserve("k", limits, Demand(), now=1.0).refused is None
+    assert store.reserve("k", limits, Demand(), now=1.0).refused == PARALLEL
+
+
+def test_tpm_counts_what_requests_in_flight_hold():
+    store = MemoryStore()
+    limits = Limits(tpm=100)
+    held = store.reserve("k", limits, Demand(70), now=0.0).ticket
+    refused = store.reserve("k", limits, Demand(40), now=0.0)
+    assert (refused.refused, refused.wait) == (TPM, 1.0)  # nothing recorded to wait for: the holder settles
+    store.settle("k", held, 70, 0.0, when=5.0)
+    refused = store.reserve("k", limits, Demand(40), now=6.0)
+    assert (refused.refused, refused.wait) == (TPM, 59.0)  # the 70 recorded at 5 leave at 65
+    assert store.reserve("k", limits, Demand(30), now=6.0).refused is None
+
+
+def test_a_request_alone_in_an_empty_tpm_window_is_admitted_whatever_its_worst_case():
+    store = MemoryStore()
+    assert store.reserve("k", Limits(tpm=10), Demand(5000), now=0.0).refused is None
+    assert store.reserve("k", Limits(tpm=10), Demand(1), now=0.0).refused == TPM
+
+
+def test_refusals_take_no_rpm_slot_and_rpm_alone_holds_no_reservation():
+    store = MemoryStore()
+    limits = Limits(rpm=1, budget_tokens=10)
+    assert store.reserve("k", limits, Demand(11), now=0.0).refused == BUDGET_TOKENS
+    assert store.reserve("k", limits, Demand(5), now=0.0).refused is None  # the slot was still free
+    assert store.reserve("k", limits, Demand(1), now=1.0) == Verdict(None, RPM, 59.0, 1)
+    assert store.reserve("r", Limits(rpm=5), Demand(), now=0.0) == Verdict()  # admitted, nothing to settle

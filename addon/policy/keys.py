@@ -29,13 +29,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Mapping
 from urllib.parse import urlsplit
 
 import yaml
 
 from addon.providers.catalog import CATALOG
-from addon.policy.store import MAX_BUDGET_PERIOD
+from addon.policy.store import MAX_BUDGET_PERIOD, Limits
 
 
 class KeysError(ValueError):
@@ -71,7 +72,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
 _PERIOD_SECONDS = {"h": 3600, "d": 86400}
 BASE_FIELDS = frozenset({"provider", "api_key", "base_url", "name"})
-POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled"})
+POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled",
+                           "max_parallel"})
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class KeyPolicy:
     expires_at: float | None = None  # unix time
     disabled: bool = False
     period_text: str | None = field(default=None, compare=False)  # budget_period as written ("30d")
+    max_parallel: int | None = None  # requests in flight at once, across every gateway sharing the store
 
     def allows_model(self, model: str) -> bool:
         if self.models is None:
@@ -100,7 +103,8 @@ class KeyPolicy:
             parts.append("DISABLED")
         if self.models is not None:
             parts.append("models " + ",".join(self.models))
-        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm)) if value is not None]
+        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm), ("max_parallel", self.max_parallel))
+                  if value is not None]
         period = f"/{self.period_text or f'{self.budget_period // 3600}h'}" if self.budget_period else ""
         if self.budget_tokens is not None:
             parts.append(f"budget {self.budget_tokens} tokens{period}")
@@ -114,8 +118,15 @@ class KeyPolicy:
     def has_budget(self) -> bool:
         return self.budget_tokens is not None or self.budget_usd is not None
 
+    @cached_property
+    def limits(self) -> Limits | None:
+        """What the usage store enforces for this key; None: nothing (the store is not asked)."""
+        limits = Limits(self.rpm, self.tpm, self.budget_tokens, self.budget_usd, self.budget_period, self.max_parallel)
+        return None if limits == NO_LIMITS else limits
+
 
 NO_POLICY = KeyPolicy()
+NO_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -409,6 +420,7 @@ def _parse_policy(entry: dict, where: str) -> KeyPolicy:
         period_text=period_text,
         expires_at=_timestamp(entry["expires_at"], f"{where}: expires_at") if "expires_at" in entry else None,
         disabled=disabled,
+        max_parallel=_optional_int(entry, "max_parallel", where),
     )
 
 

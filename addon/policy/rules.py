@@ -3,15 +3,21 @@
 Pure: no mitmproxy, no I/O; the time and the store are passed in. The gateway calls
 `check_key` right after the key lookup and `admit` once the body is parsed and the provider
 has accepted it (a request it refuses with a 400 is never forwarded), both before anything is
-forwarded. Order matters: cheap static rules first, and the rpm slot is taken
-last so a request refused for another reason does not use one up.
+forwarded. Order matters: cheap static rules first, then one call to the store that checks
+budgets, tpm, max_parallel and rpm and reserves the request's worst case (policy/store.py
+says how), so a request refused for any reason uses up nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
+from addon.policy.keys import KeyPolicy, KeyStore, Price, VirtualKey
+from addon.policy.store import (
+    BUDGET_TOKENS, BUDGET_USD, NO_DEMAND, PARALLEL, TPM, Demand, StoreUnavailable, UsageStore, Verdict,
+    retry_after_header,
+)
 from addon.wire.errors import GatewayError
-from addon.policy.keys import KeyStore, VirtualKey
-from addon.policy.store import UsageStore, retry_after_header
 
 # A budget is not something a retry fixes: tell the openai SDK not to retry (it honours this header)
 NO_RETRY = {"x-should-retry": "false"}
@@ -25,8 +31,11 @@ def check_key(key: VirtualKey, now: float) -> None:
         raise GatewayError(401, "this virtual key has expired", code="key_expired")
 
 
-def admit(key: VirtualKey, model: str, keys: KeyStore, store: UsageStore, now: float) -> None:
-    """Raise the GatewayError that refuses this request, or count it against the key's rpm."""
+def admit(key: VirtualKey, model: str, keys: KeyStore, store: UsageStore, now: float,
+          demand: Demand = NO_DEMAND) -> str | None | Awaitable[str | None]:
+    """Raise the GatewayError that refuses this request, or count it and reserve `demand` (its
+    worst case, see `worst_case`). Returns the reservation's ticket (None: nothing held), or,
+    when the store does I/O, an awaitable of it."""
     policy = key.policy
     if not policy.allows_model(model):
         raise GatewayError(403, f"this virtual key may not use model {model!r}", param="model", code="model_not_allowed")
@@ -36,22 +45,60 @@ def admit(key: VirtualKey, model: str, keys: KeyStore, store: UsageStore, now: f
             403, f"model {model!r} has no price in the keys file, and this key has a dollar budget",
             param="model", code="model_not_priced",
         )
-    if policy.has_budget:
-        spent = store.spend(key.fingerprint, policy.budget_period, now)
-        if policy.budget_tokens is not None and spent.tokens >= policy.budget_tokens:
-            raise GatewayError(429, f"token budget of this virtual key is used up ({spent.tokens} of {policy.budget_tokens}{_period(policy.budget_period)})",
-                               code="budget_exceeded", headers=NO_RETRY)
-        if policy.budget_usd is not None and spent.usd >= policy.budget_usd:
-            raise GatewayError(429, f"dollar budget of this virtual key is used up (${spent.usd:.4f} of ${policy.budget_usd:g}{_period(policy.budget_period)})",
-                               code="budget_exceeded", headers=NO_RETRY)
-    if policy.tpm is not None:
-        wait = store.tokens_wait(key.fingerprint, policy.tpm, now)
-        if wait is not None:
-            raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm})", wait)
-    if policy.rpm is not None:
-        wait = store.take_request(key.fingerprint, policy.rpm, now)
-        if wait is not None:
-            raise _rate_limited(f"requests per minute limit of this virtual key reached (rpm {policy.rpm})", wait)
+    limits = policy.limits
+    if limits is None:  # nothing to count: the store is not asked
+        return None
+    verdict = store.reserve(key.fingerprint, limits, demand, now)
+    if type(verdict) is Verdict:
+        return ticket(verdict, policy, demand)
+    return _ticket_later(verdict, policy, demand)
+
+
+async def _ticket_later(pending: Awaitable[Verdict], policy: KeyPolicy, demand: Demand) -> str | None:
+    try:
+        verdict = await pending
+    except StoreUnavailable:
+        raise GatewayError(503, "the gateway cannot check this key's limits right now (its usage store is unreachable); retry shortly",
+                           code="store_unavailable", headers={"retry-after": "1"}) from None
+    return ticket(verdict, policy, demand)
+
+
+def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand) -> str | None:
+    """The store's answer as the ticket of an admitted request, or the client's error."""
+    refused = verdict.refused
+    if refused is None:
+        return verdict.ticket
+    period = _period(policy.budget_period)
+    if refused == BUDGET_TOKENS:
+        raise GatewayError(429, f"token budget of this virtual key does not cover this request ({verdict.used:.0f} of "
+                           f"{policy.budget_tokens}{period} used or held; this request may use up to {demand.tokens}: "
+                           "lower max_tokens to fit)", code="budget_exceeded", headers=NO_RETRY)
+    if refused == BUDGET_USD:
+        raise GatewayError(429, f"dollar budget of this virtual key does not cover this request (${verdict.used:.4f} of "
+                           f"${policy.budget_usd:g}{period} used or held; this request may cost up to ${demand.usd:.4f}: "
+                           "lower max_tokens to fit)", code="budget_exceeded", headers=NO_RETRY)
+    if refused == TPM:
+        raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm}; this request may use up to {demand.tokens})", verdict.wait)
+    if refused == PARALLEL:
+        raise GatewayError(429, f"this virtual key already has {policy.max_parallel} requests in flight (max_parallel {policy.max_parallel})",
+                           code="concurrency_limit_exceeded", headers={"retry-after": retry_after_header(verdict.wait)})
+    raise _rate_limited(f"requests per minute limit of this virtual key reached (rpm {policy.rpm})", verdict.wait)
+
+
+def worst_case(policy: KeyPolicy, price: Price | None, body: dict, body_size: int, default_output: int) -> Demand:
+    """The most a request can use, for keys whose budget or tpm reserves it: the prompt (its
+    body's size in bytes bounds its text tokens: a token is at least one byte) plus max_tokens,
+    or the provider's default output when the request names none."""
+    if policy.tpm is None and not policy.has_budget:
+        return NO_DEMAND
+    output = default_output
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if type(value) is int and value > 0:
+            output = value
+            break
+    usd = (body_size * price.input + output * price.output) / 1e6 if price is not None else 0.0
+    return Demand(body_size + output, usd)
 
 
 def listed_models(key: VirtualKey) -> list[str]:

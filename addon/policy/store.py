@@ -1,25 +1,44 @@
-"""Rate-limit counters and spend per virtual key, behind a small interface.
+"""Rate limits, budgets and requests in flight per virtual key, behind one small interface.
 
 `UsageStore` is all the policy code knows. `MemoryStore` keeps everything in this process (one
-gateway); a Redis store implementing the same four methods could back several gateways
-(rpm: a sorted set per key, ZREMRANGEBYSCORE + ZCARD + ZADD in one MULTI/Lua call; tpm and spend:
-INCRBY on per-minute / per-hour bucket keys with an expiry). Keys are identified by fingerprint,
-never by the virtual key itself. Times are unix seconds, passed in so rules are testable.
+gateway); `RedisStore` (policy/redis_store.py) keeps it in Redis, shared by any number of
+gateways, with the same semantics. Keys are identified by fingerprint, never by the virtual key
+itself. Times are unix seconds, passed in so rules are testable.
+
+Admission is one call, `reserve()`, that checks every limit of a key and, when they all fit,
+counts the request and reserves its worst case, atomically (for Redis: one Lua script, one
+round trip). A store that answers at once (MemoryStore) returns the `Verdict`; one that does
+I/O returns an awaitable of it, and the gateway's hook then becomes async for that request
+only: the single-process path does not pay for an await. `settle()` and `release()` end a
+reservation; they never make the caller wait (a remote store sends them in the background).
+
+Reservations (the budget rule). At admission the request's worst case (prompt estimate plus
+max_tokens or the provider default, priced with the key's prices) is held against
+budget_tokens / budget_usd and tpm together with everything already spent and everything
+other requests hold. It fits or the request is refused; so requests running at the same time
+can never together overshoot a budget. When the response ends the reservation is replaced by
+the real usage (`settle`); a request that produced nothing frees it (`release`); one that is
+never settled (a worker killed mid-request) expires after RESERVATION_TTL. The cost: near
+the end of a budget a request is refused that would have fit, had it used less than its worst
+case. tpm is checked the same way, except that a request alone in an empty window is always
+admitted (a key's tpm may be smaller than one request's worst case).
 
 Windows:
 - rpm: sliding window log over the last 60 s (exact: every admitted request's time is kept).
 - tpm: sliding window over the last 60 s of tokens *recorded* (a request's tokens count when its
-  response ends, so one request can take a key past its tpm; the next one is then refused).
+  response ends), plus the tokens reserved by requests in flight.
 - spend: hourly buckets; a budget period covers every bucket that overlaps the last N hours, so
   the window errs on the side of counting a little more than N hours, never less. Buckets older
   than the longest allowed period are dropped; lifetime totals are kept apart.
+- max_parallel: the key's live reservations (each admitted request of such a key holds one).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
 
 MINUTE = 60.0
@@ -28,23 +47,83 @@ MAX_BUDGET_PERIOD = 366 * 86400  # the longest budget_period the keys file accep
 RETENTION_HOURS = MAX_BUDGET_PERIOD // BUCKET + 1  # spend buckets kept per key
 
 
+RESERVATION_TTL = 900.0  # seconds a reservation is held at most (a crashed worker's expire)
+PARALLEL_RETRY = 1.0  # Retry-After for a key at its max_parallel: slots free as responses end
+
+
 class Spend(NamedTuple):
     tokens: int
     usd: float
 
 
+class Limits(NamedTuple):
+    """What a key's policy asks the store to enforce (None: no limit of that kind)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    budget_period: int | None = None  # seconds; None = lifetime
+    max_parallel: int | None = None
+
+    @property
+    def reserves(self) -> bool:
+        """Whether an admitted request holds a reservation (and so must be settled or released)."""
+        return (self.tpm is not None or self.budget_tokens is not None or self.budget_usd is not None
+                or self.max_parallel is not None)
+
+
+class Demand(NamedTuple):
+    """A request's worst case: the most tokens and dollars it can use."""
+
+    tokens: int = 0
+    usd: float = 0.0
+
+
+NO_DEMAND = Demand()
+
+# why a reservation did not fit (Verdict.refused)
+BUDGET_TOKENS, BUDGET_USD, TPM, PARALLEL, RPM = "budget_tokens", "budget_usd", "tpm", "max_parallel", "rpm"
+
+
+class Verdict(NamedTuple):
+    """The store's answer to reserve(): admitted (refused is None) with a ticket when it holds a
+    reservation, or refused: which limit, seconds until a retry may fit, and how much of that
+    limit was used or held (for the message)."""
+
+    ticket: str | None = None
+    refused: str | None = None
+    wait: float = 0.0
+    used: float = 0
+
+
+ADMITTED = Verdict()
+
+
+class StoreUnavailable(Exception):
+    """The store could not be asked (Redis down): a limited key's request is not forwarded."""
+
+
 class UsageStore(Protocol):
-    def take_request(self, key: str, rpm: int, now: float) -> float | None:
-        """Admit one request under `rpm` and count it; or, when full, return seconds until a slot frees."""
+    def reserve(self, key: str, limits: Limits, demand: Demand, now: float) -> Verdict | Awaitable[Verdict]:
+        """Check every limit and, if all fit, count the request (rpm) and hold `demand` and a
+        parallel slot (when limits.reserves), atomically. Raises (or the awaitable raises)
+        StoreUnavailable when the store cannot be asked."""
 
-    def tokens_wait(self, key: str, tpm: int, now: float) -> float | None:
-        """None when the key used fewer than `tpm` tokens in the last minute, else seconds to wait."""
+    def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
+        """Replace a reservation by the real usage. Never waits."""
 
-    def spend(self, key: str, period: int | None, now: float) -> Spend:
-        """Tokens and dollars recorded for the key in the last `period` seconds (None: ever)."""
+    def release(self, key: str, ticket: str) -> None:
+        """Drop a reservation that used nothing (the provider failed before any output). Never waits."""
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
-        """Count a finished request's tokens and cost (kept in step with the usage ledger)."""
+        """Count a finished request that held no reservation (kept in step with the usage ledger)."""
+
+    def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
+        """Spend only (not the tpm window): how past ledger rows are loaded at start-up."""
+
+    def seed_tokens(self, key: str, tokens: int, when: float) -> None:
+        """The tpm window only: the last minute's ledger rows, loaded at start-up in time order."""
 
 
 class _KeySpend:
@@ -110,6 +189,62 @@ class MemoryStore:
         self._tokens: dict[str, deque[tuple[float, int]]] = {}
         self._token_sums: dict[str, int] = {}
         self._spend: dict[str, _KeySpend] = {}
+        # key -> ticket -> [tokens, usd, expires]: requests in flight that hold a reservation
+        self._held: dict[str, dict[str, list]] = {}
+        self._tickets = itertools.count(1)
+
+    # --- admission ---------------------------------------------------------------------
+
+    def reserve(self, key: str, limits: Limits, demand: Demand, now: float) -> Verdict:
+        held = self._live(key, now)
+        held_tokens = held_usd = 0
+        for tokens, usd, _ in held.values():
+            held_tokens += tokens
+            held_usd += usd
+        if limits.budget_tokens is not None or limits.budget_usd is not None:
+            spent = self.spend(key, limits.budget_period, now)
+            if limits.budget_tokens is not None and not fits(spent.tokens + held_tokens, demand.tokens, limits.budget_tokens):
+                return Verdict(None, BUDGET_TOKENS, 0.0, spent.tokens + held_tokens)
+            if limits.budget_usd is not None and not fits(spent.usd + held_usd, demand.usd, limits.budget_usd):
+                return Verdict(None, BUDGET_USD, 0.0, spent.usd + held_usd)
+        if limits.tpm is not None:
+            wait = self.tokens_wait(key, limits.tpm, now, held_tokens + demand.tokens, bool(held))
+            if wait is not None:
+                return Verdict(None, TPM, wait, self._token_sums.get(key, 0) + held_tokens)
+        if limits.max_parallel is not None and len(held) >= limits.max_parallel:
+            return Verdict(None, PARALLEL, PARALLEL_RETRY, len(held))
+        if limits.rpm is not None:
+            wait = self.take_request(key, limits.rpm, now)
+            if wait is not None:
+                return Verdict(None, RPM, wait, limits.rpm)
+        if not limits.reserves:
+            return ADMITTED
+        ticket = str(next(self._tickets))
+        if not held:
+            self._held[key] = held
+        held[ticket] = [demand.tokens, demand.usd, now + RESERVATION_TTL]
+        return Verdict(ticket)
+
+    def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
+        self.release(key, ticket)
+        self.add_usage(key, tokens, usd, when)
+
+    def release(self, key: str, ticket: str) -> None:
+        held = self._held.get(key)
+        if held is not None and held.pop(ticket, None) is not None and not held:
+            del self._held[key]
+
+    def _live(self, key: str, now: float) -> dict[str, list]:
+        """The key's reservations, the expired ones dropped (a bug or a lost flow must not hold
+        budget forever; in Redis, a killed worker)."""
+        held = self._held.get(key)
+        if held is None:
+            return {}
+        for ticket in [t for t, (_, _, expires) in held.items() if expires <= now]:
+            del held[ticket]
+        return held
+
+    # --- windows -----------------------------------------------------------------------
 
     def take_request(self, key: str, rpm: int, now: float) -> float | None:
         times = self._requests.setdefault(key, deque())
@@ -120,18 +255,21 @@ class MemoryStore:
         times.append(now)
         return None
 
-    def tokens_wait(self, key: str, tpm: int, now: float) -> float | None:
+    def tokens_wait(self, key: str, tpm: int, now: float, demand: int = 0, others: bool = False) -> float | None:
+        """None when `demand` more tokens fit under `tpm` in the last minute, else seconds to wait.
+        `demand` includes what other requests in flight hold (`others`: there are some); a
+        request alone in an empty window always fits."""
         if self.before_read is not None:
             self.before_read()
         used = self._expire_tokens(key, now)
-        if used < tpm:
+        if used < tpm and (used + demand <= tpm or (not used and not others)):
             return None
-        # wait until enough of the oldest entries leave the window to drop below tpm
-        for when, tokens in self._tokens[key]:
+        # wait until enough of the oldest entries leave the window for the demand to fit
+        for when, tokens in self._tokens.get(key, ()):
             used -= tokens
-            if used < tpm:
+            if used < tpm and (used + demand <= tpm or (not used and not others)):
                 return when + MINUTE - now
-        return MINUTE  # unreachable: used drops to 0 < tpm
+        return PARALLEL_RETRY  # what others hold is in the way: they settle as responses end
 
     def _expire_tokens(self, key: str, now: float) -> int:
         window = self._tokens.get(key)
@@ -171,6 +309,12 @@ class MemoryStore:
         if spend is None:
             spend = self._spend[key] = _KeySpend()
         spend.add(tokens, usd, when)
+
+
+def fits(used: float, demand: float, limit: float) -> bool:
+    """Whether a request that may use `demand` fits under `limit` with `used` spent or held:
+    something must be left, and the worst case must fit in it."""
+    return used < limit and used + demand <= limit
 
 
 def retry_after_header(seconds: float) -> str:

@@ -26,3 +26,9 @@ CATALOG: dict[str, ProviderInfo] = {
     # instead of translating it (the default, "deepseek", translates: docs/anthropic.md says why)
     "deepseek-anthropic": ProviderInfo("https://api.deepseek.com/anthropic", "/v1/messages", "x-api-key", "anthropic_messages"),
 }
+
+# The most output tokens a request without max_tokens can get from each provider: a key with a
+# budget or tpm reserves this much for such a request (policy/store.py). At least what the
+# provider allows (or, for anthropic, what providers/anthropic.py sets).
+MAX_OUTPUT: dict[str, int] = {"openai": 32768, "deepseek": 8192, "anthropic": 32768}  # 16384 + the "high" thinking budget
+DEFAULT_MAX_OUTPUT = 32768  # a provider missing above

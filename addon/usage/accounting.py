@@ -28,7 +28,7 @@ from addon.usage.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.policy.keys import Price
 from addon.usage.ledger import Ledger, UsageRecord, display_name, open_ledger
 from addon.wire.messages import plain_content
-from addon.policy.store import BUCKET, MINUTE, MemoryStore
+from addon.policy.store import BUCKET, MINUTE, UsageStore
 from addon.wire.streams import frame_for_new_length
 from addon.usage.estimate import StreamSample, estimate_from_chars
 from addon.usage.tokens import Usage, cost
@@ -42,7 +42,7 @@ log = logging.getLogger("gateway")
 
 
 class UsageAccounting:
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(self, store: UsageStore) -> None:
         self.store = store
         self.ledger: Ledger | None = None
         self.watchers: dict[str, tuple[StreamUsageReader, StreamSample]] = {}  # per streamed flow
@@ -170,9 +170,34 @@ class UsageAccounting:
         if meta is None or "fingerprint" not in meta:  # not a request made with a known key
             log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000, ended)
             return
+        if "ticket" in meta:  # the store holds a reservation for it: end that at once
+            usage = self.end_reservation(meta, status, usage, ended)
         self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
         if len(self.unsettled) >= SETTLE_AT:
             self.settle()
+
+    def end_reservation(self, meta: dict, status: int, usage: Usage | http.Response | None, ended: float) -> Usage | None:
+        """Settle the reservation of a request that ended to what it used, or release it when
+        the provider answered nothing billable (an error, or no response at all). Done when
+        the flow ends, not batched: the reservation holds budget and a max_parallel slot."""
+        if isinstance(usage, http.Response):
+            usage = usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
+        fingerprint, ticket = meta["fingerprint"], meta["ticket"]
+        try:
+            if usage is None and status == 200:
+                # an answer (or part of one: the client hung up) without the provider's usage:
+                # never charge zero. Charged the reserved worst case until the estimator from the
+                # prompt and the streamed text is used here.
+                tokens, usd = meta.get("reserved") or (0, 0.0)
+                self.store.settle(fingerprint, ticket, tokens, usd, ended)
+            elif usage is None:
+                self.store.release(fingerprint, ticket)
+            else:
+                price = meta.get("price")
+                self.store.settle(fingerprint, ticket, usage.total, cost(usage, Price(*price)) if price else 0.0, ended)
+        except Exception:
+            log.exception("gateway: could not end a reservation (it expires by itself)")
+        return usage
 
     def settle(self) -> None:
         """Count every noted flow: store (budgets, tpm) and ledger."""
@@ -197,7 +222,7 @@ class UsageAccounting:
         usd = cost(usage, Price(*price)) if price else 0.0
         fingerprint = meta["fingerprint"]
         tokens = usage.prompt_tokens + usage.completion_tokens
-        if tokens or usd:
+        if (tokens or usd) and "ticket" not in meta:  # a reservation was settled when the flow ended
             self.store.add_usage(fingerprint, tokens, usd, ended)
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
