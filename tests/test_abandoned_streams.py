@@ -78,14 +78,17 @@ def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budg
     provider.reset(answer)
     db = tmp_path / "usage.sqlite3"
     keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_budget": {"provider": "openai", "api_key": REAL_KEY, "budget_tokens": 100}}}
+            # each request reserves its worst case (its ~90 body bytes + max_tokens 50) and is charged 53:
+            # the second fits (53 + ~140 <= 215), the third does not (106 + ~140 > 215)
+            "virtual_keys": {"vk_budget": {"provider": "openai", "api_key": REAL_KEY, "budget_tokens": 215}}}
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
 
     answered = refused = 0
     for attempt in range(12):
         try:
-            stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+            stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                                    max_tokens=50)
         except openai.RateLimitError as e:
             assert e.code == "budget_exceeded"
             refused += 1

@@ -185,9 +185,8 @@ class UsageAccounting:
         fingerprint, ticket = meta["fingerprint"], meta["ticket"]
         try:
             if usage is None and status == 200:
-                # an answer (or part of one: the client hung up) without the provider's usage:
-                # never charge zero. Charged the reserved worst case until the estimator from the
-                # prompt and the streamed text is used here.
+                # a whole answer without the provider's usage (streams always have a count or an
+                # estimate by now: stream_usage): never charge zero; charge the worst case reserved
                 tokens, usd = meta.get("reserved") or (0, 0.0)
                 self.store.settle(fingerprint, ticket, tokens, usd, ended)
             elif usage is None:
