@@ -179,22 +179,31 @@ def test_rows_wait_out_a_full_disk_and_are_written_when_space_comes_back(tiny_di
 @pytest.mark.e2e
 def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
+    messages = [{"role": "user", "content": "hi"}]
+    # a budgeted request reserves its body's bytes + max_tokens (docs/shared-state.md): measure
+    # the SDK's body once, then give the key room for exactly 10 answers of 7 tokens
+    probe = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
+                             "virtual_keys": {"vk_probe": {"provider": "openai", "api_key": REAL_KEY}}})
+    openai.OpenAI(base_url=probe.url + "/v1", api_key="vk_probe", max_retries=0).chat.completions.create(
+        model="gpt-4o", messages=messages, max_tokens=1)
+    worst_case = len(provider.received[0].body) + 1
+    provider.reset()
     keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY, "budget_tokens": 70},
+            "virtual_keys": {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY,
+                                           "budget_tokens": 69 + worst_case},  # 63 + worst case fits, 70 + it does not
                              "vk_free": {"name": "free", "provider": "openai", "api_key": REAL_KEY}}}
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     budget = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
     free = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_free", max_retries=0)
-    messages = [{"role": "user", "content": "hi"}]
-    for _ in range(9):  # 63 of 70 tokens
-        budget.chat.completions.create(model="gpt-4o", messages=messages)
+    for _ in range(9):  # 63 tokens
+        budget.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=1)
     wait_count(db, 9)
     remove_ledger(db)
-    budget.chat.completions.create(model="gpt-4o", messages=messages)  # 70: the budget is used up
+    budget.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=1)  # 70: the budget is used up
     for _ in range(20):
         free.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.RateLimitError):  # the spend before the rm still counts
-        budget.chat.completions.create(model="gpt-4o", messages=messages)
+        budget.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=1)
     wait_count(db, 22)
     assert count(db, "key_name = 'free'") == 20 and count(db, "key_name = 'budget'") == 2  # 1 served, 1 refused
     assert gw.log().count("was deleted while the gateway ran") == 1

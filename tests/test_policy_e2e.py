@@ -357,3 +357,19 @@ def test_hot_reload_leaves_requests_in_flight_alone(provider, gateway_factory):
     assert "".join(text) == "onetwothree"
     with pytest.raises(openai.AuthenticationError):
         chat(gw, "vk_a")
+
+
+def test_a_budget_is_charged_what_requests_used_not_what_they_reserved(provider, gateway_factory):
+    gw = gateway_factory(keys_file(provider, vk_budget={"budget_tokens": 300}))
+    served = 0
+    while served < 100:
+        try:
+            chat(gw, "vk_budget", max_tokens=1)  # reserves its body bytes + 1; uses 7
+        except openai.RateLimitError as e:
+            assert e.code == "budget_exceeded"
+            break
+        served += 1
+    worst_case = len(provider.received[0].body) + 1
+    # admitted while 7 per answer so far + this one's worst case fit in 300 (charged the worst case: 3)
+    assert served == (300 - worst_case) // 7 + 1
+    assert len(provider.received) == served

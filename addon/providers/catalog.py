@@ -29,6 +29,6 @@ CATALOG: dict[str, ProviderInfo] = {
 
 # The most output tokens a request without max_tokens can get from each provider: a key with a
 # budget or tpm reserves this much for such a request (policy/store.py). At least what the
-# provider allows (or, for anthropic, what providers/anthropic.py sets).
+# provider allows (or, for anthropic, what translate/openai_chat_anthropic.py sets).
 MAX_OUTPUT: dict[str, int] = {"openai": 32768, "deepseek": 8192, "anthropic": 32768}  # 16384 + the "high" thinking budget
 DEFAULT_MAX_OUTPUT = 32768  # a provider missing above

@@ -180,10 +180,10 @@ class UsageAccounting:
         """Settle the reservation of a request that ended to what it used, or release it when
         the provider answered nothing billable (an error, or no response at all). Done when
         the flow ends, not batched: the reservation holds budget and a max_parallel slot."""
-        if isinstance(usage, http.Response):
-            usage = usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
         fingerprint, ticket = meta["fingerprint"], meta["ticket"]
         try:
+            if isinstance(usage, http.Response):
+                usage = body_usage(meta, usage)
             if usage is None and status == 200:
                 # a whole answer without the provider's usage (streams always have a count or an
                 # estimate by now: stream_usage): never charge zero; charge the worst case reserved
@@ -196,6 +196,8 @@ class UsageAccounting:
                 self.store.settle(fingerprint, ticket, usage.total, cost(usage, Price(*price)) if price else 0.0, ended)
         except Exception:
             log.exception("gateway: could not end a reservation (it expires by itself)")
+            self.store.release(fingerprint, ticket)
+            return None
         return usage
 
     def settle(self) -> None:
@@ -210,11 +212,7 @@ class UsageAccounting:
     def count(self, meta: dict, started: float, ended: float, status: int,
               usage: Usage | http.Response | None, streamed: bool) -> None:
         if isinstance(usage, http.Response):
-            api = APIS.get(meta.get("api"), DEFAULT_API)
-            try:
-                usage = api.usage_from_body(plain_content(usage)) if usage.raw_content is not None else None
-            except ValueError:  # a body that cannot be decoded (corrupt gzip): its row still counts
-                usage = None
+            usage = body_usage(meta, usage)
         if usage is None:
             usage = NO_USAGE
         price = meta.get("price")
@@ -245,6 +243,17 @@ def client_status(flow: http.HTTPFlow) -> int:
     if not flow.client_conn.state & ConnectionState.CAN_WRITE:
         return 0
     return 504 if flow.metadata.get("gateway", {}).get("timeout") else 502
+
+
+def body_usage(meta: dict, response: http.Response) -> Usage | None:
+    """The usage in a whole response body, read as the request's API writes it; None when it
+    has none or cannot be decoded (corrupt gzip: its row still counts)."""
+    if response.raw_content is None:
+        return None
+    try:
+        return APIS.get(meta.get("api"), DEFAULT_API).usage_from_body(plain_content(response))
+    except ValueError:
+        return None
 
 
 def stream_usage(flow: http.HTTPFlow, watcher: StreamUsageReader, sample: StreamSample) -> Usage:
