@@ -7,7 +7,8 @@
 # Environment: KEYS_FILE (keys.json), USAGE_DB (usage.sqlite3), GATEWAY_HOST (127.0.0.1),
 #              GATEWAY_PORT (8080), WEB_PORT (8081),
 #              GATEWAY_WORKERS (1; N or auto: N mitmdump workers behind HAProxy, docs/fleet.md),
-#              GATEWAY_DRAIN_S (30), REDIS_URL (workers > 1: shared Redis; unset: a local redis-server),
+#              GATEWAY_DRAIN_S (30), REDIS_URL (workers > 1: shared Redis; unset: a local redis-server;
+#              one worker: limits in Redis when set), REDIS_PREFIX (llmgw:),
 #              FLEET_DIR (.fleet: HAProxy config, fleet.json, local Redis data),
 #              WEB_PASSWORD (mitmweb password; generated and printed once when unset),
 #              METRICS_PORT (Prometheus /metrics on GATEWAY_HOST; unset: off), METRICS_TOKEN (bearer)
@@ -82,8 +83,8 @@ reject_script_options() {
     local arg
     for arg in "$@"; do
         case "$arg" in
-            keys_file=*|usage_db=*|record_file=*|redis_url=*|metrics_*=*)
-                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB, REDIS_URL, METRICS_PORT, METRICS_TOKEN) or the subcommand, not --set" >&2
+            keys_file=*|usage_db=*|record_file=*|redis_url=*|redis_prefix=*|metrics_*=*)
+                echo "run.sh: set ${arg%%=*} through the environment (KEYS_FILE, USAGE_DB, REDIS_URL, REDIS_PREFIX, METRICS_PORT, METRICS_TOKEN) or the subcommand, not --set" >&2
                 exit 2 ;;
         esac
     done
@@ -107,6 +108,7 @@ WEB_PORT=${WEB_PORT:-8081}
 GATEWAY_ARGS=(--set connection_strategy=lazy
               --set "keys_file=$KEYS_FILE"
               --set "usage_db=$USAGE_DB"
+              --set "redis_prefix=${REDIS_PREFIX:-llmgw:}"
               -s "$ROOT/addon/gateway.py")
 if [ -n "${METRICS_PORT:-}" ]; then
     # the token comes from the environment (METRICS_TOKEN), never argv: ps and mitmweb show options

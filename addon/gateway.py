@@ -51,6 +51,7 @@ from addon.recording.recorder import Recorder, Snapshot
 from addon.policy.reload import KeysReloader
 from addon.policy.logredact import LogRedaction
 from addon.policy.store import MemoryStore, UsageStore
+from addon.policy.stores import StoreChoice
 from addon.wire.streams import fail_closed_stream
 from addon.wire.streamends import StreamEnds
 from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
@@ -428,11 +429,13 @@ _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage co
 _gateway = Gateway(_store)
 _accounting = UsageAccounting(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
-# after the Gateway: see addon/recording/recorder.py; the timeouts and StreamEnds before
+# after the Gateway: see addon/recording/recorder.py; StoreChoice, which may swap the store for
+# RedisStore, before the accounting loads the ledger into it; the timeouts and StreamEnds before
 # UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
 # clock sees every part)
 _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
-addons = [AddonChain(_redaction, JsonErrorPages(), Snapshot(_gateway), _gateway, KeysReloader(_gateway),
-                     UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(), ACCESS, WebViews(),
-                     Metrics(_gateway, _accounting, _store))]
+_metrics = Metrics(_gateway, _accounting, _store)
+addons = [AddonChain(_redaction, JsonErrorPages(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
+                     KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+                     ACCESS, WebViews(), _metrics)]

@@ -95,6 +95,8 @@ class FakeProvider:
         self.handler = handler
         self.received: list[Received] = []
         self.connections = 0
+        self.in_flight = 0  # requests received and not yet answered in full
+        self.max_in_flight = 0
         self.holds_released: list[bool] = []  # per held reply: was it released by the client?
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -140,6 +142,7 @@ class FakeProvider:
     def reset(self, handler: Callable[[Received], Reply] | None = None) -> None:
         self.received.clear()
         self.holds_released.clear()
+        self.max_in_flight = self.in_flight
         self.handler = handler or default_reply
 
     # -- HTTP --
@@ -159,8 +162,13 @@ class FakeProvider:
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 req = Received(method, target, headers, body)
                 self.received.append(req)
-                reply = self.handler(req)
-                await self._send(writer, reply)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    reply = self.handler(req)
+                    await self._send(writer, reply)
+                finally:
+                    self.in_flight -= 1
                 if headers.get("connection", "").lower() == "close":
                     break
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -119,6 +119,9 @@ class UsageStore(Protocol):
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Count a finished request that held no reservation (kept in step with the usage ledger)."""
 
+    def spend(self, key: str, period: int | None, now: float) -> Spend | Awaitable[Spend]:
+        """Tokens and dollars spent in the last `period` seconds (None: ever): for metrics."""
+
     def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Spend only (not the tpm window): how past ledger rows are loaded at start-up."""
 

@@ -1,0 +1,72 @@
+"""Which UsageStore the gateway's parts share: options `redis_url` and `redis_prefix`.
+
+Without `redis_url` (the default) the store is the in-process MemoryStore: one gateway. With
+it, RedisStore (policy/redis_store.py): every gateway with the same Redis and prefix enforces a
+key's limits as one. The chosen store is handed to each part that uses one (the Gateway's
+admission, the usage accounting); it cannot change while the gateway runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from mitmproxy import ctx, exceptions
+
+from addon.policy.redis_store import RedisStore, check_url, masked_url
+
+log = logging.getLogger("gateway")
+
+_PREFIX = re.compile(r"[A-Za-z0-9_:.\-{}]{1,64}")
+
+
+class StoreChoice:
+    def __init__(self, *users) -> None:
+        self.users = users  # objects with a `store` attribute
+        self.chosen: tuple[str, str] | None = None  # (url, prefix) once configured
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "redis_url", str, "",
+            "Redis shared by several gateways for rate limits, budgets and max_parallel "
+            "(redis://[:password@]host:port/db, rediss://, unix://). Empty: this process's memory.",
+        )
+        loader.add_option(
+            "redis_prefix", str, "llmgw:",
+            "Prefix of every Redis key the gateway writes: gateways that share a prefix share limits.",
+        )
+
+    def configure(self, updated) -> None:
+        if "redis_url" not in updated and "redis_prefix" not in updated:
+            return
+        url, prefix = ctx.options.redis_url, ctx.options.redis_prefix
+        if self.chosen is not None:
+            if (url, prefix) != self.chosen:
+                raise exceptions.OptionsError("redis_url and redis_prefix cannot change while the gateway runs")
+            return
+        if not _PREFIX.fullmatch(prefix):
+            raise exceptions.OptionsError(f"redis_prefix {prefix!r}: 1 to 64 letters, digits or _:.-{{}}")
+        if url:
+            try:
+                check_url(url)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            store = RedisStore(url, prefix)
+            for user in self.users:
+                user.store = store
+            log.info("gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(url), prefix)
+        self.chosen = (url, prefix)
+
+    def running(self) -> None:
+        store = self.users[0].store if self.users else None
+        if isinstance(store, RedisStore):
+            store.start_seeding()
+
+    def done(self) -> None:
+        store = self.users[0].store if self.users else None
+        if isinstance(store, RedisStore):
+            try:
+                asyncio.get_running_loop().create_task(store.close())
+            except RuntimeError:
+                pass

@@ -1,0 +1,130 @@
+"""The reservation semantics (policy/store.py), the same for MemoryStore and RedisStore.
+
+The Redis variant talks to a real redis-server (tests/services/redis.py) through RedisStore's
+asyncio API; the Memory variant runs in-process.
+"""
+
+import asyncio
+
+import pytest
+
+from addon.policy.redis_store import RedisStore
+from addon.policy.store import (
+    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_TTL, RPM, TPM, Demand, Limits, MemoryStore, Verdict,
+)
+from tests.services.redis import RedisServer
+
+
+class SyncRedisStore:
+    """RedisStore driven from a sync test: each call runs to completion on one event loop
+    (settle/release/add_usage are awaited, not sent in the background)."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.store = RedisStore(url, "test:")
+
+    def reserve(self, key, limits, demand, now):
+        return self.loop.run_until_complete(self.store.reserve(key, limits, demand, now))
+
+    def settle(self, key, ticket, tokens, usd, when):
+        self.loop.run_until_complete(self.store.count(key, ticket, tokens, usd, when))
+
+    def release(self, key, ticket):
+        self.loop.run_until_complete(self.store.count(key, ticket, 0, 0.0, 0.0))
+
+    def add_usage(self, key, tokens, usd, when):
+        self.loop.run_until_complete(self.store.count(key, "", tokens, usd, when))
+
+    def close(self):
+        self.loop.run_until_complete(self.store.close())
+        self.loop.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.fleet)])
+def store(request):
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    server = RedisServer().start()
+    store = SyncRedisStore(server.url)
+    yield store
+    store.close()
+    server.close()
+
+
+def test_concurrent_reservations_never_overshoot_a_token_budget(store):
+    limits = Limits(budget_tokens=100)
+    first = store.reserve("k", limits, Demand(40), now=0.0)
+    second = store.reserve("k", limits, Demand(40), now=0.0)
+    assert first.refused is None and second.refused is None and first.ticket != second.ticket
+    third = store.reserve("k", limits, Demand(40), now=0.0)  # 80 held + 40 > 100, though 0 is spent
+    assert third == Verdict(None, BUDGET_TOKENS, 0.0, 80)
+    assert store.reserve("k", limits, Demand(20), now=0.0).refused is None  # the rest still fits exactly
+
+
+def test_settle_replaces_the_worst_case_by_the_real_usage(store):
+    limits = Limits(budget_tokens=100)
+    ticket = store.reserve("k", limits, Demand(90), now=0.0).ticket
+    assert store.reserve("k", limits, Demand(20), now=0.0).refused == BUDGET_TOKENS
+    store.settle("k", ticket, 15, 0.0, when=1.0)
+    assert store.reserve("k", limits, Demand(85), now=2.0).refused is None  # 15 spent + 85 = 100
+
+
+def test_release_frees_the_reservation_and_charges_nothing(store):
+    limits = Limits(budget_usd=1.0)
+    ticket = store.reserve("k", limits, Demand(10, 0.8), now=0.0).ticket
+    assert store.reserve("k", limits, Demand(10, 0.3), now=0.0) == Verdict(None, BUDGET_USD, 0.0, 0.8)
+    store.release("k", ticket)
+    assert store.reserve("k", limits, Demand(10, 1.0), now=1.0).refused is None
+
+
+def test_a_used_up_budget_refuses_even_a_request_that_asks_for_nothing(store):
+    store.add_usage("k", 100, 0.0, when=0.0)
+    assert store.reserve("k", Limits(budget_tokens=100), Demand(0), now=1.0).refused == BUDGET_TOKENS
+
+
+def test_a_reservation_expires_after_its_bound(store):
+    limits = Limits(budget_tokens=100, max_parallel=1)
+    assert store.reserve("k", limits, Demand(100), now=0.0).ticket is not None  # never settled (worker gone)
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL - 1).refused == BUDGET_TOKENS
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL).refused is None
+
+
+def test_max_parallel_counts_requests_in_flight(store):
+    limits = Limits(max_parallel=2)
+    a = store.reserve("k", limits, Demand(), now=0.0).ticket
+    b = store.reserve("k", limits, Demand(), now=0.0).ticket
+    refused = store.reserve("k", limits, Demand(), now=0.0)
+    assert (refused.refused, refused.wait, refused.used) == (PARALLEL, 1.0, 2)
+    assert store.reserve("other", limits, Demand(), now=0.0).refused is None  # per key
+    store.settle("k", a, 5, 0.0, when=1.0)
+    c = store.reserve("k", limits, Demand(), now=1.0).ticket
+    assert c is not None
+    store.release("k", b)
+    store.release("k", b)  # twice: harmless
+    assert store.reserve("k", limits, Demand(), now=1.0).refused is None
+    assert store.reserve("k", limits, Demand(), now=1.0).refused == PARALLEL
+
+
+def test_tpm_counts_what_requests_in_flight_hold(store):
+    limits = Limits(tpm=100)
+    held = store.reserve("k", limits, Demand(70), now=0.0).ticket
+    refused = store.reserve("k", limits, Demand(40), now=0.0)
+    assert (refused.refused, refused.wait) == (TPM, 1.0)  # nothing recorded to wait for: the holder settles
+    store.settle("k", held, 70, 0.0, when=5.0)
+    refused = store.reserve("k", limits, Demand(40), now=6.0)
+    assert (refused.refused, refused.wait) == (TPM, 59.0)  # the 70 recorded at 5 leave at 65
+    assert store.reserve("k", limits, Demand(30), now=6.0).refused is None
+
+
+def test_a_request_alone_in_an_empty_tpm_window_is_admitted_whatever_its_worst_case(store):
+    assert store.reserve("k", Limits(tpm=10), Demand(5000), now=0.0).refused is None
+    assert store.reserve("k", Limits(tpm=10), Demand(1), now=0.0).refused == TPM
+
+
+def test_refusals_take_no_rpm_slot_and_rpm_alone_holds_no_reservation(store):
+    limits = Limits(rpm=1, budget_tokens=10)
+    assert store.reserve("k", limits, Demand(11), now=0.0).refused == BUDGET_TOKENS
+    assert store.reserve("k", limits, Demand(5), now=0.0).refused is None  # the slot was still free
+    assert store.reserve("k", limits, Demand(1), now=1.0) == Verdict(None, RPM, 59.0, 1)
+    assert store.reserve("r", Limits(rpm=5), Demand(), now=0.0) == Verdict()  # admitted, nothing to settle

@@ -1,0 +1,54 @@
+"""addon/policy/stores.py: the redis_url / redis_prefix options choose the store every part shares."""
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from addon.policy.redis_store import RedisStore, masked_url
+from addon.policy.store import MemoryStore
+from addon.policy.stores import StoreChoice
+
+
+class User:
+    def __init__(self, store):
+        self.store = store
+
+
+def test_without_redis_url_the_parts_keep_the_memory_store():
+    memory = MemoryStore()
+    a, b = User(memory), User(memory)
+    choice = StoreChoice(a, b)
+    with taddons.context(choice) as tctx:
+        tctx.configure(choice)
+    assert a.store is memory and b.store is memory
+
+
+def test_redis_url_gives_every_part_one_redis_store_with_the_prefix():
+    memory = MemoryStore()
+    a, b = User(memory), User(memory)
+    choice = StoreChoice(a, b)
+    with taddons.context(choice) as tctx:
+        tctx.configure(choice, redis_url="redis://:s3cret@127.0.0.1:1/2", redis_prefix="team-a:")
+        assert isinstance(a.store, RedisStore) and a.store is b.store
+        assert a.store.prefix == "team-a:" and a.store.keys("fp")[0] == "team-a:fp:rpm"
+        with pytest.raises(exceptions.OptionsError, match="cannot change while the gateway runs"):
+            tctx.configure(choice, redis_url="redis://127.0.0.1:2/0")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"redis_url": "http://127.0.0.1:6379"}, "must start with redis://"),
+    ({"redis_url": "redis://127.0.0.1:notaport/0"}, "redis_url"),
+    ({"redis_prefix": ""}, "redis_prefix"),
+    ({"redis_prefix": "has space"}, "redis_prefix"),
+])
+def test_bad_options_are_refused_at_start_up(options, message):
+    choice = StoreChoice(User(MemoryStore()))
+    with taddons.context(choice) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=message):
+            tctx.configure(choice, **options)
+
+
+def test_a_redis_password_never_reaches_a_log_line():
+    assert masked_url("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert masked_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"
+    assert masked_url("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
