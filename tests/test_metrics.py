@@ -37,7 +37,7 @@ def keys_file(provider) -> dict:
         "prices": PRICES,
         "virtual_keys": {
             ALICE: {"provider": "openai", "api_key": REAL_KEY, "name": "alice", "models": ["gpt-4o", "gpt-4o-mini"],
-                    "budget_usd": 100},
+                    "budget_usd": 1_000_000},  # room for the worst case each request reserves (~$65,600 here)
             BOB: {"provider": "openai", "api_key": REAL_KEY, "name": "bob"},
         },
     }
@@ -147,7 +147,7 @@ def test_scrape_counts_plain_streamed_refused_and_provider_error_requests(provid
     assert value(found, "gen_ai_client_token_usage_total", token_type="cached_input") == 0
     assert value(found, "gateway_cost_usd_total", key="alice", model="gpt-4o") == pytest.approx(15 * 1 + 6 * 2)
     assert value(found, "gateway_requests_in_flight", key="alice") == 0
-    assert value(found, "gateway_budget_remaining", key="alice", unit="usd") == pytest.approx(100 - 27)
+    assert value(found, "gateway_budget_remaining", key="alice", unit="usd") == pytest.approx(1_000_000 - 27)
     assert not found.get("gateway_budget_remaining", {}).keys() & {(("key", "bob"), ("unit", "usd"))}  # no budget
     # no secret in the exposition
     text = scrape(port)[2]

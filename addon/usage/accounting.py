@@ -219,8 +219,9 @@ class UsageAccounting:
         usd = cost(usage, Price(*price)) if price else 0.0
         fingerprint = meta["fingerprint"]
         tokens = usage.prompt_tokens + usage.completion_tokens
-        if (tokens or usd) and "ticket" not in meta:  # a reservation was settled when the flow ended
-            self.store.add_usage(fingerprint, tokens, usd, ended)
+        if tokens or usd:
+            if "ticket" not in meta:  # a reservation was settled in the store when the flow ended
+                self.store.add_usage(fingerprint, tokens, usd, ended)
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
         latency_ms = max(0.0, (ended - started) * 1000)

@@ -439,9 +439,12 @@ class Metrics:
             policy = key.policy
             if not policy.has_budget:
                 continue
-            spent = store.spend(key.fingerprint, policy.budget_period, now)
-            if inspect.isawaitable(spent):
-                spent = await spent
+            try:
+                spent = store.spend(key.fingerprint, policy.budget_period, now)
+                if inspect.isawaitable(spent):
+                    spent = await spent
+            except Exception:  # the store is unreachable (it logs that once): keep the last values
+                return
             if policy.budget_usd is not None:
                 m.budget_remaining.labels(key.name, "usd").set(max(0.0, policy.budget_usd - spent.usd))
             if policy.budget_tokens is not None:
