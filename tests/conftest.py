@@ -41,3 +41,24 @@ def gateway_factory():
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def sdk_body_bytes(provider, gateway_factory):
+    """measure(messages, **create_args): the bytes of the body the openai SDK sends for them. A
+    budgeted request reserves its body's bytes + max_tokens (docs/shared-state.md): tests that need
+    a budget to fit exactly N requests size it with this. Call it before setting a provider handler
+    (it resets the provider)."""
+    import openai
+
+    def measure(messages: list, **create_args) -> int:
+        probe = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
+                                 "virtual_keys": {"vk_probe": {"provider": "openai", "api_key": "sk-probe-123456"}}})
+        openai.OpenAI(base_url=probe.url + "/v1", api_key="vk_probe", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=messages, **create_args)
+        size = len(provider.received[-1].body)
+        probe.stop()
+        provider.reset()
+        return size
+
+    return measure

@@ -177,17 +177,11 @@ def test_rows_wait_out_a_full_disk_and_are_written_when_space_comes_back(tiny_di
 
 
 @pytest.mark.e2e
-def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path):
+def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path, sdk_body_bytes):
     db = tmp_path / "usage.sqlite3"
     messages = [{"role": "user", "content": "hi"}]
-    # a budgeted request reserves its body's bytes + max_tokens (docs/shared-state.md): measure
-    # the SDK's body once, then give the key room for exactly 10 answers of 7 tokens
-    probe = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
-                             "virtual_keys": {"vk_probe": {"provider": "openai", "api_key": REAL_KEY}}})
-    openai.OpenAI(base_url=probe.url + "/v1", api_key="vk_probe", max_retries=0).chat.completions.create(
-        model="gpt-4o", messages=messages, max_tokens=1)
-    worst_case = len(provider.received[0].body) + 1
-    provider.reset()
+    # a budgeted request reserves its body's bytes + max_tokens: room for exactly 10 answers of 7 tokens
+    worst_case = sdk_body_bytes(messages, max_tokens=1) + 1
     keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
             "virtual_keys": {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY,
                                            "budget_tokens": 69 + worst_case},  # 63 + worst case fits, 70 + it does not

@@ -94,19 +94,21 @@ def test_usage_names_an_unreachable_postgres_without_its_password(tmp_path):
 
 @pytest.mark.fleet
 def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_spend(
-        postgres_url, provider, gateway_factory):
+        postgres_url, provider, gateway_factory, sdk_body_bytes):
+    # 7 tokens per default fake reply; a request reserves its body's bytes + max_tokens 1
+    # (docs/shared-state.md): with 49 spent one more fits, with 56 none
+    worst_case = sdk_body_bytes(MESSAGES, max_tokens=1) + 1
     keys = {
         "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        # 7 tokens per default fake reply: the budget is spent after 8 requests
         "virtual_keys": {"vk_pg_shared": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-team",
-                                          "budget_tokens": 50}},
+                                          "budget_tokens": 55 + worst_case}},
     }
     usage_db = ["--set", f"usage_db={postgres_url}"]
     a, b = gateway_factory(keys, usage_db), gateway_factory(keys, usage_db)
     for gw, n in ((a, 4), (b, 3)):
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_pg_shared", max_retries=0)
         for _ in range(n):
-            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
     a.stop()  # SIGTERM right after the answers: the rows still pending are written at the stop
     b.stop()
     with psycopg.connect(postgres_url) as db:
@@ -114,15 +116,15 @@ def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_sp
     assert rows == [("pg-team", 200, 7)] * 7
     assert REAL_KEY not in a.log() + b.log()
 
-    # a gateway started now (another machine, a restart) reads the spend: 49 of 50 tokens,
+    # a gateway started now (another machine, a restart) reads the spend: 49 tokens,
     # one more request goes through, the one after is refused
     c = gateway_factory(keys, usage_db)
     client = openai.OpenAI(base_url=c.url + "/v1", api_key="vk_pg_shared", max_retries=0)
-    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
     deadline = time.monotonic() + 10
     with pytest.raises(openai.RateLimitError) as refused:
         while time.monotonic() < deadline:
-            client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=1)
             time.sleep(0.1)
     assert refused.value.body["code"] == "budget_exceeded"
     assert len(provider.received) == 8
