@@ -318,8 +318,6 @@ class Gateway:
             new_body = upstream.body
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
         demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
-        if demand.tokens:
-            meta["reserved"] = list(demand)  # what the request is charged if the provider reports no usage
         admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
         forward = (flow, key, path, query, route, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it

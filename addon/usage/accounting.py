@@ -171,12 +171,12 @@ class UsageAccounting:
             log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000, ended)
             return
         if "ticket" in meta:  # the store holds a reservation for it: end that at once
-            usage = self.end_reservation(meta, status, usage, ended)
+            usage = self.end_reservation(meta, usage, ended)
         self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
         if len(self.unsettled) >= SETTLE_AT:
             self.settle()
 
-    def end_reservation(self, meta: dict, status: int, usage: Usage | http.Response | None, ended: float) -> Usage | None:
+    def end_reservation(self, meta: dict, usage: Usage | http.Response | None, ended: float) -> Usage | None:
         """Settle the reservation of a request that ended to what it used, or release it when
         the provider answered nothing billable (an error, or no response at all). Done when
         the flow ends, not batched: the reservation holds budget and a max_parallel slot."""
@@ -184,12 +184,9 @@ class UsageAccounting:
         try:
             if isinstance(usage, http.Response):
                 usage = body_usage(meta, usage)
-            if usage is None and status == 200:
-                # a whole answer without the provider's usage (streams always have a count or an
-                # estimate by now: stream_usage): never charge zero; charge the worst case reserved
-                tokens, usd = meta.get("reserved") or (0, 0.0)
-                self.store.settle(fingerprint, ticket, tokens, usd, ended)
-            elif usage is None:
+            if usage is None:
+                # nothing billable: an error, no answer, or a whole body without usage (counted 0,
+                # as in the ledger; a stream always has a count or an estimate by now)
                 self.store.release(fingerprint, ticket)
             else:
                 price = meta.get("price")
