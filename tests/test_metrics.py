@@ -395,3 +395,21 @@ def test_provider_unreachable_page_carries_the_overhead_and_is_counted(provider,
     assert value(found, "gateway_requests_total", key="nowhere", status_class="5xx", code="upstream_error") == 1
     assert value(found, "gateway_overhead_seconds_count") == 1
     assert value(found, "gateway_requests_in_flight", key="nowhere") == 0
+
+
+@pytest.mark.e2e
+def test_a_client_that_hangs_up_before_its_answer_is_counted_as_the_ledger_records_it(provider, gateway_factory):
+    """Status 0 (the client had gone), not mitmproxy's 502 that nobody received."""
+    provider.reset(lambda req: Reply.json({"ok": True}, delay=1.5))
+    port = free_port()
+    gw = gateway_factory(keys_file(provider), ["--set", f"metrics_port={port}"])
+    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer " + BOB.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10
+        while not provider.received and time.monotonic() < deadline:  # forwarded: now hang up
+            time.sleep(0.02)
+    found = scrape_until(port, lambda f: value(f, "gateway_requests_total", key="bob") == 1)
+    assert value(found, "gateway_requests_total", key="bob", status_class="0xx", code="client_closed") == 1
+    assert value(found, "gateway_requests_in_flight", key="bob") == 0

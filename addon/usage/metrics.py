@@ -41,6 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from addon.policy.keys import MODEL_ANSWERS_KEPT, KeyStore
+from addon.usage.accounting import client_status
 from addon.wire import errorpages
 
 log = logging.getLogger("gateway")
@@ -343,11 +344,8 @@ class Metrics:
             overhead = max(0.0, (forwarded or time.time()) - (request.timestamp_end or request.timestamp_start))
             errorpages.put_overhead_on_next(flow.error.msg, f"{overhead * 1000:.3f}")
         if self.enabled and meta is not None:
-            if flow.response is not None:
-                status = flow.response.status_code
-            else:
-                status = 504 if meta.get("timeout") else 502
-            code = "upstream_timeout" if meta.get("timeout") else "upstream_error"
+            status = client_status(flow)  # as the ledger records it: 0 when the client had gone
+            code = "upstream_timeout" if meta.get("timeout") else "client_closed" if status == 0 else "upstream_error"
             self.note(flow, meta, status, forwarded, overhead, code)
 
     def put_overhead(self, flow: http.HTTPFlow, response: http.Response, upstream: float) -> float:
