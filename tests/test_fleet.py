@@ -52,13 +52,13 @@ def fleet(provider):
         f.stop()
 
 
-def post(url: str, body: dict, timeout: float = 30) -> tuple[int, bytes]:
+def post(url: str, body: dict, timeout: float = 30, key: str = VIRTUAL_KEY) -> tuple[int, bytes]:
     """One request on a new client connection (what a client without keep-alive does)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body),
-                     {"authorization": f"Bearer {VIRTUAL_KEY}", "content-type": "application/json"})
+                     {"authorization": f"Bearer {key}", "content-type": "application/json"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -305,3 +305,58 @@ def test_bench_fleet_section_smoke(tmp_path):
     # per 100 seen on a busy machine; none reused would be 100)
     assert tls["fleet"]["handshakes_per_100_requests"] < 100
     assert f"fleet: {f['workers']} workers / 1 at c=64" in proc.stdout
+
+
+# --- one key's limits across three workers (Redis: the local redis-server run.sh started) ------
+
+
+def test_limits_hold_across_three_workers_behind_haproxy(provider):
+    from tests.fakeprovider import openai_completion
+
+    keys_ = keys(provider)
+    for name, entry in {"vk_fleet_rpm": {"rpm": 5}, "vk_fleet_budget": {"budget_tokens": 1000},
+                        "vk_fleet_par": {"max_parallel": 2}}.items():
+        keys_["virtual_keys"][name] = {"provider": "openai", "api_key": REAL_KEY, "name": name, **entry}
+    f = FleetProcess(keys_, 3).start()
+    try:
+        def spread(n: int, key: str, body: dict) -> list[tuple[int, dict]]:
+            def one(_):
+                status, raw = post(f.url, body, key=key)
+                return status, json.loads(raw)
+            with ThreadPoolExecutor(n) as pool:
+                return list(pool.map(one, range(n)))
+
+        def codes(results) -> dict:
+            out: dict = {}
+            for status, body in results:
+                label = status if status == 200 else (status, body["error"]["code"])
+                out[label] = out.get(label, 0) + 1
+            return out
+
+        # rpm 5 under 40 concurrent requests: exactly 5 reach the provider
+        results = spread(40, "vk_fleet_rpm", chat_body())
+        assert codes(results) == {200: 5, (429, "rate_limit_exceeded"): 35}
+        assert len(provider.received) == 5
+
+        # a token budget under 30 concurrent requests: what the provider is asked for never exceeds it
+        def worst_case(req):
+            body = req.json()
+            reply = openai_completion(body)
+            reply["usage"] = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 5 + body["max_tokens"]}
+            return Reply.json(reply, delay=0.3)
+
+        provider.reset(worst_case)
+        results = spread(30, "vk_fleet_budget", {**chat_body(), "max_tokens": 100})
+        counted = codes(results)
+        assert set(counted) <= {200, (429, "budget_exceeded")}
+        asked = sum(len(r.body) + r.json()["max_tokens"] for r in provider.received)
+        assert 0 < asked <= 1000 and counted[200] == len(provider.received)
+        assert sum(body["usage"]["total_tokens"] for status, body in results if status == 200) <= 1000
+
+        # max_parallel 2: the provider never holds more than 2 of the key's requests at once
+        provider.reset(lambda req: Reply.json(openai_completion(req.json()), delay=0.4))
+        counted = codes(spread(12, "vk_fleet_par", chat_body()))
+        assert provider.max_in_flight == 2
+        assert counted[200] >= 2 and counted[200] + counted.get((429, "concurrency_limit_exceeded"), 0) == 12
+    finally:
+        f.stop()
