@@ -167,3 +167,41 @@ def test_a_provider_without_a_pair_for_the_api_is_refused(gw, toy):  # noqa: F81
     assert f.response.status_code == 400
     assert json.loads(f.response.content)["problem"] == "/v1/toy is not available for this virtual key's provider (deepseek)"
     assert f.request.port == 8080  # nothing forwarded: shown at the gateway's own address
+
+
+# --- the Messages API's routes -----------------------------------------------------------------
+
+
+@pytest.fixture
+def messages_gw(tmp_path):
+    from mitmproxy.test import taddons
+
+    from addon.gateway import Gateway
+    keys = {"virtual_keys": {
+        "vk_ds_anthropic": {"provider": "deepseek-anthropic", "api_key": "sk-ds-real-000001", "name": "ds-a"},
+        "vk_ds": {"provider": "deepseek", "api_key": "sk-ds-real-000002", "name": "ds"}}}
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys))
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, keys_file=str(path))
+        yield addon
+
+
+def test_deepseek_anthropic_passes_messages_through_and_deepseek_translates(messages_gw):
+    body = {"model": "deepseek-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    f = flow(path="/v1/messages?beta=true", body=body, headers={"authorization": None, "x-api-key": "vk_ds_anthropic",
+                                                                "anthropic-version": "2023-06-01"})
+    messages_gw.request(f)
+    assert f.response is None
+    assert f.request.url == "https://api.deepseek.com/anthropic/v1/messages?beta=true"
+    assert f.request.headers["x-api-key"] == "sk-ds-real-000001" and "authorization" not in f.request.headers
+    assert json.loads(f.request.content) == body and f.request.headers["anthropic-version"] == "2023-06-01"
+    f = flow(path="/v1/messages/count_tokens", body=body, headers={"authorization": None, "x-api-key": "vk_ds_anthropic"})
+    messages_gw.request(f)
+    assert f.request.url == "https://api.deepseek.com/anthropic/v1/messages/count_tokens"
+    f = flow(path="/v1/messages?beta=true", body=body, headers={"authorization": "Bearer vk_ds"})
+    messages_gw.request(f)
+    assert f.request.url == "https://api.deepseek.com/chat/completions"  # translated; the query is Anthropic's
+    assert f.request.headers["authorization"] == "Bearer sk-ds-real-000002"
+    assert json.loads(f.request.content)["messages"] == [{"role": "user", "content": "hi"}]
