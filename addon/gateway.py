@@ -319,7 +319,7 @@ class Gateway:
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
         demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
         admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
-        forward = (flow, key, path, query, route, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
+        forward = (flow, key, query, route, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
@@ -342,7 +342,7 @@ class Gateway:
             log.exception("gateway: internal error while routing; request not forwarded")
             answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
 
-    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, path: str, query: str, route, upstream,
+    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, query: str, route, upstream,
                 new_body: bytes | None, exchange: tuple, fields: Fields, names: list[bytes]) -> None:
         """Point the admitted request at the provider. `ticket`: the store's reservation, ended by
         the accounting when the flow ends (released here if the request cannot go)."""
