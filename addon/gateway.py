@@ -47,7 +47,8 @@ from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_field
 from addon.providers.base import Provider
 from addon.providers.catalog import DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.providers.registry import PROVIDERS
-from addon.recording.recorder import Recorder, Snapshot
+from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
+from addon.policy.optionguard import OptionGuard
 from addon.policy.reload import KeysReloader
 from addon.policy.logredact import LogRedaction
 from addon.policy.store import MemoryStore, UsageStore
@@ -55,6 +56,9 @@ from addon.policy.stores import StoreChoice
 from addon.wire.streams import fail_closed_stream
 from addon.wire.streamends import StreamEnds
 from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
+from addon.wire import wirekeys
+from addon.wire.limits import RequestLimits, limits, too_large
+from addon.wire.wirekeys import WireKeys
 from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")
@@ -63,8 +67,12 @@ HEALTH_PATHS = frozenset({"/health", "/v1/health"})
 MODELS_PATHS = frozenset({"/models", "/v1/models"})
 # client headers that must never reach a provider: the virtual key, and client-chosen
 # account scoping that would not match the gateway's key
-DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie")
+DROPPED_HEADERS = ("authorization", "x-api-key", "openai-organization", "openai-project", "cookie", "proxy-authorization")
 _DROPPED = frozenset(name.encode() for name in DROPPED_HEADERS)
+# client headers carrying a secret: replaced on the flow (requestheaders) before any view sees it
+_CLIENT_SECRETS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization"})
+# provider response headers that belong to the gateway's account, not the client's
+ACCOUNT_HEADERS = frozenset({b"set-cookie", b"openai-organization", b"openai-project", b"anthropic-organization-id"})
 _REDACTED = REDACTED.encode()
 _SECRET_HEADERS = {name: provider.secret_header.encode() for name, provider in PROVIDERS.items()}
 JSON_HEADERS = {"content-type": "application/json"}
@@ -155,6 +163,48 @@ def replaced_header_names(upstream_names: tuple[str, ...], new_body: bool) -> fr
     return dropped | BODY_HEADERS if new_body else dropped
 
 
+def hide_secret(value: bytes) -> bytes:
+    """A client secret header value as the flow keeps it: its fingerprint marker."""
+    text = value.decode("utf-8", "surrogateescape")
+    return value if is_safe(text) else mark(text).encode("utf-8", "surrogateescape")
+
+
+MARKERS_KEPT = 4096
+
+
+def _indices(names: list[bytes], name: bytes) -> list[int]:
+    """Where `name` occurs in names (list.index scans in C; a name is rarely repeated)."""
+    first = names.index(name)
+    if names.count(name) == 1:
+        return [first]
+    return [i for i, n in enumerate(names) if n == name]
+
+
+def hide_client_secrets(request: http.Request, fields: Fields, names: list[bytes], markers: dict[bytes, bytes] | None) -> None:
+    """Every client secret header on the flow replaced by its marker. `markers`: known header
+    value -> marker, remembered for authenticated clients (a marker costs a SHA-256)."""
+    new = list(fields)
+    for i in [i for secret in _CLIENT_SECRETS.intersection(names) for i in _indices(names, secret)]:
+        value = fields[i][1]
+        hidden = markers.get(value) if markers is not None else None
+        if hidden is None:
+            hidden = hide_secret(value)
+            if markers is not None:
+                if len(markers) >= MARKERS_KEPT:
+                    markers.clear()
+                markers[value] = hidden
+        new[i] = (fields[i][0], hidden)
+    request.headers.fields = tuple(new)
+
+
+MAX_MODEL_BYTES = 256  # model names are kept (caches, ledger rows): longer ones are refused
+
+
+def check_model_name(model: str) -> None:
+    if len(model) > MAX_MODEL_BYTES or len(model.encode("utf-8", "surrogatepass")) > MAX_MODEL_BYTES:
+        raise GatewayError(400, f"'model' is longer than {MAX_MODEL_BYTES} bytes", param="model", code="invalid_model")
+
+
 def presented_key(fields: Fields, names: list[bytes]) -> str | None:
     """The virtual key from `Authorization: Bearer` or `x-api-key` (fields and their lower_names)."""
     auth = field_value(fields, names, b"authorization")
@@ -175,6 +225,7 @@ class Gateway:
         # per in-flight flow: the pair's Exchange that translates its response, the API, and
         # the parameters the pair dropped or approximated
         self.exchanges: dict[str, tuple[object, InboundAPI, tuple[str, ...]]] = {}
+        self.markers: dict[bytes, bytes] = {}  # an authenticated client's key header -> its marker
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -204,6 +255,18 @@ class Gateway:
 
     # --- hooks -------------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # replays are restored from their snapshot in `request` (recording/recorder.py)
+        if flow.response or flow.error or not flow.live or flow.is_replay:
+            return
+        try:
+            self.screen(flow)
+        except GatewayError as e:
+            answer(flow, e)
+        except Exception:
+            log.exception("gateway: internal error on request headers; request not forwarded")
+            answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
+
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
             return None
@@ -227,9 +290,14 @@ class Gateway:
             response = flow.response
             if routed is None or response is None:
                 return
+            wirekeys.forget(flow.id)  # sent (or never): the placeholder stays, the key goes
+            fields = response.headers.fields
+            names = lower_names(fields)
+            if not ACCOUNT_HEADERS.isdisjoint(names):
+                response.headers.fields = tuple(f for f, n in zip(fields, names) if n not in ACCOUNT_HEADERS)
             if routed[2]:
                 response.headers["x-gateway-dropped-params"] = ", ".join(routed[2])
-            if response.status_code == 200 and (header(response.headers, b"content-type") or "").startswith("text/event-stream"):
+            if response.status_code == 200 and (field_value(fields, names, b"content-type") or "").startswith("text/event-stream"):
                 exchange, api, _ = routed
                 translator = exchange.stream_translator()
                 if translator is None:
@@ -242,6 +310,8 @@ class Gateway:
 
     def response(self, flow: http.HTTPFlow) -> None:
         routed = self.exchanges.pop(flow.id, None)
+        if routed is None:
+            wirekeys.forget(flow.id)  # registered, then refused before forwarding
         try:
             if flow.metadata.get("gateway", {}).get("failed"):
                 raise RuntimeError("response headers could not be handled")
@@ -265,46 +335,78 @@ class Gateway:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.exchanges.pop(flow.id, None)
+        wirekeys.forget(flow.id)
         self.redact(flow)
         flow.marked = FAILED_MARK
 
     # --- routing -----------------------------------------------------------------------
 
-    def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def screen(self, flow: http.HTTPFlow) -> None:
+        """What can be decided on the request headers, before any body is read (requestheaders):
+        local answers (/health, /v1/models), unknown paths and methods, the key, the declared
+        size. The client's key is replaced on the flow by its fingerprint marker here, before
+        mitmweb or any other view sees the flow."""
         request = flow.request
         fields = request.headers.fields
-        names = lower_names(fields)  # once: auth, encoding and the rewrite below all look
-        path, _, query = request.path.partition("?")
+        names = lower_names(fields)
+        meta: dict = {}  # flow metadata only once a key is known (metrics count flows that have it)
+        path = request.path.partition("?")[0]
         if path in HEALTH_PATHS:
             if request.method not in ("GET", "HEAD"):
                 raise GatewayError(405, f"method {request.method} not allowed on {path}", code="method_not_allowed")
             flow.response = http.Response.make(200, b'{"status":"ok"}', JSON_HEADERS)
             return
-        model_path = path.startswith("/v1/models/") or path.startswith("/models/")
-        if path in MODELS_PATHS or model_path:
-            if request.method != "GET":
-                raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
-            self.answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
-            return
-        api = ENDPOINTS.get(path)
-        if api is None:
-            raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
-        if request.method not in api.methods:
-            allowed = ", ".join(sorted(api.methods))
-            raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
+        try:
+            model_path = path.startswith("/v1/models/") or path.startswith("/models/")
+            if path in MODELS_PATHS or model_path:
+                if request.method != "GET":
+                    raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
+                self.answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
+                return
+            api = ENDPOINTS.get(path)
+            if api is None:
+                raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
+            if request.method not in api.methods:
+                allowed = ", ".join(sorted(api.methods))
+                raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
+            key = self.authenticate(fields, names)
+            meta = flow.metadata.setdefault("gateway", {})
+            meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
+            flow.comment = f"{key.name} -> {key.provider}"
+            declared = field_value(fields, names, b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.body:
+                raise too_large(limits.body)
+        finally:
+            if not _CLIENT_SECRETS.isdisjoint(names):
+                hide_client_secrets(request, fields, names, self.markers if "fingerprint" in meta else None)
 
-        key = self.authenticate(fields, names)
+    def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        request = flow.request
+        if "fingerprint" not in flow.metadata.get("gateway", {}):  # a replay, or called without requestheaders
+            self.screen(flow)
+            if flow.response is not None:
+                return None
+        meta = flow.metadata["gateway"]
+        fields = request.headers.fields
+        names = lower_names(fields)  # once: encoding and the rewrite below both look
+        path, _, query = request.path.partition("?")
+        api = ENDPOINTS[path]
         keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
-        meta = flow.metadata.setdefault("gateway", {})
-        meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
-        flow.comment = f"{key.name} -> {key.provider}"
+        key = keys.by_fingerprint(meta["fingerprint"]) if keys is not None else None
+        if key is None:  # removed by a reload since its headers were screened
+            raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
+        rules.check_key(key, time.time())
 
         try:
             raw = plain_content(request, names)
         except ValueError:
             raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
-        body = api.parse_request(raw)
+        try:
+            body = api.parse_request(raw)
+        except RecursionError:
+            raise GatewayError(400, "request body is nested too deeply", code="invalid_json") from None
         model = body["model"]
+        check_model_name(model)
         meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
         price = keys.price(model)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
@@ -313,7 +415,12 @@ class Gateway:
             raise GatewayError(400, f"{path} is not available for this virtual key's provider ({key.provider})",
                                code="unsupported_endpoint")
         new_body = api.prepare_usage(body, raw, meta) if meta["stream"] else None
-        upstream, exchange = route.pair.prepare(body)  # raises for what it cannot serve
+        try:
+            upstream, exchange = route.pair.prepare(body)  # raises GatewayError for what it cannot serve
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
+            # a field of a type the translation did not expect: the client's fault, not a 500
+            log.warning("gateway: request refused, a field has an unexpected type (%s)", type(e).__name__)
+            raise GatewayError(400, "a request field has a type or value the gateway cannot translate", code="invalid_value") from None
         if upstream.body is not None:
             new_body = upstream.body
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
@@ -354,6 +461,7 @@ class Gateway:
             meta["ticket"] = ticket  # usage/accounting.py settles or releases it
         request = flow.request
         target = upstream_target(key.upstream_url + upstream.path_suffix if upstream.path_suffix else key.upstream_url)
+        wirekeys.register(flow.id, key.api_key, target.host, target.port)
         data = request.data  # set directly: the property setters each rewrite Host again
         data.scheme, data.host, data.port = target.scheme, target.host, target.port
         if data.authority:  # HTTP/2 :authority
@@ -364,7 +472,8 @@ class Gateway:
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.
-        upstream_headers = route.provider.auth_headers(key.api_key)
+        # the flow carries a placeholder where the real key goes (wire/wirekeys.py)
+        upstream_headers = route.provider.auth_headers(wirekeys.placeholder(flow.id))
         if upstream.headers:
             upstream_headers.update(upstream.headers)
         if meta["stream"]:
@@ -393,6 +502,8 @@ class Gateway:
 
     def answer_models(self, flow: http.HTTPFlow, key: VirtualKey, model: str | None) -> None:
         """GET /v1/models lists the key's models; GET /v1/models/{id} answers one the key may use."""
+        if model is not None:
+            check_model_name(model)
         if model is None:
             body = rules.models_page(key)
         elif key.policy.allows_model(model):  # any model, for a key without a models list
@@ -434,6 +545,6 @@ _accounting = UsageAccounting(_store)
 _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
 _metrics = Metrics(_gateway, _accounting, _store)
-addons = [AddonChain(_redaction, JsonErrorPages(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
+addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
                      KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
                      ACCESS, WebViews(), _metrics)]

@@ -3,7 +3,7 @@
     .venv/bin/python bench/hookbench.py [--n 20000]
     .venv/bin/python bench/hookbench.py --chain [--n 10000]   # every addon in gateway.addons, each timed
 
-Runs Gateway.request / responseheaders / response for an OpenAI passthrough request and, when
+Runs Gateway.requestheaders / request / responseheaders / response for an OpenAI passthrough request and, when
 the provider exists, an Anthropic one, on pre-built flows (flow construction is not timed), and
 prints microseconds of CPU per request. What py-spy shows as the addon's share of the proxy,
 without the proxy's noise: use it for before/after numbers of hot-path changes.
@@ -62,6 +62,7 @@ def run(scenario: str, n: int) -> float:
     gc.freeze()  # the thousands of pre-built flows would otherwise make every GC pass expensive
     t = time.process_time()
     for f, resp in zip(fs, responses):
+        gw.requestheaders(f)
         gw.request(f)
         f.response = resp
         gw.responseheaders(f)
@@ -103,7 +104,7 @@ async def chain(n: int, ledger: bool = True, metrics: bool = False) -> None:
                 cost: collections.Counter = collections.Counter()
                 p0 = time.process_time()
                 for f, resp in zip(fs, responses):
-                    for hook in ("request", "responseheaders", "response"):
+                    for hook in ("requestheaders", "request", "responseheaders", "response"):
                         if hook == "responseheaders":
                             f.response = resp
                         for addon in addons:

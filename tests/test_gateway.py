@@ -7,6 +7,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
+from addon.wire import wirekeys
 from addon.policy.keys import fingerprint
 from addon.translate.passthrough import PassthroughExchange
 
@@ -56,7 +57,14 @@ def test_routes_openai_and_swaps_the_key(gw):
     gw.request(f)
     assert f.response is None
     assert f.request.url == "http://127.0.0.1:9001/v1/chat/completions?trace=1"
-    assert f.request.headers["authorization"] == f"Bearer {REAL}"
+    # the flow carries a placeholder; the key is put in the bytes sent to the routed address only
+    assert f.request.headers["authorization"] == f"Bearer {wirekeys.placeholder(f.id)}"
+    assert REAL not in json.dumps(f.get_state(), default=repr)
+    assert wirekeys.on_the_wire(f.request.headers.fields, ("evil.example", 9001)) is None  # popped, not sent
+    gw.request(g := flow())
+    wire = dict(wirekeys.on_the_wire(g.request.headers.fields, ("127.0.0.1", 9001)))
+    assert wire[b"authorization"] == f"Bearer {REAL}".encode()
+    assert wirekeys.on_the_wire(g.request.headers.fields, ("127.0.0.1", 9001)) is None  # used once
     assert f.request.headers["host"] == "127.0.0.1:9001"
     assert json.loads(f.request.content) == CHAT
     assert f.metadata["gateway"]["provider"] == "openai"
@@ -70,7 +78,8 @@ def test_x_api_key_and_unversioned_path_route_deepseek(gw):
     assert f.response is None
     assert f.request.url == "https://ds.example/chat/completions"
     assert f.request.headers["host"] == "ds.example"  # default port: not named
-    assert f.request.headers["authorization"] == "Bearer sk-deepseek-real-999999"
+    wire = dict(wirekeys.on_the_wire(f.request.headers.fields, ("ds.example", 443)))
+    assert wire[b"authorization"] == b"Bearer sk-deepseek-real-999999"
     assert "x-api-key" not in f.request.headers
 
 

@@ -170,12 +170,17 @@ class KeyStore:
         # model -> price answers: a glob walk costs ~0.3 us per pattern, per request. The store
         # is replaced whole on reload, and so is this cache.
         self._price_of: dict[str, Price | None] = {}
+        self._by_fingerprint = {vk.fingerprint: vk for vk in (*self._keys.values(), *self._hashed.values())}
 
     def lookup(self, presented: str) -> VirtualKey | None:
         key = self._keys.get(presented)
         if key is None and self._hashed:
             key = self._hashed.get(hashlib.sha256(presented.encode()).hexdigest())
         return key
+
+    def by_fingerprint(self, fp: str) -> VirtualKey | None:
+        """The key whose headers were screened (the flow keeps only its fingerprint)."""
+        return self._by_fingerprint.get(fp)
 
     def price(self, model: str) -> Price | None:
         """Exact model name first, then the first glob that matches (in file order)."""

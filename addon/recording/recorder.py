@@ -105,11 +105,12 @@ class Snapshot:
             self.keeping = ctx.options.replayable_flows or bool(ctx.options.record_file)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error:
+        if flow.error:
             return
         if flow.is_replay == "request":
-            self.restore(flow)
-        elif flow.live and self.keeping:
+            if flow.response is None:
+                self.restore(flow)
+        elif flow.live and self.keeping:  # also a request the gateway answered on its headers (body dropped)
             headers = flow.request.headers.copy()
             scrub(headers)
             if flow.client_conn.sockname and "host" in headers:

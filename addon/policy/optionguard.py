@@ -1,0 +1,47 @@
+"""Options that guard secrets or routing cannot be changed while the gateway runs.
+
+mitmweb lets a logged-in user change any option (`PUT /options`, the `set` command). Some of
+them decide who sees flows (`view_filter`), who may edit a request after the gateway routed it
+(`intercept`), where flows are written (`save_stream_file`), whether the provider's certificate
+is checked (`ssl_insecure`, ...) or where requests may go (`mode`, `connection_strategy`,
+`ignore_hosts`, ...). Their start-up values stand; a later change is refused with OptionsError
+(mitmproxy then rolls it back). `stream_large_bodies` is refused at any time: a streamed request
+body would bypass the gateway's checks of it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from mitmproxy import ctx, exceptions
+
+GUARDED = (
+    "view_filter", "intercept", "intercept_active", "save_stream_file", "save_stream_filter",
+    "stream_large_bodies", "body_size_limit", "ssl_insecure", "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir", "upstream_cert", "mode", "connection_strategy",
+    "keep_host_header", "ignore_hosts", "allow_hosts", "tcp_hosts", "rawtcp", "upstream_auth",
+    "modify_headers", "modify_body", "map_remote", "map_local", "scripts",
+    "max_request_mb", "max_request_header_kb",
+)
+
+
+class OptionGuard:
+    def __init__(self) -> None:
+        self.frozen: dict | None = None  # guarded option -> start-up value, from `running`
+
+    def running(self) -> None:
+        known = set(ctx.options.keys())
+        self.frozen = {name: copy.deepcopy(getattr(ctx.options, name)) for name in GUARDED if name in known}
+
+    def configure(self, updated) -> None:
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            raise exceptions.OptionsError(
+                "stream_large_bodies is not supported by the gateway: request bodies are checked whole "
+                "(use max_request_mb to bound them)")
+        if self.frozen is None:
+            return
+        changed = sorted(name for name in updated if name in self.frozen and getattr(ctx.options, name) != self.frozen[name])
+        if changed:
+            raise exceptions.OptionsError(
+                f"{', '.join(changed)} cannot be changed while the gateway runs (it guards keys or routing); "
+                "restart with --set instead")

@@ -1,0 +1,197 @@
+"""Request limits that mitmproxy 12 does not enforce itself.
+
+- **Header block.** mitmproxy's HTTP/1 server buffers request head bytes until the blank line,
+  without bound (`_http1.Http1Server.read_headers`: "FIXME: protect against header size DoS").
+  Past `max_request_header_kb` the client gets a 431 and the connection is closed. (HTTP/2 is
+  bounded by h2/hpack: 64 KiB of decoded header list, 64 CONTINUATION frames.)
+- **Body.** `max_request_mb` bounds what is read of a request body: above it the client gets a
+  413 at once (a content-length above the limit, or a chunked body once it passes it); the rest
+  is read and dropped, never kept, and the connection is closed. mitmproxy's own `body_size_limit` would apply
+  to provider responses too, so it is not used.
+- **Early answers.** A response set in `requestheaders` (a missing or unknown key, a wrong path)
+  does not stop mitmproxy from reading the whole body into memory before sending it
+  (`HttpStream.state_consume_request_body`). Here such a body is read and dropped piece by piece:
+  the answer goes out when the body ends (the connection stays usable), or at once, closing the
+  connection, when the body would pass `max_request_mb`.
+- **Trailers.** A chunked request with trailers made mitmproxy raise NotImplementedError and
+  close the connection without a word; the client now gets a 400.
+
+These are small wrappers around mitmproxy internals, installed for the life of the addon (as
+errorpages.py does); tests/test_limits.py drives them through a real mitmdump.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Callable
+
+from mitmproxy import exceptions, http
+from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    HttpResponseHeadersHook,
+    HttpStream,
+    RequestProtocolError,
+    ResponseEndOfMessage,
+    ResponseProtocolError,
+    SendHttp,
+    _http1,
+)
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+from addon.wire.errors import GatewayError
+
+MB = 1024 * 1024
+DEFAULT_MAX_REQUEST_MB = 32  # the providers' own request limit (OpenAI, Anthropic: 32 MB)
+DEFAULT_MAX_HEADER_KB = 64
+
+
+def too_large(limit_bytes: int) -> GatewayError:
+    return GatewayError(413, f"request body larger than the gateway's limit of {limit_bytes // MB} MB (max_request_mb)",
+                        code="request_too_large")
+
+
+def _default_refuse(flow: http.HTTPFlow, error: GatewayError) -> None:
+    flow.response = http.Response.make(error.status, error.body(), {"content-type": "application/json"})
+
+
+class _Limits:
+    body = DEFAULT_MAX_REQUEST_MB * MB
+    header = DEFAULT_MAX_HEADER_KB * 1024
+    refuse: Callable[[http.HTTPFlow, GatewayError], None] = staticmethod(_default_refuse)
+
+
+limits = _Limits()
+_saved: dict = {}
+
+
+def _check_body_size(self: HttpStream, request: bool):
+    if request and self.flow.live and (yield from _limit_request_body(self)):
+        return True
+    return (yield from _saved["check_body_size"](self, request))
+
+
+def _limit_request_body(stream: HttpStream):
+    """Called by mitmproxy before the requestheaders hook and for every body piece read."""
+    flow = stream.flow
+    buf = stream.request_body_buf
+    if not buf:  # before the hook: nothing read yet
+        return False
+    answered = flow.response is not None  # set in requestheaders: the body is not needed
+    if answered:
+        read = stream.__dict__.get("_gw_read", 0) + len(buf)
+        stream.__dict__["_gw_read"] = read
+        buf.clear()
+        try:
+            declared = expected_http_body_size(flow.request)
+        except ValueError:
+            declared = None
+        if max(read, declared or 0) <= limits.body:
+            return False  # drained; answered when the body ends
+    elif len(buf) <= limits.body:
+        return False
+    else:
+        buf.clear()
+        limits.refuse(flow, too_large(limits.body))
+    yield from _answer_now(stream)
+    return True
+
+
+def _answer_now(stream: HttpStream):
+    """Send the flow's response before the request body has ended; the rest of the body is
+    read and dropped. HTTP/1: the response says `connection: close` and is followed by a FIN
+    (a client still sending sees the answer, and mitmproxy closes once the body ends or the
+    client hangs up; a full close here would leave the socket open in mitmproxy 12.3).
+    HTTP/2: the stream is reset after the response."""
+    flow = stream.flow
+    http1 = not (flow.request.is_http2 or flow.request.is_http3)
+    if http1:
+        flow.response.headers["connection"] = "close"
+    flow.response.timestamp_start = time.time()
+    yield HttpResponseHeadersHook(flow)
+    yield from stream.send_response()  # the response hook, then headers and body to the client
+    yield SendHttp(ResponseEndOfMessage(stream.stream_id), stream.context.client)
+    if http1:
+        yield commands.CloseTcpConnection(stream.context.client, half_close=True)
+    else:
+        yield SendHttp(ResponseProtocolError(stream.stream_id, "request body not read", ErrorCode.REQUEST_TOO_LARGE),
+                       stream.context.client)
+    stream.client_state = stream.state_errored  # later body pieces are dropped
+    flow.live = False
+
+
+def _read_headers(self: _http1.Http1Server, event):
+    yield from _saved["read_headers"](self, event)
+    if (isinstance(event, events.DataReceived) and getattr(self.state, "__func__", None) is _read_headers
+            and len(self.buf) > limits.header):
+        self.buf = type(self.buf)()
+        yield commands.SendData(self.conn, _http1.make_error_response(
+            431, f"request header block larger than the gateway's limit of {limits.header // 1024} KB"))
+        # FIN after the answer; whatever else the client sends is dropped until it hangs up
+        yield commands.CloseTcpConnection(self.conn, half_close=True)
+        self.state = types.MethodType(_discard, self)
+
+
+def _discard(self: _http1.Http1Server, event):
+    if isinstance(event, events.ConnectionClosed):
+        yield commands.CloseConnection(self.conn)
+    else:
+        self.buf = type(self.buf)()
+
+
+def _read_body(self: _http1.Http1Server, event):
+    try:
+        yield from _saved["read_body"](self, event)
+    except NotImplementedError:  # h11 parsed trailers: "HTTP trailers are not implemented yet."
+        message = "chunked requests with trailers are not supported"
+        yield commands.SendData(self.conn, _http1.make_error_response(400, message))
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(RequestProtocolError(self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR))
+        self.state = self.done
+
+
+class RequestLimits:
+    """Options max_request_mb and max_request_header_kb; installs the wrappers above.
+    `refuse(flow, error)`: how a 413 is answered in the client's API format."""
+
+    def __init__(self, refuse: Callable[[http.HTTPFlow, GatewayError], None] | None = None) -> None:
+        if refuse is not None:
+            limits.refuse = refuse
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "max_request_mb", int, DEFAULT_MAX_REQUEST_MB,
+            "Largest request body the gateway reads, in MB (after that: 413, connection closed). "
+            "Bodies of requests refused on their headers (no or unknown key) are read and dropped, never kept.",
+        )
+        loader.add_option(
+            "max_request_header_kb", int, DEFAULT_MAX_HEADER_KB,
+            "Largest HTTP/1 request header block, in KB (after that: 431, connection closed).",
+        )
+        if not _saved:
+            _saved["check_body_size"] = HttpStream.check_body_size
+            _saved["read_headers"] = _http1.Http1Server.read_headers
+            _saved["read_body"] = _http1.Http1Server.read_body
+            HttpStream.check_body_size = _check_body_size
+            _http1.Http1Server.read_headers = _read_headers
+            _http1.Http1Server.read_body = _read_body
+
+    def configure(self, updated) -> None:
+        from mitmproxy import ctx
+
+        if "max_request_mb" in updated:
+            if not 1 <= ctx.options.max_request_mb <= 4096:
+                raise exceptions.OptionsError("max_request_mb must be between 1 and 4096")
+            limits.body = ctx.options.max_request_mb * MB
+        if "max_request_header_kb" in updated:
+            if not 1 <= ctx.options.max_request_header_kb <= 1024:
+                raise exceptions.OptionsError("max_request_header_kb must be between 1 and 1024")
+            limits.header = ctx.options.max_request_header_kb * 1024
+
+    def done(self) -> None:
+        if _saved:
+            HttpStream.check_body_size = _saved.pop("check_body_size")
+            _http1.Http1Server.read_headers = _saved.pop("read_headers")
+            _http1.Http1Server.read_body = _saved.pop("read_body")
