@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from addon.wire import wirekeys
 from mitmproxy import http
 from mitmproxy.test import tutils
 
@@ -139,7 +141,8 @@ def test_a_third_api_routes_through_the_tables(gw, toy):  # noqa: F811
     gw.request(f)
     assert f.response is None
     assert f.request.url == "http://127.0.0.1:9001/v1/chat/completions"
-    assert f.request.headers["authorization"] == f"Bearer {REAL}" and f.request.headers["x-toy"] == "1"
+    wire = dict(wirekeys.on_the_wire(f.request.headers.fields, ("127.0.0.1", 9001)))  # the key is put in on the wire
+    assert wire[b"authorization"] == f"Bearer {REAL}".encode() and f.request.headers["x-toy"] == "1"
     assert json.loads(f.request.content)["messages"][0]["content"] == "hello"
     assert f.metadata["gateway"]["api"] == "toy"
     f.response = tutils.tresp(status_code=503, content=b"down", headers=http.Headers(content_type="text/plain"))

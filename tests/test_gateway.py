@@ -313,3 +313,27 @@ def test_a_timeout_mark_only_turns_its_own_502_into_a_504(monkeypatch):
     clock[0] += 5
     assert errorpages._classify(502, "server closed connection")[0] == 502
     assert errorpages._timeouts == {}
+
+
+def test_client_secrets_are_hidden_on_headers_and_proxy_authorization_is_not_forwarded(gw):
+    f = flow(headers={"proxy-authorization": "Basic dXNlcjpwYXNz"})
+    gw.requestheaders(f)  # before any view sees the flow
+    assert f.request.headers["authorization"] == f"Bearer vkfp:{fingerprint('vk_o')}"
+    assert "dXNlcjpwYXNz" not in f.request.headers["proxy-authorization"]
+    gw.request(f)
+    assert f.response is None and "proxy-authorization" not in f.request.headers
+    assert "vk_o" not in json.dumps(f.get_state(), default=repr)
+
+
+def test_account_response_headers_do_not_reach_the_client(gw):
+    f = flow()
+    gw.requestheaders(f)
+    gw.request(f)
+    f.response = tutils.tresp(content=b'{"ok": true}', headers=http.Headers([
+        (b"set-cookie", b"__cf_bm=x"), (b"openai-organization", b"org-gw"), (b"openai-project", b"proj_gw"),
+        (b"anthropic-organization-id", b"uuid"), (b"x-ratelimit-remaining-requests", b"99"), (b"x-request-id", b"req_1"),
+        (b"content-type", b"application/json")]))
+    gw.responseheaders(f)
+    names = {k.lower() for k in f.response.headers}
+    assert not names & {"set-cookie", "openai-organization", "openai-project", "anthropic-organization-id"}
+    assert {"x-ratelimit-remaining-requests", "x-request-id", "content-type"} <= names

@@ -54,6 +54,8 @@ def mask(secret: str) -> str:
 
 
 MODEL_ANSWERS_KEPT = 4096  # per cache of model-name answers (prices, allowed models)
+MODEL_ANSWERS_BYTES = 1 << 20  # and at most this many bytes of model names per cache
+MODEL_NAME_CACHED = 256  # longer names are answered, not remembered (4096 x 256 B bounds the glob cache)
 
 
 @functools.lru_cache(maxsize=MODEL_ANSWERS_KEPT)
@@ -94,6 +96,8 @@ class KeyPolicy:
     def allows_model(self, model: str) -> bool:
         if self.models is None:
             return True
+        if len(model) > MODEL_NAME_CACHED:  # not remembered: the cache stays bounded in bytes
+            return _matches_any.__wrapped__(model, self.models)
         return _matches_any(model, self.models)
 
     def describe(self) -> str:
@@ -170,6 +174,7 @@ class KeyStore:
         # model -> price answers: a glob walk costs ~0.3 us per pattern, per request. The store
         # is replaced whole on reload, and so is this cache.
         self._price_of: dict[str, Price | None] = {}
+        self._price_bytes = 0  # model-name bytes held by _price_of
         self._by_fingerprint = {vk.fingerprint: vk for vk in (*self._keys.values(), *self._hashed.values())}
 
     def lookup(self, presented: str) -> VirtualKey | None:
@@ -191,9 +196,12 @@ class KeyStore:
         price = self.prices.get(model)
         if price is None:
             price = next((p for pattern, p in self.prices.items() if fnmatchcase(model, pattern)), None)
-        if len(self._price_of) >= MODEL_ANSWERS_KEPT:  # clients choose model names: stay bounded
+        # clients choose model names: stay bounded in entries and in bytes
+        if len(self._price_of) >= MODEL_ANSWERS_KEPT or self._price_bytes + len(model) > MODEL_ANSWERS_BYTES:
             self._price_of.clear()
+            self._price_bytes = 0
         self._price_of[model] = price
+        self._price_bytes += len(model)
         return price
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ OpenAI-shaped JSON error, so SDKs raise a proper APIStatusError with a readable 
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mitmproxy import http, version
@@ -19,6 +20,8 @@ from addon.wire.errors import ERROR_SOURCE, error_body, error_type
 # hook right before mitmproxy renders that flow's error (the renderer is not told which flow it
 # is for). An entry not used at once (the client had gone) must not turn a later, unrelated
 # failure with the same message into a 504: it expires.
+log = logging.getLogger("gateway")
+
 _timeouts: dict[str, tuple[str, float]] = {}
 # the same for the x-gateway-overhead-ms value of the page (usage/metrics.py's error hook)
 _overheads: dict[str, tuple[str, float]] = {}
@@ -49,7 +52,10 @@ def _classify(status: int, message: str) -> tuple[int, str, str | None]:
         return 504, mark[0], "upstream_timeout"
     text = message or http.status_codes.RESPONSES.get(status, "error")
     if status == 502:
-        return 502, f"provider unreachable: {text}", "upstream_unreachable"
+        # mitmproxy's text names the provider's address ("Connect call failed ('10.0.0.5', 443)"):
+        # the operator's log gets it, the client does not
+        log.warning("gateway: provider unreachable: %s", text)
+        return 502, "provider unreachable (the gateway's log has the details)", "upstream_unreachable"
     return status, text, None
 
 

@@ -104,6 +104,8 @@ def test_unreachable_provider_is_a_json_502(gateway, provider):
         client(gateway, "vk_down").chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert e.value.status_code == 502
     assert e.value.body["code"] == "upstream_unreachable"
+    assert "127.0.0.1" not in e.value.message and ":9" not in e.value.message  # the address is logged, not told
+    assert "provider unreachable" in gateway.log() and "127.0.0.1', 9" in gateway.log()
 
 
 def test_gzip_passthrough_reaches_the_client_decoded(gateway, provider):
