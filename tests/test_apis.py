@@ -198,7 +198,8 @@ def test_deepseek_anthropic_passes_messages_through_and_deepseek_translates(mess
     messages_gw.request(f)
     assert f.response is None
     assert f.request.url == "https://api.deepseek.com/anthropic/v1/messages?beta=true"
-    assert f.request.headers["x-api-key"] == "sk-ds-real-000001" and "authorization" not in f.request.headers
+    wire = dict(wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443)))  # the key goes in on the wire
+    assert wire[b"x-api-key"] == b"sk-ds-real-000001" and "authorization" not in f.request.headers
     assert json.loads(f.request.content) == body and f.request.headers["anthropic-version"] == "2023-06-01"
     f = flow(path="/v1/messages/count_tokens", body=body, headers={"authorization": None, "x-api-key": "vk_ds_anthropic"})
     messages_gw.request(f)
@@ -206,5 +207,5 @@ def test_deepseek_anthropic_passes_messages_through_and_deepseek_translates(mess
     f = flow(path="/v1/messages?beta=true", body=body, headers={"authorization": "Bearer vk_ds"})
     messages_gw.request(f)
     assert f.request.url == "https://api.deepseek.com/chat/completions"  # translated; the query is Anthropic's
-    assert f.request.headers["authorization"] == "Bearer sk-ds-real-000002"
+    assert dict(wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443)))[b"authorization"] == b"Bearer sk-ds-real-000002"
     assert json.loads(f.request.content)["messages"] == [{"role": "user", "content": "hi"}]
