@@ -37,10 +37,13 @@ from addon.usage.metrics import Metrics
 from addon.usage.accesslog import ACCESS
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
-from addon.apis.registry import APIS, ENDPOINTS, api_for_request
+from addon.apis import anthropic_messages
+from addon.apis.registry import APIS, ENDPOINTS, api_for_request, resource_for
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import ERROR_SOURCE, GatewayError
+from addon.wire.sse import compact_json
+from addon.usage.tokens import without_stream_options
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
@@ -107,12 +110,25 @@ REFUSED_MARK, PROVIDER_ERROR_MARK, FAILED_MARK = ":heavy_multiplication_x:", ":w
 class Route(NamedTuple):
     provider: Provider
     pair: Pair
+    path: str = ""  # the provider API's path under the key's base_url
+    stream_usage: bool = True  # the provider accepts stream_options.include_usage (catalog.py)
+
+
+def build_route(api: str, provider: Provider) -> Route | None:
+    """How `provider` serves inbound `api`: natively if it speaks it (the catalog's `apis`),
+    else through a pair to its chat API; None: it cannot (a 400, nothing forwarded)."""
+    for speaks in (api, provider.api):
+        pair = PAIRS.get((api, speaks))
+        if pair is not None and speaks in provider.info.apis:
+            path = provider.endpoint_path if speaks == provider.api else APIS[speaks].upstream_path
+            return Route(provider, pair, path, provider.info.stream_usage)
+    return None
 
 
 # inbound API name -> provider name -> how that provider serves it (built once; a provider
 # without a pair for an API is missing here, and gets a 400)
 ROUTES: dict[str, dict[str, Route]] = {
-    api: {name: Route(provider, PAIRS[(api, provider.api)]) for name, provider in PROVIDERS.items() if (api, provider.api) in PAIRS}
+    api: {name: route for name, provider in PROVIDERS.items() if (route := build_route(api, provider))}
     for api in APIS
 }
 SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" for api in APIS.values())
@@ -363,16 +379,20 @@ class Gateway:
                     raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
                 self.answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
                 return
-            api = ENDPOINTS.get(path)
-            if api is None:
-                raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
-            if request.method not in api.methods:
-                allowed = ", ".join(sorted(api.methods))
+            api, tail = ENDPOINTS.get(path), ""
+            methods = api.methods if api is not None else None
+            if api is None:  # a stored resource (GET /v1/responses/{id}), or nothing served
+                api, tail = resource_for(path)
+                methods = api.resource(tail) if api is not None else None
+                if methods is None:
+                    raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
+            if request.method not in methods:
+                allowed = ", ".join(sorted(methods))
                 raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
             key = self.authenticate(fields, names)
             meta = flow.metadata.setdefault("gateway", {})
             meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
-            flow.comment = f"{key.name} -> {key.provider}"
+            flow.comment = f"{key.name} -> {key.provider}{getattr(api, 'label', '')}"  # "... (embeddings)"
             declared = field_value(fields, names, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limits.body:
                 raise too_large(limits.body)
@@ -390,43 +410,29 @@ class Gateway:
         fields = request.headers.fields
         names = lower_names(fields)  # once: encoding and the rewrite below both look
         path, _, query = request.path.partition("?")
-        api = ENDPOINTS[path]
+        api, tail = (ENDPOINTS[path], "") if path in ENDPOINTS else resource_for(path)
         keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
         key = keys.by_fingerprint(meta["fingerprint"]) if keys is not None else None
         if key is None:  # removed by a reload since its headers were screened
             raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
         rules.check_key(key, time.time())
 
-        try:
-            raw = plain_content(request, names)
-        except ValueError:
-            raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
-        try:
-            body = api.parse_request(raw)
-        except RecursionError:
-            raise GatewayError(400, "request body is nested too deeply", code="invalid_json") from None
-        model = body["model"]
-        check_model_name(model)
-        meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
-        price = keys.price(model)
-        meta["price"] = [price.input, price.output, price.cached_input] if price else None
         route = ROUTES[api.name].get(key.provider)
         if route is None:
             raise GatewayError(400, f"{path} is not available for this virtual key's provider ({key.provider})",
                                code="unsupported_endpoint")
-        new_body = api.prepare_usage(body, raw, meta) if meta["stream"] else None
-        try:
-            upstream, exchange = route.pair.prepare(body)  # raises GatewayError for what it cannot serve
-        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
-            # a field of a type the translation did not expect: the client's fault, not a 500
-            log.warning("gateway: request refused, a field has an unexpected type (%s)", type(e).__name__)
-            raise GatewayError(400, "a request field has a type or value the gateway cannot translate", code="invalid_value") from None
-        if upstream.body is not None:
-            new_body = upstream.body
+
+        if tail:  # no body, no model, no usage: passed through for the key's provider key
+            meta.update(api=api.name, model="", stream=False, price=None, resource=True)
+            model, new_body, demand = None, None, rules.NO_DEMAND
+            upstream, exchange = route.pair.prepare({})
+        else:
+            model, new_body, upstream, exchange, demand = self.prepare(request, names, api, route, key, keys, meta)
+        upstream_path = route.path + tail + upstream.path_suffix if tail or upstream.path_suffix else route.path
+        target = upstream_target(route.provider.upstream_url(key, upstream_path, model))  # may refuse (azure)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
-        demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
         admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
-        forward = (flow, key, query, route, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
+        forward = (flow, key, query, route, target, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
@@ -449,7 +455,7 @@ class Gateway:
             log.exception("gateway: internal error while routing; request not forwarded")
             answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
 
-    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, query: str, route, upstream,
+    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, query: str, route, target, upstream,
                 new_body: bytes | None, exchange: tuple, fields: Fields, names: list[bytes]) -> None:
         """Point the admitted request at the provider. `ticket`: the store's reservation, ended by
         the accounting when the flow ends (released here if the request cannot go)."""
@@ -460,13 +466,15 @@ class Gateway:
                 return
             meta["ticket"] = ticket  # usage/accounting.py settles or releases it
         request = flow.request
-        target = upstream_target(key.upstream_url + upstream.path_suffix if upstream.path_suffix else key.upstream_url)
         wirekeys.register(flow.id, key.api_key, target.host, target.port)
         data = request.data  # set directly: the property setters each rewrite Host again
         data.scheme, data.host, data.port = target.scheme, target.host, target.port
         if data.authority:  # HTTP/2 :authority
             data.authority = target.host_header
-        request.path = f"{target.path}?{query}" if query and upstream.keep_query else target.path
+        if query and upstream.keep_query:
+            request.path = f"{target.path}{'&' if '?' in target.path else '?'}{query}"
+        else:
+            request.path = target.path
         if upstream.dropped:  # never silently: the response header and the access line name them
             meta["dropped_params"] = list(upstream.dropped)
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
@@ -487,6 +495,45 @@ class Gateway:
             request.data.content = new_body
         request.headers.fields = tuple(forwarded)
         self.exchanges[flow.id] = exchange
+
+    def prepare(self, request: http.Request, names: list[bytes], api: InboundAPI, route: Route, key: VirtualKey,
+                keys: KeyStore, meta: dict):
+        """The body checked by its API and made ready for the provider: (model, new body or
+        None, the pair's UpstreamRequest and Exchange, the worst case the key's limits reserve)."""
+        try:
+            raw = plain_content(request, names)
+        except ValueError:
+            raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
+        try:
+            body = api.parse_request(raw)
+        except RecursionError:
+            raise GatewayError(400, "request body is nested too deeply", code="invalid_json") from None
+        model = body["model"]
+        check_model_name(model)
+        meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
+        price = keys.price(model)
+        meta["price"] = [price.input, price.output, price.cached_input] if price else None
+        new_body = None
+        if not meta["stream"]:
+            pass
+        elif route.stream_usage:
+            new_body = api.prepare_usage(body, raw, meta)
+        else:  # a provider that rejects stream_options: ask for nothing, hide nothing
+            meta["client_usage"] = True  # (usage is still counted when it sends some)
+            if body.pop("stream_options", None) is not None:
+                new_body = compact_json(body).encode()
+        try:
+            upstream, exchange = route.pair.prepare(body)  # raises GatewayError for what it cannot serve
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
+            # a field of a type the translation did not expect: the client's fault, not a 500
+            log.warning("gateway: request refused, a field has an unexpected type (%s)", type(e).__name__)
+            raise GatewayError(400, "a request field has a type or value the gateway cannot translate", code="invalid_value") from None
+        if upstream.body is not None:
+            new_body = upstream.body
+            if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either
+                new_body = without_stream_options(new_body)
+        demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
+        return model, new_body, upstream, exchange, demand
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)

@@ -131,7 +131,7 @@ def toy(monkeypatch):
     monkeypatch.setitem(ENDPOINTS, "/v1/toy", api)
     monkeypatch.setitem(PAIRS, ("toy", "openai_chat"), ToyToOpenAI())
     # what gateway.py builds at import from the three tables above
-    monkeypatch.setitem(ROUTES, "toy", {"openai": gateway_module.Route(PROVIDERS["openai"], PAIRS[("toy", "openai_chat")])})
+    monkeypatch.setitem(ROUTES, "toy", {"openai": gateway_module.build_route("toy", PROVIDERS["openai"])})
     assert api_registry.api_for_path("/v1/toy") is api
     return api
 

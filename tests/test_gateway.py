@@ -100,7 +100,7 @@ def test_client_account_headers_are_not_forwarded(gw):
     (dict(body={"messages": CHAT["messages"]}), 400, "missing_model"),
     (dict(body={"model": "gpt-4o"}), 400, "missing_messages"),
     (dict(body={"model": "gpt-4o", "messages": []}), 400, "missing_messages"),
-    (dict(path="/v1/embeddings"), 404, "unknown_path"),
+    (dict(path="/v1/files"), 404, "unknown_path"),
     (dict(path="/v1/chat/completions/../../admin"), 404, "unknown_path"),
     (dict(method="GET"), 405, "method_not_allowed"),
     (dict(path="/health", method="POST"), 405, "method_not_allowed"),

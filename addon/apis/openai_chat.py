@@ -17,15 +17,13 @@ from addon.wire.streams import openai_stream_error
 
 class OpenAIChat:
     name = "openai_chat"
+    label = ""  # added to the flow's mitmweb comment
     paths = frozenset({"/chat/completions", "/v1/chat/completions"})
     methods = frozenset({"POST"})
     usage_in_stream = False
 
     def parse_request(self, raw: bytes) -> dict:
-        body = json_object(raw)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
+        body = parse_object(raw)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
@@ -65,6 +63,15 @@ class OpenAIChat:
 
     def model_object(self, model: dict) -> dict:
         return model
+
+
+def parse_object(raw: bytes) -> dict:
+    """A request body that is a JSON object with a string `model` (every OpenAI API's request)."""
+    body = json_object(raw)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(400, "'model' is required and must be a string", param="model", code="missing_model")
+    return body
 
 
 def is_openai_error(body: bytes) -> bool:

@@ -6,23 +6,40 @@ from __future__ import annotations
 from addon.apis.anthropic_messages import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES
 from addon.apis.base import InboundAPI
 from addon.apis.openai_chat import OPENAI_CHAT
+from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
+from addon.apis.openai_responses import OPENAI_RESPONSES
 
-APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT, ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS)}
+APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT, ANTHROPIC_MESSAGES, ANTHROPIC_COUNT_TOKENS,
+                                                           OPENAI_EMBEDDINGS, OPENAI_RESPONSES)}
 # request path (no query) -> the API served there
 ENDPOINTS: dict[str, InboundAPI] = {path: api for api in APIS.values() for path in api.paths}
+# path prefix ("/v1/responses/") -> the API whose stored resources live under it (an API with a
+# `resource(tail)` method: the methods allowed on what follows, or None)
+RESOURCES: dict[str, InboundAPI] = {path + "/": api for api in APIS.values() if hasattr(api, "resource") for path in api.paths}
 # what answers where no API is served (unknown paths, /health, /v1/models)
 DEFAULT_API: InboundAPI = OPENAI_CHAT
 
 
+def resource_for(path: str) -> tuple[InboundAPI, str] | tuple[None, None]:
+    """(API, the rest of the path) for a path under an API's resources (no query)."""
+    for prefix, api in RESOURCES.items():
+        if path.startswith(prefix):
+            return api, path[len(prefix) - 1:]
+    return None, None
+
+
 def api_for_path(path: str) -> InboundAPI:
     """The API whose error shape an answer on `path` (query allowed) takes."""
-    return ENDPOINTS.get(path.partition("?")[0], DEFAULT_API)
+    path = path.partition("?")[0]
+    api = ENDPOINTS.get(path)
+    return api if api is not None else (resource_for(path)[0] or DEFAULT_API)
 
 
 def api_for_request(request) -> InboundAPI:
     """As `api_for_path`; off the APIs' paths (/v1/models, unknown paths) a client that sends
     `anthropic-version` is an Anthropic client and gets Anthropic's error shape."""
-    api = ENDPOINTS.get(request.path.partition("?")[0])
+    path = request.path.partition("?")[0]
+    api = ENDPOINTS.get(path) or resource_for(path)[0]
     if api is not None:
         return api
     return ANTHROPIC_MESSAGES if "anthropic-version" in request.headers else DEFAULT_API

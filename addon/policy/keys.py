@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from addon.providers import azure
 from addon.providers.catalog import CATALOG
 from addon.policy.store import MAX_BUDGET_PERIOD, Limits
 
@@ -73,7 +74,7 @@ HASHED_PREFIX = "sha256:"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
 _PERIOD_SECONDS = {"h": 3600, "d": 86400}
-BASE_FIELDS = frozenset({"provider", "api_key", "base_url", "name"})
+BASE_FIELDS = frozenset({"provider", "api_key", "base_url", "name"}) | azure.FIELDS
 POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled",
                            "max_parallel"})
 
@@ -151,6 +152,7 @@ class VirtualKey:
     base_url: str
     upstream_url: str  # base_url + the provider's endpoint path
     policy: KeyPolicy = field(default=NO_POLICY)
+    azure: azure.AzureTarget | None = None  # provider azure: endpoint, deployments, api_version
 
     def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
         return (
@@ -308,7 +310,7 @@ def syntax_error(e: Exception) -> str:
 def parse_keys(data: object, source: str = "keys file") -> KeyStore:
     if not isinstance(data, dict):
         raise KeysError(f"{source}: the top level must be an object with \"virtual_keys\"")
-    provider_urls = _provider_base_urls(data.get("providers") or {}, source)
+    provider_urls = _provider_defaults(data.get("providers") or {}, source)
     entries = data.get("virtual_keys")
     if not isinstance(entries, dict) or not entries:
         raise KeysError(f"{source}: \"virtual_keys\" must be a non-empty object")
@@ -343,10 +345,12 @@ def _parse_prices(section: object, source: str) -> dict[str, Price]:
     return prices
 
 
-def _provider_base_urls(section: object, source: str) -> dict[str, str]:
+def _provider_defaults(section: object, source: str) -> dict[str, dict]:
+    """providers.<name> entries: defaults (base_url; azure's endpoint, deployment(s),
+    api_version) for every key of that provider that does not set its own."""
     if not isinstance(section, dict):
         raise KeysError(f"{source}: \"providers\" must be an object")
-    urls = {name: p.default_base_url for name, p in CATALOG.items()}
+    defaults: dict[str, dict] = {name: {} for name in CATALOG}
     for name, conf in section.items():
         if name not in CATALOG:
             raise KeysError(
@@ -354,12 +358,17 @@ def _provider_base_urls(section: object, source: str) -> dict[str, str]:
             )
         if not isinstance(conf, dict):
             raise KeysError(f"{source}: providers.{name} must be an object")
+        allowed = azure.FIELDS if name == "azure" else {"base_url"}
+        unknown = conf.keys() - allowed
+        if unknown:
+            raise KeysError(f"{source}: providers.{name}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
         if "base_url" in conf:
-            urls[name] = _check_url(conf["base_url"], f"{source}: providers.{name}.base_url")
-    return urls
+            _check_url(conf["base_url"], f"{source}: providers.{name}.base_url")
+        defaults[name] = dict(conf)
+    return defaults
 
 
-def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: str, digest: str | None = None) -> VirtualKey:
+def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str, digest: str | None = None) -> VirtualKey:
     # a hashed entry's fingerprint is the same as the plain key's would be, so spend carries over
     # when a key is moved from plain to hashed
     key_fingerprint = digest[:16] if digest else fingerprint(vk)
@@ -376,8 +385,11 @@ def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: 
         raise KeysError(
             f"{where}: unknown provider {provider!r} (known: {', '.join(CATALOG)})"
         )
+    info = CATALOG[provider]
     api_key = entry.get("api_key")
-    if not isinstance(api_key, str) or not api_key.strip():
+    if api_key is None and info.key_optional:
+        api_key = ""  # a local server (ollama): no key header is sent
+    elif not isinstance(api_key, str) or not api_key.strip():
         raise KeysError(f"{where} has no \"api_key\"")
     if api_key.startswith("env:"):
         # keep real keys out of the file: "env:OPENAI_API_KEY" reads the environment
@@ -385,20 +397,35 @@ def _parse_entry(vk: str, entry: object, provider_urls: dict[str, str], source: 
         api_key = os.environ.get(var, "")
         if not api_key:
             raise KeysError(f"{where}: api_key names environment variable {var}, which is not set")
-    if "base_url" in entry:
-        base_url = _check_url(entry["base_url"], f"{where}: base_url")
-    else:
-        base_url = provider_urls[provider]
     # the virtual key is the client's secret: without a "name" the key is known by its fingerprint
     name = entry.get("name") or f"key-{key_fingerprint}"
+    target = None
+    if provider == "azure":
+        if "base_url" in entry:
+            raise KeysError(f"{where}: provider azure takes \"endpoint\" (the resource URL), not base_url")
+        target = azure.parse_target({**defaults["azure"], **entry}, where, KeysError)
+        base_url, upstream_url = target.endpoint, target.display_url(info.endpoint_path)
+    else:
+        azure_only = entry.keys() & azure.FIELDS
+        if azure_only:
+            raise KeysError(f"{where}: {sorted(azure_only)[0]} is for provider azure only")
+        if "base_url" in entry:
+            base_url = _check_url(entry["base_url"], f"{where}: base_url")
+        else:
+            base_url = defaults[provider].get("base_url", info.default_base_url).rstrip("/")
+        if not base_url:
+            raise KeysError(f"{where}: provider {provider} has no default URL: set \"base_url\" "
+                            f"(on the key, or in providers.{provider})")
+        upstream_url = base_url + info.endpoint_path
     return VirtualKey(
         name=str(name),
         fingerprint=key_fingerprint,
         provider=provider,
         api_key=api_key,
         base_url=base_url,
-        upstream_url=base_url + CATALOG[provider].endpoint_path,
+        upstream_url=upstream_url,
         policy=_parse_policy(entry, where),
+        azure=target,
     )
 
 

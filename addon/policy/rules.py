@@ -31,15 +31,17 @@ def check_key(key: VirtualKey, now: float) -> None:
         raise GatewayError(401, "this virtual key has expired", code="key_expired")
 
 
-def admit(key: VirtualKey, model: str, keys: KeyStore, store: UsageStore, now: float,
+def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore, now: float,
           demand: Demand = NO_DEMAND) -> str | None | Awaitable[str | None]:
     """Raise the GatewayError that refuses this request, or count it and reserve `demand` (its
     worst case, see `worst_case`). Returns the reservation's ticket (None: nothing held), or,
     when the store does I/O, an awaitable of it."""
     policy = key.policy
-    if not policy.allows_model(model):
+    if model is None:  # names no model, costs nothing (GET /v1/responses/{id}): counted, not priced
+        pass
+    elif not policy.allows_model(model):
         raise GatewayError(403, f"this virtual key may not use model {model!r}", param="model", code="model_not_allowed")
-    if policy.budget_usd is not None and keys.price(model) is None:
+    elif policy.budget_usd is not None and keys.price(model) is None:
         # an unpriced model would cost $0 and walk straight past a dollar budget
         raise GatewayError(
             403, f"model {model!r} has no price in the keys file, and this key has a dollar budget",

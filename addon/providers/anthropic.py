@@ -4,14 +4,9 @@ translation pair builds, translate/, or is the client's own on passthrough.)"""
 
 from __future__ import annotations
 
-from addon.providers.catalog import CATALOG
+from addon.providers.base import CatalogProvider
 
 
-class AnthropicCompatible:
-    def __init__(self, name: str = "anthropic") -> None:
-        self.name = name
-        self.default_base_url, self.endpoint_path, self.secret_header, self.api = CATALOG[name]
-
+class AnthropicCompatible(CatalogProvider):
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"x-api-key": api_key}
-

@@ -1,14 +1,12 @@
-"""OpenAI-compatible providers (OpenAI, DeepSeek): the real key as `Authorization: Bearer`."""
+"""OpenAI-compatible providers (OpenAI, DeepSeek, Groq, Mistral, ..., Ollama): the real key as
+`Authorization: Bearer`; none at all for a local server whose key is optional and not given."""
 
 from __future__ import annotations
 
-from addon.providers.catalog import CATALOG
+from addon.providers.base import CatalogProvider
 
 
-class OpenAICompatible:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.default_base_url, self.endpoint_path, self.secret_header, self.api = CATALOG[name]
 
+class OpenAICompatible(CatalogProvider):
     def auth_headers(self, api_key: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {api_key}"}
+        return {"authorization": f"Bearer {api_key}"} if api_key else {}

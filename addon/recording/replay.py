@@ -118,6 +118,11 @@ class ReplayServer:
 
 # --- the gateway under test ----------------------------------------------------------------
 
+def url_field(provider: str) -> str:
+    """The keys-file field that says where a provider's key sends requests (azure: endpoint)."""
+    return "endpoint" if provider == "azure" else "base_url"
+
+
 def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     """The keys file in use, for the replay gateway: every base URL pointed at the replay server
     (path = provider name), placeholder provider keys, and each virtual key replaced by a
@@ -126,14 +131,14 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     with open(keys_file, "rb") as f:
         data = yaml.safe_load(f) if keys_file.endswith((".yaml", ".yml")) else json.load(f)
     parse_keys(data, keys_file)  # the same validation the gateway does, with its messages
-    out = {**data, "providers": {name: {"base_url": f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
+    out = {**data, "providers": {name: {url_field(name): f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
     by_fingerprint = {}
     for vk, entry in data["virtual_keys"].items():
         # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/policy/keys.py)
         fp = vk[len(HASHED_PREFIX):16 + len(HASHED_PREFIX)].lower() if vk.startswith(HASHED_PREFIX) else fingerprint(vk)
         stand_in = f"vk-replay-{fp}"
         out["virtual_keys"][stand_in] = {**entry, "name": entry.get("name") or f"key-{fp}",
-                                         "api_key": REPLAY_API_KEY, "base_url": f"{upstream}/{entry['provider']}"}
+                                         "api_key": REPLAY_API_KEY, url_field(entry["provider"]): f"{upstream}/{entry['provider']}"}
         by_fingerprint[fp] = stand_in
     return out, by_fingerprint
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from addon.apis.anthropic_messages import ANTHROPIC_COUNT_TOKENS, ANTHROPIC_MESSAGES
 from addon.apis.openai_chat import OPENAI_CHAT
 from addon.translate.anthropic_messages_openai_chat import AnthropicMessagesToOpenAIChat
+from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
+from addon.apis.openai_responses import OPENAI_RESPONSES
 from addon.translate.base import Pair
 from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic
 from addon.translate.passthrough import Passthrough
@@ -17,4 +19,6 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("anthropic_messages", "openai_chat"): AnthropicMessagesToOpenAIChat(),
     # count_tokens: only where Anthropic's own API counts (no tokenizer guesses for the others)
     ("anthropic_count_tokens", "anthropic_messages"): Passthrough(ANTHROPIC_COUNT_TOKENS, "/count_tokens"),
+    ("openai_embeddings", "openai_embeddings"): Passthrough(OPENAI_EMBEDDINGS),
+    ("openai_responses", "openai_responses"): Passthrough(OPENAI_RESPONSES),
 }

@@ -151,8 +151,9 @@ class UsageAccounting:
             if watched[1].first_at:  # time to first token (the metrics)
                 flow.metadata["gateway"]["first_chunk_at"] = watched[1].first_at
             self.note(flow, response.status_code, stream_usage(flow, *watched), streamed=True)
-        elif response.status_code == 200 and not response.stream:
-            self.note(flow, 200, response, streamed=False)  # its usage is read when settled
+        elif response.status_code == 200 and not response.stream and "resource" not in flow.metadata.get("gateway", ()):
+            # its usage is read when settled (not a stored response's: it was counted when made)
+            self.note(flow, 200, response, streamed=False)
         else:
             self.note(flow, response.status_code, None, streamed=False)
 

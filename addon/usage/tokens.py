@@ -110,6 +110,15 @@ def request_stream_usage(body: dict, raw: bytes) -> bytes:
     return compact_json(body).encode()
 
 
+def without_stream_options(raw: bytes) -> bytes:
+    """A JSON request body without `stream_options` (for a provider that rejects it)."""
+    if b'"stream_options"' not in raw:
+        return raw
+    body = json.loads(raw)
+    body.pop("stream_options", None)
+    return compact_json(body).encode()
+
+
 class StreamUsage:
     """Watches client-bound OpenAI SSE bytes for usage; with `strip`, removes it from them.
 

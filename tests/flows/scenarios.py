@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from tests import rawhttp
+from addon.recording.replay import url_field
+from tests import fakeresponses, rawhttp
 from tests.fakeprovider import FakeProvider, Received, Reply, openai_completion, openai_stream
 
 # base URLs are filled in per run: the fake provider when recording, the replay server on replay
-KEYS = {"virtual_keys": {
+KEYS = {"providers": {"azure": {"endpoint": "https://corpus-resource.openai.azure.com"}}, "virtual_keys": {
     "vk_corpus_openai": {"provider": "openai", "api_key": "sk-corpus-openai-real-0001", "name": "corpus-openai"},
     "vk_corpus_deepseek": {"provider": "deepseek", "api_key": "sk-corpus-deepseek-real-0002", "name": "corpus-deepseek"},
     "vk_corpus_anthropic": {"provider": "anthropic", "api_key": "sk-ant-corpus-real-0003", "name": "corpus-anthropic",
@@ -23,6 +24,9 @@ KEYS = {"virtual_keys": {
     # its provider is down: nothing listens on port 1
     "vk_corpus_down": {"provider": "openai", "api_key": "sk-corpus-down-real-0005", "name": "corpus-down",
                        "base_url": "http://127.0.0.1:1/v1"},
+    "vk_corpus_azure": {"provider": "azure", "api_key": "corpus-azure-real-0006", "name": "corpus-azure",
+                        "api_version": "2024-10-21", "deployments": {"gpt-4o": "corpus-4o", "text-embedding-3-small": "corpus-embed"}},
+    "vk_corpus_mistral": {"provider": "mistral", "api_key": "sk-corpus-mistral-real-0007", "name": "corpus-mistral"},
     # no "name": the gateway names it by the virtual key itself, which must not reach a recording
     "vk_corpus_unnamed_secret": {"provider": "openai", "api_key": "sk-corpus-unnamed-real-0004"},
 }}
@@ -40,6 +44,7 @@ class Scenario:
     reply: Callable[[Received], Reply] | None = None  # None: the gateway must answer itself
     path: str = "/v1/chat/completions"
     headers: dict | None = None  # besides content-type and the key
+    method: str = "POST"
 
 
 ANTHROPIC_CLIENT = {"anthropic-version": "2023-06-01"}
@@ -97,6 +102,14 @@ def anthropic_stream(blocks: list[tuple[dict, list[dict]]], stop_reason: str = "
     return [first[:40], first[40:]] + out
 
 
+EMBED = {"model": "text-embedding-3-small", "input": ["corpus"], "encoding_format": "float"}
+
+
+def embeddings(r: Received) -> Reply:
+    return Reply.json({"object": "list", "model": r.json()["model"], "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                       "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+
 TEXT_BLOCK = ({"type": "text", "text": ""}, [{"type": "text_delta", "text": p} for p in ("Bon", "jour")])
 TOOL_BLOCK = ({"type": "tool_use", "id": "toolu_corpus1", "name": "get_weather", "input": {}},
               [{"type": "input_json_delta", "partial_json": p} for p in ("", '{"city":', ' "Paris"}')])
@@ -140,7 +153,24 @@ SCENARIOS = [
     # refused after the key lookup: the client's key is still on the request (x-api-key is anthropic's header)
     Scenario("gateway 400 anthropic unsupported n", "vk_corpus_anthropic", chat("claude-sonnet-4-5", n=3)),
     Scenario("gateway 403 model not allowed", "vk_corpus_anthropic", chat("claude-opus-4")),
-    Scenario("gateway 404 unknown path", "vk_corpus_openai", chat("gpt-4o"), path="/v1/embeddings"),
+    Scenario("gateway 404 unknown path", "vk_corpus_openai", chat("gpt-4o"), path="/v1/files"),
+    Scenario("azure deployment", "vk_corpus_azure", chat("gpt-4o"), lambda r: Reply.json(openai_completion(r.json(), "from azure"))),
+    Scenario("mistral stream without stream_options", "vk_corpus_mistral", chat("mistral-small", stream=True),
+             lambda r: Reply.sse(openai_stream(r.json()))),
+    Scenario("embeddings float", "vk_corpus_openai", EMBED, embeddings),
+    Scenario("embeddings azure", "vk_corpus_azure", EMBED, embeddings),
+    Scenario("gateway 400 embeddings unsupported", "vk_corpus_deepseek", EMBED),
+    Scenario("responses plain", "vk_corpus_openai", {"model": "gpt-4.1", "input": "hi"},
+             lambda r: Reply.json(fakeresponses.response(r.json())), path="/v1/responses"),
+    Scenario("responses stream", "vk_corpus_openai", {"model": "gpt-4.1", "input": "hi", "stream": True},
+             lambda r: Reply.sse(fakeresponses.response_stream(r.json())), path="/v1/responses"),
+    Scenario("responses retrieve", "vk_corpus_openai", b"", lambda r: Reply.json(fakeresponses.response({"model": "gpt-4.1"})),
+             path="/v1/responses/resp_fake1", method="GET"),
+    Scenario("responses delete azure", "vk_corpus_azure", b"",
+             lambda r: Reply.json({"id": "resp_fake1", "object": "response", "deleted": True}),
+             path="/v1/responses/resp_fake1", method="DELETE"),
+    Scenario("gateway 400 responses unsupported", "vk_corpus_anthropic", {"model": "claude-sonnet-4-5", "input": "hi"},
+             path="/v1/responses"),
     # the Messages API in front: passthrough to anthropic, translation to OpenAI and DeepSeek
     messages_scenario("messages anthropic passthrough", "vk_corpus_anthropic",
                       messages("claude-sonnet-4-5", system=[{"type": "text", "text": "terse", "cache_control": {"type": "ephemeral"}}]),
@@ -166,7 +196,7 @@ SCENARIOS = [
 
 def keys_for(base_url: str) -> dict:
     """KEYS with every provider pointed at the fake provider (its path tells them apart)."""
-    return {"providers": {p: {"base_url": f"{base_url}/{p}"} for p in ("openai", "deepseek", "anthropic")},
+    return {"providers": {p: {url_field(p): f"{base_url}/{p}"} for p in ("openai", "deepseek", "anthropic", "azure", "mistral")},
             "virtual_keys": KEYS["virtual_keys"]}
 
 
@@ -178,7 +208,7 @@ def run(gateway_url: str, provider: FakeProvider, scenarios=SCENARIOS) -> None:
         if s.key:
             headers["authorization"] = f"Bearer {s.key}"
         body = s.body if isinstance(s.body, bytes) else json.dumps(s.body).encode()
-        resp = rawhttp.request(gateway_url, "POST", s.path, content=body, headers=headers)
+        resp = rawhttp.request(gateway_url, s.method, s.path, content=body if s.method == "POST" else None, headers=headers)
         if s.reply is None and provider.received:
             raise AssertionError(f"{s.name}: the gateway forwarded a request it should answer itself")
         if resp.status_code >= 500 and s.reply is None:
