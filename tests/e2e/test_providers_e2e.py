@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from addon.providers.catalog import CATALOG
+from tests import rawhttp
 from tests.fakeprovider import Reply, openai_stream
 from tests.test_policy_e2e import ledger_rows
 
@@ -159,3 +160,15 @@ def test_no_real_key_in_the_gateway_log(gateway):
     log = gateway.log()
     for name in [*NAMED, "azure"]:
         assert real_key(name) not in log
+
+
+def test_a_translated_messages_stream_carries_no_stream_options_where_rejected(gateway, provider):
+    """The Messages API in front, translated to chat for Mistral: the pair's body asks for stream
+    usage; a provider that rejects the field never gets it."""
+    r = rawhttp.request(gateway.url, "POST", "/v1/messages", json={
+        "model": "mistral-small", "max_tokens": 32, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": "vk_mistral", "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200 and b"message_stop" in r.content
+    [got] = provider.received
+    assert got.path == "/mistral/chat/completions" and "stream_options" not in got.json()
+    assert got.json()["stream"] is True
