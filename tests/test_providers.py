@@ -55,7 +55,7 @@ def test_which_apis_each_provider_serves():
     serves = {api: set(routes) for api, routes in ROUTES.items()}
     chat_only = {"deepseek", "groq", "xai", "openrouter"}
     assert serves["openai_chat"] == set(CATALOG)
-    assert {n for n, i in CATALOG.items() if EMBEDDINGS in i.apis} == set(CATALOG) - chat_only - {"anthropic"}
+    assert {n for n, i in CATALOG.items() if EMBEDDINGS in i.apis} == set(CATALOG) - chat_only - {"anthropic", "deepseek-anthropic"}
     assert {n for n, i in CATALOG.items() if RESPONSES in i.apis} == {"openai", "azure"}
 
 
