@@ -532,7 +532,9 @@ class Gateway:
             new_body = upstream.body
             if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either
                 new_body = without_stream_options(new_body)
-        demand = rules.worst_case(key.policy, price, body, len(raw), MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT))
+        # the output a request without max_tokens may get (none for embeddings)
+        output = MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT) if getattr(api, "has_output", True) else 0
+        demand = rules.worst_case(key.policy, price, body, len(raw), output)
         return model, new_body, upstream, exchange, demand
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:

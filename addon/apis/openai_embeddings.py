@@ -21,6 +21,7 @@ class OpenAIEmbeddings(OpenAIChat):
     methods = frozenset({"POST"})
     upstream_path = "/embeddings"  # under a provider's base_url
     usage_in_stream = True  # nothing streams
+    has_output = False  # no output tokens: a budget reserves the input only
 
     def parse_request(self, raw: bytes) -> dict:
         body = parse_object(raw)

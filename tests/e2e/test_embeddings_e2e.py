@@ -63,7 +63,7 @@ def gateway(provider_server, gateway_factory, ledger):
             "vk_anthropic": {"provider": "anthropic", "api_key": REAL, "name": "claude"},
             "vk_deepseek": {"provider": "deepseek", "api_key": REAL, "name": "deepseek"},
             "vk_limited": {"provider": "openai", "api_key": REAL, "name": "limited",
-                           "models": ["text-embedding-3-small"], "budget_tokens": 6},
+                           "models": ["text-embedding-3-small"], "budget_tokens": 100},
         },
     }, ["--set", f"usage_db={ledger}"])
 
@@ -119,7 +119,7 @@ def test_key_policy_applies_models_and_budget(gateway, embedder):
     with pytest.raises(openai.PermissionDeniedError) as e:
         client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-large", input="x")
     assert e.value.body["code"] == "model_not_allowed"
-    client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-small", input=["a", "b"])  # 8 tokens > 6
+    client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-small", input=["a", "b"])  # 8 of 100 tokens; each request reserves its body size
     with pytest.raises(openai.RateLimitError) as e:
         for _ in range(50):  # the budget sees the usage once the flow is counted (at once, or a moment later)
             client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-small", input="a")
