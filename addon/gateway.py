@@ -481,7 +481,8 @@ class Gateway:
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.
         # the flow carries a placeholder where the real key goes (wire/wirekeys.py)
-        upstream_headers = route.provider.auth_headers(wirekeys.placeholder(flow.id))
+        # a key-optional local server without a key: no key header at all
+        upstream_headers = route.provider.auth_headers(wirekeys.placeholder(flow.id) if key.api_key else "")
         if upstream.headers:
             upstream_headers.update(upstream.headers)
         if meta["stream"]:
