@@ -18,10 +18,35 @@ from addon.usage.tokens import Usage
 from addon.wire.errors import GatewayError
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """object_pairs_hook: a JSON object that repeats a key is refused. json.loads keeps the last
+    value while the bytes (forwarded as they are) carry both, and a provider may read the first:
+    what the gateway checked must be what the provider gets."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def json_object(raw: bytes) -> dict:
-    """A request body that must be a JSON object (GatewayError 400 otherwise), for every API."""
+    """A request body that must be a JSON object (GatewayError 400 otherwise), for every API.
+    A key repeated in any object of the body is a 400 `duplicate_key` naming it."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_unique_pairs)
+    except DuplicateKey as e:
+        name = e.key if len(e.key) <= 64 else e.key[:64] + "..."
+        raise GatewayError(400, f"request body repeats the key {json.dumps(name)}; each key may appear once per object",
+                           code="duplicate_key", param=name) from None
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
     if not isinstance(body, dict):
