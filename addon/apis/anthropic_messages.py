@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from addon.apis.base import json_object
+from addon.apis.base import check_counts, json_object
 from addon.translate.tables import ERROR_STATUSES
 from addon.usage.tokens import StreamUsage, Usage
 from addon.wire.errors import GatewayError
@@ -104,7 +104,10 @@ class AnthropicMessages:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "model: field required (a string)", param="model", code="missing_model")
-        if self.needs_messages and not isinstance(body.get("messages"), list):
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            check_counts(messages)
+        elif self.needs_messages:
             raise GatewayError(400, "messages: field required (an array)", param="messages", code="missing_messages")
         if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise GatewayError(400, "stream: must be a boolean", param="stream", code="invalid_value")

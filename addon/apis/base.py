@@ -54,6 +54,26 @@ def json_object(raw: bytes) -> dict:
     return body
 
 
+# Caps on a conversation's shape (issue #11, break 5), far above what providers accept in practice
+# (a context window holds a few thousand turns), so a legitimate request never meets them; they bound
+# the work every per-message pass (translation, token estimates, the ledger) does for one body.
+MAX_MESSAGES = 10_000  # entries of `messages`
+MAX_PARTS = 1_000  # entries of one message's `content` array (text, image, tool_result... parts)
+
+
+def check_counts(messages: list) -> None:
+    """400 naming the param when `messages`, or one message's `content` array, is longer than its cap."""
+    if len(messages) > MAX_MESSAGES:
+        raise GatewayError(400, f"messages: {len(messages)} messages is more than the gateway's limit of {MAX_MESSAGES}",
+                           param="messages", code="too_many_messages")
+    for i, message in enumerate(messages):
+        if type(message) is dict:
+            content = message.get("content")
+            if type(content) is list and len(content) > MAX_PARTS:
+                raise GatewayError(400, f"messages[{i}].content: {len(content)} content parts is more than the gateway's "
+                                        f"limit of {MAX_PARTS} per message", param=f"messages[{i}].content", code="too_many_parts")
+
+
 class StreamUsageReader(Protocol):
     strip: bool  # removes usage the client did not ask for (the stream's length changes)
     usage: Usage | None

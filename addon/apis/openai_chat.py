@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from addon.apis.base import json_object
+from addon.apis.base import check_counts, json_object
 from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, request_stream_usage, usage_from_body
 from addon.wire.errors import GatewayError, error_body, error_type
 from addon.wire.streams import openai_stream_error
@@ -27,6 +27,7 @@ class OpenAIChat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
+        check_counts(messages)
         # the gateway decides on these itself (stream handling, usage): a string "false" must not stream
         if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise GatewayError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
