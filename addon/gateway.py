@@ -60,6 +60,7 @@ from addon.wire.streams import fail_closed_stream
 from addon.wire.streamends import StreamEnds
 from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
 from addon.wire import wirekeys
+from addon.wire.bounded import TooLarge
 from addon.wire.limits import RequestLimits, limits, too_large
 from addon.wire.wirekeys import WireKeys
 from addon.web.contentview import WebViews
@@ -502,7 +503,9 @@ class Gateway:
         """The body checked by its API and made ready for the provider: (model, new body or
         None, the pair's UpstreamRequest and Exchange, the worst case the key's limits reserve)."""
         try:
-            raw = plain_content(request, names)
+            raw = plain_content(request, names, limits.body)
+        except TooLarge:  # a compressed body that decodes to more than max_request_mb: stopped there
+            raise too_large(limits.body) from None
         except ValueError:
             raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from addon.wire import bounded
+
 BODY_HEADERS = frozenset({b"content-encoding", b"content-length"})  # a new body's framing replaces them
 _BODY_HEADERS_AND_TYPE = BODY_HEADERS | {b"content-type"}
 _IDENTITY = frozenset({b"", b"identity"})
@@ -38,15 +40,19 @@ def header(headers: http.Headers, name: bytes) -> str | None:
     return field_value(fields, lower_names(fields), name)
 
 
-def plain_content(message: http.Message, names: list[bytes] | None = None) -> bytes:
+def plain_content(message: http.Message, names: list[bytes] | None = None, limit: int | None = None) -> bytes:
     """The body with any content-encoding removed (raises ValueError when it cannot be decoded).
-    `names`: the message's `lower_names`, when the caller has them."""
+    `names`: the message's `lower_names`, when the caller has them. `limit`: decode incrementally
+    and raise bounded.TooLarge as soon as the decoded body passes `limit` bytes (request bodies:
+    a small compressed body must not expand in memory without bound)."""
     fields = message.headers.fields
     if names is None:
         names = lower_names(fields)
     if b"content-encoding" in names and any(
         n == b"content-encoding" and f[1].strip().lower() not in _IDENTITY for f, n in zip(fields, names)
     ):
+        if limit is not None:
+            return bounded.decode(message.raw_content or b"", field_value(fields, names, b"content-encoding"), limit)
         return message.content or b""  # mitmproxy decodes gzip, deflate, br, zstd
     return message.raw_content or b""
 
