@@ -159,7 +159,7 @@ def test_updates_and_flows_never_carry_a_key_and_guarded_options_are_refused(slo
         # answered by the gateway itself: /v1/models, 401, 404
         assert [m.id for m in client.models.list()] == []
         with pytest.raises(openai.NotFoundError):
-            client.embeddings.create(model="x", input="y")
+            client.files.list()  # a path the gateway does not serve
         # routed, and in flight while mitmweb is read
         done = threading.Thread(target=lambda: client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}]))
