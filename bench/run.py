@@ -424,7 +424,8 @@ def metrics_cost(stack: Stack, s: Settings) -> dict:
         out[c] = {side: {"rps": median([r["rps"] for r in rs]), "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs])}
                   for side, rs in sides.items()}
         out[c]["ratio_rps"] = median([ratio(on["rps"], off["rps"]) for off, on in pairs])
-        out[c]["added_cpu_us_per_request"] = median([on["cpu_us_per_request"] - off["cpu_us_per_request"] for off, on in pairs])
+        out[c]["added_cpu_us_per_request"] = median([on["cpu_us_per_request"] - off["cpu_us_per_request"] for off, on in pairs
+                                                     if on["cpu_us_per_request"] is not None and off["cpu_us_per_request"] is not None])
     return out
 
 
