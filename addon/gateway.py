@@ -13,6 +13,7 @@ translation) -> response (translate a whole body). Nothing here branches on an A
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -67,6 +68,9 @@ from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")
 
+# request bodies above this, and any with a content-encoding (up to max_request_mb once decoded),
+# are decoded and parsed in a worker thread (route_off_loop)
+OFF_LOOP_BYTES = 1024 * 1024
 HEALTH_PATHS = frozenset({"/health", "/v1/health"})
 MODELS_PATHS = frozenset({"/models", "/v1/models"})
 # client headers that must never reach a provider: the virtual key, and client-chosen
@@ -233,6 +237,21 @@ def presented_key(fields: Fields, names: list[bytes]) -> str | None:
     return field_value(fields, names, b"x-api-key") or None
 
 
+def read_body(request: http.Request, names: list[bytes], api: InboundAPI) -> tuple[bytes, dict]:
+    """The request body decoded (content-encoding, bounded by max_request_mb) and parsed by its
+    API: (plain bytes, object). Touches nothing shared: bodies over OFF_LOOP_BYTES run it in a thread."""
+    try:
+        raw = plain_content(request, names, limits.body)
+    except TooLarge:  # a compressed body that decodes to more than max_request_mb: stopped there
+        raise too_large(limits.body) from None
+    except ValueError:
+        raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
+    try:
+        return raw, api.parse_request(raw)
+    except RecursionError:
+        raise GatewayError(400, "request body is nested too deeply", code="invalid_json") from None
+
+
 class Gateway:
     """Routes the inbound APIs' requests to providers; everything else is answered locally."""
 
@@ -289,9 +308,14 @@ class Gateway:
             return None
         try:
             return self.route(flow)  # an awaitable when the store must be asked over the network
-        except GatewayError as e:
+        except Exception as e:
+            self.refuse(flow, e)
+
+    def refuse(self, flow: http.HTTPFlow, e: Exception) -> None:
+        """Answer a request whose routing raised (called in the except block)."""
+        if isinstance(e, GatewayError):
             answer(flow, e)
-        except Exception:
+        else:
             log.exception("gateway: internal error while routing; request not forwarded")
             answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
         if flow.response is not None:
@@ -423,12 +447,37 @@ class Gateway:
             raise GatewayError(400, f"{path} is not available for this virtual key's provider ({key.provider})",
                                code="unsupported_endpoint")
 
+        context = (flow, names, api, route, key, keys, meta, query)
         if tail:  # no body, no model, no usage: passed through for the key's provider key
             meta.update(api=api.name, model="", stream=False, price=None, resource=True)
-            model, new_body, demand = None, None, rules.NO_DEMAND
-            upstream, exchange = route.pair.prepare({})
-        else:
-            model, new_body, upstream, exchange, demand = self.prepare(request, names, api, route, key, keys, meta)
+            return self.dispatch(context, tail, (None, None, *route.pair.prepare({}), rules.NO_DEMAND))
+        if b"content-encoding" in names or len(request.raw_content or b"") > OFF_LOOP_BYTES:  # in a worker thread
+            return self.route_off_loop(context)
+        return self.route_parsed(context, read_body(request, names, api))
+
+    async def route_off_loop(self, context: tuple) -> None:
+        """A large body's decoding and JSON parse run in a worker thread, so the event loop
+        serves other clients (/health, small requests) meanwhile; this request's hook waits."""
+        flow = context[0]
+        try:
+            parsed = await asyncio.to_thread(read_body, flow.request, context[1], context[2])
+            if flow.response is not None or flow.error is not None or not flow.live:  # the client went away meanwhile
+                return
+            pending = self.route_parsed(context, parsed)
+            if pending is not None:
+                await pending
+        except Exception as e:
+            self.refuse(flow, e)
+
+    def route_parsed(self, context: tuple, parsed: tuple[bytes, dict]) -> Awaitable[None] | None:
+        flow, names, api, route, key, keys, meta, query = context
+        return self.dispatch(context, "", self.prepare(parsed, api, route, key, keys, meta))
+
+    def dispatch(self, context: tuple, tail: str, prepared: tuple) -> Awaitable[None] | None:
+        """Admit (rate limits, budgets) and forward a prepared request."""
+        flow, names, api, route, key, keys, meta, query = context
+        model, new_body, upstream, exchange, demand = prepared
+        fields = flow.request.headers.fields
         upstream_path = route.path + tail + upstream.path_suffix if tail or upstream.path_suffix else route.path
         target = upstream_target(route.provider.upstream_url(key, upstream_path, model))  # may refuse (azure)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
@@ -498,20 +547,10 @@ class Gateway:
         request.headers.fields = tuple(forwarded)
         self.exchanges[flow.id] = exchange
 
-    def prepare(self, request: http.Request, names: list[bytes], api: InboundAPI, route: Route, key: VirtualKey,
-                keys: KeyStore, meta: dict):
+    def prepare(self, parsed: tuple[bytes, dict], api: InboundAPI, route: Route, key: VirtualKey, keys: KeyStore, meta: dict):
         """The body checked by its API and made ready for the provider: (model, new body or
         None, the pair's UpstreamRequest and Exchange, the worst case the key's limits reserve)."""
-        try:
-            raw = plain_content(request, names, limits.body)
-        except TooLarge:  # a compressed body that decodes to more than max_request_mb: stopped there
-            raise too_large(limits.body) from None
-        except ValueError:
-            raise GatewayError(400, "the request body's content-encoding could not be decoded", code="invalid_encoding")
-        try:
-            body = api.parse_request(raw)
-        except RecursionError:
-            raise GatewayError(400, "request body is nested too deeply", code="invalid_json") from None
+        raw, body = parsed
         model = body["model"]
         check_model_name(model)
         meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
