@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from tests.e2e.test_anthropic_e2e import stream_events, text_block
 from tests.fakeprovider import Received, Reply, openai_stream
+from tests.npmclient import npm_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.client]
 
@@ -37,15 +37,7 @@ KEYS = {"vk_cc_openai": {"provider": "openai", "api_key": "sk-cc-openai-real-000
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    binary = PREFIX / "node_modules" / ".bin" / "claude"
-    if not binary.exists():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed (.ci/run installs it): cannot install Claude Code")
-        proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(PREFIX),
-                               f"@anthropic-ai/claude-code@{VERSION}"], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not binary.exists():
-            pytest.skip(f"npm could not install @anthropic-ai/claude-code@{VERSION}: {proc.stderr[-500:]}")
-    return binary
+    return npm_client(PREFIX, "@anthropic-ai/claude-code", VERSION, "claude")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from tests.e2e.test_providers_e2e import rows_where
 from tests.fakeprovider import Reply
 from tests.fakeresponses import response_stream
+from tests.npmclient import npm_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.client]
 
@@ -29,15 +29,7 @@ KEYS = {"vk_codex_openai": {"provider": "openai", "api_key": "sk-codex-openai-re
 
 @pytest.fixture(scope="module")
 def codex() -> Path:
-    binary = PREFIX / "node_modules" / ".bin" / "codex"
-    if not binary.exists():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed (.ci/run installs it): cannot install Codex CLI")
-        proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(PREFIX),
-                               f"@openai/codex@{VERSION}"], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not binary.exists():
-            pytest.skip(f"npm could not install @openai/codex@{VERSION}: {proc.stderr[-500:]}")
-    return binary
+    return npm_client(PREFIX, "@openai/codex", VERSION, "codex")
 
 
 @pytest.fixture(scope="module")
