@@ -46,7 +46,7 @@ SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
 # gateway (translated to an OpenAI provider, or passed through to Anthropic), while bare
 # mitmdump carries the provider's own API
 SCENARIO_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "messages_openai": "openai", "messages_anthropic": "anthropic"}
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "fleet")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "large_body", "fleet")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -619,6 +619,52 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def health_during_large_body(stack: Stack, s: Settings) -> dict:
+    """/health latency on the gateway alone, and while another client's ~30 MB chat request is read,
+    parsed and forwarded (issue #11: one key holder's large body must not stall every client).
+    Sequential GETs on one keep-alive connection; latencies in ms."""
+    import http.client
+    import threading
+
+    port = stack.ports["gateway"]
+
+    def health(until) -> list[float]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        out: list[float] = []
+        while not until() or not out:
+            t = time.perf_counter()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            out.append((time.perf_counter() - t) * 1000)
+        conn.close()
+        return out
+
+    def summary(xs: list[float]) -> dict:
+        xs = sorted(xs)
+        return {"n": len(xs), "p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))], "max_ms": xs[-1]}
+
+    end = time.monotonic() + s.duration
+    alone = health(lambda: time.monotonic() >= end)
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "x" * 1_000_000} for _ in range(30)]}).encode()
+    big: dict = {}
+
+    def send_big() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        t = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {**SDK_HEADERS, "Authorization": "Bearer vk_bench_openai"})
+        response = conn.getresponse()
+        response.read()
+        big.update(status=response.status, seconds=time.perf_counter() - t)
+        conn.close()
+
+    sender = threading.Thread(target=send_big, daemon=True)
+    sender.start()
+    during = health(lambda: not sender.is_alive())
+    sender.join()
+    return {"body_mb": len(body) / 1e6, "large_request": big, "alone": summary(alone), "during": summary(during)}
+
+
 # --- report ----------------------------------------------------------------------------------
 
 def targets(res: dict) -> list[dict]:
@@ -707,6 +753,13 @@ def print_table(res: dict) -> None:
     if "direct" in res:
         d = res["direct"]
         rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
+    if "large_body" in res:
+        lb = res["large_body"]
+        # (columns here: the gateway alone | while another client's large request is handled)
+        rows.append((f"/health p50 ms: alone | during a {lb['body_mb']:.0f} MB request", fmt(lb["alone"]["p50_ms"]),
+                     fmt(lb["during"]["p50_ms"]), ""))
+        rows.append((f"/health p99 ms: alone | during a {lb['body_mb']:.0f} MB request", fmt(lb["alone"]["p99_ms"]),
+                     fmt(lb["during"]["p99_ms"]), f"max {fmt(lb['during']['max_ms'])}"))
     rows += fleet_bench.rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
@@ -774,6 +827,7 @@ def main(argv=None) -> int:
                  "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
                  "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
                  "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s)),
+                 "large_body": ("/health latency while a 30 MB request is handled", lambda: health_during_large_body(stack, s)),
                  "fleet": ("fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
                            lambda: fleet_bench.fleet_section(stack, s))}
         for name, (title, step) in steps.items():
