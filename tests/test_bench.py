@@ -82,3 +82,10 @@ def test_translator_cpu_measured_when_anthropic_exists(result):
     assert tr["us_per_event"] > 0
     assert tr["messages"]["available"], tr["messages"]
     assert tr["messages"]["us_per_event"] > 0
+
+
+def test_large_body_section_measured_health_alone_and_during_a_30_mb_request(result):
+    lb = result["large_body"]
+    assert lb["body_mb"] > 29 and lb["large_request"]["status"] == 200  # routed and answered, not refused
+    for side in ("alone", "during"):
+        assert lb[side]["n"] > 0 and 0 < lb[side]["p50_ms"] <= lb[side]["p99_ms"] <= lb[side]["max_ms"]
