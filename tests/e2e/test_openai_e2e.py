@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -105,6 +106,9 @@ def test_unreachable_provider_is_a_json_502(gateway, provider):
     assert e.value.status_code == 502
     assert e.value.body["code"] == "upstream_unreachable"
     assert "127.0.0.1" not in e.value.message and ":9" not in e.value.message  # the address is logged, not told
+    deadline = time.monotonic() + 10  # the gateway's output is read on a thread: the line may lag the answer
+    while "provider unreachable" not in gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "provider unreachable" in gateway.log() and "127.0.0.1', 9" in gateway.log()
 
 
