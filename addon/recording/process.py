@@ -102,6 +102,14 @@ class GatewayProcess:
             self.output += line
 
     def log(self) -> str:
+        """What the gateway printed so far. Its output is read on a thread, so a line written just
+        before the answer a caller got may not have arrived yet: wait until the output stops
+        growing for a moment (at most 2 s) first."""
+        deadline = time.monotonic() + 2
+        size = -1
+        while len(self.output) != size and time.monotonic() < deadline:
+            size = len(self.output)
+            time.sleep(0.05)
         return self.output.decode(errors="replace")
 
     def stop(self) -> None:
