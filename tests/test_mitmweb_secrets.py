@@ -23,6 +23,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+from addon.recording.process import terminate
 from tests import rawhttp
 from tests.fakeprovider import FakeProvider, Reply, openai_completion
 
@@ -77,13 +78,7 @@ class Mitmweb:
             self.output += line
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.tmp.cleanup()
 
     def client(self) -> openai.OpenAI:
