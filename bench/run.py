@@ -559,25 +559,10 @@ def translator_cpu(s: Settings) -> dict:
         upstream, exchange = pair.prepare(json.loads(raw))
         return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1")
 
-    def run(stream) -> list:
-        out = [stream(e) for e in events]
-        out.append(stream(b""))
-        return out
-
-    sample = b"".join(p if isinstance(p, bytes) else b"".join(p) for p in run(setup()))
-    if b"[DONE]" not in sample or b"word100" not in sample:
-        return {"available": False, "reason": f"translator output looks wrong: {sample[:300]!r}"}
-    t = time.process_time()
-    streams = [setup() for _ in range(s.translator_repeats)]
-    setup_cpu = time.process_time() - t
-    t = time.process_time()
-    for stream in streams:
-        run(stream)
-    cpu = time.process_time() - t
-    return {"available": True, "events_per_stream": len(events), "streams": s.translator_repeats,
-            "us_per_event": cpu / (s.translator_repeats * len(events)) * 1e6,
-            "setup_us_per_stream": setup_cpu / s.translator_repeats * 1e6,
-            "messages": messages_translator_cpu(s)}
+    result = stream_cpu(setup, events, (b"[DONE]", b"word100"), s.translator_repeats)
+    if result["available"]:
+        result["messages"] = messages_translator_cpu(s)
+    return result
 
 
 def messages_translator_cpu(s: Settings) -> dict:
@@ -599,20 +584,29 @@ def messages_translator_cpu(s: Settings) -> dict:
         return fail_closed_stream(exchange.stream_translator(), Headers(content_type="text/event-stream"), "HTTP/1.1",
                                   api.stream_error)
 
+    return stream_cpu(setup, events, (b"message_stop", b"word100"), s.translator_repeats)
+
+
+def stream_cpu(setup, events: list[bytes], expected: tuple[bytes, ...], repeats: int) -> dict:
+    """CPU per event of the stream callables `setup()` makes, each fed `events` and the final b"",
+    after one checked run whose output must hold every `expected` marker."""
     def run(stream) -> list:
         out = [stream(e) for e in events]
         out.append(stream(b""))
         return out
 
     sample = b"".join(p if isinstance(p, bytes) else b"".join(p) for p in run(setup()))
-    if b"message_stop" not in sample or b"word100" not in sample:
+    if not all(marker in sample for marker in expected):
         return {"available": False, "reason": f"translator output looks wrong: {sample[:300]!r}"}
-    streams = [setup() for _ in range(s.translator_repeats)]
+    t = time.process_time()
+    streams = [setup() for _ in range(repeats)]
+    setup_cpu = time.process_time() - t
     t = time.process_time()
     for stream in streams:
         run(stream)
     cpu = time.process_time() - t
-    return {"available": True, "events_per_stream": len(events), "us_per_event": cpu / (s.translator_repeats * len(events)) * 1e6}
+    return {"available": True, "events_per_stream": len(events), "streams": repeats,
+            "us_per_event": cpu / (repeats * len(events)) * 1e6, "setup_us_per_stream": setup_cpu / repeats * 1e6}
 
 
 def ratio(a: float, b: float) -> float | None:
