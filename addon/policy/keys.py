@@ -12,6 +12,10 @@ Each entry may carry policy fields (models, rpm, tpm, budget_tokens, budget_usd,
 expires_at, disabled); see README.md, "Virtual key policy". Unknown fields are rejected: a typo in "budget_usd"
 must not silently lift a budget.
 
+Instead of provider/api_key an entry may list `targets` (provider endpoints with weight, fallback,
+model_map/model), or name a top-level `"pools": {"name": [targets]}` entry; docs/key-policy.md,
+"Several targets per key". Which target serves a request: policy/targets.py.
+
 Everything is validated and precomputed at load time so a request costs one dict lookup.
 Error messages name the file and the entry, never a secret.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -72,9 +77,12 @@ def fingerprint(virtual_key: str) -> str:
 
 HASHED_PREFIX = "sha256:"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_POOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
 _PERIOD_SECONDS = {"h": 3600, "d": 86400}
-BASE_FIELDS = frozenset({"provider", "api_key", "base_url", "name"}) | azure.FIELDS
+ENDPOINT_FIELDS = frozenset({"provider", "api_key", "base_url"}) | azure.FIELDS  # where and with which real key
+BASE_FIELDS = ENDPOINT_FIELDS | {"name", "targets"}
+TARGET_FIELDS = ENDPOINT_FIELDS | {"weight", "fallback", "model_map", "model"}
 POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled",
                            "max_parallel"})
 
@@ -143,21 +151,93 @@ class Price:
     cached_input: float | None = None  # cached prompt tokens; None = billed as input
 
 
+def target_id(provider: str, base_url: str, api_key: str) -> str:
+    """A target's stable cooldown name: the same real key at the same URL has the same id,
+    whichever virtual key or pool lists it (a key revoked at the provider is skipped by all)."""
+    return hashlib.sha256(f"{provider}\0{base_url}\0{api_key}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One provider endpoint a virtual key's requests can go to, with its real key."""
+
+    provider: str
+    api_key: str  # the real provider key: only ever placed on the outgoing request
+    base_url: str
+    upstream_url: str  # base_url + the provider's chat endpoint path
+    azure: azure.AzureTarget | None = None
+    weight: float = 1.0  # share among the primaries
+    fallback: bool = False  # tried in file order, only when no primary can serve
+    model_map: tuple[tuple[str, str], ...] = ()  # requested model -> model served by this target
+    model: str | None = None  # every request is served as this model
+    label: str = "0"  # what ledger, mitmweb and logs name it by: "1" (index in the key's list) or "pool[1]"
+    id: str = ""  # cooldown name (target_id); filled in when left empty
+    _map: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", target_id(self.provider, self.base_url, self.api_key))
+        object.__setattr__(self, "_map", dict(self.model_map))
+
+    def served_model(self, requested: str) -> str:
+        """The model this target is asked for when the client asked for `requested`."""
+        if self.model is not None:
+            return self.model
+        if self._map:
+            return self._map.get(requested, requested)
+        return requested
+
+    def masked_key(self) -> str:
+        return mask(self.api_key)
+
+    @property
+    def display(self) -> str:
+        """How logs name it: 'anthropic[2]' (the key's own list) or 'openai-main[1]' (a pool's)."""
+        return f"{self.provider}[{self.label}]" if self.label.isdigit() else self.label
+
+    def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
+        return (f"Target(label={self.label!r}, provider={self.provider!r}, api_key={self.masked_key()!r}, "
+                f"upstream_url={self.upstream_url!r}, weight={self.weight:g}, fallback={self.fallback})")
+
+
 @dataclass(frozen=True)
 class VirtualKey:
     name: str  # what logs, mitmweb and the usage ledger show: never the secret
     fingerprint: str
-    provider: str
+    provider: str  # provider ... azure: a classic key's own; with targets, the first primary's
     api_key: str  # the real provider key: only ever placed on the outgoing request
     base_url: str
     upstream_url: str  # base_url + the provider's endpoint path
     policy: KeyPolicy = field(default=NO_POLICY)
     azure: azure.AzureTarget | None = None  # provider azure: endpoint, deployments, api_version
+    # where requests may go: a classic key has one target, built from the fields above
+    targets: tuple[Target, ...] = ()
+    failover: bool = False  # True for a key with `targets`: cooldowns and retries apply
+    # precomputed for policy/targets.py's pick(): indices of the primaries with their cumulative
+    # weights, and of the fallbacks in file order
+    primaries: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+    cumulative: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+    fallbacks: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        if not targets:
+            targets = (Target(self.provider, self.api_key, self.base_url, self.upstream_url, self.azure),)
+            object.__setattr__(self, "targets", targets)
+        primaries = tuple(i for i, t in enumerate(targets) if not t.fallback)
+        total, cumulative = 0.0, []
+        for i in primaries:
+            total += targets[i].weight
+            cumulative.append(total)
+        object.__setattr__(self, "primaries", primaries)
+        object.__setattr__(self, "cumulative", tuple(cumulative))
+        object.__setattr__(self, "fallbacks", tuple(i for i, t in enumerate(targets) if t.fallback))
 
     def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
         return (
             f"VirtualKey(name={self.name!r}, provider={self.provider!r}, "
-            f"api_key={mask(self.api_key)!r}, upstream_url={self.upstream_url!r})"
+            f"api_key={mask(self.api_key)!r}, upstream_url={self.upstream_url!r}"
+            + (f", targets={len(self.targets)})" if self.failover else ")")
         )
 
 
@@ -214,7 +294,8 @@ class KeyStore:
         real provider keys. For the log redaction (policy/logredact.py) only."""
         yield from self._keys
         for key in (*self._keys.values(), *self._hashed.values()):
-            yield key.api_key
+            for target in key.targets:
+                yield target.api_key
 
     def __iter__(self):
         yield from self._keys.values()
@@ -315,6 +396,7 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
     if not isinstance(entries, dict) or not entries:
         raise KeysError(f"{source}: \"virtual_keys\" must be a non-empty object")
     prices = _parse_prices(data.get("prices") or {}, source)
+    pools = _parse_pools(data.get("pools", {}), provider_urls, source)
     keys: dict[str, VirtualKey] = {}
     hashed: dict[str, VirtualKey] = {}
     for vk, entry in entries.items():
@@ -323,9 +405,9 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
             digest = vk[len(HASHED_PREFIX):].lower()
             if not _HEX64.fullmatch(digest):
                 raise KeysError(f"{source}: virtual key {vk[:20]!r}...: a hashed key must be \"sha256:\" + 64 hex digits")
-            hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest)
+            hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest, pools=pools)
         else:
-            keys[vk] = _parse_entry(vk, entry, provider_urls, source)
+            keys[vk] = _parse_entry(vk, entry, provider_urls, source, pools=pools)
     return KeyStore(keys, source, hashed, prices)
 
 
@@ -368,7 +450,8 @@ def _provider_defaults(section: object, source: str) -> dict[str, dict]:
     return defaults
 
 
-def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str, digest: str | None = None) -> VirtualKey:
+def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str, digest: str | None = None,
+                 pools: Mapping[str, tuple[Target, ...]] | None = None) -> VirtualKey:
     # a hashed entry's fingerprint is the same as the plain key's would be, so spend carries over
     # when a key is moved from plain to hashed
     key_fingerprint = digest[:16] if digest else fingerprint(vk)
@@ -380,13 +463,42 @@ def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str,
     unknown = entry.keys() - BASE_FIELDS - POLICY_FIELDS
     if unknown:
         raise KeysError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-    provider = entry.get("provider")
+    # the virtual key is the client's secret: without a "name" the key is known by its fingerprint
+    name = entry.get("name") or f"key-{key_fingerprint}"
+    if "targets" in entry:
+        both = entry.keys() & ENDPOINT_FIELDS
+        if both:
+            raise KeysError(f"{where}: \"targets\" and \"{sorted(both)[0]}\" exclude each other "
+                            f"(provider, api_key, base_url and azure fields go on each target)")
+        targets = _key_targets(entry["targets"], defaults, where, pools or {})
+        first = targets[next(i for i, t in enumerate(targets) if not t.fallback)]
+    else:
+        first = _parse_endpoint(entry, defaults, where)
+        targets = (first,)
+    return VirtualKey(
+        name=str(name),
+        fingerprint=key_fingerprint,
+        provider=first.provider,
+        api_key=first.api_key,
+        base_url=first.base_url,
+        upstream_url=first.upstream_url,
+        policy=_parse_policy(entry, where),
+        azure=first.azure,
+        targets=targets,
+        failover="targets" in entry,
+    )
+
+
+def _parse_endpoint(fields: dict, defaults: dict[str, dict], where: str, **extra) -> Target:
+    """provider, api_key (or env:VAR), base_url / azure fields, with the `providers` section's
+    defaults: the one parser of a provider endpoint, for a classic key and for each target."""
+    provider = fields.get("provider")
     if provider not in CATALOG:
         raise KeysError(
             f"{where}: unknown provider {provider!r} (known: {', '.join(CATALOG)})"
         )
     info = CATALOG[provider]
-    api_key = entry.get("api_key")
+    api_key = fields.get("api_key")
     if api_key is None and info.key_optional:
         api_key = ""  # a local server (ollama): no key header is sent
     elif not isinstance(api_key, str) or not api_key.strip():
@@ -397,36 +509,92 @@ def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str,
         api_key = os.environ.get(var, "")
         if not api_key:
             raise KeysError(f"{where}: api_key names environment variable {var}, which is not set")
-    # the virtual key is the client's secret: without a "name" the key is known by its fingerprint
-    name = entry.get("name") or f"key-{key_fingerprint}"
     target = None
     if provider == "azure":
-        if "base_url" in entry:
+        if "base_url" in fields:
             raise KeysError(f"{where}: provider azure takes \"endpoint\" (the resource URL), not base_url")
-        target = azure.parse_target({**defaults["azure"], **entry}, where, KeysError)
+        target = azure.parse_target({**defaults["azure"], **fields}, where, KeysError)
         base_url, upstream_url = target.endpoint, target.display_url(info.endpoint_path)
     else:
-        azure_only = entry.keys() & azure.FIELDS
+        azure_only = fields.keys() & azure.FIELDS
         if azure_only:
             raise KeysError(f"{where}: {sorted(azure_only)[0]} is for provider azure only")
-        if "base_url" in entry:
-            base_url = _check_url(entry["base_url"], f"{where}: base_url")
+        if "base_url" in fields:
+            base_url = _check_url(fields["base_url"], f"{where}: base_url")
         else:
             base_url = defaults[provider].get("base_url", info.default_base_url).rstrip("/")
         if not base_url:
             raise KeysError(f"{where}: provider {provider} has no default URL: set \"base_url\" "
                             f"(on the key, or in providers.{provider})")
         upstream_url = base_url + info.endpoint_path
-    return VirtualKey(
-        name=str(name),
-        fingerprint=key_fingerprint,
-        provider=provider,
-        api_key=api_key,
-        base_url=base_url,
-        upstream_url=upstream_url,
-        policy=_parse_policy(entry, where),
-        azure=target,
-    )
+    return Target(provider, api_key, base_url, upstream_url, target, **extra)
+
+
+def _key_targets(value: object, defaults: dict[str, dict], where: str,
+                 pools: Mapping[str, tuple[Target, ...]]) -> tuple[Target, ...]:
+    """A key's `targets`: its own list, or the name of a pool (whose Target objects it shares)."""
+    if isinstance(value, str):
+        if value not in pools:
+            known = f" (pools: {', '.join(pools)})" if pools else " (the file has no \"pools\")"
+            raise KeysError(f"{where}: targets names pool {value!r}, which does not exist{known}")
+        return pools[value]
+    return _parse_targets(value, defaults, f"{where}: targets", "{}")
+
+
+def _parse_targets(value: object, defaults: dict[str, dict], where: str, labels: str) -> tuple[Target, ...]:
+    """A non-empty list of target objects with at least one primary; `labels` formats the index."""
+    if not isinstance(value, list) or not value:
+        raise KeysError(f"{where} must be a non-empty list of targets (objects with \"provider\" and \"api_key\"), "
+                        f"or the name of a pool")
+    targets = tuple(_parse_target(conf, defaults, f"{where}[{i}]", labels.format(i)) for i, conf in enumerate(value))
+    if all(t.fallback for t in targets):
+        raise KeysError(f"{where}: every target is a fallback; at least one must be a primary (no \"fallback\": true)")
+    return targets
+
+
+def _parse_target(conf: object, defaults: dict[str, dict], where: str, label: str) -> Target:
+    if not isinstance(conf, dict):
+        raise KeysError(f"{where} must be an object with \"provider\" and \"api_key\"")
+    unknown = conf.keys() - TARGET_FIELDS
+    if unknown:
+        raise KeysError(f"{where}: unknown field {sorted(unknown)[0]!r} "
+                        f"(a target takes {', '.join(sorted(TARGET_FIELDS - azure.FIELDS))} and azure's fields; "
+                        f"policy fields go on the key)")
+    fallback = conf.get("fallback", False)
+    if not isinstance(fallback, bool):
+        raise KeysError(f"{where}: fallback must be true or false")
+    weight = 1.0
+    if "weight" in conf:
+        if fallback:
+            raise KeysError(f"{where}: a fallback has no weight (fallbacks are tried in file order)")
+        weight = _number(conf["weight"], f"{where}: weight")
+        if not math.isfinite(weight):
+            raise KeysError(f"{where}: weight must be a positive number")
+    if "model" in conf and "model_map" in conf:
+        raise KeysError(f"{where}: model and model_map exclude each other (model: every request; "
+                        f"model_map: requested model -> served model)")
+    model = conf.get("model")
+    if model is not None and not (isinstance(model, str) and model):
+        raise KeysError(f"{where}: model must be a model name")
+    model_map = conf.get("model_map", {})
+    if not isinstance(model_map, dict) or not all(isinstance(a, str) and a and isinstance(b, str) and b
+                                                  for a, b in model_map.items()):
+        raise KeysError(f"{where}: model_map must map requested model names to served model names")
+    return _parse_endpoint(conf, defaults, where, weight=weight, fallback=fallback,
+                           model_map=tuple(model_map.items()), model=model, label=label)
+
+
+def _parse_pools(section: object, defaults: dict[str, dict], source: str) -> dict[str, tuple[Target, ...]]:
+    """Top-level `pools`: name -> targets, shared by every key that names it. Validated whether
+    or not a key uses it."""
+    if not isinstance(section, dict):
+        raise KeysError(f"{source}: \"pools\" must be an object of pool name -> list of targets")
+    pools = {}
+    for name, targets in section.items():
+        if not isinstance(name, str) or not _POOL_NAME.fullmatch(name):
+            raise KeysError(f"{source}: pool name {str(name)[:40]!r} must be 1 to 64 letters, digits or . _ -")
+        pools[name] = _parse_targets(targets, defaults, f"{source}: pools.{name}", name + "[{}]")
+    return pools
 
 
 def _parse_policy(entry: dict, where: str) -> KeyPolicy:
@@ -513,4 +681,11 @@ if __name__ == "__main__":  # python -m addon.policy.keys FILE: check a keys fil
         sys.exit(1)
     for vk in store:
         rules = vk.policy.describe()
-        print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}", file=sys.stderr)
+        if not vk.failover:
+            print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}", file=sys.stderr)
+            continue
+        print(f"  {vk.name}: {len(vk.targets)} targets{' ' + rules if rules else ''}", file=sys.stderr)
+        for t in vk.targets:
+            role = "fallback" if t.fallback else f"weight {t.weight:g}"
+            model = f", model {t.model}" if t.model else (f", model_map {dict(t.model_map)}" if t.model_map else "")
+            print(f"    {t.display}: {t.provider} -> {t.upstream_url} (key {t.masked_key()}; {role}{model})", file=sys.stderr)
