@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
@@ -105,6 +106,11 @@ class StoreUnavailable(Exception):
 
 
 class UsageStore(Protocol):
+    # target cooldowns (policy/targets.py): sync and local, CooldownTable below
+    def cooldown_until(self, target_id: str) -> float: ...
+    def cool_down(self, target_id: str, until: float, now: float | None = None) -> bool: ...
+    def forget_cooldown(self, target_id: str) -> None: ...
+
     def reserve(self, key: str, limits: Limits, demand: Demand, now: float) -> Verdict | Awaitable[Verdict]:
         """Check every limit and, if all fit, count the request (rpm) and hold `demand` and a
         parallel slot (when limits.reserves), atomically. Raises (or the awaitable raises)
@@ -180,11 +186,35 @@ class _KeySpend:
             del buckets[oldest]
 
 
-class MemoryStore:
+class CooldownTable:
+    """Target cooldowns: target id -> until (unix seconds), read on the request path without I/O.
+    Both stores have it; RedisStore also shares it with the other gateways in the background."""
+
+    def __init__(self) -> None:
+        self.cooldowns: dict[str, float] = {}
+
+    def cooldown_until(self, target_id: str) -> float:
+        """When the target's cooldown ends; 0.0 when it has none (an ended one stays until forgotten)."""
+        return self.cooldowns.get(target_id, 0.0)
+
+    def cool_down(self, target_id: str, until: float, now: float | None = None) -> bool:
+        """Extend the target's cooldown to `until` (a later one is kept). True when it was not
+        cooling before: the caller logs only then."""
+        current = self.cooldowns.get(target_id, 0.0)
+        if until > current:
+            self.cooldowns[target_id] = until
+        return current <= (time.time() if now is None else now)
+
+    def forget_cooldown(self, target_id: str) -> None:
+        self.cooldowns.pop(target_id, None)
+
+
+class MemoryStore(CooldownTable):
     """The single-process store. Not thread-safe: used from mitmproxy's event loop only, where
     a check-and-count in one call cannot interleave with another request's."""
 
     def __init__(self) -> None:
+        super().__init__()
         # called before usage is read (tpm, spend): the accounting counts the flows it has
         # noted but not yet counted (accounting.py says why it defers)
         self.before_read: Callable[[], None] | None = None
