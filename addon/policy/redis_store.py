@@ -14,6 +14,13 @@ script call each, sent in the background: the response never waits for Redis. Ev
 a TTL (rpm and tpm a minute, held the reservation bound, spend the longest budget period) so
 nothing grows without bound, and a key that is never used again disappears.
 
+Target cooldowns (policy/targets.py) are read from this process's CooldownTable, never from Redis
+on the request path. A new cooldown is also written to the hash `<prefix>cooldowns` (target id ->
+until; the later until wins, ended entries are dropped) in the background, and every
+COOLDOWN_SYNC seconds each gateway pulls the hash and merges the entries still running: a target
+one gateway found dead is skipped by all within about half a second. Redis down: cooldowns keep
+working in each process; the live ones are written again once Redis is back.
+
 Redis unreachable: reserve() raises StoreUnavailable (the gateway answers 503 store_unavailable
 for keys with limits; keys without limits never ask the store), one log line when the outage
 starts and one when it ends. The client reconnects by itself on the next request; no restart.
@@ -27,6 +34,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -35,7 +43,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from addon.policy.store import (
-    BUCKET, MINUTE, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, Demand, Limits, Spend, StoreUnavailable, Verdict,
+    BUCKET, MINUTE, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, CooldownTable, Demand, Limits, Spend,
+    StoreUnavailable, Verdict,
 )
 from addon.usage.metrics import count_store_error
 
@@ -44,6 +53,8 @@ log = logging.getLogger("gateway")
 TIMEOUT = 1.0  # seconds for a connect or a reply: a Redis that does not answer is an outage
 SPEND_TTL = (RETENTION_HOURS + 1) * BUCKET  # seconds: the longest budget period, and an hour
 SEED_BATCH = 1000  # ledger buckets per round trip when Redis is seeded
+COOLDOWN_SYNC = 0.5  # seconds between two pulls of the shared cooldowns
+COOLDOWN_KEPT = 60.0  # seconds an ended cooldown no request looked at stays in the local table
 
 # KEYS: rpm, tpm, held, spend. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
 # demand tokens, demand usd, ticket, reservation ttl ("" = no limit of that kind; ticket "" = hold
@@ -163,6 +174,23 @@ return 1
 """
 
 
+# KEYS: the cooldowns hash. ARGV: target id, until, now. Keeps the later until of the two; drops
+# ended entries; the hash expires with its last cooldown.
+COOL = """
+local wanted, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if wanted > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local last = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local u = tonumber(entries[i + 1]) or 0
+  if u <= now then redis.call('HDEL', KEYS[1], entries[i]) elseif u > last then last = u end
+end
+if last > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(last - now) + 1) end
+return 1
+"""
+
+
 def masked_url(url: str) -> str:
     """A Redis URL for a log line: the password replaced."""
     parts = urlsplit(url)
@@ -184,10 +212,11 @@ def check_url(url: str) -> None:
         raise ValueError(f"redis_url {masked_url(url)!r}: {e}") from None
 
 
-class RedisStore:
+class RedisStore(CooldownTable):
     """The shared store. Methods are called from mitmproxy's event loop only."""
 
     def __init__(self, url: str, prefix: str = "llmgw:") -> None:
+        super().__init__()
         self.url, self.prefix = url, prefix
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0),
@@ -195,6 +224,9 @@ class RedisStore:
         )
         self._reserve = self.redis.register_script(RESERVE)
         self._count = self.redis.register_script(COUNT)
+        self._cool = self.redis.register_script(COOL)
+        self.syncing: asyncio.Task | None = None  # pulling the shared cooldowns (start_cooldown_sync)
+        self.cooldowns_unshared = False  # a cooldown may be missing in Redis: write ours again once it answers
         # tickets and request ids unique across gateways: this process, and a counter
         self._ids = (f"{os.getpid()}-{os.urandom(3).hex()}-{n}" for n in itertools.count(1))
         self.down = False  # in an outage (logged once)
@@ -360,6 +392,62 @@ class RedisStore:
         except (RedisError, OSError) as e:
             self.outage(e, "seed")
 
+    # --- target cooldowns, shared ---------------------------------------------------------
+
+    def cool_down(self, target_id: str, until: float, now: float | None = None) -> bool:
+        later = until > self.cooldowns.get(target_id, 0.0)
+        entered = super().cool_down(target_id, until, now)
+        if later:
+            self.background(self.share_cooldowns([(target_id, until)]))
+        return entered
+
+    async def share_cooldowns(self, entries: list[tuple[str, float]]) -> bool:
+        try:
+            now = time.time()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for target_id, until in entries:
+                    await self._cool(keys=[self.prefix + "cooldowns"], args=[target_id, repr(until), repr(now)], client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as e:
+            self.cooldowns_unshared = True
+            self.outage(e, "share_cooldowns")
+            return False
+        return True
+
+    def start_cooldown_sync(self) -> None:
+        self.syncing = asyncio.get_running_loop().create_task(self.sync_cooldowns())
+
+    async def sync_cooldowns(self) -> None:
+        while True:
+            await self.pull_cooldowns(time.time())
+            await asyncio.sleep(COOLDOWN_SYNC)
+
+    async def pull_cooldowns(self, now: float) -> None:
+        """Merge the cooldowns other gateways set (those still running) into the local table."""
+        try:
+            shared = await self.redis.hgetall(self.prefix + "cooldowns")
+        except (RedisError, OSError) as e:
+            self.cooldowns_unshared = True  # Redis may come back empty
+            self.outage(e, "pull_cooldowns")
+            return
+        self.up()
+        local = self.cooldowns
+        if self.cooldowns_unshared:
+            self.cooldowns_unshared = False
+            ours = [(target_id, until) for target_id, until in local.items() if until > now]
+            if ours and not await self.share_cooldowns(ours):
+                return
+        for target_id, value in shared.items():
+            try:
+                until = float(value)
+            except ValueError:
+                continue
+            if until > now and until > local.get(target_id, 0.0):
+                local[target_id] = until
+        # ended long ago and never looked at by a request (a target this gateway does not use)
+        for target_id in [t for t, until in local.items() if until < now - COOLDOWN_KEPT]:
+            del local[target_id]
+
     # --- outages -----------------------------------------------------------------------
 
     def outage(self, error: Exception, operation: str) -> None:
@@ -375,6 +463,8 @@ class RedisStore:
             log.info("gateway: Redis %s reachable again", masked_url(self.url))
 
     async def close(self) -> None:
+        if self.syncing is not None:
+            self.syncing.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=TIMEOUT)
         await self.redis.aclose()

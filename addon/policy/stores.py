@@ -65,6 +65,7 @@ class StoreChoice:
         store = self.users[0].store if self.users else None
         if hasattr(store, "start_seeding"):  # RedisStore
             store.start_seeding()
+            store.start_cooldown_sync()
 
     def done(self) -> None:
         store = self.users[0].store if self.users else None
