@@ -24,7 +24,8 @@ import logging
 log = logging.getLogger("gateway")
 
 LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
-FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
+# attempt_failed: the gateway's own (wire/attempts.py), an upstream attempt that may be retried
+FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "attempt_failed")
 
 
 class AddonChain:
@@ -81,6 +82,9 @@ class AddonChain:
 
     def error(self, flow):
         return self._call("error", flow)
+
+    def attempt_failed(self, flow):
+        return self._call("attempt_failed", flow)
 
     def _call(self, name: str, flow):
         hooks = self.hooks[name]

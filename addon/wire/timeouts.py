@@ -19,7 +19,7 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
-from addon.wire import errorpages
+from addon.wire import attempts, errorpages
 
 log = logging.getLogger("gateway")
 
@@ -117,6 +117,12 @@ class UpstreamTimeout(Sweeper):
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)
 
+    def attempt_failed(self, flow: http.HTTPFlow) -> None:
+        if attempts.retrying(flow):  # another attempt (another target): its own upstream_timeout
+            self.expired.discard(flow.id)
+            self.waiting.pop(flow.id, None)
+            self.waiting[flow.id] = (time.monotonic() + self.seconds, flow)
+
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)
         self.answer_as_timeout(flow, self.expired, f"provider did not answer within {self.seconds:g}s")
@@ -198,6 +204,11 @@ class StreamIdleTimeout(Sweeper):
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
+
+    def attempt_failed(self, flow: http.HTTPFlow) -> None:
+        if attempts.retrying(flow):  # a whole body cut: another attempt, whose headers start again
+            self.expired.discard(flow.id)
+            self.waiting.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)

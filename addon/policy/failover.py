@@ -1,0 +1,123 @@
+"""Failover between a virtual key's targets (keys with "targets"; policy/targets.py picks).
+
+A failed attempt (wire/attempts.py says which failures count: connect errors, no or broken
+response headers, 401/403/429/5xx/529, all before any byte reached the client) cools its target
+down, shared through the store (RedisStore: every worker), and the request is sent to the next
+target the pick gives, inside the same flow, up to `max_attempts` attempts. Limits and budgets
+were counted once, when the request was admitted; a retry is not admitted again.
+
+- 401/403: the target's real key is bad: `auth_cooldown_s` (one log line, the key masked).
+- 429: `cooldown_s`, or the provider's Retry-After when that is longer.
+- anything else: `cooldown_s`.
+
+When the attempts are used up but a healthy target remains, the client's answer says to retry at
+once (`x-should-retry: true`, `retry-after-ms: 0`: the official SDKs do), and that retry lands on
+the healthy target.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from addon.policy import targets
+from addon.usage import metrics
+from addon.wire import attempts
+
+log = logging.getLogger("gateway")
+
+DEFAULT_MAX_ATTEMPTS = 3  # "max_attempts" 0: the key's number of targets, at most this
+
+
+def retry_after_seconds(headers: http.Headers | None) -> float:
+    """A 429's Retry-After (seconds; an HTTP date is not worth the parse) or retry-after-ms."""
+    if headers is None:
+        return 0.0
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                seconds = float(value) * scale
+            except ValueError:
+                continue
+            if 0 <= seconds < 86400:
+                return seconds
+    return 0.0
+
+
+class Failover:
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway  # reroute() points a flow at another target
+        self.cooldown_s = 30.0
+        self.auth_cooldown_s = 600.0
+        self.max_attempts = 0
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "cooldown_s", str, "30",
+            "Seconds a key's target is skipped after a failed attempt (connect error, no answer in "
+            "upstream_timeout, 429, 5xx); a 429's Retry-After when that is longer.",
+        )
+        loader.add_option(
+            "auth_cooldown_s", str, "600",
+            "Seconds a key's target is skipped after its provider refused the real key (401/403).",
+        )
+        loader.add_option(
+            "max_attempts", int, 0,
+            "Attempts per request for keys with several targets, counting the first; 0: the key's "
+            f"number of targets, at most {DEFAULT_MAX_ATTEMPTS}.",
+        )
+
+    def configure(self, updated) -> None:
+        from addon.wire.timeouts import seconds_option
+        if "cooldown_s" in updated:
+            self.cooldown_s = seconds_option("cooldown_s")
+        if "auth_cooldown_s" in updated:
+            self.auth_cooldown_s = seconds_option("auth_cooldown_s")
+        if "max_attempts" in updated:
+            if ctx.options.max_attempts < 0:
+                raise exceptions.OptionsError(f"max_attempts must be 0 or more, not {ctx.options.max_attempts}")
+            self.max_attempts = ctx.options.max_attempts
+
+    def attempts_for(self, key) -> int:
+        return self.max_attempts or min(len(key.targets), DEFAULT_MAX_ATTEMPTS)
+
+    def attempt_failed(self, flow: http.HTTPFlow) -> None:
+        route = self.gateway.failovers.get(flow.id)
+        if route is None:
+            return
+        try:
+            self.next_attempt(flow, route)
+        except Exception:
+            log.exception("gateway: internal error while choosing another target; the failure goes to the client")
+
+    def next_attempt(self, flow: http.HTTPFlow, route) -> None:
+        failure = attempts.failure(flow)
+        key = route.key
+        now = time.time()
+        self.cool_down(key, key.targets[route.tried[-1]], failure, now)
+        index = targets.pick(key, self.gateway.store, now, route.tried, route.serves)
+        if index is None:
+            return  # nothing healthy left: the client gets this attempt's failure
+        if len(route.tried) >= self.attempts_for(key):
+            route.retry_now = True  # the client's own retry (at once) gets the healthy one
+            return
+        if self.gateway.reroute(flow, route, index):
+            attempts.retry(flow)
+
+    def cool_down(self, key, target, failure: dict, now: float) -> None:
+        status = failure.get("status")
+        if status in (401, 403):
+            seconds, why = self.auth_cooldown_s, f"the provider refused its key ({status})"
+        elif status == 429:
+            seconds, why = max(self.cooldown_s, retry_after_seconds(failure.get("headers"))), "rate limited (429)"
+        elif status is not None:
+            seconds, why = self.cooldown_s, f"answered {status}"
+        else:
+            seconds, why = self.cooldown_s, failure.get("error") or "failed"
+        if self.gateway.store.cool_down(target.id, now + seconds):
+            log.warning("gateway: target %s (%s, key %s) of %s: %s; skipped for %gs",
+                        target.label, target.provider, target.masked_key(), key.name, why, seconds)
+            metrics.set_target_state(target.provider, target.label, False)
