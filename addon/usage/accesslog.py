@@ -110,6 +110,8 @@ def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: 
     line = f"{outcome(status, meta)} key={key_name(meta)} provider={meta.get('provider', '-')} model={meta.get('model', '-')}"
     if prompt_tokens or completion_tokens:
         line += f" tokens={'~' if estimated else ''}{prompt_tokens}/{completion_tokens}"
+    if "target" in meta:  # a key with several targets: which one answered, after how many attempts
+        line += f" target={meta['target']} attempts={meta.get('attempts', 1)}"
     if meta.get("dropped_params"):  # dropped or approximated in translation (x-gateway-dropped-params)
         line += f" dropped={','.join(meta['dropped_params'])}"
     ACCESS.add(f"{line} latency={latency_ms:.0f}ms", ended)

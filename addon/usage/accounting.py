@@ -228,7 +228,7 @@ class UsageAccounting:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                latency_ms, streamed, usd, usage.estimated,
+                latency_ms, streamed, usd, usage.estimated, meta.get("target", ""), meta.get("attempts", 1),
             ))
 
 

@@ -51,16 +51,19 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms REAL NOT NULL,
     streamed INTEGER NOT NULL,
     cost_usd REAL NOT NULL,
-    estimated INTEGER NOT NULL DEFAULT 0  -- 1: tokens estimated (usage/estimate.py), the provider's never came
+    estimated INTEGER NOT NULL DEFAULT 0, -- 1: tokens estimated (usage/estimate.py), the provider's never came
+    target TEXT NOT NULL DEFAULT '',      -- a key with several targets: the one that answered ("1", "pool[2]")
+    attempts INTEGER NOT NULL DEFAULT 1   -- upstream attempts this request took (failover)
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
 """
 # columns added after the first release: (name, definition), added by ALTER TABLE to older files
-ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"),)
+ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"), ("target", "TEXT NOT NULL DEFAULT ''"),
+                 ("attempts", "INTEGER NOT NULL DEFAULT 1"))
 COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
-           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated")
+           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated", "target", "attempts")
 _ROW = f"({', '.join('?' * len(COLUMNS))})"
-BATCH = 500  # rows per INSERT statement: 6,000 parameters, under SQLite's 32,766
+BATCH = 500  # rows per INSERT statement: 7,500 parameters, under SQLite's 32,766
 
 
 def insert_statement(rows: int) -> str:
@@ -89,6 +92,8 @@ class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
     streamed: bool
     cost_usd: float
     estimated: bool = False
+    target: str = ""
+    attempts: int = 1
 
 
 def connect(path: str, timeout: float = 10, checkpoints: bool = True) -> sqlite3.Connection:
