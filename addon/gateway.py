@@ -46,7 +46,8 @@ from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.sse import compact_json
 from addon.usage.tokens import without_stream_options
 from addon.wire.errorpages import JsonErrorPages
-from addon.policy.keys import REDACTED, KeysError, KeyStore, VirtualKey, load_keys_with_timeout
+from addon.policy import targets
+from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
 from addon.providers.catalog import DEFAULT_MAX_OUTPUT, MAX_OUTPUT
@@ -60,10 +61,12 @@ from addon.policy.stores import StoreChoice
 from addon.wire.streams import fail_closed_stream
 from addon.wire.streamends import StreamEnds
 from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
-from addon.wire import wirekeys
+from addon.wire import attempts, wirekeys
 from addon.wire.bounded import TooLarge
 from addon.wire.limits import RequestLimits, limits, too_large
 from addon.wire.wirekeys import WireKeys
+from addon.wire.attempts import Attempts
+from addon.policy.failover import Failover
 from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")
@@ -137,6 +140,51 @@ ROUTES: dict[str, dict[str, Route]] = {
     for api in APIS
 }
 SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" for api in APIS.values())
+
+
+class Routing(NamedTuple):
+    """A request being routed: what route() found, for prepare/dispatch/forward (and a retry)."""
+    flow: http.HTTPFlow
+    names: list[bytes]  # the client's header names, lowercase
+    api: InboundAPI
+    route: Route
+    key: VirtualKey
+    keys: KeyStore
+    meta: dict
+    query: str
+    target: Target  # the key's target this attempt goes to (a classic key: its only one)
+
+
+class FailoverRoute:
+    """A request of a key with several targets, while it is in flight: what another attempt
+    needs (policy/failover.py decides on one, Gateway.reroute makes it)."""
+
+    __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now")
+
+    def __init__(self, context: Routing, fields: Fields, index: int, routes: dict) -> None:
+        self.context = context
+        self.fields = fields  # the client's headers, as they came (the flow's are the provider's)
+        self.tried = [index]  # target indexes, in attempt order
+        self.unusable: list[int] = []  # targets that cannot take this request (a model without a price)
+        self.routes = routes  # provider name -> Route, for the request's API
+        self.raw: bytes | None = None  # the client's body (plain); None: a body-less resource call
+        self.retry_now = False  # attempts used up, a healthy target left: the client is told to retry
+
+    @property
+    def key(self) -> VirtualKey:
+        return self.context.key
+
+    def serves(self, target: Target) -> bool:
+        return target.provider in self.routes
+
+    def excluded(self) -> list[int]:
+        return self.tried + self.unusable if self.unusable else self.tried
+
+
+def describe_target(key: VirtualKey, target: Target, attempt: int) -> str:
+    """The comment's route: "team-alpha -> anthropic (fallback, attempt 2)"."""
+    notes = [n for n in ("fallback" if target.fallback else "", f"attempt {attempt}" if attempt > 1 else "") if n]
+    return f"{key.name} -> {target.provider}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
@@ -262,6 +310,7 @@ class Gateway:
         # the parameters the pair dropped or approximated
         self.exchanges: dict[str, tuple[object, InboundAPI, tuple[str, ...]]] = {}
         self.markers: dict[bytes, bytes] = {}  # an authenticated client's key header -> its marker
+        self.failovers: dict[str, FailoverRoute] = {}  # in-flight requests of keys with several targets
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -338,6 +387,8 @@ class Gateway:
                 response.headers.fields = tuple(f for f, n in zip(fields, names) if n not in ACCOUNT_HEADERS)
             if routed[2]:
                 response.headers["x-gateway-dropped-params"] = ", ".join(routed[2])
+            if self.failovers:
+                self.tell_retry(flow, response)
             if response.status_code == 200 and (field_value(fields, names, b"content-type") or "").startswith("text/event-stream"):
                 exchange, api, _ = routed
                 translator = exchange.stream_translator()
@@ -349,7 +400,18 @@ class Gateway:
             log.exception("gateway: internal error on response headers")
             flow.metadata.setdefault("gateway", {})["failed"] = True
 
+    def tell_retry(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """A key with several targets whose attempts are used up while a target is still
+        healthy: the official SDKs retry at once on these headers, and the retry goes there."""
+        failover = self.failovers.get(flow.id)
+        if failover is not None:
+            response.headers["x-gateway-attempts"] = str(len(failover.tried))
+            if failover.retry_now and response.status_code in attempts.RETRYABLE:
+                response.headers["x-should-retry"] = "true"
+                response.headers["retry-after-ms"] = "0"
+
     def response(self, flow: http.HTTPFlow) -> None:
+        self.failovers.pop(flow.id, None)
         routed = self.exchanges.pop(flow.id, None)
         if routed is None:
             wirekeys.forget(flow.id)  # registered, then refused before forwarding
@@ -375,6 +437,7 @@ class Gateway:
                 provider_error(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.failovers.pop(flow.id, None)
         self.exchanges.pop(flow.id, None)
         wirekeys.forget(flow.id)
         self.redact(flow)
@@ -442,12 +505,22 @@ class Gateway:
             raise GatewayError(401, "invalid virtual key", code="invalid_api_key")
         rules.check_key(key, time.time())
 
-        route = ROUTES[api.name].get(key.provider)
+        routes = ROUTES[api.name]
+        if key.failover:  # several targets: the pick (policy/targets.py), a retry may pick again
+            index = self.first_target(key, routes, path)
+            target = key.targets[index]
+        else:
+            index, target = 0, key.targets[0]
+        route = routes.get(target.provider)
         if route is None:
             raise GatewayError(400, f"{path} is not available for this virtual key's provider ({key.provider})",
                                code="unsupported_endpoint")
 
-        context = (flow, names, api, route, key, keys, meta, query)
+        context = Routing(flow, names, api, route, key, keys, meta, query, target)
+        if key.failover:
+            self.failovers[flow.id] = FailoverRoute(context, request.headers.fields, index, routes)
+            attempts.arm(flow)
+            self.note_target(flow, meta, key, target, 1, api)
         if tail:  # no body, no model, no usage: passed through for the key's provider key
             meta.update(api=api.name, model="", stream=False, price=None, resource=True)
             return self.dispatch(context, tail, (None, None, *route.pair.prepare({}), rules.NO_DEMAND))
@@ -469,24 +542,33 @@ class Gateway:
         except Exception as e:
             self.refuse(flow, e)
 
-    def route_parsed(self, context: tuple, parsed: tuple[bytes, dict]) -> Awaitable[None] | None:
-        flow, names, api, route, key, keys, meta, query = context
-        return self.dispatch(context, "", self.prepare(parsed, api, route, key, keys, meta))
+    def route_parsed(self, context: Routing, parsed: tuple[bytes, dict]) -> Awaitable[None] | None:
+        failover = self.failovers.get(context.flow.id) if context.key.failover else None
+        if failover is not None:
+            failover.raw = parsed[0]  # a retry prepares the client's body again for its target
+        return self.dispatch(context, "", self.prepare(parsed, context))
 
-    def dispatch(self, context: tuple, tail: str, prepared: tuple) -> Awaitable[None] | None:
+    def dispatch(self, context: Routing, tail: str, prepared: tuple) -> Awaitable[None] | None:
         """Admit (rate limits, budgets) and forward a prepared request."""
-        flow, names, api, route, key, keys, meta, query = context
+        flow, names, api, route, key, keys, meta, query, _ = context
         model, new_body, upstream, exchange, demand = prepared
         fields = flow.request.headers.fields
-        upstream_path = route.path + tail + upstream.path_suffix if tail or upstream.path_suffix else route.path
-        target = upstream_target(route.provider.upstream_url(key, upstream_path, model))  # may refuse (azure)
+        forward = self.forwarding(context, tail, prepared, fields)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
         admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
-        forward = (flow, key, query, route, target, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
         return None
+
+    @staticmethod
+    def forwarding(context: Routing, tail: str, prepared: tuple, fields: Fields) -> tuple:
+        """forward()'s arguments for a prepared request (the client's header `fields`)."""
+        flow, names, api, route, key, keys, meta, query, target = context
+        model, new_body, upstream, exchange, demand = prepared
+        upstream_path = route.path + tail + upstream.path_suffix if tail or upstream.path_suffix else route.path
+        address = upstream_target(route.provider.upstream_url(target, upstream_path, meta.get("model") or model))  # may refuse (azure)
+        return (flow, target, query, route, address, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
 
     async def forward_when_admitted(self, admitted: Awaitable[str | None], forward: tuple) -> None:
         flow = forward[0]
@@ -505,14 +587,15 @@ class Gateway:
             log.exception("gateway: internal error while routing; request not forwarded")
             answer(flow, GatewayError(500, "internal gateway error", code="gateway_error"))
 
-    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: VirtualKey, query: str, route, target, upstream,
+    def forward(self, ticket: str | None, flow: http.HTTPFlow, key: Target, query: str, route, target, upstream,
                 new_body: bytes | None, exchange: tuple, fields: Fields, names: list[bytes]) -> None:
-        """Point the admitted request at the provider. `ticket`: the store's reservation, ended by
-        the accounting when the flow ends (released here if the request cannot go)."""
+        """Point the admitted request at the provider (`key`: the target of the virtual key it
+        goes to). `ticket`: the store's reservation, ended by the accounting when the flow ends
+        (released here if the request cannot go)."""
         meta = flow.metadata["gateway"]
         if ticket is not None:
             if flow.error or not flow.live:  # the client left while the store was asked
-                self.store.release(key.fingerprint, ticket)
+                self.store.release(meta["fingerprint"], ticket)
                 return
             meta["ticket"] = ticket  # usage/accounting.py settles or releases it
         request = flow.request
@@ -547,20 +630,30 @@ class Gateway:
         request.headers.fields = tuple(forwarded)
         self.exchanges[flow.id] = exchange
 
-    def prepare(self, parsed: tuple[bytes, dict], api: InboundAPI, route: Route, key: VirtualKey, keys: KeyStore, meta: dict):
+    def prepare(self, parsed: tuple[bytes, dict], context: Routing):
         """The body checked by its API and made ready for the provider: (model, new body or
-        None, the pair's UpstreamRequest and Exchange, the worst case the key's limits reserve)."""
+        None, the pair's UpstreamRequest and Exchange, the worst case the key's limits reserve).
+        `model` is the one the client asked for (the key's allow-list); meta["model"] the one
+        the target serves (a target's model_map), which is priced."""
         raw, body = parsed
+        api, route, key, keys, meta, target = context.api, context.route, context.key, context.keys, context.meta, context.target
         model = body["model"]
         check_model_name(model)
-        meta.update(api=api.name, model=model, stream=bool(body.get("stream")))
-        price = keys.price(model)
+        served = target.served_model(model) if key.failover else model
+        meta.update(api=api.name, model=served, stream=bool(body.get("stream")))
+        price = keys.price(served)
         meta["price"] = [price.input, price.output, price.cached_input] if price else None
         new_body = None
+        if served != model:
+            if price is None and key.policy.budget_usd is not None:
+                raise GatewayError(403, f"model {served!r} (served for {model!r}) has no price in the keys file, and this "
+                                   "key has a dollar budget", param="model", code="model_not_priced")
+            body["model"] = served
+            new_body = compact_json(body).encode()
         if not meta["stream"]:
             pass
-        elif route.stream_usage:
-            new_body = api.prepare_usage(body, raw, meta)
+        elif route.stream_usage:  # (after a model mapping: spliced into the mapped body)
+            new_body = api.prepare_usage(body, new_body or raw, meta) or new_body
         else:  # a provider that rejects stream_options: ask for nothing, hide nothing
             meta["client_usage"] = True  # (usage is still counted when it sends some)
             if body.pop("stream_options", None) is not None:
@@ -576,9 +669,49 @@ class Gateway:
             if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either
                 new_body = without_stream_options(new_body)
         # the output a request without max_tokens may get (none for embeddings)
-        output = MAX_OUTPUT.get(key.provider, DEFAULT_MAX_OUTPUT) if getattr(api, "has_output", True) else 0
+        output = MAX_OUTPUT.get(target.provider, DEFAULT_MAX_OUTPUT) if getattr(api, "has_output", True) else 0
         demand = rules.worst_case(key.policy, price, body, len(raw), output)
         return model, new_body, upstream, exchange, demand
+
+    def first_target(self, key: VirtualKey, routes: dict, path: str) -> int:
+        """The target a key with several targets sends this request to first."""
+        now = time.time()
+        index = targets.pick(key, self.store, now, (), lambda target: target.provider in routes)
+        if index is not None:
+            return index
+        if not any(target.provider in routes for target in key.targets):
+            raise GatewayError(400, f"{path} is not available for this virtual key's providers", code="unsupported_endpoint")
+        wait = targets.retry_after(key, self.store, now)
+        raise GatewayError(503, f"every target of this virtual key is cooling down after failures; retry in {wait:.0f}s",
+                           code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
+
+    def reroute(self, flow: http.HTTPFlow, failover: FailoverRoute, index: int) -> bool:
+        """Point a failed attempt's flow at the key's target `index`, as route() would have (not
+        admitted again: limits and budgets count a client request once). False: it cannot go."""
+        if flow.error is not None or not flow.live or flow.id not in self.exchanges:
+            return False
+        if failover.raw is None:
+            return False  # a stored resource (GET /v1/responses/{id}) lives at one target
+        target = failover.key.targets[index]
+        context = failover.context._replace(route=failover.routes[target.provider], target=target)
+        try:
+            prepared = self.prepare((failover.raw, context.api.parse_request(failover.raw)), context)
+            forward = self.forwarding(context, "", prepared, failover.fields)
+        except GatewayError as e:
+            log.warning("gateway: target %s of %s cannot serve this request (%s)", target.display, failover.key.name, e.message)
+            failover.unusable.append(index)
+            return False
+        failover.context = context
+        failover.tried.append(index)
+        self.note_target(flow, context.meta, context.key, target, len(failover.tried), context.api)
+        self.forward(None, *forward)
+        return True
+
+    @staticmethod
+    def note_target(flow: http.HTTPFlow, meta: dict, key: VirtualKey, target: Target, attempt: int, api: InboundAPI) -> None:
+        """The attempt in the flow's metadata (ledger, metrics) and comment (mitmweb)."""
+        meta.update(provider=target.provider, target=target.label, attempts=attempt)
+        flow.comment = describe_target(key, target, attempt) + getattr(api, "label", "")
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)
@@ -637,6 +770,6 @@ _accounting = UsageAccounting(_store)
 _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
 _metrics = Metrics(_gateway, _accounting, _store)
-addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
-                     KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
+                     Failover(_gateway), KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
                      ACCESS, WebViews(), _metrics)]

@@ -23,7 +23,6 @@ import time
 from mitmproxy import ctx, exceptions, http
 
 from addon.policy import targets
-from addon.usage import metrics
 from addon.wire import attempts
 
 log = logging.getLogger("gateway")
@@ -94,30 +93,30 @@ class Failover:
             log.exception("gateway: internal error while choosing another target; the failure goes to the client")
 
     def next_attempt(self, flow: http.HTTPFlow, route) -> None:
-        failure = attempts.failure(flow)
         key = route.key
         now = time.time()
-        self.cool_down(key, key.targets[route.tried[-1]], failure, now)
-        index = targets.pick(key, self.gateway.store, now, route.tried, route.serves)
-        if index is None:
-            return  # nothing healthy left: the client gets this attempt's failure
-        if len(route.tried) >= self.attempts_for(key):
-            route.retry_now = True  # the client's own retry (at once) gets the healthy one
-            return
-        if self.gateway.reroute(flow, route, index):
-            attempts.retry(flow)
+        self.cool_down(key, route.tried[-1], attempts.failure(flow), now)
+        while True:
+            index = targets.pick(key, self.gateway.store, now, route.excluded(), route.serves)
+            if index is None:
+                return  # nothing healthy left: the client gets this attempt's failure
+            if len(route.tried) >= self.attempts_for(key):
+                route.retry_now = True  # the client's own retry (at once) gets the healthy one
+                return
+            if self.gateway.reroute(flow, route, index):
+                attempts.retry(flow)
+                return
+            if index not in route.unusable:
+                return  # the flow is gone
 
-    def cool_down(self, key, target, failure: dict, now: float) -> None:
+    def cool_down(self, key, index: int, failure: dict, now: float) -> None:
         status = failure.get("status")
         if status in (401, 403):
-            seconds, why = self.auth_cooldown_s, f"the provider refused its key ({status})"
+            seconds, why = self.auth_cooldown_s, f"the provider refused its key, HTTP {status}"
         elif status == 429:
-            seconds, why = max(self.cooldown_s, retry_after_seconds(failure.get("headers"))), "rate limited (429)"
+            seconds, why = max(self.cooldown_s, retry_after_seconds(failure.get("headers"))), "HTTP 429"
         elif status is not None:
-            seconds, why = self.cooldown_s, f"answered {status}"
+            seconds, why = self.cooldown_s, f"HTTP {status}"
         else:
             seconds, why = self.cooldown_s, failure.get("error") or "failed"
-        if self.gateway.store.cool_down(target.id, now + seconds):
-            log.warning("gateway: target %s (%s, key %s) of %s: %s; skipped for %gs",
-                        target.label, target.provider, target.masked_key(), key.name, why, seconds)
-            metrics.set_target_state(target.provider, target.label, False)
+        targets.cool(key, index, self.gateway.store, seconds, now, why)

@@ -102,9 +102,9 @@ class GatewayMetrics:
             "budget period, as of the last scrape.", ("key", "unit"), multiprocess_mode="livemostrecent", registry=r)
         self.store_errors = Counter(
             "gateway_store_errors", "Errors of the usage store (Redis), by operation.", ("operation",), registry=r)
-        # the targets issue (failover) sets these: 1 = up, 0 = cooling down after failures
         self.target_up = Gauge(
-            "gateway_target_up", "Provider target state: 1 up, 0 cooling down.", ("provider", "target"),
+            "gateway_target_up", "A target of a key with several targets: 1 up, 0 cooling down after failures, "
+            "as of the last scrape. target: 'pool[i]', or 'key name[i]' for a key's own list.", ("provider", "target"),
             multiprocess_mode="livemostrecent", registry=r)
 
     def render(self) -> bytes:
@@ -124,12 +124,6 @@ def count_store_error(operation: str) -> None:
     of the store's code (a method name), never request text. A no-op while metrics are off."""
     if _current is not None:
         _current.store_errors.labels(operation).inc()
-
-
-def set_target_state(provider: str, target: str, up: bool) -> None:
-    """For the targets issue (failover): a target's state, `target` a name from the keys file."""
-    if _current is not None:
-        _current.target_up.labels(provider, target).set(1 if up else 0)
 
 
 class ModelLabels:
@@ -448,6 +442,19 @@ class Metrics:
             if policy.budget_tokens is not None:
                 m.budget_remaining.labels(key.name, "tokens").set(max(0, policy.budget_tokens - spent.tokens))
 
+    def update_targets(self) -> None:
+        """Up or cooling down, for every target of the keys with several (policy/targets.py);
+        read from the store's local cooldown table, no I/O."""
+        keys, store, m = self.gateway.keys, self.store, self.metrics
+        if keys is None or store is None or m is None:
+            return
+        now = time.time()
+        for key in keys:
+            if key.failover:
+                for target in key.targets:
+                    name = f"{key.name}[{target.label}]" if target.label.isdigit() else target.label
+                    m.target_up.labels(target.provider, name).set(0 if store.cooldown_until(target.id) > now else 1)
+
     # --- the /metrics listener -------------------------------------------------------------
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -490,6 +497,7 @@ class Metrics:
             self.accounting.settle()  # tokens and cost of every finished request
         self.fold()
         await self.update_budgets()
+        self.update_targets()
         body = await asyncio.to_thread(self.metrics.render)  # off the event loop
         return 200, (b"" if method == "HEAD" else body), {"content-type": CONTENT_TYPE_LATEST}
 
