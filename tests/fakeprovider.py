@@ -91,7 +91,7 @@ def default_reply(req: Received) -> Reply:
 
 
 class FakeProvider:
-    def __init__(self, handler: Callable[[Received], Reply] = default_reply) -> None:
+    def __init__(self, handler: Callable[[Received], Reply] = default_reply, port: int = 0) -> None:
         self.handler = handler
         self.received: list[Received] = []
         self.connections = 0
@@ -101,7 +101,7 @@ class FakeProvider:
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._server = None
-        self.port = 0
+        self.port = port  # 0: any free port
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     # -- lifecycle --
@@ -112,7 +112,7 @@ class FakeProvider:
         return self
 
     async def _start(self):
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
