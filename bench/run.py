@@ -46,7 +46,7 @@ SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
 # gateway (translated to an OpenAI provider, or passed through to Anthropic), while bare
 # mitmdump carries the provider's own API
 SCENARIO_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "messages_openai": "openai", "messages_anthropic": "anthropic"}
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "large_body", "fleet")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "failover", "large_body", "fleet")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -161,6 +161,9 @@ class Stack:
             base_path = urlsplit(PROVIDERS[provider].default_base_url).path
             keys["virtual_keys"][f"vk_bench_{scenario}"] = {
                 "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
+        if has_targets():  # the failover section: three healthy targets, the same fake provider
+            keys["virtual_keys"][TARGETS_KEY] = {"targets": [
+                {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": fake_url + "/v1"} for i in range(3)]}
         keys_file = self.tmp / "keys.json"
         keys_file.write_text(json.dumps(keys))
 
@@ -403,26 +406,51 @@ def metrics_cost(stack: Stack, s: Settings) -> dict:
     like throughput(); one scrape per round, as a Prometheus server would make every few seconds."""
     stack.restart("gateway_metrics")
     spec = request_spec("gateway", "openai")
+    return alternate(stack, s, "metrics", {"off": ("gateway", spec), "on": ("gateway_metrics", spec)},
+                     ("gateway", "gateway_metrics"), lambda: scrape_metrics(stack))
+
+
+TARGETS_KEY = "vk_bench_targets3"
+
+
+def has_targets() -> bool:
+    """Whether this checkout's keys file takes `targets` (older revisions: not)."""
+    from addon.policy import keys  # noqa: E402
+    return hasattr(keys, "Target")
+
+
+def failover_cost(stack: Stack, s: Settings) -> dict:
+    """A key with three healthy targets (a weighted pick per request) against a single-target
+    key, on the same gateway, alternating in paired rounds."""
+    path, body, headers = request_spec("gateway", "openai")
+    three = (path, body, {**headers, "Authorization": f"Bearer {TARGETS_KEY}"})
+    return alternate(stack, s, "failover", {"off": ("gateway", (path, body, headers)), "on": ("gateway", three)}, ("gateway",))
+
+
+def alternate(stack: Stack, s: Settings, label: str, sides: dict, restart: tuple[str, ...], after_round=None) -> dict:
+    """wrk against two sides ("off", "on": a proxy name and a request spec each), alternating
+    which goes first, for s.rounds rounds on fresh processes: "on" over "off" per connection count."""
     runs: dict = {str(c): {"off": [], "on": []} for c in s.connections}
-    names = {"off": "gateway", "on": "gateway_metrics"}
     for rnd in range(s.rounds):
         if rnd:
-            stack.restart("gateway", "gateway_metrics")
-        for name in names.values():
+            stack.restart(*restart)
+        for name, spec in sides.values():
             wrk(stack.url(name), spec, 4, 1, stack.tmp)
         order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
         for c in s.connections:
             for side in order:
-                r = wrk(stack.url(names[side]), spec, c, s.duration, stack.tmp, stack.pid(names[side]))
+                name, spec = sides[side]
+                r = wrk(stack.url(name), spec, c, s.duration, stack.tmp, stack.pid(name))
                 runs[str(c)][side].append(r)
-                print(f"  round {rnd + 1}/{s.rounds} c={c:<3d} metrics {side:3s} {r['rps']:8.0f} req/s  "
+                print(f"  round {rnd + 1}/{s.rounds} c={c:<3d} {label} {side:3s} {r['rps']:8.0f} req/s  "
                       f"cpu {fmt(r['cpu_us_per_request'], 0):>5s} us/req", flush=True)
-        scrape_metrics(stack)
+        if after_round is not None:
+            after_round()
     out: dict = {}
-    for c, sides in runs.items():
-        pairs = list(zip(sides["off"], sides["on"]))
+    for c, by_side in runs.items():
+        pairs = list(zip(by_side["off"], by_side["on"]))
         out[c] = {side: {"rps": median([r["rps"] for r in rs]), "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs])}
-                  for side, rs in sides.items()}
+                  for side, rs in by_side.items()}
         out[c]["ratio_rps"] = median([ratio(on["rps"], off["rps"]) for off, on in pairs])
         out[c]["added_cpu_us_per_request"] = median([on["cpu_us_per_request"] - off["cpu_us_per_request"] for off, on in pairs
                                                      if on["cpu_us_per_request"] is not None and off["cpu_us_per_request"] is not None])
@@ -683,6 +711,8 @@ def targets(res: dict) -> list[dict]:
             add("messages -> chat stream translation CPU per event (us)", mt["us_per_event"], "<= 25", mt["us_per_event"] <= 25)
     for c, row in res.get("metrics", {}).items():
         add(f"metrics on/off throughput c={c}", row["ratio_rps"], ">= 0.97", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.97)
+    for c, row in res.get("failover", {}).items():
+        add(f"3 targets / 1 target throughput c={c}", row["ratio_rps"], ">= 0.95", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.95)
     for scenario, row in res.get("streaming", {}).items():
         add(f"{scenario} stream first chunk over bare (ms)", row["added_ttfc_ms"], "<= 1", row["added_ttfc_ms"] <= 1)
     if "memory" in res:
@@ -735,10 +765,11 @@ def print_table(res: dict) -> None:
         rows.append((f"RSS after ~{m['gateway']['requests']} req MB", fmt(m["bare"]["rss_after_mb"], 1),
                      fmt(m["gateway"]["rss_after_mb"], 1), ""))
         rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
-    for c, row in res.get("metrics", {}).items():
-        rows.append((f"metrics off/on c={c} req/s", fmt(row["off"]["rps"], 0), fmt(row["on"]["rps"], 0), fmt(row["ratio_rps"])))
-        rows.append((f"metrics off/on c={c} proxy CPU us/req", fmt(row["off"]["cpu_us_per_request"], 0),
-                     fmt(row["on"]["cpu_us_per_request"], 0), ""))
+    for section, label in (("metrics", "metrics off/on"), ("failover", "1 target/3 targets")):
+        for c, row in res.get(section, {}).items():
+            rows.append((f"{label} c={c} req/s", fmt(row["off"]["rps"], 0), fmt(row["on"]["rps"], 0), fmt(row["ratio_rps"])))
+            rows.append((f"{label} c={c} proxy CPU us/req", fmt(row["off"]["cpu_us_per_request"], 0),
+                         fmt(row["on"]["cpu_us_per_request"], 0), ""))
     tr = res.get("translator", {})
     if tr.get("available"):
         rows.append(("translator CPU us/event (in-process)", "", fmt(tr["us_per_event"]), ""))
@@ -821,6 +852,8 @@ def main(argv=None) -> int:
                  "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
                  "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
                  "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s)),
+                 "failover": ("a key with three targets against one with one (openai, wrk, alternating)",
+                              lambda: failover_cost(stack, s) if has_targets() else {}),
                  "large_body": ("/health latency while a 30 MB request is handled", lambda: health_during_large_body(stack, s)),
                  "fleet": ("fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
                            lambda: fleet_bench.fleet_section(stack, s))}
