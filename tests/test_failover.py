@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.fakeprovider import FakeProvider, Received, Reply, openai_completion, openai_stream
+from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -340,3 +341,15 @@ def test_a_429s_retry_after_is_read_in_seconds_or_milliseconds(headers, seconds)
     from addon.policy.failover import retry_after_seconds
 
     assert retry_after_seconds(http.Headers(**{k.replace("-", "_"): v for k, v in headers.items()})) == seconds
+
+
+@pytest.mark.fleet
+def test_a_cooldown_set_by_one_gateway_is_honoured_by_another_sharing_redis(provider, gateway_factory, redis_server):
+    entry = keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B))
+    one, two = (gateway_factory(entry, ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=60"]) for _ in range(2))
+    provider.reset(by_target({"a": status(503), "b": ok}))
+    assert chat(one).headers["x-gateway-attempts"] == "2"  # A failed at the first gateway: it cools A down
+    time.sleep(1.5)  # the other gateway reads the shared cooldowns every 0.5 s
+    for _ in range(10):
+        assert chat(two).headers["x-gateway-attempts"] == "1"  # A weighs 1000:1, yet it is skipped
+    assert served_by(provider) == ["a"] + ["b"] * 11
