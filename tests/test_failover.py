@@ -353,3 +353,29 @@ def test_a_cooldown_set_by_one_gateway_is_honoured_by_another_sharing_redis(prov
     for _ in range(10):
         assert chat(two).headers["x-gateway-attempts"] == "1"  # A weighs 1000:1, yet it is skipped
     assert served_by(provider) == ["a"] + ["b"] * 11
+
+
+def test_no_response_headers_within_upstream_timeout_moves_to_the_next_target(provider, gateway_factory):
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+                         ["--set", "upstream_timeout=1"])
+    slow = lambda r: Reply.json(openai_completion(r.json(), text="too late"), delay=4)
+    provider.reset(by_target({"a": slow, "b": ok}))
+    raw = chat(gw)
+    assert raw.parse().choices[0].message.content == "from b"
+    assert raw.headers["x-gateway-attempts"] == "2"
+    assert "cooling down for 30s" in gw.log()
+
+
+def test_the_messages_api_fails_over_too_and_answers_in_its_own_shape(provider, gateway_factory):
+    import anthropic
+
+    primary = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "weight": 1000}
+    fallback = target(provider, "b", KEY_B, fallback=True, model="gpt-4o-mini")
+    gw = gateway_factory(keys(primary, fallback))
+    provider.reset(by_target({"c": status(529), "b": ok}))
+    with anthropic.Anthropic(base_url=gw.url, api_key="vk_team", max_retries=0) as client:
+        message = client.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=MESSAGES)
+    assert message.content[0].text == "from b"  # an Anthropic message, made from the OpenAI answer
+    sent = provider.received[-1]
+    assert sent.path == "/b/v1/chat/completions" and sent.json()["model"] == "gpt-4o-mini"
+    assert sent.headers["authorization"] == f"Bearer {KEY_B}" and "x-api-key" not in sent.headers
