@@ -66,6 +66,7 @@ from addon.wire.bounded import TooLarge
 from addon.wire.limits import RequestLimits, limits, too_large
 from addon.wire.wirekeys import WireKeys
 from addon.wire.attempts import Attempts
+from addon.wire.connectreset import ConnectReset
 from addon.policy.failover import Failover
 from addon.web.contentview import WebViews
 
@@ -770,6 +771,6 @@ _accounting = UsageAccounting(_store)
 _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
 _metrics = Metrics(_gateway, _accounting, _store)
-addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
+addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), ConnectReset(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
                      Failover(_gateway), KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
                      ACCESS, WebViews(), _metrics)]
