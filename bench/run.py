@@ -161,11 +161,12 @@ class Stack:
             base_path = urlsplit(PROVIDERS[provider].default_base_url).path
             keys["virtual_keys"][f"vk_bench_{scenario}"] = {
                 "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
-        if has_targets():  # the failover section: three healthy targets, the same fake provider
-            keys["virtual_keys"][TARGETS_KEY] = {"targets": [
-                {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": fake_url + "/v1"} for i in range(3)]}
-        keys_file = self.tmp / "keys.json"
-        keys_file.write_text(json.dumps(keys))
+        (self.tmp / "keys.json").write_text(json.dumps(keys))
+        # the failover section: a key with three healthy targets at the same fake provider, in a
+        # file of its own for the gateways whose keys file takes `targets` (older revisions: not)
+        keys["virtual_keys"][TARGETS_KEY] = {"targets": [
+            {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": fake_url + "/v1"} for i in range(3)]}
+        (self.tmp / "keys-targets.json").write_text(json.dumps(keys))
 
         self.restart("bare", "bare_stream", "gateway")
         return self
@@ -200,7 +201,8 @@ class Stack:
         """Options for a gateway whose code is in addon_dir: the bench's keys, and a throwaway
         usage ledger (never the user's usage.sqlite3), when that version has one."""
         # flow_detail=0 as run.sh: the gateway's access line replaces mitmdump's per-flow line
-        args = ["--set", f"keys_file={self.tmp / 'keys.json'}", "--set", "flow_detail=0"]
+        keys_file = "keys-targets.json" if has_targets(addon_dir) else "keys.json"
+        args = ["--set", f"keys_file={self.tmp / keys_file}", "--set", "flow_detail=0"]
         # (addon/usage/accounting.py since the regrouping; addon/accounting.py in older revisions)
         if any(f.exists() and '"usage_db"' in f.read_text()
                for f in (addon_dir / "usage" / "accounting.py", addon_dir / "accounting.py")):
@@ -413,10 +415,10 @@ def metrics_cost(stack: Stack, s: Settings) -> dict:
 TARGETS_KEY = "vk_bench_targets3"
 
 
-def has_targets() -> bool:
-    """Whether this checkout's keys file takes `targets` (older revisions: not)."""
-    from addon.policy import keys  # noqa: E402
-    return hasattr(keys, "Target")
+def has_targets(addon_dir: Path = ROOT / "addon") -> bool:
+    """Whether the keys file of the gateway in addon_dir takes `targets` (older revisions: not)."""
+    keys = addon_dir / "policy" / "keys.py"
+    return keys.exists() and "class Target" in keys.read_text()
 
 
 def failover_cost(stack: Stack, s: Settings) -> dict:
