@@ -215,12 +215,13 @@ def anthropic_reply(r: Received) -> Reply:
                        "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 3}})
 
 
-def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, gateway_factory):
+def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, gateway_factory, tmp_path):
     fallback = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "fallback": True,
                 "model_map": {"gpt-4o": "claude-sonnet-4-5", "gpt-4o-mini": "claude-haiku-4-5"}}
     entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B), fallback)
     entry["prices"] = {"claude-sonnet-4-5": {"input": 3, "output": 15}, "gpt-4o": {"input": 2.5, "output": 10}}
-    gw = gateway_factory(entry)
+    recording = tmp_path / "flows.mitm"
+    gw = gateway_factory(entry, ["--set", f"record_file={recording}"])
     provider.reset(by_target({"a": status(500), "b": status(529), "c": anthropic_reply}))
     raw = chat(gw)
     answer = raw.parse()
@@ -235,6 +236,13 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
     row = ledger(gw, 1)[0]
     assert (row["provider"], row["model"], row["target"], row["attempts"]) == ("anthropic", "claude-sonnet-4-5", "2", 3)
     assert row["cost_usd"] == pytest.approx((9 * 3 + 3 * 15) / 1e6)  # the served model's price
+    # what mitmweb shows of it: the recorded flow is the answering attempt, commented so
+    gw.stop()
+    from mitmproxy.io import FlowReader
+    with open(recording, "rb") as f:
+        [flow] = [f for f in FlowReader(f).stream() if f.request.path != "/health"]
+    assert flow.comment == "team-alpha -> anthropic (fallback, attempt 3)"
+    assert flow.request.path == "/c/v1/messages" and flow.response.status_code == 200
 
 
 def test_a_429_before_the_first_byte_fails_over_and_the_stream_passes_chunk_by_chunk(provider, gateway_factory):
@@ -337,10 +345,9 @@ def test_the_mitmweb_comment_names_the_answering_target():
                                               ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0), ({}, 0.0),
                                               ({"retry-after": "-3"}, 0.0), ({"retry-after": "1e9"}, 0.0)])
 def test_a_429s_retry_after_is_read_in_seconds_or_milliseconds(headers, seconds):
-    from mitmproxy import http
     from addon.policy.failover import retry_after_seconds
 
-    assert retry_after_seconds(http.Headers(**{k.replace("-", "_"): v for k, v in headers.items()})) == seconds
+    assert retry_after_seconds(headers) == seconds
 
 
 @pytest.mark.fleet

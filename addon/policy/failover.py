@@ -30,7 +30,7 @@ log = logging.getLogger("gateway")
 DEFAULT_MAX_ATTEMPTS = 3  # "max_attempts" 0: the key's number of targets, at most this
 
 
-def retry_after_seconds(headers: http.Headers | None) -> float:
+def retry_after_seconds(headers: dict | None) -> float:
     """A 429's Retry-After (seconds; an HTTP date is not worth the parse) or retry-after-ms."""
     if headers is None:
         return 0.0

@@ -39,11 +39,11 @@ from mitmproxy.proxy.utils import expect
 # target's key refused (401/403). 400, 404, 413, 422 are the request's own fault.
 RETRYABLE = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
 
+# of a failed response, what the deciding addon may read (flow metadata stays serialisable, and
+# free of the provider's other headers: recordings and mitmweb keep it)
+KEPT_HEADERS = ("retry-after", "retry-after-ms")
+
 _ARMED = "gateway.attempts"  # flow.metadata: the failure of the last attempt, and the retry flag
-
-
-class Failure(dict):
-    """What failed: {"status": int} with `response` (its headers) or {"error": str}."""
 
 
 @dataclass
@@ -64,7 +64,8 @@ def armed(flow: http.HTTPFlow) -> bool:
 
 
 def failure(flow: http.HTTPFlow) -> dict:
-    """The last failed attempt: {"status": 503, "headers": Headers} or {"error": "connect: ..."}."""
+    """The last failed attempt: {"status": 429, "headers": {"retry-after": "7"}} (KEPT_HEADERS,
+    lowercase) or {"error": "connect: ..."}."""
     return flow.metadata.get(_ARMED, {}).get("failure", {})
 
 
@@ -127,7 +128,9 @@ class RetryingHttpStream(http_layer.HttpStream):
         state = self._armed()
         if state is not None and event.response.status_code in RETRYABLE:
             self.flow.response = event.response  # the hook reads the status and Retry-After
-            if (yield from self._ask(state, {"status": event.response.status_code, "headers": event.response.headers})):
+            headers = event.response.headers
+            kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
+            if (yield from self._ask(state, {"status": event.response.status_code, "headers": kept})):
                 self.flow.response = None
                 if event.end_stream:
                     yield from self._send_again()
