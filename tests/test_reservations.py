@@ -17,7 +17,7 @@ from tests.services.redis import RedisServer
 
 class SyncRedisStore:
     """RedisStore driven from a sync test: each call runs to completion on one event loop
-    (settle/release/add_usage are awaited, not sent in the background)."""
+    (settle/release/add_usage are sent in the background, and waited for here)."""
 
     def __init__(self, url: str) -> None:
         self.loop = asyncio.new_event_loop()
@@ -27,13 +27,19 @@ class SyncRedisStore:
         return self.loop.run_until_complete(self.store.reserve(key, limits, demand, now))
 
     def settle(self, key, ticket, tokens, usd, when):
-        self.loop.run_until_complete(self.store.count(key, ticket, tokens, usd, when))
+        self.sent(self.store.settle, key, ticket, tokens, usd, when)
 
     def release(self, key, ticket):
-        self.loop.run_until_complete(self.store.count(key, ticket, 0, 0.0, 0.0))
+        self.sent(self.store.release, key, ticket)
 
     def add_usage(self, key, tokens, usd, when):
-        self.loop.run_until_complete(self.store.count(key, "", tokens, usd, when))
+        self.sent(self.store.add_usage, key, tokens, usd, when)
+
+    def sent(self, call, *args):
+        async def run():
+            call(*args)
+            await self.store.drain()
+        self.loop.run_until_complete(run())
 
     def close(self):
         self.loop.run_until_complete(self.store.close())

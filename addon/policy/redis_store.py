@@ -9,10 +9,12 @@ differs. Per key fingerprint (never the virtual key), under `<prefix><fingerprin
     spend  hash: t / u (lifetime tokens / dollars), h<hour> / u<hour> (hourly buckets)
 
 Every admission is ONE round trip: the RESERVE script checks budgets, tpm, max_parallel and rpm
-and reserves, atomically (Redis runs a script alone). Settling, releasing and counting are one
-script call each, sent in the background: the response never waits for Redis. Every key has
-a TTL (rpm and tpm a minute, held the reservation bound, spend the longest budget period) so
-nothing grows without bound, and a key that is never used again disappears.
+and reserves, atomically (Redis runs a script alone). Settling, releasing and counting are sent
+in the background (the response never waits for Redis), one COUNT script call per key and round
+trip. The hot path has its own connection and sends everything that arrived meanwhile in one
+write, with at most one round trip in flight (see `send`). Every key has a TTL (rpm and tpm a
+minute, held the reservation bound, spend the longest budget period) so nothing grows without
+bound, and a key that is never used again disappears.
 
 Target cooldowns (policy/targets.py) are read from this process's CooldownTable, never from Redis
 on the request path. A new cooldown is also written to the hash `<prefix>cooldowns` (target id ->
@@ -24,13 +26,16 @@ working in each process; the live ones are written again once Redis is back.
 Redis unreachable: reserve() raises StoreUnavailable (the gateway answers 503 store_unavailable
 for keys with limits; keys without limits never ask the store), one log line when the outage
 starts and one when it ends. The client reconnects by itself on the next request; no restart.
-Spend lives in Redis; when Redis starts empty (no `<prefix>seeded` marker), the first gateway
-to connect loads the usage ledger's buckets into it.
+Spend lives in Redis; when Redis is empty (no `<prefix>seeded` marker: new, or restarted without
+its data, at start-up or mid-run), one gateway loads the usage ledger's buckets into it (the
+others wait for the marker), and admissions wait for that (see `seed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -40,7 +45,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
     BUCKET, MINUTE, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, CooldownTable, Demand, Limits, Spend,
@@ -55,12 +61,15 @@ SPEND_TTL = (RETENTION_HOURS + 1) * BUCKET  # seconds: the longest budget period
 SEED_BATCH = 1000  # ledger buckets per round trip when Redis is seeded
 COOLDOWN_SYNC = 0.5  # seconds between two pulls of the shared cooldowns
 COOLDOWN_KEPT = 60.0  # seconds an ended cooldown no request looked at stays in the local table
+SEED_LOCK_S = 10  # seconds one gateway may hold the seeding lock (a gateway that dies loading: another takes over)
+UNSEEDED = "unseeded"  # the scripts' answer when Redis has no `<prefix>seeded` marker (it lost its data)
 
-# KEYS: rpm, tpm, held, spend. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
+# KEYS: rpm, tpm, held, spend, the seeded marker. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
 # demand tokens, demand usd, ticket, reservation ttl ("" = no limit of that kind; ticket "" = hold
-# nothing). Returns {""} + ticket when admitted, or {refused, wait, used} (numbers as strings:
-# Redis turns Lua numbers into integers).
+# nothing). Returns {""} + ticket when admitted, {refused, wait, used} (numbers as strings:
+# Redis turns Lua numbers into integers), or {"unseeded"} (Redis lost its data: nothing done).
 RESERVE = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return {'unseeded'} end
 local now = tonumber(ARGV[1])
 local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local budget_tokens, budget_usd, period = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -145,33 +154,53 @@ redis.call('EXPIRE', KEYS[3], math.ceil(ttl) + 1)
 return {'', ticket}
 """
 
-# KEYS: held, tpm, spend. ARGV: ticket ("" = none to drop), tokens, usd, when, id, spend ttl,
-# retention hours, tpm ("1": count the tokens in the tpm window too)
+# One key's finished requests, of one round trip. KEYS: held, tpm, spend, the seeded marker.
+# ARGV: seeding ("1": count even without the marker), spend ttl, retention hours, T, T tickets to
+# drop, E, E pairs (when, "<id>:<tokens>") for the tpm window, then (hour, tokens, usd) triples for
+# spend. Returns 0 (and does nothing) when Redis has no marker, else 1.
 COUNT = """
-if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-local tokens, usd, when = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if tokens > 0 and ARGV[8] == '1' then
-  redis.call('ZADD', KEYS[2], when, ARGV[5] .. ':' .. ARGV[2])
-  redis.call('EXPIRE', KEYS[2], 61)
-end
-if tokens > 0 or usd > 0 then
-  local hour = math.floor(when / 3600)
+if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+local i = 4
+for _ = 1, tonumber(ARGV[i]) do i = i + 1; redis.call('HDEL', KEYS[1], ARGV[i]) end
+i = i + 1
+local entries = tonumber(ARGV[i])
+for _ = 1, entries do redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i + 2]); i = i + 2 end
+if entries > 0 then redis.call('EXPIRE', KEYS[2], 61) end
+local tokens, usd = 0, 0
+for j = i + 1, #ARGV, 3 do
+  local hour = tonumber(ARGV[j])
   if redis.call('HEXISTS', KEYS[3], 'h' .. hour) == 0 then
     -- a new hour: drop buckets older than any budget period can reach
-    local oldest = hour - tonumber(ARGV[7])
+    local oldest = hour - tonumber(ARGV[3])
     for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
       local h = tonumber(string.sub(field, 2))
       if h and h < oldest then redis.call('HDEL', KEYS[3], field) end
     end
   end
-  redis.call('HINCRBY', KEYS[3], 'h' .. hour, tokens)
-  redis.call('HINCRBYFLOAT', KEYS[3], 'u' .. hour, usd)
+  redis.call('HINCRBY', KEYS[3], 'h' .. hour, ARGV[j + 1])
+  redis.call('HINCRBYFLOAT', KEYS[3], 'u' .. hour, ARGV[j + 2])
+  tokens = tokens + tonumber(ARGV[j + 1]); usd = usd + tonumber(ARGV[j + 2])
+end
+if i + 1 <= #ARGV then
   redis.call('HINCRBY', KEYS[3], 't', tokens)
-  redis.call('HINCRBYFLOAT', KEYS[3], 'u', usd)
-  redis.call('EXPIRE', KEYS[3], ARGV[6])
+  redis.call('HINCRBYFLOAT', KEYS[3], 'u', string.format('%.17g', usd))
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
 return 1
 """
+SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, COUNT)}
+
+
+def command(*args) -> bytes:
+    """One Redis command in the protocol (RESP), packed here: redis-py's pack_command costs the
+    gateway about 1 us of CPU per argument, and an admission has 21."""
+    return (f"*{len(args)}\r\n" + arguments(args)).encode()
+
+
+def arguments(args) -> str:
+    """Bulk strings of str() of each argument. Only for ASCII (keys: the prefix is checked, the
+    rest are hex digits, numbers and our ids), where a character is a byte."""
+    return "".join([f"${len(a)}\r\n{a}\r\n" for a in map(str, args)])
 
 
 # KEYS: the cooldowns hash. ARGV: target id, until, now. Keeps the later until of the two; drops
@@ -217,24 +246,33 @@ class RedisStore(CooldownTable):
 
     def __init__(self, url: str, prefix: str = "llmgw:") -> None:
         super().__init__()
+        if not prefix.isascii():  # commands are packed as ASCII (`arguments`); stores.py allows less still
+            raise ValueError(f"redis prefix {prefix!r} must be ASCII")
         self.url, self.prefix = url, prefix
-        self.redis = aioredis.Redis.from_url(
+        self.redis = aioredis.Redis.from_url(  # for what is not on the request path (spend, seeding)
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
-        self._reserve = self.redis.register_script(RESERVE)
-        self._count = self.redis.register_script(COUNT)
         self._cool = self.redis.register_script(COOL)
         self.syncing: asyncio.Task | None = None  # pulling the shared cooldowns (start_cooldown_sync)
         self.cooldowns_unshared = False  # a cooldown may be missing in Redis: write ours again once it answers
+        self.marker = prefix + "seeded"
+        self._conn = None  # the request path's own connection (admissions and counts), made on first use
         # tickets and request ids unique across gateways: this process, and a counter
-        self._ids = (f"{os.getpid()}-{os.urandom(3).hex()}-{n}" for n in itertools.count(1))
+        self._ids = map(f"{os.getpid()}-{os.urandom(3).hex()}-{{}}".format, itertools.count(1))
+        self._heads: dict[str, str] = {}  # per key: the RESERVE call up to its first argument
         self.down = False  # in an outage (logged once)
-        self.seeding: asyncio.Task | None = None  # loading the ledger into an empty Redis (admissions wait)
-        self._tasks: set[asyncio.Task] = set()  # settles in flight (kept referenced)
-        self._asks: list[tuple] = []  # admissions of this event-loop turn, not yet sent
-        self._pending: list[tuple] = []  # settle / release / add_usage calls not yet sent
+        self.seeding: asyncio.Task | None = None  # loading the ledger into an empty Redis (nothing is sent meanwhile)
+        self._tasks: set[asyncio.Task] = set()  # sends in flight (kept referenced)
+        self._sending = False  # a send() task runs: what is queued goes with its next round trip
+        self._asks: list[tuple] = []  # admissions not yet sent: (key, command, future)
+        self._pending: list[tuple] = []  # settle / release / add_usage not yet sent: (key, ticket, tokens, usd, when)
+        self._unseeded: list[tuple] = []  # admissions Redis answered "unseeded": sent again after the seed
         self.seeds: list[tuple] = []  # ledger rows to load if Redis is empty (seed_spend/seed_tokens)
+        # set by the usage accounting when it keeps a ledger: reload_seeds(counted) writes every
+        # finished request to the ledger, calls counted() once what the store was told is in it,
+        # and returns the ledger's rows as seeds (for a Redis that lost its data mid-run)
+        self.reload_seeds = None
         self.before_read = None  # (MemoryStore's hook; usage here is counted when each flow ends)
 
     def keys(self, key: str) -> tuple[str, str, str, str]:
@@ -244,16 +282,18 @@ class RedisStore(CooldownTable):
     # --- admission -----------------------------------------------------------------------
 
     async def reserve(self, key: str, limits: Limits, demand: Demand, now: float) -> Verdict:
-        if self.seeding is not None:
-            await self.seeding
-            self.seeding = None
         ticket = next(self._ids) if limits.reserves else ""
-        args = [now, *("" if v is None else v for v in limits), demand.tokens, repr(demand.usd), ticket,
-                RESERVATION_TTL, PARALLEL_RETRY, ticket or next(self._ids)]
         future = asyncio.get_running_loop().create_future()
-        if not self._asks:
-            self.background(self.ask())
-        self._asks.append((key, args, future))
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = f"*{8 + 13}\r\n" + arguments(("EVALSHA", SHA[RESERVE], 5, *self.keys(key), self.marker))
+        rpm, tpm, budget_tokens, budget_usd, period, parallel = limits
+        self._asks.append((key, (head + arguments((
+            repr(now), "" if rpm is None else rpm, "" if tpm is None else tpm, "" if budget_tokens is None else budget_tokens,
+            "" if budget_usd is None else repr(budget_usd), "" if period is None else period,
+            "" if parallel is None else parallel, demand.tokens, repr(demand.usd), ticket, RESERVATION_TTL,
+            PARALLEL_RETRY, ticket or next(self._ids)))).encode(), future))
+        self.kick()
         try:
             answer = await future
         except (RedisError, OSError) as e:
@@ -263,35 +303,6 @@ class RedisStore(CooldownTable):
         if answer[0] == "":
             return Verdict(answer[1] if len(answer) > 1 else None)
         return Verdict(None, answer[0], float(answer[1]), float(answer[2]))
-
-    async def ask(self) -> None:
-        """Send the admissions of one event-loop turn: one script call, or with several requests
-        arriving together, one pipeline (measured: ~50 us of gateway CPU each instead of ~230 us
-        for as many calls in parallel, at 64 at once)."""
-        await asyncio.sleep(0)  # the other admissions of this turn join
-        asks, self._asks = self._asks, []
-        try:
-            if len(asks) == 1:
-                key, args, _ = asks[0]
-                answers = [await self._reserve(keys=self.keys(key), args=args)]
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key, args, _ in asks:
-                        await self._reserve(keys=self.keys(key), args=args, client=pipe)
-                    answers = await pipe.execute(raise_on_error=False)
-        except BaseException as e:  # Redis down, or cancelled at shutdown: every admission fails closed
-            for _, _, future in asks:
-                if not future.done():
-                    future.set_exception(e if isinstance(e, (RedisError, OSError)) else ConnectionError("store shut down"))
-            return
-        for (key, args, future), answer in zip(asks, answers):
-            if isinstance(answer, Exception):
-                if not future.done():
-                    future.set_exception(answer)
-            elif not future.done():
-                future.set_result(answer)
-            elif answer[0] == "" and len(answer) > 1:  # granted to a request that is gone meanwhile
-                self.release(key, answer[1])
 
     async def spend(self, key: str, period: int | None, now: float) -> Spend:
         """Tokens and dollars spent in the last `period` seconds (None: ever); for metrics."""
@@ -312,6 +323,8 @@ class RedisStore(CooldownTable):
                     usd += float(value)
         return Spend(tokens, usd)
 
+    # --- counting ------------------------------------------------------------------------
+
     def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
         self.queue(key, ticket, tokens, usd, when)
 
@@ -322,75 +335,191 @@ class RedisStore(CooldownTable):
         self.queue(key, "", tokens, usd, when)
 
     def queue(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
-        """Settling, releasing and counting never make a hook wait: they are sent in the
-        background, those of one event-loop turn in one pipeline (accounting.py counts
-        requests without a reservation in batches)."""
-        if not self._pending:
-            self.background(self.flush())
+        """Settling, releasing and counting never make a hook wait: they go with the next round
+        trip (accounting.py counts requests without a reservation in batches)."""
         self._pending.append((key, ticket, tokens, usd, when))
+        self.kick()
 
-    async def flush(self) -> None:
-        await asyncio.sleep(0)  # the rest of this turn's counts join
-        pending, self._pending = self._pending, []
+    def count_commands(self, pending: list[tuple], seeding: bool = False) -> list[tuple[str, list, bytes]]:
+        """One COUNT call per key for `pending` (key, ticket, tokens, usd, when[, tpm]) entries."""
+        by_key: dict[str, list] = {}
+        for entry in pending:
+            by_key.setdefault(entry[0], []).append(entry)
+        out = []
+        for key, entries in by_key.items():
+            tickets, window, hours = [], [], {}
+            for entry in entries:
+                _, ticket, tokens, usd, when = entry[:5]
+                if ticket:
+                    tickets.append(ticket)
+                if tokens > 0 and (len(entry) == 5 or entry[5]):  # seeds: the tpm window or spend, not both
+                    window += (repr(when), f"{next(self._ids)}:{tokens}")
+                if (tokens > 0 or usd > 0) and (len(entry) == 5 or not entry[5]):
+                    total = hours.setdefault(int(when // BUCKET), [0, 0.0])
+                    total[0] += tokens
+                    total[1] += usd
+            _, tpm_key, held, spend = self.keys(key)
+            out.append((key, entries, command(
+                "EVALSHA", SHA[COUNT], 4, held, tpm_key, spend, self.marker, "1" if seeding else "", SPEND_TTL,
+                RETENTION_HOURS, len(tickets), *tickets, len(window) // 2, *window,
+                *(x for hour, (tokens, usd) in hours.items() for x in (hour, tokens, repr(usd))))))
+        return out
+
+    # --- the round trips -----------------------------------------------------------------
+
+    def kick(self) -> None:
+        if not self._sending and self.seeding is None:
+            self._sending = self.background(self.send())
+
+    async def send(self) -> None:
+        """Send what is queued, in one write, and dispatch the answers; repeat while more was
+        queued meanwhile. One round trip at a time: under load each carries every admission and
+        count of the requests that arrived during the previous one (measured with
+        bench/storebench.py: about 25 us of gateway CPU per admission at 64 at once, against
+        about 65 us with redis-py's pipelines). Counts go first: a slot a settle frees is free
+        for the admissions of the same round trip."""
         try:
-            if len(pending) == 1:
-                await self.count(*pending[0])
-                return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, ticket, tokens, usd, when in pending:
-                    await self.count(key, ticket, tokens, usd, when, client=pipe)
-                await pipe.execute()
-        except (RedisError, OSError) as e:
-            self.outage(e, "settle")  # reservations expire by themselves; the ledger has every row
-            return
-        self.up()
+            await asyncio.sleep(0)  # the rest of this event-loop turn joins
+            while (self._asks or self._pending) and self.seeding is None:
+                asks, self._asks = self._asks, []
+                pending, self._pending = self._pending, []
+                counts = self.count_commands(pending)
+                try:
+                    answers = await self.round_trip([c for _, _, c in counts] + [c for _, c, _ in asks])
+                except BaseException as e:  # Redis down, or cancelled at shutdown: every admission fails closed
+                    error = e if isinstance(e, (RedisError, OSError)) else ConnectionError("store shut down")
+                    for _, _, future in asks:
+                        if not future.done():
+                            future.set_exception(error)
+                    if counts:
+                        self.outage(error, "settle")  # reservations expire by themselves; the ledger has every row
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                self.up()
+                self.dispatch(counts, asks, answers)
+        finally:
+            self._sending = False
 
-    async def count(self, key: str, ticket: str, tokens: int, usd: float, when: float, tpm: bool = True, client=None):
-        _, tpm_key, held, spend = self.keys(key)
-        return await self._count(keys=[held, tpm_key, spend], client=client,
-                                 args=[ticket, tokens, repr(usd), when, next(self._ids), SPEND_TTL, RETENTION_HOURS, "1" if tpm else "0"])
+    def dispatch(self, counts: list[tuple], asks: list[tuple], answers: list) -> None:
+        unseeded = False
+        for (_, entries, _), answer in zip(counts, answers):
+            if answer == 0:  # Redis lost its data: counted again after the seed (or found in the ledger)
+                self._pending += entries
+                unseeded = True
+            elif isinstance(answer, Exception):
+                self.outage(answer, "settle")
+        for (key, cmd, future), answer in zip(asks, answers[len(counts):]):
+            if isinstance(answer, Exception):
+                if not future.done():
+                    future.set_exception(answer)
+            elif answer[0] == UNSEEDED:  # asked again once the ledger is loaded
+                self._unseeded.append((key, cmd, future))
+                unseeded = True
+            elif not future.done():
+                future.set_result(answer)
+            elif answer[0] == "" and len(answer) > 1:  # granted to a request that is gone meanwhile
+                self.release(key, answer[1])
+        if unseeded and self.seeding is None:
+            self.start_seeding(reload=True)
 
-    def background(self, coro) -> None:
+    async def round_trip(self, commands: list[bytes]) -> list:
+        """Send `commands` in one write on the request path's connection, read every answer (an
+        error answer is returned as its exception). Loads the scripts when Redis lacks them."""
+        answers = await self._exchange(commands)
+        missing = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
+        if missing:  # a new or restarted Redis: nothing ran; load the scripts, send those again
+            await self._exchange([command("SCRIPT", "LOAD", script) for script in SHA])
+            for i, answer in zip(missing, await self._exchange([commands[i] for i in missing])):
+                answers[i] = answer
+        return answers
+
+    async def _exchange(self, commands: list[bytes]) -> list:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.redis.connection_pool.make_connection()
+        answers = []
+        try:
+            await conn.send_packed_command(b"".join(commands), check_health=False)  # connects when needed
+            for _ in commands:
+                try:
+                    answers.append(await conn.read_response())
+                except ResponseError as e:  # an error answer: the connection stays in step
+                    answers.append(e)
+        except BaseException:
+            await conn.disconnect(nowait=True)  # a half-read answer must not meet the next command
+            raise
+        return answers
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far has been sent and answered (tests, close)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def background(self, coro) -> bool:
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (shutting down): the reservation expires by itself
             coro.close()
-            return
+            return False
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
-    # --- start-up: seeding from the ledger ---------------------------------------------
+    # --- seeding from the ledger: at start-up, and when Redis lost its data ----------------
 
-    def start_seeding(self) -> None:
-        self.seeding = asyncio.get_running_loop().create_task(self.seed())
+    def start_seeding(self, reload: bool = False) -> None:
+        self.seeding = asyncio.get_running_loop().create_task(self.seed(reload))
 
     def seed_spend(self, key: str, tokens: int, usd: float, when: float) -> None:
-        self.seeds.append((key, tokens, usd, when, False))
+        self.seeds.append((key, "", tokens, usd, when, False))
 
     def seed_tokens(self, key: str, tokens: int, when: float) -> None:
-        self.seeds.append((key, tokens, 0.0, when, True))
+        self.seeds.append((key, "", tokens, 0.0, when, True))
 
-    async def seed(self) -> None:
-        """Load the ledger's spend into Redis if it is empty (no marker): the first gateway to
-        connect does it, the others find the marker. Spend otherwise lives in Redis alone."""
+    async def seed(self, reload: bool = False) -> None:
+        """Load the ledger's spend into Redis if it has no marker (new, or restarted without its
+        data): one gateway takes a lock and loads, the others wait for its marker. Nothing is
+        sent meanwhile: admissions wait, counts are kept (those the reloaded ledger holds are
+        dropped, the rest sent after). `reload`: mid-run, read the ledger again."""
         seeds, self.seeds = self.seeds, []
-        try:
-            if not await self.redis.set(self.prefix + "seeded", "1", nx=True):
-                return
-            for start in range(0, len(seeds), SEED_BATCH):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key, tokens, usd, when, tpm in seeds[start:start + SEED_BATCH]:
-                        _, tpm_key, held, spend = self.keys(key)
-                        # tpm rows count in the window only, spend rows in spend only
-                        if tpm:
-                            pipe.zadd(tpm_key, {f"{next(self._ids)}:{tokens}": when})
-                            pipe.expire(tpm_key, int(MINUTE) + 1)
-                        else:
-                            await self.count(key, "", tokens, usd, when, tpm=False, client=pipe)
-                    await pipe.execute()
-            log.info("gateway: Redis %s was empty: %d ledger buckets loaded into it", masked_url(self.url), len(seeds))
+        lock = self.prefix + "seeding"
+        failed: Exception | None = None
+        try:  # on the request path's connection (nothing else is sent on it meanwhile)
+            while not (await self.round_trip([command("EXISTS", self.marker)]))[0]:
+                if (await self.round_trip([command("SET", lock, "1", "NX", "EX", SEED_LOCK_S)]))[0] is None:
+                    await asyncio.sleep(0.05)  # another gateway is loading
+                    continue
+                if reload and self.reload_seeds is not None:
+                    seeds = await self.reload_seeds(self.counted_in_ledger)
+                counts = self.count_commands(seeds, seeding=True)
+                for start in range(0, len(counts), SEED_BATCH):
+                    for answer in await self.round_trip([c for _, _, c in counts[start:start + SEED_BATCH]]):
+                        if isinstance(answer, Exception):
+                            raise answer
+                await self.round_trip([command("SET", self.marker, "1"), command("DEL", lock)])
+                log.info("gateway: Redis %s was empty: %d ledger buckets loaded into it", masked_url(self.url), len(seeds))
         except (RedisError, OSError) as e:
+            failed = e
             self.outage(e, "seed")
+        except Exception:  # a ledger that cannot be read: fail closed, the next admission tries again
+            log.exception("gateway: could not load the usage ledger into Redis")
+            failed = RedisConnectionError("the usage ledger could not be loaded into Redis")
+            with contextlib.suppress(RedisError, OSError):
+                await self.round_trip([command("DEL", lock)])
+        finally:
+            self.seeding = None
+            waiting, self._unseeded = self._unseeded, []
+            for ask in waiting:  # admissions that found Redis empty: asked again, or 503 store_unavailable
+                if failed is None:
+                    self._asks.append(ask)
+                elif not ask[2].done():
+                    ask[2].set_exception(failed)
+            self.kick()
+
+    def counted_in_ledger(self) -> None:
+        """Every count queued so far is in the ledger the seed is about to read: drop them."""
+        self._pending = []
 
     # --- target cooldowns, shared ---------------------------------------------------------
 
@@ -467,4 +596,6 @@ class RedisStore(CooldownTable):
             self.syncing.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=TIMEOUT)
+        if self._conn is not None:
+            await self._conn.disconnect()
         await self.redis.aclose()

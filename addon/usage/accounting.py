@@ -41,6 +41,13 @@ NO_USAGE = Usage()
 log = logging.getLogger("gateway")
 
 
+def read_seeds(path: str) -> tuple[list, list]:
+    """The ledger's spend buckets (oldest first: the store prunes oldest-first) and the last
+    minute's tokens: what a store is seeded with."""
+    buckets = sorted(ledger_db.spend_buckets(path, BUCKET), key=lambda row: row[1])
+    return buckets, ledger_db.recent_tokens(path, time.time() - MINUTE)
+
+
 class UsageAccounting:
     def __init__(self, store: UsageStore) -> None:
         self.store = store
@@ -74,15 +81,31 @@ class UsageAccounting:
             return
         try:
             self.ledger = open_ledger(path)
-            buckets = ledger_db.spend_buckets(path, BUCKET)
-            recent = ledger_db.recent_tokens(path, time.time() - MINUTE)
+            buckets, recent = read_seeds(path)
         except Exception as e:  # sqlite3.Error, psycopg.Error, OSError: one line, the gateway does not start
             raise exceptions.OptionsError(f"usage_db {display_name(path)}: {e}") from None
-        for fingerprint, start, tokens, usd in sorted(buckets, key=lambda row: row[1]):  # the store prunes oldest-first
+        for fingerprint, start, tokens, usd in buckets:
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)
+        if hasattr(self.store, "reload_seeds"):  # RedisStore: Redis may lose its data while we run
+            self.store.reload_seeds = self.reload_seeds
         log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", display_name(path), len(buckets))
+
+    async def reload_seeds(self, counted: Callable[[], None]) -> list[tuple]:
+        """For a store that lost its data (Redis restarted empty): write every finished request
+        to the ledger, call `counted()` once all the store was told is in it, and return the
+        ledger's spend buckets and last minute's tokens, as the store's seed_* calls take them:
+        (fingerprint, "", tokens, usd, when, tpm window only)."""
+        ledger = self.ledger
+        if ledger is None:
+            return []
+        self.settle()
+        counted()
+        await ledger.write()
+        buckets, recent = await asyncio.to_thread(read_seeds, ledger.path)
+        return ([(fp, "", tokens or 0, usd or 0.0, start, False) for fp, start, tokens, usd in buckets]
+                + [(fp, "", tokens, 0.0, when, True) for fp, when, tokens in recent])
 
     def running(self) -> None:
         self.start_writer()
