@@ -191,8 +191,9 @@ class FleetBench:
         def measure(key: str, name: str, spec_, connections: int, duration: float) -> dict:
             r = wrk(self.url(name), spec_, connections, duration, self.tmp, self.pid_cpu(name))
             cells.setdefault(key, []).append(r)
+            cpu = f"  gateway CPU {r['cpu_us_per_request']:5.0f} us/request" if r.get("cpu_us_per_request") else ""
             print(f"  {key:22s} {r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
-                  f"errors {r['error_count']}", flush=True)
+                  f"errors {r['error_count']}{cpu}", flush=True)
             return r
 
         tls: dict[str, dict] = {"single": {"requests": 0, "connections": 0}, "fleet": {"requests": 0, "connections": 0}}
@@ -215,7 +216,8 @@ class FleetBench:
             rs = cells.get(key, [])
             return {"rps": median([r["rps"] for r in rs]), "p50_ms": median([r["latency_us"]["p50"] for r in rs]) / 1000,
                     "p99_ms": median([r["latency_us"]["p99"] for r in rs]) / 1000,
-                    "errors": sum(r["error_count"] for r in rs), "requests": sum(r["requests"] for r in rs)}
+                    "errors": sum(r["error_count"] for r in rs), "requests": sum(r["requests"] for r in rs),
+                    "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs if r.get("cpu_us_per_request")] or [0]) or None}
 
         def paired(a: str, b: str, f) -> float | None:
             vals = [v for v in (f(x, y) for x, y in zip(cells.get(a, []), cells.get(b, []))) if v is not None]
@@ -231,6 +233,9 @@ class FleetBench:
             out["redis"] = {name: {"c64": cell(f"c64 limited {name}"), "c1": cell(f"c1 limited {name}")}
                             for name in ("single", "single_redis")}
             out["ratio"]["redis_vs_memory_c64"] = paired("c64 limited single_redis", "c64 limited single", rps)
+            # the gateway's own CPU per request, steadier than req/s on a shared machine
+            out["ratio"]["redis_vs_memory_cpu_c64"] = paired("c64 limited single_redis", "c64 limited single",
+                                                             lambda x, y: ratio(x["cpu_us_per_request"], y["cpu_us_per_request"]))
             out["redis_added_p50_ms_c1"] = paired("c1 limited single_redis", "c1 limited single",
                                                   lambda x, y: (x["latency_us"]["p50"] - y["latency_us"]["p50"]) / 1000)
         else:
@@ -287,6 +292,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
         rd = f["redis"]
         out.append(("fleet limited key c=64 req/s: memory / redis", fmt(rd["single"]["c64"]["rps"], 0),
                     fmt(rd["single_redis"]["c64"]["rps"], 0), fmt(f["ratio"]["redis_vs_memory_c64"])))
+        out.append(("fleet limited key c=64 gateway CPU us/request: memory / redis", fmt(rd["single"]["c64"]["cpu_us_per_request"], 0),
+                    fmt(rd["single_redis"]["c64"]["cpu_us_per_request"], 0), fmt(f["ratio"].get("redis_vs_memory_cpu_c64"))))
         out.append(("fleet limited key c=1 p50 ms: memory / redis", fmt(rd["single"]["c1"]["p50_ms"]),
                     fmt(rd["single_redis"]["c1"]["p50_ms"]), f"+{fmt(f['redis_added_p50_ms_c1'])} ms"))
     t = f["tls_new_connection_per_request"]

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from addon.policy.keys import fingerprint
 from tests.fakeprovider import Reply, openai_completion
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
@@ -162,3 +163,23 @@ def test_spend_lives_in_redis_and_is_seeded_from_the_ledger_when_redis_starts_em
     names = redis_server.command("KEYS", "*")
     assert b"llmgw:" in names
     assert b"vk_usd" not in names  # keyed by fingerprint, never the virtual key
+
+
+def test_redis_restarted_empty_mid_run_is_seeded_again_from_the_ledger(provider, gateway_factory, redis_server, tmp_path):
+    # prices: a default answer (5 + 2 tokens) costs $1; max_tokens 2 reserves $1
+    keys = keys_file(provider, vk_usd={"budget_usd": 2.5})
+    keys["prices"] = {"gpt-4o": {"input": 0, "output": 500_000}}
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 2}
+    gw = gateway_factory(keys, ["--set", f"redis_url={redis_server.url}", "--set", f"usage_db={tmp_path / 'usage.sqlite3'}"])
+    assert post(gw, "vk_usd", body)[0] == 200
+    assert post(gw, "vk_usd", body)[0] == 200  # $2 spent
+    redis_server.stop()
+    redis_server.start()  # no persistence: Redis comes back with nothing in it
+    assert redis_server.command("KEYS", "*") == b"*0\r\n"
+    status, answer, _ = post(gw, "vk_usd", body)  # the ledger's $2 + $1 reserved > $2.50
+    assert (status, answer["error"]["code"]) == (429, "budget_exceeded"), answer
+    assert len(provider.received) == 2
+    spend = f"llmgw:{fingerprint('vk_usd')}:spend"
+    assert redis_server.command("HGET", spend, "t") == b"$2\r\n14\r\n"  # the ledger's 2 x 7 tokens, loaded once
+    log = gw.log()
+    assert log.count("was empty") == 2, log  # at start-up, and once after the restart

@@ -438,6 +438,9 @@ class RedisStore(CooldownTable):
         conn = self._conn
         if conn is None:
             conn = self._conn = self.redis.connection_pool.make_connection()
+        reader = getattr(conn, "_reader", None)  # (redis-py's asyncio stream; None while not connected)
+        if reader is not None and reader.at_eof():  # Redis closed it (a restart) while it was idle: a new one
+            await conn.disconnect(nowait=True)
         answers = []
         try:
             await conn.send_packed_command(b"".join(commands), check_health=False)  # connects when needed
