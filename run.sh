@@ -118,7 +118,9 @@ fi
 # (with GATEWAY_WORKERS > 1 the supervisor passes it to every worker)
 REDIS_ARGS=()
 [ -n "${REDIS_URL:-}" ] && REDIS_ARGS=(--set "redis_url=$REDIS_URL")
-PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}" "${REDIS_ARGS[@]}")
+# one process drains at SIGTERM/Ctrl-C itself (addon/drain.py); a fleet's supervisor drains HAProxy first
+PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}" "${REDIS_ARGS[@]}"
+            --set "drain_s=${GATEWAY_DRAIN_S:-30}")
 
 gateway_workers() {
     # GATEWAY_WORKERS: a positive number, or auto (one per core)

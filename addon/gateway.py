@@ -56,6 +56,7 @@ from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
 from addon.policy.optionguard import OptionGuard
 from addon.policy.reload import KeysReloader
 from addon.policy.logredact import LogRedaction
+from addon.drain import Drain
 from addon.policy.store import MemoryStore, UsageStore
 from addon.policy.stores import StoreChoice
 from addon.wire.streams import fail_closed_stream
@@ -772,5 +773,5 @@ _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
 _metrics = Metrics(_gateway, _accounting, _store)
 addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), ConnectReset(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
-                     Failover(_gateway), KeysReloader(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+                     Failover(_gateway), KeysReloader(_gateway), Drain(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
                      ACCESS, WebViews(), _metrics)]

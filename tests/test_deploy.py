@@ -42,9 +42,9 @@ def test_kubernetes_example_runs_one_worker_per_pod_behind_its_service():
     assert "--appendonly" in m[f"StatefulSet/{redis.hostname}"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert urlsplit(env["USAGE_DB"]).scheme == "postgresql" and urlsplit(env["USAGE_DB"]).password is None
     assert any(e["name"] == "PGPASSWORD" and "secretKeyRef" in e["valueFrom"] for e in container["env"] if "valueFrom" in e)
-    # the drain: the pod keeps serving through preStop, within the grace period
+    # the drain: the pod keeps serving through preStop, then drains GATEWAY_DRAIN_S, within the grace period
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert 0 < sleep < pod["terminationGracePeriodSeconds"]
+    assert 0 < sleep and sleep + float(env["GATEWAY_DRAIN_S"]) < pod["terminationGracePeriodSeconds"]
     # the image starts run.sh with the keys file the Secret is mounted at
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["./run.sh"]' in dockerfile

@@ -65,6 +65,55 @@ def post(url: str, body: dict, timeout: float = 30, key: str = VIRTUAL_KEY) -> t
         conn.close()
 
 
+def stream_held_and_plain_answers(release: threading.Event):
+    """A provider handler: a stream's first chunk at once and the rest after `release`; plain
+    answers after 20 ms, so that some are in flight when a SIGTERM comes."""
+    def handler(req):
+        if req.json().get("stream"):
+            return Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
+        reply = default_reply(req)
+        reply.delay = 0.02
+        return reply
+    return handler
+
+
+def sigterm_under_load(url: str, send_sigterm, release: threading.Event,
+                       running=lambda: True) -> tuple[bytes | Exception, list[int], list[Exception]]:
+    """Four clients post plain requests on new connections, a fifth reads a stream whose rest the
+    provider holds until `release`; `send_sigterm()` once the stream has begun. A second later the
+    stream is still held and `running()` (draining); then its rest is released. Returns the
+    stream's body, the statuses answered, and the refused connections (one per client)."""
+    answered: list[int] = []
+    refused: list[Exception] = []
+    stop = threading.Event()
+    started = threading.Event()
+    with ThreadPoolExecutor(6) as pool:
+        loaders = [pool.submit(keep_posting, url, answered, refused, stop) for _ in range(4)]
+        time.sleep(1.0)
+        stream = pool.submit(read_stream, url, started)
+        assert started.wait(15), "the stream did not start"
+        send_sigterm()
+        time.sleep(1.0)  # draining: the stream's rest has not been sent yet
+        assert not stream.done() and running()
+        release.set()
+        body = stream.result(timeout=20)
+        for loader in loaders:
+            loader.result(timeout=30)
+        stop.set()
+    return body, answered, refused
+
+
+def keep_posting(url: str, answered: list[int], refused: list[Exception], stop: threading.Event) -> None:
+    """Plain requests on new connections until `stop`, or until a connection is refused (the
+    gateway stopped listening: this client is done)."""
+    while not stop.is_set():
+        try:
+            answered.append(post(url, chat_body(), timeout=15)[0])
+        except OSError as e:
+            refused.append(e)
+            return
+
+
 def chat_body(stream: bool = False) -> dict:
     return {"model": "gpt-4o", "messages": MESSAGES, "stream": stream}
 
@@ -228,42 +277,9 @@ def test_kill_9_of_a_worker_fails_only_its_requests_and_it_comes_back(fleet, pro
 def test_sigterm_drains_streams_in_flight_and_the_ledger_has_a_row_per_answer(fleet, provider):
     f = fleet()
     release = threading.Event()
-    def handler(req):
-        if req.json().get("stream"):
-            return Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
-        reply = default_reply(req)
-        reply.delay = 0.02  # requests are in flight when SIGTERM comes
-        return reply
-
-    provider.handler = handler
-    answered: list[int] = []
-    refused: list[Exception] = []
-    stop = threading.Event()
-
-    def load():
-        while not stop.is_set():
-            try:
-                status, _ = post(f.url, chat_body(), timeout=15)
-                answered.append(status)
-            except OSError as e:  # HAProxy stopped listening: this client is done
-                refused.append(e)
-                return
-
+    provider.handler = stream_held_and_plain_answers(release)
     pids = f.pids()
-    started = threading.Event()
-    with ThreadPoolExecutor(6) as pool:
-        loaders = [pool.submit(load) for _ in range(4)]
-        time.sleep(1.0)
-        stream = pool.submit(read_stream, f.url, started)
-        assert started.wait(15), "the stream did not start"
-        f.signal(signal.SIGTERM)
-        time.sleep(1.0)  # draining: the stream's rest has not been sent yet
-        assert not stream.done()
-        release.set()
-        body = stream.result(timeout=20)
-        for loader in loaders:
-            loader.result(timeout=30)
-        stop.set()
+    body, answered, refused = sigterm_under_load(f.url, lambda: f.signal(signal.SIGTERM), release)
     assert f.wait(60) == 0
     assert complete(body), body  # the stream in flight at SIGTERM finished
     assert len(refused) == 4  # new connections were refused once the drain began

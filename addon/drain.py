@@ -1,0 +1,87 @@
+"""A stop that lets requests in flight finish: option `drain_s` (run.sh: GATEWAY_DRAIN_S).
+
+mitmdump stops at SIGTERM or Ctrl-C at once and cuts every request in flight, a stream
+mid-answer included. With `drain_s` above 0 the first SIGTERM or SIGINT instead:
+
+1. closes the listening sockets: new connections are refused, so a load balancer or a
+   Kubernetes Service moves on (connections already open stay, and are served);
+2. waits until no request the gateway forwarded is in flight (`Gateway.exchanges`; a stream
+   leaves it when it ends), for at most `drain_s` seconds;
+3. shuts down as mitmproxy would have: the usage ledger writes its pending rows in `done`.
+
+A second signal shuts down at once. No flow hook: nothing is added to a request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from mitmproxy import ctx, exceptions
+
+log = logging.getLogger("gateway")
+
+POLL = 0.05  # seconds between two looks at the requests in flight while draining
+
+
+class Drain:
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway  # its `exchanges`: the forwarded requests in flight
+        self.seconds = 0.0
+        self.task: asyncio.Task | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(  # a str: mitmproxy options cannot be floats
+            "drain_s", str, "0",
+            "At SIGTERM or Ctrl-C: stop taking connections and let requests in flight (streams) "
+            "finish, for at most this many seconds, then stop. 0: stop at once. A second signal stops at once.",
+        )
+
+    def configure(self, updated) -> None:
+        if "drain_s" not in updated:
+            return
+        value = ctx.options.drain_s
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < float("inf"):
+            raise exceptions.OptionsError(f"drain_s must be a number of seconds (0 or more), not {value!r}")
+        self.seconds = seconds
+
+    def running(self) -> None:
+        if self.seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:  # replaces mitmproxy's own handler (tools/main.py), set before `running`
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError, ValueError):  # no Unix signals here: mitmproxy's stays
+                return
+
+    def stop(self) -> None:
+        if self.task is not None:  # the second signal
+            log.info("gateway: stopping now")
+            ctx.master.shutdown()
+            return
+        self.task = asyncio.get_running_loop().create_task(self.drain(self.seconds))
+
+    async def drain(self, seconds: float) -> None:
+        try:
+            proxyserver = ctx.master.addons.get("proxyserver")
+            if proxyserver is not None:
+                await proxyserver.servers.update([])  # listening sockets closed; open connections stay
+            in_flight = self.gateway.exchanges
+            log.info("gateway: stopping: no new connections; waiting up to %g s for %d requests in flight",
+                     seconds, len(in_flight))
+            deadline = time.monotonic() + seconds
+            while in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(POLL)
+            if in_flight:
+                log.warning("gateway: %d requests still in flight after %g s are cut", len(in_flight), seconds)
+        except Exception:
+            log.exception("gateway: could not drain; stopping now")
+        finally:
+            ctx.master.shutdown()
