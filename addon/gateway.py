@@ -39,7 +39,7 @@ from addon.usage.accesslog import ACCESS
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
 from addon.apis import anthropic_messages
-from addon.apis.registry import APIS, ENDPOINTS, api_for_request, resource_for
+from addon.apis.registry import APIS, ENDPOINTS, api_for_flow, api_for_request, resource_for
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import ERROR_SOURCE, GatewayError
@@ -190,8 +190,8 @@ def describe_target(key: VirtualKey, target: Target, attempt: int) -> str:
 
 
 def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
-    """Answer `error` in the error shape of the API served at the request's path."""
-    body = api_for_request(flow.request).error_body(error)
+    """Answer `error` in the error shape of the API the client spoke (apis/registry.py)."""
+    body = api_for_flow(flow).error_body(error)
     flow.response = http.Response.make(error.status, body, {**GATEWAY_ERROR_HEADERS, **error.headers})
     code = error.code or error.type
     flow.metadata.setdefault("gateway", {})["answered"] = code
@@ -432,7 +432,7 @@ class Gateway:
         except Exception:
             log.exception("gateway: internal error while translating a response")
             error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
-            flow.response = http.Response.make(502, api_for_request(flow.request).error_body(error), GATEWAY_ERROR_HEADERS)
+            flow.response = http.Response.make(502, api_for_flow(flow).error_body(error), GATEWAY_ERROR_HEADERS)
         if flow.response.status_code >= 400:
             flow.marked = flow.marked or PROVIDER_ERROR_MARK
             if ERROR_SOURCE not in flow.response.headers:

@@ -21,7 +21,7 @@ from mitmproxy.test import tflow
 
 from addon.recording import replay
 from addon.policy.keys import fingerprint
-from addon.recording.recorder import mark, scrub, unmark
+from addon.recording.recorder import Snapshot, mark, scrub, unmark
 from tests import rawhttp
 from tests.fakeprovider import Reply, openai_completion
 from tests.flows import scenarios
@@ -227,6 +227,25 @@ def test_client_replay_routes_each_flow_once_with_the_real_key(recording, provid
     assert [f.response.status_code for f in out] == [200, 200, 401, 409]
     raw = (tmp_path / "out.mitm").read_bytes()
     assert not [s for s in scenarios.SECRETS if s.encode() in raw]
+
+
+@pytest.mark.parametrize("api, shape", [("anthropic_messages", "anthropic"), ("openai_chat", "openai"), (None, "openai")])
+def test_a_replay_without_a_client_request_is_refused_in_the_clients_api_shape(api, shape):
+    """The flow's path is the provider's by now (an Anthropic /v1/messages client routed to
+    OpenAI shows /v1/chat/completions): the 409 takes the shape of the API the client spoke."""
+    flow = tflow.tflow()
+    flow.request.path = "/v1/chat/completions"
+    flow.is_replay = "request"
+    if api:
+        flow.metadata["gateway"] = {"api": api}
+    Snapshot().request(flow)
+    assert flow.response.status_code == 409
+    body = json.loads(flow.response.content)
+    if shape == "anthropic":
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+        assert "no recorded client request" in body["error"]["message"]
+    else:
+        assert body["error"]["code"] == "not_replayable" and body["error"]["type"] == "invalid_request_error"
 
 
 # --- mitmweb ---------------------------------------------------------------------------------

@@ -28,18 +28,24 @@ def resource_for(path: str) -> tuple[InboundAPI, str] | tuple[None, None]:
     return None, None
 
 
-def api_for_path(path: str) -> InboundAPI:
-    """The API whose error shape an answer on `path` (query allowed) takes."""
+def api_for_path(path: str, anthropic_client: bool = False) -> InboundAPI:
+    """The API whose error shape an answer on `path` (query allowed) takes; off the APIs' paths
+    (/v1/models, unknown paths) an `anthropic_client` (one that sends `anthropic-version`) gets
+    Anthropic's, any other client OpenAI's."""
     path = path.partition("?")[0]
-    api = ENDPOINTS.get(path)
-    return api if api is not None else (resource_for(path)[0] or DEFAULT_API)
-
-
-def api_for_request(request) -> InboundAPI:
-    """As `api_for_path`; off the APIs' paths (/v1/models, unknown paths) a client that sends
-    `anthropic-version` is an Anthropic client and gets Anthropic's error shape."""
-    path = request.path.partition("?")[0]
     api = ENDPOINTS.get(path) or resource_for(path)[0]
     if api is not None:
         return api
-    return ANTHROPIC_MESSAGES if "anthropic-version" in request.headers else DEFAULT_API
+    return ANTHROPIC_MESSAGES if anthropic_client else DEFAULT_API
+
+
+def api_for_request(request) -> InboundAPI:
+    """`api_for_path` of a request, an Anthropic client known by its `anthropic-version` header."""
+    return api_for_path(request.path, "anthropic-version" in request.headers)
+
+
+def api_for_flow(flow) -> InboundAPI:
+    """The API a flow's client spoke: the one it was routed as (once routed, the request's path
+    is the provider's), else `api_for_request`."""
+    api = APIS.get(flow.metadata.get("gateway", {}).get("api"))
+    return api if api is not None else api_for_request(flow.request)

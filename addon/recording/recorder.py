@@ -21,7 +21,8 @@ import os
 from mitmproxy import ctx, exceptions, http, io
 from mitmproxy.utils import human
 
-from addon.wire.errors import ERROR_SOURCE, error_body
+from addon.apis.registry import api_for_flow
+from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.policy.keys import REDACTED, fingerprint
 
 log = logging.getLogger("gateway")
@@ -128,7 +129,10 @@ class Snapshot:
         snap = flow.metadata.get("record", {}).get("client_request")
         if snap is None:
             # an upstream-shaped request with a REDACTED key: never send it anywhere
-            body = error_body("this flow has no recorded client request to replay", "invalid_request_error", "not_replayable")
+            # in the shape of the API the client had used (the flow's path is the provider's now)
+            error = GatewayError(409, "this flow has no recorded client request to replay", code="not_replayable",
+                                 type="invalid_request_error")
+            body = api_for_flow(flow).error_body(error)
             flow.response = http.Response.make(409, body, {"content-type": "application/json", ERROR_SOURCE: "gateway"})
             flow.marked = ":heavy_multiplication_x:"
             return

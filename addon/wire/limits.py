@@ -16,12 +16,16 @@
 - **Trailers.** A chunked request with trailers made mitmproxy raise NotImplementedError and
   close the connection without a word; the client now gets a 400.
 
+The 431 and the 400 are made below the flow hooks; they take the error shape of the API on the
+request's path all the same (errorpages.error_response).
+
 These are small wrappers around mitmproxy internals, installed for the life of the addon (as
 errorpages.py does); tests/test_limits.py drives them through a real mitmdump.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import types
 from typing import Callable
@@ -41,6 +45,8 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
+from addon.apis.registry import api_for_flow, api_for_path, api_for_request
+from addon.wire.errorpages import error_response
 from addon.wire.errors import GatewayError
 
 MB = 1024 * 1024
@@ -54,7 +60,7 @@ def too_large(limit_bytes: int) -> GatewayError:
 
 
 def _default_refuse(flow: http.HTTPFlow, error: GatewayError) -> None:
-    flow.response = http.Response.make(error.status, error.body(), {"content-type": "application/json"})
+    flow.response = http.Response.make(error.status, api_for_flow(flow).error_body(error), {"content-type": "application/json"})
 
 
 class _Limits:
@@ -64,6 +70,7 @@ class _Limits:
 
 
 limits = _Limits()
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a request head (as h11 finds it)
 _saved: dict = {}
 
 
@@ -123,15 +130,28 @@ def _answer_now(stream: HttpStream):
 
 
 def _read_headers(self: _http1.Http1Server, event):
+    # what is buffered has no blank line within the limit: the head is too large, whether or not
+    # this read completed it (a head crossing the limit within one read used to be accepted)
+    if len(self.buf) > limits.header and isinstance(event, events.DataReceived):
+        head = bytes(self.buf)
+        if _HEAD_END.search(head, 0, limits.header + 3) is None:
+            self.buf = type(self.buf)()
+            error = GatewayError(431, f"request header block larger than the gateway's limit of {limits.header // 1024} KB",
+                                 code="headers_too_large")
+            yield commands.SendData(self.conn, error_response(api_of_head(head), error))
+            # FIN after the answer; whatever else the client sends is dropped until it hangs up
+            yield commands.CloseTcpConnection(self.conn, half_close=True)
+            self.state = types.MethodType(_discard, self)
+            return
     yield from _saved["read_headers"](self, event)
-    if (isinstance(event, events.DataReceived) and getattr(self.state, "__func__", None) is _read_headers
-            and len(self.buf) > limits.header):
-        self.buf = type(self.buf)()
-        yield commands.SendData(self.conn, _http1.make_error_response(
-            431, f"request header block larger than the gateway's limit of {limits.header // 1024} KB"))
-        # FIN after the answer; whatever else the client sends is dropped until it hangs up
-        yield commands.CloseTcpConnection(self.conn, half_close=True)
-        self.state = types.MethodType(_discard, self)
+
+
+def api_of_head(head: bytes):
+    """The inbound API of a request head not read to its end: by the request line's path (and
+    an `anthropic-version` header among the lines received)."""
+    target = head.partition(b"\r\n")[0].split(b" ")
+    path = target[1].decode("latin-1") if len(target) > 1 else ""
+    return api_for_path(path, b"\nanthropic-version:" in head.lower())
 
 
 def _discard(self: _http1.Http1Server, event):
@@ -146,7 +166,8 @@ def _read_body(self: _http1.Http1Server, event):
         yield from _saved["read_body"](self, event)
     except NotImplementedError:  # h11 parsed trailers: "HTTP trailers are not implemented yet."
         message = "chunked requests with trailers are not supported"
-        yield commands.SendData(self.conn, _http1.make_error_response(400, message))
+        error = GatewayError(400, message, code="trailers_not_supported")
+        yield commands.SendData(self.conn, error_response(api_for_request(self.request), error))
         yield commands.CloseConnection(self.conn)
         yield ReceiveHttp(RequestProtocolError(self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR))
         self.state = self.done
