@@ -43,7 +43,7 @@ from addon.apis.registry import APIS, ENDPOINTS, api_for_flow, api_for_request, 
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import ERROR_SOURCE, GatewayError
-from addon.wire.sse import compact_json
+from addon.wire.sse import json_bytes
 from addon.usage.tokens import without_stream_options
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy import targets
@@ -659,7 +659,7 @@ class Gateway:
         else:  # a provider that rejects stream_options: ask for nothing, hide nothing
             meta["client_usage"] = True  # (usage is still counted when it sends some)
             if body.pop("stream_options", None) is not None:
-                new_body = compact_json(body).encode()
+                new_body = json_bytes(body)
         try:
             upstream, exchange = route.pair.prepare(body)  # raises GatewayError for what it cannot serve
         except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:

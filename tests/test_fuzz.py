@@ -6,11 +6,13 @@ kind (passthrough and translated); bounded to a few hundred examples each (well 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mitmproxy import flow
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
@@ -24,13 +26,20 @@ KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz") / "keys.json"
-    path.write_text(json.dumps(KEYS))
+@contextlib.contextmanager
+def gateway_with(keys: dict, directory):
+    """A Gateway addon with `keys` loaded, in a mitmproxy test context."""
+    path = directory / "keys.json"
+    path.write_text(json.dumps(keys))
     addon = Gateway()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, keys_file=str(path))
+        yield addon
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    with gateway_with(KEYS, tmp_path_factory.mktemp("fuzz")) as addon:
         yield addon
 
 
@@ -106,3 +115,197 @@ def test_price_cache_is_bounded_in_bytes(gw):
         store.price(f"{i:08d}" + "x" * 240)
     assert store._price_bytes <= MODEL_ANSWERS_BYTES
     assert sum(map(len, store._price_of)) <= MODEL_ANSWERS_BYTES
+
+
+# --- Anthropic Messages (/v1/messages): the same promise, in Anthropic's error shape -------------------
+
+MESSAGES_KEYS = {
+    "providers": {"openai": {"base_url": "http://127.0.0.1:9001/v1"}, "anthropic": {"base_url": "http://127.0.0.1:9002/v1"},
+                  "deepseek": {"base_url": "http://127.0.0.1:9003"}},
+    "prices": {"*": {"input": 1.0, "output": 2.0}},
+    "virtual_keys": {
+        "vk_m_openai": {"provider": "openai", "api_key": "sk-fuzz-m-openai-0001"},
+        "vk_m_anthropic": {"provider": "anthropic", "api_key": "sk-ant-fuzz-m-0002"},
+        # limits far out of reach: the worst-case estimate runs over every body, and admits it
+        "vk_m_limited": {"provider": "deepseek", "api_key": "sk-fuzz-m-deepseek-0003", "tpm": 10**15,
+                         "budget_tokens": 10**15, "budget_usd": 10.0**12},
+    },
+}
+# where each key's requests may go: (host, port, path), and the header carrying its provider key
+ROUTED_TO = {"vk_m_openai": (("127.0.0.1", 9001, "/v1/chat/completions"), "authorization"),
+             "vk_m_anthropic": (("127.0.0.1", 9002, "/v1/messages"), "x-api-key"),
+             "vk_m_limited": (("127.0.0.1", 9003, "/chat/completions"), "authorization")}
+
+
+@pytest.fixture(scope="module")
+def mgw(tmp_path_factory):
+    with gateway_with(MESSAGES_KEYS, tmp_path_factory.mktemp("fuzz-messages")) as addon:
+        yield addon
+
+
+def strict_json(raw: bytes):
+    """What a provider's JSON parser accepts: UTF-8, no NaN or Infinity."""
+    def refuse(name):
+        raise AssertionError(f"{name} forwarded")
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+
+
+def send_messages(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/messages"):
+    """A Messages request as the anthropic SDK sends it. Routed: checks what would be forwarded,
+    returns None. Answered: (status, body), the body asserted Anthropic-shaped."""
+    req = tutils.treq(method=b"POST", path=path, host="127.0.0.1", port=1, scheme=b"http", content=content)
+    req.headers.clear()
+    req.headers["x-api-key"] = key
+    req.headers["anthropic-version"] = "2023-06-01"
+    req.headers["content-type"] = "application/json"
+    req.headers["content-length"] = str(len(content))
+    f = tflow.tflow(req=req)
+    gw.requestheaders(f)
+    pending = gw.request(f)
+    assert pending is None  # MemoryStore: nothing to wait for
+    if f.response is not None:
+        assert (f.request.host, f.request.port) == ("127.0.0.1", 1)  # nothing pointed anywhere
+        body = json.loads(f.response.content)
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert isinstance(body["error"]["type"], str) and isinstance(body["error"]["message"], str)
+        assert f.response.headers["x-gateway-error-source"] == "gateway"
+        # a field the pair cannot take is named, not met with the catch-all
+        assert body["error"]["message"] != "a request field has a type or value the gateway cannot translate", content
+        return f.response.status_code, body
+    # routed: only where this key goes, with the provider's key header (a placeholder on the flow)
+    # and nothing of the client's key; the body is what the pair made of a request it accepted
+    (host, port, upstream_path), secret = ROUTED_TO[key]
+    assert (f.request.host, f.request.port, f.request.path.partition("?")[0]) == (host, port, path.decode().replace("/v1/messages", upstream_path, 1))
+    assert key not in str(f.request.headers), f.request.headers
+    assert f.request.headers[secret].endswith(f"REDACTED.{f.id}")
+    assert len(f.request.headers.get_all(secret)) == 1
+    sent = strict_json(f.request.content)
+    client = json.loads(content)
+    assert isinstance(sent, dict) and sent["model"] == client["model"]
+    if key == "vk_m_anthropic":
+        assert f.request.content == content  # passthrough: the client's bytes, unchanged
+    else:
+        assert isinstance(sent["messages"], list) and all(isinstance(m, dict) and "role" in m for m in sent["messages"])
+    assert f.request.headers["content-length"] == str(len(f.request.content))
+    f.error = flow.Error("connection refused")  # ended as mitmproxy would: nothing stays in flight
+    gw.error(f)
+    return None
+
+
+def mostly(valid, junk=json_values):
+    """Usually a well-formed value, sometimes anything: reaches past the first check."""
+    return st.integers(0, 9).flatmap(lambda i: junk if i == 9 else valid)
+
+
+# now and then an unpaired surrogate: JSON's "\\ud800" escape parses to one
+text = st.text(max_size=12) | st.sampled_from(["a\ud800b", "\udfff"])
+ids = st.sampled_from(["toolu_1", "call_2"]) | text
+text_block = st.fixed_dictionaries({"type": st.just("text"), "text": mostly(text)}, optional={"cache_control": json_values})
+image_block = st.fixed_dictionaries({"type": st.just("image"), "source": mostly(st.one_of(
+    st.fixed_dictionaries({"type": st.just("base64"), "media_type": mostly(st.just("image/png")),
+                           "data": mostly(st.sampled_from(["aGk=", "!!", ""]))}),
+    st.fixed_dictionaries({"type": st.just("url"), "url": mostly(text)}),
+    st.fixed_dictionaries({"type": st.just("file"), "file_id": text})))})
+tool_use_block = st.fixed_dictionaries({"type": st.just("tool_use"), "id": mostly(ids), "name": mostly(text),
+                                        "input": mostly(st.dictionaries(text, json_values, max_size=2))})
+tool_result_block = st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": mostly(ids)}, optional={
+    "content": mostly(text | st.lists(text_block | image_block, max_size=2)), "is_error": json_values})
+thinking_block = st.fixed_dictionaries({"type": st.sampled_from(["thinking", "redacted_thinking"]),
+                                        "thinking": text, "signature": text, "data": text})
+other_block = st.fixed_dictionaries({"type": st.sampled_from(["document", "server_tool_use", "search_result",
+                                                              "web_search_tool_result"]) | json_values})
+blocks = st.one_of(text_block, image_block, tool_use_block, tool_result_block, thinking_block, other_block, json_values)
+turns = st.lists(st.fixed_dictionaries(
+    {"role": mostly(st.sampled_from(["user", "assistant"]), st.sampled_from(["system", "tool"]) | json_values),
+     "content": mostly(text | st.lists(blocks, min_size=1, max_size=3))}), min_size=1, max_size=3)
+tool_defs = st.lists(mostly(st.fixed_dictionaries({"name": mostly(text)}, optional={
+    "type": st.sampled_from(["custom", "web_search_20250305", "bash_20250124"]) | json_values,
+    "description": mostly(text), "cache_control": json_values,
+    "input_schema": mostly(st.just({"type": "object", "properties": {"x": {"type": "string"}}}))})), min_size=1, max_size=2)
+MESSAGES_FIELDS = {
+    "system": mostly(text | st.lists(text_block, max_size=2)),
+    "stop_sequences": mostly(st.lists(text, max_size=2)),
+    "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0, 1)), "top_k": mostly(st.integers(1, 50)),
+    "metadata": mostly(st.fixed_dictionaries({}, optional={"user_id": mostly(text), "x": json_values})),
+    "tools": mostly(tool_defs),
+    "tool_choice": mostly(st.fixed_dictionaries({"type": mostly(st.sampled_from(["auto", "any", "tool", "none"]))},
+                                                optional={"name": mostly(text), "disable_parallel_tool_use": json_values})),
+    "thinking": mostly(st.fixed_dictionaries({"type": mostly(st.sampled_from(["enabled", "disabled", "adaptive"]))},
+                                             optional={"budget_tokens": mostly(st.integers(0, 10**6))})),
+    "output_config": mostly(st.fixed_dictionaries({}, optional={"effort": mostly(st.sampled_from(["low", "high", "max"])),
+                                                                "format": json_values})),
+    "service_tier": json_values, "context_management": json_values, "mcp_servers": json_values,
+    "container": json_values, "stream": mostly(st.booleans()), "anything_new": json_values,
+}
+messages_bodies = st.fixed_dictionaries(
+    {"model": mostly(st.sampled_from(["claude-sonnet-4-5", "gpt-5", "deepseek-reasoner", "o3", "gpt-4o"])),
+     "max_tokens": mostly(st.integers(1, 10**6), st.integers(-2, 0) | json_values),
+     "messages": mostly(turns)},
+    optional=MESSAGES_FIELDS)
+MESSAGES_SETTINGS = settings(max_examples=250, deadline=None,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@MESSAGES_SETTINGS
+@given(body=messages_bodies, key=st.sampled_from(sorted(ROUTED_TO)))
+def test_no_messages_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
+    result = send_messages(mgw, key, json.dumps(body).encode())
+    if result is not None:
+        assert 400 <= result[0] < 500, (result, body)
+    assert not mgw.exchanges
+
+
+@MESSAGES_SETTINGS
+@given(body=messages_bodies, key=st.sampled_from(sorted(ROUTED_TO)))
+def test_no_count_tokens_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
+    result = send_messages(mgw, key, json.dumps(body).encode(), b"/v1/messages/count_tokens")
+    assert result is None or 400 <= result[0] < 500, (result, body)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(sorted(ROUTED_TO)))
+def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
+    result = send_messages(mgw, key, raw)
+    assert result is None or 400 <= result[0] < 500, (result, raw)
+
+
+@pytest.mark.parametrize("key", sorted(ROUTED_TO))
+def test_messages_deep_nesting_and_long_models_get_anthropic_400s(mgw, key):
+    status, body = send_messages(mgw, key, b'{"model": "claude-sonnet-4-5", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "nested" in body["error"]["message"]
+    status, body = send_messages(mgw, key, json.dumps({"model": "m" * 257, "max_tokens": 5, "messages": []}).encode())
+    assert status == 400 and "longer than 256 bytes" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_not_json(gw, mgw, constant):
+    """Python's json reads them; a translated body would carry them on as text that is not JSON."""
+    status, err = send(gw, "vk_a", b'{"model": "claude-sonnet-4-5", "temperature": ' + constant + b', "messages": [{"role": "user", "content": "hi"}]}')
+    assert (status, err["code"]) == (400, "invalid_json") and constant.decode() in err["message"]
+    status, body = send_messages(mgw, "vk_m_openai", b'{"model": "gpt-4o", "max_tokens": 5, "temperature": ' + constant + b', "messages": []}')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and constant.decode() in body["error"]["message"]
+
+
+def test_unpaired_surrogates_are_forwarded_escaped_not_a_500(gw, mgw):
+    """A lone "\\ud800" escape parses to a string with no UTF-8 form: a body the gateway
+    re-encodes (a translation, stream_options added to one that had some) carries it escaped
+    again, as the client sent it."""
+    chat = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": False},
+            "messages": [{"role": "user", "content": "a\ud800b é"}]}
+    for key in ("vk_o", "vk_a"):
+        req = tutils.treq(method=b"POST", path=b"/v1/chat/completions", host="127.0.0.1", port=1, scheme=b"http",
+                          content=json.dumps(chat).encode())
+        req.headers.clear()
+        req.headers["authorization"] = f"Bearer {key}"
+        f = tflow.tflow(req=req)
+        gw.requestheaders(f)
+        gw.request(f)
+        assert f.response is None  # routed
+        sent = strict_json(f.request.content)
+        assert b"\\ud800" in f.request.content
+        text = sent["messages"][0]["content"]
+        assert (text if isinstance(text, str) else text[0]["text"]) == "a\ud800b é"
+        f.error = flow.Error("connection refused")
+        gw.error(f)
+    message = {"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "a\ud800b"}]}
+    assert send_messages(mgw, "vk_m_openai", json.dumps(message).encode()) is None  # routed, checked there

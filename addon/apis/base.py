@@ -38,11 +38,18 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
+def _no_constant(name: str):
+    """parse_constant: Python's json reads NaN and Infinity, JSON has neither; a translated body
+    would carry them on to the provider as text that is not JSON."""
+    raise GatewayError(400, f"request body is not valid JSON: {name} is not a JSON value", code="invalid_json")
+
+
 def json_object(raw: bytes) -> dict:
     """A request body that must be a JSON object (GatewayError 400 otherwise), for every API.
-    A key repeated in any object of the body is a 400 `duplicate_key` naming it."""
+    A key repeated in any object of the body is a 400 `duplicate_key` naming it; NaN and
+    Infinity are refused as JSON does."""
     try:
-        body = json.loads(raw, object_pairs_hook=_unique_pairs)
+        body = json.loads(raw, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
     except DuplicateKey as e:
         name = e.key if len(e.key) <= 64 else e.key[:64] + "..."
         raise GatewayError(400, f"request body repeats the key {json.dumps(name)}; each key may appear once per object",

@@ -22,7 +22,7 @@ from addon.translate.base import UpstreamRequest
 from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES, effort_for_budget
 from addon.usage.tokens import usage_from_dict
 from addon.wire.errors import GatewayError
-from addon.wire.sse import SSEDecoder, compact_json
+from addon.wire.sse import SSEDecoder, compact_json, json_bytes
 
 # --- declarative tables ----------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def user_messages(blocks: list, where: str, dropped: Dropped) -> list[dict]:
     parts: list[dict] = []
     for j, block in enumerate(blocks):
         at = f"{where}.content[{j}]"
-        kind = block.get("type") if isinstance(block, dict) else None
+        kind = block_type(block)
         if kind not in USER_BLOCKS:
             raise bad_request(f"{at}: block type '{kind}' is not supported for this virtual key's provider", at)
         dropped.cache_control(block)
@@ -181,6 +181,12 @@ def user_messages(blocks: list, where: str, dropped: Dropped) -> list[dict]:
     if parts:
         out.append(user_message(parts))
     return out
+
+
+def block_type(block) -> str | None:
+    """A content block's `type` when it is a string (a table key), else None (refused by name)."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def user_message(parts: list[dict]) -> dict:
@@ -243,7 +249,7 @@ def assistant_message(blocks: list, where: str, dropped: Dropped) -> dict:
     calls: list[dict] = []
     for j, block in enumerate(blocks):
         at = f"{where}.content[{j}]"
-        kind = block.get("type") if isinstance(block, dict) else None
+        kind = block_type(block)
         if kind == "text":
             dropped.cache_control(block)
             texts.append(text_of(block, at))
@@ -290,7 +296,7 @@ def convert_tool(tool, i: int, dropped: Dropped) -> dict:
 def convert_tool_choice(choice, out: dict) -> None:
     if choice is None:
         return
-    kind = choice.get("type") if isinstance(choice, dict) else None
+    kind = block_type(choice)
     if kind == "tool" and isinstance(choice.get("name"), str):
         out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif TOOL_CHOICES.forward(kind):
@@ -310,7 +316,7 @@ def convert_reasoning(request: dict, model: str, out: dict, dropped: Dropped) ->
     way (reasoning_effort only approximates a thinking budget)."""
     thinking = request.get("thinking")
     config = request.get("output_config") if isinstance(request.get("output_config"), dict) else {}
-    effort = EFFORTS.get(config.get("effort")) if config.get("effort") is not None else None
+    effort = EFFORTS.get(config.get("effort")) if isinstance(config.get("effort"), str) else None
     if config.get("effort") is not None:
         dropped.add("output_config.effort")
     if isinstance(thinking, dict):
@@ -418,7 +424,7 @@ def convert_error(status: int, body: bytes) -> bytes | None:
 
 
 def event(kind: str, data: dict) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + compact_json(data).encode() + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 class MessagesStreamTranslator:
@@ -565,7 +571,7 @@ class MessagesExchange:
         completion = json.loads(body)  # not JSON: the adapter answers 502
         if not isinstance(completion, dict):
             raise ValueError("the provider's 2xx body is not a chat.completion")
-        return compact_json(convert_completion(completion, self.model)).encode()
+        return json_bytes(convert_completion(completion, self.model))
 
     def stream_translator(self) -> MessagesStreamTranslator:
         return MessagesStreamTranslator(self.model)
@@ -578,7 +584,7 @@ class AnthropicMessagesToOpenAIChat:
         dropped = Dropped()
         body = build_request(request, dropped)
         # the client's query (Claude Code's ?beta=true) means nothing to a chat completions API
-        upstream = UpstreamRequest(UPSTREAM_HEADERS, compact_json(body).encode(), keep_query=False,
+        upstream = UpstreamRequest(UPSTREAM_HEADERS, json_bytes(body), keep_query=False,
                                    dropped=tuple(dropped.names))
         return upstream, MessagesExchange(request["model"])
 

@@ -21,7 +21,7 @@ from addon.apis.openai_chat import is_openai_error, wrap_foreign_error
 from addon.translate.base import UpstreamRequest
 from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, REASONING_BUDGETS, ROLES, TOOL_CHOICES
 from addon.wire.errors import GatewayError, error_dict
-from addon.wire.sse import DONE, SSEDecoder, compact_json, encode_data, json_encoder
+from addon.wire.sse import DONE, SSEDecoder, encode_data, json_bytes, json_encoder
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -621,7 +621,7 @@ class AnthropicExchange:
         message = json.loads(body)  # not JSON: the adapter answers 502
         if not isinstance(message, dict) or message.get("type") != "message":
             raise ValueError("the provider's 2xx body is not an Anthropic message")
-        return compact_json(convert_message(message, self.created)).encode()
+        return json_bytes(convert_message(message, self.created))
 
     def stream_translator(self) -> StreamTranslator:
         return StreamTranslator(self.created, self.model, self.include_usage)
@@ -637,7 +637,7 @@ class OpenAIChatToAnthropic:
         body = build_request(request)
         stream_options = request.get("stream_options") or {}
         include_usage = bool(request.get("stream")) and bool(stream_options.get("include_usage"))
-        upstream = UpstreamRequest(UPSTREAM_HEADERS, compact_json(body).encode())
+        upstream = UpstreamRequest(UPSTREAM_HEADERS, json_bytes(body))
         return upstream, AnthropicExchange(request["model"], include_usage, int(self.now()))
 
 

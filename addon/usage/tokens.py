@@ -16,7 +16,7 @@ import re
 from typing import NamedTuple
 
 from addon.policy.keys import Price
-from addon.wire.sse import compact_json, encode_data
+from addon.wire.sse import encode_data, json_bytes
 
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which OpenAI puts on every chunk
@@ -107,7 +107,7 @@ def request_stream_usage(body: dict, raw: bytes) -> bytes:
         start = raw.index(b"{") + 1  # the body parsed as a non-empty object
         return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
     body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-    return compact_json(body).encode()
+    return json_bytes(body)
 
 
 def without_stream_options(raw: bytes) -> bytes:
@@ -116,7 +116,7 @@ def without_stream_options(raw: bytes) -> bytes:
         return raw
     body = json.loads(raw)
     body.pop("stream_options", None)
-    return compact_json(body).encode()
+    return json_bytes(body)
 
 
 class StreamUsage:

@@ -83,11 +83,22 @@ def json_encoder(item_separator: str, key_separator: str) -> Callable[[object], 
 
 # compact, UTF-8 as it is
 compact_json = json_encoder(",", ":")
+_ascii_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_bytes(obj: object) -> bytes:
+    """compact_json as UTF-8 bytes. A string holding an unpaired surrogate (JSON's "\\ud800"
+    escape parses to one) has no UTF-8 form: then every non-ASCII character is escaped, as the
+    sender's JSON had it, instead of failing."""
+    try:
+        return compact_json(obj).encode()
+    except UnicodeEncodeError:
+        return _ascii_json(obj).encode()
 
 
 def encode_data(obj: dict) -> bytes:
     """One `data:` event carrying compact JSON."""
-    return b"data: " + compact_json(obj).encode() + b"\n\n"
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"
