@@ -32,7 +32,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
-from addon.policy import rules
+from addon.policy import owners, rules
 from addon.usage.accounting import UsageAccounting
 from addon.usage.metrics import Metrics
 from addon.usage.accesslog import ACCESS
@@ -54,6 +54,7 @@ from addon.providers.catalog import DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
 from addon.policy.optionguard import OptionGuard
+from addon.policy.owners import ResponseOwners
 from addon.policy.reload import KeysReloader
 from addon.policy.logredact import LogRedaction
 from addon.drain import Drain
@@ -525,7 +526,7 @@ class Gateway:
             self.note_target(flow, meta, key, target, 1, api)
         if tail:  # no body, no model, no usage: passed through for the key's provider key
             meta.update(api=api.name, model="", stream=False, price=None, resource=True)
-            return self.dispatch(context, tail, (None, None, *route.pair.prepare({}), rules.NO_DEMAND))
+            return self.dispatch(context, tail, (None, None, *route.pair.prepare({}), rules.NO_DEMAND), owners.refers(api, None, tail))
         if b"content-encoding" in names or len(request.raw_content or b"") > OFF_LOOP_BYTES:  # in a worker thread
             return self.route_off_loop(context)
         return self.route_parsed(context, read_body(request, names, api))
@@ -548,16 +549,21 @@ class Gateway:
         failover = self.failovers.get(context.flow.id) if context.key.failover else None
         if failover is not None:
             failover.raw = parsed[0]  # a retry prepares the client's body again for its target
-        return self.dispatch(context, "", self.prepare(parsed, context))
+        return self.dispatch(context, "", self.prepare(parsed, context), owners.refers(context.api, parsed[1], ""))
 
-    def dispatch(self, context: Routing, tail: str, prepared: tuple) -> Awaitable[None] | None:
-        """Admit (rate limits, budgets) and forward a prepared request."""
+    def dispatch(self, context: Routing, tail: str, prepared: tuple, refers: tuple = ()) -> Awaitable[None] | None:
+        """Admit (rate limits, budgets) and forward a prepared request. `refers`: the stored
+        objects it names, (id, field) pairs: only the key that created them may (policy/owners.py)."""
         flow, names, api, route, key, keys, meta, query, _ = context
         model, new_body, upstream, exchange, demand = prepared
         fields = flow.request.headers.fields
         forward = self.forwarding(context, tail, prepared, fields)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
-        admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
+        owned = owners.check(self.store, refers, key.fingerprint, time.time()) if refers else None  # may refuse (404)
+        if owned is None:
+            admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
+        else:  # a store that does I/O answers later: admission once the owners are known
+            admitted = owners.then(owned, functools.partial(rules.admit, key, model, keys, self.store, time.time(), demand))
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
@@ -651,7 +657,7 @@ class Gateway:
                 raise GatewayError(403, f"model {served!r} (served for {model!r}) has no price in the keys file, and this "
                                    "key has a dollar budget", param="model", code="model_not_priced")
             body["model"] = served
-            new_body = compact_json(body).encode()
+            new_body = json_bytes(body)
         if not meta["stream"]:
             pass
         elif route.stream_usage:  # (after a model mapping: spliced into the mapped body)
@@ -764,14 +770,16 @@ class Gateway:
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
 _gateway = Gateway(_store)
 _accounting = UsageAccounting(_store)
+_owners = ResponseOwners(_store)
 # one addon for mitmproxy, its parts' hooks run in this order (Snapshot before and Recorder
 # after the Gateway: see addon/recording/recorder.py; StoreChoice, which may swap the store for
-# RedisStore, before the accounting loads the ledger into it; the timeouts and StreamEnds before
+# RedisStore, before the accounting loads the ledger into it; ResponseOwners after the Gateway,
+# whose responseheaders chose the stream it watches; the timeouts and StreamEnds before
 # UsageAccounting, whose error hook counts what they made of a failed flow; Metrics last, its
 # clock sees every part)
 _redaction = LogRedaction(_gateway)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
 _metrics = Metrics(_gateway, _accounting, _store)
-addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), ConnectReset(), StoreChoice(_gateway, _accounting, _metrics), Snapshot(_gateway), _gateway,
-                     Failover(_gateway), KeysReloader(_gateway), Drain(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
+addons = [AddonChain(OptionGuard(), _redaction, JsonErrorPages(), RequestLimits(answer), WireKeys(), Attempts(), ConnectReset(), StoreChoice(_gateway, _accounting, _metrics, _owners), Snapshot(_gateway), _gateway,
+                     Failover(_gateway), _owners, KeysReloader(_gateway), Drain(_gateway), UpstreamTimeout(), StreamIdleTimeout(), StreamEnds(), _accounting, Recorder(),
                      ACCESS, WebViews(), _metrics)]

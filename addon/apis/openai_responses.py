@@ -40,6 +40,23 @@ class OpenAIResponses(OpenAIChat):
         m = RESOURCE.fullmatch(tail)
         return self.resource_methods[m.group(2) or ""] if m else None
 
+    def stored_ids(self, body: dict | None, tail: str) -> tuple[tuple[str, str | None], ...]:
+        """The stored objects a request reads, changes or continues, as (id, the field naming it):
+        the response on a resource path, a create's `previous_response_id` and `conversation`
+        (policy/owners.py lets only the virtual key that created one name it)."""
+        if tail:
+            return ((RESOURCE.fullmatch(tail).group(1), None),)
+        refers = []
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            refers.append((previous, "previous_response_id"))
+        conversation = body.get("conversation")
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        if isinstance(conversation, str):
+            refers.append((conversation, "conversation"))
+        return tuple(refers)
+
     def parse_request(self, raw: bytes) -> dict:
         body = parse_object(raw)
         if body.get("stream") is not None and not isinstance(body["stream"], bool):

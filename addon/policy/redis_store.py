@@ -8,6 +8,9 @@ differs. Per key fingerprint (never the virtual key), under `<prefix><fingerprin
     held   hash: ticket -> "<tokens> <usd> <expires>", the reservations in flight
     spend  hash: t / u (lifetime tokens / dollars), h<hour> / u<hour> (hourly buckets)
 
+and `<prefix>owner:<response id>` -> the fingerprint that created that stored response
+(policy/owners.py), kept OWNER_TTL.
+
 Every admission is ONE round trip: the RESERVE script checks budgets, tpm, max_parallel and rpm
 and reserves, atomically (Redis runs a script alone). Settling, releasing and counting are sent
 in the background (the response never waits for Redis), one COUNT script call per key and round
@@ -49,8 +52,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
-    BUCKET, MINUTE, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, CooldownTable, Demand, Limits, Spend,
-    StoreUnavailable, Verdict,
+    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, CooldownTable, Demand, Limits,
+    Spend, StoreUnavailable, Verdict,
 )
 from addon.usage.metrics import count_store_error
 
@@ -460,14 +463,39 @@ class RedisStore(CooldownTable):
             await asyncio.wait(list(self._tasks))
 
     def background(self, coro) -> bool:
+        """Run `coro` as a task this store waits for at close; False when there is no loop."""
+        return self.task(coro) is not None
+
+    def task(self, coro) -> asyncio.Task | None:
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (shutting down): the reservation expires by itself
             coro.close()
-            return False
+            return None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
+        return task
+
+    # --- stored responses' owners --------------------------------------------------------
+
+    def note_owner(self, resource_id: str, key: str, now: float) -> asyncio.Task | None:
+        """Written at once, in the background; the caller may await the task (it never raises)."""
+        return self.task(self._note_owner(resource_id, key))
+
+    async def _note_owner(self, resource_id: str, key: str) -> None:
+        try:
+            await self.redis.set(f"{self.prefix}owner:{resource_id}", key, ex=OWNER_TTL)
+        except (RedisError, OSError) as e:
+            self.outage(e, "note_owner")  # the owner then gets a 404 for it: nobody else can read it
+
+    async def owner_of(self, resource_id: str, now: float) -> str | None:
+        try:
+            owner = await self.redis.get(f"{self.prefix}owner:{resource_id}")
+        except (RedisError, OSError) as e:
+            self.outage(e, "owner_of")
+            raise StoreUnavailable(str(e)) from None
+        self.up()
+        return owner
 
     # --- seeding from the ledger: at start-up, and when Redis lost its data ----------------
 

@@ -49,6 +49,8 @@ RETENTION_HOURS = MAX_BUDGET_PERIOD // BUCKET + 1  # spend buckets kept per key
 
 
 RESERVATION_TTL = 900.0  # seconds a reservation is held at most (a crashed worker's expire)
+OWNER_TTL = 30 * 86400  # seconds a stored response's owner is kept (OpenAI keeps the response 30 days)
+OWNERS_KEPT = 100_000  # owners MemoryStore keeps at most (the oldest recorded go first)
 PARALLEL_RETRY = 1.0  # Retry-After for a key at its max_parallel: slots free as responses end
 
 
@@ -133,6 +135,15 @@ class UsageStore(Protocol):
 
     def seed_tokens(self, key: str, tokens: int, when: float) -> None:
         """The tpm window only: the last minute's ledger rows, loaded at start-up in time order."""
+
+    # stored responses' owners (policy/owners.py)
+    def note_owner(self, resource_id: str, key: str, now: float) -> Awaitable[None] | None:
+        """Record that `key` created the stored object `resource_id` (kept OWNER_TTL). Never
+        fails the caller; RedisStore returns the write, which the caller may wait for."""
+
+    def owner_of(self, resource_id: str, now: float) -> str | None | Awaitable[str | None]:
+        """The key that created `resource_id`, None when not known (never recorded, expired,
+        dropped). Raises (or the awaitable raises) StoreUnavailable when the store cannot be asked."""
 
 
 class _KeySpend:
@@ -225,6 +236,7 @@ class MemoryStore(CooldownTable):
         # key -> ticket -> [tokens, usd, expires]: requests in flight that hold a reservation
         self._held: dict[str, dict[str, list]] = {}
         self._tickets = itertools.count(1)
+        self._owners: dict[str, tuple[str, float]] = {}  # resource id -> (key, expires), oldest first
 
     # --- admission ---------------------------------------------------------------------
 
@@ -342,6 +354,19 @@ class MemoryStore(CooldownTable):
         if spend is None:
             spend = self._spend[key] = _KeySpend()
         spend.add(tokens, usd, when)
+
+    # --- stored responses' owners ----------------------------------------------------------
+
+    def note_owner(self, resource_id: str, key: str, now: float) -> None:
+        owners = self._owners
+        owners.pop(resource_id, None)  # a new record goes last
+        if len(owners) >= OWNERS_KEPT:
+            del owners[next(iter(owners))]
+        owners[resource_id] = (key, now + OWNER_TTL)
+
+    def owner_of(self, resource_id: str, now: float) -> str | None:
+        entry = self._owners.get(resource_id)
+        return entry[0] if entry is not None and entry[1] > now else None
 
 
 def fits(used: float, demand: float, limit: float) -> bool:

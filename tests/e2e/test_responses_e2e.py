@@ -12,7 +12,7 @@ import pytest
 
 from tests import rawhttp
 from tests.fakeprovider import Reply
-from tests.fakeresponses import USAGE, StoredResponses, response_stream
+from tests.fakeresponses import USAGE, StoredResponses, response, response_stream
 from tests.e2e.test_providers_e2e import rows_where
 from tests.test_policy_e2e import ledger_rows, wait_for
 
@@ -151,3 +151,74 @@ def test_bad_bodies_are_openai_shaped_400s(gateway, fake):
         r = rawhttp.request(gateway.url, "POST", "/v1/responses", content=body, headers={"authorization": "Bearer vk_resp"})
         assert r.status_code == 400 and r.json()["error"]["code"] == code
     assert fake.received == []
+
+
+# --- stored responses belong to the virtual key that created them (policy/owners.py) ----------
+
+def other_key_is_refused(call, rid: str, param: str | None = None):
+    with pytest.raises(openai.NotFoundError) as e:
+        call()
+    noun = "Previous response" if param else "Response"
+    assert e.value.body == {"message": f"{noun} with id '{rid}' not found.", "type": "invalid_request_error",
+                            "param": param, "code": None}
+    assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+
+
+def test_another_key_on_the_same_provider_key_cannot_reach_a_stored_response(gateway, fake):
+    """vk_resp and vk_resp_stream share one provider key: OpenAI alone would let either read,
+    delete or continue the other's responses."""
+    owner, other = client(gateway, "vk_resp"), client(gateway, "vk_resp_stream")
+    created = owner.responses.create(model="gpt-4.1", input="secret plans")
+    fake.received.clear()
+    other_key_is_refused(lambda: other.responses.retrieve(created.id), created.id)
+    other_key_is_refused(lambda: other.responses.input_items.list(created.id), created.id)
+    other_key_is_refused(lambda: other.responses.delete(created.id), created.id)
+    other_key_is_refused(lambda: other.responses.create(model="gpt-4.1", input="and?", previous_response_id=created.id),
+                         created.id, "previous_response_id")
+    # an id nobody made through the gateway is nobody's: the same answer, for the owner too
+    other_key_is_refused(lambda: owner.responses.retrieve("resp_made_elsewhere"), "resp_made_elsewhere")
+    with pytest.raises(openai.NotFoundError) as e:
+        owner.responses.create(model="gpt-4.1", input="x", conversation="conv_made_elsewhere")
+    assert e.value.body["param"] == "conversation"
+    assert fake.received == [], "nothing was forwarded"
+    # the owner keeps every use of it
+    assert owner.responses.retrieve(created.id).output_text == "hello"
+    owner.responses.create(model="gpt-4.1", input="and?", previous_response_id=created.id)
+    owner.responses.delete(created.id)
+    assert [(r.method, r.path) for r in fake.received] == [
+        ("GET", f"/v1/responses/{created.id}"), ("POST", "/v1/responses"), ("DELETE", f"/v1/responses/{created.id}")]
+    assert fake.received[1].json()["previous_response_id"] == created.id
+
+
+def test_a_streamed_response_is_its_keys_from_the_first_event(gateway, fake):
+    """The id is recorded from `response.created`: the creating key can poll it while the
+    provider is still streaming; another key cannot, then or after."""
+    stored = fake.handler
+    first_seen = threading.Event()
+
+    def handler(req):
+        reply = stored(req)
+        if req.method == "POST" and req.json().get("stream"):
+            reply.hold_after_first = first_seen
+        return reply
+
+    fake.handler = handler
+    owner, other = client(gateway, "vk_resp_stream"), client(gateway, "vk_resp")
+    events = owner.responses.create(model="gpt-4.1", input="hi", stream=True)
+    first = next(iter(events))
+    assert first.type == "response.created"
+    polled = owner.responses.retrieve(first.response.id)  # mid-stream, on another connection
+    other_key_is_refused(lambda: other.responses.retrieve(first.response.id), first.response.id)
+    first_seen.set()
+    assert [e.type for e in events][-1] == "response.completed"
+    assert polled.id == first.response.id
+    other_key_is_refused(lambda: other.responses.retrieve(first.response.id), first.response.id)
+    assert [(r.method, r.path) for r in fake.received] == [("POST", "/v1/responses"), ("GET", f"/v1/responses/{polled.id}")]
+
+
+def test_a_response_made_without_store_is_not_recorded(gateway, fake):
+    fake.handler = lambda req: Reply.json({**response(req.json(), rid="resp_unstored"), "store": False})
+    owner = client(gateway)
+    assert owner.responses.create(model="gpt-4.1", input="hi", store=False).id == "resp_unstored"
+    other_key_is_refused(lambda: owner.responses.retrieve("resp_unstored"), "resp_unstored")
+    assert len(fake.received) == 1

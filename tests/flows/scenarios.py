@@ -166,9 +166,13 @@ SCENARIOS = [
              lambda r: Reply.sse(fakeresponses.response_stream(r.json())), path="/v1/responses"),
     Scenario("responses retrieve", "vk_corpus_openai", b"", lambda r: Reply.json(fakeresponses.response({"model": "gpt-4.1"})),
              path="/v1/responses/resp_fake1", method="GET"),
+    # a stored response is its creating key's alone (policy/owners.py): azure makes its own first
+    Scenario("responses azure", "vk_corpus_azure", {"model": "gpt-4.1", "input": "hi"},
+             lambda r: Reply.json(fakeresponses.response(r.json(), rid="resp_azure1")), path="/v1/responses"),
     Scenario("responses delete azure", "vk_corpus_azure", b"",
-             lambda r: Reply.json({"id": "resp_fake1", "object": "response", "deleted": True}),
-             path="/v1/responses/resp_fake1", method="DELETE"),
+             lambda r: Reply.json({"id": "resp_azure1", "object": "response", "deleted": True}),
+             path="/v1/responses/resp_azure1", method="DELETE"),
+    Scenario("gateway 404 responses another key's", "vk_corpus_azure", b"", path="/v1/responses/resp_fake1", method="GET"),
     Scenario("gateway 400 responses unsupported", "vk_corpus_anthropic", {"model": "claude-sonnet-4-5", "input": "hi"},
              path="/v1/responses"),
     # the Messages API in front: passthrough to anthropic, translation to OpenAI and DeepSeek
