@@ -268,3 +268,46 @@ def test_recorded_openai_streams_translate_at_every_offset(path: Path):
     assert out[-2]["usage"]["output_tokens"] > 0
     for at in range(1, len(data), 7):
         assert translate([data[:at], data[at:]]) == whole
+
+
+# --- stop sequences ----------------------------------------------------------------------------
+
+
+def exchange_for(**request):
+    request.setdefault("model", "gpt-4o")
+    request.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return AnthropicMessagesToOpenAIChat().prepare(request)[1]
+
+
+def stopped(exchange, finish: str = "stop", **choice_extra) -> dict:
+    body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": finish, **choice_extra}]}).encode()
+    message = json.loads(exchange.translate_body(200, body))
+    return {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}
+
+
+END_TURN = {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def test_a_stop_sequence_is_reported_when_the_provider_names_one_that_was_asked_for():
+    """OpenAI's "stop" is a natural end or a stop sequence without saying which: end_turn, unless
+    the provider names the sequence (vLLM's stop_reason, SGLang's matched_stop) and it was asked for."""
+    asked = exchange_for(stop_sequences=["###", "END"])
+    assert stopped(asked, stop_reason="END") == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    assert stopped(asked, matched_stop="###") == {"stop_reason": "stop_sequence", "stop_sequence": "###"}
+    assert stopped(asked) == END_TURN  # OpenAI itself: not knowable, not guessed
+    assert stopped(exchange_for(stop_sequences=["END"])) == END_TURN  # one asked for: still maybe a natural end
+    assert stopped(asked, stop_reason="other") == END_TURN  # not one of the request's
+    assert stopped(asked, stop_reason=128001) == END_TURN  # a stop token's id
+    assert stopped(asked, "length", stop_reason="END") == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert stopped(exchange_for(), stop_reason="END") == END_TURN  # none asked for
+
+
+def test_a_streamed_stop_sequence_is_in_the_message_delta():
+    translator = exchange_for(stop_sequences=["END"], stream=True).stream_translator()
+    final = {"id": "c", "object": "chat.completion.chunk", "model": "m",
+             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]}
+    data = chunk({"content": "a"}) + b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n"
+    out = events(b"".join(part for piece in (data, b"") for part in translator(piece)))
+    assert out[-2]["delta"]["stop_reason"] == "stop_sequence" and out[-2]["delta"]["stop_sequence"] == "END"
+    assert out[0]["message"]["stop_sequence"] is None  # message_start: not known yet, as at Anthropic

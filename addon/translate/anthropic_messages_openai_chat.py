@@ -375,8 +375,26 @@ def tool_input(arguments) -> dict:
     return value
 
 
-def convert_completion(completion: dict, model: str) -> dict:
-    """OpenAI chat.completion -> Anthropic Message."""
+# where OpenAI-compatible servers say which stop string ended the answer (OpenAI itself does not):
+# vLLM's `stop_reason`, SGLang's `matched_stop` (either may also hold a stop token's id)
+MATCHED_STOP_FIELDS = ("stop_reason", "matched_stop")
+
+
+def stop_of(choice: dict, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of a choice whose finish_reason is set. OpenAI's "stop" is a
+    natural end or one of the request's stop sequences, without saying which: it reads as
+    end_turn unless the provider names the sequence it stopped on, and it is one asked for."""
+    finish = choice.get("finish_reason")
+    if stops and finish == "stop":
+        for field in MATCHED_STOP_FIELDS:
+            matched = choice.get(field)
+            if isinstance(matched, str) and matched in stops:
+                return "stop_sequence", matched
+    return FINISH_REASONS.reverse(finish), None
+
+
+def convert_completion(completion: dict, model: str, stops: tuple[str, ...] = ()) -> dict:
+    """OpenAI chat.completion -> Anthropic Message (`stops`: the request's stop_sequences)."""
     choices = completion.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ValueError("the provider's 2xx body is not a chat.completion")
@@ -392,14 +410,15 @@ def convert_completion(completion: dict, model: str) -> dict:
         function = call.get("function") or {}
         content.append({"type": "tool_use", "id": call.get("id") or "", "name": function.get("name") or "",
                         "input": tool_input(function.get("arguments")), "caller": DIRECT})
+    stop_reason, stop_sequence = stop_of(choice, stops)
     return {
         "id": message_id(completion.get("id")),
         "type": "message",
         "role": "assistant",
         "model": completion.get("model") or model,
         "content": content,
-        "stop_reason": FINISH_REASONS.reverse(choice.get("finish_reason")),
-        "stop_sequence": None,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
         "stop_details": None,
         "usage": convert_usage(completion.get("usage")),
         "container": None,
@@ -433,12 +452,15 @@ class MessagesStreamTranslator:
     the order they arrive), message_delta (stop_reason, final usage), message_stop.
 
     State is explicit: whether message_start went out, the open block (its kind and index), which
-    OpenAI tool-call index is which block, the finish reason and the usage seen so far.
+    OpenAI tool-call index is which block, the finish reason (and stop sequence) and the usage
+    seen so far. `stops`: the request's stop_sequences.
     """
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, stops: tuple[str, ...] = ()) -> None:
         self.decoder = SSEDecoder()
         self.model = model
+        self.stops = stops
+        self.stop_sequence: str | None = None
         self.started = False
         self.done = False
         self.index = -1  # the last block opened
@@ -483,7 +505,7 @@ class MessagesStreamTranslator:
             for call in delta.get("tool_calls") or []:
                 out.extend(self.tool_delta(call))
             if choice.get("finish_reason"):
-                self.stop_reason = FINISH_REASONS.reverse(choice["finish_reason"])
+                self.stop_reason, self.stop_sequence = stop_of(choice, self.stops)
                 out.extend(self.close_block())
         return out
 
@@ -543,7 +565,7 @@ class MessagesStreamTranslator:
             return [*out, *self.fail({"message": "the provider's stream ended before the answer was complete",
                                       "type": "server_error"})]
         self.done = True
-        delta = {"stop_reason": self.stop_reason or FINISH_REASONS.reverse(None), "stop_sequence": None,
+        delta = {"stop_reason": self.stop_reason or FINISH_REASONS.reverse(None), "stop_sequence": self.stop_sequence,
                  "stop_details": None, "container": None}
         out.append(event("message_delta", {"type": "message_delta", "delta": delta, "usage": delta_usage(self.usage)}))
         out.append(event("message_stop", {"type": "message_stop"}))
@@ -559,11 +581,12 @@ class MessagesStreamTranslator:
 
 
 class MessagesExchange:
-    __slots__ = ("model",)
+    __slots__ = ("model", "stops")
     translates_success = True
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, stops: tuple[str, ...] = ()) -> None:
         self.model = model
+        self.stops = stops  # the request's stop_sequences: a provider may name the one it stopped on
 
     def translate_body(self, status: int, body: bytes) -> bytes | None:
         if status >= 400:
@@ -571,10 +594,10 @@ class MessagesExchange:
         completion = json.loads(body)  # not JSON: the adapter answers 502
         if not isinstance(completion, dict):
             raise ValueError("the provider's 2xx body is not a chat.completion")
-        return json_bytes(convert_completion(completion, self.model))
+        return json_bytes(convert_completion(completion, self.model, self.stops))
 
     def stream_translator(self) -> MessagesStreamTranslator:
-        return MessagesStreamTranslator(self.model)
+        return MessagesStreamTranslator(self.model, self.stops)
 
 
 class AnthropicMessagesToOpenAIChat:
@@ -586,7 +609,7 @@ class AnthropicMessagesToOpenAIChat:
         # the client's query (Claude Code's ?beta=true) means nothing to a chat completions API
         upstream = UpstreamRequest(UPSTREAM_HEADERS, json_bytes(body), keep_query=False,
                                    dropped=tuple(dropped.names))
-        return upstream, MessagesExchange(request["model"])
+        return upstream, MessagesExchange(request["model"], tuple(body.get("stop") or ()))
 
 
 UPSTREAM_HEADERS = {"content-type": "application/json"}

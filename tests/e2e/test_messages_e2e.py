@@ -258,6 +258,37 @@ def test_translation_stream_text_and_tools_with_final_message(gateway, provider)
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
+def test_a_stop_sequence_the_provider_names_reaches_the_sdk(gateway, provider):
+    """An OpenAI-compatible server that says which stop string ended the answer (vLLM's
+    choices[0].stop_reason): the SDK sees stop_reason "stop_sequence" and the sequence, whole
+    answer and stream. OpenAI's own bare "stop" stays end_turn (a natural end looks the same)."""
+    def vllm(r: Received) -> Reply:
+        body = openai_completion(r.json(), "ok")
+        body["choices"][0].update(finish_reason="stop", stop_reason="END")
+        return Reply.json(body)
+
+    provider.reset(vllm)
+    ask = {"model": "gpt-4o", "max_tokens": 20, "stop_sequences": ["###", "END"], "messages": [{"role": "user", "content": "hi"}]}
+    msg = client(gateway, "vk_msg_openai").messages.create(**ask)
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "END")
+    assert only(provider).json()["stop"] == ["###", "END"]
+    provider.reset(lambda r: Reply.json(openai_completion(r.json(), "ok")))
+    msg = client(gateway, "vk_msg_openai").messages.create(**ask)
+    assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+
+    def vllm_stream(r: Received) -> Reply:
+        events = openai_chunks({"content": "ok"})
+        final = json.loads(events[-3][6:])  # the chunk with the finish reason
+        final["choices"][0]["stop_reason"] = "###"
+        events[-3] = b"data: " + json.dumps(final).encode() + b"\n\n"
+        return Reply.sse(events)
+
+    provider.reset(vllm_stream)
+    with client(gateway, "vk_msg_openai").messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "###")
+
+
 def test_deepseek_reasoner_reasoning_becomes_thinking(gateway, provider):
     def reply(r: Received) -> Reply:
         if r.json().get("stream"):
