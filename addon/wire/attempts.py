@@ -160,6 +160,12 @@ class RetryingHttpStream(http_layer.HttpStream):
     def _send_again(self) -> layer.CommandGenerator[None]:
         """flow.request as it is now, on a connection to its address (as state_consume_request_body)."""
         self.server_state = self.state_wait_for_response_headers
+        failed = self.context.server
+        if failed.connected and failed.alpn != b"h2":
+            # HTTP/1: this runs while mitmproxy's client for that connection is still handling the
+            # failed response's end (it resets itself right after); reused now, it would drop the
+            # next answer. A new connection for the next attempt (HTTP/2 multiplexes: reused).
+            yield commands.CloseConnection(failed)
         if not (yield from self.make_server_connection()):
             return
         request = self.flow.request
