@@ -386,3 +386,26 @@ def test_the_messages_api_fails_over_too_and_answers_in_its_own_shape(provider, 
     sent = provider.received[-1]
     assert sent.path == "/b/v1/chat/completions" and sent.json()["model"] == "gpt-4o-mini"
     assert sent.headers["authorization"] == f"Bearer {KEY_B}" and "x-api-key" not in sent.headers
+
+
+def test_the_next_attempt_at_the_same_provider_address_gets_its_answer(gateway_factory):
+    """Both targets at one host:port: the failed attempt's HTTP/1 connection is not reused for
+    the next one while mitmproxy is still finishing the failed exchange on it (seen with the
+    demo's provider, Python's http.server: the next attempt's answer was dropped, the client hung)."""
+    from demo import provider as demo
+
+    server = demo.start(0)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        gw = gateway_factory(keys({"provider": "openai", "api_key": "sk-revoked-123456", "base_url": url + "/openai/v1",
+                                   "weight": 1000},
+                                  {"provider": "openai", "api_key": demo.KEYS["openai"], "base_url": url + "/openai/v1"}),
+                             ["--set", "auth_cooldown_s=0.001"])
+        for _ in range(4):  # new client connections, and a kept-alive one
+            for c in (client(gw), client(gw)):
+                time.sleep(0.01)  # the revoked key's cooldown is over: it is tried (and refused) each time
+                raw = c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+                assert raw.headers["x-gateway-attempts"] == "2"
+                assert raw.parse().choices[0].message.content.startswith("[demo] openai")
+    finally:
+        server.shutdown()
