@@ -35,6 +35,12 @@ def keys_file(provider_url: str) -> dict:
             "vk_demo_deepseek": {"provider": "deepseek", "api_key": fake.KEYS["deepseek"], "name": "demo-deepseek"},
             "vk_demo_limited": {"provider": "openai", "api_key": fake.KEYS["openai"], "name": "demo-limited",
                                 "models": ["gpt-4o-mini"], "rpm": 3, "budget_usd": 0.01},
+            # an OpenAI key the (fake) provider has revoked, then Claude: the first request fails
+            # over inside the gateway, later ones skip the bad key (docs/failover.md)
+            "vk_demo_failover": {"name": "demo-failover", "targets": [
+                {"provider": "openai", "api_key": "sk-demo-revoked-key"},
+                {"provider": "anthropic", "api_key": fake.KEYS["anthropic"], "fallback": True,
+                 "model_map": {"gpt-4o-mini": "claude-haiku-4-5"}}]},
         },
     }
 
@@ -93,7 +99,8 @@ def main(argv: list[str]) -> int:
         lines = ["", "demo: " + "=" * 66,
                  f"demo: DEMO MODE: the providers are a local fake on {provider_url}; nothing leaves this",
                  "demo: machine, and every answer starts with [demo]. Keys: vk_demo_openai, vk_demo_anthropic,",
-                 "demo: vk_demo_deepseek, vk_demo_limited (only gpt-4o-mini, 3 requests a minute).",
+                 "demo: vk_demo_deepseek, vk_demo_limited (only gpt-4o-mini, 3 requests a minute),",
+                 "demo: vk_demo_failover (a revoked OpenAI key, then Claude as its fallback).",
                  "demo: Try these in another terminal (plain OpenAI, Claude through the openai SDK, a stream):", ""]
         lines += [f"  {command}\n" for command in commands(endpoint)]
         if web:

@@ -26,7 +26,8 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (Debian package chromium; .ci/run installs it)"),
 ]
 # secrets of the demo: provider keys (demo/provider.py KEYS), virtual keys, the UI password
-SECRETS = ("not-a-real-key", "vk_demo_openai", "vk_demo_anthropic", "vk_demo_limited", "vk_wrong_key", PASSWORD)
+SECRETS = ("not-a-real-key", "sk-demo-revoked-key", "vk_demo_openai", "vk_demo_anthropic", "vk_demo_limited",
+           "vk_demo_failover", "vk_wrong_key", PASSWORD)
 
 
 def free_port() -> int:
@@ -62,6 +63,9 @@ def demo_web(tmp_path_factory):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith("[demo] anthropic")
     with pytest.raises(openai.PermissionDeniedError):
         client("vk_demo_limited").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    failover = client("vk_demo_failover").chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    assert failover.headers["x-gateway-attempts"] == "2"
     with pytest.raises(openai.AuthenticationError):
         client("vk_wrong_key_0000").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
     yield {"web": f"http://127.0.0.1:{web_port}/", "gateway_port": gateway_port}
@@ -180,6 +184,19 @@ def test_a_refused_flow_shows_the_request_as_sent_and_why(page, shots, demo_web)
     text = open_tab(page, "refused 401", "Response")
     assert "Answered by the gateway, never forwarded: 401 invalid_api_key — invalid virtual key" in text
     assert "x-gateway-error-source: gateway" in text
+    assert_no_secret(page)
+
+
+def test_a_failover_shows_the_fallback_that_answered_and_the_attempts(page, shots):
+    """The first request of a key whose OpenAI key was revoked: mitmweb lists one flow, the
+    answering attempt, and says which target answered after how many attempts."""
+    text = open_tab(page, "demo-failover -> anthropic (fallback, attempt 2)", "Request")
+    assert "GATEWAY → PROVIDER (anthropic)   POST http://127.0.0.1:" in text and "/anthropic/v1/messages" in text
+    assert '"model": "claude-haiku-4-5"' in text  # the fallback's model_map
+    text = open_tab(page, "demo-failover -> anthropic (fallback, attempt 2)", "Response")
+    assert "x-gateway-attempts: 2" in text and "[demo] anthropic" in text
+    assert row(page, "demo-failover").count() == 1  # the failed attempt is not a flow of its own
+    page.screenshot(path=str(shots / "mitmweb-failover.png"), full_page=True)
     assert_no_secret(page)
 
 

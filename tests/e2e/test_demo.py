@@ -25,9 +25,10 @@ def free_port() -> int:
 
 def test_the_demo_keys_point_only_at_the_local_fake():
     keys = keys_file("http://127.0.0.1:5")
-    urls = [p["base_url"] for p in keys["providers"].values()] + [k.get("base_url", "") for k in keys["virtual_keys"].values()]
+    endpoints = [t for k in keys["virtual_keys"].values() for t in k.get("targets", [k])]  # a key, or its targets
+    urls = [p["base_url"] for p in keys["providers"].values()] + [t.get("base_url", "") for t in endpoints]
     assert {urlsplit(u).hostname for u in urls if u} == {"127.0.0.1"}
-    assert {k["provider"] for k in keys["virtual_keys"].values()} == {"openai", "anthropic", "deepseek"}
+    assert {t["provider"] for t in endpoints} == {"openai", "anthropic", "deepseek"}
 
 
 def test_run_sh_demo_prints_commands_that_work(tmp_path):
@@ -62,6 +63,7 @@ def test_run_sh_demo_prints_commands_that_work(tmp_path):
             os.killpg(demo.pid, signal.SIGKILL)
             rest = demo.communicate()[0]
     log = "".join(output) + rest
-    assert f"gateway: OpenAI-compatible endpoint http://127.0.0.1:{port}/v1 — 4 virtual keys" in log
+    assert f"gateway: OpenAI-compatible endpoint http://127.0.0.1:{port}/v1 — 5 virtual keys" in log
     assert "gateway: 200 key=demo-deepseek provider=deepseek model=deepseek-chat tokens=" in log
     assert "not-a-real-key" not in log.replace("(key sk-...key)", "")  # the real (demo) keys never printed
+    assert "sk-demo-revoked-key" not in log
