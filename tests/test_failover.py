@@ -409,3 +409,20 @@ def test_the_next_attempt_at_the_same_provider_address_gets_its_answer(gateway_f
                 assert raw.parse().choices[0].message.content.startswith("[demo] openai")
     finally:
         server.shutdown()
+
+
+def test_a_stream_fails_over_to_another_provider_and_is_translated(provider, gateway_factory):
+    from tests.e2e.test_anthropic_e2e import stream_events, text_block
+
+    fallback = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "fallback": True,
+                "model": "claude-sonnet-4-5"}
+    gw = gateway_factory(keys(target(provider, "a", KEY_A), fallback))
+    provider.reset(by_target({"a": status(503), "c": lambda r: Reply.sse(stream_events([text_block("Hel", "lo")]))}))
+    stream = client(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
+                                                stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 21  # Anthropic's count, translated
+    assert provider.received[-1].path == "/c/v1/messages" and provider.received[-1].json()["stream"] is True
+    row = ledger(gw, 1)[0]
+    assert (row["provider"], row["model"], row["attempts"], row["streamed"]) == ("anthropic", "claude-sonnet-4-5", 2, 1)
