@@ -134,3 +134,23 @@ def test_refusals_take_no_rpm_slot_and_rpm_alone_holds_no_reservation(store):
     assert store.reserve("k", limits, Demand(5), now=0.0).refused is None  # the slot was still free
     assert store.reserve("k", limits, Demand(1), now=1.0) == Verdict(None, RPM, 59.0, 1)
     assert store.reserve("r", Limits(rpm=5), Demand(), now=0.0) == Verdict()  # admitted, nothing to settle
+
+
+@pytest.mark.fleet
+def test_a_release_redis_did_not_get_is_sent_again_once_it_answers():
+    """Redis unreachable when a request ended: its reservation (here a max_parallel slot) would be
+    held until it expires (15 min). The release goes with the next round trip after the outage."""
+    server = RedisServer().start()
+    store = SyncRedisStore(server.url)
+    try:
+        limits = Limits(max_parallel=1)
+        ticket = store.reserve("k", limits, Demand(), now=0.0).ticket
+        server.command("CONFIG", "SET", "save", "3600 1")  # Redis keeps its data over the restart (RDB at shutdown)
+        server.stop()
+        store.release("k", ticket)  # not sent: Redis is down
+        server.start()
+        assert server.command("HLEN", "test:k:held") == b":1\r\n"  # the slot is still taken there
+        assert store.reserve("k", limits, Demand(), now=1.0).refused is None  # the release went first
+    finally:
+        store.close()
+        server.close()
