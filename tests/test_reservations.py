@@ -136,6 +136,24 @@ def test_refusals_take_no_rpm_slot_and_rpm_alone_holds_no_reservation(store):
     assert store.reserve("r", Limits(rpm=5), Demand(), now=0.0) == Verdict()  # admitted, nothing to settle
 
 
+def test_a_period_budget_counts_the_hours_in_its_period_as_they_pass_and_as_usage_is_counted(store):
+    day = 86400
+    limits = Limits(budget_tokens=100, budget_period=day)
+    start = 100 * day  # the hour buckets start at multiples of 3600
+    store.add_usage("k", 60, 0.0, when=start + 10)
+    store.add_usage("k", 30, 0.0, when=start + 2 * 3600)
+    assert store.reserve("k", limits, Demand(20), now=start + 3 * 3600) == Verdict(None, BUDGET_TOKENS, 0.0, 90)
+    store.add_usage("k", 5, 0.0, when=start + 3 * 3600 + 1)  # counted after a check in the same hour
+    assert store.reserve("k", limits, Demand(6), now=start + 3 * 3600 + 2) == Verdict(None, BUDGET_TOKENS, 0.0, 95)
+    assert store.reserve("k", limits, Demand(5), now=start + 3 * 3600 + 3).refused is None
+    # a day later the first hour has left the period: 30 + 5 spent (the 5 held then have expired)
+    assert store.reserve("k", limits, Demand(66), now=start + day + 3600) == Verdict(None, BUDGET_TOKENS, 0.0, 35)
+    ticket = store.reserve("k", limits, Demand(60), now=start + day + 3600).ticket
+    store.settle("k", ticket, 10, 0.0, when=start + day + 3600 + 1)
+    assert store.reserve("k", limits, Demand(56), now=start + day + 3600 + 2) == Verdict(None, BUDGET_TOKENS, 0.0, 45)
+    assert store.reserve("k", limits, Demand(55), now=start + day + 3600 + 3).refused is None
+
+
 @pytest.mark.fleet
 def test_a_release_redis_did_not_get_is_sent_again_once_it_answers():
     """Redis unreachable when a request ended: its reservation (here a max_parallel slot) would be

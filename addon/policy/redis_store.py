@@ -6,7 +6,8 @@ differs. Per key fingerprint (never the virtual key), under `<prefix><fingerprin
     rpm    sorted set: one member per admitted request, scored by its time (sliding log)
     tpm    sorted set: "<id>:<tokens>" per finished request, scored by when it ended
     held   hash: ticket -> "<tokens> <usd> <expires>", the reservations in flight
-    spend  hash: t / u (lifetime tokens / dollars), h<hour> / u<hour> (hourly buckets)
+    spend  hash: t / u (lifetime tokens / dollars), h<hour> / u<hour> (hourly buckets), w (the
+           last rolling-period sum: "<period> <first hour> <tokens> <usd>", as MemoryStore keeps it)
 
 and `<prefix>owner:<response id>` -> the fingerprint that created that stored response
 (policy/owners.py), kept OWNER_TTL.
@@ -98,12 +99,22 @@ end
 if budget_tokens or budget_usd then
   local tokens, usd = 0, 0
   if period then
+    -- the field w caches "<period> <first hour> <tokens> <usd>", kept current by COUNT: a year
+    -- of hourly buckets is walked at most once an hour, not at every admission
     local first = math.floor((now - period) / bucket)
-    local spend = redis.call('HGETALL', KEYS[4])
-    for i = 1, #spend, 2 do
-      local kind, hour = string.sub(spend[i], 1, 1), tonumber(string.sub(spend[i], 2))
-      if hour and hour >= first then
-        if kind == 'h' then tokens = tokens + tonumber(spend[i + 1]) else usd = usd + tonumber(spend[i + 1]) end
+    local p, f, t, u = string.match(redis.call('HGET', KEYS[4], 'w') or '', '(%S+) (%S+) (%S+) (%S+)')
+    if tonumber(p) == period and tonumber(f) == first then
+      tokens, usd = tonumber(t), tonumber(u)
+    else
+      local spend = redis.call('HGETALL', KEYS[4])
+      for i = 1, #spend, 2 do
+        local kind, hour = string.sub(spend[i], 1, 1), tonumber(string.sub(spend[i], 2))
+        if hour and hour >= first then
+          if kind == 'h' then tokens = tokens + tonumber(spend[i + 1]) else usd = usd + tonumber(spend[i + 1]) end
+        end
+      end
+      if #spend > 0 then  -- (an existing hash: it keeps the TTL COUNT gives it)
+        redis.call('HSET', KEYS[4], 'w', string.format('%d %d %d %.17g', period, first, tokens, usd))
       end
     end
   else
@@ -170,21 +181,28 @@ local entries = tonumber(ARGV[i])
 for _ = 1, entries do redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i + 2]); i = i + 2 end
 if entries > 0 then redis.call('EXPIRE', KEYS[2], 61) end
 local tokens, usd = 0, 0
+local p, f, t, u = string.match(redis.call('HGET', KEYS[3], 'w') or '', '(%S+) (%S+) (%S+) (%S+)')
+f = tonumber(f)
+local newest = nil  -- the latest hour that got its first bucket here
 for j = i + 1, #ARGV, 3 do
   local hour = tonumber(ARGV[j])
-  if redis.call('HEXISTS', KEYS[3], 'h' .. hour) == 0 then
-    -- a new hour: drop buckets older than any budget period can reach
-    local oldest = hour - tonumber(ARGV[3])
-    for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
-      local h = tonumber(string.sub(field, 2))
-      if h and h < oldest then redis.call('HDEL', KEYS[3], field) end
-    end
-  end
+  if f and hour >= f then t = tonumber(t) + tonumber(ARGV[j + 1]); u = tonumber(u) + tonumber(ARGV[j + 2]) end
+  if redis.call('HEXISTS', KEYS[3], 'h' .. hour) == 0 and (newest == nil or hour > newest) then newest = hour end
   redis.call('HINCRBY', KEYS[3], 'h' .. hour, ARGV[j + 1])
   redis.call('HINCRBYFLOAT', KEYS[3], 'u' .. hour, ARGV[j + 2])
   tokens = tokens + tonumber(ARGV[j + 1]); usd = usd + tonumber(ARGV[j + 2])
 end
+if newest then
+  -- a new hour: drop buckets older than any budget period can reach (once per call: a seed
+  -- brings a year of hours in one)
+  local oldest = newest - tonumber(ARGV[3])
+  for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
+    local h = tonumber(string.sub(field, 2))
+    if h and h < oldest then redis.call('HDEL', KEYS[3], field) end
+  end
+end
 if i + 1 <= #ARGV then
+  if f then redis.call('HSET', KEYS[3], 'w', string.format('%s %d %d %.17g', p, f, t, u)) end
   redis.call('HINCRBY', KEYS[3], 't', tokens)
   redis.call('HINCRBYFLOAT', KEYS[3], 'u', string.format('%.17g', usd))
   redis.call('EXPIRE', KEYS[3], ARGV[2])
