@@ -407,9 +407,9 @@ class Gateway:
         """A key with several targets whose attempts are used up while a target is still
         healthy: the official SDKs retry at once on these headers, and the retry goes there."""
         failover = self.failovers.get(flow.id)
-        if failover is not None:
-            response.headers["x-gateway-attempts"] = str(len(failover.tried))
-            if failover.retry_now and response.status_code in attempts.RETRYABLE:
+        if failover is not None:  # appended to the fields: Headers.__setitem__ rescans them all
+            response.headers.fields += ((b"x-gateway-attempts", str(len(failover.tried)).encode()),)
+            if failover.retry_now and response.status_code in attempts.RETRYABLE:  # (the provider's own replaced)
                 response.headers["x-should-retry"] = "true"
                 response.headers["retry-after-ms"] = "0"
 

@@ -3,8 +3,8 @@
     .venv/bin/python bench/hookbench.py [--n 20000]
     .venv/bin/python bench/hookbench.py --chain [--n 10000]   # every addon in gateway.addons, each timed
 
-Runs Gateway.requestheaders / request / responseheaders / response for an OpenAI passthrough request and, when
-the provider exists, an Anthropic one, on pre-built flows (flow construction is not timed), and
+Runs Gateway.requestheaders / request / responseheaders / response for an OpenAI passthrough request, the same
+for a key with three targets (targets3), and an Anthropic one, on pre-built flows (flow construction is not timed), and
 prints microseconds of CPU per request. What py-spy shows as the addon's share of the proxy,
 without the proxy's noise: use it for before/after numbers of hot-path changes.
 
@@ -38,10 +38,23 @@ from fakeprovider import REPLY_ANTHROPIC, REPLY_OPENAI  # noqa: E402
 from run import ANTHROPIC_MODEL, MESSAGES, SDK_HEADERS  # noqa: E402
 
 
+# scenario -> its virtual key's entry; targets3: three OpenAI targets (a weighted pick, failover armed)
+SCENARIOS = ("openai", "targets3", "anthropic")
+
+
+def key_entries() -> dict:
+    entries = {f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
+               for s in ("openai", "anthropic") if s in PROVIDERS}
+    entries["vk_bench_targets3"] = {"targets": [
+        {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": "http://127.0.0.1:9999/v1"} for i in range(3)]}
+    return entries
+
+
 def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
-    model = "gpt-4o-mini" if scenario == "openai" else ANTHROPIC_MODEL
+    openai_like = scenario in ("openai", "targets3")
+    model = "gpt-4o-mini" if openai_like else ANTHROPIC_MODEL
     body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 64}).encode()
-    head, _, payload = (REPLY_OPENAI if scenario == "openai" else REPLY_ANTHROPIC).partition(b"\r\n\r\n")
+    head, _, payload = (REPLY_OPENAI if openai_like else REPLY_ANTHROPIC).partition(b"\r\n\r\n")
     out = []
     for _ in range(n):
         req = http.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions", body,
@@ -54,9 +67,7 @@ def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
 
 def run(scenario: str, n: int) -> float:
     gw = gateway.Gateway()
-    gw.keys = parse_keys({"virtual_keys": {f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000",
-                                                              "base_url": "http://127.0.0.1:9999/v1"}
-                                           for s in ("openai", "anthropic") if s in PROVIDERS}})
+    gw.keys = parse_keys({"virtual_keys": key_entries()})
     fs, payload = flows(scenario, n)
     responses = [http.Response.make(200, payload, {"content-type": "application/json"}) for _ in fs]
     gc.freeze()  # the thousands of pre-built flows would otherwise make every GC pass expensive
@@ -80,9 +91,7 @@ async def chain(n: int, ledger: bool = True, metrics: bool = False) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-hookbench-"))
     keys = tmp / "keys.json"
-    keys.write_text(json.dumps({"virtual_keys": {
-        f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
-        for s in ("openai", "anthropic") if s in PROVIDERS}}))
+    keys.write_text(json.dumps({"virtual_keys": key_entries()}))
     addons = gateway.addons[0].parts  # the AddonChain's parts, each timed
     with taddons.context(*addons) as tctx:
         opts = {"keys_file": str(keys)}
@@ -94,8 +103,8 @@ async def chain(n: int, ledger: bool = True, metrics: bool = False) -> None:
                 s.bind(("127.0.0.1", 0))
                 opts["metrics_port"] = s.getsockname()[1]
         tctx.options.update(**opts)
-        for scenario in ("openai", "anthropic"):
-            if scenario not in PROVIDERS:
+        for scenario in SCENARIOS:
+            if scenario not in PROVIDERS and scenario != "targets3":
                 continue
             for count in (500, n):  # warm-up, then measured
                 fs, payload = flows(scenario, count)
@@ -133,8 +142,8 @@ def main() -> int:
     if args.chain:
         asyncio.run(chain(args.n, ledger=not args.no_ledger, metrics=args.metrics))
         return 0
-    for scenario in ("openai", "anthropic"):
-        if scenario in PROVIDERS:
+    for scenario in SCENARIOS:
+        if scenario in PROVIDERS or scenario == "targets3":
             run(scenario, 500)  # warm-up
             best = min(run(scenario, args.n) for _ in range(3))
             print(f"{scenario:9s} gateway hooks: {best:6.1f} us CPU per request (best of 3 x {args.n})")

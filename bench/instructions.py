@@ -63,7 +63,7 @@ def addon_dir(target: str, tmp: Path) -> Path | None:
 
 
 def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path,
-                             cache_sim: bool = False, options: list[str] = ()) -> dict[str, float]:
+                             cache_sim: bool = False, options: list[str] = (), key: str | None = None) -> dict[str, float]:
     """callgrind's event counts per request: Ir (instructions), and with cache_sim I1mr, D1mr
     (L1 misses), Bcm, Bim (mispredicted conditional and indirect branches)."""
     port = bench.free_port()
@@ -81,6 +81,8 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
     try:
         bench.wait_port(port, proc, name, Path(os.devnull), timeout=180)
         spec = bench.request_spec("bare" if addon is None else "gateway", scenario)
+        if key is not None and addon is not None:  # another of the bench's virtual keys (e.g. vk_bench_targets3)
+            spec = (spec[0], spec[1], {**spec[2], "Authorization": f"Bearer {key}"})
         send(port, spec, 30)  # warm-up: caches, first-use imports, the upstream connection
         subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], capture_output=True, check=True)
         send(port, spec, n)
@@ -109,6 +111,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--scenario", choices=bench.SCENARIOS, default="openai")
     ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
+    ap.add_argument("--key", help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets)")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a gateway option for the gateway targets (repeatable), e.g. metrics_port=9464")
     args = ap.parse_args()
@@ -123,7 +126,7 @@ def main() -> int:
         first = None
         for target in args.targets:
             counts = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp,
-                                              args.cache_sim, args.set)
+                                              args.cache_sim, args.set, args.key)
             first = counts if first is None else first
             line = f"{target:32s} {counts['Ir'] / 1e3:9.1f} k instructions/request  ({(counts['Ir'] - first['Ir']) / 1e3:+7.1f} k)"
             for event, label in (("I1mr", "I1 misses"), ("D1mr", "D1 misses"), ("Bcm", "branch mispredicts")):

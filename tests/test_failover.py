@@ -305,7 +305,7 @@ def test_every_target_cooling_down_answers_503_no_healthy_target(provider, gatew
 def test_attempts_used_up_with_a_healthy_target_left_tell_the_sdk_to_retry_at_once(provider, gateway_factory):
     gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
                          ["--set", "max_attempts=1"])
-    provider.reset(by_target({"a": status(503), "b": ok}))
+    provider.reset(by_target({"a": status(503, **{"x-should-retry": "false"}), "b": ok}))  # the provider's own, replaced
     with pytest.raises(openai.InternalServerError) as failed:
         chat(gw)
     headers = failed.value.response.headers
