@@ -79,6 +79,15 @@ def openai_stream(request: dict, pieces=("hel", "lo"), usage: bool = True) -> li
     return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
+def worst_case_reply(req: Received) -> Reply:
+    """An answer that uses the request's whole max_tokens (what a budget reserves), slowly, so
+    concurrent requests overlap."""
+    body = req.json()
+    reply = openai_completion(body)
+    reply["usage"] = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 5 + body["max_tokens"]}
+    return Reply.json(reply, delay=0.3)
+
+
 def default_reply(req: Received) -> Reply:
     """OpenAI-shaped answer echoing nothing secret: plain or streamed, per the request."""
     try:

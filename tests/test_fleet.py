@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from fleet.supervisor import render_haproxy
-from tests.fakeprovider import Reply, default_reply, openai_stream
+from tests.fakeprovider import Reply, default_reply, openai_stream, worst_case_reply
 from tests.gatewayproc import ROOT
 from tests.services.haproxy import FleetProcess, alive, require
 
@@ -355,13 +355,7 @@ def test_limits_hold_across_three_workers_behind_haproxy(provider):
         assert len(provider.received) == 5
 
         # a token budget under 30 concurrent requests: what the provider is asked for never exceeds it
-        def worst_case(req):
-            body = req.json()
-            reply = openai_completion(body)
-            reply["usage"] = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 5 + body["max_tokens"]}
-            return Reply.json(reply, delay=0.3)
-
-        provider.reset(worst_case)
+        provider.reset(worst_case_reply)
         results = spread(30, "vk_fleet_budget", {**chat_body(), "max_tokens": 100})
         counted = codes(results)
         assert set(counted) <= {200, (429, "budget_exceeded")}

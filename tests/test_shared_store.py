@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from addon.policy.keys import fingerprint
-from tests.fakeprovider import Reply, openai_completion
+from tests.fakeprovider import Reply, openai_completion, worst_case_reply
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
@@ -73,13 +73,7 @@ def test_rpm_5_under_40_concurrent_requests_over_two_gateways_lets_exactly_5_thr
 
 def test_a_token_budget_under_30_concurrent_requests_is_never_overshot(provider, gateway_factory, redis_server):
     # every answer uses its whole max_tokens (the worst case), slowly, so the requests overlap
-    def answer(req):
-        body = req.json()
-        reply = openai_completion(body)
-        reply["usage"] = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 5 + body["max_tokens"]}
-        return Reply.json(reply, delay=0.3)
-
-    provider.reset(answer)
+    provider.reset(worst_case_reply)
     budget = 1000
     gateways = two_gateways(gateway_factory, keys_file(provider, vk_budget={"budget_tokens": budget}), redis_server.url)
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
