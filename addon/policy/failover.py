@@ -24,6 +24,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addon.policy import targets
 from addon.wire import attempts
+from addon.wire.timeouts import seconds_option
 
 log = logging.getLogger("gateway")
 
@@ -70,7 +71,6 @@ class Failover:
         )
 
     def configure(self, updated) -> None:
-        from addon.wire.timeouts import seconds_option
         if "cooldown_s" in updated:
             self.cooldown_s = seconds_option("cooldown_s")
         if "auth_cooldown_s" in updated:
