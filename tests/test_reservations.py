@@ -136,6 +136,16 @@ def test_refusals_take_no_rpm_slot_and_rpm_alone_holds_no_reservation(store):
     assert store.reserve("r", Limits(rpm=5), Demand(), now=0.0) == Verdict()  # admitted, nothing to settle
 
 
+def test_a_window_wait_is_never_longer_than_the_window_when_another_gateway_counted_a_later_now(store):
+    # two gateways sharing Redis each stamp a request with their own `now`; one taken a moment
+    # earlier may reach the store after the other's: Retry-After must still be at most 60 s
+    assert store.reserve("r", Limits(rpm=1), Demand(), now=10.5).refused is None
+    assert store.reserve("r", Limits(rpm=1), Demand(), now=10.0) == Verdict(None, RPM, 60.0, 1)
+    held = store.reserve("t", Limits(tpm=100), Demand(80), now=10.5).ticket
+    store.settle("t", held, 80, 0.0, when=10.5)
+    assert store.reserve("t", Limits(tpm=100), Demand(40), now=10.0).wait == 60.0
+
+
 def test_a_period_budget_counts_the_hours_in_its_period_as_they_pass_and_as_usage_is_counted(store):
     day = 86400
     limits = Limits(budget_tokens=100, budget_period=day)

@@ -141,7 +141,7 @@ if tpm then
     local wait = nil
     for i = 1, #entries, 2 do
       used = used - tonumber(string.match(entries[i], ':(%d+)$'))
-      if ok(used) then wait = tonumber(entries[i + 1]) + minute - now; break end
+      if ok(used) then wait = math.min(minute, tonumber(entries[i + 1]) + minute - now); break end
     end
     return {'tpm', string.format('%.17g', wait or ARGV[12]), tostring(used + held_tokens)}
   end
@@ -156,7 +156,8 @@ if rpm then
   local count = redis.call('ZCARD', KEYS[1])
   if count >= rpm then
     local oldest = redis.call('ZRANGE', KEYS[1], count - rpm, count - rpm, 'WITHSCORES')
-    return {'rpm', string.format('%.17g', tonumber(oldest[2]) + minute - now), tostring(rpm)}
+    -- (at most a minute: another gateway may have counted a request at a `now` a moment later than ours)
+    return {'rpm', string.format('%.17g', math.min(minute, tonumber(oldest[2]) + minute - now)), tostring(rpm)}
   end
   redis.call('ZADD', KEYS[1], now, ARGV[13])
   redis.call('EXPIRE', KEYS[1], minute + 1)

@@ -296,7 +296,7 @@ class MemoryStore(CooldownTable):
         while times and times[0] <= now - MINUTE:
             times.popleft()
         if len(times) >= rpm:
-            return times[len(times) - rpm] + MINUTE - now
+            return min(MINUTE, times[len(times) - rpm] + MINUTE - now)  # (a `now` taken a moment before another's)
         times.append(now)
         return None
 
@@ -313,7 +313,7 @@ class MemoryStore(CooldownTable):
         for when, tokens in self._tokens.get(key, ()):
             used -= tokens
             if used < tpm and (used + demand <= tpm or (not used and not others)):
-                return when + MINUTE - now
+                return min(MINUTE, when + MINUTE - now)
         return PARALLEL_RETRY  # what others hold is in the way: they settle as responses end
 
     def _expire_tokens(self, key: str, now: float) -> int:
