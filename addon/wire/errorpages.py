@@ -10,7 +10,13 @@ hands the error to the connection layer, which renders it at once, in the same s
 `handle_protocol_error` (unreachable, timed out, broken off) is wrapped to name the flow for
 exactly that step. Not `check_invalid` (mitmproxy's request-smuggling checks of headers): it runs
 for every request and response, and a generator wrapper there cost ~20 k instructions per request
-(bench/instructions.py, +0.2%); its rare 400/502 pages keep OpenAI's shape.
+(bench/instructions.py, +0.2%). Its rare 400/502 pages follow mitmproxy's error hook instead,
+which runs right before them: the hook marks the error message with the flow's API (the page
+for that message takes it), as the timeout and overhead marks below do.
+
+HTTP/1 pages are whole responses (`_http1.make_error_response`). For HTTP/2, mitmproxy writes
+`content-type: text/html` and the status of its own error code (a 504 went out as 502) before
+the body: `Http2Server._handle_event` is wrapped to send the page's own status and headers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 
 from mitmproxy import http, version
 from mitmproxy.net.http import http1
+from mitmproxy.proxy.commands import SendData
 from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError, SendHttp, _http1, _http2
 
 from addon.apis.base import InboundAPI
@@ -36,6 +43,8 @@ log = logging.getLogger("gateway")
 _timeouts: dict[str, tuple[str, float]] = {}
 # the same for the x-gateway-overhead-ms value of the page (usage/metrics.py's error hook)
 _overheads: dict[str, tuple[str, float]] = {}
+# the same for the API of the flow that failed with that message (JsonErrorPages.error)
+_apis: dict[str, tuple[InboundAPI, float]] = {}
 TIMEOUT_MARK_SECONDS = 1.0
 OVERHEAD_HEADER = "x-gateway-overhead-ms"
 
@@ -52,8 +61,7 @@ def answer_next_as_timeout(message: str, text: str) -> None:
 
 
 def put_overhead_on_next(message: str, value: str) -> None:
-    """The next error page for `message` carries x-gateway-overhead-ms: `value` (HTTP/1 only:
-    mitmproxy's HTTP/2 error path takes a body, not headers)."""
+    """The next error page for `message` carries x-gateway-overhead-ms: `value`."""
     _mark(_overheads, message, value)
 
 
@@ -77,31 +85,64 @@ class _Rendering:
 _rendering = _Rendering()
 
 
-def _answering() -> InboundAPI:
-    """The API of the flow whose error is being rendered (OpenAI's when it is not known)."""
+def _answering(message: str) -> InboundAPI:
+    """The API of the flow whose error is being rendered: the flow named for this step, else the
+    one the error hook marked with this message, else OpenAI's."""
     flow, _rendering.flow = _rendering.flow, None  # one render per naming
-    return api_for_flow(flow) if flow is not None else DEFAULT_API
+    mark = _apis.pop(message, None)
+    if flow is not None:
+        return api_for_flow(flow)
+    return mark[0] if mark is not None and mark[1] >= time.monotonic() else DEFAULT_API
 
 
-def json_error(status: int, message: str) -> bytes:
-    _overheads.pop(message, None)
-    status, text, code = _classify(status, message)
-    return _answering().error_body(GatewayError(status, text, code=code))
+def error_page(api: InboundAPI, error: GatewayError, extra: dict[str, str] | None = None) -> http.Response:
+    """An answer made below the flow hooks, carrying `error` in `api`'s shape."""
+    headers = http.Headers(Server=version.MITMPROXY, Content_Type="application/json",
+                           **{ERROR_SOURCE.replace("-", "_"): "gateway"}, **(extra or {}))
+    return http.Response.make(error.status, api.error_body(error), headers)
 
 
 def error_response(api: InboundAPI, error: GatewayError, extra: dict[str, str] | None = None) -> bytes:
-    """A whole HTTP/1 error response (the connection closes after it) carrying `error` in
-    `api`'s shape: for answers made below the flow hooks."""
-    headers = http.Headers(Server=version.MITMPROXY, Connection="close", Content_Type="application/json",
-                           **{ERROR_SOURCE.replace("-", "_"): "gateway"}, **(extra or {}))
-    return http1.assemble_response(http.Response.make(error.status, api.error_body(error), headers))
+    """`error_page` as a whole HTTP/1 response (the connection closes after it)."""
+    return _http1_bytes(error_page(api, error, extra))
+
+
+def _http1_bytes(page: http.Response) -> bytes:
+    page.headers["connection"] = "close"
+    return http1.assemble_response(page)
+
+
+def mitmproxy_page(status: int, message: str) -> http.Response:
+    """The gateway's page for an error mitmproxy answers itself (`status`, its `message`)."""
+    overhead = _overheads.pop(message, None)
+    api = _answering(message)
+    status, text, code = _classify(status, message)
+    extra = {OVERHEAD_HEADER: overhead[0]} if overhead is not None and overhead[1] >= time.monotonic() else None
+    return error_page(api, GatewayError(status, text, code=code), extra)
 
 
 def json_error_response(status: int, message: str = "") -> bytes:
-    status, text, code = _classify(status, message)
-    overhead = _overheads.pop(message, None)
-    extra = {OVERHEAD_HEADER: overhead[0]} if overhead is not None and overhead[1] >= time.monotonic() else None
-    return error_response(_answering(), GatewayError(status, text, code=code), extra)
+    """In place of `_http1.make_error_response`."""
+    return _http1_bytes(mitmproxy_page(status, message))
+
+
+_MITMPROXY_H2_EVENT = _http2.Http2Server._handle_event
+
+
+def _h2_error_page(self: _http2.Http2Server, event):
+    """Wraps `Http2Server._handle_event`: an error for a stream whose response has not started
+    gets the gateway's page, status and headers included (mitmproxy's own branch for it writes
+    text/html and its error code's status); every other event is mitmproxy's."""
+    if (isinstance(event, ResponseProtocolError) and (status := event.code.http_status_code()) is not None
+            and self.is_open_for_us(event.stream_id)
+            and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent):
+        page = mitmproxy_page(status, event.message)
+        headers = [(b":status", b"%d" % page.status_code), *((name.lower(), value) for name, value in page.headers.fields)]
+        self.h2_conn.send_headers(event.stream_id, headers)
+        self.h2_conn.send_data(event.stream_id, page.content, end_stream=True)
+        yield SendData(self.conn, self.h2_conn.data_to_send())
+    else:
+        yield from _MITMPROXY_H2_EVENT(self, event)
 
 
 def naming_the_flow(method):
@@ -140,15 +181,22 @@ class JsonErrorPages:
 
     def load(self, loader) -> None:
         if self._saved is None:
-            self._saved = (_http1.make_error_response, _http2.format_error, *(getattr(HttpStream, n) for n in _NAMED))
+            self._saved = (_http1.make_error_response, _http2.Http2Server._handle_event,
+                           *(getattr(HttpStream, n) for n in _NAMED))
             _http1.make_error_response = json_error_response
-            _http2.format_error = json_error  # HTTP/2 keeps its text/html content-type header
+            _http2.Http2Server._handle_event = _h2_error_page
             for name in _NAMED:
                 setattr(HttpStream, name, naming_the_flow(getattr(HttpStream, name)))
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy renders the pages of its header validation (check_invalid) right after this
+        hook, not told which flow they are for: the page with this message takes this flow's API."""
+        if flow.error is not None:
+            _mark(_apis, flow.error.msg, api_for_flow(flow))
+
     def done(self) -> None:
         if self._saved is not None:
-            _http1.make_error_response, _http2.format_error, *methods = self._saved
+            _http1.make_error_response, _http2.Http2Server._handle_event, *methods = self._saved
             for name, method in zip(_NAMED, methods):
                 setattr(HttpStream, name, method)
             self._saved = None

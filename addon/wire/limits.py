@@ -31,7 +31,7 @@ import types
 from typing import Callable
 
 from mitmproxy import exceptions, http
-from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.net.http.http1 import expected_http_body_size, read_request_head
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -45,7 +45,7 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
-from addon.apis.registry import api_for_flow, api_for_path, api_for_request
+from addon.apis.registry import DEFAULT_API, api_for_flow, api_for_path, api_for_request
 from addon.wire.errorpages import error_response
 from addon.wire.errors import GatewayError
 
@@ -71,6 +71,8 @@ class _Limits:
 
 limits = _Limits()
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a request head (as h11 finds it)
+# mitmproxy's quote of the line it could not parse ("Invalid header line: b'...'"): it may hold a key
+_CLIENT_BYTES = re.compile(r": b['\"].*", re.S)
 _saved: dict = {}
 
 
@@ -143,7 +145,32 @@ def _read_headers(self: _http1.Http1Server, event):
             yield commands.CloseTcpConnection(self.conn, half_close=True)
             self.state = types.MethodType(_discard, self)
             return
-    yield from _saved["read_headers"](self, event)
+    steps = _saved["read_headers"](self, event)
+    command = next(steps, None)
+    if isinstance(command, commands.SendData):  # the only data mitmproxy sends here: its 400
+        command = commands.SendData(self.conn, _refused_head(self, steps))
+    if command is not None:
+        yield command
+        yield from steps
+
+
+def _refused_head(self: _http1.Http1Server, steps) -> bytes:
+    """mitmproxy's 400 for a request head it cannot parse (a bad header line) or whose framing it
+    refuses (an invalid content-length or transfer-encoding), in the shape of the API on the
+    request line once that line parses; OpenAI's when not. The head's lines and the error are
+    locals of mitmproxy's read_headers, suspended at that answer (only this failure path looks)."""
+    where = steps.gi_frame.f_locals if steps.gi_frame is not None else {}
+    lines = [bytes(line) for line in where.get("request_head") or ()]
+    if self.request is not None:
+        api = api_for_request(self.request)
+    else:
+        try:
+            read_request_head(lines[:1])  # the request line alone
+            api = api_of_head(b"\r\n".join(lines))
+        except (ValueError, IndexError):
+            api = DEFAULT_API
+    message = _CLIENT_BYTES.sub("", str(where.get("e") or "invalid request head"))
+    return error_response(api, GatewayError(400, message))
 
 
 def api_of_head(head: bytes):

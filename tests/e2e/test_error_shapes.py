@@ -173,6 +173,78 @@ def test_http2_error_pages_take_the_requests_shape(gateway, provider):
     assert ant.http_version == "HTTP/2" and oai.http_version == "HTTP/2"
     assert ant.status_code == 502 and anthropic_error(ant.json())["type"] == "api_error"
     assert oai.status_code == 502 and oai.json()["error"]["code"] == "upstream_unreachable"
+    for page in (ant, oai):  # JSON, said so (mitmproxy's HTTP/2 page says text/html), from the gateway
+        assert page.headers["content-type"] == "application/json"
+        assert page.headers["x-gateway-error-source"] == "gateway"
+        assert float(page.headers["x-gateway-overhead-ms"]) >= 0  # usage/metrics.py's, as over HTTP/1
+        assert int(page.headers["content-length"]) == len(page.content)
+    assert provider.received == []
+
+
+def test_http2_timeout_page_is_json(gateway, provider):
+    provider.handler = lambda req: Reply.json({"late": True}, delay=5)
+    with httpx.Client(http2=True, verify=False, timeout=20) as h2:
+        ant = h2.post(gateway.url.replace("http://", "https://") + "/v1/messages", json=ASK,
+                      headers={"x-api-key": "vk_shape_up", "anthropic-version": "2023-06-01"})
+    assert ant.http_version == "HTTP/2" and ant.status_code == 504
+    assert ant.headers["content-type"] == "application/json"
+    assert anthropic_error(ant.json())["type"] == "timeout_error"
+
+
+MESSAGES_HEAD = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: vk_shape_up\r\n"
+                 b"anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n")
+CHAT_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer vk_shape_up\r\n"
+             b"content-type: application/json\r\n")
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+@pytest.mark.parametrize("framing, reason", [
+    # request smuggling: both framings (mitmproxy's header validation, after the request is read)
+    (lambda body: b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body) + chunked(body),
+     "both transfer-encoding and content-length"),
+    (lambda body: b"Content-Length: %d\r\nBad Name: 1\r\n\r\n" % len(body) + body, "invalid header name"),
+    # a head mitmproxy cannot parse (its request line can): before any hook
+    (lambda body: b"Content-Length: 1x\r\n\r\n" + body, "content-length"),
+    (lambda body: b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body),
+     "transfer-encoding"),
+    (lambda body: b"Authorization Bearer vk_shape_up\r\n\r\n" + body, "header line"),  # not echoed
+], ids=["cl-and-te", "bad-header-name", "bad-cl", "two-te", "bad-header-line"])
+def test_refused_framing_is_a_400_in_the_paths_shape(gateway, provider, framing, reason):
+    """mitmproxy's own 400s for a head it refuses take the shape of the API on the request line;
+    nothing is forwarded."""
+    status, headers, answer = raw_exchange(gateway.port, MESSAGES_HEAD + framing(json.dumps(ASK).encode()))
+    assert status == 400 and headers["content-type"] == "application/json", answer
+    error = anthropic_error(json.loads(answer))
+    assert error["type"] == "invalid_request_error" and reason in error["message"].lower(), error
+    assert b"vk_shape_up" not in answer
+    status, headers, answer = raw_exchange(gateway.port, CHAT_HEAD + framing(json.dumps(CHAT).encode()))
+    assert status == 400 and headers["content-type"] == "application/json", answer
+    error = json.loads(answer)["error"]
+    assert error["type"] == "invalid_request_error" and reason in error["message"].lower(), error
+    assert b"vk_shape_up" not in answer
+    assert provider.received == []
+
+
+def test_a_provider_answer_with_both_framings_is_a_502_in_the_paths_shape(gateway, provider):
+    """mitmproxy refuses it (response smuggling) before any response hook: the page follows the
+    error hook."""
+    provider.handler = lambda req: Reply(200, b"", {"content-type": "application/json", "content-length": "2"}, chunks=[b"{}"])
+    with pytest.raises(anthropic.InternalServerError) as e:
+        messages_client(gateway, "vk_shape_up").messages.create(**ASK)
+    assert e.value.status_code == 502 and e.value.response.headers["content-type"] == "application/json"
+    assert anthropic_error(e.value.body)["type"] == "api_error"
+    with pytest.raises(openai.InternalServerError) as e:
+        chat_client(gateway, "vk_shape_up").chat.completions.create(**CHAT)
+    assert e.value.status_code == 502 and e.value.body["type"] == "bad_gateway"
+
+
+def test_an_unreadable_request_line_keeps_openais_shape(gateway, provider):
+    status, headers, answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/7\r\nHost: gw\r\nanthropic-version: 2023-06-01\r\n\r\n")
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(answer)["error"]["type"] == "invalid_request_error"
     assert provider.received == []
 
 
