@@ -25,6 +25,7 @@ about 25 after (about 170 and 20 with RedisStore, whose client adds to that heap
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 
@@ -71,9 +72,19 @@ class AddonChain:
         gc.collect()  # (start-up's garbage is not kept forever)
         gc.freeze()
 
-    def done(self) -> None:
-        for hook in self.hooks["done"]:
-            hook()
+    def done(self):
+        """A part's `done` may return a coroutine (StoreChoice: RedisStore's close, which sends
+        what the accounting's `done` counted after it). Those run once every part's `done` has,
+        in one task that mitmproxy awaits before its event loop ends (it cancels what is left)."""
+        closing = [c for c in (hook() for hook in self.hooks["done"]) if c is not None]
+        if not closing:
+            return None
+        try:
+            return asyncio.get_running_loop().create_task(_in_order(closing))
+        except RuntimeError:  # no event loop any more: nothing can be sent
+            for c in closing:
+                c.close()
+            return None
 
     # --- flow hooks ----------------------------------------------------------------------
 
@@ -120,3 +131,11 @@ class AddonChain:
                     await pending
             except Exception:
                 log.exception("gateway: %s hook of %s failed", name, type(hook.__self__).__name__)
+
+
+async def _in_order(coroutines: list) -> None:
+    for c in coroutines:
+        try:
+            await c
+        except Exception:
+            log.exception("gateway: stopping failed")

@@ -7,6 +7,7 @@ from mitmproxy.test import taddons
 from addon.policy.redis_store import RedisStore, masked_url
 from addon.policy.store import MemoryStore
 from addon.policy.stores import StoreChoice
+from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 
 class User:
@@ -52,3 +53,35 @@ def test_a_redis_password_never_reaches_a_log_line():
     assert masked_url("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert masked_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"
     assert masked_url("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+
+
+@pytest.mark.fleet
+def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, caplog):
+    """mitmproxy awaits what the chain's `done` returns, then cancels every task left: the store's
+    close must send the counts the accounting's `done` queued (requests that ended in the last
+    batch, 0.2 s), not be cut off with them ("unreachable" logged at every stop, spend lost)."""
+    import asyncio
+
+    from addon.chain import AddonChain
+    from addon.usage.accounting import UsageAccounting
+    from tests.test_accounting import _finished_flow
+
+    async def go():
+        accounting = UsageAccounting(MemoryStore())
+        choice = StoreChoice(accounting)
+        chain = AddonChain(choice, accounting)
+        with taddons.context(chain) as tctx:
+            tctx.configure(chain, redis_url=redis_server.url, usage_db="")
+            choice.running()
+            accounting.running()
+            store = accounting.store
+            while store.seeding is not None:  # the empty Redis gets its (empty) ledger and marker
+                await asyncio.sleep(0.01)
+            accounting.response(_finished_flow("fp-stop", (5, 2)))  # noted, counted with the next batch
+            stopping = chain.done()  # as mitmproxy's master does, before its event loop ends
+            if stopping is not None:
+                await stopping
+
+    asyncio.run(go())
+    assert redis_server.command("HGET", "llmgw:fp-stop:spend", "t") == b"$1\r\n7\r\n"
+    assert "unreachable" not in caplog.text

@@ -8,7 +8,6 @@ admission, the usage accounting); it cannot change while the gateway runs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 
@@ -67,10 +66,10 @@ class StoreChoice:
             store.start_seeding()
             store.start_cooldown_sync()
 
-    def done(self) -> None:
+    def done(self):
+        """RedisStore: its close (what is queued is sent first), for the chain (addon/chain.py)
+        to run after every part's `done`: the accounting's counts what ended last then."""
         store = self.users[0].store if self.users else None
         if hasattr(store, "close"):  # RedisStore
-            try:
-                asyncio.get_running_loop().create_task(store.close())
-            except RuntimeError:
-                pass
+            return store.close()
+        return None
