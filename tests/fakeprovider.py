@@ -80,11 +80,14 @@ def openai_stream(request: dict, pieces=("hel", "lo"), usage: bool = True) -> li
 
 
 def worst_case_reply(req: Received) -> Reply:
-    """An answer that uses the request's whole max_tokens (what a budget reserves), slowly, so
-    concurrent requests overlap."""
+    """An answer that uses all a budget reserved for it (its body's bytes + max_tokens,
+    docs/shared-state.md), slowly, so concurrent requests overlap. What the provider was asked
+    for then never exceeds a budget, whether the requests overlapped or (a slow machine) not:
+    a settled request spends what it held."""
     body = req.json()
     reply = openai_completion(body)
-    reply["usage"] = {"prompt_tokens": 5, "completion_tokens": body["max_tokens"], "total_tokens": 5 + body["max_tokens"]}
+    prompt, completion = len(req.body), body["max_tokens"]
+    reply["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return Reply.json(reply, delay=0.3)
 
 

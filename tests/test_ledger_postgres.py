@@ -17,6 +17,7 @@ from addon.usage.postgres import PostgresLedger, display_name
 from addon.policy.store import BUCKET
 from tests.gatewayproc import ROOT
 from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.services.redis import redis_server  # noqa: F401 (fixture)
 
 REAL_KEY = "sk-real-provider-key-pg-4242"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -128,6 +129,35 @@ def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_sp
             time.sleep(0.1)
     assert refused.value.body["code"] == "budget_exceeded"
     assert len(provider.received) == 8
+
+
+@pytest.mark.fleet
+def test_two_gateways_sharing_redis_and_postgres_enforce_one_budget_under_load_and_write_one_ledger(
+        postgres_url, provider, gateway_factory, redis_server):
+    from tests.fakeprovider import worst_case_reply
+    from tests.test_shared_store import codes, spread
+
+    provider.reset(worst_case_reply)  # every answer uses what it reserved, slowly: they overlap
+    budget = 1000
+    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
+            "virtual_keys": {"vk_pg_redis": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-redis",
+                                             "budget_tokens": budget}}}
+    args = ["--set", f"usage_db={postgres_url}", "--set", f"redis_url={redis_server.url}"]
+    gateways = gateway_factory(keys, args), gateway_factory(keys, args)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
+    results = spread(gateways, 30, "vk_pg_redis", body)  # at once, alternating between the two
+    counted = codes(results)
+    assert set(counted) <= {200, (429, "budget_exceeded")} and counted[200] == len(provider.received) >= 2
+    # one budget: what the provider was asked for (body bytes + max_tokens each) stays within it
+    assert sum(len(r.body) + r.json()["max_tokens"] for r in provider.received) <= budget
+    for gw in gateways:
+        gw.stop()
+    # one ledger: every request of both gateways, answered or refused, once
+    with psycopg.connect(postgres_url) as db:
+        rows = db.execute("SELECT status, prompt_tokens + completion_tokens FROM usage").fetchall()
+    used = [len(r.body) + r.json()["max_tokens"] for r in provider.received]
+    assert sorted(rows) == sorted([(200, n) for n in used] + [(429, 0)] * counted.get((429, "budget_exceeded"), 0))
+    assert sum(tokens for _, tokens in rows) <= budget
 
 
 @pytest.mark.fleet

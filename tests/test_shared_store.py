@@ -72,7 +72,7 @@ def test_rpm_5_under_40_concurrent_requests_over_two_gateways_lets_exactly_5_thr
 
 
 def test_a_token_budget_under_30_concurrent_requests_is_never_overshot(provider, gateway_factory, redis_server):
-    # every answer uses its whole max_tokens (the worst case), slowly, so the requests overlap
+    # every answer uses all it reserved (body bytes + max_tokens), slowly, so the requests overlap
     provider.reset(worst_case_reply)
     budget = 1000
     gateways = two_gateways(gateway_factory, keys_file(provider, vk_budget={"budget_tokens": budget}), redis_server.url)
