@@ -198,6 +198,38 @@ def test_a_resetting_target_sees_no_traffic_while_cooling_down_even_on_a_kept_al
     a.sock.close()
 
 
+def test_a_target_whose_tls_handshake_fails_moves_the_request_on(provider, gateway_factory):
+    a = Resetter()  # its URL says https: it takes the TLS ClientHello and resets the connection
+    tls = {"provider": "openai", "api_key": KEY_A, "base_url": f"https://127.0.0.1:{a.port}/v1"}
+    gw = gateway_factory(keys(tls, target(provider, "b", KEY_B, fallback=True)))
+    provider.reset(by_target({"b": ok}))
+    raw = chat(gw)
+    assert raw.parse().choices[0].message.content == "from b" and raw.headers["x-gateway-attempts"] == "2"
+    assert a.connections == 1 and served_by(provider) == ["b"]
+    assert "target openai[0] (sk-...111) of team-alpha cooling down for 30s" in gw.log()
+    a.sock.close()
+
+
+def test_which_provider_statuses_move_a_request_to_the_next_target(provider, gateway_factory):
+    # A is the only primary: every request goes to A first; B, the fallback, answers what moves on
+    gw = gateway_factory(keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, fallback=True)),
+                         ["--set", "cooldown_s=0.01", "--set", "auth_cooldown_s=0.01"])
+    for code in (400, 404, 413, 422):  # the request's own fault: the client gets it, A is not cooled
+        provider.reset(by_target({"a": status(code), "b": ok}))
+        with pytest.raises(openai.APIStatusError) as refused:
+            chat(gw)
+        assert refused.value.status_code == code and f"fake {code}" in refused.value.message
+        assert refused.value.response.headers["x-gateway-attempts"] == "1"
+        assert served_by(provider) == ["a"], code
+    for code in (401, 403, 429, 500, 502, 503, 504, 529):
+        time.sleep(0.1)  # A's cooldown of the code before is over
+        provider.reset(by_target({"a": status(code), "b": ok}))
+        raw = chat(gw)
+        assert raw.parse().choices[0].message.content == "from b" and raw.headers["x-gateway-attempts"] == "2"
+        assert served_by(provider) == ["a", "b"], code
+    assert [row["attempts"] for row in ledger(gw, 12)] == [1] * 4 + [2] * 8
+
+
 def test_weights_split_the_requests(provider, gateway_factory):
     gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=3), target(provider, "b", KEY_B, weight=1)))
     c = client(gw)
