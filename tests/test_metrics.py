@@ -413,3 +413,23 @@ def test_a_client_that_hangs_up_before_its_answer_is_counted_as_the_ledger_recor
     found = scrape_until(port, lambda f: value(f, "gateway_requests_total", key="bob") == 1)
     assert value(found, "gateway_requests_total", key="bob", status_class="0xx", code="client_closed") == 1
     assert value(found, "gateway_requests_in_flight", key="bob") == 0
+
+
+def test_target_up_is_0_for_a_target_cooling_down_and_1_for_the_others(provider, gateway_factory):
+    dead = socket.socket()  # a port nothing listens on: connections are refused
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    keys = {"virtual_keys": {BOB: {"name": "bob", "targets": [
+        {"provider": "openai", "api_key": REAL_KEY, "base_url": f"http://127.0.0.1:{dead_port}/v1"},
+        {"provider": "openai", "api_key": "sk-real-provider-key-fallback", "base_url": provider.url + "/v1",
+         "fallback": True}]}}}
+    port = free_port()
+    gw = gateway_factory(keys, ["--set", f"metrics_port={port}", "--set", "cooldown_s=600"])
+    before = samples(scrape(port)[2])
+    assert value(before, "gateway_target_up", target="bob[0]") == value(before, "gateway_target_up", target="bob[1]") == 1
+    status, headers, _ = post(gw.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})
+    assert status == 200 and headers["x-gateway-attempts"] == "2"  # the first target refused
+    found = scrape_until(port, lambda f: value(f, "gateway_target_up", target="bob[0]") == 0)
+    assert value(found, "gateway_target_up", provider="openai", target="bob[0]") == 0
+    assert value(found, "gateway_target_up", provider="openai", target="bob[1]") == 1
