@@ -230,6 +230,18 @@ def test_which_provider_statuses_move_a_request_to_the_next_target(provider, gat
     assert [row["attempts"] for row in ledger(gw, 12)] == [1] * 4 + [2] * 8
 
 
+def test_a_429s_retry_after_longer_than_cooldown_s_keeps_the_target_cooling(provider, gateway_factory):
+    gw = gateway_factory(keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, fallback=True)),
+                         ["--set", "cooldown_s=0.01"])
+    provider.reset(by_target({"a": status(429, **{"retry-after": "600"}), "b": ok}))
+    assert chat(gw).headers["x-gateway-attempts"] == "2"
+    time.sleep(0.2)  # cooldown_s is long over; the provider's Retry-After is not
+    for _ in range(3):
+        assert chat(gw).headers["x-gateway-attempts"] == "1"
+    assert served_by(provider) == ["a", "b", "b", "b", "b"]
+    assert "cooling down for 600s (HTTP 429)" in gw.log()
+
+
 def test_weights_split_the_requests(provider, gateway_factory):
     gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=3), target(provider, "b", KEY_B, weight=1)))
     c = client(gw)
