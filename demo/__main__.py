@@ -53,7 +53,7 @@ def commands(endpoint: str) -> list[str]:
         return shlex.quote(json.dumps(request))
     sdk = ("from openai import OpenAI; "
            f'c = OpenAI(base_url="{endpoint}", api_key="vk_demo_anthropic"); '
-           'print(c.chat.completions.create(model="claude-sonnet-4-5", '
+           'print(c.chat.completions.create(model="claude-sonnet-4-6", '
            'messages=[{"role": "user", "content": "Hello, gateway"}]).choices[0].message.content)')
     python = sys.executable
     if python.startswith(str(ROOT) + os.sep):  # the repository's .venv: run from the repository

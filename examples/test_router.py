@@ -4,7 +4,7 @@
     pip install -r examples/requirements.txt
     ./run.sh &                       # the gateway on :8080
     python examples/test_router.py   # KEYS_FILE, GATEWAY_URL (http://127.0.0.1:8080/v1) as needed
-    python examples/test_router.py --model anthropic=claude-sonnet-4-5 --model openai=gpt-4o
+    python examples/test_router.py --model anthropic=claude-sonnet-4-6 --model openai=gpt-4o
 
 Prints one line per key, named as the gateway names it (its "name", else key-<fingerprint>; never
 the virtual key): the answer, or why the provider could not be reached. The model asked: --model

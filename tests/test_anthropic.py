@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from addon.wire.errors import GatewayError
 from addon.providers.registry import PROVIDERS
 from addon.translate.registry import PAIRS
 from addon.translate.openai_chat_anthropic import (
+    DEFAULT_MAX_TOKENS,
     FALLBACK_MAX_TOKENS,
     OpenAIChatToAnthropic,
     StreamTranslator,
@@ -22,7 +24,7 @@ PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEh
 
 
 def req(messages=None, **params) -> dict:
-    return {"model": "claude-sonnet-4-5", "messages": messages or [{"role": "user", "content": "hi"}], **params}
+    return {"model": "claude-sonnet-4-6", "messages": messages or [{"role": "user", "content": "hi"}], **params}
 
 
 def prepare(request: dict):
@@ -223,13 +225,40 @@ def test_max_tokens_mapping(params, expected):
 @pytest.mark.parametrize("model,expected", [
     ("claude-3-haiku-20240307", 4096),
     ("claude-3-5-sonnet-latest", 8192),
-    ("claude-sonnet-4-5", 16384),
+    ("claude-sonnet-4-6", 16384),
     ("claude-opus-4-1-20250805", 16384),
     ("some-proxy-model", FALLBACK_MAX_TOKENS),
 ])
 def test_default_max_tokens_per_model_prefix(model, expected):
     assert default_max_tokens(model) == expected
     assert upstream_body({"model": model, "messages": [{"role": "user", "content": "x"}]})["max_tokens"] == expected
+
+
+def sdk_models() -> list[str]:
+    """The current (not deprecated) models the installed anthropic SDK names."""
+    import typing
+
+    from anthropic._data.deprecated_models import DEPRECATED_MODELS
+    from anthropic.types.model_param import ModelParam
+
+    named = [arg for part in typing.get_args(ModelParam) for arg in typing.get_args(part) if isinstance(arg, str)]
+    return [model for model in named if model not in DEPRECATED_MODELS]
+
+
+def test_every_current_sdk_model_has_a_default_the_sdk_sends_without_streaming():
+    """A family missing from DEFAULT_MAX_TOKENS got 4096; each default stays below the size at
+    which the anthropic SDK refuses a non-streamed request (its own check, asked)."""
+    import anthropic
+    from anthropic._constants import MODEL_NONSTREAMING_TOKENS
+
+    models = sdk_models()
+    assert "claude-opus-5" in models and "claude-mythos-5" in models  # the SDK's list was read
+    sdk = anthropic.Anthropic(api_key="unused")
+    for model in models:
+        assert default_max_tokens(model) > FALLBACK_MAX_TOKENS, model
+        sdk._calculate_nonstreaming_timeout(default_max_tokens(model), MODEL_NONSTREAMING_TOKENS.get(model))
+    for value in set(DEFAULT_MAX_TOKENS.values()):
+        sdk._calculate_nonstreaming_timeout(value, None)
 
 
 @pytest.mark.parametrize("value", [0, -1, "10", True])
@@ -377,7 +406,7 @@ def test_bad_tool_choice_rejected():
 # --- response (whole body) -------------------------------------------------------------------
 
 def message(content, stop_reason="end_turn", usage=None, **extra) -> bytes:
-    return json.dumps({"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+    return json.dumps({"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
                        "content": content, "stop_reason": stop_reason, "stop_sequence": None,
                        "usage": usage or {"input_tokens": 10, "output_tokens": 5}, **extra}).encode()
 
@@ -392,7 +421,7 @@ def test_text_response():
     assert completion["id"] == "msg_01"
     assert completion["object"] == "chat.completion"
     assert completion["created"] == 1700000000
-    assert completion["model"] == "claude-sonnet-4-5-20250929"
+    assert completion["model"] == "claude-sonnet-4-6"
     choice = completion["choices"][0]
     assert choice["index"] == 0 and choice["finish_reason"] == "stop"
     assert choice["message"]["role"] == "assistant"
@@ -491,7 +520,7 @@ def sse(event: str, data: dict) -> bytes:
 
 def message_start(usage=None, msg_id="msg_s1") -> bytes:
     return sse("message_start", {"type": "message_start", "message": {
-        "id": msg_id, "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929", "content": [],
+        "id": msg_id, "type": "message", "role": "assistant", "model": "claude-sonnet-4-6", "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": usage or {"input_tokens": 20, "output_tokens": 1}}})
 
 
@@ -523,7 +552,7 @@ def text_stream(*texts: str, stop: str = "end_turn") -> list[bytes]:
 
 
 def run_stream(pieces, include_usage=False) -> list[bytes]:
-    translator = StreamTranslator(1700000000, "claude-sonnet-4-5", include_usage)
+    translator = StreamTranslator(1700000000, "claude-sonnet-4-6", include_usage)
     out = []
     for piece in pieces:
         result = translator(piece)
@@ -707,3 +736,20 @@ def test_gzip_stream_through_adapter_wrapper_matches_plain():
     out.extend([final] if isinstance(final, bytes) else final)
     assert "content-encoding" not in headers
     assert events_of(out) == events_of(run_stream([raw]))
+
+
+def test_no_shipped_file_names_a_model_the_sdk_deprecates():
+    """Docs, demo, examples and tests move to current models (the SDK warns on every call with a
+    deprecated one); a model the installed SDK deprecates later makes this fail, by file."""
+    from pathlib import Path
+
+    from anthropic._data.deprecated_models import DEPRECATED_MODELS
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "README.md", root / "keys.example.json", *root.glob("docs/**/*.md"), *root.glob("demo/**/*.py"),
+             *root.glob("examples/**/*.py"), *root.glob("addon/**/*.py"), *root.glob("tests/**/*.py"),
+             *root.glob("tests/**/*.json"), *root.glob("tests/**/*.sse"), *root.glob("deploy/**/*")]
+    deprecated = re.compile("|".join(rf"(?<![\w.-]){re.escape(model)}(?![\w-])" for model in DEPRECATED_MODELS))
+    named = {str(path.relative_to(root)): sorted(set(deprecated.findall(path.read_text(errors="replace"))))
+             for path in files if path.is_file()}
+    assert {path: models for path, models in named.items() if models} == {}

@@ -85,7 +85,7 @@ REQUESTS = {
 
 @pytest.mark.parametrize("name", REQUESTS)
 def test_generated_requests_match_create_message_params(name):
-    request = {"model": "claude-sonnet-4-5", **REQUESTS[name]}
+    request = {"model": "claude-sonnet-4-6", **REQUESTS[name]}
     upstream, _ = OpenAIChatToAnthropic().prepare(request)
     assert_valid("anthropic-openapi.json", "CreateMessageParams", json.loads(upstream.body))
 

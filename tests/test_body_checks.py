@@ -43,7 +43,7 @@ def messages(gateway, body: bytes):
     return post(gateway, "/v1/messages", body, {"x-api-key": "vk_checks_a", "anthropic-version": "2023-06-01"})
 
 
-ANTHROPIC_REPLY = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+ANTHROPIC_REPLY = {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
                    "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", "stop_sequence": None,
                    "usage": {"input_tokens": 3, "output_tokens": 1}}
 
@@ -61,7 +61,7 @@ def test_a_repeated_json_key_gets_400_and_is_not_forwarded(gateway, provider, ra
     assert status == 400
     assert body["error"]["code"] == "duplicate_key" and body["error"]["param"] == key
     assert f'"{key}"' in body["error"]["message"]
-    status, body = messages(gateway, raw.replace(b"gpt-4o-mini", b"claude-sonnet-4-5"))
+    status, body = messages(gateway, raw.replace(b"gpt-4o-mini", b"claude-sonnet-4-6"))
     assert status == 400
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert f'"{key}"' in body["error"]["message"]
@@ -84,7 +84,7 @@ def conversation(count: int, parts: int = 0) -> list[dict]:
     return turns
 
 
-@pytest.mark.parametrize("send, model", [(chat, "gpt-4o-mini"), (messages, "claude-sonnet-4-5")])
+@pytest.mark.parametrize("send, model", [(chat, "gpt-4o-mini"), (messages, "claude-sonnet-4-6")])
 @pytest.mark.parametrize("turns, parts, param, code", [
     (MAX_MESSAGES + 1, 0, "messages", "too_many_messages"),
     (3, MAX_PARTS + 1, "messages[2].content", "too_many_parts"),
@@ -101,7 +101,7 @@ def test_message_and_part_counts_over_the_caps_get_400(gateway, provider, send, 
     assert provider.received == []
 
 
-@pytest.mark.parametrize("send, model", [(chat, "gpt-4o-mini"), (messages, "claude-sonnet-4-5")])
+@pytest.mark.parametrize("send, model", [(chat, "gpt-4o-mini"), (messages, "claude-sonnet-4-6")])
 def test_message_and_part_counts_at_the_caps_are_forwarded(gateway, provider, send, model):
     provider.reset(handler=lambda req: Reply.json(
         ANTHROPIC_REPLY if req.path.endswith("/messages") else openai_completion(req.json())))

@@ -261,9 +261,9 @@ def anthropic_reply(r: Received) -> Reply:
 
 def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, gateway_factory, tmp_path):
     fallback = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "fallback": True,
-                "model_map": {"gpt-4o": "claude-sonnet-4-5", "gpt-4o-mini": "claude-haiku-4-5"}}
+                "model_map": {"gpt-4o": "claude-sonnet-4-6", "gpt-4o-mini": "claude-haiku-4-5"}}
     entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B), fallback)
-    entry["prices"] = {"claude-sonnet-4-5": {"input": 3, "output": 15}, "gpt-4o": {"input": 2.5, "output": 10}}
+    entry["prices"] = {"claude-sonnet-4-6": {"input": 3, "output": 15}, "gpt-4o": {"input": 2.5, "output": 10}}
     recording = tmp_path / "flows.mitm"
     gw = gateway_factory(entry, ["--set", f"record_file={recording}"])
     provider.reset(by_target({"a": status(500), "b": status(529), "c": anthropic_reply}))
@@ -275,10 +275,10 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
     sent = provider.received[-1]
     assert sent.path == "/c/v1/messages" and sent.headers["x-api-key"] == KEY_C
     body = sent.json()
-    assert body["model"] == "claude-sonnet-4-5" and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert body["model"] == "claude-sonnet-4-6" and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert "max_tokens" in body and "authorization" not in sent.headers
     row = ledger(gw, 1)[0]
-    assert (row["provider"], row["model"], row["target"], row["attempts"]) == ("anthropic", "claude-sonnet-4-5", "2", 3)
+    assert (row["provider"], row["model"], row["target"], row["attempts"]) == ("anthropic", "claude-sonnet-4-6", "2", 3)
     assert row["cost_usd"] == pytest.approx((9 * 3 + 3 * 15) / 1e6)  # the served model's price
     # what mitmweb shows of it: the recorded flow is the answering attempt, commented so
     gw.stop()
@@ -425,7 +425,7 @@ def test_the_messages_api_fails_over_too_and_answers_in_its_own_shape(provider, 
     gw = gateway_factory(keys(primary, fallback))
     provider.reset(by_target({"c": status(529), "b": ok}))
     with anthropic.Anthropic(base_url=gw.url, api_key="vk_team", max_retries=0) as client:
-        message = client.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=MESSAGES)
+        message = client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=MESSAGES)
     assert message.content[0].text == "from b"  # an Anthropic message, made from the OpenAI answer
     sent = provider.received[-1]
     assert sent.path == "/b/v1/chat/completions" and sent.json()["model"] == "gpt-4o-mini"
@@ -459,7 +459,7 @@ def test_a_stream_fails_over_to_another_provider_and_is_translated(provider, gat
     from tests.e2e.test_anthropic_e2e import stream_events, text_block
 
     fallback = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "fallback": True,
-                "model": "claude-sonnet-4-5"}
+                "model": "claude-sonnet-4-6"}
     gw = gateway_factory(keys(target(provider, "a", KEY_A), fallback))
     provider.reset(by_target({"a": status(503), "c": lambda r: Reply.sse(stream_events([text_block("Hel", "lo")]))}))
     stream = client(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
@@ -469,4 +469,4 @@ def test_a_stream_fails_over_to_another_provider_and_is_translated(provider, gat
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 21  # Anthropic's count, translated
     assert provider.received[-1].path == "/c/v1/messages" and provider.received[-1].json()["stream"] is True
     row = ledger(gw, 1)[0]
-    assert (row["provider"], row["model"], row["attempts"], row["streamed"]) == ("anthropic", "claude-sonnet-4-5", 2, 1)
+    assert (row["provider"], row["model"], row["attempts"], row["streamed"]) == ("anthropic", "claude-sonnet-4-6", 2, 1)

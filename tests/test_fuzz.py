@@ -71,7 +71,7 @@ FIELDS = ["temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
           "reasoning_effort", "response_format", "stream_options", "user", "metadata", "seed", "logprobs",
           "parallel_tool_calls", "presence_penalty", "frequency_penalty", "thinking"]
 bodies = st.fixed_dictionaries(
-    {"model": st.sampled_from(["gpt-4o", "claude-sonnet-4-5"]) | json_values, "messages": messages | json_values},
+    {"model": st.sampled_from(["gpt-4o", "claude-sonnet-4-6"]) | json_values, "messages": messages | json_values},
     optional={name: json_values for name in FIELDS} | {"stream": st.booleans() | json_values})
 
 
@@ -97,7 +97,7 @@ def test_deep_nesting_and_wrong_types_get_400(gw, key):
     status, err = send(gw, key, b'{"model": "gpt-4o", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert status == 400 and err["code"] == "invalid_json"
     for bad in ({"reasoning_effort": []}, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}):
-        result = send(gw, key, json.dumps({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}], **bad}).encode())
+        result = send(gw, key, json.dumps({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hi"}], **bad}).encode())
         assert result is None or result[0] == 400, result
 
 
@@ -238,7 +238,7 @@ MESSAGES_FIELDS = {
     "container": json_values, "stream": mostly(st.booleans()), "anything_new": json_values,
 }
 messages_bodies = st.fixed_dictionaries(
-    {"model": mostly(st.sampled_from(["claude-sonnet-4-5", "gpt-5", "deepseek-reasoner", "o3", "gpt-4o"])),
+    {"model": mostly(st.sampled_from(["claude-sonnet-4-6", "gpt-5", "deepseek-reasoner", "o3", "gpt-4o"])),
      "max_tokens": mostly(st.integers(1, 10**6), st.integers(-2, 0) | json_values),
      "messages": mostly(turns)},
     optional=MESSAGES_FIELDS)
@@ -271,7 +271,7 @@ def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
 
 @pytest.mark.parametrize("key", sorted(ROUTED_TO))
 def test_messages_deep_nesting_and_long_models_get_anthropic_400s(mgw, key):
-    status, body = send_messages(mgw, key, b'{"model": "claude-sonnet-4-5", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    status, body = send_messages(mgw, key, b'{"model": "claude-sonnet-4-6", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and "nested" in body["error"]["message"]
     status, body = send_messages(mgw, key, json.dumps({"model": "m" * 257, "max_tokens": 5, "messages": []}).encode())
     assert status == 400 and "longer than 256 bytes" in body["error"]["message"]
@@ -280,7 +280,7 @@ def test_messages_deep_nesting_and_long_models_get_anthropic_400s(mgw, key):
 @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
 def test_nan_and_infinity_are_not_json(gw, mgw, constant):
     """Python's json reads them; a translated body would carry them on as text that is not JSON."""
-    status, err = send(gw, "vk_a", b'{"model": "claude-sonnet-4-5", "temperature": ' + constant + b', "messages": [{"role": "user", "content": "hi"}]}')
+    status, err = send(gw, "vk_a", b'{"model": "claude-sonnet-4-6", "temperature": ' + constant + b', "messages": [{"role": "user", "content": "hi"}]}')
     assert (status, err["code"]) == (400, "invalid_json") and constant.decode() in err["message"]
     status, body = send_messages(mgw, "vk_m_openai", b'{"model": "gpt-4o", "max_tokens": 5, "temperature": ' + constant + b', "messages": []}')
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and constant.decode() in body["error"]["message"]

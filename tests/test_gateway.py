@@ -288,13 +288,13 @@ def test_a_request_the_provider_refuses_does_not_use_up_the_rpm_slot(tmp_path):
     addon = Gateway()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, keys_file=str(path))
-        refused = flow(body={**CHAT, "model": "claude-sonnet-4-5", "n": 2}, headers={"authorization": "Bearer vk_a"})
+        refused = flow(body={**CHAT, "model": "claude-sonnet-4-6", "n": 2}, headers={"authorization": "Bearer vk_a"})
         addon.request(refused)
         assert error_of(refused)[0] == 400
-        ok = flow(body={**CHAT, "model": "claude-sonnet-4-5"}, headers={"authorization": "Bearer vk_a"})
+        ok = flow(body={**CHAT, "model": "claude-sonnet-4-6"}, headers={"authorization": "Bearer vk_a"})
         addon.request(ok)
         assert ok.response is None  # routed: the 400 did not count against rpm 1
-        again = flow(body={**CHAT, "model": "claude-sonnet-4-5"}, headers={"authorization": "Bearer vk_a"})
+        again = flow(body={**CHAT, "model": "claude-sonnet-4-6"}, headers={"authorization": "Bearer vk_a"})
         addon.request(again)
         assert error_of(again)[0] == 429
 

@@ -44,7 +44,7 @@ def anthropic_head() -> list[bytes]:
     """An Anthropic stream up to the middle of its first text block: 11 input tokens known."""
     return [
         event("message_start", {"type": "message_start", "message": {
-            "id": "msg_cut", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+            "id": "msg_cut", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6", "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 1}}}),
         event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": TEXT}}),
@@ -70,7 +70,7 @@ def client(gw, key: str) -> openai.OpenAI:
 def test_an_anthropic_stream_that_resets_mid_way_ends_with_a_finish_chunk_and_done(provider, gateway):
     provider.reset(lambda req: Reply.sse(anthropic_head(), cut=True))
     chunks = list(client(gateway, "vk_claude").chat.completions.create(
-        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], stream=True))  # no exception: a proper end
+        model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hi"}], stream=True))  # no exception: a proper end
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     [row] = ledger_rows(gateway.db, 1)

@@ -19,7 +19,7 @@ def team_alpha(**extra):
         {"provider": "openai", "api_key": KEY_A, "weight": 3},
         {"provider": "openai", "api_key": KEY_B, "weight": 1, "base_url": "https://eu.example-proxy/v1"},
         {"provider": "anthropic", "api_key": KEY_C, "fallback": True,
-         "model_map": {"gpt-4o": "claude-sonnet-4-5", "gpt-4o-mini": "claude-haiku-4-5"}},
+         "model_map": {"gpt-4o": "claude-sonnet-4-6", "gpt-4o-mini": "claude-haiku-4-5"}},
     ], **extra}
 
 
@@ -105,15 +105,15 @@ def test_target_ids_name_the_real_key_at_its_url():
 
 def test_served_model():
     plain = Target("openai", KEY_A, "u", "u/c")
-    mapped = Target("anthropic", KEY_C, "u", "u/m", model_map=(("gpt-4o", "claude-sonnet-4-5"),))
+    mapped = Target("anthropic", KEY_C, "u", "u/m", model_map=(("gpt-4o", "claude-sonnet-4-6"),))
     fixed = Target("openai", KEY_B, "u", "u/c", model="gpt-4o-mini")
     assert plain.served_model("gpt-4o") == "gpt-4o"
-    assert mapped.served_model("gpt-4o") == "claude-sonnet-4-5"
+    assert mapped.served_model("gpt-4o") == "claude-sonnet-4-6"
     assert mapped.served_model("o3") == "o3"  # not in the map: as requested
     assert fixed.served_model("gpt-4o") == fixed.served_model("o3") == "gpt-4o-mini"
     vk = parse_keys({"virtual_keys": {"vk": team_alpha()}}).lookup("vk")
     assert vk.targets[2].served_model("gpt-4o-mini") == "claude-haiku-4-5"
-    assert vk.targets[2].model_map == (("gpt-4o", "claude-sonnet-4-5"), ("gpt-4o-mini", "claude-haiku-4-5"))
+    assert vk.targets[2].model_map == (("gpt-4o", "claude-sonnet-4-6"), ("gpt-4o-mini", "claude-haiku-4-5"))
 
 
 def test_no_real_key_in_repr_or_masked_form():

@@ -39,6 +39,11 @@ DEFAULT_MAX_TOKENS: dict[str, int] = {
     "claude-haiku-4": 16384,
     "claude-sonnet-4": 16384,
     "claude-opus-4": 16384,
+    "claude-haiku-5": 16384,
+    "claude-sonnet-5": 16384,
+    "claude-opus-5": 16384,
+    "claude-fable-5": 16384,
+    "claude-mythos-5": 16384,
 }
 FALLBACK_MAX_TOKENS = 4096
 

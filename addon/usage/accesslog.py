@@ -5,7 +5,7 @@
     gateway: 429 budget_exceeded key=team-alpha provider=openai model=gpt-4o latency=1ms
     gateway: 401 from provider key=team-alpha provider=openai model=gpt-4o latency=212ms
     gateway: 401 invalid_api_key POST /v1/chat/completions latency=0ms
-    gateway: 0 failed key=team-alpha provider=anthropic model=claude-sonnet-4-5 tokens=~812/40 latency=3100ms
+    gateway: 0 failed key=team-alpha provider=anthropic model=claude-sonnet-4-6 tokens=~812/40 latency=3100ms
 
 (`~`: an estimate, for a stream abandoned before the provider's usage arrived.)
 

@@ -58,7 +58,7 @@ def demo_web(tmp_path_factory):
     client("vk_demo_openai").chat.completions.create(
         model="gpt-4o-mini", temperature=0.3, messages=[{"role": "user", "content": "Hello from the browser test"}])
     stream = client("vk_demo_anthropic").chat.completions.create(
-        model="claude-sonnet-4-5", stream=True,
+        model="claude-sonnet-4-6", stream=True,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Stream a haiku"}])
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith("[demo] anthropic")
     with pytest.raises(openai.PermissionDeniedError):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 REAL_KEY = "sk-ant-api03-real-test-key-0123456789"
 VIRTUAL_KEY = "vk_user1_anthropic"
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -38,7 +38,7 @@ def client(gateway, provider):
 # --- Anthropic-shaped answers ------------------------------------------------------------------
 
 def anthropic_message(content: list, stop_reason: str = "end_turn", usage: dict | None = None) -> dict:
-    return {"id": "msg_e2e_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+    return {"id": "msg_e2e_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
             "usage": usage or {"input_tokens": 12, "output_tokens": 4}}
 

@@ -97,10 +97,10 @@ def test_claude_code_through_a_deepseek_reasoner_key(claude, gateway, provider, 
 
 def test_claude_code_through_an_anthropic_key_passes_through(claude, gateway, provider, tmp_path):
     provider.reset(lambda r: Reply.sse(stream_events([text_block("Hello from ", "Claude")])) if r.json().get("stream")
-                   else Reply.json({"id": "msg_x", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                   else Reply.json({"id": "msg_x", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
                                     "content": [{"type": "text", "text": "Hello from Claude"}], "stop_reason": "end_turn",
                                     "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 3}}))
-    out = run_claude(claude, gateway, "vk_cc_anthropic", "claude-sonnet-4-5", tmp_path)
+    out = run_claude(claude, gateway, "vk_cc_anthropic", "claude-sonnet-4-6", tmp_path)
     assert "Hello from Claude" in out
     sent = messages_requests(provider)
     assert sent and all(r.path.startswith("/v1/messages") for r in sent)

@@ -51,7 +51,7 @@ def test_run_sh_demo_prints_commands_that_work(tmp_path):
         results = [subprocess.run(["bash", "-c", c], cwd=ROOT, capture_output=True, text=True, timeout=60) for c in commands]
         plain, sdk, stream = (r.stdout for r in results)
         assert '"content": "[demo] openai model gpt-4o-mini here' in plain, results[0]
-        assert sdk.startswith("[demo] anthropic model claude-sonnet-4-5 here"), results[1]  # translated by the gateway
+        assert sdk.startswith("[demo] anthropic model claude-sonnet-4-6 here"), results[1]  # translated by the gateway
         events = [line for line in stream.splitlines() if line.startswith("data: ")]
         assert len(events) > 5 and events[-1] == "data: [DONE]" and '"content": "[demo]"' in stream, stream
         assert '"usage"' not in stream  # the client did not ask for usage: the gateway hid it

@@ -26,7 +26,7 @@ KEYS = {
     "vk_shape_ant_down": {"provider": "anthropic", "api_key": "sk-ant-shape-down-0003", "base_url": DOWN},
 }
 SECRETS = [s for vk, e in KEYS.items() for s in (vk, e["api_key"])]
-ASK = {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+ASK = {"model": "claude-sonnet-4-6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 

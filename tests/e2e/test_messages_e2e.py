@@ -89,7 +89,7 @@ def test_passthrough_create_with_x_api_key_and_bearer(gateway, provider):
         provider.received.clear()
         c = client(gateway, "vk_msg_anthropic", auth, default_headers={"anthropic-version": "2023-06-01"})
         msg = c.messages.create(
-            model="claude-sonnet-4-5", max_tokens=64, system=[{"type": "text", "text": "French."}],
+            model="claude-sonnet-4-6", max_tokens=64, system=[{"type": "text", "text": "French."}],
             messages=[{"role": "user", "content": "Hello"}])
         assert msg.content[0].text == "Bonjour" and msg.usage.input_tokens == 12
         r = only(provider)
@@ -103,7 +103,7 @@ def test_passthrough_create_with_x_api_key_and_bearer(gateway, provider):
 def test_passthrough_stream_chunk_by_chunk(gateway, provider):
     provider.reset(lambda r: Reply.sse(stream_events([text_block("Hel", "lo"), tool_block("toolu_1", "get_weather", '{"city":', '"Rome"}')],
                                                      stop_reason="tool_use")))
-    with client(gateway, "vk_msg_anthropic").messages.stream(model="claude-sonnet-4-5", max_tokens=64, tools=[WEATHER],
+    with client(gateway, "vk_msg_anthropic").messages.stream(model="claude-sonnet-4-6", max_tokens=64, tools=[WEATHER],
                                                              messages=[{"role": "user", "content": "hi"}]) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -123,7 +123,7 @@ def test_claude_code_shaped_request_reaches_anthropic_byte_for_byte(gateway, pro
         history.append({"role": "user", "content": [{"type": "text", "text": f"question {i} \u00e9\u4e2d"}]})
         history.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]})
     history.append({"role": "user", "content": [{"type": "text", "text": "now", "cache_control": {"type": "ephemeral"}}]})
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 32000, "messages": history, "tools": tools,
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 32000, "messages": history, "tools": tools,
             "system": [{"type": "text", "text": "You are Claude Code", "cache_control": {"type": "ephemeral"}}],
             "metadata": {"user_id": "user_abc_account_def_session_ghi"}, "thinking": {"type": "adaptive"},
             "output_config": {"effort": "high"}, "context_management": {"edits": []}, "stream": False}
@@ -144,7 +144,7 @@ def test_claude_code_shaped_request_reaches_anthropic_byte_for_byte(gateway, pro
 
 def test_count_tokens_forwarded_to_anthropic_refused_elsewhere(gateway, provider):
     provider.reset(lambda r: Reply.json({"input_tokens": 17}))
-    count = client(gateway, "vk_msg_anthropic").messages.count_tokens(model="claude-sonnet-4-5",
+    count = client(gateway, "vk_msg_anthropic").messages.count_tokens(model="claude-sonnet-4-6",
                                                                       messages=[{"role": "user", "content": "hi"}])
     assert count.input_tokens == 17
     assert only(provider).path == "/v1/messages/count_tokens"
@@ -393,12 +393,12 @@ def test_passthrough_anthropic_errors_unchanged(gateway, provider):
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     provider.reset(lambda r: Reply.json(error, 529))
     with pytest.raises(anthropic.APIStatusError) as info:
-        client(gateway, "vk_msg_anthropic").messages.create(model="claude-sonnet-4-5", max_tokens=10,
+        client(gateway, "vk_msg_anthropic").messages.create(model="claude-sonnet-4-6", max_tokens=10,
                                                             messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 529 and info.value.body == error
     provider.reset(lambda r: Reply(502, b"<html>bad gateway</html>", {"content-type": "text/html"}))
     with pytest.raises(anthropic.InternalServerError) as info:
-        client(gateway, "vk_msg_anthropic").messages.create(model="claude-sonnet-4-5", max_tokens=10,
+        client(gateway, "vk_msg_anthropic").messages.create(model="claude-sonnet-4-6", max_tokens=10,
                                                             messages=[{"role": "user", "content": "x"}])
     assert info.value.body["type"] == "error" and "bad gateway" in info.value.body["error"]["message"]
 
@@ -433,7 +433,7 @@ def test_usage_read_from_anthropic_format_bytes(gateway_factory, provider_server
     with c.messages.stream(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as s:
         s.get_final_message()
     provider.reset(lambda r: Reply.sse(stream_events([text_block("hi")])))
-    with client(gw, "vk_msg_anthropic").messages.stream(model="claude-sonnet-4-5", max_tokens=10,
+    with client(gw, "vk_msg_anthropic").messages.stream(model="claude-sonnet-4-6", max_tokens=10,
                                                         messages=[{"role": "user", "content": "x"}]) as s:
         s.get_final_message()
     db = Path(gw.tmp.name) / "usage.sqlite3"
@@ -444,7 +444,7 @@ def test_usage_read_from_anthropic_format_bytes(gateway_factory, provider_server
         with sqlite3.connect(db) as conn:
             rows = conn.execute("SELECT key_name, model, prompt_tokens, completion_tokens, cached_tokens, streamed FROM usage ORDER BY ts").fetchall()
     assert rows == [("msg-openai", "gpt-4o", 5, 2, 0, 0), ("msg-openai", "gpt-4o", 100, 20, 40, 1),
-                    ("msg-anthropic", "claude-sonnet-4-5", 38, 21, 8, 1)]
+                    ("msg-anthropic", "claude-sonnet-4-6", 38, 21, 8, 1)]
     no_secrets(gw)
 
 

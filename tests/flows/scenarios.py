@@ -20,7 +20,7 @@ KEYS = {"providers": {"azure": {"endpoint": "https://corpus-resource.openai.azur
     "vk_corpus_openai": {"provider": "openai", "api_key": "sk-corpus-openai-real-0001", "name": "corpus-openai"},
     "vk_corpus_deepseek": {"provider": "deepseek", "api_key": "sk-corpus-deepseek-real-0002", "name": "corpus-deepseek"},
     "vk_corpus_anthropic": {"provider": "anthropic", "api_key": "sk-ant-corpus-real-0003", "name": "corpus-anthropic",
-                            "models": ["claude-sonnet-4-5"]},
+                            "models": ["claude-sonnet-4-6"]},
     # its provider is down: nothing listens on port 1
     "vk_corpus_down": {"provider": "openai", "api_key": "sk-corpus-down-real-0005", "name": "corpus-down",
                        "base_url": "http://127.0.0.1:1/v1"},
@@ -78,7 +78,7 @@ def openai_error(status: int, message: str, type_: str) -> Callable[[Received], 
 
 
 def anthropic_message(content: list, stop_reason: str = "end_turn") -> dict:
-    return {"id": "msg_corpus_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+    return {"id": "msg_corpus_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
             "usage": {"input_tokens": 12, "output_tokens": 4}}
 
@@ -128,22 +128,22 @@ SCENARIOS = [
     Scenario("deepseek plain", "vk_corpus_deepseek", chat("deepseek-chat"), lambda r: Reply.json(openai_completion(r.json(), "ni hao"))),
     Scenario("deepseek stream", "vk_corpus_deepseek", chat("deepseek-chat", stream=True), lambda r: Reply.sse(openai_stream(r.json()))),
     Scenario("unnamed key", "vk_corpus_unnamed_secret", chat("gpt-4o-mini"), lambda r: Reply.json(openai_completion(r.json()))),
-    Scenario("anthropic plain", "vk_corpus_anthropic", chat("claude-sonnet-4-5", max_tokens=50),
+    Scenario("anthropic plain", "vk_corpus_anthropic", chat("claude-sonnet-4-6", max_tokens=50),
              lambda r: Reply.json(anthropic_message([{"type": "text", "text": "Bonjour!"}]))),
-    Scenario("anthropic gzip", "vk_corpus_anthropic", chat("claude-sonnet-4-5"),
+    Scenario("anthropic gzip", "vk_corpus_anthropic", chat("claude-sonnet-4-6"),
              lambda r: Reply.json(anthropic_message([{"type": "text", "text": "zipped"}]), gzip=True)),
-    Scenario("anthropic tool call", "vk_corpus_anthropic", chat("claude-sonnet-4-5", "weather in Paris?", tools=[WEATHER_TOOL]),
+    Scenario("anthropic tool call", "vk_corpus_anthropic", chat("claude-sonnet-4-6", "weather in Paris?", tools=[WEATHER_TOOL]),
              lambda r: Reply.json(anthropic_message([{"type": "tool_use", "id": "toolu_corpus1", "name": "get_weather",
                                                        "input": {"city": "Paris"}}], "tool_use"))),
-    Scenario("anthropic image", "vk_corpus_anthropic", {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": [
+    Scenario("anthropic image", "vk_corpus_anthropic", {"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}]}]},
         lambda r: Reply.json(anthropic_message([{"type": "text", "text": "a pixel"}]))),
-    Scenario("anthropic stream", "vk_corpus_anthropic", chat("claude-sonnet-4-5", stream=True),
+    Scenario("anthropic stream", "vk_corpus_anthropic", chat("claude-sonnet-4-6", stream=True),
              lambda r: Reply.sse(anthropic_stream([TEXT_BLOCK]))),
-    Scenario("anthropic stream tool call", "vk_corpus_anthropic", chat("claude-sonnet-4-5", "weather?", stream=True, tools=[WEATHER_TOOL]),
+    Scenario("anthropic stream tool call", "vk_corpus_anthropic", chat("claude-sonnet-4-6", "weather?", stream=True, tools=[WEATHER_TOOL]),
              lambda r: Reply.sse(anthropic_stream([TEXT_BLOCK, TOOL_BLOCK], "tool_use"), gzip=True)),
-    Scenario("anthropic 529", "vk_corpus_anthropic", chat("claude-sonnet-4-5"),
+    Scenario("anthropic 529", "vk_corpus_anthropic", chat("claude-sonnet-4-6"),
              lambda r: Reply.json({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 529)),
     Scenario("provider unreachable", "vk_corpus_down", chat("gpt-4o"), lambda r: Reply(599)),
     Scenario("gateway 401 missing key", None, chat("gpt-4o")),
@@ -151,7 +151,7 @@ SCENARIOS = [
     Scenario("gateway 400 invalid json", "vk_corpus_openai", b"{not json"),
     Scenario("gateway 400 missing model", "vk_corpus_openai", {"messages": [{"role": "user", "content": "hi"}]}),
     # refused after the key lookup: the client's key is still on the request (x-api-key is anthropic's header)
-    Scenario("gateway 400 anthropic unsupported n", "vk_corpus_anthropic", chat("claude-sonnet-4-5", n=3)),
+    Scenario("gateway 400 anthropic unsupported n", "vk_corpus_anthropic", chat("claude-sonnet-4-6", n=3)),
     Scenario("gateway 403 model not allowed", "vk_corpus_anthropic", chat("claude-opus-4")),
     Scenario("gateway 404 unknown path", "vk_corpus_openai", chat("gpt-4o"), path="/v1/files"),
     Scenario("azure deployment", "vk_corpus_azure", chat("gpt-4o"), lambda r: Reply.json(openai_completion(r.json(), "from azure"))),
@@ -173,13 +173,13 @@ SCENARIOS = [
              lambda r: Reply.json({"id": "resp_azure1", "object": "response", "deleted": True}),
              path="/v1/responses/resp_azure1", method="DELETE"),
     Scenario("gateway 404 responses another key's", "vk_corpus_azure", b"", path="/v1/responses/resp_fake1", method="GET"),
-    Scenario("gateway 400 responses unsupported", "vk_corpus_anthropic", {"model": "claude-sonnet-4-5", "input": "hi"},
+    Scenario("gateway 400 responses unsupported", "vk_corpus_anthropic", {"model": "claude-sonnet-4-6", "input": "hi"},
              path="/v1/responses"),
     # the Messages API in front: passthrough to anthropic, translation to OpenAI and DeepSeek
     messages_scenario("messages anthropic passthrough", "vk_corpus_anthropic",
-                      messages("claude-sonnet-4-5", system=[{"type": "text", "text": "terse", "cache_control": {"type": "ephemeral"}}]),
+                      messages("claude-sonnet-4-6", system=[{"type": "text", "text": "terse", "cache_control": {"type": "ephemeral"}}]),
                       lambda r: Reply.json(anthropic_message([{"type": "text", "text": "Bonjour!"}]))),
-    messages_scenario("messages anthropic stream", "vk_corpus_anthropic", messages("claude-sonnet-4-5", stream=True),
+    messages_scenario("messages anthropic stream", "vk_corpus_anthropic", messages("claude-sonnet-4-6", stream=True),
                       lambda r: Reply.sse(anthropic_stream([TEXT_BLOCK, TOOL_BLOCK], "tool_use"))),
     messages_scenario("messages openai translated", "vk_corpus_openai",
                       messages("gpt-4o", system="terse", tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]),
