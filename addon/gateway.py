@@ -50,7 +50,6 @@ from addon.policy import targets
 from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
-from addon.providers.catalog import DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
 from addon.policy.optionguard import OptionGuard
@@ -69,7 +68,7 @@ from addon.wire.limits import RequestLimits, limits, too_large
 from addon.wire.wirekeys import WireKeys
 from addon.wire.attempts import Attempts
 from addon.wire.connectreset import ConnectReset
-from addon.policy.failover import Failover
+from addon.policy.failover import RETRY_AT_ONCE, Failover
 from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")
@@ -162,7 +161,7 @@ class FailoverRoute:
     """A request of a key with several targets, while it is in flight: what another attempt
     needs (policy/failover.py decides on one, Gateway.reroute makes it)."""
 
-    __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now")
+    __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now", "pinned")
 
     def __init__(self, context: Routing, fields: Fields, index: int, routes: dict) -> None:
         self.context = context
@@ -172,6 +171,7 @@ class FailoverRoute:
         self.routes = routes  # provider name -> Route, for the request's API
         self.raw: bytes | None = None  # the client's body (plain); None: a body-less resource call
         self.retry_now = False  # attempts used up, a healthy target left: the client is told to retry
+        self.pinned = False  # names a stored response: only the target holding it may serve it (pin())
 
     @property
     def key(self) -> VirtualKey:
@@ -182,6 +182,12 @@ class FailoverRoute:
 
     def excluded(self) -> list[int]:
         return self.tried + self.unusable if self.unusable else self.tried
+
+
+def resource_request(route: Route) -> tuple:
+    """prepare()'s answer for a stored resource's path (GET /v1/responses/{id}): no body, no
+    model, nothing to reserve."""
+    return (None, None, *route.pair.prepare({}), rules.NO_DEMAND)
 
 
 def describe_target(key: VirtualKey, target: Target, attempt: int) -> str:
@@ -410,8 +416,7 @@ class Gateway:
         if failover is not None:  # appended to the fields: Headers.__setitem__ rescans them all
             response.headers.fields += ((b"x-gateway-attempts", str(len(failover.tried)).encode()),)
             if failover.retry_now and response.status_code in attempts.RETRYABLE:  # (the provider's own replaced)
-                response.headers["x-should-retry"] = "true"
-                response.headers["retry-after-ms"] = "0"
+                response.headers.update(RETRY_AT_ONCE)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.failovers.pop(flow.id, None)
@@ -526,7 +531,7 @@ class Gateway:
             self.note_target(flow, meta, key, target, 1, api)
         if tail:  # no body, no model, no usage: passed through for the key's provider key
             meta.update(api=api.name, model="", stream=False, price=None, resource=True)
-            return self.dispatch(context, tail, (None, None, *route.pair.prepare({}), rules.NO_DEMAND), owners.refers(api, None, tail))
+            return self.dispatch(context, tail, resource_request(route), owners.refers(api, None, tail))
         if b"content-encoding" in names or len(request.raw_content or b"") > OFF_LOOP_BYTES:  # in a worker thread
             return self.route_off_loop(context)
         return self.route_parsed(context, read_body(request, names, api))
@@ -553,21 +558,65 @@ class Gateway:
 
     def dispatch(self, context: Routing, tail: str, prepared: tuple, refers: tuple = ()) -> Awaitable[None] | None:
         """Admit (rate limits, budgets) and forward a prepared request. `refers`: the stored
-        objects it names, (id, field) pairs: only the key that created them may (policy/owners.py)."""
+        objects it names, (id, field) pairs: only the key that created them may (policy/owners.py),
+        and they go to the target holding them (pin)."""
+        if refers:
+            holder = owners.check(self.store, refers, context.key.fingerprint, time.time())  # may refuse (404)
+            if inspect.isawaitable(holder):  # a store that does I/O: the rest once the owners are known
+                return self.dispatch_when_owned(holder, context, tail, prepared)
+            if holder is not None:
+                context, prepared = self.pin(context, tail, prepared, holder)
         flow, names, api, route, key, keys, meta, query, _ = context
         model, new_body, upstream, exchange, demand = prepared
         fields = flow.request.headers.fields
         forward = self.forwarding(context, tail, prepared, fields)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
-        owned = owners.check(self.store, refers, key.fingerprint, time.time()) if refers else None  # may refuse (404)
-        if owned is None:
-            admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
-        else:  # a store that does I/O answers later: admission once the owners are known
-            admitted = owners.then(owned, functools.partial(rules.admit, key, model, keys, self.store, time.time(), demand))
+        admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
         if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
         return None
+
+    async def dispatch_when_owned(self, holder: Awaitable[str | None], context: Routing, tail: str, prepared: tuple) -> None:
+        try:
+            known = await holder
+            if known is not None:
+                context, prepared = self.pin(context, tail, prepared, known)
+            pending = self.dispatch(context, tail, prepared)
+            if pending is not None:
+                await pending
+        except Exception as e:
+            self.refuse(context.flow, e)
+
+    def pin(self, context: Routing, tail: str, prepared: tuple, holder: str) -> tuple[Routing, tuple]:
+        """A request naming a stored response, of a key with several targets, goes to the target
+        `holder` (its Target.id) that made it, and only there (no failover: no other target has
+        it). While that target cools down: 503 no_healthy_target, nothing forwarded. A holder the
+        key no longer lists (the keys file changed) leaves the request where it was picked."""
+        key = context.key
+        failover = self.failovers.get(context.flow.id) if key.failover else None
+        if failover is None:
+            return context, prepared
+        index = next((i for i, t in enumerate(key.targets) if t.id == holder), None)
+        if index is None or key.targets[index].provider not in failover.routes:
+            return context, prepared
+        failover.pinned = True
+        target = key.targets[index]
+        now = time.time()
+        if not targets.healthy(key, target, self.store, now):
+            wait = max(1.0, self.store.cooldown_until(target.id) - now)
+            raise GatewayError(503, f"the target holding this stored response is cooling down after failures; retry in {wait:.0f}s",
+                               code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
+        if index == failover.tried[0]:
+            return context, prepared
+        context = context._replace(route=failover.routes[target.provider], target=target)
+        if tail:
+            prepared = resource_request(context.route)
+        else:
+            prepared = self.prepare((failover.raw, context.api.parse_request(failover.raw)), context)
+        failover.context, failover.tried = context, [index]
+        self.note_target(context.flow, context.meta, key, target, 1, context.api)
+        return context, prepared
 
     @staticmethod
     def forwarding(context: Routing, tail: str, prepared: tuple, fields: Fields) -> tuple:
@@ -676,8 +725,10 @@ class Gateway:
             new_body = upstream.body
             if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either
                 new_body = without_stream_options(new_body)
-        # the output a request without max_tokens may get (none for embeddings)
-        output = MAX_OUTPUT.get(target.provider, DEFAULT_MAX_OUTPUT) if getattr(api, "has_output", True) else 0
+        # the output a request without max_tokens may get from any of the key's targets (none for embeddings)
+        output = key.max_output if getattr(api, "has_output", True) else 0
+        if key.failover and key.policy.budget_usd is not None:  # the priciest model a retry may be served
+            price = rules.worst_price(keys, key, model)
         demand = rules.worst_case(key.policy, price, body, len(raw), output)
         return model, new_body, upstream, exchange, demand
 
@@ -717,8 +768,9 @@ class Gateway:
 
     @staticmethod
     def note_target(flow: http.HTTPFlow, meta: dict, key: VirtualKey, target: Target, attempt: int, api: InboundAPI) -> None:
-        """The attempt in the flow's metadata (ledger, metrics) and comment (mitmweb)."""
-        meta.update(provider=target.provider, target=target.label, attempts=attempt)
+        """The attempt in the flow's metadata (ledger, metrics; target_id: a stored response's
+        holder, policy/owners.py) and comment (mitmweb)."""
+        meta.update(provider=target.provider, target=target.label, target_id=target.id, attempts=attempt)
         flow.comment = describe_target(key, target, attempt) + getattr(api, "label", "")
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:

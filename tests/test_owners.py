@@ -53,6 +53,20 @@ def test_check_refuses_the_first_id_the_key_did_not_create_with_openais_404():
     assert len(e.value.message) < 120  # a client's long id is not echoed whole
 
 
+def test_check_returns_the_target_holding_the_response_and_reads_records_without_one():
+    store = MemoryStore()
+    store.note_owner("resp_old", "fp-one", NOW)  # a single-target key's record, or one from before targets
+    store.note_owner("resp_new", owners.record("fp-one", "t1d0f0000000000a"), NOW)
+    assert owners.record("fp-one", None) == "fp-one"
+    assert owners.check(store, (("resp_old", None),), "fp-one", NOW) is None
+    assert owners.check(store, (("resp_new", None),), "fp-one", NOW) == "t1d0f0000000000a"
+    assert owners.check(store, (("resp_old", "previous_response_id"), ("resp_new", None)), "fp-one", NOW) == "t1d0f0000000000a"
+    for rid in ("resp_old", "resp_new"):
+        with pytest.raises(GatewayError) as e:  # another key's, with or without a target: 404 alike
+            owners.check(store, ((rid, None),), "fp-two", NOW)
+        assert e.value.status == 404
+
+
 @pytest.mark.fleet
 def test_redis_store_shares_owners_between_gateways_with_a_ttl_and_fails_closed_when_down(redis_server):
     async def scenario():

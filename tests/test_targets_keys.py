@@ -225,3 +225,14 @@ def test_the_check_command_lists_targets_masked(tmp_path):
     assert "openai[0]: openai -> https://api.openai.com/v1/chat/completions (key sk-...111; weight 3)" in out
     assert "anthropic[2]: anthropic -> https://api.anthropic.com/v1/messages (key sk-...333; fallback, model_map" in out
     assert not any(secret in out for secret in SECRETS)
+
+
+def test_max_output_is_the_largest_default_output_of_any_target_computed_at_load():
+    from addon.providers.catalog import MAX_OUTPUT
+
+    store = parse_keys({"virtual_keys": {
+        "vk_classic": {"provider": "deepseek", "api_key": KEY_A},
+        "vk_mixed": {"targets": [{"provider": "deepseek", "api_key": KEY_A},
+                                 {"provider": "openai", "api_key": KEY_B, "fallback": True}]}}})
+    assert store.lookup("vk_classic").max_output == MAX_OUTPUT["deepseek"] < MAX_OUTPUT["openai"]
+    assert store.lookup("vk_mixed").max_output == MAX_OUTPUT["openai"]  # the fallback's, though it is second

@@ -12,7 +12,11 @@ were counted once, when the request was admitted; a retry is not admitted again.
 
 When the attempts are used up but a healthy target remains, the client's answer says to retry at
 once (`x-should-retry: true`, `retry-after-ms: 0`: the official SDKs do), and that retry lands on
-the healthy target.
+the healthy target: the provider's error response, or the gateway's 502/504 when the last attempt
+could not connect or got no headers in time (wire/errorpages.py puts PAGE_HEADERS on it).
+
+A request for a stored response (`FailoverRoute.pinned`, policy/owners.py) goes to the target
+that holds it and nowhere else: its failure cools that target down and goes to the client.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from mitmproxy import ctx, exceptions, http
 
 from addon.policy import targets
 from addon.wire import attempts
+from addon.wire.errorpages import PAGE_HEADERS
 from addon.wire.timeouts import seconds_option
 
 log = logging.getLogger("gateway")
 
 DEFAULT_MAX_ATTEMPTS = 3  # "max_attempts" 0: the key's number of targets, at most this
+# attempts used up, a healthy target left: the official SDKs (openai, anthropic) retry on these
+RETRY_AT_ONCE = {"x-should-retry": "true", "retry-after-ms": "0"}
 
 
 def retry_after_seconds(headers: dict | None) -> float:
@@ -96,12 +103,15 @@ class Failover:
         key = route.key
         now = time.time()
         self.cool_down(key, route.tried[-1], attempts.failure(flow), now)
+        if route.pinned:
+            return  # no other target holds the stored response it names
         while True:
             index = targets.pick(key, self.gateway.store, now, route.excluded(), route.serves)
             if index is None:
                 return  # nothing healthy left: the client gets this attempt's failure
             if len(route.tried) >= self.attempts_for(key):
                 route.retry_now = True  # the client's own retry (at once) gets the healthy one
+                flow.metadata[PAGE_HEADERS] = RETRY_AT_ONCE  # on the gateway's 502/504 too
                 return
             if self.gateway.reroute(flow, route, index):
                 attempts.retry(flow)

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from addon.providers import azure
-from addon.providers.catalog import CATALOG
+from addon.providers.catalog import CATALOG, DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.policy.store import MAX_BUDGET_PERIOD, Limits
 
 
@@ -218,6 +218,9 @@ class VirtualKey:
     primaries: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
     cumulative: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
     fallbacks: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+    # the most output a request without max_tokens may get from any of its targets (a retry may go
+    # to any): what a budget or tpm reserves for it (rules.worst_case)
+    max_output: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -232,6 +235,7 @@ class VirtualKey:
         object.__setattr__(self, "primaries", primaries)
         object.__setattr__(self, "cumulative", tuple(cumulative))
         object.__setattr__(self, "fallbacks", tuple(i for i, t in enumerate(targets) if t.fallback))
+        object.__setattr__(self, "max_output", max(MAX_OUTPUT.get(t.provider, DEFAULT_MAX_OUTPUT) for t in targets))
 
     def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
         return (

@@ -12,6 +12,11 @@ has no record of (made before this, directly at the provider, or past the TTL) i
 Gateway) records the id of each stored response as it arrives: a whole body in `response` (the
 client gets the body only once the record is written), a stream from its first event
 (`response.created`, which carries the id the client may poll with).
+
+A response lives at the target (provider account) that made it. For a key with several targets
+the record also names that target (its `Target.id`: "<fingerprint>/<target id>"), and `check()`
+returns it: the Gateway sends the request there and nowhere else (Gateway.pin). A record of a
+single-target key, or one written before targets were recorded, is the bare fingerprint.
 """
 
 from __future__ import annotations
@@ -52,37 +57,39 @@ def refers(api, body: dict | None, tail: str) -> tuple[tuple[str, str | None], .
     return stored_ids(body, tail) if stored_ids is not None else ()
 
 
-def check(store, refers: tuple[tuple[str, str | None], ...], key: str, now: float) -> Awaitable[None] | None:
-    """Raise the 404 for the first of `refers` ((id, param) pairs) that `key` did not create; an
-    awaitable of that when the store does I/O (RedisStore: raises StoreUnavailable there)."""
+def record(key: str, target_id: str | None) -> str:
+    """What the store keeps for a response `key` (a fingerprint) created at target `target_id`."""
+    return f"{key}/{target_id}" if target_id else key
+
+
+def check(store, refers: tuple[tuple[str, str | None], ...], key: str, now: float) -> str | None | Awaitable[str | None]:
+    """Raise the 404 for the first of `refers` ((id, param) pairs) that `key` did not create;
+    else the id of the target holding them (None: not recorded). An awaitable of that when the
+    store does I/O (RedisStore: raises StoreUnavailable there)."""
     owners = [store.owner_of(resource_id, now) for resource_id, _ in refers]
     if not any(inspect.isawaitable(owner) for owner in owners):
-        _judge(refers, owners, key)
-        return None
+        return _judge(refers, owners, key)
     return _check_later(refers, owners, key)
 
 
-async def _check_later(refers, owners: list, key: str) -> None:
+async def _check_later(refers, owners: list, key: str) -> str | None:
     try:
         known = [await owner if inspect.isawaitable(owner) else owner for owner in owners]
     except StoreUnavailable:
         raise GatewayError(503, "the gateway cannot check who created this stored response right now (its usage "
                                 "store is unreachable); retry shortly", code="store_unavailable",
                            headers={"retry-after": "1"}) from None
-    _judge(refers, known, key)
+    return _judge(refers, known, key)
 
 
-def _judge(refers, owners: list, key: str) -> None:
+def _judge(refers, owners: list, key: str) -> str | None:
+    holder = None
     for (resource_id, param), owner in zip(refers, owners):
-        if owner != key:
+        creator, _, target_id = owner.partition("/") if owner else (None, "", "")
+        if creator != key:
             raise not_found(resource_id, param)
-
-
-async def then(first: Awaitable[None], step: Callable[[], object]):
-    """`step()` once `first` is done (and its result awaited when it is awaitable)."""
-    await first
-    result = step()
-    return await result if inspect.isawaitable(result) else result
+        holder = holder or target_id or None
+    return holder
 
 
 def created(body: object) -> str | None:
@@ -145,8 +152,9 @@ class ResponseOwners:
     def note(self, flow: http.HTTPFlow, key: str, body: object):
         resource_id = created(body)
         if resource_id is not None:
-            flow.metadata["gateway"]["created"] = resource_id
-            return self.store.note_owner(resource_id, key, time.time())
+            meta = flow.metadata["gateway"]
+            meta["created"] = resource_id
+            return self.store.note_owner(resource_id, record(key, meta.get("target_id")), time.time())
         return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

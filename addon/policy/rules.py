@@ -103,6 +103,16 @@ def worst_case(policy: KeyPolicy, price: Price | None, body: dict, body_size: in
     return Demand(body_size + output, usd)
 
 
+def worst_price(keys: KeyStore, key: VirtualKey, model: str) -> Price | None:
+    """For a key with several targets: per token kind, the highest price among the models its
+    targets serve `model` as (a retry may go to any of them). Unpriced ones are left out: a key
+    with a dollar budget never sends to them (model_not_priced)."""
+    prices = [price for target in key.targets if (price := keys.price(target.served_model(model))) is not None]
+    if not prices:
+        return None
+    return Price(max(p.input for p in prices), max(p.output for p in prices))
+
+
 def listed_models(key: VirtualKey) -> list[str]:
     """The key's model names for GET /v1/models. Globs cannot be enumerated and are left out;
     a key without a models list lists nothing rather than guessing."""

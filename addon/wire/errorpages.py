@@ -47,6 +47,9 @@ _overheads: dict[str, tuple[str, float]] = {}
 _apis: dict[str, tuple[InboundAPI, float]] = {}
 TIMEOUT_MARK_SECONDS = 1.0
 OVERHEAD_HEADER = "x-gateway-overhead-ms"
+# flow.metadata: headers an addon wants on that flow's error page (policy/failover.py's "retry
+# at once" when a failed attempt cannot be retried inside the flow)
+PAGE_HEADERS = "gateway.page_headers"
 
 
 def _mark(marks: dict, message: str, value) -> None:
@@ -85,14 +88,14 @@ class _Rendering:
 _rendering = _Rendering()
 
 
-def _answering(message: str) -> InboundAPI:
+def _answering(message: str) -> tuple[InboundAPI, dict | None]:
     """The API of the flow whose error is being rendered: the flow named for this step, else the
-    one the error hook marked with this message, else OpenAI's."""
+    one the error hook marked with this message, else OpenAI's; and the named flow's PAGE_HEADERS."""
     flow, _rendering.flow = _rendering.flow, None  # one render per naming
     mark = _apis.pop(message, None)
     if flow is not None:
-        return api_for_flow(flow)
-    return mark[0] if mark is not None and mark[1] >= time.monotonic() else DEFAULT_API
+        return api_for_flow(flow), flow.metadata.get(PAGE_HEADERS)
+    return (mark[0] if mark is not None and mark[1] >= time.monotonic() else DEFAULT_API), None
 
 
 def error_page(api: InboundAPI, error: GatewayError, extra: dict[str, str] | None = None) -> http.Response:
@@ -115,9 +118,11 @@ def _http1_bytes(page: http.Response) -> bytes:
 def mitmproxy_page(status: int, message: str) -> http.Response:
     """The gateway's page for an error mitmproxy answers itself (`status`, its `message`)."""
     overhead = _overheads.pop(message, None)
-    api = _answering(message)
+    api, page = _answering(message)
     status, text, code = _classify(status, message)
     extra = {OVERHEAD_HEADER: overhead[0]} if overhead is not None and overhead[1] >= time.monotonic() else None
+    if page:
+        extra = {**extra, **page} if extra else page
     return error_page(api, GatewayError(status, text, code=code), extra)
 
 
