@@ -13,6 +13,7 @@ import pytest
 
 from tests.fakeprovider import Received, Reply, openai_completion
 from tests.fakeresponses import StoredResponses
+from tests.services.redis import redis_server  # noqa: F401  (fixture)
 from tests.test_failover import (KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, client, closed_port,
                                  keys, ledger, ok, served_by, status, target)
 
@@ -182,3 +183,21 @@ def test_a_dollar_budget_reserves_the_priciest_model_a_fallback_serves(provider,
     assert provider.received == []
     assert chat(gw, max_tokens=100).headers["x-gateway-attempts"] == "2"  # $0.01 at most: admitted, B serves it
     assert served_by(provider) == ["a", "b"]
+
+
+@pytest.mark.fleet
+def test_two_gateways_on_redis_send_a_stored_response_to_the_target_that_made_it(provider, gateway_factory, redis_server):
+    entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=1000))
+    args = ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=0.3"]
+    one, two = gateway_factory(entry, args), gateway_factory(entry, args)
+    at_a, at_b = StoredResponses(), StoredResponses()
+    provider.reset(by_target({"a": at_a, "b": lambda r: status(503)(r) if r.method == "POST" else at_b(r)}))
+    rid = responses_client(one).responses.create(model="gpt-4.1", input="hi").id
+    time.sleep(1.5)  # B's cooldown is over, at both gateways
+    provider.received.clear()
+    for gw in (one, two, one):
+        assert responses_client(gw).responses.retrieve(rid).id == rid
+    assert served_by(provider) == ["a"] * 3
+    record = redis_server.command("GET", f"llmgw:owner:{rid}").split(b"\r\n")[1].decode()
+    creator, holder = record.split("/")
+    assert len(holder) == 16 and KEY_A not in record  # the target's id (a hash), never its key
