@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import anthropic
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -40,6 +41,16 @@ def test_a_refused_last_attempt_with_a_healthy_target_left_tells_the_sdk_to_retr
     retried = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_team", max_retries=1, timeout=20)
     assert retried.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content == "from b"
     assert served_by(provider) == ["b"]
+
+
+def test_the_retry_headers_are_on_the_gateways_http2_page_too(provider, gateway_factory):
+    gw = gateway_factory(keys(refusing(KEY_A, weight=1000), target(provider, "b", KEY_B)), ["--set", "max_attempts=1"])
+    with httpx.Client(http2=True, verify=False, timeout=20) as h2:
+        page = h2.post(gw.url.replace("http://", "https://") + "/v1/chat/completions",
+                       json={"model": "gpt-4o", "messages": MESSAGES}, headers={"authorization": "Bearer vk_team"})
+    assert page.http_version == "HTTP/2" and page.status_code == 502
+    assert (page.headers["x-should-retry"], page.headers["retry-after-ms"]) == ("true", "0")
+    assert provider.received == []
 
 
 def test_no_headers_in_time_on_the_last_attempt_gives_a_504_that_says_retry(provider, gateway_factory):
