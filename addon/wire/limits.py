@@ -15,9 +15,13 @@
   connection, when the body would pass `max_request_mb`.
 - **Trailers.** A chunked request with trailers made mitmproxy raise NotImplementedError and
   close the connection without a word; the client now gets a 400.
+- **Unparsable heads.** mitmproxy's own 400 for a head it cannot parse (a bad header line) or
+  whose framing it refuses (a bad content-length or transfer-encoding) no longer quotes the
+  offending line (it may hold a key).
 
-The 431 and the 400 are made below the flow hooks; they take the error shape of the API on the
-request's path all the same (errorpages.error_response).
+The 431 and the 400s are made below the flow hooks; they take the error shape of the API on the
+request's path all the same (errorpages.error_response; OpenAI's when the request line does not
+parse).
 
 These are small wrappers around mitmproxy internals, installed for the life of the addon (as
 errorpages.py does); tests/test_limits.py drives them through a real mitmdump.
