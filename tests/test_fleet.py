@@ -370,3 +370,26 @@ def test_limits_hold_across_three_workers_behind_haproxy(provider):
         assert counted[200] >= 2 and counted[200] + counted.get((429, "concurrency_limit_exceeded"), 0) == 12
     finally:
         f.stop()
+
+
+def test_workers_auto_is_one_per_core_sharing_the_redis_given(provider):
+    """GATEWAY_WORKERS=auto REDIS_URL=... ./run.sh: one worker per core, no local redis-server,
+    limits in the Redis given (the issue's third command)."""
+    from tests.services.redis import RedisServer
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: GATEWAY_WORKERS=auto runs one process, without HAProxy")
+    redis = RedisServer().start()
+    keys_ = keys(provider)
+    keys_["virtual_keys"]["vk_fleet_auto"] = {"provider": "openai", "api_key": REAL_KEY, "name": "auto", "rpm": 2}
+    f = FleetProcess(keys_, "auto", env={"REDIS_URL": redis.url}).start()
+    try:
+        state = f.state()
+        assert len(state["workers"]) == cores and state["redis"] is None
+        assert f"(Redis {redis.url};" in f.log()
+        assert [post(f.url, chat_body(), key="vk_fleet_auto")[0] for _ in range(4)] == [200, 200, 429, 429]
+        assert b":rpm" in redis.command("KEYS", "llmgw:*")
+    finally:
+        f.stop()
+        redis.close()

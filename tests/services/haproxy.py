@@ -51,7 +51,7 @@ def alive(pid: int) -> bool:
 class FleetProcess:
     """`GATEWAY_WORKERS=workers ./run.sh` on a free port, its own state dir and (unless given) ledger."""
 
-    def __init__(self, keys: dict, workers: int = 3, env: dict | None = None, args: list[str] | None = None) -> None:
+    def __init__(self, keys: dict, workers: int | str = 3, env: dict | None = None, args: list[str] | None = None) -> None:
         require("haproxy", *(() if (env or {}).get("REDIS_URL") else ("redis-server",)))
         self.tmp = tempfile.TemporaryDirectory(prefix="fleet-")
         tmp = Path(self.tmp.name)
