@@ -393,3 +393,44 @@ def test_workers_auto_is_one_per_core_sharing_the_redis_given(provider):
     finally:
         f.stop()
         redis.close()
+
+
+def test_run_sh_web_stays_one_process_whatever_gateway_workers_says(provider, tmp_path):
+    from tests.services.haproxy import free_port
+
+    (tmp_path / "keys.json").write_text(json.dumps(keys(provider)))
+    port, web_port = free_port(), free_port()
+    env = {**os.environ, "GATEWAY_WORKERS": "3", "GATEWAY_PORT": str(port), "WEB_PORT": str(web_port),
+           "WEB_PASSWORD": "audit-web-pass", "KEYS_FILE": str(tmp_path / "keys.json"),
+           "USAGE_DB": str(tmp_path / "usage.sqlite3"), "FLEET_DIR": str(tmp_path / "fleet")}
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "web", "--set", f"confdir={tmp_path}"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "./run.sh web did not start"
+            time.sleep(0.2)
+        assert post(f"http://127.0.0.1:{port}", chat_body())[0] == 200 and len(provider.received) == 1
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")  # run.sh exec'd mitmweb itself
+        assert any(a.endswith(b"mitmweb") for a in argv[:2]), argv
+        # no supervisor, no HAProxy, no redis-server
+        assert _children(proc.pid) == [] and not (tmp_path / "fleet").exists()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
