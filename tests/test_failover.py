@@ -22,6 +22,9 @@ from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
+# a weight that makes a target the first pick of a draw (the other, weight 1, one time in 10^9):
+# 1000 left it to chance once per thousand draws, and a suite run makes a few dozen
+FIRST = 10**9
 KEY_A, KEY_B, KEY_C = "sk-target-a-111111", "sk-target-b-222222", "sk-ant-target-c-333333"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -290,7 +293,7 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
 
 
 def test_a_429_before_the_first_byte_fails_over_and_the_stream_passes_chunk_by_chunk(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)))
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)))
     hold = threading.Event()
     provider.reset(by_target({"a": status(429, **{"retry-after": "1"}),
                               "b": lambda r: Reply.sse(openai_stream(r.json(), pieces=("one ", "two ", "three")), hold_after_first=hold)}))
@@ -306,7 +309,7 @@ def test_a_429_before_the_first_byte_fails_over_and_the_stream_passes_chunk_by_c
 
 
 def test_a_failure_after_the_first_chunk_does_not_switch(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)))
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)))
     provider.reset(by_target({"a": lambda r: Reply.sse(openai_stream(r.json(), pieces=("one ", "two"))[:2], cut=True),
                               "b": ok}))
     stream = client(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
@@ -320,7 +323,7 @@ def test_a_failure_after_the_first_chunk_does_not_switch(provider, gateway_facto
 
 
 def test_a_rejected_real_key_is_skipped_for_auth_cooldown(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "cooldown_s=0.1", "--set", "auth_cooldown_s=600"])
     provider.reset(by_target({"a": status(401), "b": ok}))
     assert chat(gw).headers["x-gateway-attempts"] == "2"
@@ -347,7 +350,7 @@ def test_every_target_cooling_down_answers_503_no_healthy_target(provider, gatew
 
 
 def test_attempts_used_up_with_a_healthy_target_left_tell_the_sdk_to_retry_at_once(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "max_attempts=1"])
     provider.reset(by_target({"a": status(503, **{"x-should-retry": "false"}), "b": ok}))  # the provider's own, replaced
     with pytest.raises(openai.InternalServerError) as failed:
@@ -361,7 +364,7 @@ def test_attempts_used_up_with_a_healthy_target_left_tell_the_sdk_to_retry_at_on
 
 
 def test_limits_count_a_client_request_once_whatever_its_attempts(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B), rpm=2),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B), rpm=2),
                          ["--set", "cooldown_s=0.01"])
     provider.reset(by_target({"a": status(503), "b": ok}))
     for _ in range(2):
@@ -396,18 +399,18 @@ def test_a_429s_retry_after_is_read_in_seconds_or_milliseconds(headers, seconds)
 
 @pytest.mark.fleet
 def test_a_cooldown_set_by_one_gateway_is_honoured_by_another_sharing_redis(provider, gateway_factory, redis_server):
-    entry = keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B))
+    entry = keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B))
     one, two = (gateway_factory(entry, ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=60"]) for _ in range(2))
     provider.reset(by_target({"a": status(503), "b": ok}))
     assert chat(one).headers["x-gateway-attempts"] == "2"  # A failed at the first gateway: it cools A down
     time.sleep(1.5)  # the other gateway reads the shared cooldowns every 0.5 s
     for _ in range(10):
-        assert chat(two).headers["x-gateway-attempts"] == "1"  # A weighs 1000:1, yet it is skipped
+        assert chat(two).headers["x-gateway-attempts"] == "1"  # A is the first pick, yet it is skipped
     assert served_by(provider) == ["a"] + ["b"] * 11
 
 
 def test_no_response_headers_within_upstream_timeout_moves_to_the_next_target(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "upstream_timeout=1"])
     slow = lambda r: Reply.json(openai_completion(r.json(), text="too late"), delay=4)
     provider.reset(by_target({"a": slow, "b": ok}))
@@ -420,7 +423,7 @@ def test_no_response_headers_within_upstream_timeout_moves_to_the_next_target(pr
 def test_the_messages_api_fails_over_too_and_answers_in_its_own_shape(provider, gateway_factory):
     import anthropic
 
-    primary = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "weight": 1000}
+    primary = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"{provider.url}/c/v1", "weight": FIRST}
     fallback = target(provider, "b", KEY_B, fallback=True, model="gpt-4o-mini")
     gw = gateway_factory(keys(primary, fallback))
     provider.reset(by_target({"c": status(529), "b": ok}))
@@ -442,7 +445,7 @@ def test_the_next_attempt_at_the_same_provider_address_gets_its_answer(gateway_f
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         gw = gateway_factory(keys({"provider": "openai", "api_key": "sk-revoked-123456", "base_url": url + "/openai/v1",
-                                   "weight": 1000},
+                                   "weight": FIRST},
                                   {"provider": "openai", "api_key": demo.KEYS["openai"], "base_url": url + "/openai/v1"}),
                              ["--set", "auth_cooldown_s=0.001"])
         for _ in range(4):  # new client connections, and a kept-alive one

@@ -15,7 +15,7 @@ import pytest
 from tests.fakeprovider import Received, Reply, openai_completion
 from tests.fakeresponses import StoredResponses
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
-from tests.test_failover import (KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, client, closed_port,
+from tests.test_failover import (FIRST, KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, client, closed_port,
                                  keys, ledger, ok, served_by, status, target)
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ def refusing(key: str, **extra) -> dict:
 # --- 1. attempts used up by a connection failure ------------------------------------------------
 
 def test_a_refused_last_attempt_with_a_healthy_target_left_tells_the_sdk_to_retry_there(provider, gateway_factory):
-    gw = gateway_factory(keys(refusing(KEY_A, weight=1000), target(provider, "b", KEY_B)), ["--set", "max_attempts=1"])
+    gw = gateway_factory(keys(refusing(KEY_A, weight=FIRST), target(provider, "b", KEY_B)), ["--set", "max_attempts=1"])
     provider.reset(by_target({"b": ok}))
     with pytest.raises(openai.InternalServerError) as failed:
         chat(gw)
@@ -44,7 +44,7 @@ def test_a_refused_last_attempt_with_a_healthy_target_left_tells_the_sdk_to_retr
 
 
 def test_the_retry_headers_are_on_the_gateways_http2_page_too(provider, gateway_factory):
-    gw = gateway_factory(keys(refusing(KEY_A, weight=1000), target(provider, "b", KEY_B)), ["--set", "max_attempts=1"])
+    gw = gateway_factory(keys(refusing(KEY_A, weight=FIRST), target(provider, "b", KEY_B)), ["--set", "max_attempts=1"])
     with httpx.Client(http2=True, verify=False, timeout=20) as h2:
         page = h2.post(gw.url.replace("http://", "https://") + "/v1/chat/completions",
                        json={"model": "gpt-4o", "messages": MESSAGES}, headers={"authorization": "Bearer vk_team"})
@@ -54,7 +54,7 @@ def test_the_retry_headers_are_on_the_gateways_http2_page_too(provider, gateway_
 
 
 def test_no_headers_in_time_on_the_last_attempt_gives_a_504_that_says_retry(provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "max_attempts=1", "--set", "upstream_timeout=1"])
     provider.reset(by_target({"a": lambda r: Reply.json(openai_completion(r.json()), delay=4), "b": ok}))
     with pytest.raises(openai.InternalServerError) as failed:
@@ -75,7 +75,7 @@ def test_no_retry_header_when_no_healthy_target_is_left(provider, gateway_factor
 
 
 def test_the_anthropic_sdk_retries_on_the_same_headers(provider, gateway_factory):
-    dead = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"http://127.0.0.1:{closed_port()}/v1", "weight": 1000}
+    dead = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"http://127.0.0.1:{closed_port()}/v1", "weight": FIRST}
     healthy = {"provider": "anthropic", "api_key": "sk-ant-target-d-444444", "base_url": f"{provider.url}/d/v1"}
     gw = gateway_factory(keys(dead, healthy), ["--set", "max_attempts=1"])
     provider.reset(by_target({"d": anthropic_reply}))
@@ -98,9 +98,9 @@ def responses_client(gw) -> openai.OpenAI:
 
 
 def test_a_stored_response_is_read_continued_and_deleted_at_the_target_that_made_it(provider, gateway_factory):
-    # B weighs 1000:1, but refuses to create: the response is made at A. Later requests naming it
+    # B is the first pick, but refuses to create: the response is made at A. Later requests naming it
     # must go to A although B is healthy again and would be picked.
-    gw = gateway_factory(keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=1000)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=FIRST)),
                          ["--set", "cooldown_s=0.3"])
     at_a, at_b = StoredResponses(), StoredResponses()
 
@@ -131,7 +131,7 @@ def test_a_stored_response_is_read_continued_and_deleted_at_the_target_that_made
 
 def test_a_stored_responses_target_failing_is_not_failed_over_and_while_it_cools_down_the_client_gets_503(
         provider, gateway_factory):
-    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=1000), target(provider, "b", KEY_B)),
+    gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "cooldown_s=30"])
     at_a = StoredResponses()
     provider.reset(by_target({"a": at_a, "b": StoredResponses()}))
@@ -198,7 +198,7 @@ def test_a_dollar_budget_reserves_the_priciest_model_a_fallback_serves(provider,
 
 @pytest.mark.fleet
 def test_two_gateways_on_redis_send_a_stored_response_to_the_target_that_made_it(provider, gateway_factory, redis_server):
-    entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=1000))
+    entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=FIRST))
     args = ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=0.3"]
     one, two = gateway_factory(entry, args), gateway_factory(entry, args)
     at_a, at_b = StoredResponses(), StoredResponses()
