@@ -85,7 +85,7 @@ def test_no_chat_body_gets_a_500(gw, body, key):
     assert not gw.exchanges
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(["vk_o", "vk_a"]))
 def test_no_raw_body_gets_a_500(gw, raw, key):
     result = send(gw, key, raw)
@@ -262,7 +262,7 @@ def test_no_count_tokens_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     assert result is None or 400 <= result[0] < 500, (result, body)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(sorted(ROUTED_TO)))
 def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
     result = send_messages(mgw, key, raw)
