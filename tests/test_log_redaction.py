@@ -8,9 +8,12 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from addon.policy import logredact
 from addon.policy.keys import parse_keys
-from addon.policy.logredact import RedactingFilter
+from addon.policy.logredact import RedactingFilter, Secrets
 
 VK = "vk_user_secret_7f3a"
 REAL = "sk-real-provider-key-123456"
@@ -49,6 +52,43 @@ def test_tracebacks_and_odd_shaped_keys_are_redacted_too():
         text = redacted(flt, "failed", exc_info=sys.exc_info())
     assert "Traceback" in text and "ValueError" in text
     assert REAL not in text and ODD not in text
+
+
+# the fast paths (logredact.tokens, may_name_header) must find what the regexes find
+_HEADERISH = st.sampled_from(["Authorization", "x-API-key", "api-key", "proxy-authorization", "AUTHORIZATION",
+                              "\u212a", "ı", "İ", "ſ", "Bearer ", ": ", "=", '"', "'", "\\", "\r\n", "\u2003",
+                              "\x1c", "\x85", VK, REAL, "-", "_", "/", "&", "key", " "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_HEADERISH, st.text(max_size=6)), max_size=14).map("".join))
+def test_the_fast_paths_agree_with_the_regexes(text):
+    assert logredact.tokens(text) == logredact._TOKEN.findall(text)
+    if logredact._HEADER.search(text):
+        assert logredact.may_name_header(text)
+    secrets = Secrets(keystore(VK, ODD))
+    slow = logredact._HEADER.sub(logredact._mask_header, text)
+    if not secrets.tokens.isdisjoint(logredact._TOKEN.findall(slow)):
+        slow = logredact._TOKEN.sub(secrets._mask_token, slow)
+    for secret in secrets.odd:
+        slow = slow.replace(secret, logredact.mask(secret))
+    assert secrets.redact(text) == slow
+
+
+def test_tokens_split_at_every_separator_the_regex_knows():
+    """Every code point, between two token characters: the same tokens (whitespace included:
+    the regex's \\s and str.split() agree on what is whitespace)."""
+    for code in range(0x110000):
+        text = f"a{chr(code)}b"
+        assert logredact.tokens(text) == logredact._TOKEN.findall(text), hex(code)
+
+
+def test_an_access_line_naming_a_header_in_odd_case_is_still_masked():
+    secrets = Secrets(keystore(VK))
+    assert "abcdefghijkl" not in secrets.redact("upstream said X-Api-KEY: abcdefghijkl")
+    assert "abcdefghijkl" not in secrets.redact("upstream said x-api-\u212aey: abcdefghijkl")  # Kelvin sign: the regex
+    assert secrets.redact("200 key=team provider=openai model=gpt-4o-mini latency=3ms") == \
+        "200 key=team provider=openai model=gpt-4o-mini latency=3ms"
 
 
 def test_a_reload_is_seen_at_the_next_record():

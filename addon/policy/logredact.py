@@ -31,6 +31,25 @@ _HEADER = re.compile(
 # candidate tokens for the known-key lookup: runs of characters that are not separators
 _TOKEN = re.compile(r"""[^\s"'\\,;:=()\[\]{}<>&/]+""")
 _TOKEN_CHARS = re.compile(r"""[^\s"'\\,;:=()\[\]{}<>&/]+\Z""")
+# the same tokens as _TOKEN.findall, found faster: the separators other than whitespace become a
+# space, and str.split() splits at whitespace as \s defines it (both are Py_UNICODE_ISSPACE)
+_SEPARATORS_TO_SPACE = str.maketrans(dict.fromkeys("\"'\\,;:=()[]{}<>&/", " "))
+
+
+def tokens(text: str) -> list[str]:
+    """`_TOKEN.findall(text)`, about 3 times as fast."""
+    return text.translate(_SEPARATORS_TO_SPACE).split()
+
+
+def may_name_header(text: str) -> bool:
+    """False only where _HEADER cannot match: ASCII text naming none of its headers. The
+    case-insensitive regex costs about 0.2 us per character of text searched (every access-log
+    batch goes through here); this check about 1/100 of that. Non-ASCII text goes to the regex,
+    whose case folding matches more than str.lower does (the Kelvin sign for a k)."""
+    if not text.isascii():
+        return True
+    lowered = text.lower()
+    return "authorization" in lowered or "api-key" in lowered
 
 
 class Secrets:
@@ -44,9 +63,9 @@ class Secrets:
         self.odd = tuple(sorted(secrets - self.tokens, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        if _HEADER.search(text):
+        if may_name_header(text) and _HEADER.search(text):
             text = _HEADER.sub(_mask_header, text)
-        if self.tokens and not self.tokens.isdisjoint(_TOKEN.findall(text)):
+        if self.tokens and not self.tokens.isdisjoint(tokens(text)):
             text = _TOKEN.sub(self._mask_token, text)
         for secret in self.odd:
             if secret in text:
