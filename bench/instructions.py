@@ -1,12 +1,13 @@
 """Instructions per request under callgrind: a deterministic A/B of proxy cost, immune to a busy machine.
 
-    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic] [--cache-sim]
-                                           [--set OPTION=VALUE ...] [TARGET ...]
+    .venv/bin/python bench/instructions.py [--requests 200] [--scenario openai|anthropic|messages_openai|...]
+                                           [--stream [--events 20]] [--cache-sim] [--set OPTION=VALUE ...] [TARGET ...]
 
 TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git revision, or a
 directory holding an `addon/`; the default is `bare .`. Each target runs under
 `valgrind --tool=callgrind` with instrumentation off through start-up and warm-up, then on for
-N sequential keep-alive requests: the count per request repeats within about 0.1% run to run,
+N sequential keep-alive requests (--stream: streamed answers of --events SSE events each, bare
+mitmdump then with stream_large_bodies=1 as in the benchmark's streaming section): the count per request repeats within about 0.1% run to run,
 where CPU time on this shared machine varies by 10%. Counts are not time (C code such as the
 JSON decoder retires far more instructions per microsecond than interpreted Python), so confirm a
 win with bench/ab.py. --cache-sim adds valgrind's simulated L1 cache misses (instruction, data)
@@ -63,13 +64,17 @@ def addon_dir(target: str, tmp: Path) -> Path | None:
 
 
 def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: str, n: int, tmp: Path,
-                             cache_sim: bool = False, options: list[str] = (), key: str | None = None) -> dict[str, float]:
+                             cache_sim: bool = False, options: list[str] = (), key: str | None = None,
+                             events: int = 0) -> dict[str, float]:
     """callgrind's event counts per request: Ir (instructions), and with cache_sim I1mr, D1mr
-    (L1 misses), Bcm, Bim (mispredicted conditional and indirect branches)."""
+    (L1 misses), Bcm, Bim (mispredicted conditional and indirect branches). events > 0: streamed
+    requests of that many SSE events."""
     port = bench.free_port()
     name = f"cg{port}"
     if addon is None:
         args = ["--mode", f"reverse:{stack.url('fake')}@127.0.0.1:{port}", *stack.common_args(name)]
+        if events:  # bare mitmdump buffers a chunked body whole unless told to stream it
+            args += ["--set", "stream_large_bodies=1"]
     else:
         args = ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *stack.common_args(name), *stack.gateway_args(addon)]
         for option in options:  # gateway options, e.g. metrics_port=9464 (metrics on)
@@ -80,7 +85,9 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
                              str(bench.MITMDUMP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         bench.wait_port(port, proc, name, Path(os.devnull), timeout=180)
-        spec = bench.request_spec("bare" if addon is None else "gateway", scenario)
+        spec = bench.request_spec("bare" if addon is None else "gateway", scenario, stream=events > 0)
+        if events:
+            spec = (spec[0], spec[1], {**spec[2], "x-bench-events": str(events)})
         if key is not None and addon is not None:  # another of the bench's virtual keys (e.g. vk_bench_targets3)
             spec = (spec[0], spec[1], {**spec[2], "Authorization": f"Bearer {key}"})
         send(port, spec, 30)  # warm-up: caches, first-use imports, the upstream connection
@@ -110,6 +117,8 @@ def main() -> int:
     ap.add_argument("targets", nargs="*", default=["bare", "."], metavar="TARGET")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--scenario", choices=bench.SCENARIOS, default="openai")
+    ap.add_argument("--stream", action="store_true", help="streamed requests (SSE answers)")
+    ap.add_argument("--events", type=int, default=20, help="with --stream: SSE events per answer (default 20)")
     ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
     ap.add_argument("--key", help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets)")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
@@ -126,7 +135,7 @@ def main() -> int:
         first = None
         for target in args.targets:
             counts = instructions_per_request(stack, addon_dir(target, tmp), args.scenario, args.requests, tmp,
-                                              args.cache_sim, args.set, args.key)
+                                              args.cache_sim, args.set, args.key, args.events if args.stream else 0)
             first = counts if first is None else first
             line = f"{target:32s} {counts['Ir'] / 1e3:9.1f} k instructions/request  ({(counts['Ir'] - first['Ir']) / 1e3:+7.1f} k)"
             for event, label in (("I1mr", "I1 misses"), ("D1mr", "D1 misses"), ("Bcm", "branch mispredicts")):
