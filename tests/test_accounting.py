@@ -134,3 +134,19 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
         assert rows == [("fp2", 5)]
 
     asyncio.run(go())
+
+
+def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
+    """AccessLog.add formats the clock part once a second: a line in the next second, or an
+    earlier one, still gets its own time."""
+    import time
+
+    from addon.usage.accesslog import AccessLog
+    log = AccessLog()
+    base = 1_700_000_000
+    whens = [base + 0.998, base + 0.999, base + 1.0005, base + 0.25, base + 3601.5]
+    for i, when in enumerate(whens):
+        log.add(f"line{i}", when)
+    for line, when in zip(log.pending, whens):
+        assert line.startswith(f"[{time.strftime('%H:%M:%S', time.localtime(when))}.{int(when % 1 * 1000):03d}] gateway: ")
+    assert [line.rpartition(" ")[2] for line in log.pending] == [f"line{i}" for i in range(len(whens))]

@@ -48,10 +48,13 @@ class AccessLog:
         self.pending: list[str] = []
         self.out = sys.stdout
         self.redact = lambda text: text  # gateway.py sets the log redaction's (keys in force masked)
+        self._second, self._stamp = -1, ""  # the last line's whole second and its "%H:%M:%S"
 
     def add(self, text: str, when: float) -> None:
-        stamp = time.strftime("%H:%M:%S", time.localtime(when))
-        self.pending.append(f"[{stamp}.{int(when % 1 * 1000):03d}] gateway: {text}")
+        second = int(when)
+        if second != self._second:  # localtime + strftime: about half of a line's cost, once a second
+            self._second, self._stamp = second, time.strftime("%H:%M:%S", time.localtime(second))
+        self.pending.append(f"[{self._stamp}.{int(when % 1 * 1000):03d}] gateway: {text}")
 
     def flush(self) -> None:
         if self.pending:
