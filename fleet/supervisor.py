@@ -39,6 +39,7 @@ START_TIMEOUT = 60.0  # seconds for a worker / Redis / HAProxy to become ready a
 STOP_TIMEOUT = 15.0  # seconds a worker gets after SIGTERM (it writes its ledger rows) before SIGKILL
 RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dying
 POLL = 0.2
+SILENCE_MARGIN = 60  # seconds HAProxy waits on a silent worker beyond what the gateway waits itself
 READY_PREFIX = "fleet: ready:"  # the start-up line once HAProxy answers (tests and the bench wait for it)
 
 
@@ -91,10 +92,38 @@ def redis_ping(port: int) -> bool:
         return False
 
 
-def render_haproxy(bind: str, ports: list[int], drain_s: float, template: Path = TEMPLATE) -> str:
+def render_haproxy(bind: str, ports: list[int], drain_s: float, worker_args: list[str] = (), template: Path = TEMPLATE) -> str:
+    """HAProxy's configuration for workers on `ports`, run with mitmdump arguments `worker_args`."""
     servers = "\n".join(f"    server w{i} 127.0.0.1:{port}" for i, port in enumerate(ports, 1))
     return string.Template(template.read_text()).substitute(
-        BIND=bind, SERVERS=servers, DRAIN_S=max(1, int(round(drain_s))))
+        BIND=bind, SERVERS=servers, DRAIN_S=max(1, int(round(drain_s))), SILENCE_S=silence_s(worker_args))
+
+
+def set_option(args: list[str], name: str) -> str | None:
+    """The value a `--set name=value` among mitmdump arguments gives (the last one), or None."""
+    value = None
+    for flag, arg in zip(args, args[1:]):
+        if flag == "--set" and arg.startswith(name + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
+def silence_s(worker_args: list[str]) -> int:
+    """How long HAProxy lets a worker send nothing: longer than the gateway waits on purpose, so
+    that the client gets the gateway's own answer (its 504 upstream_timeout or stream_idle_timeout
+    in the client's API shape, or the next target's), never HAProxy's HTML 504. Each attempt of a
+    request (up to max_attempts, for a key with several targets) may wait upstream_timeout for
+    the provider's headers; a body may pause stream_idle_timeout."""
+    from addon.policy.failover import DEFAULT_MAX_ATTEMPTS
+    from addon.wire.timeouts import STREAM_IDLE_TIMEOUT, UPSTREAM_TIMEOUT
+
+    try:
+        upstream = float(set_option(worker_args, "upstream_timeout") or UPSTREAM_TIMEOUT)
+        idle = float(set_option(worker_args, "stream_idle_timeout") or STREAM_IDLE_TIMEOUT)
+        attempts = int(set_option(worker_args, "max_attempts") or 0) or DEFAULT_MAX_ATTEMPTS
+    except ValueError:  # the workers refuse such a value themselves, and do not start
+        upstream, idle, attempts = UPSTREAM_TIMEOUT, STREAM_IDLE_TIMEOUT, DEFAULT_MAX_ATTEMPTS
+    return int(max(upstream * attempts, idle)) + SILENCE_MARGIN
 
 
 def haproxy_bind(host: str, port: int) -> str:
@@ -139,7 +168,7 @@ class Child:
 
 class Fleet:
     def __init__(self, args: argparse.Namespace, worker_args: list[str]) -> None:
-        self.args = args
+        self.args, self.worker_args = args, worker_args
         self.state = Path(args.state_dir).resolve()
         self.stopping = 0  # 1: draining, 2: stop now
         ports = [free_port() for _ in range(args.workers)]
@@ -171,8 +200,8 @@ class Fleet:
         self.wait_ready("workers", lambda: all(http_ok("127.0.0.1", w.port) for w in self.workers),
                         self.workers)
         config = self.state / "haproxy.cfg"
-        config.write_text(render_haproxy(haproxy_bind(self.args.host, self.args.port),
-                                         [w.port for w in self.workers], self.args.drain_s))
+        config.write_text(render_haproxy(haproxy_bind(self.args.host, self.args.port), [w.port for w in self.workers],
+                                         self.args.drain_s, worker_args=self.worker_args))
         self.haproxy = Child("haproxy", [self.args.haproxy, "-db", "-f", str(config)], self.args.port)
         self.haproxy.start()
         self.wait_ready("HAProxy", lambda: http_ok(self.args.host, self.args.port), [self.haproxy])

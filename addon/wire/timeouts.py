@@ -82,17 +82,22 @@ class Sweeper:
                 errorpages.answer_next_as_timeout(flow.error.msg, text)
 
 
+# the options' defaults, in seconds (fleet/supervisor.py sizes HAProxy's timeouts on them)
+UPSTREAM_TIMEOUT = 600
+STREAM_IDLE_TIMEOUT = 120
+
+
 class UpstreamTimeout(Sweeper):
     def __init__(self) -> None:
         # flow id -> (deadline, flow), in arrival order, which is deadline order: one sweep task
         # instead of a timer per request (a TimerHandle costs more than a dict entry)
         self.waiting: dict[str, tuple[float, http.HTTPFlow]] = {}
         self.expired: set[str] = set()
-        self.seconds = 600.0
+        self.seconds = float(UPSTREAM_TIMEOUT)
 
     def load(self, loader) -> None:
         loader.add_option(
-            "upstream_timeout", str, "600",
+            "upstream_timeout", str, str(UPSTREAM_TIMEOUT),
             "Seconds a provider may take to start answering a routed request before the "
             "gateway gives up and answers 504. Streams are not cut once they have started.",
         )
@@ -152,11 +157,11 @@ class StreamIdleTimeout(Sweeper):
     def __init__(self) -> None:
         self.waiting: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last byte])
         self.expired: set[str] = set()  # whole bodies cut (for the error hook's 504)
-        self.seconds = 120.0
+        self.seconds = float(STREAM_IDLE_TIMEOUT)
 
     def load(self, loader) -> None:
         loader.add_option(
-            "stream_idle_timeout", str, "120",
+            "stream_idle_timeout", str, str(STREAM_IDLE_TIMEOUT),
             "Seconds a provider may go quiet after its response headers: a stream that sends no "
             "byte for that long is ended with an error event (code stream_idle_timeout) and "
             "[DONE]; a whole body not complete by then gets a 504.",
