@@ -206,6 +206,63 @@ def test_haproxy_waits_on_a_silent_worker_longer_than_the_gateway_waits_itself()
     assert min(timeouts("--set", "stream_idle_timeout=4000")) > 4000
 
 
+def test_haproxys_own_answers_are_json_in_openais_error_shape(tmp_path):
+    """A worker that answers garbage (502), no worker left (503): the client gets JSON errors as
+    the gateway's, not HAProxy's HTML pages."""
+    import socket
+
+    from tests.services.haproxy import free_port
+
+    require("haproxy")
+    worker = socket.socket()  # passes HAProxy's health checks, answers requests with something that is not HTTP
+    worker.bind(("127.0.0.1", 0))
+    worker.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = worker.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    health = conn.recv(65536).startswith(b"GET /health ")
+                    conn.sendall(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n" if health else b"not an HTTP answer\r\n\r\n")
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render_haproxy(f"127.0.0.1:{port}", [worker.getsockname()[1]], 1))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "haproxy did not start"
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=VIRTUAL_KEY, max_retries=0)
+        def haproxys_answer() -> tuple[int, str]:
+            with pytest.raises(openai.InternalServerError) as failed:
+                client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+            assert failed.value.response.headers["content-type"] == "application/json"
+            assert failed.value.response.headers["x-gateway-error-source"] == "gateway"
+            return failed.value.status_code, failed.value.body["code"]
+
+        assert haproxys_answer() == (502, "gateway_error")
+        worker.shutdown(socket.SHUT_RDWR)  # now nothing listens there: no worker is available
+        assert haproxys_answer() == (503, "gateway_unavailable")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        worker.close()
+
+
 @pytest.mark.parametrize("value", ["0", "two", "-3"])
 def test_run_sh_refuses_a_bad_worker_count(tmp_path, value):
     proc = subprocess.run([str(ROOT / "run.sh")], capture_output=True, text=True, timeout=60,
