@@ -572,7 +572,8 @@ class Gateway:
         forward = self.forwarding(context, tail, prepared, fields)
         # last: the rpm slot is taken (and the worst case reserved) only by a request that will be forwarded
         admitted = rules.admit(key, model, keys, self.store, time.time(), demand)
-        if inspect.isawaitable(admitted):  # a store that does I/O: this request's hook waits for it
+        # a ticket (str) or None at once; else a store that does I/O: this request's hook waits for it
+        if admitted is not None and type(admitted) is not str and inspect.isawaitable(admitted):
             return self.forward_when_admitted(admitted, forward)
         self.forward(admitted, *forward)
         return None

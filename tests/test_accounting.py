@@ -150,3 +150,14 @@ def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
     for line, when in zip(log.pending, whens):
         assert line.startswith(f"[{time.strftime('%H:%M:%S', time.localtime(when))}.{int(when % 1 * 1000):03d}] gateway: ")
     assert [line.rpartition(" ")[2] for line in log.pending] == [f"line{i}" for i in range(len(whens))]
+
+
+def test_an_access_line_never_names_a_key_by_the_key_itself():
+    """key_name remembers names it has checked: the answer must stay per name, every time."""
+    from addon.policy.keys import fingerprint
+    from addon.usage.accesslog import key_name
+    vk = "vk_named_by_itself_0001"
+    for _ in range(3):
+        assert key_name({"key": vk, "fingerprint": fingerprint(vk)}) == f"key-{fingerprint(vk)}"
+        assert key_name({"key": "team-alpha", "fingerprint": fingerprint(vk)}) == "team-alpha"
+        assert key_name({"key": "team-alpha", "fingerprint": fingerprint("team-alpha")}) == f"key-{fingerprint('team-alpha')}"

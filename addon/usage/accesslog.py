@@ -21,6 +21,7 @@ addon, about 1M instructions per line (bench/instructions.py), a batched write ~
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -103,7 +104,10 @@ def outcome(status: int, meta: dict) -> str:
 def key_name(meta: dict) -> str:
     """The key's name, unless someone named a key with the key itself."""
     name = meta.get("key", "")
-    return f"key-{meta['fingerprint']}" if fingerprint(name) == meta.get("fingerprint") else name
+    return f"key-{meta['fingerprint']}" if _fingerprint(name) == meta.get("fingerprint") else name
+
+
+_fingerprint = functools.lru_cache(maxsize=1024)(fingerprint)  # a SHA-256 per line otherwise; names are few
 
 
 def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float,
