@@ -328,7 +328,9 @@ def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
     try:
         for _ in range(6):  # a new client connection each: HAProxy spreads them over the workers
             assert post(fleet.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})[0] == 200
-        found = scrape_until(port, lambda f: value(f, "gateway_requests_total") >= 6)
+        # requests are folded on the metrics' timer, tokens when the accounting settles its batch
+        found = scrape_until(port, lambda f: value(f, "gateway_requests_total") >= 6
+                             and value(f, "gen_ai_client_token_usage_total", key="bob", token_type="input") >= 30)
         assert value(found, "gateway_requests_total", key="bob", status_class="2xx") == 6
         assert value(found, "gen_ai_client_token_usage_total", key="bob", token_type="input") == 30
         files = list((fleet.state_dir / "metrics").glob("counter_*.db"))
