@@ -5,12 +5,14 @@ asyncio API; the Memory variant runs in-process.
 """
 
 import asyncio
+import time
 
 import pytest
 
 from addon.policy.redis_store import RedisStore
 from addon.policy.store import (
-    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_TTL, RPM, TPM, Demand, Limits, MemoryStore, Verdict,
+    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_LEASE, RPM, TPM, Demand, Limits, MemoryStore, Verdict,
+    renew_leases,
 )
 from tests.services.redis import RedisServer
 
@@ -19,9 +21,16 @@ class SyncRedisStore:
     """RedisStore driven from a sync test: each call runs to completion on one event loop
     (settle/release/add_usage are sent in the background, and waited for here)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lease: float = RESERVATION_LEASE) -> None:
         self.loop = asyncio.new_event_loop()
-        self.store = RedisStore(url, "test:")
+        self.store = RedisStore(url, "test:", lease)
+
+    @property
+    def lease(self):
+        return self.store.lease
+
+    def renew(self, now):
+        return self.loop.run_until_complete(self.store.renew(now))
 
     def reserve(self, key, limits, demand, now):
         return self.loop.run_until_complete(self.store.reserve(key, limits, demand, now))
@@ -89,11 +98,36 @@ def test_a_used_up_budget_refuses_even_a_request_that_asks_for_nothing(store):
     assert store.reserve("k", Limits(budget_tokens=100), Demand(0), now=1.0).refused == BUDGET_TOKENS
 
 
-def test_a_reservation_expires_after_its_bound(store):
+def test_a_reservation_nobody_renews_expires_after_its_lease(store):
     limits = Limits(budget_tokens=100, max_parallel=1)
     assert store.reserve("k", limits, Demand(100), now=0.0).ticket is not None  # never settled (worker gone)
-    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL - 1).refused == BUDGET_TOKENS
-    assert store.reserve("k", limits, Demand(1), now=RESERVATION_TTL).refused is None
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_LEASE - 1).refused == BUDGET_TOKENS
+    assert store.reserve("k", limits, Demand(1), now=RESERVATION_LEASE).refused is None
+
+
+def test_a_reservation_its_holder_renews_is_held_past_the_lease_until_it_ends(store):
+    """A long stream: its holder renews every third of the lease, so its slot and its worst case
+    stay held for as long as it runs, many leases long; settled, both are free at once."""
+    limits = Limits(budget_tokens=100, max_parallel=1)
+    lease = store.lease
+    ticket = store.reserve("k", limits, Demand(90), now=0.0).ticket
+    for now in range(1, 10):  # nine leases
+        assert store.renew(now * lease - 1) is True
+        refused = store.reserve("k", limits, Demand(20), now=now * lease + lease / 2)
+        assert (refused.refused, refused.used) == (BUDGET_TOKENS, 90)  # its worst case is still held
+        assert store.reserve("k", Limits(max_parallel=1), Demand(), now=now * lease + lease / 2).refused == PARALLEL
+    store.settle("k", ticket, 10, 0.0, when=10 * lease)
+    assert store.reserve("k", limits, Demand(90), now=10 * lease).refused is None  # 10 spent + 90
+
+
+def test_renewing_holds_only_what_is_still_in_flight(store):
+    limits = Limits(max_parallel=2)
+    ended = store.reserve("k", limits, Demand(), now=0.0).ticket
+    store.reserve("k", limits, Demand(), now=0.0)
+    store.release("k", ended)
+    assert store.renew(RESERVATION_LEASE - 1) is True  # a released ticket is not brought back
+    assert store.reserve("k", limits, Demand(), now=RESERVATION_LEASE).refused is None
+    assert store.reserve("k", limits, Demand(), now=RESERVATION_LEASE).refused == PARALLEL
 
 
 def test_max_parallel_counts_requests_in_flight(store):
@@ -167,7 +201,7 @@ def test_a_period_budget_counts_the_hours_in_its_period_as_they_pass_and_as_usag
 @pytest.mark.fleet
 def test_a_release_redis_did_not_get_is_sent_again_once_it_answers():
     """Redis unreachable when a request ended: its reservation (here a max_parallel slot) would be
-    held until it expires (15 min). The release goes with the next round trip after the outage."""
+    held until its lease ends. The release goes with the next round trip after the outage."""
     server = RedisServer().start()
     store = SyncRedisStore(server.url)
     try:
@@ -182,3 +216,80 @@ def test_a_release_redis_did_not_get_is_sent_again_once_it_answers():
     finally:
         store.close()
         server.close()
+
+
+@pytest.mark.fleet
+def test_a_killed_holders_reservations_are_free_after_the_lease_while_a_live_ones_stay():
+    """Two gateways on one Redis: one is killed (its store dropped, nothing settled or released,
+    no more renewals), the other renews. After the lease only the live one's slot is held."""
+    server = RedisServer().start()
+    killed, live = SyncRedisStore(server.url, lease=10.0), SyncRedisStore(server.url, lease=10.0)
+    try:
+        limits = Limits(max_parallel=2, budget_tokens=100)
+        assert killed.reserve("k", limits, Demand(50), now=0.0).ticket is not None
+        assert live.reserve("k", limits, Demand(40), now=0.0).ticket is not None
+        assert live.reserve("k", limits, Demand(1), now=1.0).refused == PARALLEL  # both slots held (and 90 tokens)
+        killed.loop.close()  # killed: renews nothing from now on
+        assert live.renew(9.0) is True
+        assert live.reserve("k", limits, Demand(60), now=10.0).refused is None  # the killed one's 50 and slot are free
+        assert live.reserve("k", Limits(max_parallel=2), Demand(), now=11.0).refused == PARALLEL  # the live one's (renewed) is not
+    finally:
+        live.close()
+        server.close()
+
+
+@pytest.mark.fleet
+def test_reservations_lost_in_an_outage_are_held_again_once_redis_answers():
+    """Redis down longer than the lease, then back without its data: a renewal fails while it is
+    down (False: renew_leases retries within a second) and writes the live ticket back whole as
+    soon as it answers, so its slot and worst case count again."""
+    server = RedisServer().start()
+    store = SyncRedisStore(server.url, lease=10.0)
+    try:
+        limits = Limits(max_parallel=1, budget_tokens=100)
+        assert store.reserve("k", limits, Demand(70), now=0.0).ticket is not None
+        server.stop()
+        assert store.renew(5.0) is False
+        server.start()  # empty: the held hash is gone
+        assert server.command("EXISTS", "test:k:held") == b":0\r\n"
+        assert store.renew(20.0) is True
+        refused = store.reserve("k", limits, Demand(40), now=21.0)
+        assert (refused.refused, refused.used) == (BUDGET_TOKENS, 70)
+        assert store.reserve("k", Limits(max_parallel=1), Demand(), now=21.0).refused == PARALLEL
+    finally:
+        store.close()
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.fleet)])
+def test_renew_leases_renews_in_the_background_every_third_of_the_lease(kind):
+    """The heartbeat itself, in real time: a ticket's expiry moves forward while renew_leases
+    runs (waited for as a condition; the lease is short, the wait only bounds a hang)."""
+    server = RedisServer().start() if kind == "redis" else None
+
+    async def expiry(store, ticket) -> float:
+        if kind == "memory":
+            return store._held["k"][ticket][2]
+        return float((await store.redis.hget("test:k:held", ticket)).split()[2])
+
+    async def go():
+        store = MemoryStore(lease=1.5) if kind == "memory" else RedisStore(server.url, "test:", lease=1.5)
+        heartbeat = asyncio.get_running_loop().create_task(renew_leases(store))
+        try:
+            verdict = store.reserve("k", Limits(max_parallel=1), Demand(), now=time.time())
+            ticket = (await verdict if kind == "redis" else verdict).ticket
+            first = await expiry(store, ticket)
+            deadline = time.monotonic() + 60
+            while await expiry(store, ticket) < first + 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert await expiry(store, ticket) >= first + 1  # renewed, more than once
+        finally:
+            heartbeat.cancel()
+            if kind == "redis":
+                await store.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        if server is not None:
+            server.close()

@@ -6,6 +6,7 @@ and plain HTTP; the fake provider records what it was asked and how many request
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -177,3 +178,51 @@ def test_redis_restarted_empty_mid_run_is_seeded_again_from_the_ledger(provider,
     assert redis_server.command("HGET", spend, "t") == b"$2\r\n14\r\n"  # the ledger's 2 x 7 tokens, loaded once
     log = gw.log()
     assert log.count("was empty") == 2, log  # at start-up, and once after the restart
+
+
+def test_a_long_request_keeps_its_slot_past_the_lease_and_a_killed_workers_slot_frees_after_it(provider, gateway_factory, redis_server):
+    """max_parallel: 1, a 4 s lease (renewed every third of it). A request held by the provider
+    for three leases keeps its slot: the other gateway refuses all along. Its gateway is then
+    killed (kill -9) still holding it: nothing releases the slot, and the other gateway admits a
+    request once the lease has run out (a condition wait; the deadline only bounds a hang)."""
+    lease = 4.0
+    stalled = threading.Event()  # the provider sends half its answer, then waits for this (at most 30 s)
+    first = []
+
+    def handler(req):
+        if not first:
+            first.append(req)
+            return Reply.json(openai_completion(req.json()), stall=stalled)
+        return Reply.json(openai_completion(req.json()))
+
+    provider.reset(handler)
+    args = ["--set", f"redis_url={redis_server.url}", "--set", f"reservation_lease={lease}"]
+    keys = keys_file(provider, vk_one={"max_parallel": 1})
+    holder, other = gateway_factory(keys, args), gateway_factory(keys, args)
+    try:
+        threading.Thread(target=lambda: _ignore_errors(post, holder, "vk_one"), daemon=True).start()
+        assert provider.wait_received(1)
+        end = time.monotonic() + 3 * lease
+        refused = 0
+        while time.monotonic() < end:
+            status, body, _ = post(other, "vk_one")
+            assert (status, body["error"]["code"]) == (429, "concurrency_limit_exceeded")
+            refused += 1
+            time.sleep(0.5)
+        assert refused >= 3 and len(provider.received) == 1  # nothing else reached the provider
+        holder.proc.kill()  # kill -9: no release, no more renewals
+        holder.proc.wait(10)
+        deadline = time.monotonic() + lease + 60
+        while (status := post(other, "vk_one")[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 200
+        assert len(provider.received) == 2
+    finally:
+        stalled.set()
+
+
+def _ignore_errors(call, *args):
+    try:
+        call(*args)
+    except Exception:
+        pass

@@ -5,7 +5,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.policy.redis_store import RedisStore, masked_url
-from addon.policy.store import MemoryStore
+from addon.policy.store import Demand, Limits, MemoryStore
 from addon.policy.stores import StoreChoice
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
@@ -41,12 +41,32 @@ def test_redis_url_gives_every_part_one_redis_store_with_the_prefix():
     ({"redis_url": "redis://127.0.0.1:notaport/0"}, "redis_url"),
     ({"redis_prefix": ""}, "redis_prefix"),
     ({"redis_prefix": "has space"}, "redis_prefix"),
+    ({"reservation_lease": "0.5"}, "reservation_lease must be at least 1 seconds"),
+    ({"reservation_lease": "soon"}, "reservation_lease must be a positive number"),
+    ({"reservation_lease": "inf"}, "reservation_lease must be a positive number"),
 ])
 def test_bad_options_are_refused_at_start_up(options, message):
     choice = StoreChoice(User(MemoryStore()))
     with taddons.context(choice) as tctx:
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(choice, **options)
+
+
+@pytest.mark.parametrize("redis_url", ["", "redis://127.0.0.1:1/0"])
+def test_reservation_lease_is_the_shared_stores_lease_and_may_change_while_running(redis_url):
+    memory = MemoryStore()
+    a, b = User(memory), User(memory)
+    choice = StoreChoice(a, b)
+    with taddons.context(choice) as tctx:
+        tctx.configure(choice, redis_url=redis_url)
+        assert a.store.lease == 60.0  # the default
+        tctx.configure(choice, reservation_lease="4.5")
+        assert a.store is b.store and a.store.lease == 4.5
+        if not redis_url:  # (the Redis one is not running here: tests/test_reservations.py)
+            limits = Limits(max_parallel=1)
+            assert a.store.reserve("k", limits, Demand(), now=0.0).ticket is not None
+            assert a.store.reserve("k", limits, Demand(), now=4.4).refused == "max_parallel"
+            assert a.store.reserve("k", limits, Demand(), now=4.5).refused is None
 
 
 def test_a_redis_password_never_reaches_a_log_line():

@@ -17,8 +17,16 @@ and reserves, atomically (Redis runs a script alone). Settling, releasing and co
 in the background (the response never waits for Redis), one COUNT script call per key and round
 trip. The hot path has its own connection and sends everything that arrived meanwhile in one
 write, with at most one round trip in flight (see `send`). Every key has a TTL (rpm and tpm a
-minute, held the reservation bound, spend the longest budget period) so nothing grows without
+minute, held the reservation lease, spend the longest budget period) so nothing grows without
 bound, and a key that is never used again disappears.
+
+Reservations are leases (policy/store.py): each gateway keeps the tickets it holds (reserved,
+not yet settled or released) and renews them all every third of the lease (`renew`): one RENEW
+call per key, with the next round trip on the request path's connection, so a renewal never
+overtakes the settle of the same ticket. A killed gateway renews nothing: its reservations and
+max_parallel slots are free after the lease. A renewal writes each ticket whole (worst case and
+new expiry), so one that expired while Redis was unreachable, or that Redis lost with its data,
+is held again as soon as Redis answers (renewals are retried every RENEW_RETRY seconds meanwhile).
 
 Target cooldowns (policy/targets.py) are read from this process's CooldownTable, never from Redis
 on the request path. A new cooldown is also written to the hash `<prefix>cooldowns` (target id ->
@@ -42,6 +50,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import os
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -53,7 +62,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
-    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_TTL, RETENTION_HOURS, CooldownTable, Demand, Limits,
+    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Limits,
     Spend, StoreUnavailable, Verdict,
 )
 from addon.usage.metrics import count_store_error
@@ -210,7 +219,15 @@ if i + 1 <= #ARGV then
 end
 return 1
 """
-SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, COUNT)}
+# One key's live reservations, renewed by their holder. KEYS: held. ARGV: the hash's ttl, then
+# (ticket, "<tokens> <usd> <expires>") pairs, written whole: an expired or lost one is held again.
+# The hash's TTL is never shortened (a gateway with a longer lease may hold tickets in it).
+RENEW = """
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, COUNT, RENEW)}
 
 
 def command(*args) -> bytes:
@@ -242,6 +259,12 @@ return 1
 """
 
 
+def renewed(renewals: list[tuple[float, asyncio.Future]], ok: bool) -> None:
+    for _, future in renewals:
+        if not future.done():  # (its waiter may be cancelled: the gateway stopping)
+            future.set_result(ok)
+
+
 def masked_url(url: str) -> str:
     """A Redis URL for a log line: the password replaced."""
     parts = urlsplit(url)
@@ -266,8 +289,9 @@ def check_url(url: str) -> None:
 class RedisStore(CooldownTable):
     """The shared store. Methods are called from mitmproxy's event loop only."""
 
-    def __init__(self, url: str, prefix: str = "llmgw:") -> None:
+    def __init__(self, url: str, prefix: str = "llmgw:", lease: float = RESERVATION_LEASE) -> None:
         super().__init__()
+        self.lease = lease  # seconds a reservation is held without a renewal
         if not prefix.isascii():  # commands are packed as ASCII (`arguments`); stores.py allows less still
             raise ValueError(f"redis prefix {prefix!r} must be ASCII")
         self.url, self.prefix = url, prefix
@@ -293,6 +317,8 @@ class RedisStore(CooldownTable):
         # reservations whose end could not be sent (Redis unreachable): dropped with the next round
         # trip, or they would hold budget and a max_parallel slot until they expire
         self._lost: list[tuple] = []
+        self._held: dict[str, dict[str, tuple[int, float]]] = {}  # key -> ticket -> worst case: what renew() renews
+        self._renewals: list[tuple[float, asyncio.Future]] = []  # renew() calls not yet sent: (now, future)
         self.seeds: list[tuple] = []  # ledger rows to load if Redis is empty (seed_spend/seed_tokens)
         # set by the usage accounting when it keeps a ledger: reload_seeds(counted) writes every
         # finished request to the ledger, calls counted() once what the store was told is in it,
@@ -316,7 +342,7 @@ class RedisStore(CooldownTable):
         self._asks.append((key, (head + arguments((
             repr(now), "" if rpm is None else rpm, "" if tpm is None else tpm, "" if budget_tokens is None else budget_tokens,
             "" if budget_usd is None else repr(budget_usd), "" if period is None else period,
-            "" if parallel is None else parallel, demand.tokens, repr(demand.usd), ticket, RESERVATION_TTL,
+            "" if parallel is None else parallel, demand.tokens, repr(demand.usd), ticket, self.lease,
             PARALLEL_RETRY, ticket or next(self._ids)))).encode(), future))
         self.kick()
         try:
@@ -326,7 +352,10 @@ class RedisStore(CooldownTable):
             raise StoreUnavailable(str(e)) from None
         self.up()
         if answer[0] == "":
-            return Verdict(answer[1] if len(answer) > 1 else None)
+            if len(answer) > 1:
+                self._held.setdefault(key, {})[answer[1]] = (demand.tokens, demand.usd)
+                return Verdict(answer[1])
+            return Verdict()
         return Verdict(None, answer[0], float(answer[1]), float(answer[2]))
 
     async def spend(self, key: str, period: int | None, now: float) -> Spend:
@@ -351,10 +380,18 @@ class RedisStore(CooldownTable):
     # --- counting ------------------------------------------------------------------------
 
     def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
+        self.ended(key, ticket)
         self.queue(key, ticket, tokens, usd, when)
 
     def release(self, key: str, ticket: str) -> None:
+        self.ended(key, ticket)
         self.queue(key, ticket, 0, 0.0, 0.0)
+
+    def ended(self, key: str, ticket: str) -> None:
+        """The ticket is no longer renewed."""
+        held = self._held.get(key)
+        if held is not None and held.pop(ticket, None) is not None and not held:
+            del self._held[key]
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         self.queue(key, "", tokens, usd, when)
@@ -390,6 +427,27 @@ class RedisStore(CooldownTable):
                 *(x for hour, (tokens, usd) in hours.items() for x in (hour, tokens, repr(usd))))))
         return out
 
+    # --- leases ----------------------------------------------------------------------------
+
+    async def renew(self, now: float) -> bool:
+        """Extend every ticket this gateway holds to `now` + lease, with the next round trip;
+        False when Redis could not be asked (the caller renews again soon)."""
+        if not self._held:  # nothing held: no round trip
+            return True
+        future = asyncio.get_running_loop().create_future()
+        self._renewals.append((now, future))
+        self.kick()
+        return await future
+
+    def renew_commands(self, now: float) -> list[bytes]:
+        """One RENEW call per key this gateway holds tickets of (built when sent: a ticket
+        settled before is not in it, one settled after is dropped by a later round trip)."""
+        expires = repr(now + self.lease)
+        ttl = math.ceil(self.lease) + 1
+        return [command("EVALSHA", SHA[RENEW], 1, self.keys(key)[2], ttl,
+                        *(x for ticket, (tokens, usd) in held.items() for x in (ticket, f"{tokens} {usd!r} {expires}")))
+                for key, held in self._held.items()]
+
     # --- the round trips -----------------------------------------------------------------
 
     def kick(self) -> None:
@@ -405,17 +463,22 @@ class RedisStore(CooldownTable):
         for the admissions of the same round trip."""
         try:
             await asyncio.sleep(0)  # the rest of this event-loop turn joins
-            while (self._asks or self._pending) and self.seeding is None:
+            while (self._asks or self._pending or self._renewals) and self.seeding is None:
                 asks, self._asks = self._asks, []
                 pending, self._pending, self._lost = self._lost + self._pending, [], []
+                renewals, self._renewals = self._renewals, []
                 counts = self.count_commands(pending)
+                renew = self.renew_commands(max(now for now, _ in renewals)) if renewals else []
                 try:
-                    answers = await self.round_trip([c for _, _, c in counts] + [c for _, c, _ in asks])
+                    answers = await self.round_trip([c for _, _, c in counts] + renew + [c for _, c, _ in asks])
                 except BaseException as e:  # Redis down, or cancelled at shutdown: every admission fails closed
                     error = e if isinstance(e, (RedisError, OSError)) else ConnectionError("store shut down")
                     for _, _, future in asks:
                         if not future.done():
                             future.set_exception(error)
+                    if renewals:
+                        self.outage(error, "renew")
+                        renewed(renewals, False)
                     if counts:
                         self.outage(error, "settle")  # the ledger has every row
                         # the tickets again, not the usage: a reply lost after Redis ran it would count it twice
@@ -424,6 +487,11 @@ class RedisStore(CooldownTable):
                         raise
                     continue
                 self.up()
+                failed = [a for a in answers[len(counts):len(counts) + len(renew)] if isinstance(a, Exception)]
+                if failed:
+                    self.outage(failed[0], "renew")
+                renewed(renewals, not failed)
+                del answers[len(counts):len(counts) + len(renew)]
                 self.dispatch(counts, asks, answers)
         finally:
             self._sending = False

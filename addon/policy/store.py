@@ -17,8 +17,11 @@ max_tokens or the provider default, priced with the key's prices) is held agains
 budget_tokens / budget_usd and tpm together with everything already spent and everything
 other requests hold. It fits or the request is refused; so requests running at the same time
 can never together overshoot a budget. When the response ends the reservation is replaced by
-the real usage (`settle`); a request that produced nothing frees it (`release`); one that is
-never settled (a worker killed mid-request) expires after RESERVATION_TTL. The cost: near
+the real usage (`settle`); a request that produced nothing frees it (`release`). A reservation
+is a lease: held for RESERVATION_LEASE seconds, and renewed by its holder every third of that
+for as long as the request runs (`renew`, called by `renew_leases` in the background: a stream
+of hours keeps its reservation); one whose holder stopped renewing (a worker killed
+mid-request, a pod evicted) is free after the lease. The cost: near
 the end of a budget a request is refused that would have fit, had it used less than its worst
 case. tpm is checked the same way, except that a request alone in an empty window is always
 admitted (a key's tpm may be smaller than one request's worst case).
@@ -35,12 +38,16 @@ Windows:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
+
+log = logging.getLogger("gateway")
 
 MINUTE = 60.0
 BUCKET = 3600  # seconds per spend bucket
@@ -48,7 +55,9 @@ MAX_BUDGET_PERIOD = 366 * 86400  # the longest budget_period the keys file accep
 RETENTION_HOURS = MAX_BUDGET_PERIOD // BUCKET + 1  # spend buckets kept per key
 
 
-RESERVATION_TTL = 900.0  # seconds a reservation is held at most (a crashed worker's expire)
+RESERVATION_LEASE = 60.0  # seconds a reservation is held unless its holder renews it (a killed worker's are free after it)
+RENEW_EVERY = 1 / 3  # of the lease: how often a holder renews its live reservations
+RENEW_RETRY = 1.0  # seconds between renewals while the store does not answer (a Redis outage)
 OWNER_TTL = 30 * 86400  # seconds a stored response's owner is kept (OpenAI keeps the response 30 days)
 OWNERS_KEPT = 100_000  # owners MemoryStore keeps at most (the oldest recorded go first)
 PARALLEL_RETRY = 1.0  # Retry-After for a key at its max_parallel: slots free as responses end
@@ -123,6 +132,12 @@ class UsageStore(Protocol):
 
     def release(self, key: str, ticket: str) -> None:
         """Drop a reservation that used nothing (the provider failed before any output). Never waits."""
+
+    lease: float  # seconds a reservation is held without a renewal (RESERVATION_LEASE)
+
+    def renew(self, now: float) -> bool | Awaitable[bool]:
+        """Extend every reservation this process holds (reserved, not yet settled or released) to
+        `now` + lease; False when the store could not be asked (renew again soon)."""
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Count a finished request that held no reservation (kept in step with the usage ledger)."""
@@ -224,8 +239,9 @@ class MemoryStore(CooldownTable):
     """The single-process store. Not thread-safe: used from mitmproxy's event loop only, where
     a check-and-count in one call cannot interleave with another request's."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease: float = RESERVATION_LEASE) -> None:
         super().__init__()
+        self.lease = lease
         # called before usage is read (tpm, spend): the accounting counts the flows it has
         # noted but not yet counted (accounting.py says why it defers)
         self.before_read: Callable[[], None] | None = None
@@ -267,7 +283,7 @@ class MemoryStore(CooldownTable):
         ticket = str(next(self._tickets))
         if not held:
             self._held[key] = held
-        held[ticket] = [demand.tokens, demand.usd, now + RESERVATION_TTL]
+        held[ticket] = [demand.tokens, demand.usd, now + self.lease]
         return Verdict(ticket)
 
     def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
@@ -279,9 +295,19 @@ class MemoryStore(CooldownTable):
         if held is not None and held.pop(ticket, None) is not None and not held:
             del self._held[key]
 
+    def renew(self, now: float) -> bool:
+        """In-process: every reservation held is this process's own, and is live until settled
+        or released (one that a lost flow never ends would be renewed too: the accounting ends
+        every flow's, however it ends)."""
+        expires = now + self.lease
+        for held in self._held.values():
+            for reservation in held.values():
+                reservation[2] = expires
+        return True
+
     def _live(self, key: str, now: float) -> dict[str, list]:
-        """The key's reservations, the expired ones dropped (a bug or a lost flow must not hold
-        budget forever; in Redis, a killed worker)."""
+        """The key's reservations, the expired ones dropped (not renewed: in Redis, a killed
+        worker's; here, only when nothing runs renew_leases)."""
         held = self._held.get(key)
         if held is None:
             return {}
@@ -378,3 +404,19 @@ def fits(used: float, demand: float, limit: float) -> bool:
 def retry_after_header(seconds: float) -> str:
     """Retry-After is whole seconds; round up so a client that waits exactly that long gets in."""
     return str(max(1, math.ceil(seconds)))
+
+
+async def renew_leases(store: UsageStore) -> None:
+    """The holder's heartbeat, run in the background by the gateway (policy/stores.py): every
+    third of the lease, renew every reservation this process holds; while the store does not
+    answer, every RENEW_RETRY seconds, so those that expired in an outage are held again as soon
+    as it answers. Nothing on the request path."""
+    while True:
+        try:
+            renewed = store.renew(time.time())
+            if not isinstance(renewed, bool):
+                renewed = await renewed
+        except Exception:
+            log.exception("gateway: could not renew the reservations in flight")
+            renewed = False
+        await asyncio.sleep(store.lease * RENEW_EVERY if renewed else RENEW_RETRY)

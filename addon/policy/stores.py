@@ -3,25 +3,33 @@
 Without `redis_url` (the default) the store is the in-process MemoryStore: one gateway. With
 it, RedisStore (policy/redis_store.py): every gateway with the same Redis and prefix enforces a
 key's limits as one. The chosen store is handed to each part that uses one (the Gateway's
-admission, the usage accounting); it cannot change while the gateway runs.
+admission, the usage accounting); it cannot change while the gateway runs. Option
+`reservation_lease`: how long a reservation is held without its holder renewing it
+(`renew_leases`, run here while the gateway runs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
 from mitmproxy import ctx, exceptions
 
+from addon.policy.store import RESERVATION_LEASE, renew_leases
+from addon.wire.timeouts import seconds_option
+
 log = logging.getLogger("gateway")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_:.\-{}]{1,64}")
+MIN_LEASE = 1.0  # seconds: a shorter lease could pass between two renewals on a busy machine
 
 
 class StoreChoice:
     def __init__(self, *users) -> None:
         self.users = users  # objects with a `store` attribute
         self.chosen: tuple[str, str] | None = None  # (url, prefix) once configured
+        self.renewing: asyncio.Task | None = None  # renew_leases, while the gateway runs
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -33,10 +41,26 @@ class StoreChoice:
             "redis_prefix", str, "llmgw:",
             "Prefix of every Redis key the gateway writes: gateways that share a prefix share limits.",
         )
+        loader.add_option(
+            "reservation_lease", str, f"{RESERVATION_LEASE:g}",
+            "Seconds a request's reservation (budget, tpm, max_parallel slot) is held unless the gateway "
+            "holding it renews it (every third of this, while the request runs): a killed worker's are "
+            "free after it. Gateways sharing a Redis should use the same value.",
+        )
 
     def configure(self, updated) -> None:
-        if "redis_url" not in updated and "redis_prefix" not in updated:
-            return
+        lease = None
+        if "reservation_lease" in updated:
+            lease = seconds_option("reservation_lease")
+            if lease < MIN_LEASE:
+                raise exceptions.OptionsError(f"reservation_lease must be at least {MIN_LEASE:g} seconds, not {lease:g}")
+        if "redis_url" in updated or "redis_prefix" in updated:
+            self.choose()
+        if lease is not None:
+            for user in self.users:
+                user.store.lease = lease
+
+    def choose(self) -> None:
         url, prefix = ctx.options.redis_url, ctx.options.redis_prefix
         if self.chosen is not None:
             if (url, prefix) != self.chosen:
@@ -65,10 +89,15 @@ class StoreChoice:
         if hasattr(store, "start_seeding"):  # RedisStore
             store.start_seeding()
             store.start_cooldown_sync()
+        if hasattr(store, "renew") and self.renewing is None:
+            self.renewing = asyncio.get_running_loop().create_task(renew_leases(store))
 
     def done(self):
         """RedisStore: its close (what is queued is sent first), for the chain (addon/chain.py)
         to run after every part's `done`: the accounting's counts what ended last then."""
+        if self.renewing is not None:
+            self.renewing.cancel()
+            self.renewing = None
         store = self.users[0].store if self.users else None
         if hasattr(store, "close"):  # RedisStore
             return store.close()
