@@ -12,6 +12,10 @@
 #              FLEET_DIR (.fleet: HAProxy config, fleet.json, local Redis data),
 #              WEB_PASSWORD (mitmweb password; generated and printed once when unset),
 #              METRICS_PORT (Prometheus /metrics on GATEWAY_HOST; unset: off), METRICS_TOKEN (bearer)
+# Secrets stay out of argv (ps and /proc/PID/cmdline show it to every local user; mitmweb shows
+# options): the gateway gets `--set usage_db=env:USAGE_DB --set redis_url=env:REDIS_URL` and reads
+# the URLs (a password in them) from its environment, as it reads METRICS_TOKEN; so do the fleet's
+# supervisor and workers (docs/hardening.md "Secrets").
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -101,13 +105,13 @@ quiet_flows() {
 }
 
 KEYS_FILE=${KEYS_FILE:-keys.json}
-USAGE_DB=${USAGE_DB-usage.sqlite3}  # set but empty: no ledger
+export USAGE_DB=${USAGE_DB-usage.sqlite3}  # set but empty: no ledger. Read from the environment (env:)
 GATEWAY_HOST=${GATEWAY_HOST:-127.0.0.1}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 WEB_PORT=${WEB_PORT:-8081}
 GATEWAY_ARGS=(--set connection_strategy=lazy
               --set "keys_file=$KEYS_FILE"
-              --set "usage_db=$USAGE_DB"
+              --set usage_db=env:USAGE_DB
               --set "redis_prefix=${REDIS_PREFIX:-llmgw:}"
               -s "$ROOT/addon/gateway.py")
 if [ -n "${METRICS_PORT:-}" ]; then
@@ -115,9 +119,12 @@ if [ -n "${METRICS_PORT:-}" ]; then
     GATEWAY_ARGS+=(--set "metrics_port=$METRICS_PORT" --set "metrics_host=$GATEWAY_HOST")
 fi
 # one process with REDIS_URL (e.g. one per Kubernetes pod): its limits live in that Redis
-# (with GATEWAY_WORKERS > 1 the supervisor passes it to every worker)
+# (with GATEWAY_WORKERS > 1 the supervisor passes it to every worker, the same way)
 REDIS_ARGS=()
-[ -n "${REDIS_URL:-}" ] && REDIS_ARGS=(--set "redis_url=$REDIS_URL")
+if [ -n "${REDIS_URL:-}" ]; then
+    export REDIS_URL
+    REDIS_ARGS=(--set redis_url=env:REDIS_URL)
+fi
 # one process drains at SIGTERM/Ctrl-C itself (addon/drain.py); a fleet's supervisor drains HAProxy first
 PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}" "${REDIS_ARGS[@]}"
             --set "drain_s=${GATEWAY_DRAIN_S:-30}")
@@ -164,7 +171,7 @@ run_fleet() {
         rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
     fi
     exec "$VENV/bin/python" -m fleet.supervisor --workers "$workers" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" \
-        --drain-s "${GATEWAY_DRAIN_S:-30}" --redis-url "${REDIS_URL:-}" --state-dir "${FLEET_DIR:-$ROOT/.fleet}" \
+        --drain-s "${GATEWAY_DRAIN_S:-30}" --state-dir "${FLEET_DIR:-$ROOT/.fleet}" \
         --mitmdump "$VENV/bin/mitmdump" -- "${GATEWAY_ARGS[@]}" "$@"
 }
 
@@ -223,7 +230,7 @@ case "$cmd" in
     usage)
         shift
         ensure_venv
-        exec "$VENV/bin/python" -m addon.usage.ledger --db "$USAGE_DB" "$@"
+        exec "$VENV/bin/python" -m addon.usage.ledger --db env:USAGE_DB "$@"
         ;;
     demo)
         shift

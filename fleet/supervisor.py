@@ -7,8 +7,10 @@ starts, watches and stops processes; it never touches a request. The balancing i
 - Workers: `mitmdump <the gateway's arguments>` in reverse mode on 127.0.0.1, each on its own
   port. A worker that exits is started again on the same port (HAProxy's health checks route
   around it meanwhile); one that keeps dying is retried with a growing pause.
-- Redis: without REDIS_URL, a local redis-server on 127.0.0.1 (AOF on, data in the state
-  directory); its URL goes to every worker as `--set redis_url=...`.
+- Redis: REDIS_URL from the environment (or --redis-url); without it, a local redis-server on
+  127.0.0.1 (AOF on, data in the state directory). Every worker gets the URL in its environment
+  as REDIS_URL and `--set redis_url=env:REDIS_URL` on its command line: a password in it is never
+  in argv (ps, /proc/PID/cmdline) nor in mitmweb's options (addon/secreturl.py).
 - Stop (SIGINT, SIGTERM): HAProxy is soft-stopped first (it stops accepting, lets requests in
   flight finish, for at most GATEWAY_DRAIN_S), then the workers get SIGTERM (they write their
   pending ledger rows and exit), then Redis. A second Ctrl-C skips the wait.
@@ -31,7 +33,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from addon.secreturl import masked_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "haproxy.cfg.template"
@@ -40,20 +43,12 @@ STOP_TIMEOUT = 15.0  # seconds a worker gets after SIGTERM (it writes its ledger
 RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dying
 POLL = 0.2
 SILENCE_MARGIN = 60  # seconds HAProxy waits on a silent worker beyond what the gateway waits itself
+REDIS_ENV = "REDIS_URL"  # the environment variable the workers read their Redis URL from
 READY_PREFIX = "fleet: ready:"  # the start-up line once HAProxy answers (tests and the bench wait for it)
 
 
 def say(message: str) -> None:
     print(f"fleet: {message}", file=sys.stderr, flush=True)
-
-
-def masked_url(url: str) -> str:
-    """A URL fit for a log line: any password replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -148,13 +143,14 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], port: int) -> None:
         self.name, self.argv, self.port = name, argv, port
+        self.env: dict[str, str] | None = None  # None: the supervisor's
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.pause = 0.5  # before the next restart, doubled while it keeps dying
         self.restart_at: float | None = None
 
     def start(self) -> None:
-        self.proc = spawn(self.argv)
+        self.proc = spawn(self.argv, env=self.env)
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -187,9 +183,11 @@ class Fleet:
         self.state.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
             self.start_redis()
-        redis_arg = ["--set", f"redis_url={self.redis_url}"]
+        # the URL (maybe with a password) through the environment only: argv is public
+        env = {**os.environ, REDIS_ENV: self.redis_url}
         for w in self.workers:
-            w.argv += redis_arg
+            w.argv += ["--set", f"redis_url=env:{REDIS_ENV}"]
+            w.env = env
         # the first worker alone: on a first run it writes mitmproxy's CA into confdir, which
         # workers starting at the same moment would read half-written
         first, rest = self.workers[0], self.workers[1:]
@@ -313,7 +311,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="127.0.0.1", help="where HAProxy listens (GATEWAY_HOST)")
     parser.add_argument("--port", type=int, default=8080, help="(GATEWAY_PORT)")
     parser.add_argument("--drain-s", type=float, default=30.0, help="at most this long for requests in flight at a stop")
-    parser.add_argument("--redis-url", default="", help="shared Redis; empty: start a local redis-server")
+    parser.add_argument("--redis-url", default=os.environ.get(REDIS_ENV, ""),
+                        help=f"shared Redis (default: ${REDIS_ENV}, the way run.sh passes it: argv is visible "
+                             "to every local user); empty: start a local redis-server")
     parser.add_argument("--state-dir", default=str(ROOT / ".fleet"), help="haproxy.cfg, fleet.json, redis/ (data)")
     parser.add_argument("--mitmdump", default=str(Path(sys.executable).parent / "mitmdump"))
     parser.add_argument("--haproxy", default="haproxy")

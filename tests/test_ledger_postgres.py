@@ -13,7 +13,7 @@ import pytest
 
 from addon.usage import ledger as ledger_db
 from addon.usage.ledger import COLUMNS, UsageRecord, open_ledger
-from addon.usage.postgres import PostgresLedger, display_name
+from addon.usage.postgres import PostgresLedger
 from addon.policy.store import BUCKET
 from tests.gatewayproc import ROOT
 from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
@@ -29,13 +29,6 @@ ROWS = [
     UsageRecord(NOW - 10, "team-b", "fp-b", "deepseek", "deepseek-chat", 429, 0, 0, 0, 0.5, False, 0.0),
     UsageRecord(NOW - 5, "team-b", "fp-b", "deepseek", "deepseek-chat", 200, 7, 3, 0, 8.0, True, 2e-7),
 ]
-
-
-def test_a_password_in_the_connection_string_is_never_shown():
-    assert display_name("postgresql://gw:s3cret-pw@db.example:5432/ledger") == "postgresql://gw:***@db.example:5432/ledger"
-    assert display_name("postgresql://gw@db/ledger") == "postgresql://gw@db/ledger"
-    assert "s3cret" not in display_name("postgresql://gw@db/ledger?password=s3cret")
-    assert ledger_db.display_name("usage.sqlite3") == "usage.sqlite3"
 
 
 @pytest.mark.fleet

@@ -22,6 +22,7 @@ GUARDED = (
     "keep_host_header", "ignore_hosts", "allow_hosts", "tcp_hosts", "rawtcp", "upstream_auth",
     "modify_headers", "modify_body", "map_remote", "map_local", "scripts",
     "max_request_mb", "max_request_header_kb",
+    "usage_db",  # env:NAME reads the environment: never a variable chosen after start-up
 )
 
 

@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -65,6 +65,7 @@ from addon.policy.store import (
     BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Limits,
     Spend, StoreUnavailable, Verdict,
 )
+from addon.secreturl import masked_url
 from addon.usage.metrics import count_store_error
 
 log = logging.getLogger("gateway")
@@ -263,16 +264,6 @@ def renewed(renewals: list[tuple[float, asyncio.Future]], ok: bool) -> None:
     for _, future in renewals:
         if not future.done():  # (its waiter may be cancelled: the gateway stopping)
             future.set_result(ok)
-
-
-def masked_url(url: str) -> str:
-    """A Redis URL for a log line: the password replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_url(url: str) -> None:

@@ -26,7 +26,8 @@ from mitmproxy.connection import ConnectionState
 from addon.usage import ledger as ledger_db
 from addon.usage.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.policy.keys import Price
-from addon.usage.ledger import Ledger, UsageRecord, display_name, open_ledger
+from addon.secreturl import masked_url, resolve
+from addon.usage.ledger import Ledger, UsageRecord, open_ledger
 from addon.wire.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, UsageStore
 from addon.wire.streams import frame_for_new_length
@@ -65,32 +66,36 @@ class UsageAccounting:
             "usage_db", str, "usage.sqlite3",
             "SQLite file of the usage ledger (one row per request; budgets are read back from it at "
             "start-up), or a postgresql:// URL (gateways on several machines, one ledger). "
-            "Empty: keep no ledger, budgets then start from zero at every start.",
+            "Empty: keep no ledger, budgets then start from zero at every start. env:NAME: the environment "
+            "variable NAME holds it (run.sh: env:USAGE_DB; a URL's password stays out of argv and this view).",
         )
 
     def configure(self, updated) -> None:
         if "usage_db" not in updated:
             return
         self.start_writer()  # (when the event loop runs already; else running() starts it)
+        try:
+            path = resolve("usage_db", ctx.options.usage_db)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
         if self.ledger is not None:
-            if ctx.options.usage_db != self.ledger.path:
+            if path != self.ledger.path:
                 raise exceptions.OptionsError("usage_db cannot change while the gateway runs")
             return
-        path = ctx.options.usage_db
         if not path:
             return
         try:
             self.ledger = open_ledger(path)
             buckets, recent = read_seeds(path)
         except Exception as e:  # sqlite3.Error, psycopg.Error, OSError: one line, the gateway does not start
-            raise exceptions.OptionsError(f"usage_db {display_name(path)}: {e}") from None
+            raise exceptions.OptionsError(f"usage_db {masked_url(path)}: {e}") from None
         for fingerprint, start, tokens, usd in buckets:
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)
         if hasattr(self.store, "reload_seeds"):  # RedisStore: Redis may lose its data while we run
             self.store.reload_seeds = self.reload_seeds
-        log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", display_name(path), len(buckets))
+        log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", masked_url(path), len(buckets))
 
     async def reload_seeds(self, counted: Callable[[], None]) -> list[tuple]:
         """For a store that lost its data (Redis restarted empty): write every finished request

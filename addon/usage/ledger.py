@@ -33,6 +33,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from addon.policy.keys import HASHED_PREFIX, fingerprint
+from addon.secreturl import masked_url, resolve
 
 log = logging.getLogger("gateway")
 
@@ -145,14 +146,6 @@ def open_ledger(target: str):
         from addon.usage.postgres import PostgresLedger  # psycopg only when it is used
         return PostgresLedger(target)
     return Ledger(target)
-
-
-def display_name(target: str) -> str:
-    """USAGE_DB for a log line (a connection string's password masked)."""
-    if is_postgres(target):
-        from addon.usage import postgres
-        return postgres.display_name(target)
-    return target
 
 
 class Dialect(NamedTuple):
@@ -402,7 +395,8 @@ def format_table(rows: list[tuple]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh usage", description="Per-key usage from the gateway's usage ledger.")
-    parser.add_argument("--db", default="usage.sqlite3", help="ledger file or postgresql:// URL (USAGE_DB)")
+    parser.add_argument("--db", default="usage.sqlite3",
+                        help="ledger file or postgresql:// URL; env:USAGE_DB reads it from the environment (run.sh does)")
     parser.add_argument("--key", help="only this key: its name, fingerprint or the virtual key itself")
     parser.add_argument("--since", help="only requests at or after this date/time, e.g. 2026-11-01 (UTC)")
     args = parser.parse_args(argv)
@@ -410,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError:
         print(f"usage: --since {args.since!r} is not a date such as 2026-11-01 or 2026-11-01T12:00", file=sys.stderr)
+        return 2
+    try:
+        args.db = resolve("--db", args.db)
+    except ValueError as e:
+        print(f"usage: {e}", file=sys.stderr)
         return 2
     if not args.db:
         print("usage: USAGE_DB is empty, so the gateway keeps no usage ledger", file=sys.stderr)
@@ -423,11 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, sqlite3.Error) and type(e).__module__.split(".")[0] != "psycopg":
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"usage: cannot read ledger {display_name(args.db)}: {reason}", file=sys.stderr)
+        print(f"usage: cannot read ledger {masked_url(args.db)}: {reason}", file=sys.stderr)
         return 1
     if args.key and not rows:
         # never echo --key: it may be a virtual key
-        print(f"usage: no such key in {args.db} (give a key name, a fingerprint or a virtual key)", file=sys.stderr)
+        print(f"usage: no such key in {masked_url(args.db)} (give a key name, a fingerprint or a virtual key)", file=sys.stderr)
         return 1
     print(format_table(rows))
     return 0

@@ -7,9 +7,9 @@ loop never waits on the network. A batch that cannot be written (PostgreSQL down
 (at most MAX_PENDING rows) and is written when the database is back; one log line per outage.
 `close()` writes what is pending before the gateway exits.
 
-The connection string can carry a password: it is never logged (`display_name`). Prefer
-PGPASSWORD or ~/.pgpass (libpq reads both) to a password in USAGE_DB: a command line is visible
-to every local user.
+The connection string can carry a password: it is never logged (`masked_url`). run.sh passes
+USAGE_DB through the environment (`usage_db=env:USAGE_DB`), never on a command line; PGPASSWORD
+or ~/.pgpass (libpq reads both) keep the password out of the URL altogether.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import asyncio
 import logging
 import re
 import threading
-from urllib.parse import urlsplit
 
 import psycopg
 
-from addon.usage.ledger import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, Dialect, UsageRecord, is_postgres,
-                                recent_sql, spend_sql, usage_query)
+from addon.secreturl import masked_url
+from addon.usage.ledger import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, Dialect, UsageRecord, recent_sql,
+                                spend_sql, usage_query)
 
 log = logging.getLogger("gateway")
 
@@ -33,18 +33,6 @@ _TYPES = (  # SQLite type -> PostgreSQL type, applied to ledger.SCHEMA
     (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),  # PostgreSQL's REAL is 4 bytes
     (re.compile(r"\bINTEGER\b"), "BIGINT"),
 )
-
-
-def display_name(target: str) -> str:
-    """The ledger's name for a log line: a connection string's password replaced."""
-    if not is_postgres(target):
-        return target
-    parts = urlsplit(target)
-    if parts.password is None and "password" not in parts.query:
-        return target
-    host = f"{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    user = f"{parts.username}:***@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{parts.path}"
 
 
 def postgres_type(definition: str) -> str:
@@ -73,7 +61,7 @@ def plain(row: UsageRecord) -> tuple:
 class PostgresLedger:
     def __init__(self, target: str) -> None:
         self.path = target
-        self.name = display_name(target)
+        self.name = masked_url(target)
         self._lock = threading.Lock()  # the connection: the writer thread, or close()
         self._db: psycopg.Connection | None = connect(target)
         self._pending: list[UsageRecord] = []

@@ -36,6 +36,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 90, log=lambda: "") -> None:
+    """Until the gateway `proc` (./run.sh, one process) answers /health on 127.0.0.1:`port`."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                assert r.status == 200
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start\n" + log()
+            time.sleep(0.1)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -51,7 +66,8 @@ def alive(pid: int) -> bool:
 class FleetProcess:
     """`GATEWAY_WORKERS=workers ./run.sh` on a free port, its own state dir and (unless given) ledger."""
 
-    def __init__(self, keys: dict, workers: int | str = 3, env: dict | None = None, args: list[str] | None = None) -> None:
+    def __init__(self, keys: dict, workers: int | str = 3, env: dict | None = None, args: list[str] | None = None,
+                 quiet: bool = True) -> None:
         require("haproxy", *(() if (env or {}).get("REDIS_URL") else ("redis-server",)))
         self.tmp = tempfile.TemporaryDirectory(prefix="fleet-")
         tmp = Path(self.tmp.name)
@@ -64,8 +80,9 @@ class FleetProcess:
             "FLEET_DIR": str(self.state_dir), "GATEWAY_DRAIN_S": "10", **(env or {}),
         }
         self.ledger = self.env["USAGE_DB"]
-        # -q: no line per request; confdir: no CA written to the real home
-        self.args = ["-q", "--set", f"confdir={tmp}", *(args or [])]
+        # -q: no line per request (quiet=False: and the gateway's start-up lines); confdir: no CA
+        # written to the real home
+        self.args = [*(["-q"] if quiet else []), "--set", f"confdir={tmp}", *(args or [])]
         self.proc: subprocess.Popen | None = None
         self.output = bytearray()
 

@@ -20,7 +20,10 @@ from tests.services.haproxy import free_port
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """`password`: requirepass, from a config file (never on redis-server's own command line:
+    tests look for it in every process's)."""
+
+    def __init__(self, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server not installed (Debian: apt-get install redis-server; .ci/run does)")
@@ -28,15 +31,20 @@ class RedisServer:
         self.tmp = tempfile.TemporaryDirectory(prefix="redis-")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> "RedisServer":
         # loopback only, no persistence: each test's Redis starts empty and leaves nothing behind
+        config = Path(self.tmp.name) / "redis.conf"
+        config.write_text(f"requirepass {self.password}\n" if self.password else "")
+        config.chmod(0o600)
         self.proc = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
+            [self.binary, str(config), "--bind", "127.0.0.1", "--port", str(self.port), "--protected-mode", "yes",
              "--dir", self.tmp.name, "--save", "", "--appendonly", "no", "--daemonize", "no",
              "--loglevel", "warning", "--logfile", str(Path(self.tmp.name) / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -52,15 +60,20 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up either way
         except OSError:
             return False
 
     def command(self, *args: str) -> bytes:
         """One command's raw reply (RESP), for tests that look inside."""
-        payload = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+        def resp(*words: str) -> bytes:
+            return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
+
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(payload)
+            if self.password:
+                s.sendall(resp("AUTH", self.password))
+                assert s.recv(64) == b"+OK\r\n"
+            s.sendall(resp(*args))
             time.sleep(0.05)
             return s.recv(1 << 20)
 
