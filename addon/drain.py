@@ -26,6 +26,10 @@ log = logging.getLogger("gateway")
 POLL = 0.05  # seconds between two looks at the requests in flight while draining
 
 
+def requests(n: int) -> str:
+    return f"{n} request{'' if n == 1 else 's'}"
+
+
 class Drain:
     def __init__(self, gateway) -> None:
         self.gateway = gateway  # its `exchanges`: the forwarded requests in flight
@@ -74,13 +78,14 @@ class Drain:
             if proxyserver is not None:
                 await proxyserver.servers.update([])  # listening sockets closed; open connections stay
             in_flight = self.gateway.exchanges
-            log.info("gateway: stopping: no new connections; waiting up to %g s for %d requests in flight",
-                     seconds, len(in_flight))
+            log.info("gateway: stopping: no new connections; waiting up to %g s for %s in flight",
+                     seconds, requests(len(in_flight)))
             deadline = time.monotonic() + seconds
             while in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(POLL)
             if in_flight:
-                log.warning("gateway: %d requests still in flight after %g s are cut", len(in_flight), seconds)
+                n = len(in_flight)
+                log.warning("gateway: %s still in flight after %g s %s cut", requests(n), seconds, "is" if n == 1 else "are")
         except Exception:
             log.exception("gateway: could not drain; stopping now")
         finally:
