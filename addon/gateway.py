@@ -47,7 +47,7 @@ from addon.wire.sse import json_bytes
 from addon.usage.tokens import without_stream_options
 from addon.wire.errorpages import JsonErrorPages
 from addon.policy import targets
-from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, load_keys_with_timeout
+from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
 from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
@@ -326,6 +326,11 @@ class Gateway:
             "keys_file", str, "keys.json",
             "Path of the gateway keys file (JSON, or YAML by extension): virtual keys -> provider keys.",
         )
+        loader.add_option(
+            "endpoint_line", bool, True,
+            "Log the OpenAI-compatible endpoint at start-up. A fleet's supervisor turns it off in its "
+            "workers (clients do not reach them at their own ports) and logs HAProxy's address once.",
+        )
 
     def configure(self, updated) -> None:
         if "keys_file" in updated:
@@ -343,9 +348,8 @@ class Gateway:
         """The line a user copies from: where to point a client, and what it can reach."""
         proxyserver = ctx.master.addons.get("proxyserver")
         addrs = proxyserver.listen_addrs() if proxyserver is not None else []
-        if addrs and self.keys is not None:
-            log.info("gateway: OpenAI-compatible endpoint http://%s/v1 — %s",
-                     human.format_address(addrs[0]), self.keys.summary())
+        if addrs and self.keys is not None and ctx.options.endpoint_line:
+            log.info(endpoint_line(f"http://{human.format_address(addrs[0])}", self.keys.summary()))
 
     # --- hooks -------------------------------------------------------------------------
 

@@ -121,6 +121,17 @@ def silence_s(worker_args: list[str]) -> int:
     return int(max(upstream * attempts, idle)) + SILENCE_MARGIN
 
 
+def fleet_endpoint_line(url: str, worker_args: list[str]) -> str:
+    """The gateway's start-up line for the whole fleet: HAProxy's `url` and the workers' keys."""
+    from addon.policy.keys import KeysError, endpoint_line, load_keys_with_timeout
+
+    try:
+        reach = load_keys_with_timeout(set_option(worker_args, "keys_file") or "keys.json").summary()
+    except KeysError as e:  # (run.sh checked the file before; the workers say why it fails now)
+        reach = str(e)
+    return endpoint_line(url, reach)
+
+
 def haproxy_bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -168,9 +179,11 @@ class Fleet:
         self.state = Path(args.state_dir).resolve()
         self.stopping = 0  # 1: draining, 2: stop now
         ports = [free_port() for _ in range(args.workers)]
+        # the endpoint line names HAProxy's address, once, here (not each worker's own port)
+        quiet = ["--set", "endpoint_line=false"] if set_option(worker_args, "endpoint_line") is None else []
         self.workers = [
             Child(f"worker {i}", [args.mitmdump, "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
-                                  *worker_args], port)
+                                  *worker_args, *quiet], port)
             for i, port in enumerate(ports, 1)
         ]
         self.redis: Child | None = None
@@ -204,8 +217,10 @@ class Fleet:
         self.haproxy.start()
         self.wait_ready("HAProxy", lambda: http_ok(self.args.host, self.args.port), [self.haproxy])
         self.write_state()
-        say(f"{READY_PREFIX.removeprefix('fleet: ')} {len(self.workers)} workers behind HAProxy at http://{haproxy_bind(self.args.host, self.args.port)} "
+        url = f"http://{haproxy_bind(self.args.host, self.args.port)}"
+        say(f"{READY_PREFIX.removeprefix('fleet: ')} {len(self.workers)} workers behind HAProxy at {url} "
             f"(Redis {masked_url(self.redis_url)}{', local' if self.redis else ''}; drain {self.args.drain_s:g} s)")
+        print(fleet_endpoint_line(url, self.worker_args), file=sys.stderr, flush=True)
 
     def start_redis(self) -> None:
         data = self.state / "redis"

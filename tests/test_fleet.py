@@ -274,16 +274,27 @@ def test_run_sh_refuses_a_bad_worker_count(tmp_path, value):
 # --- the fleet ---------------------------------------------------------------------------------
 
 
+def endpoint_lines(f: FleetProcess) -> list[str]:
+    deadline = time.monotonic() + 30  # (the supervisor prints it just after the ready line)
+    while "OpenAI-compatible endpoint" not in f.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [line for line in f.log().splitlines() if "OpenAI-compatible endpoint" in line]
+
+
 def test_fleet_answers_streams_chunk_by_chunk_through_haproxy(fleet, provider):
-    f = fleet()
+    f = fleet(quiet=False)  # the gateway's start-up lines too
     state = f.state()
     assert len(state["workers"]) == 3 and state["redis"] and all(alive(pid) for pid in f.pids())
     # the workers and Redis listen on loopback only; HAProxy on GATEWAY_HOST:GATEWAY_PORT
     assert "bind 127.0.0.1:" in (f.state_dir / "haproxy.cfg").read_text()
+    # the line users copy names HAProxy, once; no worker names its own port
+    assert endpoint_lines(f) == [f"gateway: OpenAI-compatible endpoint {f.url}/v1 — 1 virtual key (openai 1)"]
+    assert f.log().count(" loaded from ") == 3  # (each worker's own start-up lines are there)
 
     first_seen = threading.Event()
     provider.handler = lambda req: Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen)
-    client = openai.OpenAI(base_url=f.url + "/v1", api_key=VIRTUAL_KEY, max_retries=0)
+    base_url = endpoint_lines(f)[0].split()[3]  # what the user copies
+    client = openai.OpenAI(base_url=base_url, api_key=VIRTUAL_KEY, max_retries=0)
     stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
                                             stream_options={"include_usage": True})
     chunks = []

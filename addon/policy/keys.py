@@ -316,6 +316,12 @@ class KeyStore:
         return {vk.fingerprint: presented for presented, vk in self._keys.items()}
 
 
+def endpoint_line(base_url: str, reach: str) -> str:
+    """The start-up line a user copies from: where to point a client, and what it can reach
+    (`KeyStore.summary()`): the gateway's for one process, the fleet supervisor's for HAProxy."""
+    return f"gateway: OpenAI-compatible endpoint {base_url}/v1 — {reach}"
+
+
 KEYS_READ_TIMEOUT = 5.0  # seconds a read of the keys file may take (start-up and reload)
 
 
