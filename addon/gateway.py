@@ -342,7 +342,8 @@ class Gateway:
                 # at start-up one clear line (mitmdump's ErrorCheck then exits), no traceback
                 log.error("gateway: %s", e)
                 return
-            log.info("gateway: %d virtual keys loaded from %s", len(self.keys), ctx.options.keys_file)
+            log.info("gateway: %d virtual key%s loaded from %s", len(self.keys), "" if len(self.keys) == 1 else "s",
+                     ctx.options.keys_file)
 
     def running(self) -> None:
         """The line a user copies from: where to point a client, and what it can reach."""
