@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="streamed requests (SSE answers)")
     ap.add_argument("--events", type=int, default=20, help="with --stream: SSE events per answer (default 20)")
     ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
-    ap.add_argument("--key", help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets)")
+    ap.add_argument("--key", help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets; {bench.BUDGET_KEY}: a budget and max_parallel)")
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a gateway option for the gateway targets (repeatable), e.g. metrics_port=9464")
     args = ap.parse_args()

@@ -161,6 +161,9 @@ class Stack:
             base_path = urlsplit(PROVIDERS[provider].default_base_url).path
             keys["virtual_keys"][f"vk_bench_{scenario}"] = {
                 "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
+        # a key that reserves (budget and max_parallel, never reached): instructions.py --key vk_bench_budget
+        keys["virtual_keys"][BUDGET_KEY] = {"provider": "openai", "api_key": "sk-bench-budget-0000000000",
+                                            "base_url": fake_url + "/v1", "budget_tokens": 10**15, "max_parallel": 10**6}
         (self.tmp / "keys.json").write_text(json.dumps(keys))
         # the failover section: a key with three healthy targets at the same fake provider, in a
         # file of its own for the gateways whose keys file takes `targets` (older revisions: not)
@@ -413,6 +416,7 @@ def metrics_cost(stack: Stack, s: Settings) -> dict:
 
 
 TARGETS_KEY = "vk_bench_targets3"
+BUDGET_KEY = "vk_bench_budget"
 
 
 def has_targets(addon_dir: Path = ROOT / "addon") -> bool:

@@ -517,3 +517,43 @@ def _children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         out += [int(c) for c in (task / "children").read_text().split()]
     return out
+
+
+def test_a_killed_workers_max_parallel_slot_is_free_after_the_reservation_lease(provider):
+    """max_parallel: 1 through HAProxy, a 4 s lease: the worker holding the key's one request is
+    killed (kill -9: nothing releases it); a request through the fleet is admitted once the lease
+    has run out, not 15 minutes later (a condition wait; the deadline only bounds a hang)."""
+    from tests.fakeprovider import openai_completion
+
+    keys_ = keys(provider)
+    keys_["virtual_keys"]["vk_fleet_one"] = {"provider": "openai", "api_key": REAL_KEY, "name": "one", "max_parallel": 1}
+    stalled = threading.Event()  # the held answer: half sent, the rest after this (at most 30 s)
+    # the first request is held, the later ones are answered at once
+    provider.reset(lambda req: Reply.json(openai_completion(req.json()), stall=stalled if len(provider.received) == 1 else None))
+    f = FleetProcess(keys_, 2, args=["--set", "reservation_lease=4"]).start()
+    try:
+        held = threading.Thread(target=lambda: _quietly(post, f.url, chat_body(), key="vk_fleet_one"), daemon=True)
+        held.start()
+        assert provider.wait_received(1)
+        status, raw = post(f.url, chat_body(), key="vk_fleet_one")
+        assert (status, json.loads(raw)["error"]["code"]) == (429, "concurrency_limit_exceeded")
+        deadline = time.monotonic() + 30
+        while not (victims := [w for w in f.state()["workers"] if provider_connections(w["pid"], provider.port)]):
+            assert time.monotonic() < deadline, "no worker holds the request"
+            time.sleep(0.1)
+        os.kill(victims[0]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 4 + 60
+        while (status := post(f.url, chat_body(), key="vk_fleet_one")[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert status == 200, f.log()[-4000:]
+        assert len(provider.received) == 2  # the held one and this one: nothing else was forwarded
+    finally:
+        stalled.set()
+        f.stop()
+
+
+def _quietly(call, *args, **kw):
+    try:
+        call(*args, **kw)
+    except Exception:
+        pass
