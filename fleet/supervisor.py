@@ -8,7 +8,8 @@ starts, watches and stops processes; it never touches a request. The balancing i
   port. A worker that exits is started again on the same port (HAProxy's health checks route
   around it meanwhile); one that keeps dying is retried with a growing pause.
 - Redis: REDIS_URL from the environment (or --redis-url); without it, a local redis-server on
-  127.0.0.1 (AOF on, data in the state directory). Every worker gets the URL in its environment
+  127.0.0.1 (AOF on, data in the state directory) with a password generated at each start, which
+  it reads from a 0600 file (never argv): other local users cannot rewrite or flush the limits. Every worker gets the URL in its environment
   as REDIS_URL and `--set redis_url=env:REDIS_URL` on its command line: a password in it is never
   in argv (ps, /proc/PID/cmdline) nor in mitmweb's options (addon/secreturl.py).
 - Stop (SIGINT, SIGTERM): HAProxy is soft-stopped first (it stops accepting, lets requests in
@@ -26,6 +27,7 @@ import argparse
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import string
@@ -44,6 +46,7 @@ RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dyin
 POLL = 0.2
 SILENCE_MARGIN = 60  # seconds HAProxy waits on a silent worker beyond what the gateway waits itself
 REDIS_ENV = "REDIS_URL"  # the environment variable the workers read their Redis URL from
+REDIS_CONFIG = "redis.conf"  # in <state dir>/redis/: the local redis-server's password (0600)
 READY_PREFIX = "fleet: ready:"  # the start-up line once HAProxy answers (tests and the bench wait for it)
 
 
@@ -78,13 +81,34 @@ def http_ok(host: str, port: int, path: str = "/health", timeout: float = 1.0) -
         return False
 
 
-def redis_ping(port: int) -> bool:
+def redis_encode(*words: str) -> bytes:
+    """One Redis command in RESP (any byte in a word is safe, unlike an inline command)."""
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
+
+
+def redis_ping(port: int, password: str | None = None) -> bool:
+    """Whether the redis-server on 127.0.0.1:`port` answers PING (after AUTH with `password`)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            s.sendall((redis_encode("AUTH", password) if password else b"") + redis_encode("PING"))
+            expected, reply = (b"+OK\r\n" if password else b"") + b"+PONG\r\n", b""
+            while len(reply) < len(expected) and expected.startswith(reply):  # else -NOAUTH, -LOADING, ...
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply == expected
     except OSError:
         return False
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` in a file only its owner can read: created 0600 (never readable for a moment), replacing
+    any file there before."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def render_haproxy(bind: str, ports: list[int], drain_s: float, worker_args: list[str] = (), template: Path = TEMPLATE) -> str:
@@ -223,16 +247,24 @@ class Fleet:
         print(fleet_endpoint_line(url, self.worker_args), file=sys.stderr, flush=True)
 
     def start_redis(self) -> None:
+        """A redis-server on loopback with a password new at each start. redis-server reads it from
+        a 0600 file in the (0700) data directory, its first argument, never from argv; the workers
+        get it in the URL in their environment. Its restarts read the same file: same password."""
         data = self.state / "redis"
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data.chmod(0o700)  # the AOF holds every key's spend; the config file the password
+        password = secrets.token_urlsafe(32)
+        config = data / REDIS_CONFIG
+        write_private(config, f"# written by fleet/supervisor.py at each start: the password of this run\n"
+                              f"requirepass {password}\n")
         port = free_port()
         self.redis = Child("redis-server", [
-            self.args.redis_server, "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
+            self.args.redis_server, str(config), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
             "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(data / "redis.log"),
         ], port)
         self.redis.start()
-        self.wait_ready("redis-server", lambda: redis_ping(port), [self.redis])
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.wait_ready("redis-server", lambda: redis_ping(port, password), [self.redis])
+        self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
 
     def wait_ready(self, what: str, ready, children: list[Child]) -> None:
         deadline = time.monotonic() + START_TIMEOUT

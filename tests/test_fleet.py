@@ -22,7 +22,7 @@ import pytest
 from fleet.supervisor import render_haproxy
 from tests.fakeprovider import Reply, default_reply, openai_stream, worst_case_reply
 from tests.gatewayproc import ROOT
-from tests.services.haproxy import FleetProcess, alive, require
+from tests.services.haproxy import FleetProcess, alive, cmdlines_holding, require
 
 pytestmark = pytest.mark.fleet
 
@@ -453,6 +453,83 @@ def test_limits_hold_across_three_workers_behind_haproxy(provider):
         assert counted[200] >= 2 and counted[200] + counted.get((429, "concurrency_limit_exceeded"), 0) == 12
     finally:
         f.stop()
+
+
+def test_the_fleets_own_redis_wants_the_password_that_only_the_workers_get(provider):
+    """The local redis-server has a password (new at each start): a local user without it is refused
+    (NOAUTH), the workers count the limits with it; it is in no process's command line, not in the
+    output nor fleet.json. A killed redis-server is restarted with the same password and the
+    workers reconnect (a condition wait; the deadline only bounds a hang)."""
+    keys_ = keys(provider)
+    for name in ("vk_fleet_pw", "vk_fleet_pw_after"):
+        keys_["virtual_keys"][name] = {"provider": "openai", "api_key": REAL_KEY, "name": name, "rpm": 1}
+    f = FleetProcess(keys_, 2, quiet=False).start()
+    try:
+        password = f.redis_password()
+        assert len(password) >= 32
+        assert [post(f.url, chat_body(), key="vk_fleet_pw")[0] for _ in range(2)] == [200, 429]
+        assert len(provider.received) == 1
+        # what any local process could do before: read, rewrite or flush every key's counts
+        assert f.redis_command("KEYS", "*", auth=False).startswith(b"-NOAUTH")
+        assert f.redis_command("FLUSHALL", auth=False).startswith(b"-NOAUTH")
+        assert f.redis_command("AUTH", "guess", auth=False).startswith(b"-WRONGPASS")
+        assert b":rpm" in f.redis_command("KEYS", "llmgw:*")  # written by the workers, authenticated
+        assert cmdlines_holding(password) == []
+        assert password not in (f.state_dir / "fleet.json").read_text()
+
+        redis = f.state()["redis"]
+        os.kill(redis["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (status := post(f.url, chat_body(), key="vk_fleet_pw_after"))[0] != 200:
+            assert status[0] == 503 and b"store_unavailable" in status[1], status  # fails closed meanwhile
+            assert time.monotonic() < deadline, "the workers did not get Redis back\n" + f.log()[-4000:]
+            time.sleep(0.2)
+        assert post(f.url, chat_body(), key="vk_fleet_pw_after")[0] == 429  # counted in the restarted Redis
+        again = f.state()["redis"]
+        assert again["pid"] != redis["pid"] and again["port"] == redis["port"] and f.redis_password() == password
+        assert f.redis_command("KEYS", "*", auth=False).startswith(b"-NOAUTH")
+        assert cmdlines_holding(password) == []
+        assert password not in (f.state_dir / "fleet.json").read_text()
+        # the ready line names it masked
+        assert f"(Redis redis://:***@127.0.0.1:{redis['port']}/0, local;" in f.log()
+    finally:
+        f.stop()
+    assert password not in f.log()
+
+
+def test_the_local_redis_password_is_new_at_each_start_and_only_in_a_0600_file(tmp_path):
+    """fleet/supervisor.py's start_redis, twice on one state directory (two runs of the fleet): each
+    run has its own password, read by redis-server from a file only its owner can read; the data
+    (spend) outlives the run, the old password does not."""
+    from urllib.parse import urlsplit
+
+    from fleet.supervisor import REDIS_CONFIG, Fleet, parse_args
+    from tests.services.redis import command
+
+    require("redis-server")
+
+    def run() -> tuple[Fleet, int, str]:
+        fleet = Fleet(parse_args(["--workers", "1", "--state-dir", str(tmp_path)])[0], [])
+        fleet.start_redis()
+        return fleet, fleet.redis.port, urlsplit(fleet.redis_url).password
+
+    first, port, password = run()
+    try:
+        assert (tmp_path / "redis" / REDIS_CONFIG).stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "redis").stat().st_mode & 0o777 == 0o700  # the AOF (every key's spend) too
+        assert cmdlines_holding(password) == [] and alive(first.redis.pid)
+        assert command(port, "SET", "llmgw:spent", "kept").startswith(b"-NOAUTH")
+        assert command(port, "SET", "llmgw:spent", "kept", password=password) == b"+OK\r\n"
+    finally:
+        first.stop()
+    second, port2, password2 = run()
+    try:
+        assert password2 != password
+        assert command(port2, "GET", "llmgw:spent", password=password2) == b"$4\r\nkept\r\n"
+        assert command(port2, "AUTH", password).startswith(b"-WRONGPASS")
+        assert command(port2, "GET", "llmgw:spent").startswith(b"-NOAUTH")
+    finally:
+        second.stop()
 
 
 def test_workers_auto_is_one_per_core_sharing_the_redis_given(provider):

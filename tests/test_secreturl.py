@@ -29,7 +29,7 @@ from addon.policy.stores import StoreChoice
 from addon.secreturl import masked_url, resolve
 from addon.usage.accounting import UsageAccounting
 from tests.gatewayproc import ROOT
-from tests.services.haproxy import FleetProcess, free_port, require, wait_healthy
+from tests.services.haproxy import FleetProcess, cmdlines_holding, free_port, require, wait_healthy
 from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.services.redis import RedisServer
 
@@ -124,20 +124,6 @@ def keys(provider, rpm: int) -> dict:
         "providers": {"openai": {"base_url": provider.url + "/v1"}},
         "virtual_keys": {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "secreturl", "rpm": rpm}},
     }
-
-
-def cmdlines_holding(secret: str) -> list[str]:
-    """Every process on the machine whose command line holds `secret` (as `ps` shows it)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:  # gone meanwhile
-                continue
-            if secret.encode() in cmdline:
-                found.append(f"{proc.name}: {cmdline.replace(b'\0', b' ').decode(errors='replace')}")
-    return found
 
 
 def descendants(pid: int) -> list[int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fleet.supervisor import READY_PREFIX as READY
+from fleet.supervisor import REDIS_CONFIG
 from tests.gatewayproc import ROOT
 
 
@@ -61,6 +62,20 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def cmdlines_holding(secret: str) -> list[str]:
+    """Every process on the machine whose command line holds `secret` (as `ps` shows it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            if secret.encode() in cmdline:
+                found.append(f"{proc.name}: {cmdline.replace(b'\0', b' ').decode(errors='replace')}")
+    return found
 
 
 class FleetProcess:
@@ -111,6 +126,18 @@ class FleetProcess:
 
     def state(self) -> dict:
         return json.loads((self.state_dir / "fleet.json").read_text())
+
+    def redis_password(self) -> str:
+        """The local redis-server's password of this run, from its 0600 config file: what the
+        user who started the fleet can read, and no other local user."""
+        config = self.state_dir / "redis" / REDIS_CONFIG
+        return next(line.split()[1] for line in config.read_text().splitlines() if line.startswith("requirepass "))
+
+    def redis_command(self, *args: str, auth: bool = True) -> bytes:
+        """One command's raw reply from the local redis-server (auth=False: without the password)."""
+        from tests.services.redis import command
+
+        return command(self.state()["redis"]["port"], *args, password=self.redis_password() if auth else None)
 
     def pids(self) -> list[int]:
         """Every process the fleet started (workers, HAProxy, Redis), from fleet.json."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.supervisor import redis_encode
 from tests.services.haproxy import free_port
 
 
@@ -66,16 +67,7 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """One command's raw reply (RESP), for tests that look inside."""
-        def resp(*words: str) -> bytes:
-            return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
-
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            if self.password:
-                s.sendall(resp("AUTH", self.password))
-                assert s.recv(64) == b"+OK\r\n"
-            s.sendall(resp(*args))
-            time.sleep(0.05)
-            return s.recv(1 << 20)
+        return command(self.port, *args, password=self.password)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -90,6 +82,18 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         self.tmp.cleanup()
+
+
+def command(port: int, *args: str, password: str | None = None) -> bytes:
+    """One command's raw reply (RESP) from the redis-server on 127.0.0.1:`port`, after AUTH with
+    `password` (none: the command as a client without the password sends it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        if password:
+            s.sendall(redis_encode("AUTH", password))
+            assert s.recv(64) == b"+OK\r\n"
+        s.sendall(redis_encode(*args))
+        time.sleep(0.05)
+        return s.recv(1 << 20)
 
 
 @pytest.fixture
