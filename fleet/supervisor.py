@@ -18,7 +18,8 @@ starts, watches and stops processes; it never touches a request. The balancing i
 - No orphans: children run in their own process group (a terminal's Ctrl-C reaches only this
   process, which then drains in order) and get SIGTERM from the kernel if this process dies
   (PR_SET_PDEATHSIG).
-- `<state dir>/fleet.json` names every process (pid, port) for operators and tests.
+- `<state dir>/fleet.json` names every process (pid, port) for operators and tests;
+  `<state dir>/haproxy.sock` is HAProxy's stats socket (requests sent to each worker).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ RESTART_PAUSE_MAX = 10.0  # seconds between restarts of a worker that keeps dyin
 POLL = 0.2
 SILENCE_MARGIN = 60  # seconds HAProxy waits on a silent worker beyond what the gateway waits itself
 REDIS_ENV = "REDIS_URL"  # the environment variable the workers read their Redis URL from
+# a UNIX socket's path has at most 107 bytes; HAProxy binds `<path>.<pid>.tmp` first, then renames it
+SOCKET_PATH_MAX = 90
+STATS_SOCKET = "haproxy.sock"  # in the state dir: HAProxy's stats socket (per-worker counters)
 REDIS_CONFIG = "redis.conf"  # in <state dir>/redis/: the local redis-server's password (0600)
 READY_PREFIX = "fleet: ready:"  # the start-up line once HAProxy answers (tests and the bench wait for it)
 
@@ -111,11 +115,19 @@ def write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def render_haproxy(bind: str, ports: list[int], drain_s: float, worker_args: list[str] = (), template: Path = TEMPLATE) -> str:
-    """HAProxy's configuration for workers on `ports`, run with mitmdump arguments `worker_args`."""
+def render_haproxy(bind: str, ports: list[int], drain_s: float, worker_args: list[str] = (), template: Path = TEMPLATE,
+                   stats_socket: Path | None = None) -> str:
+    """HAProxy's configuration for workers on `ports`, run with mitmdump arguments `worker_args`;
+    its stats socket (read-only, 0600) at `stats_socket` unless the path is too long for one."""
     servers = "\n".join(f"    server w{i} 127.0.0.1:{port}" for i, port in enumerate(ports, 1))
+    if stats_socket is None:
+        stats = "    # (no stats socket)"
+    elif len(str(stats_socket).encode()) > SOCKET_PATH_MAX:
+        stats = f"    # (no stats socket: the state directory's path is too long for a UNIX socket's, {SOCKET_PATH_MAX} bytes)"
+    else:
+        stats = f"    stats socket {stats_socket} mode 600 level user"
     return string.Template(template.read_text()).substitute(
-        BIND=bind, SERVERS=servers, DRAIN_S=max(1, int(round(drain_s))), SILENCE_S=silence_s(worker_args))
+        BIND=bind, SERVERS=servers, DRAIN_S=max(1, int(round(drain_s))), SILENCE_S=silence_s(worker_args), STATS=stats)
 
 
 def set_option(args: list[str], name: str) -> str | None:
@@ -236,7 +248,8 @@ class Fleet:
                         self.workers)
         config = self.state / "haproxy.cfg"
         config.write_text(render_haproxy(haproxy_bind(self.args.host, self.args.port), [w.port for w in self.workers],
-                                         self.args.drain_s, worker_args=self.worker_args))
+                                         self.args.drain_s, worker_args=self.worker_args,
+                                         stats_socket=self.state / STATS_SOCKET))
         self.haproxy = Child("haproxy", [self.args.haproxy, "-db", "-f", str(config)], self.args.port)
         self.haproxy.start()
         self.wait_ready("HAProxy", lambda: http_ok(self.args.host, self.args.port), [self.haproxy])

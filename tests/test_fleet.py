@@ -186,9 +186,13 @@ def test_haproxy_template_renders_a_config_haproxy_accepts(tmp_path):
     assert "server w1 127.0.0.1:41001" in config and "server w2 127.0.0.1:41002" in config
     assert "forwardfor" not in config.replace("(no forwardfor)", "")
     path = tmp_path / "haproxy.cfg"
-    path.write_text(config)
-    check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+    for socket_path in (tmp_path / "haproxy.sock", tmp_path / ("d" * 100) / "haproxy.sock", None):
+        config = render_haproxy("127.0.0.1:18080", [41001, 41002], 30, stats_socket=socket_path)
+        # the stats socket where its path fits a UNIX socket's (else a comment says why there is none)
+        assert ("\n    stats socket " in config) == (socket_path == tmp_path / "haproxy.sock")
+        path.write_text(config)
+        check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_haproxy_waits_on_a_silent_worker_longer_than_the_gateway_waits_itself():
@@ -433,9 +437,13 @@ def test_limits_hold_across_three_workers_behind_haproxy(provider):
             return out
 
         # rpm 5 under 40 concurrent requests: exactly 5 reach the provider
+        before = f.worker_requests()
         results = spread(40, "vk_fleet_rpm", chat_body())
         assert codes(results) == {200: 5, (429, "rate_limit_exceeded"): 35}
         assert len(provider.received) == 5
+        # ... though HAProxy sent them to all three workers (its stats socket: requests per worker)
+        sent = {w: n - before[w] for w, n in f.worker_requests().items()}
+        assert sorted(sent) == ["w1", "w2", "w3"] and all(sent.values()) and sum(sent.values()) == 40, sent
 
         # a token budget under 30 concurrent requests: what the provider is asked for never exceeds it
         provider.reset(worst_case_reply)

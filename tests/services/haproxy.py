@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fleet.supervisor import READY_PREFIX as READY
-from fleet.supervisor import REDIS_CONFIG
+from fleet.supervisor import REDIS_CONFIG, STATS_SOCKET
 from tests.gatewayproc import ROOT
 
 
@@ -138,6 +138,22 @@ class FleetProcess:
         from tests.services.redis import command
 
         return command(self.state()["redis"]["port"], *args, password=self.redis_password() if auth else None)
+
+    def worker_requests(self) -> dict[str, int]:
+        """How many requests HAProxy has sent to each worker ({"w1": n, ...}): `stot` from its
+        stats socket in the state dir."""
+        import csv
+        import io
+
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.state_dir / STATS_SOCKET))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(1 << 16):
+                data += chunk
+        rows = csv.DictReader(io.StringIO(data.decode().removeprefix("# ")))
+        return {r["svname"]: int(r["stot"]) for r in rows if r["pxname"] == "workers" and r["svname"] != "BACKEND"}
 
     def pids(self) -> list[int]:
         """Every process the fleet started (workers, HAProxy, Redis), from fleet.json."""
