@@ -43,6 +43,9 @@ class Reply:
     # the body (no last chunk; fewer bytes than content-length)
     stall: threading.Event | None = None
     cut: bool = False
+    # when each chunk was written (time.monotonic(), this process's clock): what the provider
+    # did, for tests that compare it with when their client saw each chunk
+    sent: list[float] = field(default_factory=list)
 
     @classmethod
     def json(cls, obj, status: int = 200, **kw) -> "Reply":
@@ -217,6 +220,7 @@ class FakeProvider:
                 piece = compressor.compress(piece) + compressor.flush(gzip.zlib.Z_SYNC_FLUSH)
             if piece:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                reply.sent.append(time.monotonic())
                 await writer.drain()
         if await self._bad_luck(writer, reply):
             return

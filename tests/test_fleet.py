@@ -314,6 +314,60 @@ def test_fleet_answers_streams_chunk_by_chunk_through_haproxy(fleet, provider):
     assert REAL_KEY not in f.log() and VIRTUAL_KEY not in f.log()
 
 
+def seen_at(url: str, markers: list[bytes], timeout: float = 30) -> dict[bytes, float]:
+    """One streamed request on a plain socket: when (time.monotonic()) each marker first reached
+    the client, read as the bytes arrive."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(chat_body(stream=True)).encode()
+    seen: dict[bytes, float] = {}
+    data = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s" % (VIRTUAL_KEY.encode(), len(body), body))
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            piece = s.recv(65536)
+            now = time.monotonic()
+            if not piece:
+                break
+            data += piece
+            seen.update((m, now) for m in markers if m not in seen and m in data)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    return seen
+
+
+def test_fleet_passes_each_chunk_on_when_the_provider_sends_it(fleet, provider):
+    """HAProxy sends what it forwards with MSG_MORE (the kernel holds a partial packet for more
+    data, up to 200 ms) unless `option http-no-delay`: without it, a stream's chunk reached the
+    client when the next one pushed it out, or 200 ms late. The provider sends two chunks 0.5 s
+    apart, the second one ending the stream; the client must see them as far apart as the
+    provider sent them, and each within 0.1 s of its sending."""
+    f = fleet(workers=2)
+    replies: list[Reply] = []
+
+    def two_chunks(req):
+        events = openai_stream(req.json(), pieces=("first-piece", "second-piece"))
+        # chunk 1: the role and the first piece; chunk 2, 0.5 s later: the second piece and the end
+        replies.append(Reply.sse([events[0] + events[1], b"".join(events[2:])], delay=0.5))
+        return replies[-1]
+
+    provider.handler = two_chunks
+    markers = [b"first-piece", b"second-piece"]
+    seen = seen_at(f.url, markers)
+    [reply] = replies
+    assert len(reply.sent) == 2 and set(seen) == set(markers)
+    provider_gap = reply.sent[1] - reply.sent[0]
+    client_gap = seen[markers[1]] - seen[markers[0]]
+    late = [seen[m] - sent for m, sent in zip(markers, reply.sent)]
+    timings = (f"provider sent the chunks {provider_gap:.3f} s apart, the client saw them {client_gap:.3f} s apart; "
+               f"each reached the client {late[0]:.3f} s and {late[1]:.3f} s after it was sent")
+    assert provider_gap >= 0.5, timings
+    assert client_gap >= provider_gap - 0.05, timings  # (>= 0.45 s)
+    assert late[0] < 0.1, timings  # the first chunk: the latency a user feels most
+    assert late[1] < 0.1, timings
+
+
 def test_kill_9_of_a_worker_fails_only_its_requests_and_it_comes_back(fleet, provider):
     f = fleet()
     release = threading.Event()
