@@ -125,7 +125,7 @@ if [ -n "${REDIS_URL:-}" ]; then
     export REDIS_URL
     REDIS_ARGS=(--set redis_url=env:REDIS_URL)
 fi
-# one process drains at SIGTERM/Ctrl-C itself (addon/drain.py); a fleet's supervisor drains HAProxy first
+# one process drains at SIGTERM/Ctrl-C itself (addon/hooks/drain.py); a fleet's supervisor drains HAProxy first
 PROXY_ARGS=(--mode "reverse:http://127.0.0.1:1@${GATEWAY_HOST}:${GATEWAY_PORT}" "${GATEWAY_ARGS[@]}" "${REDIS_ARGS[@]}"
             --set "drain_s=${GATEWAY_DRAIN_S:-30}")
 

@@ -33,9 +33,9 @@ from mitmproxy.net.http import url
 from mitmproxy.utils import human
 
 from addon.policy import owners, rules
-from addon.usage.accounting import UsageAccounting
-from addon.usage.metrics import Metrics
-from addon.usage.accesslog import ACCESS
+from addon.hooks.accounting import UsageAccounting
+from addon.hooks.metrics import Metrics
+from addon.hooks.accesslog import ACCESS
 from addon.chain import AddonChain
 from addon.apis.base import InboundAPI
 from addon.apis import anthropic_messages
@@ -44,31 +44,32 @@ from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.sse import json_bytes
-from addon.usage.tokens import without_stream_options
-from addon.wire.errorpages import JsonErrorPages
+from addon.wire.tokens import without_stream_options
+from addon.hooks.patches.errorpages import JsonErrorPages
 from addon.policy import targets
 from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
-from addon.wire.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
+from addon.hooks.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
-from addon.policy.optionguard import OptionGuard
+from addon.hooks.optionguard import OptionGuard
 from addon.policy.owners import ResponseOwners
-from addon.policy.reload import KeysReloader
-from addon.policy.logredact import LogRedaction
-from addon.drain import Drain
+from addon.hooks.reload import KeysReloader
+from addon.hooks.logredact import LogRedaction
+from addon.hooks.drain import Drain
 from addon.policy.store import MemoryStore, UsageStore
-from addon.policy.stores import StoreChoice
+from addon.hooks.stores import StoreChoice
 from addon.wire.streams import fail_closed_stream
-from addon.wire.streamends import StreamEnds
-from addon.wire.timeouts import StreamIdleTimeout, UpstreamTimeout
-from addon.wire import attempts, wirekeys
+from addon.hooks.streamends import StreamEnds
+from addon.hooks.timeouts import StreamIdleTimeout, UpstreamTimeout
+from addon.hooks.patches import attempts
+from addon.hooks.patches import wirekeys
 from addon.wire.bounded import TooLarge
-from addon.wire.limits import RequestLimits, limits, too_large
-from addon.wire.wirekeys import WireKeys
-from addon.wire.attempts import Attempts
-from addon.wire.connectreset import ConnectReset
-from addon.policy.failover import RETRY_AT_ONCE, Failover
+from addon.hooks.patches.limits import RequestLimits, limits, too_large
+from addon.hooks.patches.wirekeys import WireKeys
+from addon.hooks.patches.attempts import Attempts
+from addon.hooks.patches.connectreset import ConnectReset
+from addon.hooks.failover import RETRY_AT_ONCE, Failover
 from addon.web.contentview import WebViews
 
 log = logging.getLogger("gateway")

@@ -11,7 +11,7 @@ starts, watches and stops processes; it never touches a request. The balancing i
   127.0.0.1 (AOF on, data in the state directory) with a password generated at each start, which
   it reads from a 0600 file (never argv): other local users cannot rewrite or flush the limits. Every worker gets the URL in its environment
   as REDIS_URL and `--set redis_url=env:REDIS_URL` on its command line: a password in it is never
-  in argv (ps, /proc/PID/cmdline) nor in mitmweb's options (addon/secreturl.py).
+  in argv (ps, /proc/PID/cmdline) nor in mitmweb's options (addon/wire/secreturl.py).
 - Stop (SIGINT, SIGTERM): HAProxy is soft-stopped first (it stops accepting, lets requests in
   flight finish, for at most GATEWAY_DRAIN_S), then the workers get SIGTERM (they write their
   pending ledger rows and exit), then Redis. A second Ctrl-C skips the wait.
@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from addon.secreturl import masked_url
+from addon.wire.secreturl import masked_url
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "haproxy.cfg.template"
@@ -145,8 +145,8 @@ def silence_s(worker_args: list[str]) -> int:
     in the client's API shape, or the next target's), never HAProxy's HTML 504. Each attempt of a
     request (up to max_attempts, for a key with several targets) may wait upstream_timeout for
     the provider's headers; a body may pause stream_idle_timeout."""
-    from addon.policy.failover import DEFAULT_MAX_ATTEMPTS
-    from addon.wire.timeouts import STREAM_IDLE_TIMEOUT, UPSTREAM_TIMEOUT
+    from addon.hooks.failover import DEFAULT_MAX_ATTEMPTS
+    from addon.hooks.timeouts import STREAM_IDLE_TIMEOUT, UPSTREAM_TIMEOUT
 
     try:
         upstream = float(set_option(worker_args, "upstream_timeout") or UPSTREAM_TIMEOUT)

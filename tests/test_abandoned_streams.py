@@ -14,9 +14,9 @@ import time
 import openai
 import pytest
 
-from addon.usage.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, estimate_usage, prompt_chars,
+from addon.wire.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, estimate_usage, prompt_chars,
                                   streamed_text, tokens_for)
-from addon.usage.tokens import Usage
+from addon.wire.tokens import Usage
 from tests.fakeprovider import Reply, openai_stream
 from tests.test_policy_e2e import ledger_rows
 

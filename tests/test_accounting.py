@@ -1,7 +1,7 @@
 """watched_stream: the usage watcher composed after a provider's stream translator."""
 
-from addon.usage.accounting import watched_stream
-from addon.usage.tokens import StreamUsage, Usage
+from addon.hooks.accounting import watched_stream
+from addon.wire.tokens import StreamUsage, Usage
 from tests.fakeprovider import openai_stream
 
 STREAM = openai_stream({"model": "gpt-4o"})
@@ -58,7 +58,7 @@ def test_a_failing_watcher_does_not_break_the_stream():
 def test_flows_loaded_from_a_file_are_not_counted_again():
     import json
     from mitmproxy.test import taddons, tflow, tutils
-    from addon.usage.accounting import UsageAccounting
+    from addon.hooks.accounting import UsageAccounting
     from addon.policy.store import MemoryStore
 
     store = MemoryStore()
@@ -87,7 +87,7 @@ def _finished_flow(fingerprint: str, tokens: tuple[int, int] = (5, 2)):
 
 def test_counting_waits_for_a_batch_but_every_read_of_usage_sees_it_first():
     from mitmproxy.test import taddons
-    from addon.usage.accounting import UsageAccounting
+    from addon.hooks.accounting import UsageAccounting
     from addon.policy.store import MemoryStore
 
     store = MemoryStore()
@@ -109,7 +109,7 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
     import sqlite3
     from mitmproxy.test import taddons
     from addon.usage import ledger
-    from addon.usage.accounting import UsageAccounting
+    from addon.hooks.accounting import UsageAccounting
     from addon.policy.store import MemoryStore
 
     async def go():
@@ -141,7 +141,7 @@ def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
     earlier one, still gets its own time."""
     import time
 
-    from addon.usage.accesslog import AccessLog
+    from addon.hooks.accesslog import AccessLog
     log = AccessLog()
     base = 1_700_000_000
     whens = [base + 0.998, base + 0.999, base + 1.0005, base + 0.25, base + 3601.5]
@@ -155,7 +155,7 @@ def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
 def test_an_access_line_never_names_a_key_by_the_key_itself():
     """key_name remembers names it has checked: the answer must stay per name, every time."""
     from addon.policy.keys import fingerprint
-    from addon.usage.accesslog import key_name
+    from addon.hooks.accesslog import key_name
     vk = "vk_named_by_itself_0001"
     for _ in range(3):
         assert key_name({"key": vk, "fingerprint": fingerprint(vk)}) == f"key-{fingerprint(vk)}"

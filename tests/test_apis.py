@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from addon.wire import wirekeys
+from addon.hooks.patches import wirekeys
 from mitmproxy import http
 from mitmproxy.test import tutils
 
@@ -23,7 +23,7 @@ from addon.translate.base import UpstreamRequest
 from addon.translate.passthrough import Passthrough
 from addon.translate.registry import PAIRS
 from addon.translate.tables import ERROR_STATUSES, ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES
-from addon.usage.tokens import StreamUsage, usage_from_body
+from addon.wire.tokens import StreamUsage, usage_from_body
 from addon.wire.errors import GatewayError
 from tests.test_gateway import REAL, flow, gw  # noqa: F401 (fixture)
 

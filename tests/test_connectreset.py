@@ -14,9 +14,7 @@ import pytest
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.proxy import commands, events
 
-from addon.wire import connectreset
-
-
+from addon.hooks.patches import connectreset
 class Handler:
     """The parts of mitmproxy's ConnectionHandler the wrapper uses."""
 

@@ -1,6 +1,6 @@
 """One gateway process (no fleet) stopped with SIGTERM: with `drain_s` (run.sh: GATEWAY_DRAIN_S)
 new connections are refused, requests in flight (a stream) finish, the process exits 0 and the
-ledger has a row per answered request (addon/drain.py)."""
+ledger has a row per answered request (addon/hooks/drain.py)."""
 
 from __future__ import annotations
 

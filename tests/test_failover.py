@@ -392,7 +392,7 @@ def test_the_mitmweb_comment_names_the_answering_target():
                                               ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0), ({}, 0.0),
                                               ({"retry-after": "-3"}, 0.0), ({"retry-after": "1e9"}, 0.0)])
 def test_a_429s_retry_after_is_read_in_seconds_or_milliseconds(headers, seconds):
-    from addon.policy.failover import retry_after_seconds
+    from addon.hooks.failover import retry_after_seconds
 
     assert retry_after_seconds(headers) == seconds
 

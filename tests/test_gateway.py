@@ -8,7 +8,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
-from addon.wire import wirekeys
+from addon.hooks.patches import wirekeys
 from addon.policy.keys import fingerprint
 from addon.translate.passthrough import PassthroughExchange
 
@@ -221,7 +221,7 @@ def test_http2_authority_follows_the_upstream(gw):
 
 
 def test_replace_body_sets_framing_headers_like_mitmproxy():
-    from addon.wire.messages import replace_body
+    from addon.hooks.messages import replace_body
     resp = tutils.tresp(headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1"))
     replace_body(resp, b'{"a":1}', b"application/json")
     assert resp.headers["content-type"] == "application/json" and "content-encoding" not in resp.headers
@@ -258,7 +258,7 @@ def test_duplicate_authorization_headers_are_not_guessed_between(gw):
 def test_header_and_plain_content_read_raw_fields_like_mitmproxy():
     import gzip
 
-    from addon.wire.messages import field_value, header, lower_names, plain_content
+    from addon.hooks.messages import field_value, header, lower_names, plain_content
 
     resp = http.Response.make(200, b"", {"Content-Encoding": "GZIP", "X-Dup": "a"})
     resp.raw_content = gzip.compress(b"hello")
@@ -300,8 +300,7 @@ def test_a_request_the_provider_refuses_does_not_use_up_the_rpm_slot(tmp_path):
 
 
 def test_a_timeout_mark_only_turns_its_own_502_into_a_504(monkeypatch):
-    from addon.wire import errorpages
-
+    from addon.hooks.patches import errorpages
     clock = [1000.0]
     monkeypatch.setattr(errorpages.time, "monotonic", lambda: clock[0])
     errorpages.answer_next_as_timeout("server closed connection", "provider did not answer within 5s")

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from addon.usage.ledger import COLUMNS, Ledger, UsageRecord
-from addon.usage.tokens import MAX_TOKENS, Usage, usage_from_body, usage_from_dict
+from addon.wire.tokens import MAX_TOKENS, Usage, usage_from_body, usage_from_dict
 from tests.fakeprovider import Reply, openai_completion
 
 REAL_KEY = "sk-real-provider-key-123456"

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addon.policy import logredact
+from addon.hooks import logredact
 from addon.policy.keys import parse_keys
-from addon.policy.logredact import RedactingFilter, Secrets
+from addon.hooks.logredact import RedactingFilter, Secrets
 
 VK = "vk_user_secret_7f3a"
 REAL = "sk-real-provider-key-123456"

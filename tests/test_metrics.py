@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from addon.chain import AddonChain
 from addon.gateway import Gateway
 from addon.policy.store import MemoryStore
-from addon.usage.accounting import UsageAccounting
-from addon.usage.metrics import OTHER, Metrics, ModelLabels
+from addon.hooks.accounting import UsageAccounting
+from addon.hooks.metrics import OTHER, Metrics, ModelLabels
 from addon.policy.keys import parse_keys
 from tests.fakeprovider import Reply, default_reply
 
@@ -302,7 +302,7 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports()
     import re
     from pathlib import Path
 
-    from addon.usage.metrics import GatewayMetrics
+    from addon.hooks.metrics import GatewayMetrics
 
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
     names = {family.name for family in GatewayMetrics().registry.collect()}

@@ -11,7 +11,7 @@ import pytest
 from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
 from addon.apis.openai_responses import OPENAI_RESPONSES
 from addon.apis.registry import api_for_path, resource_for
-from addon.usage.tokens import Usage
+from addon.wire.tokens import Usage
 from addon.wire.errors import GatewayError
 from tests.fakeresponses import USAGE, response, response_stream
 

@@ -1,4 +1,4 @@
-"""Passwords in REDIS_URL / USAGE_DB stay out of argv and logs (addon/secreturl.py).
+"""Passwords in REDIS_URL / USAGE_DB stay out of argv and logs (addon/wire/secreturl.py).
 
 run.sh hands the gateway `--set redis_url=env:REDIS_URL --set usage_db=env:USAGE_DB`; the
 options hold only the reference, the parts read the environment in configure(). The end-to-end
@@ -23,11 +23,11 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.policy.optionguard import OptionGuard
+from addon.hooks.optionguard import OptionGuard
 from addon.policy.store import MemoryStore
-from addon.policy.stores import StoreChoice
-from addon.secreturl import masked_url, resolve
-from addon.usage.accounting import UsageAccounting
+from addon.hooks.stores import StoreChoice
+from addon.wire.secreturl import masked_url, resolve
+from addon.hooks.accounting import UsageAccounting
 from tests.gatewayproc import ROOT
 from tests.services.haproxy import FleetProcess, cmdlines_holding, free_port, require, wait_healthy
 from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)

@@ -1,4 +1,4 @@
-"""addon/policy/stores.py: the redis_url / redis_prefix options choose the store every part shares."""
+"""addon/hooks/stores.py: the redis_url / redis_prefix options choose the store every part shares."""
 
 import pytest
 from mitmproxy import exceptions
@@ -6,7 +6,7 @@ from mitmproxy.test import taddons
 
 from addon.policy.redis_store import RedisStore
 from addon.policy.store import Demand, Limits, MemoryStore
-from addon.policy.stores import StoreChoice
+from addon.hooks.stores import StoreChoice
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 
@@ -77,7 +77,7 @@ def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, 
     import asyncio
 
     from addon.chain import AddonChain
-    from addon.usage.accounting import UsageAccounting
+    from addon.hooks.accounting import UsageAccounting
     from tests.test_accounting import _finished_flow
 
     async def go():

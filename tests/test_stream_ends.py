@@ -11,7 +11,7 @@ import pytest
 
 from addon.wire.sse import DONE
 from addon.apis.openai_chat import OPENAI_CHAT
-from addon.wire.streamends import BROKEN, chunked, stalled, tail
+from addon.hooks.streamends import BROKEN, chunked, stalled, tail
 from tests.fakeprovider import Reply, openai_completion, openai_stream
 from tests.test_policy_e2e import ledger_rows
 

@@ -131,7 +131,7 @@ def test_secrets_yield_every_targets_real_key_and_summary_works():
     assert set(SECRETS) <= secrets and {"vk_t", "vk_p", "vk_c"} <= secrets
     assert store.summary() == "3 virtual keys (openai 2, deepseek 1)"
     # the log redaction masks a fallback's real key, which is not the key's own api_key
-    from addon.policy.logredact import Secrets
+    from addon.hooks.logredact import Secrets
     assert Secrets(store).redact(f"upstream said: bad key {KEY_C} (and {KEY_B})") == \
         "upstream said: bad key sk-...333 (and sk-...222)"
 

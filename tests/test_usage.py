@@ -1,11 +1,11 @@
-"""addon/usage/tokens.py: usage from bodies and from client-bound streams, split at every byte."""
+"""addon/wire/tokens.py: usage from bodies and from client-bound streams, split at every byte."""
 
 import json
 
 import pytest
 
 from addon.policy.keys import Price
-from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, cost, request_stream_usage, usage_from_body
+from addon.wire.tokens import StreamUsage, Usage, client_wants_stream_usage, cost, request_stream_usage, usage_from_body
 from tests.conftest import SHARED_REFERENCE
 from tests.fakeprovider import openai_stream
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from addon.apis.base import check_counts, json_object
 from addon.translate.tables import ERROR_STATUSES
-from addon.usage.tokens import StreamUsage, Usage
+from addon.wire.tokens import StreamUsage, Usage
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import json
 
-from addon.usage.tokens import Usage
+from addon.wire.tokens import Usage
 from addon.wire.errors import GatewayError
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from addon.apis.base import check_counts, json_object
-from addon.usage.tokens import StreamUsage, Usage, client_wants_stream_usage, request_stream_usage, usage_from_body
+from addon.wire.tokens import StreamUsage, Usage, client_wants_stream_usage, request_stream_usage, usage_from_body
 from addon.wire.errors import GatewayError, error_body, error_type
 from addon.wire.streams import openai_stream_error
 

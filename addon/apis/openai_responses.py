@@ -15,7 +15,7 @@ import json
 import re
 
 from addon.apis.openai_chat import OpenAIChat, parse_object
-from addon.usage.tokens import Usage, _count, _last_event_end
+from addon.wire.tokens import Usage, _count, _last_event_end
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json
 

@@ -31,7 +31,7 @@ from mitmproxy import http
 
 from addon.policy.store import StoreUnavailable
 from addon.wire.errors import GatewayError
-from addon.wire.messages import plain_content
+from addon.hooks.messages import plain_content
 
 log = logging.getLogger("gateway")
 

@@ -65,8 +65,8 @@ from addon.policy.store import (
     BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Limits,
     Spend, StoreUnavailable, Verdict,
 )
-from addon.secreturl import masked_url
-from addon.usage.metrics import count_store_error
+from addon.wire.secreturl import masked_url
+from addon.hooks.metrics import count_store_error
 
 log = logging.getLogger("gateway")
 

@@ -20,7 +20,7 @@ from addon.apis.anthropic_messages import anthropic_error, error_body, error_dic
 from addon.apis.openai_chat import is_openai_error
 from addon.translate.base import UpstreamRequest
 from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES, effort_for_budget
-from addon.usage.tokens import usage_from_dict
+from addon.wire.tokens import usage_from_dict
 from addon.wire.errors import GatewayError
 from addon.wire.sse import SSEDecoder, compact_json, json_bytes
 

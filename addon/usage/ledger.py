@@ -33,7 +33,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from addon.policy.keys import HASHED_PREFIX, fingerprint
-from addon.secreturl import masked_url, resolve
+from addon.wire.secreturl import masked_url, resolve
 
 log = logging.getLogger("gateway")
 

@@ -27,9 +27,9 @@ import time
 from mitmproxy import ctx, exceptions, http
 
 from addon.policy import targets
-from addon.wire import attempts
-from addon.wire.errorpages import PAGE_HEADERS
-from addon.wire.timeouts import seconds_option
+from addon.hooks.patches import attempts
+from addon.hooks.patches.errorpages import PAGE_HEADERS
+from addon.hooks.timeouts import seconds_option
 
 log = logging.getLogger("gateway")
 

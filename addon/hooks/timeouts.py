@@ -19,8 +19,9 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
-from addon.wire import attempts, errorpages
+from addon.hooks.patches import attempts
 
+from addon.hooks.patches import errorpages
 log = logging.getLogger("gateway")
 
 

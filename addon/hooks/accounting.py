@@ -24,15 +24,15 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
 from addon.usage import ledger as ledger_db
-from addon.usage.accesslog import ACCESS, log_counted, log_unkeyed
+from addon.hooks.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.policy.keys import Price
-from addon.secreturl import masked_url, resolve
+from addon.wire.secreturl import masked_url, resolve
 from addon.usage.ledger import Ledger, UsageRecord, open_ledger
-from addon.wire.messages import plain_content
+from addon.hooks.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, UsageStore
 from addon.wire.streams import frame_for_new_length
-from addon.usage.estimate import StreamSample, estimate_from_chars
-from addon.usage.tokens import Usage, cost
+from addon.wire.estimate import StreamSample, estimate_from_chars
+from addon.wire.tokens import Usage, cost
 from addon.apis.base import StreamUsageReader
 from addon.apis.registry import APIS, DEFAULT_API
 

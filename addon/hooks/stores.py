@@ -17,8 +17,8 @@ import re
 from mitmproxy import ctx, exceptions
 
 from addon.policy.store import RESERVATION_LEASE, renew_leases
-from addon.secreturl import masked_url, resolve
-from addon.wire.timeouts import seconds_option
+from addon.wire.secreturl import masked_url, resolve
+from addon.hooks.timeouts import seconds_option
 
 log = logging.getLogger("gateway")
 

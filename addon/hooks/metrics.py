@@ -41,9 +41,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from addon.policy.keys import MODEL_ANSWERS_KEPT, KeyStore
-from addon.usage.accounting import client_status
-from addon.wire import errorpages
-
+from addon.hooks.accounting import client_status
+from addon.hooks.patches import errorpages
 log = logging.getLogger("gateway")
 disable_created_metrics()  # no `_created` series beside every counter and histogram: half the output
 

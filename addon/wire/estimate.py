@@ -21,7 +21,7 @@ import json
 import re
 import time
 
-from addon.usage.tokens import MAX_TOKENS, Usage
+from addon.wire.tokens import MAX_TOKENS, Usage
 
 CHARS_PER_TOKEN = 4
 SAMPLE_BYTES = 32 * 1024  # client-bound bytes kept per stream; beyond, the text is scaled up
