@@ -43,20 +43,12 @@ import yaml
 from addon.providers import azure
 from addon.providers.catalog import CATALOG, DEFAULT_MAX_OUTPUT, MAX_OUTPUT
 from addon.policy.store import MAX_BUDGET_PERIOD, Limits
+from addon.wire.secrets import fingerprint, mask
+from addon.wire.tokens import Price
 
 
 class KeysError(ValueError):
     """The keys file cannot be used; the message is one line meant for the operator."""
-
-
-REDACTED = "REDACTED"  # what a real key header reads once the request has been sent
-
-
-def mask(secret: str) -> str:
-    """sk-abc123456 -> 'sk-...456': enough to tell keys apart, never enough to use one."""
-    if len(secret) < 10:
-        return "***"
-    return f"{secret[:3]}...{secret[-3:]}"
 
 
 MODEL_ANSWERS_KEPT = 4096  # per cache of model-name answers (prices, allowed models)
@@ -68,11 +60,6 @@ MODEL_NAME_CACHED = 256  # longer names are answered, not remembered (4096 x 256
 def _matches_any(model: str, patterns: tuple[str, ...]) -> bool:
     """Whether a model name matches one of a key's `models` (names or globs), remembered."""
     return any(fnmatchcase(model, pattern) for pattern in patterns)
-
-
-def fingerprint(virtual_key: str) -> str:
-    """A stable, non-reversible name for a virtual key (used in logs and recorded flows)."""
-    return hashlib.sha256(virtual_key.encode()).hexdigest()[:16]
 
 
 HASHED_PREFIX = "sha256:"
@@ -140,15 +127,6 @@ class KeyPolicy:
 
 NO_POLICY = KeyPolicy()
 NO_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class Price:
-    """USD per million tokens."""
-
-    input: float
-    output: float
-    cached_input: float | None = None  # cached prompt tokens; None = billed as input
 
 
 def target_id(provider: str, base_url: str, api_key: str) -> str:
@@ -295,7 +273,7 @@ class KeyStore:
 
     def secrets(self):
         """Every secret this store knows in clear: the virtual keys (not hashed ones) and the
-        real provider keys. For the log redaction (policy/logredact.py) only."""
+        real provider keys. For the log redaction (hooks/logredact.py) only."""
         yield from self._keys
         for key in (*self._keys.values(), *self._hashed.values()):
             for target in key.targets:

@@ -8,7 +8,7 @@ A recorded flow keeps three things (see README.md, "Recording, replaying and ins
 - `flow.request` / `flow.response`: what the gateway sent upstream (its key REDACTED) and what the
   client received (for streams: the bytes sent, stored after the stream ended).
 
-Two addons sit around the Gateway, because their hooks run in chain order (addon/chain.py):
+Two addons sit around the Gateway, because their hooks run in chain order (addon/hooks/chain.py):
 `Snapshot` before it (sees the client request and the provider response before the gateway
 rewrites them), `Recorder` after it (sees the stream callable the gateway chose, and the final flow).
 """
@@ -23,25 +23,12 @@ from mitmproxy.utils import human
 
 from addon.apis.registry import api_for_flow
 from addon.wire.errors import ERROR_SOURCE, GatewayError
-from addon.policy.keys import REDACTED, fingerprint
+from addon.wire.secrets import MARKER, REDACTED, fingerprint, is_safe, mark
 
 log = logging.getLogger("gateway")
 
 PLACEHOLDER = ("127.0.0.1", 1)  # run.sh's reverse target, never reachable
-MARKER = "vkfp:"  # a fingerprint stands in for a client's key in recorded flows
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
-
-
-def mark(value: str) -> str:
-    """A key header value -> the same value with the secret replaced by its fingerprint marker."""
-    scheme, sep, token = value.partition(" ")
-    if sep and token.strip():
-        return f"{scheme} {MARKER}{fingerprint(token.strip())}"
-    return f"{MARKER}{fingerprint(value.strip())}"
-
-
-def is_safe(value: str) -> bool:
-    return value == REDACTED or value.rpartition(" ")[2].startswith(MARKER)
 
 
 def scrub(headers: http.Headers) -> None:

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import NamedTuple
 
-from addon.policy.keys import Price
 from addon.wire.sse import encode_data, json_bytes
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None  # cached prompt tokens; None = billed as input
 
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null`, which OpenAI puts on every chunk
@@ -50,10 +59,10 @@ def usage_from_dict(usage: object) -> Usage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     # counts are positive ints up to MAX_TOKENS; anything else (null, a string, a bool, a
     # negative) counts 0, and more counts MAX_TOKENS
-    return Usage(_count(prompt), _count(completion), _count(cached))
+    return Usage(token_count(prompt), token_count(completion), token_count(cached))
 
 
-def _count(value: object) -> int:
+def token_count(value: object) -> int:
     return min(value, MAX_TOKENS) if type(value) is int and value > 0 else 0
 
 
@@ -149,7 +158,7 @@ class StreamUsage:
             out = self._events(rest)  # non-strip: these bytes were sent already
             return [out] if self.strip and out else []
         buf = self._buf + piece if self._buf else piece
-        end = _last_event_end(buf)
+        end = last_event_end(buf)
         complete, self._buf = buf[:end], buf[end:]
         # byte checks first: OpenAI puts `"usage":null` on every chunk, so `"usage"` alone is common
         if complete and _USAGE in complete and _USAGE_OBJECT.search(complete):
@@ -193,7 +202,7 @@ class StreamUsage:
         return encode_data(chunk)
 
 
-def _last_event_end(buf: bytes) -> int:
+def last_event_end(buf: bytes) -> int:
     """Offset just past the last complete SSE event in `buf` (0 if none)."""
     lf = buf.rfind(b"\n\n")
     cr = buf.rfind(b"\r\r")
