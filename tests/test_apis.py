@@ -22,7 +22,8 @@ from addon.providers.registry import PROVIDERS
 from addon.translate.base import UpstreamRequest
 from addon.translate.passthrough import Passthrough
 from addon.translate.registry import PAIRS
-from addon.translate.tables import ERROR_STATUSES, ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES
+from addon.apis.anthropic_messages import ERROR_STATUSES
+from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES
 from addon.wire.tokens import StreamUsage, usage_from_body
 from addon.wire.errors import GatewayError
 from tests.test_gateway import REAL, flow, gw  # noqa: F401 (fixture)

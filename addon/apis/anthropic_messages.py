@@ -1,7 +1,7 @@
 """Anthropic Messages: POST /v1/messages and POST /v1/messages/count_tokens.
 
 Errors: `{"type": "error", "error": {"type", "message"}}`, the type chosen by status as Anthropic
-does (translate/tables.py ERROR_STATUSES), so the anthropic SDK raises the matching class. Usage:
+does (ERROR_STATUSES below), so the anthropic SDK raises the matching class. Usage:
 Anthropic's `usage` object (`input_tokens` without the cache, `cache_read_input_tokens`,
 `cache_creation_input_tokens`, `output_tokens`) of a message, and of a stream's `message_start`
 and `message_delta` events (always sent: nothing to ask for, nothing to strip).
@@ -13,13 +13,29 @@ import json
 from datetime import datetime, timezone
 
 from addon.apis.base import check_counts, json_object
-from addon.translate.tables import ERROR_STATUSES
+from addon.wire.tables import Mapping
 from addon.wire.tokens import StreamUsage, Usage
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json
 
 # where no table row names the status: Anthropic's own choice for other 4xx and 5xx answers
 _OTHER_4XX, _OTHER_5XX = "invalid_request_error", "api_error"
+
+
+# Anthropic error type <-> HTTP status, as Anthropic documents them. The upstream status is kept
+# when there is one; this serves errors inside a stream, and the gateway's own answers.
+ERROR_STATUSES: Mapping[str, int] = Mapping([
+    ("invalid_request_error", 400),
+    ("authentication_error", 401),
+    ("billing_error", 402),
+    ("permission_error", 403),
+    ("not_found_error", 404),
+    ("request_too_large", 413),
+    ("rate_limit_error", 429),
+    ("api_error", 500),
+    ("timeout_error", 504),
+    ("overloaded_error", 529),
+], default_forward=500, default_reverse="api_error")
 
 
 def error_type(status: int) -> str:

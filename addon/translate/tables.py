@@ -1,37 +1,12 @@
 """The mapping tables between the APIs, each written once and read in both directions.
 
-A `Mapping` is a list of (a, b) rows. `forward(a)` takes the first row with that `a`, `reverse(b)`
-the first row with that `b`: rows that only one direction needs come after the row that names the
-canonical answer for the other (OpenAI "stop" reads back as Anthropic "end_turn", not
-"stop_sequence"). Anthropic is always the left column.
+Each is a `Mapping` (wire/tables.py): rows read forward and in reverse. Anthropic is always the
+left column. Anthropic's error type <-> HTTP status table belongs to its API (apis/anthropic_messages.py).
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
-
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-class Mapping(Generic[A, B]):
-    __slots__ = ("rows", "_forward", "_reverse", "default_forward", "default_reverse")
-
-    def __init__(self, rows: list[tuple[A, B]], default_forward: B, default_reverse: A) -> None:
-        self.rows = rows
-        self._forward: dict[A, B] = {}
-        self._reverse: dict[B, A] = {}
-        for a, b in rows:
-            self._forward.setdefault(a, b)
-            self._reverse.setdefault(b, a)
-        self.default_forward = default_forward
-        self.default_reverse = default_reverse
-
-    def forward(self, a) -> B:
-        return self._forward.get(a, self.default_forward)
-
-    def reverse(self, b) -> A:
-        return self._reverse.get(b, self.default_reverse)
+from addon.wire.tables import Mapping
 
 
 # Anthropic stop_reason <-> OpenAI finish_reason
@@ -64,20 +39,6 @@ ERROR_TYPES: Mapping[str, str] = Mapping([
     ("overloaded_error", "service_unavailable"),
 ], default_forward="server_error", default_reverse="api_error")
 
-# Anthropic error type <-> HTTP status, as Anthropic documents them. The upstream status is kept
-# when there is one; this serves errors inside a stream, and the gateway's own answers.
-ERROR_STATUSES: Mapping[str, int] = Mapping([
-    ("invalid_request_error", 400),
-    ("authentication_error", 401),
-    ("billing_error", 402),
-    ("permission_error", 403),
-    ("not_found_error", 404),
-    ("request_too_large", 413),
-    ("rate_limit_error", 429),
-    ("api_error", 500),
-    ("timeout_error", 504),
-    ("overloaded_error", 529),
-], default_forward=500, default_reverse="api_error")
 
 # Anthropic thinking budget (tokens) <-> OpenAI reasoning_effort. OpenAI -> Anthropic takes the
 # row's budget; Anthropic -> OpenAI the effort of the largest budget not above the one asked for.
