@@ -15,7 +15,7 @@ import json
 import re
 
 from addon.apis.openai_chat import OpenAIChat, parse_object
-from addon.wire.tokens import Usage, _count, _last_event_end
+from addon.wire.tokens import Usage, last_event_end, token_count
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json
 
@@ -89,7 +89,7 @@ def responses_usage(usage: object) -> Usage | None:
         return None
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(_count(usage.get("input_tokens")), _count(usage.get("output_tokens")), _count(cached))
+    return Usage(token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")), token_count(cached))
 
 
 class ResponsesStreamUsage:
@@ -106,7 +106,7 @@ class ResponsesStreamUsage:
 
     def feed(self, piece: bytes) -> list[bytes]:
         buf = self._buf + piece if self._buf else piece
-        end = len(buf) if not piece else _last_event_end(buf)
+        end = len(buf) if not piece else last_event_end(buf)
         complete, self._buf = buf[:end], buf[end:]
         if _USAGE in complete and _FINAL.search(complete):
             for event in re.split(rb"\r\n\r\n|\n\n|\r\r", complete):
