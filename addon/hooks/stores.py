@@ -17,6 +17,7 @@ import re
 from mitmproxy import ctx, exceptions
 
 from addon.policy.store import RESERVATION_LEASE, renew_leases
+from addon.hooks.metrics import count_store_error
 from addon.wire.secreturl import masked_url, resolve
 from addon.hooks.timeouts import seconds_option
 
@@ -85,7 +86,7 @@ class StoreChoice:
                 check_url(resolved)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
-            store = RedisStore(resolved, prefix)
+            store = RedisStore(resolved, prefix, on_error=count_store_error)
             for user in self.users:
                 user.store = store
             log.info("gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(resolved), prefix)
@@ -100,7 +101,7 @@ class StoreChoice:
             self.renewing = asyncio.get_running_loop().create_task(renew_leases(store))
 
     def done(self):
-        """RedisStore: its close (what is queued is sent first), for the chain (addon/chain.py)
+        """RedisStore: its close (what is queued is sent first), for the chain (addon/hooks/chain.py)
         to run after every part's `done`: the accounting's counts what ended last then."""
         if self.renewing is not None:
             self.renewing.cancel()

@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -66,7 +67,6 @@ from addon.policy.store import (
     Spend, StoreUnavailable, Verdict,
 )
 from addon.wire.secreturl import masked_url
-from addon.hooks.metrics import count_store_error
 
 log = logging.getLogger("gateway")
 
@@ -280,8 +280,11 @@ def check_url(url: str) -> None:
 class RedisStore(CooldownTable):
     """The shared store. Methods are called from mitmproxy's event loop only."""
 
-    def __init__(self, url: str, prefix: str = "llmgw:", lease: float = RESERVATION_LEASE) -> None:
+    def __init__(self, url: str, prefix: str = "llmgw:", lease: float = RESERVATION_LEASE,
+                 on_error: Callable[[str], None] | None = None) -> None:
         super().__init__()
+        # told the name of each operation that failed (metrics count them); never request text
+        self.on_error = on_error
         self.lease = lease  # seconds a reservation is held without a renewal
         if not prefix.isascii():  # commands are packed as ASCII (`arguments`); stores.py allows less still
             raise ValueError(f"redis prefix {prefix!r} must be ASCII")
@@ -694,7 +697,8 @@ class RedisStore(CooldownTable):
     # --- outages -----------------------------------------------------------------------
 
     def outage(self, error: Exception, operation: str) -> None:
-        count_store_error(operation)
+        if self.on_error is not None:
+            self.on_error(operation)
         if not self.down:
             self.down = True
             log.error("gateway: Redis %s unreachable (%s): keys with limits get 503 store_unavailable until it is back",
