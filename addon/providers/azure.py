@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Protocol
 from urllib.parse import urlsplit
 
 from addon.providers.base import CatalogProvider
 from addon.wire.errors import GatewayError
-
-if TYPE_CHECKING:
-    from addon.policy.keys import VirtualKey
 
 V1_VERSIONS = frozenset({"preview", "latest"})
 FIELDS = frozenset({"endpoint", "deployment", "deployments", "api_version"})
@@ -88,6 +85,12 @@ def parse_target(fields: Mapping[str, object], where: str, error: type[Exception
     return AzureTarget(endpoint.rstrip("/"), deployment, deployments, version)
 
 
+class AzureEndpoint(Protocol):
+    """What the Azure provider needs of a key's target: its parsed Azure fields."""
+
+    azure: AzureTarget
+
+
 class AzureProvider(CatalogProvider):
     def __init__(self) -> None:
         super().__init__("azure")
@@ -95,5 +98,5 @@ class AzureProvider(CatalogProvider):
     def auth_headers(self, api_key: str) -> dict[str, str]:
         return {"api-key": api_key}
 
-    def upstream_url(self, key: VirtualKey, path: str, model: str | None) -> str:
+    def upstream_url(self, key: AzureEndpoint, path: str, model: str | None) -> str:
         return key.azure.url(path, model)

@@ -3,12 +3,16 @@ sent. Translation between APIs is not a provider's business (translate/)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from addon.providers.catalog import CATALOG, ProviderInfo
 
-if TYPE_CHECKING:
-    from addon.policy.keys import VirtualKey
+
+class Endpoint(Protocol):
+    """What a provider needs of a key's target to build its URL (policy/keys.py's Target is one)."""
+
+    base_url: str  # the target's base URL, no trailing slash
+    upstream_url: str  # base_url + the chat API's path, computed once at load
 
 
 class Provider(Protocol):
@@ -22,7 +26,7 @@ class Provider(Protocol):
     def auth_headers(self, api_key: str) -> dict[str, str]:
         """The headers that carry the real key on the outgoing request."""
 
-    def upstream_url(self, key: VirtualKey, path: str, model: str | None) -> str:
+    def upstream_url(self, key: Endpoint, path: str, model: str | None) -> str:
         """Where a request for `path` (an API's path under base_url, e.g. "/embeddings") goes.
         May raise GatewayError (a model the key has no deployment for)."""
 
@@ -35,6 +39,6 @@ class CatalogProvider:
         self.info = CATALOG[name]
         self.default_base_url, self.endpoint_path, self.secret_header, self.api = self.info[:4]
 
-    def upstream_url(self, key: VirtualKey, path: str, model: str | None) -> str:
+    def upstream_url(self, key: Endpoint, path: str, model: str | None) -> str:
         # chat: the key's precomputed URL (its hash is cached for upstream_target's lookup)
         return key.upstream_url if path == self.endpoint_path else key.base_url + path
