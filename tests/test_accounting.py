@@ -108,7 +108,7 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
     import asyncio
     import sqlite3
     from mitmproxy.test import taddons
-    from addon.usage import ledger
+    from addon.usage import sqlite
     from addon.hooks.accounting import UsageAccounting
     from addon.policy.store import MemoryStore
 
@@ -119,7 +119,7 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
             tctx.configure(accounting, usage_db="")
             accounting.running()
             accounting.response(_finished_flow("fp"))
-            await asyncio.sleep(ledger.FLUSH_EVERY * 2.5)
+            await asyncio.sleep(sqlite.FLUSH_EVERY * 2.5)
             assert accounting.unsettled == [] and store._spend["fp"].tokens == 7
             accounting.done()
 
@@ -154,7 +154,7 @@ def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
 
 def test_an_access_line_never_names_a_key_by_the_key_itself():
     """key_name remembers names it has checked: the answer must stay per name, every time."""
-    from addon.policy.keys import fingerprint
+    from addon.wire.secrets import fingerprint
     from addon.hooks.accesslog import key_name
     vk = "vk_named_by_itself_0001"
     for _ in range(3):

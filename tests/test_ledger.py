@@ -2,7 +2,11 @@
 
 import sqlite3
 
-from addon.usage.ledger import Ledger, UsageRecord, main, recent_tokens, spend_buckets, usage_table
+from addon.usage.ledger import main, recent_tokens, spend_buckets, usage_table
+
+from addon.usage.sqlite import SQLiteLedger
+
+from addon.usage.ledger_sql import UsageRecord
 
 
 def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200):
@@ -11,7 +15,7 @@ def row(ts, name="alice", fp="f1", prompt=10, completion=5, usd=0.5, status=200)
 
 def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path):
     db = tmp_path / "u.sqlite3"
-    ledger = Ledger(str(db))
+    ledger = SQLiteLedger(str(db))
     for i in range(1200):  # more than one batch
         ledger.record(row(1000.0 + i))
     ledger.close()
@@ -22,12 +26,12 @@ def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path):
 
 def test_rows_survive_reopening_and_seed_hourly_spend(tmp_path):
     db = str(tmp_path / "u.sqlite3")
-    first = Ledger(db)
+    first = SQLiteLedger(db)
     first.record(row(10.0))
     first.record(row(20.0))
     first.record(row(3700.0, fp="f2", usd=1.0))
     first.close()
-    second = Ledger(db)  # a restart
+    second = SQLiteLedger(db)  # a restart
     second.record(row(30.0))
     second.close()
     assert sorted(spend_buckets(db, 3600)) == [("f1", 0, 45, 1.5), ("f2", 3600, 15, 1.0)]
@@ -36,7 +40,7 @@ def test_rows_survive_reopening_and_seed_hourly_spend(tmp_path):
 
 def test_usage_table_filters_by_key_and_since(tmp_path):
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     ledger.record(row(100.0))
     ledger.record(row(200.0, status=429, prompt=0, completion=0, usd=0.0))
     ledger.record(row(300.0, name="bob", fp="f2"))
@@ -48,7 +52,7 @@ def test_usage_table_filters_by_key_and_since(tmp_path):
 
 def test_the_usage_command_prints_a_table(tmp_path, capsys):
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     ledger.record(row(1_800_000_000.0))  # 2027-01-15
     ledger.close()
     assert main(["--db", db, "--key", "alice"]) == 0
@@ -63,7 +67,7 @@ def test_the_usage_command_prints_a_table(tmp_path, capsys):
 
 def test_a_flush_writes_the_pending_rows_for_other_readers_at_once(tmp_path):
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     for i in range(3):
         ledger.record(row(float(i)))
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM usage").fetchone() == (0,)  # batched, not per row
@@ -78,7 +82,7 @@ def test_a_flush_writes_the_pending_rows_for_other_readers_at_once(tmp_path):
 
 def test_rows_another_writer_locks_out_wait_for_the_next_flush_in_order(tmp_path):
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # e.g. a second gateway on the same file, mid-transaction
     ledger.record(row(1.0))
@@ -94,7 +98,7 @@ def test_rows_another_writer_locks_out_wait_for_the_next_flush_in_order(tmp_path
 
 def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_lives_on(tmp_path):
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     bad = row(1.0)._replace(model="gpt-\ud800")  # a client's JSON may escape a lone surrogate
     ledger.record(bad)
     ledger.record(row(2.0))
@@ -104,9 +108,9 @@ def test_a_model_name_sqlite_cannot_encode_is_written_repaired_and_the_writer_li
 
 
 def test_usage_key_is_a_name_a_fingerprint_or_the_virtual_key(tmp_path, capsys):
-    from addon.policy.keys import fingerprint
+    from addon.wire.secrets import fingerprint
     db = str(tmp_path / "u.sqlite3")
-    ledger = Ledger(db)
+    ledger = SQLiteLedger(db)
     ledger.record(row(100.0, name="carol", fp=fingerprint("vk_carol_secret")))
     ledger.record(row(200.0, name="dave", fp="f9"))
     ledger.close()

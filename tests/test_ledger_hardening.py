@@ -13,7 +13,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from addon.usage.ledger import COLUMNS, Ledger, UsageRecord
+from addon.usage.ledger_sql import COLUMNS, UsageRecord
+
+from addon.usage.sqlite import SQLiteLedger
 from addon.wire.tokens import MAX_TOKENS, Usage, usage_from_body, usage_from_dict
 from tests.fakeprovider import Reply, openai_completion
 
@@ -44,7 +46,7 @@ def test_provider_numbers_are_clamped_to_the_documented_maximum():
 
 def test_one_row_that_cannot_be_written_does_not_take_the_others_with_it(tmp_path, caplog):
     db = tmp_path / "u.sqlite3"
-    ledger = Ledger(str(db))
+    ledger = SQLiteLedger(str(db))
     ledger.record(row(1.0, name="mallory", fp="m", prompt=10**30))  # past the clamp: SQLite cannot hold it
     for i in range(20):
         ledger.record(row(2.0 + i, name="bob", fp="b"))
@@ -66,7 +68,7 @@ def test_an_older_ledger_file_gets_the_estimated_column(tmp_path):
         INSERT INTO usage VALUES (1, 1.0, 'old', 'f0', 'openai', 'gpt-4o', 200, 1, 2, 0, 3.0, 0, 0.1);""")
     con.commit()
     con.close()
-    ledger = Ledger(str(db))
+    ledger = SQLiteLedger(str(db))
     ledger.record(row(2.0, estimated=True))
     ledger.close()
     con = sqlite3.connect(db)
@@ -116,7 +118,7 @@ def remove_ledger(db: Path) -> None:
 
 def test_a_deleted_ledger_is_recreated_loudly_and_later_rows_go_to_it(tmp_path, caplog):
     db = tmp_path / "u.sqlite3"
-    ledger = Ledger(str(db))
+    ledger = SQLiteLedger(str(db))
     ledger.record(row(1.0))
     ledger.flush()
     remove_ledger(db)
@@ -158,7 +160,7 @@ def fill(disk: Path) -> Path:
 
 def test_rows_wait_out_a_full_disk_and_are_written_when_space_comes_back(tiny_disk, caplog):
     db = tiny_disk / "u.sqlite3"
-    ledger = Ledger(str(db))
+    ledger = SQLiteLedger(str(db))
     ledger.record(row(0.0))
     ledger.flush()
     filler = fill(tiny_disk)

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from addon.usage import ledger as ledger_db
-from addon.usage.ledger import COLUMNS, UsageRecord, open_ledger
+from addon.usage.ledger import open_ledger
+from addon.usage.ledger_sql import COLUMNS, UsageRecord
 from addon.usage.postgres import PostgresLedger
 from addon.policy.store import BUCKET
 from tests.gatewayproc import ROOT

@@ -15,6 +15,8 @@ FLUSH_EVERY seconds with the ledger writer, and the store calls it before every 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import logging
 import time
@@ -23,11 +25,16 @@ from collections.abc import Callable
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
-from addon.usage import ledger as ledger_db
+from addon.usage import ledger as ledger_db, sqlite
 from addon.hooks.accesslog import ACCESS, log_counted, log_unkeyed
-from addon.policy.keys import Price
+from addon.wire.tokens import Price
 from addon.wire.secreturl import masked_url, resolve
-from addon.usage.ledger import Ledger, UsageRecord, open_ledger
+from addon.usage.ledger import open_ledger
+from addon.usage.sqlite import SQLiteLedger
+
+if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL ledger is used
+    from addon.usage.postgres import PostgresLedger
+from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
 from addon.policy.store import BUCKET, MINUTE, UsageStore
 from addon.wire.streams import frame_for_new_length
@@ -52,7 +59,7 @@ def read_seeds(path: str) -> tuple[list, list]:
 class UsageAccounting:
     def __init__(self, store: UsageStore) -> None:
         self.store = store
-        self.ledger: Ledger | None = None
+        self.ledger: SQLiteLedger | PostgresLedger | None = None
         self.watchers: dict[str, tuple[StreamUsageReader, StreamSample]] = {}  # per streamed flow
         # finished flows not yet counted: (meta, started, ended, status, usage or whole response)
         self.unsettled: list[tuple] = []
@@ -137,7 +144,7 @@ class UsageAccounting:
         """Batches on the event loop (ledger.py says why not a thread); checkpoints off it."""
         last_checkpoint = time.monotonic()
         while True:
-            await asyncio.sleep(ledger_db.FLUSH_EVERY)
+            await asyncio.sleep(sqlite.FLUSH_EVERY)
             try:
                 self.settle()
             except Exception:
@@ -148,7 +155,7 @@ class UsageAccounting:
                 continue
             try:
                 await ledger.write()
-                if time.monotonic() - last_checkpoint >= ledger_db.CHECKPOINT_EVERY:
+                if time.monotonic() - last_checkpoint >= sqlite.CHECKPOINT_EVERY:
                     last_checkpoint = time.monotonic()
                     await asyncio.to_thread(ledger.checkpoint)
             except Exception:
@@ -285,7 +292,7 @@ def body_usage(meta: dict, response: http.Response) -> Usage | None:
 
 def stream_usage(flow: http.HTTPFlow, watcher: StreamUsageReader, sample: StreamSample) -> Usage:
     """What a finished or abandoned stream is charged: the provider's usage when it came and
-    counts the answer; else an estimate (usage/estimate.py) from the request body and the text
+    counts the answer; else an estimate (wire/estimate.py) from the request body and the text
     the client was sent, with the tokens the provider did report (Anthropic's input tokens)
     taking precedence. A stream that sent text is never charged zero (a client that hangs up
     before the usage chunk must not get it free)."""

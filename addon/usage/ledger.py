@@ -1,139 +1,28 @@
-"""The usage ledger: one SQLite row per routed request, written in batches.
+"""The usage ledger: one row per routed request, in a SQLite file (usage/sqlite.py) or in
+PostgreSQL (usage/postgres.py); the table is usage/ledger_sql.py's.
 
-`Ledger.record()` only appends the row to a list. `flush()`, which the accounting addon calls
-every FLUSH_EVERY seconds on mitmproxy's event loop, inserts what gathered in one transaction
-into a WAL database: a commit only writes WAL pages into the page cache (synchronous=NORMAL),
-about 2 us per row. Not on a writer thread: a second Python thread starves for the GIL while
-the proxy thread is busy and is woken at every GIL release of it (bench/ab.py: the thread cost
-16-30 us of proxy CPU per request more than these batches). The one part that waits on the
-disk, the WAL checkpoint (fsync), runs on a worker thread every CHECKPOINT_EVERY seconds.
-`close()` writes what is pending, so a clean shutdown loses nothing; a crash can lose the rows
-still pending (at most about one flush interval). Rows hold the key's name and fingerprint,
-never a secret.
-
-Also the read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
+The read side: `spend_buckets` seeds the in-memory store at start-up (budgets survive
 restarts), and `python -m addon.usage.ledger [--db F] [--key NAME] [--since DATE]` prints a per-key
 table (`./run.sh usage`).
 
-A `postgresql://` target instead of a file keeps the same table in PostgreSQL (usage/postgres.py,
-for gateways on several machines): `open_ledger` and the read functions here choose by target;
-SCHEMA and COLUMNS below define the table for both.
+A `postgresql://` target instead of a file keeps the same table in PostgreSQL (for gateways on
+several machines): `open_ledger` and the read functions here choose by target.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sqlite3
+import logging
 import sys
-import time
 from datetime import datetime, timezone
-from typing import NamedTuple
-from urllib.parse import quote
 
-from addon.policy.keys import HASHED_PREFIX, fingerprint
+
+from addon.usage import sqlite
+from addon.usage.sqlite import SQLiteLedger
 from addon.wire.secreturl import masked_url, resolve
 
 log = logging.getLogger("gateway")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,                 -- unix seconds when the request arrived
-    key_name TEXT NOT NULL,
-    key_fingerprint TEXT NOT NULL,    -- sha256(virtual key)[:16]
-    provider TEXT NOT NULL,
-    model TEXT NOT NULL,
-    status INTEGER NOT NULL,          -- HTTP status the client got; 0: connection failed
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
-    streamed INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    estimated INTEGER NOT NULL DEFAULT 0, -- 1: tokens estimated (usage/estimate.py), the provider's never came
-    target TEXT NOT NULL DEFAULT '',      -- a key with several targets: the one that answered ("1", "pool[2]")
-    attempts INTEGER NOT NULL DEFAULT 1   -- upstream attempts this request took (failover)
-);
-CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
-"""
-# columns added after the first release: (name, definition), added by ALTER TABLE to older files
-ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"), ("target", "TEXT NOT NULL DEFAULT ''"),
-                 ("attempts", "INTEGER NOT NULL DEFAULT 1"))
-COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
-           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated", "target", "attempts")
-_ROW = f"({', '.join('?' * len(COLUMNS))})"
-BATCH = 500  # rows per INSERT statement: 7,500 parameters, under SQLite's 32,766
-
-
-def insert_statement(rows: int) -> str:
-    """One multi-row INSERT per batch: one statement step, where executemany takes one per row."""
-    return f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * rows)}"
-
-
-_INSERT_BATCH = insert_statement(BATCH)
-FLUSH_EVERY = 0.2  # seconds between batches
-CHECKPOINT_EVERY = 10.0  # seconds between WAL checkpoints (off the event loop)
-BUSY_TIMEOUT = 0.05  # seconds a flush waits for another writer's lock before trying again later
-MAX_PENDING = 200_000  # rows kept while another writer holds the lock (about 40 MB)
-
-
-class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
-    ts: float
-    key_name: str
-    key_fingerprint: str
-    provider: str
-    model: str
-    status: int
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    latency_ms: float
-    streamed: bool
-    cost_usd: float
-    estimated: bool = False
-    target: str = ""
-    attempts: int = 1
-
-
-def connect(path: str, timeout: float = 10, checkpoints: bool = True) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, fast
-    if not checkpoints:
-        db.execute("PRAGMA wal_autocheckpoint=0")  # a commit must not stop to fsync the database
-    db.executescript(SCHEMA)
-    upgrade(db)
-    return db
-
-
-def upgrade(db: sqlite3.Connection) -> None:
-    """Give a ledger file written by an older gateway the columns added since."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-    for name, definition in ADDED_COLUMNS:
-        if name not in have:
-            with db:
-                db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
-
-
-def file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`; None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _waits(error: sqlite3.OperationalError) -> str | None:
-    """Why a write should be tried again later rather than its rows dropped, or None."""
-    text = str(error)
-    if "locked" in text or "busy" in text:
-        return "locked"  # another writer: the usual short wait, not logged
-    if "full" in text or "disk I/O" in text or "unable to open" in text or "readonly" in text:
-        return text  # disk full, or the file went away under us: rows wait, logged once
-    return None
 
 
 def is_postgres(target: str) -> bool:
@@ -145,186 +34,7 @@ def open_ledger(target: str):
     if is_postgres(target):
         from addon.usage.postgres import PostgresLedger  # psycopg only when it is used
         return PostgresLedger(target)
-    return Ledger(target)
-
-
-class Dialect(NamedTuple):
-    """What the read queries spell differently in SQLite and PostgreSQL."""
-    param: str  # placeholder
-    hour: str  # the bucket number of ts, ts divided by the (placeholder) bucket length
-    int_sum: str  # a sum of integers, as an integer
-
-
-SQLITE = Dialect("?", "CAST(ts / ? AS INTEGER)", "SUM({})")
-
-
-def spend_sql(d: Dialect) -> str:
-    return (f"SELECT key_fingerprint, {d.hour} * {d.param}, {d.int_sum.format('prompt_tokens + completion_tokens')},"
-            " SUM(cost_usd) FROM usage GROUP BY 1, 2")
-
-
-def recent_sql(d: Dialect) -> str:
-    return ("SELECT key_fingerprint, ts, prompt_tokens + completion_tokens FROM usage"
-            f" WHERE ts >= {d.param} AND prompt_tokens + completion_tokens > 0 ORDER BY ts")
-
-
-def usage_query(d: Dialect, key: str | None = None, since: float | None = None) -> tuple[str, list]:
-    """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
-    where, args = [], []
-    if key:  # a name, a fingerprint, or a virtual key (matched by its fingerprint)
-        where.append(f"(key_name = {d.param} OR key_fingerprint = {d.param} OR key_fingerprint = {d.param})")
-        args += [key, key, key_fingerprint(key)]
-    if since is not None:
-        where.append(f"ts >= {d.param}")
-        args.append(since)
-    sums = ", ".join(d.int_sum.format(column) for column in ("prompt_tokens", "completion_tokens", "cached_tokens"))
-    sql = (
-        f"SELECT key_name, key_fingerprint, COUNT(*), {sums}, SUM(cost_usd) FROM usage"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + " GROUP BY key_fingerprint, key_name ORDER BY key_name"
-    )
-    return sql, args
-
-
-class Ledger:
-    def __init__(self, path: str) -> None:
-        self.path = self.name = path
-        self._db: sqlite3.Connection | None = connect(path, timeout=BUSY_TIMEOUT, checkpoints=False)
-        self._identity = file_identity(path)
-        self._open = True
-        self._pending: list[UsageRecord] = []
-        self._failing: str | None = None  # why writes fail at the moment (logged once, when it starts)
-
-    def record(self, row: UsageRecord) -> None:
-        self._pending.append(row)
-
-    def flush(self) -> None:
-        """Insert the pending rows (in statements of up to BATCH rows).
-
-        - Rows another writer's lock keeps out, or a full disk, stay pending (up to MAX_PENDING,
-          oldest dropped beyond that) and go in with a later flush; a full disk logs one line
-          when it starts and one when rows are written again.
-        - A ledger file deleted or replaced while the gateway runs is noticed here (its inode)
-          and recreated, with an error in the log; the spend counted in memory is kept.
-        - A batch that fails otherwise is written row by row: only a row that cannot be written
-          is dropped (logged), never the rows that came with it."""
-        if not self._open:
-            return
-        if (self._db is None or file_identity(self.path) != self._identity) and not self._reopen():
-            self._keep([], self._pending)
-            return
-        if not self._pending:
-            return
-        rows, self._pending = self._pending, []
-        for start in range(0, len(rows), BATCH):
-            batch = rows[start:start + BATCH]
-            try:
-                self._write_batch(batch)
-            except sqlite3.OperationalError as e:
-                why = _waits(e)
-                if why is None:
-                    self._write_rows(batch)
-                    continue
-                if why != "locked":
-                    self._fails(why, len(rows) - start)
-                self._keep(rows[start:], self._pending)
-                return
-            except Exception:  # sqlite3.Error, OverflowError, ...: one bad row, or all?
-                self._write_rows(batch)
-        if self._failing is not None:
-            log.error("gateway: usage ledger %s is written again; the %d rows kept meanwhile are in it",
-                      self.path, len(rows))
-            self._failing = None
-
-    def _keep(self, rows: list[UsageRecord], later: list[UsageRecord]) -> None:
-        """Keep `rows` (then `later`) pending, in order, at most MAX_PENDING of them."""
-        rows = rows + later
-        kept = rows[-MAX_PENDING:]
-        if len(kept) < len(rows):
-            log.error("gateway: usage ledger %s cannot be written for long: %d oldest rows dropped",
-                      self.path, len(rows) - len(kept))
-        self._pending = kept
-
-    def _fails(self, why: str, rows: int) -> None:
-        if self._failing is None:
-            log.error("gateway: usage ledger %s cannot be written (%s): %d rows kept in memory (up to %d)"
-                      " and written when it can be", self.path, why, rows, MAX_PENDING)
-        self._failing = why
-
-    def _reopen(self) -> bool:
-        """The ledger file was deleted or replaced: say so, and write to a new one."""
-        if self._db is not None:  # first: closing the last connection removes its WAL, not the new one's
-            gone = file_identity(self.path) is None
-            self._db.close()
-            self._db = None
-            log.error("gateway: usage ledger %s was %s while the gateway ran: rows from now on go to a new file"
-                      " (the rows before went with the old one); budgets keep the spend counted in memory,"
-                      " but a restart reads only what the new file holds",
-                      self.path, "deleted" if gone else "replaced")
-        try:
-            self._db = connect(self.path, timeout=BUSY_TIMEOUT, checkpoints=False)
-        except (sqlite3.Error, OSError) as e:
-            self._fails(f"it cannot be recreated: {e}", len(self._pending))
-            return False
-        self._identity = file_identity(self.path)
-        return True
-
-    async def write(self) -> None:
-        """The accounting writer's call (PostgresLedger's goes to a thread): here on the loop."""
-        self.flush()
-
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database file (the fsync): call it from a worker thread. Never
-        creates the file: a deleted ledger is for flush() to notice and recreate, loudly."""
-        try:
-            db = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True, timeout=10)
-        except sqlite3.OperationalError:
-            return
-        try:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            db.close()
-
-    def close(self) -> None:
-        """Write everything pending and close (a later flush or close does nothing)."""
-        if not self._open:
-            return
-        deadline = time.monotonic() + 10
-        self.flush()
-        while self._pending and time.monotonic() < deadline:  # another writer's lock, a full disk
-            time.sleep(BUSY_TIMEOUT)
-            self.flush()
-        if self._pending:
-            log.error("gateway: usage ledger %s: %d rows not written at shutdown (%s)",
-                      self.path, len(self._pending), self._failing or "database locked")
-        if self._db is not None:
-            self._db.close()
-        self._db, self._open = None, False
-
-    def _write_batch(self, rows: list[UsageRecord]) -> None:
-        sql = _INSERT_BATCH if len(rows) == BATCH else insert_statement(len(rows))
-        try:
-            with self._db:
-                self._db.execute(sql, [value for row in rows for value in row])
-        except UnicodeEncodeError:  # a lone surrogate (a client's model name) cannot be bound
-            with self._db:
-                self._db.execute(sql, [encodable(value) for row in rows for value in row])
-
-    def _write_rows(self, rows: list[UsageRecord]) -> None:
-        """One row at a time, after a batch failed: drop (and log) only the rows that fail."""
-        failed, error = 0, None
-        for row in rows:
-            try:
-                self._write_batch([row])
-            except Exception as e:
-                failed, error = failed + 1, e
-        if failed:
-            log.error("gateway: usage ledger %s: could not write %d of %d rows: %s",
-                      self.path, failed, len(rows), type(error).__name__ + ": " + str(error)[:200])
-
-
-def encodable(value):
-    return value.encode("utf-8", "replace").decode() if isinstance(value, str) else value
+    return SQLiteLedger(target)
 
 
 def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int, float]]:
@@ -332,11 +42,7 @@ def spend_buckets(path: str, bucket_seconds: int) -> list[tuple[str, float, int,
     if is_postgres(path):
         from addon.usage import postgres
         return postgres.spend_buckets(path, bucket_seconds)
-    db = connect(path)
-    try:
-        return db.execute(spend_sql(SQLITE), (bucket_seconds, bucket_seconds)).fetchall()
-    finally:
-        db.close()
+    return sqlite.spend_buckets(path, bucket_seconds)
 
 
 def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
@@ -344,11 +50,7 @@ def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
     if is_postgres(path):
         from addon.usage import postgres
         return postgres.recent_tokens(path, since)
-    db = connect(path)
-    try:
-        return db.execute(recent_sql(SQLITE), (since,)).fetchall()
-    finally:
-        db.close()
+    return sqlite.recent_tokens(path, since)
 
 
 def usage_table(path: str, key: str | None = None, since: float | None = None) -> list[tuple]:
@@ -356,20 +58,7 @@ def usage_table(path: str, key: str | None = None, since: float | None = None) -
     if is_postgres(path):
         from addon.usage import postgres
         return postgres.usage_table(path, key, since)
-    sql, args = usage_query(SQLITE, key, since)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
-
-
-def key_fingerprint(text: str) -> str:
-    """The fingerprint a --key names if it is a virtual key (or its "sha256:" form)."""
-    if text.startswith(HASHED_PREFIX):
-        return text[len(HASHED_PREFIX):].lower()[:16]
-    return fingerprint(text)
-
+    return sqlite.usage_table(path, key, since)
 
 def parse_since(text: str) -> float:
     """A date or ISO time (UTC unless it says otherwise) -> unix seconds."""

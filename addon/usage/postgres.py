@@ -22,7 +22,7 @@ import threading
 import psycopg
 
 from addon.wire.secreturl import masked_url
-from addon.usage.ledger import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, Dialect, UsageRecord, recent_sql,
+from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, Dialect, UsageRecord, recent_sql,
                                 spend_sql, usage_query)
 
 log = logging.getLogger("gateway")
