@@ -8,7 +8,7 @@ and answers a JSON 500 instead.
 Data path: request -> inbound API by path (apis/) -> key lookup -> the API's request check -> key
 policy (policy/rules.py) -> translation pair for (API, the key's provider) (translate/) -> provider
 key (providers/) -> (mitmproxy sends it) -> responseheaders (redact the real key, choose stream
-translation) -> response (translate a whole body). Nothing here branches on an API or provider. Usage is counted by usage/accounting.py, hot reload lives in policy/reload.py.
+translation) -> response (translate a whole body). Nothing here branches on an API or provider. Usage is counted by hooks/accounting.py, hot reload lives in hooks/reload.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from addon.policy import owners, rules
 from addon.hooks.accounting import UsageAccounting
 from addon.hooks.metrics import Metrics
 from addon.hooks.accesslog import ACCESS
-from addon.chain import AddonChain
+from addon.hooks.chain import AddonChain
 from addon.apis.base import InboundAPI
 from addon.apis import anthropic_messages
 from addon.apis.registry import APIS, ENDPOINTS, api_for_flow, api_for_request, resource_for
@@ -47,13 +47,15 @@ from addon.wire.sse import json_bytes
 from addon.wire.tokens import without_stream_options
 from addon.hooks.patches.errorpages import JsonErrorPages
 from addon.policy import targets
-from addon.policy.keys import REDACTED, KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
+from addon.policy.keys import KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
+from addon.wire.secrets import REDACTED
 from addon.hooks.messages import BODY_HEADERS, Fields, field_value, framing_fields, header, lower_names, plain_content, replace_body
 from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
-from addon.recording.recorder import Recorder, Snapshot, is_safe, mark
+from addon.recording.recorder import Recorder, Snapshot
+from addon.wire.secrets import is_safe, mark
 from addon.hooks.optionguard import OptionGuard
-from addon.policy.owners import ResponseOwners
+from addon.hooks.owners import ResponseOwners
 from addon.hooks.reload import KeysReloader
 from addon.hooks.logredact import LogRedaction
 from addon.hooks.drain import Drain
@@ -160,7 +162,7 @@ class Routing(NamedTuple):
 
 class FailoverRoute:
     """A request of a key with several targets, while it is in flight: what another attempt
-    needs (policy/failover.py decides on one, Gateway.reroute makes it)."""
+    needs (hooks/failover.py decides on one, Gateway.reroute makes it)."""
 
     __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now", "pinned")
 
@@ -314,7 +316,7 @@ class Gateway:
     """Routes the inbound APIs' requests to providers; everything else is answered locally."""
 
     def __init__(self, store: UsageStore | None = None) -> None:
-        self.keys: KeyStore | None = None  # replaced whole on reload (policy/reload.py), never mutated
+        self.keys: KeyStore | None = None  # replaced whole on reload (hooks/reload.py), never mutated
         self.store: UsageStore = store if store is not None else MemoryStore()  # rate limits and spend
         # per in-flight flow: the pair's Exchange that translates its response, the API, and
         # the parameters the pair dropped or approximated
@@ -661,7 +663,7 @@ class Gateway:
             if flow.error or not flow.live:  # the client left while the store was asked
                 self.store.release(meta["fingerprint"], ticket)
                 return
-            meta["ticket"] = ticket  # usage/accounting.py settles or releases it
+            meta["ticket"] = ticket  # hooks/accounting.py settles or releases it
         request = flow.request
         wirekeys.register(flow.id, key.api_key, target.host, target.port)
         data = request.data  # set directly: the property setters each rewrite Host again
@@ -677,7 +679,7 @@ class Gateway:
         # Drop the client's auth headers, point Host at the provider, set the provider's headers
         # and a new body's framing in one pass over the fields: each Headers.pop / __setitem__
         # rescans them all.
-        # the flow carries a placeholder where the real key goes (wire/wirekeys.py)
+        # the flow carries a placeholder where the real key goes (hooks/patches/wirekeys.py)
         # a key-optional local server without a key: no key header at all
         upstream_headers = route.provider.auth_headers(wirekeys.placeholder(flow.id) if key.api_key else "")
         if upstream.headers:

@@ -5,7 +5,7 @@
 Starts a throwaway redis-server (no persistence) and runs `concurrency` tasks that each admit
 requests of one key in a loop, as the gateway's hooks would: `reserve()`, then the request's
 usage counted when it ends (`settle()` for a key that holds a reservation, else `add_usage()`,
-queued and counted every 0.2 s as usage/accounting.py does). Prints the gateway process's CPU
+queued and counted every 0.2 s as hooks/accounting.py does). Prints the gateway process's CPU
 per request (what a worker pays for the store) and redis-server's (what the machine pays
 besides). `--kind rpm` is the fleet benchmark's limited key (an rpm limit only); `budget` holds
 a reservation (budget_tokens and max_parallel). `--profile` prints cProfile's top entries for
@@ -35,7 +35,7 @@ from addon.policy.store import Demand, Limits, MemoryStore  # noqa: E402
 
 LIMITS = {"rpm": Limits(rpm=1_000_000_000),
           "budget": Limits(budget_tokens=10**15, max_parallel=10_000)}
-FLUSH_EVERY = 0.2  # as usage/accounting.py
+FLUSH_EVERY = 0.2  # as hooks/accounting.py
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""AddonChain: the gateway's addons as one mitmproxy addon (addon/chain.py)."""
+"""AddonChain: the gateway's addons as one mitmproxy addon (addon/hooks/chain.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons, tflow
 
-from addon.chain import AddonChain
+from addon.hooks.chain import AddonChain
 
 
 class Part:

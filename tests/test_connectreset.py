@@ -1,4 +1,4 @@
-"""wire/connectreset.py: a provider connection reset as it opened is a connect error, not a hang.
+"""hooks/patches/connectreset.py: a provider connection reset as it opened is a connect error, not a hang.
 
 The race itself (the socket reset between connect and getpeername) happens about once in 300
 connections to a server that resets on accept, so it is not reproduced here: mitmproxy's task

@@ -9,7 +9,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addon.gateway import Gateway
 from addon.hooks.patches import wirekeys
-from addon.policy.keys import fingerprint
+from addon.wire.secrets import fingerprint
 from addon.translate.passthrough import PassthroughExchange
 
 REAL = "sk-real-secret-key-123456"

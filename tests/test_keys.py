@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from addon.policy.keys import KeysError, fingerprint, load_keys, mask, parse_keys
+from addon.policy.keys import KeysError, load_keys, parse_keys
+
+from addon.wire.secrets import fingerprint, mask
 
 REAL = "sk-real-secret-key-123456"
 

@@ -15,7 +15,7 @@ from mitmproxy import http as mhttp
 from mitmproxy.test import taddons, tflow
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon.chain import AddonChain
+from addon.hooks.chain import AddonChain
 from addon.gateway import Gateway
 from addon.policy.store import MemoryStore
 from addon.hooks.accounting import UsageAccounting

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from addon.policy import owners, store as store_module
-from addon.policy.keys import fingerprint
+from addon.wire.secrets import fingerprint
 from addon.policy.redis_store import RedisStore
 from addon.policy.store import OWNER_TTL, MemoryStore
 from addon.wire.errors import GatewayError

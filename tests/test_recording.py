@@ -20,8 +20,9 @@ from mitmproxy import http, io
 from mitmproxy.test import tflow
 
 from addon.recording import replay
-from addon.policy.keys import fingerprint
-from addon.recording.recorder import Snapshot, mark, scrub, unmark
+from addon.wire.secrets import fingerprint
+from addon.recording.recorder import Snapshot, scrub, unmark
+from addon.wire.secrets import mark
 from tests import rawhttp
 from tests.fakeprovider import Reply, openai_completion
 from tests.flows import scenarios

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from addon.policy.keys import fingerprint
+from addon.wire.secrets import fingerprint
 from tests.fakeprovider import Reply, openai_completion, worst_case_reply
 from tests.services.redis import redis_server  # noqa: F401  (fixture)
 

@@ -76,7 +76,7 @@ def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, 
     batch, 0.2 s), not be cut off with them ("unreachable" logged at every stop, spend lost)."""
     import asyncio
 
-    from addon.chain import AddonChain
+    from addon.hooks.chain import AddonChain
     from addon.hooks.accounting import UsageAccounting
     from tests.test_accounting import _finished_flow
 

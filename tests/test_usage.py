@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from addon.policy.keys import Price
+from addon.wire.tokens import Price
 from addon.wire.tokens import StreamUsage, Usage, client_wants_stream_usage, cost, request_stream_usage, usage_from_body
 from tests.conftest import SHARED_REFERENCE
 from tests.fakeprovider import openai_stream

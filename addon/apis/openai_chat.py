@@ -2,7 +2,7 @@
 
 Errors: `{"error": {"message", "type", "param", "code"}}` (wire/errors.py). Usage: the `usage`
 object of a chat.completion, and of the stream's final chunk, which the gateway always asks for
-(`stream_options.include_usage`) and hides again from a client that did not (usage/tokens.py).
+(`stream_options.include_usage`) and hides again from a client that did not (wire/tokens.py).
 """
 
 from __future__ import annotations

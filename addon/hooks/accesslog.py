@@ -9,7 +9,7 @@
 
 (`~`: an estimate, for a stream abandoned before the provider's usage arrived.)
 
-Requests made with a known key are logged when usage/accounting.py counts them (it has their
+Requests made with a known key are logged when hooks/accounting.py counts them (it has their
 tokens then, so nothing is parsed twice; up to FLUSH_EVERY seconds after the response); the rest
 (no or an unknown key, unknown paths) when their response is made. Keys are named as everywhere
 else: the key's `name`, or `key-<fingerprint>`. Successful health checks are not logged.
@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 
-from addon.policy.keys import fingerprint
+from addon.wire.secrets import fingerprint
 
 # mitmproxy's per-connection lines, which the access line replaces at the default verbosity
 CONNECTION_NOISE = ("client connect", "client disconnect", "server connect", "server disconnect")

@@ -32,7 +32,7 @@ import logging
 log = logging.getLogger("gateway")
 
 LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
-# attempt_failed: the gateway's own (wire/attempts.py), an upstream attempt that may be retried
+# attempt_failed: the gateway's own (hooks/patches/attempts.py), an upstream attempt that may be retried
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "attempt_failed")
 
 

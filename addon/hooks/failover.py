@@ -1,6 +1,6 @@
 """Failover between a virtual key's targets (keys with "targets"; policy/targets.py picks).
 
-A failed attempt (wire/attempts.py says which failures count: connect errors, no or broken
+A failed attempt (hooks/patches/attempts.py says which failures count: connect errors, no or broken
 response headers, 401/403/429/5xx/529, all before any byte reached the client) cools its target
 down, shared through the store (RedisStore: every worker), and the request is sent to the next
 target the pick gives, inside the same flow, up to `max_attempts` attempts. Limits and budgets
@@ -13,7 +13,7 @@ were counted once, when the request was admitted; a retry is not admitted again.
 When the attempts are used up but a healthy target remains, the client's answer says to retry at
 once (`x-should-retry: true`, `retry-after-ms: 0`: the official SDKs do), and that retry lands on
 the healthy target: the provider's error response, or the gateway's 502/504 when the last attempt
-could not connect or got no headers in time (wire/errorpages.py puts PAGE_HEADERS on it).
+could not connect or got no headers in time (hooks/patches/errorpages.py puts PAGE_HEADERS on it).
 
 A request for a stored response (`FailoverRoute.pinned`, policy/owners.py) goes to the target
 that holds it and nowhere else: its failure cools that target down and goes to the client.

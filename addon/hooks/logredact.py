@@ -11,7 +11,7 @@ rewritten before any handler formats it:
 - every known key (the virtual keys and real provider keys in force, from the gateway's KeyStore,
   so a reload is seen at the next record) is masked wherever it appears.
 
-Masked means `vk_...xyz` (keys.mask): enough to tell keys apart, never enough to use one. The
+Masked means `vk_...xyz` (wire/secrets.py `mask`): enough to tell keys apart, never enough to use one. The
 message is formatted once and the arguments dropped; an exception's traceback is folded into the
 message so that it is redacted too.
 """
@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import re
 
-from addon.policy.keys import KeyStore, mask
+from addon.policy.keys import KeyStore
+
+from addon.wire.secrets import mask
 
 # a header name, its separator, an optional auth scheme, then the secret (up to whitespace, a
 # quote, a backslash of a bytes repr's `\r\n`, or a separator)

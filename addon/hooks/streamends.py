@@ -1,6 +1,6 @@
 """Streams end the way the README promises, even when the provider's side fails mid-way.
 
-When a provider's stream resets, or is ended by `stream_idle_timeout` (wire/timeouts.py),
+When a provider's stream resets, or is ended by `stream_idle_timeout` (hooks/timeouts.py),
 mitmproxy does not call the stream callable's final `f(b"")`: it calls the `error` hook and then
 closes the client connection, so the client would get a cut-off stream with no finish chunk and
 no `[DONE]`. This addon's `error` hook runs before mitmproxy closes the client connection (and

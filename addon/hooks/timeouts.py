@@ -3,7 +3,7 @@
 - `upstream_timeout`: a routed request that has no response headers after that many seconds is
   abandoned and the client gets an OpenAI-shaped 504.
 - `stream_idle_timeout`: a streamed response that receives no byte from the provider for that
-  many seconds is ended; the client gets an error event and [DONE] (wire/streamends.py).
+  many seconds is ended; the client gets an error event and [DONE] (hooks/streamends.py).
 
 mitmproxy itself only has an inactivity timeout (tcp_timeout, 10 min by default). These addons
 cancel the flow's server connection task; mitmproxy then reports the flow as failed, and
@@ -149,7 +149,7 @@ class UpstreamTimeout(Sweeper):
 class StreamIdleTimeout(Sweeper):
     """Ends a response whose provider went quiet after its headers for `stream_idle_timeout`
     seconds: a stream that sent no byte for that long (the client gets an error event and
-    [DONE], wire/streamends.py), or a whole body still incomplete that long after its headers
+    [DONE], hooks/streamends.py), or a whole body still incomplete that long after its headers
     (the client gets a 504, as for upstream_timeout).
 
     Each streamed response's callable is wrapped to note the time of every piece; the sweep

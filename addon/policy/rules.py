@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from addon.policy.keys import KeyPolicy, KeyStore, Price, VirtualKey
+from addon.policy.keys import KeyPolicy, KeyStore, VirtualKey
+
+from addon.wire.tokens import Price
 from addon.policy.store import (
     BUDGET_TOKENS, BUDGET_USD, NO_DEMAND, PARALLEL, TPM, Demand, StoreUnavailable, UsageStore, Verdict,
     retry_after_header,

@@ -407,7 +407,7 @@ def retry_after_header(seconds: float) -> str:
 
 
 async def renew_leases(store: UsageStore) -> None:
-    """The holder's heartbeat, run in the background by the gateway (policy/stores.py): every
+    """The holder's heartbeat, run in the background by the gateway (hooks/stores.py): every
     third of the lease, renew every reservation this process holds; while the store does not
     answer, every RENEW_RETRY seconds, so those that expired in an outage are held again as soon
     as it answers. Nothing on the request path."""

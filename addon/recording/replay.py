@@ -28,7 +28,9 @@ import yaml
 from mitmproxy import http, io
 from mitmproxy.net import encoding
 
-from addon.policy.keys import HASHED_PREFIX, KeysError, fingerprint, parse_keys
+from addon.policy.keys import HASHED_PREFIX, KeysError, parse_keys
+
+from addon.wire.secrets import fingerprint
 from addon.recording.process import GatewayProcess
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import routed, unmark

@@ -176,7 +176,7 @@ def test_http2_error_pages_take_the_requests_shape(gateway, provider):
     for page in (ant, oai):  # JSON, said so (mitmproxy's HTTP/2 page says text/html), from the gateway
         assert page.headers["content-type"] == "application/json"
         assert page.headers["x-gateway-error-source"] == "gateway"
-        assert float(page.headers["x-gateway-overhead-ms"]) >= 0  # usage/metrics.py's, as over HTTP/1
+        assert float(page.headers["x-gateway-overhead-ms"]) >= 0  # hooks/metrics.py's, as over HTTP/1
         assert int(page.headers["content-length"]) == len(page.content)
     assert provider.received == []
 

@@ -9,7 +9,7 @@ forever (upstream_timeout cannot cut a connection whose task is gone). Seen here
 
 This wraps `open_connection`: when it fails that way, the connection is reported to the layer as
 one that could not be opened ("connection reset by the server"), so the client gets the
-gateway's 502 or, for a key with several targets, the next target (wire/attempts.py).
+gateway's 502 or, for a key with several targets, the next target (hooks/patches/attempts.py).
 """
 
 from __future__ import annotations

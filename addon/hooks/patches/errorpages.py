@@ -41,13 +41,13 @@ from addon.wire.errors import ERROR_SOURCE, GatewayError
 log = logging.getLogger("gateway")
 
 _timeouts: dict[str, tuple[str, float]] = {}
-# the same for the x-gateway-overhead-ms value of the page (usage/metrics.py's error hook)
+# the same for the x-gateway-overhead-ms value of the page (hooks/metrics.py's error hook)
 _overheads: dict[str, tuple[str, float]] = {}
 # the same for the API of the flow that failed with that message (JsonErrorPages.error)
 _apis: dict[str, tuple[InboundAPI, float]] = {}
 TIMEOUT_MARK_SECONDS = 1.0
 OVERHEAD_HEADER = "x-gateway-overhead-ms"
-# flow.metadata: headers an addon wants on that flow's error page (policy/failover.py's "retry
+# flow.metadata: headers an addon wants on that flow's error page (hooks/failover.py's "retry
 # at once" when a failed attempt cannot be retried inside the flow)
 PAGE_HEADERS = "gateway.page_headers"
 
