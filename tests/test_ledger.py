@@ -123,3 +123,12 @@ def test_usage_key_is_a_name_a_fingerprint_or_the_virtual_key(tmp_path, capsys):
     assert "no such key" in captured.err and "vk_nobody" not in captured.err + captured.out
     assert main(["--db", "", "--key", "carol"]) == 1
     assert "keeps no usage ledger" in capsys.readouterr().err
+
+
+def test_usage_names_a_ledger_it_cannot_read(tmp_path, capsys):
+    """A file that is not a SQLite database: one line saying so, exit 1, no traceback."""
+    db = tmp_path / "usage.sqlite3"
+    db.write_bytes(b"this is not a database" * 100)
+    assert main(["--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usage: cannot read ledger") and "Traceback" not in err

@@ -23,7 +23,7 @@ from mitmproxy.utils import human
 
 from addon.apis.registry import api_for_flow
 from addon.wire.errors import ERROR_SOURCE, GatewayError
-from addon.wire.secrets import MARKER, REDACTED, fingerprint, is_safe, mark
+from addon.wire.secrets import MARKER, fingerprint, is_safe, mark
 
 log = logging.getLogger("gateway")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import logging
 import sys
 from datetime import datetime, timezone
