@@ -649,7 +649,7 @@ def ratio(a: float, b: float) -> float | None:
 
 def health_during_large_body(stack: Stack, s: Settings) -> dict:
     """/health latency on the gateway alone, and while another client's ~30 MB chat request is read,
-    parsed and forwarded (issue #11: one key holder's large body must not stall every client).
+    parsed and forwarded (one key holder's large body must not stall every client).
     Sequential GETs on one keep-alive connection; latencies in ms."""
     import http.client
     import threading

@@ -75,7 +75,7 @@ def json_object(raw: bytes) -> dict:
     return body
 
 
-# Caps on a conversation's shape (issue #11, break 5), far above what providers accept in practice
+# Caps on a conversation's shape: far above what providers accept in practice
 # (a context window holds a few thousand turns), so a legitimate request never meets them; they bound
 # the work every per-message pass (translation, token estimates, the ledger) does for one body.
 MAX_MESSAGES = 10_000  # entries of `messages`

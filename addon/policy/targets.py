@@ -1,4 +1,4 @@
-"""Which of a virtual key's targets serves a request (issue 14). Pure: no mitmproxy.
+"""Which of a virtual key's targets serves a request. Pure: no mitmproxy.
 
 `pick()` runs once per attempt of a request: a weighted random draw among the primaries that are
 not cooling down, not tried yet in this request and able to serve it; else the first such

@@ -1,4 +1,4 @@
-"""Content-encoding decoders that stop at a size limit (issue #11, break 5: decompression bombs).
+"""Content-encoding decoders that stop at a size limit: a decompression bomb stops there instead of filling memory.
 
 mitmproxy's `message.content` decodes a whole body at once: a 1 KB brotli or gzip request body
 can expand to gigabytes before anything looks at its size. `decode(data, encoding, limit)` decodes

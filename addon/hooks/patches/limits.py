@@ -137,7 +137,7 @@ def _answer_now(stream: HttpStream):
 
 def _read_headers(self: _http1.Http1Server, event):
     # what is buffered has no blank line within the limit: the head is too large, whether or not
-    # this read completed it (a head crossing the limit within one read used to be accepted)
+    # this read completed it (a head that crosses the limit within one read counts too)
     if len(self.buf) > limits.header and isinstance(event, events.DataReceived):
         head = bytes(self.buf)
         if _HEAD_END.search(head, 0, limits.header + 3) is None:
