@@ -14,7 +14,7 @@ import pytest
 from addon.providers.catalog import CATALOG
 from tests import rawhttp
 from tests.fakeprovider import Reply, openai_stream
-from tests.test_policy_e2e import ledger_rows
+from tests.e2e.test_policy_e2e import ledger_rows
 
 pytestmark = pytest.mark.e2e
 

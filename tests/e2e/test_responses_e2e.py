@@ -14,7 +14,7 @@ from tests import rawhttp
 from tests.fakeprovider import Reply
 from tests.fakeresponses import USAGE, StoredResponses, response, response_stream
 from tests.e2e.test_providers_e2e import rows_where
-from tests.test_policy_e2e import ledger_rows, wait_for
+from tests.e2e.test_policy_e2e import ledger_rows, wait_for
 
 pytestmark = pytest.mark.e2e
 

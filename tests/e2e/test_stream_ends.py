@@ -13,7 +13,7 @@ from addon.wire.sse import DONE
 from addon.apis.openai_chat import OPENAI_CHAT
 from addon.hooks.streamends import BROKEN, chunked, stalled, tail
 from tests.fakeprovider import Reply, openai_completion, openai_stream
-from tests.test_policy_e2e import ledger_rows
+from tests.e2e.test_policy_e2e import ledger_rows
 
 REAL_KEY = "sk-real-provider-key-123456"
 ANTHROPIC_KEY = "sk-ant-api03-real-test-key-0123456789"

@@ -745,7 +745,7 @@ def test_no_shipped_file_names_a_model_the_sdk_deprecates():
 
     from anthropic._data.deprecated_models import DEPRECATED_MODELS
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[3]
     files = [root / "README.md", root / "keys.example.json", *root.glob("docs/**/*.md"), *root.glob("demo/**/*.py"),
              *root.glob("examples/**/*.py"), *root.glob("addon/**/*.py"), *root.glob("tests/**/*.py"),
              *root.glob("tests/**/*.json"), *root.glob("tests/**/*.sse"), *root.glob("deploy/**/*")]

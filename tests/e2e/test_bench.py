@@ -16,7 +16,7 @@ import pytest
 
 from addon.providers.registry import PROVIDERS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (./run.sh bench installs it)")]

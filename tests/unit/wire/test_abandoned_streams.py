@@ -18,7 +18,7 @@ from addon.wire.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, es
                                   streamed_text, tokens_for)
 from addon.wire.tokens import Usage
 from tests.fakeprovider import Reply, openai_stream
-from tests.test_policy_e2e import ledger_rows
+from tests.e2e.test_policy_e2e import ledger_rows
 
 REAL_KEY = "sk-real-provider-key-123456"
 ANSWER = "x" * 200  # 50 tokens at 4 characters a token

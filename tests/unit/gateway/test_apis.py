@@ -26,7 +26,7 @@ from addon.apis.anthropic_messages import ERROR_STATUSES
 from addon.translate.tables import ERROR_TYPES, FINISH_REASONS, ROLES, TOOL_CHOICES
 from addon.wire.tokens import StreamUsage, usage_from_body
 from addon.wire.errors import GatewayError
-from tests.test_gateway import REAL, flow, gw  # noqa: F401 (fixture)
+from tests.unit.gateway.test_gateway import REAL, flow, gw  # noqa: F401 (fixture)
 
 
 # --- tables -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tests.fakeprovider import Reply, openai_completion
 from tests.flows import scenarios
 from tests.gatewayproc import GatewayProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "flows" / "corpus.mitm"
 
 

@@ -10,7 +10,7 @@ import pytest
 from addon.translate.openai_chat_anthropic import StreamTranslator
 from tests.conftest import SHARED_REFERENCE
 
-FIXTURE = Path(__file__).parent / "fixtures" / "anthropic_text_tools_stream.sse"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "anthropic_text_tools_stream.sse"
 RECORDED = sorted((SHARED_REFERENCE / "recorded" / "anthropic").glob("*.sse")) if SHARED_REFERENCE.exists() else []
 
 

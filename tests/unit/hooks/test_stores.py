@@ -78,7 +78,7 @@ def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, 
 
     from addon.hooks.chain import AddonChain
     from addon.hooks.accounting import UsageAccounting
-    from tests.test_accounting import _finished_flow
+    from tests.unit.hooks.test_accounting import _finished_flow
 
     async def go():
         accounting = UsageAccounting(MemoryStore())

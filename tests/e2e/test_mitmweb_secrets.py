@@ -29,7 +29,7 @@ from tests.fakeprovider import FakeProvider, Reply, openai_completion
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MITMWEB = Path(sys.executable).parent / "mitmweb"
 REAL = "sk-webreal-secret-key-777777"
 VIRTUAL = "vk_web_client_secret_4242"

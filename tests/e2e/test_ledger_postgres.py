@@ -129,7 +129,7 @@ def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_sp
 def test_two_gateways_sharing_redis_and_postgres_enforce_one_budget_under_load_and_write_one_ledger(
         postgres_url, provider, gateway_factory, redis_server):
     from tests.fakeprovider import worst_case_reply
-    from tests.test_shared_store import codes, spread
+    from tests.e2e.test_shared_store import codes, spread
 
     provider.reset(worst_case_reply)  # every answer uses what it reserved, slowly: they overlap
     budget = 1000

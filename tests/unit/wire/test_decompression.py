@@ -18,7 +18,7 @@ from mitmproxy.net import encoding
 from addon.wire import bounded
 from addon.wire.bounded import TooLarge, zstd
 from tests.fakeprovider import Reply, openai_completion
-from tests.test_limits import memory_kb
+from tests.e2e.test_limits import memory_kb
 
 MB = 1024 * 1024
 GiB = 1024 * MB

@@ -87,7 +87,7 @@ def test_embeddings_accept_every_input_form():
 # --- the fakes against the official spec --------------------------------------------------------
 
 def test_fake_responses_match_the_openapi_spec():
-    conformance = pytest.importorskip("tests.test_anthropic_conformance")
+    conformance = pytest.importorskip("tests.unit.translate.test_anthropic_conformance")
     from tests.conftest import SHARED_REFERENCE
     if not (SHARED_REFERENCE / "specs" / "openai-openapi.yaml").exists():
         pytest.skip("../shared/reference is absent")

@@ -10,7 +10,7 @@ import pytest
 
 from functools import cache
 
-from tests.test_anthropic_conformance import SPECS, validator
+from tests.unit.translate.test_anthropic_conformance import SPECS, validator
 
 validator = cache(validator)  # one compiled schema per (spec, name): the stream test checks many events
 
@@ -18,7 +18,7 @@ validator = cache(validator)  # one compiled schema per (spec, name): the stream
 def assert_valid(spec_file: str, schema_name: str, instance: dict) -> None:
     errors = sorted(validator(spec_file, schema_name).iter_errors(instance), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{list(e.path)}: {e.message[:300]}" for e in errors[:5])
-from tests.test_messages_translate import STREAM, completion, events, prepare, translate
+from tests.unit.translate.test_messages_translate import STREAM, completion, events, prepare, translate
 from addon.translate.anthropic_messages_openai_chat import MessagesExchange
 
 pytestmark = pytest.mark.skipif(not SPECS.exists(), reason="shared reference specs absent")

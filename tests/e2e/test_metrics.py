@@ -304,7 +304,7 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports()
 
     from addon.hooks.metrics import GatewayMetrics
 
-    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json").read_text())
     names = {family.name for family in GatewayMetrics().registry.collect()}
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 10

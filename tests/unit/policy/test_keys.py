@@ -95,7 +95,7 @@ def test_masking_and_repr_never_show_the_key():
 
 def test_example_keys_file_is_valid():
     from pathlib import Path
-    store = load_keys(str(Path(__file__).resolve().parent.parent / "keys.example.json"))
+    store = load_keys(str(Path(__file__).resolve().parents[3] / "keys.example.json"))
     assert {k.provider for k in store} >= {"openai", "deepseek"}
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_fleet import complete, keys, read_stream, sigterm_under_load, stream_held_and_plain_answers
+from tests.e2e.test_fleet import complete, keys, read_stream, sigterm_under_load, stream_held_and_plain_answers
 
 pytestmark = pytest.mark.e2e
 

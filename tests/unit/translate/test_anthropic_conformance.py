@@ -10,8 +10,8 @@ import pytest
 
 from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic, StreamTranslator
 from tests.conftest import SHARED_REFERENCE
-from tests.test_anthropic import PNG_B64, WEATHER_TOOL, message, text_stream
-from tests.test_anthropic_boundaries import FIXTURE, RECORDED
+from tests.unit.translate.test_anthropic import PNG_B64, WEATHER_TOOL, message, text_stream
+from tests.unit.translate.test_anthropic_boundaries import FIXTURE, RECORDED
 
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
