@@ -284,13 +284,23 @@ def start_web(provider_server, tmp_path, *args: str):
                 password = m.group(1)
                 break
         assert password, "run.sh web printed no password"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                web_get(web_port, "/flows")
-                break
-            except OSError:
-                time.sleep(0.1)
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # mitmweb never blocks on a full pipe
+        # the web UI and the proxy listen at different moments: wait for both (a recording opened
+        # offline has no proxy). The proxy's port gets a bare connection, no request: an answered
+        # request would be a flow in the list the tests read
+        waiting = {"web UI": lambda: web_get(web_port, "/flows")[0] == 403}
+        if not args:
+            waiting["proxy"] = lambda: socket.create_connection(("127.0.0.1", gw_port), timeout=1).close() is None
+        deadline = time.monotonic() + 60
+        while waiting and time.monotonic() < deadline and proc.poll() is None:
+            for name, ready in list(waiting.items()):
+                try:
+                    if ready():
+                        del waiting[name]
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        assert not waiting, f"run.sh web: {', '.join(waiting)} not listening after 60 s (exit code {proc.poll()})"
         yield f"http://127.0.0.1:{gw_port}", web_port, password
     finally:
         proc.terminate()
