@@ -57,3 +57,39 @@ def test_relative_links_resolve(doc: Path):
 
 def test_readme_is_one_page():
     assert len((ROOT / "README.md").read_text().split()) < 2000
+
+
+def test_readme_start_up_line_is_what_keys_example_json_gives():
+    from addon.policy.keys import endpoint_line, load_keys
+    readme = (ROOT / "README.md").read_text()
+    [line] = [line for line in readme.splitlines() if line.startswith("gateway: OpenAI-compatible endpoint")]
+    assert line == endpoint_line("http://127.0.0.1:8080", load_keys(str(ROOT / "keys.example.json")).summary())
+
+
+def dockerfile() -> tuple[str, dict[str, str]]:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    env = dict(re.findall(r"(\w+)=(\S+)", next(line for line in text.splitlines() if line.startswith("ENV "))))
+    return text, env
+
+
+def test_the_dockerfile_says_how_to_run_the_image():
+    text, env = dockerfile()
+    runs = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#") and "docker run" in line]
+    port = env["GATEWAY_PORT"]
+    assert f"EXPOSE {port}" in text
+    [gateway] = [run for run in runs if run.endswith(" llm-gateway")]
+    assert f"-p {port}:{port}" in gateway
+    mounts = re.findall(r"-v \S+?:(/[^:\s]+)", gateway)
+    keys_dir = str(Path(env["KEYS_FILE"]).parent)
+    assert env["KEYS_FILE"] in mounts or keys_dir in mounts, mounts  # the keys file, where KEYS_FILE looks
+    assert str(Path(env["USAGE_DB"]).parent) in mounts  # the ledger outlives the container
+    [demo] = [run for run in runs if run.endswith(" llm-gateway demo")]
+    assert f"-p {port}:{port}" in demo
+
+
+def test_the_image_carries_the_demo():
+    text, _ = dockerfile()
+    copied = {part.rstrip("/") for line in text.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]}
+    assert {"run.sh", "requirements.txt", "addon", "fleet", "demo"} <= copied
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not {"demo", "addon", "fleet", "run.sh"} & ignored
