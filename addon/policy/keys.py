@@ -32,7 +32,7 @@ import stat
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Mapping
@@ -636,9 +636,12 @@ def _number(value: object, where: str, allow_zero: bool = False) -> float:
 
 
 def _timestamp(value: object, where: str) -> float:
-    """ISO 8601; a time without a zone is UTC."""
+    """ISO 8601; a time without a zone is UTC, a date is its first second (UTC). YAML reads an
+    unquoted `2027-01-01` as a date and `2027-01-01T00:00:00Z` as a datetime, not strings."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
     try:
-        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         when = None
     if when is None:

@@ -117,3 +117,18 @@ def test_the_start_up_echo_shows_budget_period_as_written():
                                          "vk2": {"provider": "openai", "api_key": "sk-y", "budget_usd": 1, "budget_period": "36h"}}})
     assert [vk.policy.describe() for vk in store] == ["[budget 5 tokens/30d]", "[budget $1/36h]"]
     assert store.summary() == "2 virtual keys (openai 2)"
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("2027-01-01", "2027-01-01T00:00:00Z"),  # YAML: a date
+    ("2027-06-30T23:59:59Z", "2027-06-30T23:59:59Z"),  # YAML: a datetime with a zone
+    ("2027-06-30 23:59:59", "2027-06-30T23:59:59Z"),  # YAML: a datetime without one: UTC
+    ("2027-06-30T23:59:59+02:00", "2027-06-30T21:59:59Z"),
+    ('"2027-01-01"', "2027-01-01T00:00:00Z"),  # quoted: a string, as in JSON
+])
+def test_yaml_expires_at_unquoted_dates_and_times(tmp_path, written, expected):
+    path = write(tmp_path, f"virtual_keys:\n  vk_y:\n    provider: openai\n    api_key: {REAL}\n    expires_at: {written}\n", "keys.yaml")
+    policy = load_keys(path).lookup("vk_y").policy
+    assert policy.describe() == f"[expires {expected}]"
+    json_path = write(tmp_path, {"virtual_keys": {"vk_y": {"provider": "openai", "api_key": REAL, "expires_at": expected}}})
+    assert load_keys(json_path).lookup("vk_y").policy.expires_at == policy.expires_at
