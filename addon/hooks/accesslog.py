@@ -9,6 +9,11 @@
 
 (`~`: an estimate, for a stream abandoned before the provider's usage arrived.)
 
+Every field that a client or the keys file chose (model, path, method, key and target names,
+dropped parameters) is escaped (wire/logtext.py): a line break, an ANSI escape or a quote in it
+comes out as `\\n`, `\\x1b`, `\\"`, and a value with a space or `=` is quoted, so that no request can
+end the gateway's line, start one of its own, or add a field (`model="gpt-4o tokens=1/1"`).
+
 Requests made with a known key are logged when hooks/accounting.py counts them (it has their
 tokens then, so nothing is parsed twice; up to FLUSH_EVERY seconds after the response); the rest
 (no or an unknown key, unknown paths) when their response is made. Keys are named as everywhere
@@ -26,6 +31,7 @@ import logging
 import sys
 import time
 
+from addon.wire import logtext
 from addon.wire.secrets import fingerprint
 
 # mitmproxy's per-connection lines, which the access line replaces at the default verbosity
@@ -90,10 +96,28 @@ class AccessLog:
 ACCESS = AccessLog()  # one per gateway process: the accounting reads whether it is on
 
 
+def value(text) -> str:
+    """A client's (or the keys file's) text as one field of a log line. Keys are redacted before
+    escaping (an escape glues its hex digits to the next word, hiding a key from the token lookup
+    that the batch's redaction does); text with nothing to escape is left to that batch redaction."""
+    text = str(text)
+    if text and logtext.plain(text) and " " not in text and "=" not in text:
+        return text
+    return logtext.value(ACCESS.redact(text))
+
+
+def word(text) -> str:
+    """A field on its own (a method, a path), as `value` does it."""
+    text = str(text)
+    if text and logtext.plain(text) and " " not in text:
+        return text
+    return logtext.word(ACCESS.redact(text))
+
+
 def outcome(status: int, meta: dict) -> str:
     """`200`, `429 budget_exceeded` (the gateway refused), `401 from provider`, `0 failed`."""
     if "answered" in meta:
-        return f"{status} {meta['answered']}"
+        return f"{status} {word(meta['answered'])}"
     if status == 0:
         return "0 failed"
     if status >= 400:
@@ -114,17 +138,18 @@ def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: 
                 ended: float, estimated: bool = False) -> None:
     if not ACCESS.enabled:
         return
-    line = f"{outcome(status, meta)} key={key_name(meta)} provider={meta.get('provider', '-')} model={meta.get('model', '-')}"
+    line = (f"{outcome(status, meta)} key={value(key_name(meta))} provider={value(meta.get('provider', '-'))} "
+            f"model={value(meta.get('model', '-'))}")
     if prompt_tokens or completion_tokens:
         line += f" tokens={'~' if estimated else ''}{prompt_tokens}/{completion_tokens}"
     if "target" in meta:  # a key with several targets: which one answered, after how many attempts
-        line += f" target={meta['target']} attempts={meta.get('attempts', 1)}"
+        line += f" target={value(meta['target'])} attempts={meta.get('attempts', 1)}"
     if meta.get("dropped_params"):  # dropped or approximated in translation (x-gateway-dropped-params)
-        line += f" dropped={','.join(meta['dropped_params'])}"
+        line += f" dropped={value(','.join(meta['dropped_params']))}"
     ACCESS.add(f"{line} latency={latency_ms:.0f}ms", ended)
 
 
 def log_unkeyed(method: str, path: str, status: int, meta: dict, latency_ms: float, ended: float) -> None:
     if not ACCESS.enabled or status == 200 and "/health" in path:
         return
-    ACCESS.add(f"{outcome(status, meta)} {method} {path.partition('?')[0][:200]} latency={latency_ms:.0f}ms", ended)
+    ACCESS.add(f"{outcome(status, meta)} {word(method)} {word(path.partition('?')[0][:200])} latency={latency_ms:.0f}ms", ended)

@@ -14,6 +14,12 @@ rewritten before any handler formats it:
 Masked means `vk_...xyz` (wire/secrets.py `mask`): enough to tell keys apart, never enough to use one. The
 message is formatted once and the arguments dropped; an exception's traceback is folded into the
 message so that it is redacted too.
+
+After redaction, the record is made unable to forge another (wire/logtext.py `record`): control
+characters, line and paragraph separators and ANSI escapes become `\\x..`/`\\u....` escapes, and
+every line after a record's first starts with whitespace. The gateway escapes the client's fields
+in its own lines; this is for the text it does not write itself (mitmproxy's lines, an exception's
+message quoting a client's value).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import re
 
 from addon.policy.keys import KeyStore
 
+from addon.wire import logtext
 from addon.wire.secrets import mask
 
 # a header name, its separator, an optional auth scheme, then the secret (up to whitespace, a
@@ -30,12 +37,16 @@ from addon.wire.secrets import mask
 _HEADER = re.compile(
     r"""(?i)((?:proxy-)?authorization|x-api-key|(?<![\w-])api-key)(["']?\s*[:=]\s*["']?)((?:bearer|basic)\s+)?([^\s"'\\,;&]+)"""
 )
-# candidate tokens for the known-key lookup: runs of characters that are not separators
-_TOKEN = re.compile(r"""[^\s"'\\,;:=()\[\]{}<>&/]+""")
-_TOKEN_CHARS = re.compile(r"""[^\s"'\\,;:=()\[\]{}<>&/]+\Z""")
+# candidate tokens for the known-key lookup: runs of characters that are not separators. The
+# C0 and C1 controls and DEL separate too: a key right after an ANSI escape (a client's model
+# "\x1b[2Kvk_...") is a token of its own
+_CONTROLS = "\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f"  # those that \s does not already cover
+_TOKEN = re.compile(rf"""[^\s"'\\,;:=()\[\]{{}}<>&/{_CONTROLS}]+""")
+_TOKEN_CHARS = re.compile(rf"""[^\s"'\\,;:=()\[\]{{}}<>&/{_CONTROLS}]+\Z""")
 # the same tokens as _TOKEN.findall, found faster: the separators other than whitespace become a
 # space, and str.split() splits at whitespace as \s defines it (both are Py_UNICODE_ISSPACE)
-_SEPARATORS_TO_SPACE = str.maketrans(dict.fromkeys("\"'\\,;:=()[]{}<>&/", " "))
+_SEPARATORS_TO_SPACE = str.maketrans(dict.fromkeys(
+    "\"'\\,;:=()[]{}<>&/" + "".join(map(chr, [*range(0x00, 0x09), *range(0x0e, 0x1c), *range(0x7f, 0x85), *range(0x86, 0xa0)])), " "))
 
 
 def tokens(text: str) -> list[str]:
@@ -114,7 +125,7 @@ class RedactingFilter(logging.Filter):
             if record.stack_info:
                 message += "\n" + record.stack_info
                 record.stack_info = None
-            record.msg = self.secrets().redact(message)
+            record.msg = logtext.record(self.secrets().redact(message))
             record.exc_text = None
         except Exception:  # never let a log record through unredacted, never raise in logging
             record.msg = "(log record dropped by the gateway's key redaction: it could not be read)"

@@ -19,6 +19,7 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
+from addon.hooks.accesslog import word
 from addon.hooks.patches import attempts
 
 from addon.hooks.patches import errorpages
@@ -141,7 +142,7 @@ class UpstreamTimeout(Sweeper):
             return
         self.expired.add(flow.id)
         if cancel_server_connection(flow):
-            log.warning("gateway: %s timed out after %gs", flow.request.pretty_url, self.seconds)
+            log.warning("gateway: %s timed out after %gs", word(flow.request.pretty_url), self.seconds)
         else:
             self.expired.discard(flow.id)
 
@@ -185,7 +186,7 @@ class StreamIdleTimeout(Sweeper):
             else:
                 self.expired.add(flow_id)
             if cancel_server_connection(flow):
-                log.warning("gateway: %s: %s, nothing from the provider for %gs", flow.request.pretty_url,
+                log.warning("gateway: %s: %s, nothing from the provider for %gs", word(flow.request.pretty_url),
                             "stream ended" if streamed else "response body abandoned", self.seconds)
             else:
                 self.expired.discard(flow_id)
