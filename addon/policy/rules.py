@@ -54,20 +54,20 @@ def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore,
         return None
     verdict = store.reserve(key.fingerprint, limits, demand, now)
     if type(verdict) is Verdict:
-        return ticket(verdict, policy, demand)
-    return _ticket_later(verdict, policy, demand)
+        return ticket(verdict, policy, demand, model)
+    return _ticket_later(verdict, policy, demand, model)
 
 
-async def _ticket_later(pending: Awaitable[Verdict], policy: KeyPolicy, demand: Demand) -> str | None:
+async def _ticket_later(pending: Awaitable[Verdict], policy: KeyPolicy, demand: Demand, model: str | None) -> str | None:
     try:
         verdict = await pending
     except StoreUnavailable:
         raise GatewayError(503, "the gateway cannot check this key's limits right now (its usage store is unreachable); retry shortly",
                            code="store_unavailable", headers={"retry-after": "1"}) from None
-    return ticket(verdict, policy, demand)
+    return ticket(verdict, policy, demand, model)
 
 
-def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand) -> str | None:
+def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand, model: str | None = None) -> str | None:
     """The store's answer as the ticket of an admitted request, or the client's error."""
     refused = verdict.refused
     if refused is None:
@@ -75,12 +75,12 @@ def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand) -> str | None:
     period = _period(policy.budget_period)
     if refused == BUDGET_TOKENS:
         raise GatewayError(429, f"token budget of this virtual key does not cover this request ({verdict.used:.0f} of "
-                           f"{policy.budget_tokens}{period} used or held; this request may use up to {demand.tokens}: "
-                           "lower max_tokens to fit)", code="budget_exceeded", headers=NO_RETRY)
+                           f"{policy.budget_tokens}{period} used or held; this request holds up to {demand.tokens} tokens "
+                           f"while it runs{_held_for(demand, model)})", code="budget_exceeded", headers=NO_RETRY)
     if refused == BUDGET_USD:
         raise GatewayError(429, f"dollar budget of this virtual key does not cover this request (${verdict.used:.4f} of "
-                           f"${policy.budget_usd:g}{period} used or held; this request may cost up to ${demand.usd:.4f}: "
-                           "lower max_tokens to fit)", code="budget_exceeded", headers=NO_RETRY)
+                           f"${policy.budget_usd:g}{period} used or held; this request holds up to ${demand.usd:.4f} "
+                           f"while it runs{_held_for(demand, model)})", code="budget_exceeded", headers=NO_RETRY)
     if refused == TPM:
         raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm}; this request may use up to {demand.tokens})", verdict.wait)
     if refused == PARALLEL:
@@ -95,14 +95,25 @@ def worst_case(policy: KeyPolicy, price: Price | None, body: dict, body_size: in
     or the provider's default output when the request names none."""
     if policy.tpm is None and not policy.has_budget:
         return NO_DEMAND
-    output = default_output
+    output, asked = default_output, False
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if type(value) is int and value > 0:
-            output = value
+            output, asked = value, True
             break
     usd = (body_size * price.input + output * price.output) / 1e6 if price is not None else 0.0
-    return Demand(body_size + output, usd)
+    return Demand(body_size + output, usd, output, asked)
+
+
+def _held_for(demand: Demand, model: str | None) -> str:
+    """What a refused request's worst case is made of, and what the client can change."""
+    prompt = demand.tokens - demand.output  # the body's bytes: a token is at least one byte
+    if not demand.output:  # no output tokens (embeddings): only the input counts
+        return f": its input, up to {prompt} tokens"
+    if demand.max_tokens:
+        return f": its max_tokens {demand.output} plus up to {prompt} prompt tokens; lower max_tokens to fit"
+    return (f": it sets no max_tokens, so {demand.output} output tokens, the provider's most, are held for "
+            f"{model or 'its model'}, plus up to {prompt} prompt tokens; set max_tokens to hold less")
 
 
 def worst_price(keys: KeyStore, key: VirtualKey, model: str) -> Price | None:

@@ -86,10 +86,13 @@ class Limits(NamedTuple):
 
 
 class Demand(NamedTuple):
-    """A request's worst case: the most tokens and dollars it can use."""
+    """A request's worst case: the most tokens and dollars it can use; what its output part is
+    made of is kept for the refusal's words (the store needs only tokens and usd)."""
 
     tokens: int = 0
     usd: float = 0.0
+    output: int = 0  # output tokens in it: the request's max_tokens, or the provider's most
+    max_tokens: bool = False  # whether the request set max_tokens (max_completion_tokens)
 
 
 NO_DEMAND = Demand()

@@ -197,7 +197,8 @@ def test_max_parallel_is_429_concurrency_limit_exceeded_with_retry_after():
 def test_worst_case_is_body_bytes_plus_max_tokens_or_the_provider_default_priced():
     keys = keys_with(budget_usd=10)
     key, price = keys.lookup("vk_test_policy"), keys.price("gpt-4o")  # $2.5 / $10 per million
-    assert policy.worst_case(key.policy, price, {"max_tokens": 100}, 1000, 32768) == Demand(1100, (1000 * 2.5 + 100 * 10) / 1e6)
+    assert policy.worst_case(key.policy, price, {"max_tokens": 100}, 1000, 32768) == Demand(1100, (1000 * 2.5 + 100 * 10) / 1e6, 100, True)
+    assert policy.worst_case(key.policy, price, {}, 1000, 32768) == Demand(33768, (1000 * 2.5 + 32768 * 10) / 1e6, 32768, False)
     assert policy.worst_case(key.policy, price, {"max_completion_tokens": 7, "max_tokens": 100}, 10, 32768).tokens == 17
     assert policy.worst_case(key.policy, price, {"max_tokens": "9"}, 10, 500).tokens == 510  # not a count: the default
     assert policy.worst_case(keys_with(rpm=5).lookup("vk_test_policy").policy, price, {}, 10, 500) == Demand()  # nothing to reserve
@@ -209,7 +210,42 @@ def test_a_budget_refusal_says_what_did_not_fit():
     with pytest.raises(GatewayError) as e:
         policy.admit(key, "gpt-4o", keys, MemoryStore(), 0.0, Demand(101))
     assert (e.value.status, e.value.code) == (429, "budget_exceeded")
-    assert "may use up to 101" in e.value.message
+    assert "holds up to 101 tokens" in e.value.message
+
+
+def budget_refusal(demand, **fields) -> str:
+    keys = keys_with(**fields)
+    with pytest.raises(GatewayError) as e:
+        policy.admit(keys.lookup("vk_test_policy"), "gpt-4o-mini", keys, MemoryStore(), 0.0, demand)
+    assert (e.value.status, e.value.code) == (429, "budget_exceeded")
+    return e.value.message
+
+
+def test_a_budget_refusal_without_max_tokens_says_what_was_held_and_to_set_it():
+    keys = keys_with(budget_usd=0.01)
+    price = keys.price("gpt-4o-mini")
+    demand = policy.worst_case(keys.lookup("vk_test_policy").policy, price, {"messages": []}, 87, 32768)
+    message = budget_refusal(demand, budget_usd=0.01)
+    assert message == ("dollar budget of this virtual key does not cover this request ($0.0000 of $0.01 used or held; "
+                       "this request holds up to $0.0197 while it runs: it sets no max_tokens, so 32768 output tokens, "
+                       "the provider's most, are held for gpt-4o-mini, plus up to 87 prompt tokens; set max_tokens to hold less)")
+    assert "lower max_tokens" not in message
+    tokens = budget_refusal(policy.worst_case(keys_with(budget_tokens=1000).lookup("vk_test_policy").policy, None, {}, 87, 32768),
+                            budget_tokens=1000)
+    assert "holds up to 32855 tokens" in tokens and "it sets no max_tokens, so 32768 output tokens" in tokens
+
+
+def test_a_budget_refusal_with_max_tokens_says_to_lower_it():
+    demand = policy.worst_case(keys_with(budget_tokens=100).lookup("vk_test_policy").policy, None, {"max_tokens": 500}, 40, 32768)
+    assert budget_refusal(demand, budget_tokens=100).endswith(
+        "holds up to 540 tokens while it runs: its max_tokens 500 plus up to 40 prompt tokens; lower max_tokens to fit)")
+
+
+def test_a_budget_refusal_without_output_names_no_max_tokens():
+    # embeddings: no output tokens, nothing the client could lower
+    demand = policy.worst_case(keys_with(budget_tokens=100).lookup("vk_test_policy").policy, None, {"input": "x"}, 300, 0)
+    message = budget_refusal(demand, budget_tokens=100)
+    assert message.endswith("holds up to 300 tokens while it runs: its input, up to 300 tokens)") and "max_tokens" not in message
 
 
 class AsyncStore:
