@@ -375,26 +375,8 @@ def test_limits_count_a_client_request_once_whatever_its_attempts(provider, gate
     assert [row["attempts"] for row in ledger(gw, 3)][:2] == [2, 2]
 
 
-def test_the_mitmweb_comment_names_the_answering_target():
-    from addon.gateway import describe_target
-    from addon.policy.keys import parse_keys
-
-    keys = parse_keys({"virtual_keys": {"vk": {"name": "team-alpha", "targets": [
-        {"provider": "openai", "api_key": "sk-a-123456"},
-        {"provider": "anthropic", "api_key": "sk-ant-123456", "fallback": True}]}}})
-    key = keys.lookup("vk")
-    assert describe_target(key, key.targets[0], 1) == "team-alpha -> openai"
-    assert describe_target(key, key.targets[0], 2) == "team-alpha -> openai (attempt 2)"
-    assert describe_target(key, key.targets[1], 2) == "team-alpha -> anthropic (fallback, attempt 2)"
 
 
-@pytest.mark.parametrize("headers, seconds", [({"retry-after": "7"}, 7.0), ({"retry-after-ms": "1500"}, 1.5),
-                                              ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0), ({}, 0.0),
-                                              ({"retry-after": "-3"}, 0.0), ({"retry-after": "1e9"}, 0.0)])
-def test_a_429s_retry_after_is_read_in_seconds_or_milliseconds(headers, seconds):
-    from addon.hooks.failover import retry_after_seconds
-
-    assert retry_after_seconds(headers) == seconds
 
 
 @pytest.mark.fleet

@@ -1,26 +1,16 @@
 """Prometheus metrics and x-gateway-overhead-ms: scraped from real gateway processes and parsed
-with prometheus_client's own parser; the label bound in-process over the real hooks."""
+with prometheus_client's own parser. In-process: tests/unit/hooks/test_metrics.py."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import random
 import socket
-import string
 import time
 
 import pytest
-from mitmproxy import http as mhttp
-from mitmproxy.test import taddons, tflow
-from prometheus_client.parser import text_string_to_metric_families
 
-from addon.hooks.chain import AddonChain
-from addon.gateway import Gateway
-from addon.policy.store import MemoryStore
-from addon.hooks.accounting import UsageAccounting
-from addon.hooks.metrics import OTHER, Metrics, ModelLabels
-from addon.policy.keys import parse_keys
+from tests.unit.hooks.test_metrics import samples, value
 from tests.fakeprovider import Reply, default_reply
 
 REAL_KEY = "sk-real-provider-key-123456"
@@ -70,19 +60,8 @@ def scrape(port: int, token: str | None = None, path: str = "/metrics") -> tuple
         conn.close()
 
 
-def samples(text: bytes) -> dict[str, dict[tuple, float]]:
-    """sample name -> {sorted label items: value}, via prometheus_client's parser."""
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
-def value(found: dict, name: str, **labels) -> float:
-    """The sum of the samples of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for k, v in found.get(name, {}).items() if want <= set(k))
 
 
 def scrape_until(port: int, done, token: str | None = None, timeout: float = 15.0) -> dict:
@@ -249,73 +228,10 @@ def test_two_workers_one_scrape_shows_their_sum(provider, gateway_factory, tmp_p
 # --- bounded labels, in-process over the real hooks ------------------------------------------
 
 
-def test_model_labels_come_from_the_keys_file_only():
-    keys = parse_keys({"prices": {"gpt-4o": {"input": 1, "output": 1}, "claude-*": {"input": 1, "output": 1}},
-                       "virtual_keys": {"vk_1": {"provider": "openai", "api_key": "sk-x1234567890", "models": ["o3", "gpt-4.1*"]}}})
-    label = ModelLabels(keys)
-    assert [label(m) for m in ("gpt-4o", "o3", "gpt-4.1-mini", "claude-3-opus", "gpt-4o-2024", "../etc", None)] == \
-        ["gpt-4o", "o3", "gpt-4.1*", "claude-*", OTHER, OTHER, "none"]
 
 
-def test_ten_thousand_random_model_names_do_not_make_ten_thousand_series(tmp_path):
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({
-        "prices": {"gpt-4o": {"input": 1, "output": 1}},
-        "virtual_keys": {"vk_open": {"provider": "openai", "api_key": "sk-open-0000000000", "name": "open",
-                                     "base_url": "http://127.0.0.1:9/v1"},
-                         "vk_listed": {"provider": "openai", "api_key": "sk-listed-000000000", "name": "listed",
-                                       "models": ["gpt-4o"], "base_url": "http://127.0.0.1:9/v1"}}}))
-    store = MemoryStore()
-    gateway, accounting = Gateway(store), UsageAccounting(store)
-    metrics = Metrics(gateway, accounting, store)
-    rng = random.Random(15)
-    chain = AddonChain(gateway, accounting, metrics)  # in the gateway's order, Metrics last
-    with taddons.context(chain) as tctx:
-        tctx.configure(chain, keys_file=str(keys), usage_db="", metrics_port=free_port())
-        for i in range(10_000):
-            model = "".join(rng.choices(string.ascii_letters + string.digits + '"{}\\\n', k=rng.randint(1, 40)))
-            body = json.dumps({"model": model, "messages": MESSAGES}).encode()
-            vk = "vk_open" if i % 2 else "vk_listed"  # forwarded, or refused (model not allowed)
-            flow = tflow.tflow(req=mhttp.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions", body,
-                                                      {"authorization": f"Bearer {vk}", "content-type": "application/json"}))
-            chain.request(flow)
-            if flow.response is None:
-                flow.response = mhttp.Response.make(200, json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode(),
-                                                    {"content-type": "application/json"})
-            chain.responseheaders(flow)
-            chain.response(flow)
-            assert flow.response.headers["x-gateway-overhead-ms"]
-        accounting.settle()
-        metrics.fold()
-        found = samples(metrics.metrics.render())
-        chain.done()
-    requests = found["gateway_requests_total"]
-    assert sum(requests.values()) == 10_000
-    assert {dict(k)["model"] for k in requests} == {OTHER}
-    assert len(requests) == 2  # open/2xx/other, listed/4xx/model_not_allowed/other
-    series = sum(len(v) for v in found.values())
-    assert series < 200, series
-    assert value(found, "gen_ai_client_token_usage_total", key="open", model=OTHER, token_type="input") == 3 * 5000
 
 
-def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports():
-    import re
-    from pathlib import Path
-
-    from addon.hooks.metrics import GatewayMetrics
-
-    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json").read_text())
-    names = {family.name for family in GatewayMetrics().registry.collect()}
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert len(exprs) >= 10
-    used = {re.sub(r"_(bucket|total|count|sum)$", "", name)
-            for expr in exprs for name in re.findall(r"\b(gateway_\w+|gen_ai_\w+)", expr)}
-    assert used <= names, used - names
-    assert {"gateway_requests", "gateway_overhead_seconds", "gen_ai_server_time_to_first_token_seconds",
-            "gen_ai_client_token_usage", "gateway_cost_usd"} <= used
-    labels = {label.strip() for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
-    labels |= {label for expr in exprs for label in re.findall(r"(\w+)=~?\"", expr)}
-    assert labels <= {"key", "provider", "model", "status_class", "code", "token_type", "unit", "le"}, labels
 
 
 @pytest.mark.fleet
@@ -340,17 +256,6 @@ def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
         fleet.stop()
 
 
-def test_supervisor_removes_a_dead_workers_in_flight_share_only(tmp_path, monkeypatch):
-    from fleet.supervisor import forget_metrics
-
-    for name in ("gauge_livesum_4242.db", "gauge_livemostrecent_4242.db", "counter_4242.db", "gauge_livesum_4343.db"):
-        (tmp_path / name).write_bytes(b"")
-    forget_metrics(4242)  # no PROMETHEUS_MULTIPROC_DIR: nothing to do
-    assert len(list(tmp_path.iterdir())) == 4
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    forget_metrics(4242)
-    # its live gauges leave the sum; its counters stay (past requests happened); other workers untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_4343.db"]
 
 
 @pytest.mark.e2e

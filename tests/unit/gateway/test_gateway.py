@@ -337,3 +337,16 @@ def test_account_response_headers_do_not_reach_the_client(gw):
     names = {k.lower() for k in f.response.headers}
     assert not names & {"set-cookie", "openai-organization", "openai-project", "anthropic-organization-id"}
     assert {"x-ratelimit-remaining-requests", "x-request-id", "content-type"} <= names
+
+
+def test_the_mitmweb_comment_names_the_answering_target():
+    from addon.gateway import describe_target
+    from addon.policy.keys import parse_keys
+
+    keys = parse_keys({"virtual_keys": {"vk": {"name": "team-alpha", "targets": [
+        {"provider": "openai", "api_key": "sk-a-123456"},
+        {"provider": "anthropic", "api_key": "sk-ant-123456", "fallback": True}]}}})
+    key = keys.lookup("vk")
+    assert describe_target(key, key.targets[0], 1) == "team-alpha -> openai"
+    assert describe_target(key, key.targets[0], 2) == "team-alpha -> openai (attempt 2)"
+    assert describe_target(key, key.targets[1], 2) == "team-alpha -> anthropic (fallback, attempt 2)"

@@ -1,4 +1,5 @@
-"""addon/hooks/stores.py: the redis_url / redis_prefix options choose the store every part shares."""
+"""addon/hooks/stores.py: the redis_url / redis_prefix options choose the store every part shares.
+At a clean stop with a real Redis: tests/e2e/test_stores_redis.py."""
 
 import pytest
 from mitmproxy import exceptions
@@ -7,7 +8,6 @@ from mitmproxy.test import taddons
 from addon.policy.redis_store import RedisStore
 from addon.policy.store import Demand, Limits, MemoryStore
 from addon.hooks.stores import StoreChoice
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 
 class User:
@@ -69,33 +69,3 @@ def test_reservation_lease_is_the_shared_stores_lease_and_may_change_while_runni
             assert a.store.reserve("k", limits, Demand(), now=4.5).refused is None
 
 
-@pytest.mark.fleet
-def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, caplog):
-    """mitmproxy awaits what the chain's `done` returns, then cancels every task left: the store's
-    close must send the counts the accounting's `done` queued (requests that ended in the last
-    batch, 0.2 s), not be cut off with them ("unreachable" logged at every stop, spend lost)."""
-    import asyncio
-
-    from addon.hooks.chain import AddonChain
-    from addon.hooks.accounting import UsageAccounting
-    from tests.unit.hooks.test_accounting import _finished_flow
-
-    async def go():
-        accounting = UsageAccounting(MemoryStore())
-        choice = StoreChoice(accounting)
-        chain = AddonChain(choice, accounting)
-        with taddons.context(chain) as tctx:
-            tctx.configure(chain, redis_url=redis_server.url, usage_db="")
-            choice.running()
-            accounting.running()
-            store = accounting.store
-            while store.seeding is not None:  # the empty Redis gets its (empty) ledger and marker
-                await asyncio.sleep(0.01)
-            accounting.response(_finished_flow("fp-stop", (5, 2)))  # noted, counted with the next batch
-            stopping = chain.done()  # as mitmproxy's master does, before its event loop ends
-            if stopping is not None:
-                await stopping
-
-    asyncio.run(go())
-    assert redis_server.command("HGET", "llmgw:fp-stop:spend", "t") == b"$1\r\n7\r\n"
-    assert "unreachable" not in caplog.text

@@ -1,70 +1,22 @@
-"""The reservation semantics (policy/store.py), the same for MemoryStore and RedisStore.
-
-The Redis variant talks to a real redis-server (tests/services/redis.py) through RedisStore's
-asyncio API; the Memory variant runs in-process.
-"""
+"""The reservation semantics (policy/store.py) on MemoryStore. Every test here that takes `store`
+is the contract RedisStore keeps too: tests/e2e/test_reservations_redis.py runs the same tests
+against a real redis-server."""
 
 import asyncio
+import inspect
 import time
 
 import pytest
 
-from addon.policy.redis_store import RedisStore
 from addon.policy.store import (
     BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_LEASE, RPM, TPM, Demand, Limits, MemoryStore, Verdict,
     renew_leases,
 )
-from tests.services.redis import RedisServer
 
 
-class SyncRedisStore:
-    """RedisStore driven from a sync test: each call runs to completion on one event loop
-    (settle/release/add_usage are sent in the background, and waited for here)."""
-
-    def __init__(self, url: str, lease: float = RESERVATION_LEASE) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.store = RedisStore(url, "test:", lease)
-
-    @property
-    def lease(self):
-        return self.store.lease
-
-    def renew(self, now):
-        return self.loop.run_until_complete(self.store.renew(now))
-
-    def reserve(self, key, limits, demand, now):
-        return self.loop.run_until_complete(self.store.reserve(key, limits, demand, now))
-
-    def settle(self, key, ticket, tokens, usd, when):
-        self.sent(self.store.settle, key, ticket, tokens, usd, when)
-
-    def release(self, key, ticket):
-        self.sent(self.store.release, key, ticket)
-
-    def add_usage(self, key, tokens, usd, when):
-        self.sent(self.store.add_usage, key, tokens, usd, when)
-
-    def sent(self, call, *args):
-        async def run():
-            call(*args)
-            await self.store.drain()
-        self.loop.run_until_complete(run())
-
-    def close(self):
-        self.loop.run_until_complete(self.store.close())
-        self.loop.close()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.fleet)])
-def store(request):
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    server = RedisServer().start()
-    store = SyncRedisStore(server.url)
-    yield store
-    store.close()
-    server.close()
+@pytest.fixture
+def store():
+    return MemoryStore()
 
 
 def test_concurrent_reservations_never_overshoot_a_token_budget(store):
@@ -198,98 +150,32 @@ def test_a_period_budget_counts_the_hours_in_its_period_as_they_pass_and_as_usag
     assert store.reserve("k", limits, Demand(55), now=start + day + 3600 + 3).refused is None
 
 
-@pytest.mark.fleet
-def test_a_release_redis_did_not_get_is_sent_again_once_it_answers():
-    """Redis unreachable when a request ended: its reservation (here a max_parallel slot) would be
-    held until its lease ends. The release goes with the next round trip after the outage."""
-    server = RedisServer().start()
-    store = SyncRedisStore(server.url)
+
+
+
+
+
+
+async def renewed_in_the_background(store, expiry) -> None:
+    """renew_leases in real time: a ticket's expiry moves forward while it runs (waited for as a
+    condition; the lease is short, the wait only bounds a hang). `expiry(ticket)` reads it."""
+    heartbeat = asyncio.get_running_loop().create_task(renew_leases(store))
     try:
-        limits = Limits(max_parallel=1)
-        ticket = store.reserve("k", limits, Demand(), now=0.0).ticket
-        server.command("CONFIG", "SET", "save", "3600 1")  # Redis keeps its data over the restart (RDB at shutdown)
-        server.stop()
-        store.release("k", ticket)  # not sent: Redis is down
-        server.start()
-        assert server.command("HLEN", "test:k:held") == b":1\r\n"  # the slot is still taken there
-        assert store.reserve("k", limits, Demand(), now=1.0).refused is None  # the release went first
+        verdict = store.reserve("k", Limits(max_parallel=1), Demand(), now=time.time())
+        ticket = (await verdict if inspect.isawaitable(verdict) else verdict).ticket  # RedisStore's is async
+        first = await expiry(ticket)
+        deadline = time.monotonic() + 60
+        while await expiry(ticket) < first + 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await expiry(ticket) >= first + 1  # renewed, more than once
     finally:
-        store.close()
-        server.close()
+        heartbeat.cancel()
 
 
-@pytest.mark.fleet
-def test_a_killed_holders_reservations_are_free_after_the_lease_while_a_live_ones_stay():
-    """Two gateways on one Redis: one is killed (its store dropped, nothing settled or released,
-    no more renewals), the other renews. After the lease only the live one's slot is held."""
-    server = RedisServer().start()
-    killed, live = SyncRedisStore(server.url, lease=10.0), SyncRedisStore(server.url, lease=10.0)
-    try:
-        limits = Limits(max_parallel=2, budget_tokens=100)
-        assert killed.reserve("k", limits, Demand(50), now=0.0).ticket is not None
-        assert live.reserve("k", limits, Demand(40), now=0.0).ticket is not None
-        assert live.reserve("k", limits, Demand(1), now=1.0).refused == PARALLEL  # both slots held (and 90 tokens)
-        killed.loop.close()  # killed: renews nothing from now on
-        assert live.renew(9.0) is True
-        assert live.reserve("k", limits, Demand(60), now=10.0).refused is None  # the killed one's 50 and slot are free
-        assert live.reserve("k", Limits(max_parallel=2), Demand(), now=11.0).refused == PARALLEL  # the live one's (renewed) is not
-    finally:
-        live.close()
-        server.close()
+def test_renew_leases_renews_in_the_background_every_third_of_the_lease():
+    store = MemoryStore(lease=1.5)
 
+    async def expiry(ticket) -> float:
+        return store._held["k"][ticket][2]
 
-@pytest.mark.fleet
-def test_reservations_lost_in_an_outage_are_held_again_once_redis_answers():
-    """Redis down longer than the lease, then back without its data: a renewal fails while it is
-    down (False: renew_leases retries within a second) and writes the live ticket back whole as
-    soon as it answers, so its slot and worst case count again."""
-    server = RedisServer().start()
-    store = SyncRedisStore(server.url, lease=10.0)
-    try:
-        limits = Limits(max_parallel=1, budget_tokens=100)
-        assert store.reserve("k", limits, Demand(70), now=0.0).ticket is not None
-        server.stop()
-        assert store.renew(5.0) is False
-        server.start()  # empty: the held hash is gone
-        assert server.command("EXISTS", "test:k:held") == b":0\r\n"
-        assert store.renew(20.0) is True
-        refused = store.reserve("k", limits, Demand(40), now=21.0)
-        assert (refused.refused, refused.used) == (BUDGET_TOKENS, 70)
-        assert store.reserve("k", Limits(max_parallel=1), Demand(), now=21.0).refused == PARALLEL
-    finally:
-        store.close()
-        server.close()
-
-
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.fleet)])
-def test_renew_leases_renews_in_the_background_every_third_of_the_lease(kind):
-    """The heartbeat itself, in real time: a ticket's expiry moves forward while renew_leases
-    runs (waited for as a condition; the lease is short, the wait only bounds a hang)."""
-    server = RedisServer().start() if kind == "redis" else None
-
-    async def expiry(store, ticket) -> float:
-        if kind == "memory":
-            return store._held["k"][ticket][2]
-        return float((await store.redis.hget("test:k:held", ticket)).split()[2])
-
-    async def go():
-        store = MemoryStore(lease=1.5) if kind == "memory" else RedisStore(server.url, "test:", lease=1.5)
-        heartbeat = asyncio.get_running_loop().create_task(renew_leases(store))
-        try:
-            verdict = store.reserve("k", Limits(max_parallel=1), Demand(), now=time.time())
-            ticket = (await verdict if kind == "redis" else verdict).ticket
-            first = await expiry(store, ticket)
-            deadline = time.monotonic() + 60
-            while await expiry(store, ticket) < first + 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert await expiry(store, ticket) >= first + 1  # renewed, more than once
-        finally:
-            heartbeat.cancel()
-            if kind == "redis":
-                await store.close()
-
-    try:
-        asyncio.run(go())
-    finally:
-        if server is not None:
-            server.close()
+    asyncio.run(renewed_in_the_background(store, expiry))
