@@ -166,9 +166,9 @@ run_fleet() {
     local workers=$1; shift
     if [ -n "${METRICS_PORT:-}" ] && [ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
         # every worker keeps its numbers here and serves METRICS_PORT; a scrape sums them all
-        # (docs/metrics.md). It must start empty.
+        # (docs/metrics.md). It must start empty, and private: the files hold key names, tokens, cost
         export PROMETHEUS_MULTIPROC_DIR="${FLEET_DIR:-$ROOT/.fleet}/metrics"
-        rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+        rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$(dirname "$PROMETHEUS_MULTIPROC_DIR")" && mkdir -m 700 "$PROMETHEUS_MULTIPROC_DIR"
     fi
     exec "$VENV/bin/python" -m fleet.supervisor --workers "$workers" --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" \
         --drain-s "${GATEWAY_DRAIN_S:-30}" --state-dir "${FLEET_DIR:-$ROOT/.fleet}" \

@@ -20,6 +20,9 @@ status classes, and refusal codes the gateway's code defines. No request text be
 Across workers: with PROMETHEUS_MULTIPROC_DIR set (before start), prometheus_client keeps values
 in per-process files in that directory, every worker binds the metrics port with SO_REUSEPORT,
 and whichever worker answers a scrape sums all workers' files (docs/metrics.md argues this).
+Those files hold key names, tokens and cost, which /metrics guards with METRICS_TOKEN: the
+directory is made 0700 and each file is created 0600 (prometheus_client would create them
+0666 less the umask, readable by every local user).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from fnmatch import fnmatchcase
 
 from mitmproxy import ctx, exceptions, http
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
+from prometheus_client import values as prometheus_values
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
@@ -62,6 +67,31 @@ SCRAPE_READ_TIMEOUT = 10.0
 def multiprocess_dir() -> str | None:
     """Where prometheus_client keeps per-process values (its own test: the variable is set)."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class PrivateMmapedDict(MmapedDict):
+    """prometheus_client's per-process value file, created (or found) with mode 0600."""
+
+    def __init__(self, filename, read_mode=False):
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # one left by an earlier process of the same pid, too
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)
+
+
+def private_multiprocess_dir(directory: str) -> None:
+    """Only the gateway's user may list or read the workers' value files: the directory 0700
+    (created so if missing), and every file this process writes there 0600. prometheus_client
+    looks its file class up by name when it opens a file, so replacing it there is enough."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if os.stat(directory).st_uid == os.geteuid():
+        os.chmod(directory, 0o700)
+    else:
+        log.warning("gateway: metrics directory %s belongs to another user; it should be private (0700)", directory)
+    prometheus_values.MmapedDict = PrivateMmapedDict
 
 
 class GatewayMetrics:
@@ -220,6 +250,8 @@ class Metrics:
         self.enabled = port > 0
         global _current
         if self.enabled and self.metrics is None:
+            if multiprocess_dir() is not None:
+                private_multiprocess_dir(multiprocess_dir())
             self.metrics = GatewayMetrics()
         _current = self.metrics if self.enabled else None
         if self.accounting is not None:

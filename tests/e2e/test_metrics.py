@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import stat
 import time
 
 import pytest
@@ -198,7 +199,10 @@ def test_metrics_off_by_default_and_the_header_still_there(provider, gateway_fac
 @pytest.mark.e2e
 def test_two_workers_one_scrape_shows_their_sum(provider, gateway_factory, tmp_path):
     port = free_port()
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    shared.chmod(0o755)  # as mkdir leaves it under the usual umask: every local user could list and read it
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(shared)}
     keys = keys_file(provider)
     one = gateway_factory(keys, ["--set", f"metrics_port={port}"], env=env)
     two = gateway_factory(keys, ["--set", f"metrics_port={port}"], env=env)  # the same port (SO_REUSEPORT)
@@ -223,6 +227,15 @@ def test_two_workers_one_scrape_shows_their_sum(provider, gateway_factory, tmp_p
         again = samples(scrape(port)[2])
         assert value(again, "gateway_requests_total") == 6
         assert value(again, "gen_ai_server_request_duration_seconds_count") == 5
+    assert_private(shared, workers=2)
+
+
+def assert_private(directory, workers: int) -> None:
+    """The workers' value files (key names, tokens, cost): 0600, in a 0700 directory."""
+    files = list(directory.glob("*.db"))
+    assert len({f.name.rsplit("_", 1)[1] for f in files}) == workers, files  # every worker wrote its own
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700, oct(directory.stat().st_mode)
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {oct(0o600)}, files
 
 
 # --- bounded labels, in-process over the real hooks ------------------------------------------
@@ -251,6 +264,7 @@ def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
         assert value(found, "gen_ai_client_token_usage_total", key="bob", token_type="input") == 30
         files = list((fleet.state_dir / "metrics").glob("counter_*.db"))
         assert len(files) == 2, files  # both workers counted into the shared directory
+        assert_private(fleet.state_dir / "metrics", workers=2)
         assert f"metrics at http://127.0.0.1:{port}/metrics" in fleet.log()
     finally:
         fleet.stop()
