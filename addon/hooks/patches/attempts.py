@@ -35,6 +35,8 @@ from mitmproxy.proxy.layers.http import (ErrorCode, GetHttpConnection, RequestDa
                                          ResponseProtocolError, ResponseTrailers, SendHttp)
 from mitmproxy.proxy.utils import expect
 
+from addon.hooks.patches import Patches
+
 # statuses that move a request to the next target: rate limited, overloaded, down, or the
 # target's key refused (401/403). 400, 404, 413, 422 are the request's own fault.
 RETRYABLE = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
@@ -178,17 +180,15 @@ class RetryingHttpStream(http_layer.HttpStream):
         yield SendHttp(RequestEndOfMessage(self.stream_id), self.context.server)
 
 
-_saved: dict = {}
+_streams = Patches(http_layer, HttpStream=RetryingHttpStream)
 
 
 class Attempts:
-    """Installs RetryingHttpStream as mitmproxy's HTTP stream for the life of the addon."""
+    """Installs RetryingHttpStream as mitmproxy's HTTP stream for the life of the addon (streams
+    made before it is taken out stay what they are: they need nothing of it)."""
 
     def load(self, loader) -> None:
-        if not _saved:
-            _saved["stream"] = http_layer.HttpStream
-            http_layer.HttpStream = RetryingHttpStream
+        _streams.install()
 
     def done(self) -> None:
-        if _saved:
-            http_layer.HttpStream = _saved.pop("stream")
+        _streams.undo()

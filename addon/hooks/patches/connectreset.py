@@ -19,6 +19,8 @@ import logging
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import events, server
 
+from addon.hooks.patches import Patches
+
 log = logging.getLogger("gateway")
 
 RESET = "connection reset by the server"
@@ -26,7 +28,7 @@ RESET = "connection reset by the server"
 
 async def _open_connection(self, command) -> None:
     try:
-        await _saved["open"](self, command)
+        await _handler.original["open_connection"](self, command)
     except AssertionError:
         connection = command.connection
         if connection.peername is not None or connection.error is not None:
@@ -40,17 +42,14 @@ async def _open_connection(self, command) -> None:
         await self.server_event(events.OpenConnectionCompleted(command, RESET))
 
 
-_saved: dict = {}
+_handler = Patches(server.ConnectionHandler, open_connection=_open_connection)
 
 
 class ConnectReset:
     """Installs the wrapper for the life of the addon."""
 
     def load(self, loader) -> None:
-        if not _saved:
-            _saved["open"] = server.ConnectionHandler.open_connection
-            server.ConnectionHandler.open_connection = _open_connection
+        _handler.install()
 
     def done(self) -> None:
-        if _saved:
-            server.ConnectionHandler.open_connection = _saved.pop("open")
+        _handler.undo()

@@ -31,6 +31,7 @@ from mitmproxy.proxy.commands import SendData
 from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError, SendHttp, _http1, _http2
 
 from addon.apis.base import InboundAPI
+from addon.hooks.patches import Patches
 from addon.apis.registry import DEFAULT_API, api_for_flow
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
@@ -131,9 +132,6 @@ def json_error_response(status: int, message: str = "") -> bytes:
     return _http1_bytes(mitmproxy_page(status, message))
 
 
-_MITMPROXY_H2_EVENT = _http2.Http2Server._handle_event
-
-
 def _h2_error_page(self: _http2.Http2Server, event):
     """Wraps `Http2Server._handle_event`: an error for a stream whose response has not started
     gets the gateway's page, status and headers included (mitmproxy's own branch for it writes
@@ -147,7 +145,7 @@ def _h2_error_page(self: _http2.Http2Server, event):
         self.h2_conn.send_data(event.stream_id, page.content, end_stream=True)
         yield SendData(self.conn, self.h2_conn.data_to_send())
     else:
-        yield from _MITMPROXY_H2_EVENT(self, event)
+        yield from _h2.original["_handle_event"](self, event)
 
 
 def naming_the_flow(method):
@@ -176,22 +174,16 @@ def naming_the_flow(method):
     return wrapper
 
 
+_pages = Patches(_http1, make_error_response=json_error_response)
+_h2 = Patches(_http2.Http2Server, _handle_event=_h2_error_page)
 # the HttpStream methods whose error answers to the client are rendered in the flow's shape
-_NAMED = ("handle_protocol_error",)
+_named = Patches(HttpStream, handle_protocol_error=naming_the_flow(HttpStream.handle_protocol_error))
 
 
 class JsonErrorPages:
-    def __init__(self) -> None:
-        self._saved = None
-
     def load(self, loader) -> None:
-        if self._saved is None:
-            self._saved = (_http1.make_error_response, _http2.Http2Server._handle_event,
-                           *(getattr(HttpStream, n) for n in _NAMED))
-            _http1.make_error_response = json_error_response
-            _http2.Http2Server._handle_event = _h2_error_page
-            for name in _NAMED:
-                setattr(HttpStream, name, naming_the_flow(getattr(HttpStream, name)))
+        for patches in (_pages, _h2, _named):
+            patches.install()
 
     def error(self, flow: http.HTTPFlow) -> None:
         """mitmproxy renders the pages of its header validation (check_invalid) right after this
@@ -200,8 +192,5 @@ class JsonErrorPages:
             _mark(_apis, flow.error.msg, api_for_flow(flow))
 
     def done(self) -> None:
-        if self._saved is not None:
-            _http1.make_error_response, _http2.Http2Server._handle_event, *methods = self._saved
-            for name, method in zip(_NAMED, methods):
-                setattr(HttpStream, name, method)
-            self._saved = None
+        for patches in (_pages, _h2, _named):
+            patches.undo()

@@ -23,8 +23,9 @@ The 431 and the 400s are made below the flow hooks; they take the error shape of
 request's path all the same (errorpages.error_response; OpenAI's when the request line does not
 parse).
 
-These are small wrappers around mitmproxy internals, installed for the life of the addon (as
-errorpages.py does); tests/test_limits.py drives them through a real mitmdump.
+These are small wrappers around mitmproxy internals, installed for the life of the addon
+(`Patches`: connections still reading through a wrapper when it is taken out go on through
+mitmproxy's own code); tests/test_limits.py drives them through a real mitmdump.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
 from addon.apis.registry import DEFAULT_API, api_for_flow, api_for_path, api_for_request
+from addon.hooks.patches import Patches
 from addon.hooks.patches.errorpages import error_response
 from addon.wire.errors import GatewayError
 
@@ -77,13 +79,12 @@ limits = _Limits()
 _HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a request head (as h11 finds it)
 # mitmproxy's quote of the line it could not parse ("Invalid header line: b'...'"): it may hold a key
 _CLIENT_BYTES = re.compile(r": b['\"].*", re.S)
-_saved: dict = {}
 
 
 def _check_body_size(self: HttpStream, request: bool):
     if request and self.flow.live and (yield from _limit_request_body(self)):
         return True
-    return (yield from _saved["check_body_size"](self, request))
+    return (yield from _stream.original["check_body_size"](self, request))
 
 
 def _limit_request_body(stream: HttpStream):
@@ -149,7 +150,7 @@ def _read_headers(self: _http1.Http1Server, event):
             yield commands.CloseTcpConnection(self.conn, half_close=True)
             self.state = types.MethodType(_discard, self)
             return
-    steps = _saved["read_headers"](self, event)
+    steps = _server.original["read_headers"](self, event)
     command = next(steps, None)
     if isinstance(command, commands.SendData):  # the only data mitmproxy sends here: its 400
         command = commands.SendData(self.conn, _refused_head(self, steps))
@@ -194,7 +195,7 @@ def _discard(self: _http1.Http1Server, event):
 
 def _read_body(self: _http1.Http1Server, event):
     try:
-        yield from _saved["read_body"](self, event)
+        yield from _server.original["read_body"](self, event)
     except NotImplementedError:  # h11 parsed trailers: "HTTP trailers are not implemented yet."
         message = "chunked requests with trailers are not supported"
         error = GatewayError(400, message, code="trailers_not_supported")
@@ -202,6 +203,10 @@ def _read_body(self: _http1.Http1Server, event):
         yield commands.CloseConnection(self.conn)
         yield ReceiveHttp(RequestProtocolError(self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR))
         self.state = self.done
+
+
+_stream = Patches(HttpStream, check_body_size=_check_body_size)
+_server = Patches(_http1.Http1Server, read_headers=_read_headers, read_body=_read_body)
 
 
 class RequestLimits:
@@ -222,13 +227,8 @@ class RequestLimits:
             "max_request_header_kb", int, DEFAULT_MAX_HEADER_KB,
             "Largest HTTP/1 request header block, in KB (after that: 431, connection closed).",
         )
-        if not _saved:
-            _saved["check_body_size"] = HttpStream.check_body_size
-            _saved["read_headers"] = _http1.Http1Server.read_headers
-            _saved["read_body"] = _http1.Http1Server.read_body
-            HttpStream.check_body_size = _check_body_size
-            _http1.Http1Server.read_headers = _read_headers
-            _http1.Http1Server.read_body = _read_body
+        _stream.install()
+        _server.install()
 
     def configure(self, updated) -> None:
         from mitmproxy import ctx
@@ -243,7 +243,5 @@ class RequestLimits:
             limits.header = ctx.options.max_request_header_kb * 1024
 
     def done(self) -> None:
-        if _saved:
-            HttpStream.check_body_size = _saved.pop("check_body_size")
-            _http1.Http1Server.read_headers = _saved.pop("read_headers")
-            _http1.Http1Server.read_body = _saved.pop("read_body")
+        _stream.undo()
+        _server.undo()

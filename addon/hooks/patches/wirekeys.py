@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mitmproxy.proxy.layers.http import RequestHeaders, _http1, _http2
 
+from addon.hooks.patches import Patches
 from addon.wire.secrets import REDACTED
 
 # placeholder (bytes) -> (real key, (host, port) the gateway routed to)
@@ -69,32 +70,29 @@ def _h1_send(self, event):
             headers = event.request.headers
             kept, headers.fields = headers.fields, tuple(swapped)
             try:
-                return (yield from _saved["h1_send"](self, event))
+                return (yield from _client.original["send"](self, event))
             finally:
                 headers.fields = kept
-    return (yield from _saved["h1_send"](self, event))
+    return (yield from _client.original["send"](self, event))
 
 
 def _h2_request_headers(context, event):
-    hdrs = yield from _saved["h2_headers"](context, event)
+    hdrs = yield from _h2.original["format_h2_request_headers"](context, event)
     swapped = on_the_wire(hdrs, context.server.address)
     return swapped if swapped is not None else hdrs
 
 
-_saved: dict = {}
+_client = Patches(_http1.Http1Client, send=_h1_send)
+_h2 = Patches(_http2, format_h2_request_headers=_h2_request_headers)
 
 
 class WireKeys:
     """Installs the swap in mitmproxy's HTTP/1 and HTTP/2 clients for the life of the addon."""
 
     def load(self, loader) -> None:
-        if not _saved:
-            _saved["h1_send"] = _http1.Http1Client.send
-            _saved["h2_headers"] = _http2.format_h2_request_headers
-            _http1.Http1Client.send = _h1_send
-            _http2.format_h2_request_headers = _h2_request_headers
+        _client.install()
+        _h2.install()
 
     def done(self) -> None:
-        if _saved:
-            _http1.Http1Client.send = _saved.pop("h1_send")
-            _http2.format_h2_request_headers = _saved.pop("h2_headers")
+        _client.undo()
+        _h2.undo()

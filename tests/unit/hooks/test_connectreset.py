@@ -32,7 +32,7 @@ async def reset_as_it_opened(handler, command):
 
 
 def test_a_connection_reset_as_it_opened_is_reported_as_a_connect_error(monkeypatch):
-    monkeypatch.setitem(connectreset._saved, "open", reset_as_it_opened)
+    monkeypatch.setitem(connectreset._handler.original, "open_connection", reset_as_it_opened)
     handler, server = Handler(), Server(address=("127.0.0.1", 9))
     command = commands.OpenConnection(server)
     handler.transports[server] = types.SimpleNamespace(writer=None, handler=None)
@@ -49,7 +49,7 @@ def test_other_assertion_failures_are_not_hidden(monkeypatch):
         command.connection.peername = ("127.0.0.1", 9)  # connected, and then something else failed
         raise AssertionError("something else")
 
-    monkeypatch.setitem(connectreset._saved, "open", also_failing)
+    monkeypatch.setitem(connectreset._handler.original, "open_connection", also_failing)
     handler = Handler()
     with pytest.raises(AssertionError, match="something else"):
         asyncio.run(connectreset._open_connection(handler, commands.OpenConnection(Server(address=("127.0.0.1", 9)))))
@@ -62,5 +62,5 @@ def test_the_installed_mitmproxy_still_fails_this_way():
 
     from mitmproxy.proxy import server
 
-    original = connectreset._saved.get("open", server.ConnectionHandler.open_connection)
+    original = connectreset._handler.original.get("open_connection", server.ConnectionHandler.open_connection)
     assert "assert command.connection.peername" in inspect.getsource(original)
