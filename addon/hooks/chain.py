@@ -31,7 +31,8 @@ import logging
 
 log = logging.getLogger("gateway")
 
-LIFECYCLE_HOOKS = ("load", "configure", "running", "done")
+# stopping: the gateway's own (hooks/drain.py), awaited before any part's `done`
+LIFECYCLE_HOOKS = ("load", "configure", "running", "stopping", "done")
 # attempt_failed: the gateway's own (hooks/patches/attempts.py), an upstream attempt that may be retried
 FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "attempt_failed")
 
@@ -73,9 +74,28 @@ class AddonChain:
         gc.freeze()
 
     def done(self):
-        """A part's `done` may return a coroutine (StoreChoice: RedisStore's close, which sends
-        what the accounting's `done` counted after it). Those run once every part's `done` has,
-        in one task that mitmproxy awaits before its event loop ends (it cancels what is left)."""
+        """First what a part's `stopping` returns, awaited (Drain: at a shutdown, the connections
+        still open are closed while every part can still see their flows end). Then every part's
+        `done`; one may return a coroutine (StoreChoice: RedisStore's close, which sends what the
+        accounting's `done` counted after it). Those run once every part's `done` has, in one
+        task that mitmproxy awaits before its event loop ends (it cancels what is left)."""
+        stopping = [c for c in (hook() for hook in self.hooks["stopping"]) if c is not None]
+        if not stopping:
+            return self._done()
+        try:
+            return asyncio.get_running_loop().create_task(self._stop_then_done(stopping))
+        except RuntimeError:  # no event loop any more: no connection can be served either
+            for c in stopping:
+                c.close()
+            return self._done()
+
+    async def _stop_then_done(self, stopping: list) -> None:
+        await _in_order(stopping)
+        closing = self._done()
+        if closing is not None:
+            await closing
+
+    def _done(self):
         closing = [c for c in (hook() for hook in self.hooks["done"]) if c is not None]
         if not closing:
             return None

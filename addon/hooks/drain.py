@@ -10,6 +10,14 @@ mid-answer included. With `drain_s` above 0 the first SIGTERM or SIGINT instead:
 3. shuts down as mitmproxy would have: the usage ledger writes its pending rows in `done`.
 
 A second signal shuts down at once. No flow hook: nothing is added to a request's path.
+
+Whatever the stop (a signal, drained or not; mitmweb's quit), the connections still open when
+mitmproxy shuts down (idle keep-alive clients, what every SDK and HAProxy keep; half-sent
+requests; requests cut by a stop without drain) are closed by `stopping`, before any part's
+`done` (hooks/chain.py): each ends as a client hang-up does, its flows seen by every part
+(the ledger counts what was cut) while the parts can still see them. Left open, mitmproxy's
+event loop would cancel their tasks after `done`: a traceback per connection (Python 3.12's
+asyncio logs each cancelled connection task), and events reaching parts already done.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from mitmproxy import ctx, exceptions
 log = logging.getLogger("gateway")
 
 POLL = 0.05  # seconds between two looks at the requests in flight while draining
+CLOSE_S = 5.0  # at most this long for the connections still open at a stop to end
 
 
 def requests(n: int) -> str:
@@ -65,6 +74,15 @@ class Drain:
             except (NotImplementedError, RuntimeError, ValueError):  # no Unix signals here: mitmproxy's stays
                 return
 
+    def stopping(self):
+        """Before any part's `done` (hooks/chain.py): at a shutdown, every connection still open is
+        closed; None when there is none (or this is a script reload: connections stay)."""
+        master = getattr(ctx, "master", None)
+        proxyserver = master.addons.get("proxyserver") if master is not None else None
+        if proxyserver is None or not master.should_exit.is_set() or not proxyserver.connections:
+            return None
+        return close_connections(proxyserver)
+
     def stop(self) -> None:
         if self.task is not None:  # the second signal
             log.info("gateway: stopping now")
@@ -90,3 +108,27 @@ class Drain:
             log.exception("gateway: could not drain; stopping now")
         finally:
             ctx.master.shutdown()
+
+
+async def close_connections(proxyserver, timeout: float = CLOSE_S) -> None:
+    """Stop listening, then close every client connection still open the way mitmproxy ends one
+    whose client hung up (its task cancelled: the layers see the connection closed, the flows on
+    it end with an error, its provider connections are closed), and wait until mitmproxy has
+    finished each (at most `timeout` seconds)."""
+    try:
+        await proxyserver.servers.update([])  # no new connection meanwhile
+    except Exception:
+        log.exception("gateway: could not stop listening")
+    closed: set[asyncio.Task] = set()
+    deadline = time.monotonic() + timeout
+    while proxyserver.connections and time.monotonic() < deadline:
+        for handler in list(proxyserver.connections.values()):
+            io = handler.transports.get(handler.client)
+            task = io.handler if io is not None else None  # None: still in its client_connected hook
+            if task is not None and task not in closed:
+                task.cancel()
+                closed.add(task)
+        await asyncio.sleep(0.01)
+    if proxyserver.connections:
+        n = len(proxyserver.connections)
+        log.warning("gateway: %d connection%s still open after %g s; stopping anyway", n, "" if n == 1 else "s", timeout)
