@@ -115,11 +115,14 @@ def word(text) -> str:
 
 
 def outcome(status: int, meta: dict) -> str:
-    """`200`, `429 budget_exceeded` (the gateway refused), `401 from provider`, `0 failed`."""
+    """`200`, `429 budget_exceeded` (the gateway refused), `502 upstream_unreachable` (the
+    gateway's answer for a provider it could not reach), `401 from provider`, `0 failed`."""
     if "answered" in meta:
         return f"{status} {word(meta['answered'])}"
     if status == 0:
         return "0 failed"
+    if "failed" in meta:  # the gateway's 502/504 for a provider it got no answer from
+        return f"{status} {meta['failed']}"
     if status >= 400:
         return f"{status} from provider"
     return str(status)

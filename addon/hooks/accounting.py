@@ -194,7 +194,13 @@ class UsageAccounting:
 
     def error(self, flow: http.HTTPFlow) -> None:
         watched = self.watchers.pop(flow.id, None)
-        self.note(flow, client_status(flow), stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
+        status = client_status(flow)
+        meta = flow.metadata.get("gateway")
+        if status in (502, 504) and meta is not None and not (flow.response and flow.response.stream):
+            # the gateway's own error page (x-gateway-error-source: gateway), not the provider's
+            # answer: the access line says which, as the header does
+            meta["failed"] = "upstream_timeout" if status == 504 else "upstream_unreachable"
+        self.note(flow, status, stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
 
     def note(self, flow: http.HTTPFlow, status: int, usage: Usage | http.Response | None, streamed: bool) -> None:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""

@@ -72,7 +72,7 @@ def test_unreachable_provider_on_messages_is_an_anthropic_502(gateway, provider)
         messages_client(gateway, "vk_shape_down").messages.create(**ASK)
     assert e.value.status_code == 502
     error = anthropic_error(e.value.body)
-    assert error["type"] == "api_error" and error["message"].startswith("provider unreachable")
+    assert error["type"] == "api_error" and error["message"].startswith("the gateway could not reach the provider")
     assert e.value.response.headers["x-gateway-error-source"] == "gateway"
     # a passthrough key (Anthropic's own API upstream) too
     with pytest.raises(anthropic.InternalServerError) as e:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
 import time
 
+import anthropic
 import openai
 import pytest
 
@@ -93,13 +96,52 @@ def test_other_provider_errors_are_marked_as_the_providers(gateway, provider):
     assert e.value.response.json()["error"]["message"] == "slow down"
 
 
-def test_unreachable_provider_is_the_gateways_answer(gateway_factory):
-    gw = gateway_factory({"virtual_keys": {"vk_first_minutes_down": {"provider": "openai", "api_key": "sk-down-x",
-                                                                      "base_url": "http://127.0.0.1:9/v1", "name": "down"}}})
-    with pytest.raises(openai.APIStatusError) as e:
-        client(gw, "vk_first_minutes_down").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.status_code == 502
-    assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+@pytest.fixture
+def not_tls():
+    """A port that answers a TLS handshake with plain HTTP."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_unreachable_provider_is_the_gateways_answer_naming_the_cause_and_the_key(gateway_factory, not_tls):
+    gw = gateway_factory({"virtual_keys": {
+        "vk_first_minutes_down": {"provider": "openai", "api_key": "sk-down-secret-1", "base_url": "http://127.0.0.1:9/v1", "name": "down"},
+        "vk_first_minutes_tls": {"provider": "openai", "api_key": "sk-tls-secret-2", "base_url": f"https://127.0.0.1:{not_tls}/v1",
+                                 "name": "tls-team"}}})
+    causes = {"vk_first_minutes_down": ("down", "the provider refused the connection"),
+              "vk_first_minutes_tls": ("tls-team", "the TLS handshake with the provider failed: The remote server does not speak TLS.")}
+    for vk, (name, cause) in causes.items():
+        with pytest.raises(openai.APIStatusError) as e:
+            client(gw, vk).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
+        assert e.value.response.headers["x-gateway-error-source"] == "gateway"
+        assert e.value.body["message"].startswith(f"the gateway could not reach the provider (openai) for virtual key '{name}': {cause}")
+        # the log agrees with the header: the gateway answered, not the provider; the address is there
+        wait_for(gw, rf"gateway: 502 upstream_unreachable key={name} provider=openai model=gpt-4o latency=\d+ms")
+        wait_for(gw, rf"gateway: provider unreachable for key {name}: openai at 127\.0\.0\.1:\d+: ")
+        assert "127.0.0.1" not in e.value.message  # the address is logged, not told
+    # the same on Anthropic's API, in its error shape
+    messages = anthropic.Anthropic(base_url=gw.url, api_key="vk_first_minutes_down", max_retries=0)
+    with pytest.raises(anthropic.InternalServerError) as e:
+        messages.messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["error"]["message"].startswith("the gateway could not reach the provider (openai) for virtual key 'down': ")
+    log = gw.log()
+    assert "502 from provider" not in log
+    assert not [secret for secret in ("sk-down-secret-1", "sk-tls-secret-2", "vk_first_minutes_down", "vk_first_minutes_tls") if secret in log]
 
 
 def test_a_key_sent_as_a_model_name_is_masked_in_the_access_line(gateway, provider):

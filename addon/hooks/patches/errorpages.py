@@ -21,18 +21,23 @@ the body: `Http2Server._handle_event` is wrapped to send the page's own status a
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import re
+import socket
 import time
 
 from mitmproxy import http, version
 from mitmproxy.net.http import http1
+from mitmproxy.utils import human
 from mitmproxy.proxy.commands import SendData
 from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError, SendHttp, _http1, _http2
 
 from addon.apis.base import InboundAPI
 from addon.hooks.patches import Patches
 from addon.apis.registry import DEFAULT_API, api_for_flow
+from addon.hooks.accesslog import key_name
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
 # mitmproxy error message -> (our timeout text, until when), set by the timeout addon's error
@@ -69,17 +74,46 @@ def put_overhead_on_next(message: str, value: str) -> None:
     _mark(_overheads, message, value)
 
 
-def _classify(status: int, message: str) -> tuple[int, str, str | None]:
+def _classify(status: int, message: str, flow: http.HTTPFlow | None = None) -> tuple[int, str, str | None]:
     mark = _timeouts.pop(message, None) if status == 502 else None
     if mark is not None and mark[1] >= time.monotonic():
         return 504, mark[0], "upstream_timeout"
     text = message or http.status_codes.RESPONSES.get(status, "error")
     if status == 502:
         # mitmproxy's text names the provider's address ("Connect call failed ('10.0.0.5', 443)"):
-        # the operator's log gets it, the client does not
-        log.warning("gateway: provider unreachable: %s", text)
-        return 502, "provider unreachable (the gateway's log has the details)", "upstream_unreachable"
+        # the operator's log gets it, the client gets the cause and the key's name
+        meta = flow.metadata.get("gateway") if flow is not None else None
+        if not meta or "key" not in meta:
+            log.warning("gateway: provider unreachable: %s", text)
+            return 502, "provider unreachable (the gateway's log has the details)", "upstream_unreachable"
+        provider, name = meta.get("provider", "the provider"), key_name(meta)
+        log.warning("gateway: provider unreachable for key %s: %s at %s: %s", name, provider,
+                    human.format_address((flow.request.host, flow.request.port)), text)
+        cause = unreachable_cause(text, flow.request.host, flow.request.scheme == "https")
+        return 502, f"the gateway could not reach the provider ({provider}) for virtual key '{name}': {cause}", "upstream_unreachable"
     return status, text, None
+
+
+_ERRNO = re.compile(r"\[Errno (-?\d+)\]")
+_DNS = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA", "EAI_ADDRFAMILY") if hasattr(socket, n)}
+
+
+def unreachable_cause(message: str, host: str, tls: bool) -> str:
+    """mitmproxy's connect or TLS error text as the cause a client can act on. The address
+    (an internal IP, a port) is left to the log; a DNS failure names the host the keys file gives."""
+    m = _ERRNO.search(message)
+    number = int(m.group(1)) if m else None
+    if number in _DNS or "name or service not known" in message.lower():
+        return f"the DNS lookup of {host} failed"
+    if number == errno.ECONNREFUSED:
+        return "the provider refused the connection (nothing listens at its base_url)"
+    if number == errno.ETIMEDOUT or "timed out" in message.lower():
+        return "connecting to the provider timed out"
+    if number in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "no route to the provider (network unreachable)"
+    if tls and number is None:  # connected: what failed is the TLS handshake (OpenSSL's words)
+        return f"the TLS handshake with the provider failed: {message[:200]}"
+    return "could not connect to the provider"
 
 
 class _Rendering:
@@ -89,13 +123,13 @@ class _Rendering:
 _rendering = _Rendering()
 
 
-def _answering(message: str) -> tuple[InboundAPI, dict | None]:
+def _answering(message: str) -> tuple[InboundAPI, http.HTTPFlow | None]:
     """The API of the flow whose error is being rendered: the flow named for this step, else the
-    one the error hook marked with this message, else OpenAI's; and the named flow's PAGE_HEADERS."""
+    one the error hook marked with this message, else OpenAI's; and the named flow, if any."""
     flow, _rendering.flow = _rendering.flow, None  # one render per naming
     mark = _apis.pop(message, None)
     if flow is not None:
-        return api_for_flow(flow), flow.metadata.get(PAGE_HEADERS)
+        return api_for_flow(flow), flow
     return (mark[0] if mark is not None and mark[1] >= time.monotonic() else DEFAULT_API), None
 
 
@@ -119,8 +153,9 @@ def _http1_bytes(page: http.Response) -> bytes:
 def mitmproxy_page(status: int, message: str) -> http.Response:
     """The gateway's page for an error mitmproxy answers itself (`status`, its `message`)."""
     overhead = _overheads.pop(message, None)
-    api, page = _answering(message)
-    status, text, code = _classify(status, message)
+    api, flow = _answering(message)
+    page = flow.metadata.get(PAGE_HEADERS) if flow is not None else None
+    status, text, code = _classify(status, message, flow)
     extra = {OVERHEAD_HEADER: overhead[0]} if overhead is not None and overhead[1] >= time.monotonic() else None
     if page:
         extra = {**extra, **page} if extra else page
