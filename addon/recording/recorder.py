@@ -128,7 +128,7 @@ class Snapshot:
         known = self.virtual_keys()
         req = flow.request
         # back to the unreachable placeholder: a replay the gateway fails to route goes nowhere
-        # (an answered flow shows the gateway's own address, see gateway.show_gateway_address)
+        # (an answered flow shows the gateway's own address, see hooks/answers.show_gateway_address)
         req.scheme, req.host, req.port = "http", *PLACEHOLDER
         req.method = snap["method"]
         req.path = snap["path"]
@@ -236,7 +236,7 @@ class Recorder:
             return
         try:
             copy = flow.copy()
-            scrub(copy.request.headers)  # belt and braces: Snapshot and gateway.redact did this
+            scrub(copy.request.headers)  # belt and braces: Snapshot and hooks/headers.redact did this
             hide_unnamed_key(copy)
             self.writer.add(copy)
             self.file.flush()

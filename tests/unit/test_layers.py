@@ -15,7 +15,7 @@ LAYERS = (
     ("apis",),  # L2 the inbound APIs: paths, checks, error shapes, usage readers
     ("translate",),  # L3 pure pairs between two APIs
     ("policy",),  # L4 keys, limits, stores, targets, owners: pure
-    ("usage",),  # L5 the ledger
+    ("usage", "routing"),  # L5 the ledger; pure routing (routes, request preparation)
     ("recording", "web", "hooks"),  # L6 mitmproxy addons and patches (not each other)
     ("gateway",),  # L7 the list of parts, in order
 )

@@ -12,11 +12,11 @@ from addon.hooks.patches import wirekeys
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from addon import gateway as gateway_module
+from addon.routing import routes as routes_module
 from addon.apis import registry as api_registry
 from addon.apis.openai_chat import OPENAI_CHAT
 from addon.apis.registry import APIS, DEFAULT_API, ENDPOINTS, api_for_path
-from addon.gateway import ROUTES
+from addon.routing.routes import ROUTES
 from addon.providers.catalog import CATALOG
 from addon.providers.registry import PROVIDERS
 from addon.translate.base import UpstreamRequest
@@ -131,8 +131,8 @@ def toy(monkeypatch):
     monkeypatch.setitem(APIS, api.name, api)
     monkeypatch.setitem(ENDPOINTS, "/v1/toy", api)
     monkeypatch.setitem(PAIRS, ("toy", "openai_chat"), ToyToOpenAI())
-    # what gateway.py builds at import from the three tables above
-    monkeypatch.setitem(ROUTES, "toy", {"openai": gateway_module.build_route("toy", PROVIDERS["openai"])})
+    # what routing/routes.py builds at import from the three tables above
+    monkeypatch.setitem(ROUTES, "toy", {"openai": routes_module.build_route("toy", PROVIDERS["openai"])})
     assert api_registry.api_for_path("/v1/toy") is api
     return api
 
@@ -180,7 +180,7 @@ def test_a_provider_without_a_pair_for_the_api_is_refused(gw, toy):  # noqa: F81
 def messages_gw(tmp_path):
     from mitmproxy.test import taddons
 
-    from addon.gateway import Gateway
+    from addon.hooks.gateway import Gateway
     keys = {"virtual_keys": {
         "vk_ds_anthropic": {"provider": "deepseek-anthropic", "api_key": "sk-ds-real-000001", "name": "ds-a"},
         "vk_ds": {"provider": "deepseek", "api_key": "sk-ds-real-000002", "name": "ds"}}}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mitmproxy import flow
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.gateway import Gateway
+from addon.hooks.gateway import Gateway
 
 KEYS = {
     "providers": {"openai": {"base_url": "http://127.0.0.1:9001/v1"}, "anthropic": {"base_url": "http://127.0.0.1:9002"}},

@@ -7,7 +7,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addon.gateway import Gateway
+from addon.hooks.gateway import Gateway
 from addon.hooks.patches import wirekeys
 from addon.wire.secrets import fingerprint
 from addon.translate.passthrough import PassthroughExchange
@@ -340,7 +340,7 @@ def test_account_response_headers_do_not_reach_the_client(gw):
 
 
 def test_the_mitmweb_comment_names_the_answering_target():
-    from addon.gateway import describe_target
+    from addon.routing.routes import describe_target
     from addon.policy.keys import parse_keys
 
     keys = parse_keys({"virtual_keys": {"vk": {"name": "team-alpha", "targets": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from addon.gateway import ROUTES
+from addon.routing.routes import ROUTES
 from addon.policy.keys import KeysError, parse_keys
 from addon.providers.azure import AzureTarget
 from addon.providers.catalog import CATALOG, EMBEDDINGS, RESPONSES

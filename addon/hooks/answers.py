@@ -1,0 +1,58 @@
+"""The gateway's own answers and marks on a flow: an error in the shape of the API the client
+spoke, a provider's error named as the provider's, and the markers mitmweb lists them by."""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+from addon.apis.registry import api_for_flow
+from addon.hooks.messages import plain_content, replace_body
+from addon.wire.errors import ERROR_SOURCE, GatewayError
+
+JSON_HEADERS = {"content-type": "application/json"}
+GATEWAY_ERROR_HEADERS = {**JSON_HEADERS, ERROR_SOURCE: "gateway"}
+
+# list markers in mitmweb: mitmproxy's emoji shortcodes whose glyphs plain fonts (DejaVu) have
+REFUSED_MARK, PROVIDER_ERROR_MARK, FAILED_MARK = ":heavy_multiplication_x:", ":warning:", ":zap:"
+
+
+def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
+    """Answer `error` in the error shape of the API the client spoke (apis/registry.py)."""
+    body = api_for_flow(flow).error_body(error)
+    flow.response = http.Response.make(error.status, body, {**GATEWAY_ERROR_HEADERS, **error.headers})
+    code = error.code or error.type
+    flow.metadata.setdefault("gateway", {})["answered"] = code
+    flow.marked = REFUSED_MARK
+    # the comment column says why: "team-a -> openai · refused 429 budget_exceeded"
+    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}refused {error.status} {code}"
+
+
+def provider_error(flow: http.HTTPFlow) -> None:
+    """Mark a provider's error response as the provider's; a 401/403 says that the provider
+    rejected the gateway's key for this virtual key (by name), not the client's key."""
+    response = flow.response
+    response.headers[ERROR_SOURCE] = "provider"
+    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}provider {response.status_code}"
+    meta = flow.metadata.get("gateway", {})
+    if response.status_code not in (401, 403) or "provider" not in meta:
+        return
+    try:
+        body = json.loads(plain_content(response))
+        error = body["error"]
+        said = error.get("message") or ""
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    verb = "rejected" if response.status_code == 401 else "refused"
+    error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
+                        f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
+    replace_body(response, json.dumps(body).encode(), b"application/json")
+
+
+def show_gateway_address(flow: http.HTTPFlow) -> None:
+    """A request the gateway answered itself was sent to the gateway: show it so, rather than
+    to the unreachable placeholder (reverse mode's target) it never went to."""
+    address = flow.client_conn.sockname
+    if address and address[0] and flow.request.port == 1:
+        flow.request.host, flow.request.port = address[0], address[1]
