@@ -217,9 +217,11 @@ class Fleet:
         ports = [free_port() for _ in range(args.workers)]
         # the endpoint line names HAProxy's address, once, here (not each worker's own port)
         quiet = ["--set", "endpoint_line=false"] if set_option(worker_args, "endpoint_line") is None else []
+        # Redis's spend is compared with the ledger's by the first worker only: one line, if any
+        unchecked = ["--set", "spend_check=false"] if set_option(worker_args, "spend_check") is None else []
         self.workers = [
             Child(f"worker {i}", [args.mitmdump, "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
-                                  *worker_args, *quiet], port)
+                                  *worker_args, *quiet, *(unchecked if i > 1 else ())], port)
             for i, port in enumerate(ports, 1)
         ]
         self.redis: Child | None = None

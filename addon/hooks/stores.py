@@ -6,17 +6,25 @@ key's limits as one. The chosen store is handed to each part that uses one (the 
 admission, the usage accounting); it cannot change while the gateway runs. Option
 `reservation_lease`: how long a reservation is held without its holder renewing it
 (`renew_leases`, run here while the gateway runs).
+
+Budgets count the spend in the store: with Redis, Redis's, which outlives the gateways (a
+fleet's own redis-server keeps it in .fleet/redis across restarts); the ledger only fills an
+empty Redis. At start (option `spend_check`), a gateway that finds Redis holding spend already
+compares it with the ledger's, key by key, and says in one line when they disagree (an empty or
+new ledger with old spend in Redis, or the other way round), which one budgets follow, and how
+to start over. A fleet's supervisor leaves the check to its first worker: one line per fleet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 
 from mitmproxy import ctx, exceptions
 
-from addon.policy.store import RESERVATION_LEASE, renew_leases
+from addon.policy.store import RESERVATION_LEASE, renew_leases, spend_disagreement
 from addon.hooks.metrics import count_store_error
 from addon.wire.secreturl import masked_url, resolve
 from addon.hooks.timeouts import seconds_option
@@ -32,6 +40,7 @@ class StoreChoice:
         self.users = users  # objects with a `store` attribute
         self.chosen: tuple[str, str] | None = None  # (url, prefix) once configured
         self.renewing: asyncio.Task | None = None  # renew_leases, while the gateway runs
+        self.checking: asyncio.Task | None = None  # check_spend, at start
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -50,6 +59,11 @@ class StoreChoice:
             "Seconds a request's reservation (budget, tpm, max_parallel slot) is held unless the gateway "
             "holding it renews it (every third of this, while the request runs): a killed worker's are "
             "free after it. Gateways sharing a Redis should use the same value.",
+        )
+        loader.add_option(
+            "spend_check", bool, True,
+            "At start, with redis_url: compare the spend Redis holds with the usage ledger's and say "
+            "in one line when they disagree (budgets count Redis's).",
         )
 
     def configure(self, updated) -> None:
@@ -99,14 +113,50 @@ class StoreChoice:
             store.start_cooldown_sync()
         if hasattr(store, "renew") and self.renewing is None:
             self.renewing = asyncio.get_running_loop().create_task(renew_leases(store))
+        if hasattr(store, "spend_by_key") and ctx.options.spend_check and self.checking is None:
+            self.checking = asyncio.get_running_loop().create_task(self.check_spend(store))
+
+    async def check_spend(self, store) -> None:
+        """Once Redis is seeded: if it held spend before this gateway came (the ledger was not
+        loaded into it), one line when its spend and the ledger's disagree."""
+        try:
+            if store.seeding is not None:
+                await store.seeding
+            if not store.found_seeded:  # Redis was empty (the ledger was loaded), or unreachable
+                return
+            found = spend_disagreement(await store.spend_by_key(store.spend_since), store.ledger_spend)
+        except Exception as e:  # RedisError, OSError: the outage is logged by the store
+            log.debug("gateway: spend check skipped: %s", e)
+            return
+        if found is not None:
+            ledger = next((user.ledger for user in self.users if getattr(user, "ledger", None) is not None), None)
+            log.warning("%s", disagreement(masked_url(store.url), store.prefix, ledger and masked_url(ledger.path), *found))
 
     def done(self):
         """RedisStore: its close (what is queued is sent first), for the chain (addon/hooks/chain.py)
         to run after every part's `done`: the accounting's counts what ended last then."""
-        if self.renewing is not None:
-            self.renewing.cancel()
-            self.renewing = None
+        for task in (self.renewing, self.checking):
+            if task is not None:
+                task.cancel()
+        self.renewing = self.checking = None
         store = self.users[0].store if self.users else None
         if hasattr(store, "close"):  # RedisStore
             return store.close()
         return None
+
+
+def disagreement(url: str, prefix: str, ledger: str | None, keys: list[str], redis: tuple[int, float],
+                 in_ledger: tuple[int, float]) -> str:
+    """The start-up line when Redis's spend and the ledger's differ (over `keys`)."""
+    def spend(side: tuple[int, float]) -> str:
+        return f"${side[1]:.4f} ({side[0]:,} tokens)"
+    n = f"{len(keys)} key{'' if len(keys) == 1 else 's'}"
+    fleet_redis = os.path.join(os.environ.get("FLEET_DIR") or ".fleet", "redis")
+    start_over = (f"To start over, stop the gateways, delete Redis's {prefix}* keys (a fleet's own Redis: "
+                  f"remove {fleet_redis}) and start them again")
+    if ledger is None:
+        return (f"gateway: Redis {url} holds the spend of {n} from earlier runs, {spend(redis)}, and no usage ledger is "
+                f"kept (USAGE_DB empty): budgets count Redis's. {start_over}: budgets then start from zero.")
+    return (f"gateway: Redis {url} and the usage ledger {ledger} disagree on the spend of {n}: Redis has {spend(redis)}, "
+            f"the ledger {spend(in_ledger)}. Budgets count Redis's, the live spend every gateway on it shares (a ledger "
+            f"only fills an empty Redis). {start_over}: Redis is then filled from the ledger.")

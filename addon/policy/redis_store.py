@@ -64,7 +64,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
     BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Limits,
-    Spend, StoreUnavailable, Verdict,
+    Spend, StoreUnavailable, Verdict, spend_of,
 )
 from addon.wire.secreturl import masked_url
 
@@ -314,6 +314,11 @@ class RedisStore(CooldownTable):
         self._held: dict[str, dict[str, tuple[int, float]]] = {}  # key -> ticket -> worst case: what renew() renews
         self._renewals: list[tuple[float, asyncio.Future]] = []  # renew() calls not yet sent: (now, future)
         self.seeds: list[tuple] = []  # ledger rows to load if Redis is empty (seed_spend/seed_tokens)
+        # at start-up: the ledger's spend per key (what seed_spend gave), and whether Redis held its
+        # own already (the marker; True: the ledger was not loaded, Redis's spend counts)
+        self.ledger_spend: dict[str, tuple[int, float]] = {}
+        self.spend_since = 0.0  # (the buckets from this time on)
+        self.found_seeded: bool | None = None
         # set by the usage accounting when it keeps a ledger: reload_seeds(counted) writes every
         # finished request to the ledger, calls counted() once what the store was told is in it,
         # and returns the ledger's rows as seeds (for a Redis that lost its data mid-run)
@@ -600,10 +605,15 @@ class RedisStore(CooldownTable):
         sent meanwhile: admissions wait, counts are kept (those the reloaded ledger holds are
         dropped, the rest sent after). `reload`: mid-run, read the ledger again."""
         seeds, self.seeds = self.seeds, []
+        if not reload:  # the hours Redis surely still keeps (it drops those a year old)
+            self.spend_since = (int(time.time() // BUCKET) - RETENTION_HOURS + 2) * BUCKET
+            self.ledger_spend = spend_of(seeds, self.spend_since)
         lock = self.prefix + "seeding"
         failed: Exception | None = None
+        first_look = True
         try:  # on the request path's connection (nothing else is sent on it meanwhile)
             while not (await self.round_trip([command("EXISTS", self.marker)]))[0]:
+                first_look = False
                 if (await self.round_trip([command("SET", lock, "1", "NX", "EX", SEED_LOCK_S)]))[0] is None:
                     await asyncio.sleep(0.05)  # another gateway is loading
                     continue
@@ -616,6 +626,8 @@ class RedisStore(CooldownTable):
                             raise answer
                 await self.round_trip([command("SET", self.marker, "1"), command("DEL", lock)])
                 log.info("gateway: Redis %s was empty: %d ledger buckets loaded into it", masked_url(self.url), len(seeds))
+            if not reload:
+                self.found_seeded = first_look
         except (RedisError, OSError) as e:
             failed = e
             self.outage(e, "seed")
@@ -633,6 +645,27 @@ class RedisStore(CooldownTable):
                 elif not ask[2].done():
                     ask[2].set_exception(failed)
             self.kick()
+
+    async def spend_by_key(self, since: float) -> dict[str, tuple[int, float]]:
+        """Per key, the tokens and dollars of the spend buckets Redis holds from `since` on (a
+        scan of every key's spend hash: for a start-up check, not the request path)."""
+        first_hour = int(since // BUCKET)
+        suffix = ":spend"
+        found = {}
+        async for name in self.redis.scan_iter(match=self.prefix + "*" + suffix, count=1000):
+            key = name[len(self.prefix):-len(suffix)]
+            if ":" in key:  # (not a key's spend hash)
+                continue
+            tokens, usd = 0, 0.0
+            for field, value in (await self.redis.hgetall(name)).items():
+                if field[1:].isdigit() and int(field[1:]) >= first_hour:
+                    if field[0] == "h":
+                        tokens += int(value)
+                    elif field[0] == "u":
+                        usd += float(value)
+            if tokens or usd:
+                found[key] = (tokens, usd)
+        return found
 
     def counted_in_ledger(self) -> None:
         """Every count queued so far is in the ledger the seed is about to read: drop them."""

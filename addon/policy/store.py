@@ -423,3 +423,34 @@ async def renew_leases(store: UsageStore) -> None:
             log.exception("gateway: could not renew the reservations in flight")
             renewed = False
         await asyncio.sleep(store.lease * RENEW_EVERY if renewed else RENEW_RETRY)
+
+
+def spend_of(seeds: list[tuple], since: float) -> dict[str, tuple[int, float]]:
+    """Per key, the tokens and dollars of seed_spend's buckets from `since` on (not the tpm
+    window's seeds)."""
+    out: dict[str, tuple[int, float]] = {}
+    for key, _, tokens, usd, when, tpm_only in seeds:
+        if not tpm_only and when >= since:
+            had = out.get(key, (0, 0.0))
+            out[key] = (had[0] + tokens, had[1] + usd)
+    return out
+
+
+def spend_disagreement(redis: dict[str, tuple[int, float]], ledger: dict[str, tuple[int, float]]
+                       ) -> tuple[list[str], tuple[int, float], tuple[int, float]] | None:
+    """The keys whose spend in Redis and in the ledger differ by more than 1% (what a request
+    or two in flight on another gateway, or a float's rounding, make), and the totals of each
+    side over those keys; None when they agree."""
+    keys = sorted(key for key in redis.keys() | ledger.keys()
+                  if _differ(redis.get(key, (0, 0.0)), ledger.get(key, (0, 0.0))))
+    if not keys:
+        return None
+
+    def total(side):
+        return sum(side.get(k, (0, 0.0))[0] for k in keys), sum(side.get(k, (0, 0.0))[1] for k in keys)
+    return keys, total(redis), total(ledger)
+
+
+def _differ(a: tuple[int, float], b: tuple[int, float]) -> bool:
+    return (abs(a[0] - b[0]) > max(1, 0.01 * max(a[0], b[0]))
+            or abs(a[1] - b[1]) > max(1e-6, 0.01 * max(a[1], b[1])))

@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: {e}", file=sys.stderr)
         return 2
     if not args.db:
-        print("usage: USAGE_DB is empty, so the gateway keeps no usage ledger", file=sys.stderr)
+        where = live_spend()
+        print("usage: USAGE_DB is empty, so the gateway keeps no usage ledger"
+              + (f"; budgets count the live spend in {where}" if where else ""), file=sys.stderr)
         return 1
     if not is_postgres(args.db) and not os.path.exists(args.db):
         print(f"usage: no usage ledger at {args.db} (the gateway creates it; USAGE_DB names another)", file=sys.stderr)
@@ -119,7 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: no such key in {masked_url(args.db)} (give a key name, a fingerprint or a virtual key)", file=sys.stderr)
         return 1
     print(format_table(rows))
+    where = live_spend()
+    if where:
+        print(f"usage: this table is the ledger's; budgets count the live spend in {where}, which a gateway "
+              "compares with this ledger at start and says when they disagree (docs/shared-state.md)", file=sys.stderr)
     return 0
+
+
+def live_spend() -> str | None:
+    """Where budgets' spend lives when it is not this ledger: Redis (REDIS_URL, or a fleet's own
+    redis-server, which keeps its data in $FLEET_DIR/redis across restarts); None: one gateway
+    without Redis, whose budgets are seeded from this ledger at each start."""
+    if os.environ.get("REDIS_URL"):
+        return f"Redis ({masked_url(os.environ['REDIS_URL'])})"
+    fleet_redis = os.path.join(os.environ.get("FLEET_DIR") or ".fleet", "redis")
+    if os.path.isdir(fleet_redis):
+        return f"the fleet's Redis (GATEWAY_WORKERS > 1; its data in {fleet_redis})"
+    return None
 
 
 if __name__ == "__main__":
