@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from addon.translate.openai_chat_anthropic import StreamTranslator
+from addon.translate.openai_chat_anthropic_response import StreamTranslator
 from tests.conftest import SHARED_REFERENCE
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "anthropic_text_tools_stream.sse"

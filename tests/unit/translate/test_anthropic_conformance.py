@@ -8,7 +8,9 @@ from functools import cache
 
 import pytest
 
-from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic, StreamTranslator
+from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic
+
+from addon.translate.openai_chat_anthropic_response import StreamTranslator
 from tests.conftest import SHARED_REFERENCE
 from tests.unit.translate.test_anthropic import PNG_B64, WEATHER_TOOL, message, text_stream
 from tests.unit.translate.test_anthropic_boundaries import FIXTURE, RECORDED
