@@ -8,6 +8,13 @@ recorded provider traffic. Request headers tune streams (the gateway forwards th
   x-bench-first-ms: F    pause after the first event, so time-to-first-chunk is not masked by
                          the rest of the burst (default 0)
   x-bench-gap-ms: G      pause between the following events (default 0: a burst of writes)
+  x-bench-stamp: 1       every content event carries the time it was written: its text is
+                         T<19 digits>, CLOCK_MONOTONIC in ns (time.monotonic_ns(), one clock for
+                         every process on the machine), for clients that measure what the proxy in
+                         between adds to each chunk (OpenAI streams)
+  x-bench-open: 1        with x-bench-stamp: the stream goes on, a stamped event every G ms,
+                         until `POST /bench/end` (to this provider, not through a proxy) ends every
+                         stream begun before it at its next event; then it ends as a stream does
 
     python bench/fakeprovider.py [--port 0]     prints "PORT <n>" once listening
 """
@@ -19,6 +26,7 @@ import asyncio
 import json
 import socket
 import sys
+import time
 
 OPENAI_COMPLETION = {
     "id": "chatcmpl-bench0000000000000000000001", "object": "chat.completion", "created": 1700000000,
@@ -81,6 +89,19 @@ def openai_events(n: int) -> list[bytes]:
     return events
 
 
+STAMP_PLACEHOLDER = b"T" + b"0" * 19
+# one OpenAI content event, its text the placeholder a stamp replaces at write time
+STAMPED_EVENT = openai_events(5)[1].replace(b" word0", STAMP_PLACEHOLDER)
+END_REPLY = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+streams_end_ns = 0  # POST /bench/end: open streams begun before this end at their next event
+
+
+def stamped_chunk() -> bytes:
+    """A chunk holding one content event stamped now (the caller writes it at once)."""
+    event = STAMPED_EVENT.replace(STAMP_PLACEHOLDER, b"T%019d" % time.monotonic_ns())
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
 def plain(status: int, obj: dict) -> bytes:
     body = json.dumps(obj).encode()
     return (b"HTTP/1.1 %d OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body))) + body
@@ -135,7 +156,19 @@ class Server(asyncio.Protocol):
                 return
             body = self.buf[end + 4:total]
             self.buf = self.buf[total:]
-            anthropic = b"/messages" in head[:head.find(b"\r\n")]
+            line = head[:head.find(b"\r\n")]
+            if line.startswith(b"post /bench/end "):
+                global streams_end_ns
+                streams_end_ns = time.monotonic_ns()
+                self.transport.write(END_REPLY)
+                continue
+            anthropic = b"/messages" in line
+            if (b'"stream": true' in body or b'"stream":true' in body) and header_int(head, b"\r\nx-bench-stamp", 0):
+                self.busy = True
+                asyncio.get_running_loop().create_task(self.stamped_stream(
+                    header_int(head, b"\r\nx-bench-events", 200), header_int(head, b"\r\nx-bench-first-ms", 0) / 1000,
+                    header_int(head, b"\r\nx-bench-gap-ms", 0) / 1000, bool(header_int(head, b"\r\nx-bench-open", 0))))
+                return
             if b'"stream": true' in body or b'"stream":true' in body:
                 n = header_int(head, b"\r\nx-bench-events", 200)
                 first = header_int(head, b"\r\nx-bench-first-ms", 0)
@@ -164,6 +197,28 @@ class Server(asyncio.Protocol):
             if self.transport.is_closing():
                 return
             write(c)
+        write(b"0\r\n\r\n")
+        self.busy = False
+        self.process()
+
+    async def stamped_stream(self, n: int, first: float, gap: float, open_ended: bool) -> None:
+        """An OpenAI stream whose content events say when each was written: the role event, then
+        n stamped events (open_ended: until POST /bench/end), then the finish, usage and [DONE]."""
+        write, begun = self.transport.write, time.monotonic_ns()
+        events = openai_events(4)  # role, stop, usage, [DONE]
+        write(STREAM_HEAD + b"%x\r\n%s\r\n" % (len(events[0]), events[0]) + stamped_chunk())
+        sent = 1
+        if first:
+            await asyncio.sleep(first)
+        while (streams_end_ns < begun) if open_ended else sent < n:
+            if gap:
+                await asyncio.sleep(gap)
+            if self.transport.is_closing():
+                return
+            write(stamped_chunk())
+            sent += 1
+        for e in events[1:]:
+            write(b"%x\r\n%s\r\n" % (len(e), e))
         write(b"0\r\n\r\n")
         self.busy = False
         self.process()

@@ -39,6 +39,7 @@ from addon.providers.registry import PROVIDERS  # noqa: E402
 from addon.translate.registry import PAIRS  # noqa: E402
 from fakeprovider import anthropic_events, openai_events  # noqa: E402
 import fleetbench as fleet_bench  # noqa: E402  (bench/fleetbench.py: the fleet section)
+import streamlatency as stream_latency  # noqa: E402  (bench/streamlatency.py: per-chunk latency, fleet included)
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
@@ -46,7 +47,7 @@ SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
 # gateway (translated to an OpenAI provider, or passed through to Anthropic), while bare
 # mitmdump carries the provider's own API
 SCENARIO_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "messages_openai": "openai", "messages_anthropic": "anthropic"}
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "failover", "large_body", "fleet")
+SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "failover", "large_body", "stream_latency", "fleet")
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -71,10 +72,17 @@ class Settings:
     concurrent_gap_ms: int = 250  # 20 events x 250 ms: every stream stays open ~5 s
     memory_requests: int = 50_000  # per target
     translator_repeats: int = 200  # in-process 200-event streams
+    latency_streams: tuple[int, ...] = (100, 1000, 5000)  # stream_latency: concurrent streams per cell
+    latency_rate: int = 2000  # stamped chunks per second over all the streams (each: one every N/rate s)
+    latency_window_s: float = 2.0  # chunks counted once all N are open
+    latency_rounds: int = 3  # rounds at 1,000 streams (the targets' cell); one at the other counts
+    latency_budget_s: float = 300  # no further cell is begun after this long (a machine too busy)
 
 
 QUICK = Settings(rounds=1, duration=1.0, connections=(1, 16), stream_iterations=5, concurrent_streams=50,
-                 concurrent_events=6, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20)
+                 concurrent_events=6, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20,
+                 latency_streams=(30,), latency_rate=1000, latency_window_s=0.3, latency_rounds=1,
+                 latency_budget_s=60)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -709,6 +717,7 @@ def targets(res: dict) -> list[dict]:
         if row:
             add(f"{scenario} added p50 at c=1 (ms)", row["added_p50_ms"], "<= 0.2", row["added_p50_ms"] <= 0.2)
     fleet_bench.targets(res, add)
+    stream_latency.targets(res, add)
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
@@ -791,6 +800,7 @@ def print_table(res: dict) -> None:
                      fmt(lb["during"]["p50_ms"]), ""))
         rows.append((f"/health p99 ms: alone | during a {lb['body_mb']:.0f} MB request", fmt(lb["alone"]["p99_ms"]),
                      fmt(lb["during"]["p99_ms"]), f"max {fmt(lb['during']['max_ms'])}"))
+    rows += stream_latency.rows(res)
     rows += fleet_bench.rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
@@ -823,6 +833,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help=f"comma-separated subset of: {','.join(SECTIONS)} (for focused before/after runs)")
     args = ap.parse_args(argv)
     # --quick alone skips the fleet (it starts HAProxy, Redis, nginx and N+3 gateways): --only fleet --quick
+    # (and stream_latency's fleet column: --only stream_latency --quick)
     only = set(args.only.split(",")) if args.only else set(SECTIONS) - ({"fleet"} if args.quick else set())
     if only - set(SECTIONS):
         ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}")
@@ -835,7 +846,8 @@ def main(argv=None) -> int:
         print("bench: wrk not found; install it (Debian/Ubuntu: apt-get install wrk) or use ./run.sh bench", file=sys.stderr)
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 4 * s.concurrent_streams + 256  # client + proxy, both sides of each stream
+    # client + proxy, both sides of each stream; HAProxy derives its maxconn from this limit too
+    need = max(4 * s.concurrent_streams, 3 * max(s.latency_streams)) + 256
     if soft < need:  # children inherit it
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
 
@@ -861,6 +873,8 @@ def main(argv=None) -> int:
                  "failover": ("a key with three targets against one with one (openai, wrk, alternating)",
                               lambda: failover_cost(stack, s) if has_targets() else {}),
                  "large_body": ("/health latency while a 30 MB request is handled", lambda: health_during_large_body(stack, s)),
+                 "stream_latency": (f"latency added per chunk, {'/'.join(map(str, s.latency_streams))} concurrent streams: "
+                                    "bare, gateway, fleet", lambda: stream_latency.section(stack, s, with_fleet=not args.quick or bool(args.only))),
                  "fleet": ("fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
                            lambda: fleet_bench.fleet_section(stack, s))}
         for name, (title, step) in steps.items():
