@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e,
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    # (about 25 s on a quiet 2-core machine; 140 s and more were seen while it was shared)
+    # (about 20 s on a quiet 2-core machine; 140 to 230 s were seen while others shared it)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
