@@ -9,6 +9,7 @@ from mitmproxy import http
 
 from addon.apis.registry import api_for_flow
 from addon.hooks.messages import plain_content, replace_body
+from addon.policy import targets
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -30,8 +31,9 @@ def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
 
 
 def provider_error(flow: http.HTTPFlow) -> None:
-    """Mark a provider's error response as the provider's; a 401/403 says that the provider
-    rejected the gateway's key for this virtual key (by name), not the client's key."""
+    """Mark a provider's error response as the provider's; a 401, or a 403 that says the key is
+    invalid or revoked, says that the provider rejected the gateway's key for this virtual key (by
+    name), not the client's key; another 403 that it refused this request."""
     response = flow.response
     response.headers[ERROR_SOURCE] = "provider"
     flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}provider {response.status_code}"
@@ -44,9 +46,14 @@ def provider_error(flow: http.HTTPFlow) -> None:
         said = error.get("message") or ""
     except (ValueError, KeyError, TypeError, AttributeError):
         return
-    verb = "rejected" if response.status_code == 401 else "refused"
-    error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
-                        f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
+    if response.status_code == 403 and not targets.fault(403, json.dumps(body), model=meta.get("model")).key:
+        # no access to a model, a content refused: this request's own, not the key (policy/targets.py)
+        error["message"] = (f"the provider ({meta['provider']}) refused this request for virtual key "
+                            f"{meta.get('key', '?')!r}. Provider said: {said}")
+    else:
+        verb = "rejected" if response.status_code == 401 else "refused"
+        error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
+                            f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
     replace_body(response, json.dumps(body).encode(), b"application/json")
 
 

@@ -1,14 +1,22 @@
 """Failover between a virtual key's targets (keys with "targets"; policy/targets.py picks).
 
 A failed attempt (hooks/patches/attempts.py says which failures count: connect errors, no or broken
-response headers, 401/403/429/5xx/529, all before any byte reached the client) cools its target
-down, shared through the store (RedisStore: every worker), and the request is sent to the next
-target the pick gives, inside the same flow, up to `max_attempts` attempts. Limits and budgets
-were counted once, when the request was admitted; a retry is not admitted again.
+response headers, 401/403/429/5xx/529, all before any byte reached the client) is judged by
+`targets.fault()`, from its status and the provider's error body:
 
-- 401/403: the target's real key is bad: `auth_cooldown_s` (one log line, the key masked).
-- 429: `cooldown_s`, or the provider's Retry-After when that is longer.
-- anything else: `cooldown_s`.
+- the request's own (a 429 for a request too large for the account's window or the model's
+  context, a 403 for a model the account may not use or a refused content): it fails alone,
+  the client gets the provider's answer, nothing cools down. One key's request must not take a
+  target away from every other key that shares it.
+- the whole target's: the provider refused the real key (401, a 403 saying it is invalid,
+  revoked or disabled, a 429 for the account's exhausted quota): `auth_cooldown_s`, one log
+  line with the key masked; the connection failed: `cooldown_s`.
+- the target's for the model it served (429 rate limits, 5xx, 529, no answer in time):
+  `cooldown_s`, or a 429's Retry-After when longer. The target's other models are still picked.
+
+A cooldown is shared through the store (RedisStore: every worker), and the request goes to the
+next target the pick gives, inside the same flow, up to `max_attempts` attempts. Limits and
+budgets were counted once, when the request was admitted; a retry is not admitted again.
 
 When the attempts are used up but a healthy target remains, the client's answer says to retry at
 once (`x-should-retry: true`, `retry-after-ms: 0`: the official SDKs do), and that retry lands on
@@ -64,12 +72,13 @@ class Failover:
     def load(self, loader) -> None:
         loader.add_option(
             "cooldown_s", str, "30",
-            "Seconds a key's target is skipped after a failed attempt (connect error, no answer in "
-            "upstream_timeout, 429, 5xx); a 429's Retry-After when that is longer.",
+            "Seconds a key's target is skipped after a failed attempt (connect error; for the model "
+            "it served: no answer in upstream_timeout, 429, 5xx); a 429's Retry-After when that is longer.",
         )
         loader.add_option(
             "auth_cooldown_s", str, "600",
-            "Seconds a key's target is skipped after its provider refused the real key (401/403).",
+            "Seconds a key's target is skipped after its provider refused the real key (401, a 403 "
+            "saying the key is invalid or revoked, a 429 for an exhausted quota).",
         )
         loader.add_option(
             "max_attempts", int, 0,
@@ -102,11 +111,16 @@ class Failover:
     def next_attempt(self, flow: http.HTTPFlow, route) -> None:
         key = route.key
         now = time.time()
-        self.cool_down(key, route.tried[-1], attempts.failure(flow), now)
+        failure = attempts.failure(flow)
+        model = route.context.meta.get("model") or None  # the model this attempt's target served
+        judged = targets.fault(failure.get("status"), failure.get("body", ""), failure.get("error", ""), model)
+        if judged.scope == targets.REQUEST:
+            return  # the request's own fault: it fails alone, the client gets the provider's answer
+        self.cool_down(key, route.tried[-1], judged, failure, model, now)
         if route.pinned:
             return  # no other target holds the stored response it names
         while True:
-            index = targets.pick(key, self.gateway.store, now, route.excluded(), route.serves)
+            index = targets.pick(key, self.gateway.store, now, route.excluded(), route.serves, model=route.requested)
             if index is None:
                 return  # nothing healthy left: the client gets this attempt's failure
             if len(route.tried) >= self.attempts_for(key):
@@ -119,14 +133,12 @@ class Failover:
             if index not in route.unusable:
                 return  # the flow is gone
 
-    def cool_down(self, key, index: int, failure: dict, now: float) -> None:
-        status = failure.get("status")
-        if status in (401, 403):
-            seconds, why = self.auth_cooldown_s, f"the provider refused its key, HTTP {status}"
-        elif status == 429:
-            seconds, why = max(self.cooldown_s, retry_after_seconds(failure.get("headers"))), "HTTP 429"
-        elif status is not None:
-            seconds, why = self.cooldown_s, f"HTTP {status}"
+    def cool_down(self, key, index: int, judged: targets.Fault, failure: dict, model: str | None, now: float) -> None:
+        if judged.key:
+            seconds = self.auth_cooldown_s
+        elif failure.get("status") == 429:
+            seconds = max(self.cooldown_s, retry_after_seconds(failure.get("headers")))
         else:
-            seconds, why = self.cooldown_s, failure.get("error") or "failed"
-        targets.cool(key, index, self.gateway.store, seconds, now, why)
+            seconds = self.cooldown_s
+        scoped = model if judged.scope == targets.MODEL else None
+        targets.cool(key, index, self.gateway.store, seconds, now, judged.why, scoped)

@@ -56,11 +56,16 @@ class Routing(NamedTuple):
     target: Target  # the key's target this attempt goes to (a classic key: its only one)
 
 
+def no_healthy_target(wait: float) -> GatewayError:
+    return GatewayError(503, f"every target of this virtual key is cooling down after failures; retry in {wait:.0f}s",
+                        code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
+
+
 class FailoverRoute:
     """A request of a key with several targets, while it is in flight: what another attempt
     needs (hooks/failover.py decides on one, Gateway.reroute makes it)."""
 
-    __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now", "pinned")
+    __slots__ = ("context", "fields", "tried", "unusable", "routes", "raw", "retry_now", "pinned", "requested")
 
     def __init__(self, context: Routing, fields: Fields, index: int, routes: dict) -> None:
         self.context = context
@@ -71,6 +76,7 @@ class FailoverRoute:
         self.raw: bytes | None = None  # the client's body (plain); None: a body-less resource call
         self.retry_now = False  # attempts used up, a healthy target left: the client is told to retry
         self.pinned = False  # names a stored response: only the target holding it may serve it (pin())
+        self.requested: str | None = None  # the client's model: a pick skips targets cooling down for it
 
     @property
     def key(self) -> VirtualKey:
@@ -374,7 +380,26 @@ class Gateway:
         failover = self.failovers.get(context.flow.id) if context.key.failover else None
         if failover is not None:
             failover.raw = parsed[0]  # a retry prepares the client's body again for its target
+            model = parsed[1].get("model")
+            if type(model) is str:
+                failover.requested = model
+                context = self.pick_for_model(context, failover, model)
         return self.dispatch(context, "", prepare(parsed, context), owners.refers(context.api, parsed[1], ""))
+
+    def pick_for_model(self, context: Routing, failover: FailoverRoute, model: str) -> Routing:
+        """The first pick was made before the body named the model: when the picked target is
+        cooling down for the model it would serve, pick again knowing it (policy/targets.py)."""
+        key, now = context.key, time.time()
+        if targets.healthy(key, context.target, self.store, now, model):
+            return context
+        index = targets.pick(key, self.store, now, (), failover.serves, model=model)
+        if index is None:
+            raise no_healthy_target(targets.retry_after(key, self.store, now, model))
+        target = key.targets[index]
+        context = context._replace(route=failover.routes[target.provider], target=target)
+        failover.context, failover.tried = context, [index]
+        self.note_target(context.flow, context.meta, key, target, 1, context.api)
+        return context
 
     def dispatch(self, context: Routing, tail: str, prepared: tuple, refers: tuple = ()) -> Awaitable[None] | None:
         """Admit (rate limits, budgets) and forward a prepared request. `refers`: the stored
@@ -424,8 +449,8 @@ class Gateway:
         failover.pinned = True
         target = key.targets[index]
         now = time.time()
-        if not targets.healthy(key, target, self.store, now):
-            wait = max(1.0, self.store.cooldown_until(target.id) - now)
+        if not targets.healthy(key, target, self.store, now, failover.requested):
+            wait = max(1.0, targets.cooling_until(target, self.store, failover.requested) - now)
             raise GatewayError(503, f"the target holding this stored response is cooling down after failures; retry in {wait:.0f}s",
                                code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
         if index == failover.tried[0]:
@@ -516,9 +541,7 @@ class Gateway:
             return index
         if not any(target.provider in routes for target in key.targets):
             raise GatewayError(400, f"{path} is not available for this virtual key's providers", code="unsupported_endpoint")
-        wait = targets.retry_after(key, self.store, now)
-        raise GatewayError(503, f"every target of this virtual key is cooling down after failures; retry in {wait:.0f}s",
-                           code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
+        raise no_healthy_target(targets.retry_after(key, self.store, now))
 
     def reroute(self, flow: http.HTTPFlow, failover: FailoverRoute, index: int) -> bool:
         """Point a failed attempt's flow at the key's target `index`, as route() would have (not

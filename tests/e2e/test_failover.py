@@ -217,20 +217,23 @@ def test_which_provider_statuses_move_a_request_to_the_next_target(provider, gat
     # A is the only primary: every request goes to A first; B, the fallback, answers what moves on
     gw = gateway_factory(keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, fallback=True)),
                          ["--set", "cooldown_s=0.01", "--set", "auth_cooldown_s=0.01"])
-    for code in (400, 404, 413, 422):  # the request's own fault: the client gets it, A is not cooled
+    # the request's own fault: the client gets it, A is not cooled (a 403 that does not say the key
+    # is bad: no access to the model, a content refused; tests/e2e/test_cooldown_scope.py)
+    for code in (400, 403, 404, 413, 422):
         provider.reset(by_target({"a": status(code), "b": ok}))
         with pytest.raises(openai.APIStatusError) as refused:
             chat(gw)
         assert refused.value.status_code == code and f"fake {code}" in refused.value.message
         assert refused.value.response.headers["x-gateway-attempts"] == "1"
         assert served_by(provider) == ["a"], code
+    revoked = lambda r: Reply.json({"error": {"message": "The API key has been revoked.", "type": "invalid_request_error"}}, 403)  # noqa: E731
     for code in (401, 403, 429, 500, 502, 503, 504, 529):
         time.sleep(0.1)  # A's cooldown of the code before is over
-        provider.reset(by_target({"a": status(code), "b": ok}))
+        provider.reset(by_target({"a": revoked if code == 403 else status(code), "b": ok}))
         raw = chat(gw)
         assert raw.parse().choices[0].message.content == "from b" and raw.headers["x-gateway-attempts"] == "2"
         assert served_by(provider) == ["a", "b"], code
-    assert [row["attempts"] for row in ledger(gw, 12)] == [1] * 4 + [2] * 8
+    assert [row["attempts"] for row in ledger(gw, 13)] == [1] * 5 + [2] * 8
 
 
 def test_a_429s_retry_after_longer_than_cooldown_s_keeps_the_target_cooling(provider, gateway_factory):
@@ -242,7 +245,7 @@ def test_a_429s_retry_after_longer_than_cooldown_s_keeps_the_target_cooling(prov
     for _ in range(3):
         assert chat(gw).headers["x-gateway-attempts"] == "1"
     assert served_by(provider) == ["a", "b", "b", "b", "b"]
-    assert "cooling down for 600s (HTTP 429)" in gw.log()
+    assert "cooling down for 600s for model 'gpt-4o' (HTTP 429)" in gw.log()
 
 
 def test_weights_split_the_requests(provider, gateway_factory):

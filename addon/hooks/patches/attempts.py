@@ -8,7 +8,9 @@ client was sent anything:
 - the connection to the provider fails (refused, reset, DNS, TLS);
 - the connection fails or is cut while the response headers are awaited (upstream_timeout cuts it),
   or while a whole (not streamed) response body is read;
-- the response headers carry a status in RETRYABLE.
+- the response headers carry a status in RETRYABLE. For 403 and 429 (BODY_DECIDES) the error body
+  is read first (up to FAILED_BODY_KEPT bytes): whose fault the failure was depends on what the
+  provider says (a key revoked or a model refused; a rate limit or a request too large).
 
 Then it yields `AttemptFailedHook(flow)`, with the failure in `failure(flow)`. An addon that wants
 another attempt points `flow.request` at the next target and calls `retry(flow)`; the stream then
@@ -40,6 +42,9 @@ from addon.hooks.patches import Patches
 # statuses that move a request to the next target: rate limited, overloaded, down, or the
 # target's key refused (401/403). 400, 404, 413, 422 are the request's own fault.
 RETRYABLE = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
+# statuses whose error body is read before the hook decides (hooks/failover.py, targets.fault)
+BODY_DECIDES = frozenset({403, 429})
+FAILED_BODY_KEPT = 64 * 1024  # bytes of such a body read at most before deciding (an error body is small)
 
 # of a failed response, what the deciding addon may read (flow metadata stays serialisable, and
 # free of the provider's other headers: recordings and mitmweb keep it)
@@ -67,7 +72,8 @@ def armed(flow: http.HTTPFlow) -> bool:
 
 def failure(flow: http.HTTPFlow) -> dict:
     """The last failed attempt: {"status": 429, "headers": {"retry-after": "7"}} (KEPT_HEADERS,
-    lowercase) or {"error": "connect: ..."}."""
+    lowercase) or {"error": "connect: ..."}. For BODY_DECIDES statuses, during the hook only,
+    "body": the start of the error body as text (it is not kept in the flow's metadata)."""
     return flow.metadata.get(_ARMED, {}).get("failure", {})
 
 
@@ -82,6 +88,9 @@ def retrying(flow: http.HTTPFlow) -> bool:
 
 
 class RetryingHttpStream(http_layer.HttpStream):
+    # a failed attempt whose body is read before deciding: (its ResponseHeaders, body, trailers)
+    _failed: tuple[ResponseHeaders, bytearray, list] | None = None
+
     def _armed(self) -> dict | None:
         state = self.flow.metadata.get(_ARMED) if self.flow is not None else None
         return state if state is not None and self.flow.live and self.flow.error is None else None
@@ -91,6 +100,7 @@ class RetryingHttpStream(http_layer.HttpStream):
         state["failure"] = what
         state.pop("retry", None)
         yield AttemptFailedHook(self.flow)
+        what.pop("body", None)  # for the hook only: flow metadata is recorded and shown
         return bool(state.pop("retry", False)) and self.flow.live and self.flow.error is None
 
     def forget_failed_connection(self) -> None:
@@ -121,8 +131,9 @@ class RetryingHttpStream(http_layer.HttpStream):
                 return True
             state = self._armed()
             if state is None or not (yield from self._ask(state, {"error": f"connect: {err}"})):
-                yield from http_layer.HttpStream.handle_protocol_error(
-                    self, ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
+                # mitmproxy's own (super(): http_layer.HttpStream is this class while installed,
+                # and this class's would ask the hook about the same failure a second time)
+                yield from super().handle_protocol_error(ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
                 return False
 
     @expect(ResponseHeaders)
@@ -130,9 +141,11 @@ class RetryingHttpStream(http_layer.HttpStream):
         state = self._armed()
         if state is not None and event.response.status_code in RETRYABLE:
             self.flow.response = event.response  # the hook reads the status and Retry-After
-            headers = event.response.headers
-            kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
-            if (yield from self._ask(state, {"status": event.response.status_code, "headers": kept})):
+            if event.response.status_code in BODY_DECIDES and not event.end_stream:
+                self._failed = (event, bytearray(), [])  # the body first: it says whose fault it was
+                self.server_state = self.state_read_failed_body
+                return
+            if (yield from self._ask(state, self._failure(event))):
                 self.flow.response = None
                 if event.end_stream:
                     yield from self._send_again()
@@ -140,6 +153,53 @@ class RetryingHttpStream(http_layer.HttpStream):
                     self.server_state = self.state_drop_failed_response
                 return
         yield from super().state_wait_for_response_headers(event)
+
+    @staticmethod
+    def _failure(event: ResponseHeaders, body: bytes | None = None) -> dict:
+        headers = event.response.headers
+        what = {"status": event.response.status_code,
+                "headers": {name: headers[name] for name in KEPT_HEADERS if name in headers}}
+        if body is not None:
+            what["body"] = body[:FAILED_BODY_KEPT].decode("utf-8", "replace")
+        return what
+
+    @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
+    def state_read_failed_body(self, event) -> layer.CommandGenerator[None]:
+        """A BODY_DECIDES failure's body, read (bounded) before the hook decides on it."""
+        headers, body, later = self._failed
+        if isinstance(event, ResponseData):
+            body += event.data
+            if len(body) <= FAILED_BODY_KEPT:
+                return
+        elif isinstance(event, ResponseTrailers):
+            later.append(event)
+            return
+        yield from self._decide(isinstance(event, ResponseEndOfMessage))
+
+    def _decide(self, ended: bool, broken: ResponseProtocolError | None = None) -> layer.CommandGenerator[None]:
+        """The hook decides on a failure whose body was read (all of it when `ended`); without
+        another attempt, the response goes on as if its headers had just come: mitmproxy's own
+        path (the responseheaders hooks, a whole body or a stream), fed what was read."""
+        headers, body, later = self._failed
+        state = self._armed()
+        if state is not None and (yield from self._ask(state, self._failure(headers, bytes(body)))):
+            self._failed = None
+            self.flow.response = None
+            if ended or broken is not None:
+                yield from self._send_again()
+            else:
+                self.server_state = self.state_drop_failed_response
+            return
+        self._failed = None
+        if broken is not None:
+            return (yield from super().handle_protocol_error(broken))
+        yield from super().state_wait_for_response_headers(headers)
+        if body:
+            yield from self.server_state(ResponseData(self.stream_id, bytes(body)))
+        for event in later:
+            yield from self.server_state(event)
+        if ended:
+            yield from self.server_state(ResponseEndOfMessage(self.stream_id))
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_drop_failed_response(self, event) -> layer.CommandGenerator[None]:
@@ -151,6 +211,8 @@ class RetryingHttpStream(http_layer.HttpStream):
         if isinstance(event, ResponseProtocolError) and self.client_state == self.state_done:
             if self.server_state == self.state_drop_failed_response:  # the failed one broke off: no matter
                 return (yield from self._send_again())
+            if self.server_state == self.state_read_failed_body:  # broke off while its body was read
+                return (yield from self._decide(False, event))
             if self.server_state in (self.state_wait_for_response_headers, self.state_consume_response_body):
                 state = self._armed()  # nothing reached the client yet
                 if state is not None and (yield from self._ask(state, {"error": event.message})):
