@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test   ./run.sh web [FILE]
+# The LLM gateway: ./run.sh [mitmproxy args]   ./run.sh test [--quick]   ./run.sh web [FILE]
 #                  ./run.sh demo [web]   (a local fake provider and demo keys: no real keys needed)
 #                  ./run.sh record FILE [mitmproxy args]   ./run.sh replay FILE...
 #                  ./run.sh usage [--key NAME] [--since DATE]   (per-key table from the usage ledger)
@@ -180,6 +180,14 @@ case "$cmd" in
     test)
         shift
         ensure_venv dev
+        if [ "${1:-}" = --quick ]; then
+            # the unit layer (tests/unit/: no gateway, fleet, service, browser or npm client started;
+            # tests/e2e/ is not even imported), property tests drawing a fifth of their examples
+            # (tests/conftest.py: examples). Later pytest args still apply (a path, -k, another -m)
+            shift
+            GATEWAY_TEST_QUICK=1 exec "$VENV/bin/python" -m pytest --ignore=tests/e2e \
+                -m "not e2e and not fleet and not browser and not client" "$@"
+        fi
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     web)

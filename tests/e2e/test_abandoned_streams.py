@@ -14,6 +14,7 @@ import pytest
 
 from tests.fakeprovider import Reply, openai_stream
 from tests.e2e.test_policy_e2e import ledger_rows
+from tests.conftest import keys_for
 
 REAL_KEY = "sk-real-provider-key-123456"
 ANSWER = "x" * 200  # 50 tokens at 4 characters a token
@@ -36,10 +37,9 @@ def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budg
 
     provider.reset(answer)
     db = tmp_path / "usage.sqlite3"
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            # each request reserves its worst case (its ~90 body bytes + max_tokens 50) and is charged 53:
-            # the second fits (53 + ~140 <= 215), the third does not (106 + ~140 > 215)
-            "virtual_keys": {"vk_budget": {"provider": "openai", "api_key": REAL_KEY, "budget_tokens": 215}}}
+    # each request reserves its worst case (its ~90 body bytes + max_tokens 50) and is charged 53:
+    # the second fits (53 + ~140 <= 215), the third does not (106 + ~140 > 215)
+    keys = keys_for(provider, {"vk_budget": {"provider": "openai", "api_key": REAL_KEY, "budget_tokens": 215}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
 
@@ -78,12 +78,10 @@ def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budg
     assert provider.holds_released == [True] * answered  # the usage chunk came only after the hang-up
 
 
-
 @pytest.mark.e2e
 def test_a_stream_with_its_usage_chunk_is_charged_exactly_and_not_marked(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_a": {"provider": "openai", "api_key": REAL_KEY}}}
+    keys = keys_for(provider, {"vk_a": {"provider": "openai", "api_key": REAL_KEY}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_a", max_retries=0)
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))

@@ -17,6 +17,7 @@ from addon.wire import bounded
 from addon.wire.bounded import zstd
 from tests.fakeprovider import Reply, openai_completion
 from tests.e2e.test_limits import memory_kb
+from tests.conftest import keys_for, openai_key
 
 MB = 1024 * 1024
 GiB = 1024 * MB
@@ -28,11 +29,9 @@ def zeros(total: int, piece: int = 64 * MB):
         yield b"\0" * piece
 
 
-
 def gzip_bomb(size: int) -> bytes:
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
     return b"".join(c.compress(z) for z in zeros(size)) + c.flush()
-
 
 
 def brotli_bomb(size: int) -> bytes:
@@ -40,11 +39,9 @@ def brotli_bomb(size: int) -> bytes:
     return b"".join(c.process(z) for z in zeros(size)) + c.finish()
 
 
-
 def zstd_bomb(size: int) -> bytes:
     c = zstd.ZstdCompressor(level=3)
     return b"".join(c.compress(z) for z in zeros(size)) + c.flush()
-
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +55,9 @@ def bombs():
     }
 
 
-
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory({"providers": {"openai": {"base_url": provider_server.url + "/v1"}},
-                            "virtual_keys": {"vk_bombs": {"provider": "openai", "api_key": "sk-bombs-real-000001"}}})
-
+    return gateway_factory(keys_for(provider_server, {"vk_bombs": openai_key("sk-bombs-real-000001")}))
 
 
 def post(gateway, body: bytes, coding: str) -> tuple[int, dict]:
@@ -75,7 +69,6 @@ def post(gateway, body: bytes, coding: str) -> tuple[int, dict]:
         return response.status, json.loads(response.read())
     finally:
         conn.close()
-
 
 
 @pytest.mark.e2e

@@ -24,15 +24,9 @@ import pytest
 from addon.policy.keys import POLICY_FIELDS
 from demo import __main__ as demo
 from demo.__main__ import keys_file
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:

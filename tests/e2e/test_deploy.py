@@ -8,14 +8,8 @@ import subprocess
 from pathlib import Path
 
 
-from tests.gatewayproc import ROOT
-from tests.services.haproxy import free_port, wait_healthy
-
-DEPLOY = ROOT / "deploy"
-
-
-
-
+from tests.conftest import ROOT, free_port
+from tests.services.haproxy import wait_healthy
 
 
 def test_one_process_with_redis_url_gets_it_as_the_redis_url_option(tmp_path):

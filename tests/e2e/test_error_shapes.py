@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.fakeprovider import Reply
+from tests.conftest import keys_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +33,7 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture(scope="module")
 def gateway(gateway_factory, provider_server):
-    return gateway_factory({"providers": {"openai": {"base_url": provider_server.url + "/v1"}}, "virtual_keys": KEYS},
+    return gateway_factory(keys_for(provider_server, KEYS),
                            extra_args=["--set", "upstream_timeout=0.5"])
 
 

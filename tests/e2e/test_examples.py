@@ -7,19 +7,16 @@ import sys
 
 import pytest
 
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, keys_for
 
 pytestmark = pytest.mark.e2e
 
 
 def test_router_example_reports_each_key(tmp_path, provider, gateway_factory):
-    keys = {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {
+    keys = keys_for(provider, {
             "vk_ok": {"provider": "openai", "api_key": "sk-example-real-key-0001", "name": "team-a"},
             "vk_down": {"provider": "deepseek", "api_key": "sk-example-real-key-0002", "base_url": "http://127.0.0.1:9"},
-        },
-    }
+        })
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
     gw = gateway_factory(str(path))
@@ -36,13 +33,10 @@ def test_router_example_reports_each_key(tmp_path, provider, gateway_factory):
 
 
 def test_router_example_takes_the_model_from_a_flag(tmp_path, provider, gateway_factory):
-    keys = {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {
+    keys = keys_for(provider, {
             "vk_a": {"provider": "openai", "api_key": "sk-example-real-key-0003", "name": "a", "models": ["gpt-4.1", "o*"]},
             "vk_b": {"provider": "openai", "api_key": "sk-example-real-key-0004", "name": "b"},
-        },
-    }
+        })
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
     gw = gateway_factory(str(path))

@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from tests.fakeprovider import FakeProvider, Received, Reply, openai_completion, openai_stream
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -376,10 +375,6 @@ def test_limits_count_a_client_request_once_whatever_its_attempts(provider, gate
         chat(gw)
     assert len(provider.received) == 4
     assert [row["attempts"] for row in ledger(gw, 3)][:2] == [2, 2]
-
-
-
-
 
 
 @pytest.mark.fleet

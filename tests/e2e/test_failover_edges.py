@@ -14,8 +14,7 @@ import pytest
 
 from tests.fakeprovider import Received, Reply, openai_completion
 from tests.fakeresponses import StoredResponses
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
-from tests.e2e.test_failover import (FIRST, KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, client, closed_port,
+from tests.e2e.test_failover import (FIRST, KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, closed_port,
                                  keys, ledger, ok, served_by, status, target)
 
 pytestmark = pytest.mark.e2e

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.fakeprovider import Reply
+from tests.conftest import keys_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,15 +23,12 @@ VK = "vk_first_minutes_client_key"
 
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory({
-        "providers": {"openai": {"base_url": provider_server.url + "/v1"}},
-        "virtual_keys": {
+    return gateway_factory(keys_for(provider_server, {
             VK: {"provider": "openai", "api_key": REAL, "name": "team-a", "models": ["gpt-4o"]},
             "vk_first_minutes_anthropic": {"provider": "anthropic", "api_key": "sk-ant-x", "base_url": provider_server.url},
             "vk_first_minutes_deepseek": {"provider": "deepseek", "api_key": "sk-ds-x", "name": "ds"},
             "vk_first_minutes_other": {"provider": "openai", "api_key": "sk-o-x", "name": "other"},
-        },
-    })
+        }))
 
 
 def client(gateway, key=VK):

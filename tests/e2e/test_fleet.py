@@ -21,7 +21,7 @@ import pytest
 
 from fleet.supervisor import render_haproxy
 from tests.fakeprovider import Reply, default_reply, openai_stream, worst_case_reply
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, keys_for
 from tests.services.haproxy import FleetProcess, alive, cmdlines_holding, require
 
 pytestmark = pytest.mark.fleet
@@ -32,10 +32,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def keys(provider) -> dict:
-    return {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "fleet-user"}},
-    }
+    return keys_for(provider, {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "fleet-user"}})
 
 
 @pytest.fixture
@@ -195,14 +192,12 @@ def test_haproxy_template_renders_a_config_haproxy_accepts(tmp_path):
         assert check.returncode == 0, check.stdout + check.stderr
 
 
-
-
 def test_haproxys_own_answers_are_json_in_openais_error_shape(tmp_path):
     """A worker that answers garbage (502), no worker left (503): the client gets JSON errors as
     the gateway's, not HAProxy's HTML pages."""
     import socket
 
-    from tests.services.haproxy import free_port
+    from tests.conftest import free_port
 
     require("haproxy")
     worker = socket.socket()  # passes HAProxy's health checks, answers requests with something that is not HTTP
@@ -617,7 +612,7 @@ def test_workers_auto_is_one_per_core_sharing_the_redis_given(provider):
 
 
 def test_run_sh_web_stays_one_process_whatever_gateway_workers_says(provider, tmp_path):
-    from tests.services.haproxy import free_port
+    from tests.conftest import free_port
 
     (tmp_path / "keys.json").write_text(json.dumps(keys(provider)))
     port, web_port = free_port(), free_port()

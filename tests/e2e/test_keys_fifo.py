@@ -11,21 +11,19 @@ import urllib.request
 import openai
 import pytest
 
-from tests.gatewayproc import GatewayProcess
+from addon.recording.process import GatewayProcess
+from tests.conftest import keys_for
 
 REAL_KEY = "sk-real-provider-key-123456"
 
 
 def keys(provider, vk: str) -> dict:
-    return {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {vk: {"provider": "openai", "api_key": REAL_KEY}}}
-
+    return keys_for(provider, {vk: {"provider": "openai", "api_key": REAL_KEY}})
 
 
 def health(gw) -> int:
     with urllib.request.urlopen(gw.url + "/health", timeout=5) as r:
         return r.status
-
 
 
 @pytest.mark.e2e
@@ -54,7 +52,6 @@ def test_a_fifo_swapped_in_at_runtime_is_refused_and_the_gateway_keeps_serving(p
         time.sleep(0.05)
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_second", max_retries=0, timeout=10)
     assert client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices
-
 
 
 @pytest.mark.e2e

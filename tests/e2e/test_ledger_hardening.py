@@ -14,8 +14,9 @@ import pytest
 
 
 from addon.wire.tokens import MAX_TOKENS
-from tests.unit.usage.test_ledger_hardening import count, fill, remove_ledger, tiny_disk  # noqa: F401 (fixture)
+from tests.unit.usage.test_ledger_hardening import count, fill, remove_ledger
 from tests.fakeprovider import Reply, openai_completion
+from tests.conftest import keys_for
 
 REAL_KEY = "sk-real-provider-key-123456"
 
@@ -31,9 +32,8 @@ def test_a_provider_answer_with_10_to_the_30_tokens_loses_no_other_keys_rows(pro
 
     provider.reset(answer)
     db = tmp_path / "usage.sqlite3"
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_mallory": {"name": "mallory", "provider": "openai", "api_key": REAL_KEY},
-                             "vk_bob": {"name": "bob", "provider": "openai", "api_key": REAL_KEY}}}
+    keys = keys_for(provider, {"vk_mallory": {"name": "mallory", "provider": "openai", "api_key": REAL_KEY},
+                             "vk_bob": {"name": "bob", "provider": "openai", "api_key": REAL_KEY}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
 
     def chat(key_model):
@@ -52,17 +52,15 @@ def test_a_provider_answer_with_10_to_the_30_tokens_loses_no_other_keys_rows(pro
     assert "OverflowError" not in gw.log() and "Traceback" not in gw.log()
 
 
-
 @pytest.mark.e2e
 def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path, sdk_body_bytes):
     db = tmp_path / "usage.sqlite3"
     messages = [{"role": "user", "content": "hi"}]
     # a budgeted request reserves its body's bytes + max_tokens: room for exactly 10 answers of 7 tokens
     worst_case = sdk_body_bytes(messages, max_tokens=1) + 1
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY,
+    keys = keys_for(provider, {"vk_budget": {"name": "budget", "provider": "openai", "api_key": REAL_KEY,
                                            "budget_tokens": 69 + worst_case},  # 63 + worst case fits, 70 + it does not
-                             "vk_free": {"name": "free", "provider": "openai", "api_key": REAL_KEY}}}
+                             "vk_free": {"name": "free", "provider": "openai", "api_key": REAL_KEY}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     budget = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_budget", max_retries=0)
     free = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_free", max_retries=0)
@@ -80,12 +78,10 @@ def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provid
     assert gw.log().count("was deleted while the gateway ran") == 1
 
 
-
 @pytest.mark.e2e
 def test_a_full_disk_under_the_running_gateway_loses_no_row(provider, gateway_factory, tiny_disk):
     db = tiny_disk / "usage.sqlite3"
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_a": {"name": "alice", "provider": "openai", "api_key": REAL_KEY}}}
+    keys = keys_for(provider, {"vk_a": {"name": "alice", "provider": "openai", "api_key": REAL_KEY}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     filler = fill(tiny_disk)
     import http.client
@@ -104,7 +100,6 @@ def test_a_full_disk_under_the_running_gateway_loses_no_row(provider, gateway_fa
     wait_count(db, 300)
     assert count(db, "key_name = 'alice'") == 300
     assert gw.log().count("cannot be written") == 1
-
 
 
 def wait_count(db: Path, rows: int, timeout: float = 15) -> None:

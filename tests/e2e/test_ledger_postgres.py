@@ -16,9 +16,7 @@ from addon.usage.ledger import open_ledger
 from addon.usage.ledger_sql import COLUMNS, UsageRecord
 from addon.usage.postgres import PostgresLedger
 from addon.policy.store import BUCKET
-from tests.gatewayproc import ROOT
-from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-from tests.services.redis import redis_server  # noqa: F401 (fixture)
+from tests.conftest import ROOT, keys_for
 
 REAL_KEY = "sk-real-provider-key-pg-4242"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -78,7 +76,7 @@ def test_run_sh_usage_reads_postgres(postgres_url, tmp_path):
 
 @pytest.mark.fleet
 def test_usage_names_an_unreachable_postgres_without_its_password(tmp_path):
-    from tests.services.postgres import free_port
+    from tests.conftest import free_port
     url = f"postgresql://gw:hunter2-secret@127.0.0.1:{free_port()}/ledger"
     proc = subprocess.run([str(ROOT / "run.sh"), "usage"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "USAGE_DB": url, "HOME": str(tmp_path)})
@@ -93,11 +91,8 @@ def test_two_gateways_write_one_postgres_ledger_and_a_new_one_starts_from_its_sp
     # 7 tokens per default fake reply; a request reserves its body's bytes + max_tokens 1
     # (docs/shared-state.md): with 49 spent one more fits, with 56 none
     worst_case = sdk_body_bytes(MESSAGES, max_tokens=1) + 1
-    keys = {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {"vk_pg_shared": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-team",
-                                          "budget_tokens": 55 + worst_case}},
-    }
+    keys = keys_for(provider, {"vk_pg_shared": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-team",
+                                          "budget_tokens": 55 + worst_case}})
     usage_db = ["--set", f"usage_db={postgres_url}"]
     a, b = gateway_factory(keys, usage_db), gateway_factory(keys, usage_db)
     for gw, n in ((a, 4), (b, 3)):
@@ -133,9 +128,8 @@ def test_two_gateways_sharing_redis_and_postgres_enforce_one_budget_under_load_a
 
     provider.reset(worst_case_reply)  # every answer uses what it reserved, slowly: they overlap
     budget = 1000
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {"vk_pg_redis": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-redis",
-                                             "budget_tokens": budget}}}
+    keys = keys_for(provider, {"vk_pg_redis": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-redis",
+                                             "budget_tokens": budget}})
     args = ["--set", f"usage_db={postgres_url}", "--set", f"redis_url={redis_server.url}"]
     gateways = gateway_factory(keys, args), gateway_factory(keys, args)
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}
@@ -160,8 +154,7 @@ def test_postgres_down_keeps_rows_until_it_is_back_and_requests_go_on(provider, 
     server = PostgresServer().start()
     try:
         url = server.create_database("outage")
-        keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-                "virtual_keys": {"vk_pg_outage": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-outage"}}}
+        keys = keys_for(provider, {"vk_pg_outage": {"provider": "openai", "api_key": REAL_KEY, "name": "pg-outage"}})
         gw = gateway_factory(keys, ["--set", f"usage_db={url}"])
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_pg_outage", max_retries=0)
 

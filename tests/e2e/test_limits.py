@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from tests import rawhttp
+from tests.conftest import keys_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,10 +23,7 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory({
-        "providers": {"openai": {"base_url": provider_server.url + "/v1"}},
-        "virtual_keys": {"vk_limits": {"provider": "openai", "api_key": REAL}},
-    })
+    return gateway_factory(keys_for(provider_server, {"vk_limits": {"provider": "openai", "api_key": REAL}}))
 
 
 def memory_kb(pid: int, field: str) -> int:

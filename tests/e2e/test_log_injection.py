@@ -14,6 +14,7 @@ import time
 
 import openai
 import pytest
+from tests.conftest import keys_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +31,11 @@ RECORD = re.compile(r"^\[\d\d:\d\d:\d\d\.\d{3}\](?:\[127\.0\.0\.1:\d+\])? (?:gat
 
 @pytest.fixture
 def gateway(provider, gateway_factory):
-    return gateway_factory({
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {
+    return gateway_factory(keys_for(provider, {
             VK: {"provider": "openai", "api_key": "sk-log-real-key-271828", "name": "victim"},
             "vk_limited_log_1618": {"provider": "openai", "api_key": "sk-log-real-key-271828", "name": "limited",
                                     "models": ["gpt-4o-mini"]},
-        }})
+        }))
 
 
 def raw(port: int, head: bytes, close_early: bool = False) -> bytes:

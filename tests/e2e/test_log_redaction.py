@@ -7,17 +7,16 @@ import socket
 import time
 
 import pytest
+from tests.conftest import keys_for
 
 
 VK = "vk_user_secret_7f3a"
 REAL = "sk-real-provider-key-123456"
-ODD = "vk with spaces/and:colons 123"
 
 
 @pytest.mark.e2e
 def test_a_client_that_hangs_up_mid_headers_leaves_no_key_in_the_gateway_log(provider, gateway_factory):
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {VK: {"name": "alice", "provider": "openai", "api_key": REAL}}}
+    keys = keys_for(provider, {VK: {"name": "alice", "provider": "openai", "api_key": REAL}})
     gw = gateway_factory(keys, ["--set", "termlog_verbosity=debug", "--set", "proxy_debug=true"])
     for header in (f"Authorization: Bearer {VK}", f"x-api-key: {VK}", "Authorization: Bearer vk_unknown_guess_42"):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.unit.hooks.test_metrics import samples, value
 from tests.fakeprovider import Reply, default_reply
+from tests.conftest import free_port, keys_for
 
 REAL_KEY = "sk-real-provider-key-123456"
 ALICE = "vk_alice_metrics_0001"
@@ -23,21 +24,11 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def keys_file(provider) -> dict:
-    return {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "prices": PRICES,
-        "virtual_keys": {
+    return keys_for(provider, {
             ALICE: {"provider": "openai", "api_key": REAL_KEY, "name": "alice", "models": ["gpt-4o", "gpt-4o-mini"],
                     "budget_usd": 1_000_000},  # room for the worst case each request reserves (~$65,600 here)
             BOB: {"provider": "openai", "api_key": REAL_KEY, "name": "bob"},
-        },
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        }, prices=PRICES)
 
 
 def post(port: int, key: str, body: dict) -> tuple[int, dict[str, str], bytes]:
@@ -59,10 +50,6 @@ def scrape(port: int, token: str | None = None, path: str = "/metrics") -> tuple
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         conn.close()
-
-
-
-
 
 
 def scrape_until(port: int, done, token: str | None = None, timeout: float = 15.0) -> dict:
@@ -241,12 +228,6 @@ def assert_private(directory, workers: int) -> None:
 # --- bounded labels, in-process over the real hooks ------------------------------------------
 
 
-
-
-
-
-
-
 @pytest.mark.fleet
 def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
     """GATEWAY_WORKERS=2 METRICS_PORT=... ./run.sh: one scrape, every worker's requests."""
@@ -268,8 +249,6 @@ def test_run_sh_fleet_serves_the_sum_of_its_workers_on_metrics_port(provider):
         assert f"metrics at http://127.0.0.1:{port}/metrics" in fleet.log()
     finally:
         fleet.stop()
-
-
 
 
 @pytest.mark.e2e

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "pw-browser-test-4242"
@@ -28,12 +27,6 @@ pytestmark = [
 # secrets of the demo: provider keys (demo/provider.py KEYS), virtual keys, the UI password
 SECRETS = ("not-a-real-key", "sk-demo-revoked-key", "vk_demo_openai", "vk_demo_anthropic", "vk_demo_limited",
            "vk_demo_failover", "vk_wrong_key", PASSWORD)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

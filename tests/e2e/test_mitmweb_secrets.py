@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import tornado.websocket
 from addon.recording.process import terminate
 from tests import rawhttp
 from tests.fakeprovider import FakeProvider, Reply, openai_completion
+from tests.conftest import free_port, keys_for, openai_key
 
 pytestmark = pytest.mark.e2e
 
@@ -37,18 +36,11 @@ PASSWORD = "web-test-password-1"
 LISTENING = re.compile(rb"listening at (?:\S+?):(\d+)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Mitmweb:
     def __init__(self, provider_url: str, *extra: str) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="web-")
         keys = Path(self.tmp.name) / "keys.json"
-        keys.write_text(json.dumps({"providers": {"openai": {"base_url": provider_url + "/v1"}},
-                                    "virtual_keys": {VIRTUAL: {"provider": "openai", "api_key": REAL, "name": "web"}}}))
+        keys.write_text(json.dumps(keys_for(provider_url, {VIRTUAL: openai_key(REAL, name="web")})))
         self.web_port = free_port()
         self.proc = subprocess.Popen(
             [str(MITMWEB), "--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0", "--set", "connection_strategy=lazy",

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from tests import rawhttp
+from tests.conftest import keys_for, openai_key
 
 pytestmark = pytest.mark.e2e
 
@@ -22,8 +23,7 @@ BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory({"providers": {"openai": {"base_url": provider_server.url + "/v1"}},
-                            "virtual_keys": {"vk_offloop": {"provider": "openai", "api_key": "sk-offloop-real-000001"}}})
+    return gateway_factory(keys_for(provider_server, {"vk_offloop": openai_key("sk-offloop-real-000001")}))
 
 
 def test_health_is_answered_while_a_large_body_is_parsed(gateway, provider):

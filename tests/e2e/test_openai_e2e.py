@@ -12,6 +12,7 @@ import pytest
 
 from tests import rawhttp
 from tests.fakeprovider import Reply, default_reply, openai_stream
+from tests.conftest import keys_for, openai_key
 
 pytestmark = pytest.mark.e2e
 
@@ -22,14 +23,11 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory({
-        "providers": {"openai": {"base_url": provider_server.url + "/v1"}},
-        "virtual_keys": {
+    return gateway_factory(keys_for(provider_server, {
             "vk_openai": {"provider": "openai", "api_key": OPENAI_KEY},
             "vk_deepseek": {"provider": "deepseek", "api_key": DEEPSEEK_KEY, "base_url": provider_server.url + "/ds"},
             "vk_down": {"provider": "openai", "api_key": "sk-down-real-key-cccc3333", "base_url": "http://127.0.0.1:9/v1"},
-        },
-    })
+        }))
 
 
 def client(gateway, key="vk_openai", **kw):
@@ -148,8 +146,7 @@ def test_no_real_key_in_the_gateway_log(gateway):
 
 
 def test_slow_provider_gets_a_json_504(provider, gateway_factory):
-    gw = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
-                          "virtual_keys": {"vk_slow": {"provider": "openai", "api_key": "sk-slow-real-key-dddd4444"}}},
+    gw = gateway_factory(keys_for(provider, {"vk_slow": openai_key("sk-slow-real-key-dddd4444")}),
                          extra_args=["--set", "upstream_timeout=0.5"])
     provider.handler = lambda req: Reply.json({"late": True}, delay=5)
     with pytest.raises(openai.InternalServerError) as e:
@@ -163,10 +160,9 @@ def test_slow_provider_gets_a_json_504(provider, gateway_factory):
 
 def test_verbose_logging_never_prints_a_real_key(provider, gateway_factory):
     secret, down_secret = "sk-verbose-real-key-eeee5555", "sk-verbose-down-key-ffff6666"
-    gw = gateway_factory({"providers": {"openai": {"base_url": provider.url + "/v1"}},
-                          "virtual_keys": {"vk_verbose": {"provider": "openai", "api_key": secret},
+    gw = gateway_factory(keys_for(provider, {"vk_verbose": {"provider": "openai", "api_key": secret},
                                            "vk_verbose_down": {"provider": "openai", "api_key": down_secret,
-                                                               "base_url": "http://127.0.0.1:9/v1"}}},
+                                                               "base_url": "http://127.0.0.1:9/v1"}}),
                          extra_args=["--set", "flow_detail=4"])
     client(gw, "vk_verbose").chat.completions.create(model="gpt-4o", messages=MESSAGES)
     list(client(gw, "vk_verbose").chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))

@@ -16,9 +16,7 @@ from addon.policy.redis_store import RedisStore
 from addon.policy.store import OWNER_TTL
 from addon.wire.errors import GatewayError
 from tests.fakeresponses import StoredResponses
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
-
-NOW = 1_800_000_000.0
+from tests.conftest import keys_for, openai_key
 
 
 @pytest.mark.fleet
@@ -49,13 +47,11 @@ def test_redis_store_shares_owners_between_gateways_with_a_ttl_and_fails_closed_
     redis_server.start()
 
 
-
 @pytest.mark.fleet
 @pytest.mark.e2e
 def test_two_gateways_on_one_redis_agree_who_owns_a_response(provider, gateway_factory, redis_server):
     provider.handler = StoredResponses()
-    keys = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {vk: {"provider": "openai", "api_key": "sk-owners-real-0001", "name": vk} for vk in ("vk_a", "vk_b")}}
+    keys = keys_for(provider, {vk: openai_key("sk-owners-real-0001", name=vk) for vk in ("vk_a", "vk_b")})
     args = ["--set", f"redis_url={redis_server.url}"]
     first, second = gateway_factory(keys, args), gateway_factory(keys, args)
 

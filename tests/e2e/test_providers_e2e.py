@@ -1,7 +1,7 @@
 """End to end, every named OpenAI-compatible provider and Azure: the official openai SDK -> one
 real gateway -> one fake provider on 127.0.0.1, one virtual key per provider (each key's
 base_url points at its own path prefix on the fake, so what each provider received is told
-apart). The catalog's defaults (the real providers' URLs) are checked in tests/test_providers.py."""
+apart). The catalog's defaults (the real providers' URLs) are checked in tests/unit/providers/test_providers.py."""
 
 from __future__ import annotations
 

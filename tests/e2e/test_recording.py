@@ -25,7 +25,8 @@ from addon.wire.secrets import mark
 from tests import rawhttp
 from tests.fakeprovider import Reply, openai_completion
 from tests.flows import scenarios
-from tests.gatewayproc import GatewayProcess
+from addon.recording.process import GatewayProcess
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "flows" / "corpus.mitm"
@@ -70,11 +71,6 @@ def recording(tmp_path_factory, provider_server) -> Path:
 
 
 # --- pure helpers ----------------------------------------------------------------------------
-
-
-
-
-
 
 
 # --- record ----------------------------------------------------------------------------------
@@ -213,14 +209,7 @@ def test_client_replay_routes_each_flow_once_with_the_real_key(recording, provid
     assert not [s for s in scenarios.SECRETS if s.encode() in raw]
 
 
-
-
 # --- mitmweb ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def web_get(port: int, path: str, token: str | None = None):

@@ -16,9 +16,8 @@ import openai
 import psycopg
 import pytest
 
-from tests.gatewayproc import ROOT
-from tests.services.haproxy import FleetProcess, cmdlines_holding, free_port, require, wait_healthy
-from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.conftest import ROOT, free_port, keys_for, openai_key
+from tests.services.haproxy import FleetProcess, cmdlines_holding, require, wait_healthy
 from tests.services.redis import RedisServer
 
 REAL_KEY = "sk-real-provider-key-secreturl-4321"
@@ -29,11 +28,7 @@ VIRTUAL_KEY = "vk_secreturl_user"
 
 
 def keys(provider, rpm: int) -> dict:
-    return {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "virtual_keys": {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "secreturl", "rpm": rpm}},
-    }
-
+    return keys_for(provider, {VIRTUAL_KEY: openai_key(REAL_KEY, name="secreturl", rpm=rpm)})
 
 
 def descendants(pid: int) -> list[int]:
@@ -50,10 +45,8 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-
 def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-
 
 
 def chat(base_url: str) -> int:
@@ -65,11 +58,9 @@ def chat(base_url: str) -> int:
         return e.status_code
 
 
-
 def ledger_rows(url: str) -> int:
     with psycopg.connect(url) as db:
         return db.execute("SELECT count(*) FROM usage").fetchone()[0]
-
 
 
 @pytest.fixture
@@ -85,7 +76,6 @@ def secret_services(postgres_url):  # noqa: F811 (fixture)
     redis.close()
 
 
-
 class Output:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.data = bytearray()
@@ -94,7 +84,6 @@ class Output:
 
     def text(self) -> str:
         return self.data.decode(errors="replace")
-
 
 
 @pytest.mark.fleet
@@ -125,7 +114,6 @@ def test_one_process_reads_redis_url_and_usage_db_from_its_environment(provider,
     # its log names both, masked
     assert f"Redis redis://:***@127.0.0.1:{redis.port}/0" in log and "usage ledger postgresql://postgres:***@" in log, log
     assert ledger_rows(pg) == 2  # written at the stop: the 200 and the 429
-
 
 
 @pytest.mark.fleet

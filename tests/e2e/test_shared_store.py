@@ -17,7 +17,7 @@ import pytest
 
 from addon.wire.secrets import fingerprint
 from tests.fakeprovider import Reply, openai_completion, worst_case_reply
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
+from tests.conftest import keys_for, openai_key
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
@@ -26,11 +26,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def keys_file(provider, **entries) -> dict:
-    return {
-        "providers": {"openai": {"base_url": provider.url + "/v1"}},
-        "prices": {"gpt-4o": {"input": 2.5, "output": 10.0}},
-        "virtual_keys": {vk: {"provider": "openai", "api_key": REAL_KEY, "name": vk, **entry} for vk, entry in entries.items()},
-    }
+    return keys_for(provider, {vk: openai_key(REAL_KEY, name=vk, **entry) for vk, entry in entries.items()},
+                    prices={"gpt-4o": {"input": 2.5, "output": 10.0}})
 
 
 def two_gateways(gateway_factory, keys: dict, redis_url: str):

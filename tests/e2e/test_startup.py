@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.gatewayproc import GatewayProcess
+from addon.recording.process import GatewayProcess
 
 pytestmark = pytest.mark.e2e
 SECRET = "sk-secret-never-print-0001"
@@ -34,7 +34,7 @@ def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
 
 
 def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
-    from tests.gatewayproc import ROOT
+    from tests.conftest import ROOT
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": SECRET}}, "providers": {"zzz": {}}}))
     proc = subprocess.run([str(ROOT / "run.sh")], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KEYS_FILE": str(path)},
@@ -45,7 +45,7 @@ def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
 
 
 def test_run_sh_refuses_script_options_it_sets_itself(tmp_path):
-    from tests.gatewayproc import ROOT
+    from tests.conftest import ROOT
     proc = subprocess.run([str(ROOT / "run.sh"), "--set", "usage_db=/tmp/x.sqlite3"], capture_output=True, text=True,
                           timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 2
@@ -53,7 +53,7 @@ def test_run_sh_refuses_script_options_it_sets_itself(tmp_path):
 
 
 def test_run_sh_replay_without_a_file_says_how(tmp_path):
-    from tests.gatewayproc import ROOT
+    from tests.conftest import ROOT
     proc = subprocess.run([str(ROOT / "run.sh"), "replay"], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 2
@@ -61,7 +61,7 @@ def test_run_sh_replay_without_a_file_says_how(tmp_path):
 
 
 def test_run_sh_with_an_empty_usage_db_keeps_no_ledger(tmp_path):
-    from tests.gatewayproc import ROOT
+    from tests.conftest import ROOT
     proc = subprocess.run([str(ROOT / "run.sh"), "usage"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "USAGE_DB": ""})
     assert proc.returncode == 1

@@ -5,7 +5,6 @@ from mitmproxy.test import taddons
 
 from addon.policy.store import MemoryStore
 from addon.hooks.stores import StoreChoice
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
 
 @pytest.mark.fleet

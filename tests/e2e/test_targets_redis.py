@@ -11,16 +11,13 @@ import pytest
 from addon.policy.redis_store import RedisStore
 from addon.policy.targets import pick
 from tests.unit.policy.test_targets import three
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
 
-NOW = 1_800_000_000.0
 KEYS = ["sk-real-pick-%d-0000000%d" % (i, i) for i in range(5)]
 
 
 async def settle(store):
     while store._tasks:
         await asyncio.wait(list(store._tasks))
-
 
 
 @pytest.mark.fleet
@@ -57,7 +54,6 @@ def test_a_cooldown_set_by_one_redis_store_is_honoured_by_another_after_the_sync
     stored = redis_server.command("HGETALL", "cd:cooldowns").decode()
     assert "gone" not in stored and stored.count("\r\n") == 9  # two fields: *4 + 4 bulk strings
     assert 0 < int(redis_server.command("TTL", "cd:cooldowns")[1:].strip()) <= 61
-
 
 
 @pytest.mark.fleet

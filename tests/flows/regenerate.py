@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.fakeprovider import FakeProvider
 from tests.flows import scenarios
-from tests.gatewayproc import GatewayProcess
+from addon.recording.process import GatewayProcess
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus.mitm"

@@ -22,19 +22,13 @@ import pytest
 
 from fleet.supervisor import READY_PREFIX as READY
 from fleet.supervisor import REDIS_CONFIG, STATS_SOCKET
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, free_port
 
 
 def require(*tools: str) -> None:
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian: apt-get install {' '.join(missing)}; .ci/run does)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 90, log=lambda: "") -> None:

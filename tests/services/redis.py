@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fleet.supervisor import redis_encode
-from tests.services.haproxy import free_port
+from tests.conftest import free_port
 
 
 class RedisServer:

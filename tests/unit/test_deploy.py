@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 
@@ -16,7 +16,6 @@ DEPLOY = ROOT / "deploy"
 def manifests() -> dict[str, dict]:
     docs = [d for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
-
 
 
 def test_kubernetes_example_runs_one_worker_per_pod_behind_its_service():

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-
-pytestmark = pytest.mark.e2e
+from tests.conftest import examples
 
 
 # json_object parses with one decoder built at import: what json.loads with the same hooks does
@@ -18,8 +15,7 @@ _JSONISH = st.sampled_from(['{', '}', '[', ']', ',', ':', '"a"', '"b"', '1', '-0
                             'null', 'true', ' ', '"\\u00e9"', '"\\ud800"', '\ufeff', 'x', '"model"'])
 
 
-
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(_JSONISH, max_size=16).map("".join), st.sampled_from(["str", "utf-8", "utf-16", "utf-8-sig", "utf-32"]))
 def test_json_object_parses_as_json_loads_with_its_hooks(text, encoding):
     from addon.apis import base

@@ -3,16 +3,7 @@ HAProxy itself in front of real workers: tests/e2e/test_fleet.py."""
 
 from __future__ import annotations
 
-
-import pytest
-
 from fleet.supervisor import render_haproxy
-
-pytestmark = pytest.mark.fleet
-
-REAL_KEY = "sk-real-provider-key-fleet-7890"
-VIRTUAL_KEY = "vk_fleet_user_1"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def test_haproxy_waits_on_a_silent_worker_longer_than_the_gateway_waits_itself():

@@ -3,16 +3,6 @@
 from __future__ import annotations
 
 
-
-
-REAL_KEY = "sk-real-provider-key-123456"
-ALICE = "vk_alice_metrics_0001"
-BOB = "vk_bob_metrics_0002"
-# $1 per prompt token, $2 per completion token: costs are exact small numbers
-PRICES = {"gpt-4o": {"input": 1_000_000, "output": 2_000_000}, "gpt-4o-mini": {"input": 0, "output": 0}}
-MESSAGES = [{"role": "user", "content": "hi"}]
-
-
 def test_supervisor_removes_a_dead_workers_in_flight_share_only(tmp_path, monkeypatch):
     from fleet.supervisor import forget_metrics
 

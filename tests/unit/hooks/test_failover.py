@@ -3,18 +3,7 @@ gateway: tests/e2e/test_failover.py and tests/e2e/test_failover_edges.py."""
 
 from __future__ import annotations
 
-
 import pytest
-
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
-
-pytestmark = pytest.mark.e2e
-
-# a weight that makes a target the first pick of a draw (the other, weight 1, one time in 10^9):
-# 1000 left it to chance once per thousand draws, and a suite run makes a few dozen
-FIRST = 10**9
-KEY_A, KEY_B, KEY_C = "sk-target-a-111111", "sk-target-b-222222", "sk-ant-target-c-333333"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("headers, seconds", [({"retry-after": "7"}, 7.0), ({"retry-after-ms": "1500"}, 1.5),

@@ -17,10 +17,6 @@ from addon.policy.store import MemoryStore
 from addon.hooks.stores import StoreChoice
 from addon.wire.secreturl import masked_url, resolve
 from addon.hooks.accounting import UsageAccounting
-from tests.services.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-
-REAL_KEY = "sk-real-provider-key-secreturl-4321"
-VIRTUAL_KEY = "vk_secreturl_user"
 
 
 # --- the helpers -------------------------------------------------------------------------
@@ -103,21 +99,5 @@ def test_usage_db_cannot_be_set_after_start_up_even_without_a_ledger(monkeypatch
 
 
 # --- run.sh, one process and a fleet ---------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 

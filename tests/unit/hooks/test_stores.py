@@ -62,7 +62,7 @@ def test_reservation_lease_is_the_shared_stores_lease_and_may_change_while_runni
         assert a.store.lease == 60.0  # the default
         tctx.configure(choice, reservation_lease="4.5")
         assert a.store is b.store and a.store.lease == 4.5
-        if not redis_url:  # (the Redis one is not running here: tests/test_reservations.py)
+        if not redis_url:  # (the Redis one is not running here: tests/e2e/test_reservations_redis.py)
             limits = Limits(max_parallel=1)
             assert a.store.reserve("k", limits, Demand(), now=0.0).ticket is not None
             assert a.store.reserve("k", limits, Demand(), now=4.4).refused == "max_parallel"

@@ -10,10 +10,6 @@ from addon.wire.sse import DONE
 from addon.apis.openai_chat import OPENAI_CHAT
 from addon.hooks.streamends import BROKEN, chunked, stalled, tail
 
-REAL_KEY = "sk-real-provider-key-123456"
-ANTHROPIC_KEY = "sk-ant-api03-real-test-key-0123456789"
-TEXT = "x" * 80  # 20 tokens at 4 characters a token
-
 
 # --- pure parts -----------------------------------------------------------------------------
 

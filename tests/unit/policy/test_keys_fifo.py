@@ -11,8 +11,6 @@ import pytest
 
 from addon.policy.keys import KeysError, load_keys, load_keys_with_timeout
 
-REAL_KEY = "sk-real-provider-key-123456"
-
 
 def bounded(fn, timeout: float = 5.0):
     """Run fn on a daemon thread; (finished, result or exception). A hang fails, not freezes, the test."""
@@ -48,11 +46,5 @@ def test_a_read_that_hangs_gives_up_after_the_timeout(tmp_path, monkeypatch):
         load_keys_with_timeout("keys.json", timeout=0.2)
     assert time.monotonic() - started < 10
     release.set()
-
-
-
-
-
-
 
 

@@ -1,12 +1,13 @@
 """The keys file's `targets` and `pools` (issue 14): parsing, validation, labels, ids, served_model."""
 
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
 
 from addon.policy.keys import KeysError, Target, load_keys, parse_keys, target_id
+from tests.conftest import ROOT
 
 KEY_A = "sk-real-target-aaaa-111111"
 KEY_B = "sk-real-target-bbbb-222222"
@@ -97,7 +98,7 @@ def test_target_ids_name_the_real_key_at_its_url():
     same = {store.lookup("vk_classic").targets[0].id, store.lookup("vk_list").targets[1].id, store.lookup("vk_pool").targets[0].id}
     assert len(same) == 1  # the same real key at the same URL: whichever key or pool names it
     (only,) = same
-    assert len(only) == 16 and int(only, 16) >= 0
+    assert len(only) == 16 and set(only) <= set("0123456789abcdef")  # 16 hex digits
     assert only != store.lookup("vk_list").targets[0].id  # another real key
     assert only != store.lookup("vk_other_url").targets[0].id  # another URL
     assert all(secret not in only for secret in SECRETS)
@@ -217,10 +218,13 @@ virtual_keys:
         ("openai", 2.5, False, None), ("anthropic", 1.0, True, "claude-haiku-4-5")]
 
 
-def test_the_check_command_lists_targets_masked(tmp_path):
+def test_the_check_command_lists_targets_masked(tmp_path, monkeypatch, capsys):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"virtual_keys": {"vk": team_alpha()}}))
-    out = subprocess.run([sys.executable, "-m", "addon.policy.keys", str(path)], capture_output=True, text=True, check=True).stderr
+    # python -m addon.policy.keys FILE (what run.sh runs before start), in this process
+    monkeypatch.setattr(sys, "argv", ["keys.py", str(path)])
+    runpy.run_path(str(ROOT / "addon" / "policy" / "keys.py"), run_name="__main__")
+    out = capsys.readouterr().err
     assert "team-alpha: 3 targets [models gpt-4o*; budget $50]" in out
     assert "openai[0]: openai -> https://api.openai.com/v1/chat/completions (key sk-...111; weight 3)" in out
     assert "anthropic[2]: anthropic -> https://api.anthropic.com/v1/messages (key sk-...333; fallback, model_map" in out

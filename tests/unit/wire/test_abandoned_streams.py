@@ -11,9 +11,6 @@ from addon.wire.estimate import (CHARS_PER_TOKEN, SAMPLE_BYTES, StreamSample, es
 from addon.wire.tokens import Usage
 from tests.fakeprovider import openai_stream
 
-REAL_KEY = "sk-real-provider-key-123456"
-ANSWER = "x" * 200  # 50 tokens at 4 characters a token
-
 
 # --- the estimator (pure) ----------------------------------------------------------------
 
@@ -53,6 +50,5 @@ def test_stream_sample_is_bounded_and_scales_to_all_bytes_sent():
 
 
 # --- the attack through the real gateway ---------------------------------------------------
-
 
 
