@@ -10,12 +10,13 @@ import contextlib
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mitmproxy import flow
 from mitmproxy.test import taddons, tflow, tutils
 
 from addon.hooks.gateway import Gateway
+from tests.conftest import examples
 
 KEYS = {
     "providers": {"openai": {"base_url": "http://127.0.0.1:9001/v1"}, "anthropic": {"base_url": "http://127.0.0.1:9002"}},
@@ -43,7 +44,22 @@ def gw(tmp_path_factory):
         yield addon
 
 
+def strict_json(raw: bytes):
+    """What a provider's JSON parser accepts: UTF-8, no NaN or Infinity."""
+    def refuse(name):
+        raise AssertionError(f"{name} forwarded")
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+
+
+# where each key's chat requests go: (host, port, path), and the header carrying its provider key
+CHAT_ROUTED_TO = {"vk_o": (("127.0.0.1", 9001, "/v1/chat/completions"), "authorization"),
+                  "vk_a": (("127.0.0.1", 9002, "/messages"), "x-api-key")}
+
+
 def send(gw: Gateway, key: str, content: bytes):
+    """A chat request. Answered by the gateway: (status, error), nothing pointed anywhere. Routed:
+    checks it goes only where the key goes, with the provider's key header (a placeholder on the
+    flow) and nothing of the client's key, carrying what the client asked for; returns None."""
     req = tutils.treq(method=b"POST", path=b"/v1/chat/completions", host="127.0.0.1", port=1, scheme=b"http", content=content)
     req.headers.clear()
     req.headers["authorization"] = f"Bearer {key}"
@@ -51,12 +67,30 @@ def send(gw: Gateway, key: str, content: bytes):
     f = tflow.tflow(req=req)
     gw.requestheaders(f)
     gw.request(f)
-    if f.response is None:  # routed: end it as mitmproxy would, so nothing stays in flight
-        f.response = tutils.tresp(content=b"{}")
-        gw.responseheaders(f)
-        gw.response(f)
-        return None
-    return f.response.status_code, json.loads(f.response.content)["error"]
+    if f.response is not None:
+        assert (f.request.host, f.request.port) == ("127.0.0.1", 1)  # nothing pointed anywhere
+        assert f.response.headers["x-gateway-error-source"] == "gateway"
+        error = json.loads(f.response.content)["error"]
+        assert isinstance(error["message"], str) and isinstance(error["type"], str), error
+        return f.response.status_code, error
+    (host, port, path), secret = CHAT_ROUTED_TO[key]
+    assert (f.request.host, f.request.port, f.request.path) == (host, port, path)
+    assert key not in str(f.request.headers), f.request.headers
+    assert f.request.headers[secret].endswith(f"REDACTED.{f.id}")
+    assert len(f.request.headers.get_all(secret)) == 1
+    sent, client = strict_json(f.request.content), json.loads(content)
+    assert isinstance(sent, dict) and sent["model"] == client["model"]
+    if key == "vk_o":  # passthrough: what the client sent, a usage request at most added to a stream
+        assert {k: v for k, v in sent.items() if k != "stream_options"} == \
+            {k: v for k, v in client.items() if k != "stream_options"}
+    else:  # translated to Messages: turns, each with a role, and the max_tokens Anthropic requires
+        assert isinstance(sent["messages"], list) and all(isinstance(m, dict) and "role" in m for m in sent["messages"])
+        assert isinstance(sent["max_tokens"], int) and sent["max_tokens"] > 0
+    # end it as mitmproxy would, so nothing stays in flight
+    f.response = tutils.tresp(content=b"{}")
+    gw.responseheaders(f)
+    gw.response(f)
+    return None
 
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
@@ -75,8 +109,14 @@ bodies = st.fixed_dictionaries(
     optional={name: json_values for name in FIELDS} | {"stream": st.booleans() | json_values})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=bodies, key=st.sampled_from(["vk_o", "vk_a"]))
+# drawn bodies are rarely well-formed enough to be routed: these are, so every run checks where
+# a routed request goes and what it carries, for each kind of provider
+@example(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}, key="vk_o")
+@example(body={"model": "claude-sonnet-4-6", "max_tokens": 5, "stream": True,
+               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+         key="vk_a")
 def test_no_chat_body_gets_a_500(gw, body, key):
     result = send(gw, key, json.dumps(body).encode())
     if result is not None:
@@ -85,8 +125,10 @@ def test_no_chat_body_gets_a_500(gw, body, key):
     assert not gw.exchanges
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(["vk_o", "vk_a"]))
+@example(raw=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', key="vk_o")
+@example(raw=b'{"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}', key="vk_a")
 def test_no_raw_body_gets_a_500(gw, raw, key):
     result = send(gw, key, raw)
     assert result is None or result[0] < 500, (result, raw)
@@ -141,13 +183,6 @@ ROUTED_TO = {"vk_m_openai": (("127.0.0.1", 9001, "/v1/chat/completions"), "autho
 def mgw(tmp_path_factory):
     with gateway_with(MESSAGES_KEYS, tmp_path_factory.mktemp("fuzz-messages")) as addon:
         yield addon
-
-
-def strict_json(raw: bytes):
-    """What a provider's JSON parser accepts: UTF-8, no NaN or Infinity."""
-    def refuse(name):
-        raise AssertionError(f"{name} forwarded")
-    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
 
 
 def send_messages(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/messages"):
@@ -242,7 +277,7 @@ messages_bodies = st.fixed_dictionaries(
      "max_tokens": mostly(st.integers(1, 10**6), st.integers(-2, 0) | json_values),
      "messages": mostly(turns)},
     optional=MESSAGES_FIELDS)
-MESSAGES_SETTINGS = settings(max_examples=250, deadline=None,
+MESSAGES_SETTINGS = settings(max_examples=examples(250), deadline=None,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -262,7 +297,7 @@ def test_no_count_tokens_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     assert result is None or 400 <= result[0] < 500, (result, body)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(sorted(ROUTED_TO)))
 def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
     result = send_messages(mgw, key, raw)

@@ -25,14 +25,26 @@ def refusal(keys, model="gpt-4o", store=None, now=1000.0) -> GatewayError:
     return e.value
 
 
-def admitted(keys, model="gpt-4o", store=None, now=1000.0) -> None:
+def admitted(keys, model="gpt-4o", store=None, now=1000.0) -> str | None:
+    """Admission's ticket (None: nothing held); a refusal fails the test."""
     key = keys.lookup("vk_test_policy")
     policy.check_key(key, now)
-    policy.admit(key, model, keys, store or MemoryStore(), now)
+    return policy.admit(key, model, keys, store or MemoryStore(), now)
 
 
-def test_a_key_without_policy_is_admitted():
-    admitted(keys_with(), "anything")
+class UntouchedStore:
+    """A usage store that fails the test when anything is asked of it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the store was asked for {name}")
+
+
+def test_a_key_without_policy_is_admitted_for_any_model_and_nothing_is_counted():
+    assert admitted(keys_with(), "anything", store=UntouchedStore()) is None
+    assert admitted(keys_with(), None, store=UntouchedStore()) is None
+    # the same call for a key with a limit does ask the store: UntouchedStore can see it
+    with pytest.raises(AssertionError, match="asked for reserve"):
+        admitted(keys_with(rpm=5), "anything", store=UntouchedStore())
 
 
 def test_models_allow_list_with_globs():
