@@ -25,7 +25,7 @@ parse).
 
 These are small wrappers around mitmproxy internals, installed for the life of the addon
 (`Patches`: connections still reading through a wrapper when it is taken out go on through
-mitmproxy's own code); tests/test_limits.py drives them through a real mitmdump.
+mitmproxy's own code); tests/e2e/test_limits.py drives them through a real mitmdump.
 """
 
 from __future__ import annotations
