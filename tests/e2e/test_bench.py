@@ -103,7 +103,7 @@ def test_large_body_section_measured_health_alone_and_during_a_30_mb_request(res
 
 
 def test_stream_latency_section_measured_every_chunk_of_bare_and_gateway(result):
-    """--quick alone runs it without the fleet (tests/test_fleet.py runs that column): every
+    """--quick alone runs it without the fleet (tests/e2e/test_fleet.py runs that column): every
     stream completed, chunks stamped by the fake provider were read and timed, probes too."""
     sl = result["stream_latency"]
     [(n, row)] = sl["cells"].items()

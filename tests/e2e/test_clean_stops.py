@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakeprovider import Reply, default_reply, openai_stream
-from tests.gatewayproc import ROOT
-from tests.services.haproxy import FleetProcess, alive, free_port, wait_healthy
+from tests.conftest import ROOT, free_port, keys_for, openai_key
+from tests.services.haproxy import FleetProcess, alive, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -34,8 +34,7 @@ REAL_KEY = "sk-real-provider-key-clean-stop-4821"
 
 
 def keys(provider) -> dict:
-    return {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "virtual_keys": {VIRTUAL_KEY: {"provider": "openai", "api_key": REAL_KEY, "name": "stopper"}}}
+    return keys_for(provider, {VIRTUAL_KEY: openai_key(REAL_KEY, name="stopper")})
 
 
 def held(release: threading.Event):

@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from tests.fakeprovider import Received, Reply
-from tests.services.redis import redis_server  # noqa: F401  (fixture)
 from tests.e2e.test_failover import FIRST, KEY_A, KEY_B, MESSAGES, by_target, ok, served_by, target
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from addon.wire.secrets import fingerprint
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, keys_for, openai_key
 from tests.services.haproxy import FleetProcess
 from tests.services.redis import RedisServer
 
@@ -33,9 +33,8 @@ BODY = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 2}
 
 
 def keys(provider) -> dict:
-    return {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-            "prices": {"gpt-4o": {"input": 0, "output": 500_000}},
-            "virtual_keys": {"vk_agree": {"provider": "openai", "api_key": REAL_KEY, "name": "agree", "budget_usd": 2.5}}}
+    return keys_for(provider, {"vk_agree": openai_key(REAL_KEY, name="agree", budget_usd=2.5)},
+                    prices={"gpt-4o": {"input": 0, "output": 500_000}})
 
 
 @pytest.fixture
