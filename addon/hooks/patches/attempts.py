@@ -37,7 +37,7 @@ from mitmproxy.proxy.layers.http import (ErrorCode, GetHttpConnection, RequestDa
                                          ResponseProtocolError, ResponseTrailers, SendHttp)
 from mitmproxy.proxy.utils import expect
 
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 
 # statuses that move a request to the next target: rate limited, overloaded, down, or the
 # target's key refused (401/403). 400, 404, 413, 422 are the request's own fault.

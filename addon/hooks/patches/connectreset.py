@@ -19,7 +19,7 @@ import logging
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import events, server
 
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 
 log = logging.getLogger("gateway")
 

@@ -35,7 +35,7 @@ from mitmproxy.proxy.commands import SendData
 from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError, SendHttp, _http1, _http2
 
 from addon.apis.base import InboundAPI
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 from addon.apis.registry import DEFAULT_API, api_for_flow
 from addon.hooks.accesslog import key_name
 from addon.wire.errors import ERROR_SOURCE, GatewayError

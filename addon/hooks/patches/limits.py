@@ -51,7 +51,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
 from addon.apis.registry import DEFAULT_API, api_for_flow, api_for_path, api_for_request
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 from addon.hooks.patches.errorpages import error_response
 from addon.wire.errors import GatewayError
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mitmproxy.proxy.layers.http import RequestHeaders, _http1, _http2
 
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 from addon.wire.secrets import REDACTED
 
 # placeholder (bytes) -> (real key, (host, port) the gateway routed to)

@@ -19,7 +19,7 @@ from mitmproxy.proxy.layers.http import RequestHeaders, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
 import addon.hooks.patches as patches_package
-from addon.hooks.patches import Patches
+from addon.wire.patching import Patches
 from addon.hooks.patches import limits as limits_module
 from addon.hooks.patches.limits import RequestLimits
 
