@@ -39,6 +39,7 @@ from addon.hooks.timeouts import StreamIdleTimeout, UpstreamTimeout
 from addon.policy.store import MemoryStore
 from addon.recording.recorder import Recorder, Snapshot
 from addon.web.contentview import WebViews
+from addon.web.listing import WebListing
 
 _store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
 _gateway = Gateway(_store)
@@ -71,5 +72,6 @@ addons = [AddonChain(
     Recorder(),  # after the Gateway: taps the stream it chose and writes the final flow
     ACCESS,  # the access line, once the flow is counted
     WebViews(),  # mitmweb's view of a flow (no flow hook)
+    WebListing(),  # mitmweb's list: the path the client called, room for the comment (no flow hook)
     _metrics,  # last: its clock sees every part
 )]

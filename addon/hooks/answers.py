@@ -10,6 +10,7 @@ from mitmproxy import http
 from addon.apis.registry import api_for_flow
 from addon.hooks.messages import plain_content, replace_body
 from addon.policy import targets
+from addon.routing.routes import describe_route
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -26,8 +27,7 @@ def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     code = error.code or error.type
     flow.metadata.setdefault("gateway", {})["answered"] = code
     flow.marked = REFUSED_MARK
-    # the comment column says why: "team-a -> openai · refused 429 budget_exceeded"
-    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}refused {error.status} {code}"
+    flow.comment = row_comment(flow)  # says why: "team-a -> openai gpt-4o · refused 429 budget_exceeded"
 
 
 def provider_error(flow: http.HTTPFlow) -> None:
@@ -36,7 +36,7 @@ def provider_error(flow: http.HTTPFlow) -> None:
     name), not the client's key; another 403 that it refused this request."""
     response = flow.response
     response.headers[ERROR_SOURCE] = "provider"
-    flow.comment = f"{flow.comment + ' · ' if flow.comment else ''}provider {response.status_code}"
+    flow.comment = row_comment(flow)
     meta = flow.metadata.get("gateway", {})
     if response.status_code not in (401, 403) or "provider" not in meta:
         return
@@ -55,6 +55,20 @@ def provider_error(flow: http.HTTPFlow) -> None:
         error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
                             f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
     replace_body(response, json.dumps(body).encode(), b"application/json")
+
+
+def row_comment(flow: http.HTTPFlow) -> str:
+    """mitmweb's comment, the one place its list says what happened: which key went to which
+    provider and model, and an error's source and code: "team-a -> openai gpt-4o · provider 429",
+    "refused 401 invalid_api_key". Kept short: the column is narrow (web/listing.py widens it)."""
+    meta = flow.metadata.get("gateway", {})
+    said = [describe_route(meta)] if "key" in meta else []
+    response = flow.response
+    if response is not None and "answered" in meta:
+        said.append(f"refused {response.status_code} {meta['answered']}")
+    elif response is not None and response.status_code >= 400 and ERROR_SOURCE in response.headers:
+        said.append(f"{response.headers[ERROR_SOURCE]} {response.status_code}")  # provider's, or the gateway's 502/504
+    return " · ".join(said)
 
 
 def show_gateway_address(flow: http.HTTPFlow) -> None:

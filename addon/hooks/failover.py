@@ -62,6 +62,17 @@ def retry_after_seconds(headers: dict | None) -> float:
     return 0.0
 
 
+def failed_attempt(meta: dict, failure: dict, now: float) -> dict:
+    """A failed attempt as the flow keeps it once another attempt follows (metadata
+    "failed_attempts", for mitmweb's view, web/contentview.py): which target, what it answered
+    (a status, or the connection error), when it began and how long it took. The last attempt
+    is the flow itself."""
+    started = meta.get("attempt_started", now)
+    return {"attempt": meta.get("attempts", 1), "provider": meta.get("provider"), "target": meta.get("target"),
+            "fallback": bool(meta.get("fallback")), "status": failure.get("status"), "error": failure.get("error"),
+            "started": started, "ms": round((now - started) * 1000, 1)}
+
+
 class Failover:
     def __init__(self, gateway) -> None:
         self.gateway = gateway  # reroute() points a flow at another target
@@ -112,6 +123,7 @@ class Failover:
         key = route.key
         now = time.time()
         failure = attempts.failure(flow)
+        failed = failed_attempt(flow.metadata["gateway"], failure, now)
         model = route.context.meta.get("model") or None  # the model this attempt's target served
         judged = targets.fault(failure.get("status"), failure.get("body", ""), failure.get("error", ""), model)
         if judged.scope == targets.REQUEST:
@@ -128,6 +140,7 @@ class Failover:
                 flow.metadata[PAGE_HEADERS] = RETRY_AT_ONCE  # on the gateway's 502/504 too
                 return
             if self.gateway.reroute(flow, route, index):
+                flow.metadata["gateway"].setdefault("failed_attempts", []).append(failed)
                 attempts.retry(flow)
                 return
             if index not in route.unusable:

@@ -21,7 +21,8 @@ from mitmproxy.utils import human
 
 from addon.apis.base import InboundAPI
 from addon.apis.registry import ENDPOINTS, api_for_flow, resource_for
-from addon.hooks.answers import FAILED_MARK, GATEWAY_ERROR_HEADERS, PROVIDER_ERROR_MARK, answer, provider_error, show_gateway_address
+from addon.hooks.answers import (FAILED_MARK, GATEWAY_ERROR_HEADERS, PROVIDER_ERROR_MARK, answer, provider_error, row_comment,
+                                 show_gateway_address)
 from addon.hooks.failover import RETRY_AT_ONCE
 from addon.hooks.headers import ACCOUNT_HEADERS, CLIENT_SECRETS, hide_client_secrets, redact, replaced_header_names
 from addon.hooks.local import HEALTH_PATHS, MODELS_PATHS, answer_health, answer_models
@@ -32,7 +33,7 @@ from addon.policy import owners, rules, targets
 from addon.policy.keys import KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
 from addon.policy.store import MemoryStore, UsageStore
 from addon.routing.prepare import parse_body, prepare
-from addon.routing.routes import ROUTES, SERVED, Route, describe_target, resource_request
+from addon.routing.routes import ROUTES, SERVED, Route, describe_route, resource_request
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.streams import fail_closed_stream
@@ -247,6 +248,10 @@ class Gateway:
                 response.headers.update(RETRY_AT_ONCE)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self.finish(flow)
+        flow.comment = row_comment(flow)  # with the model and the answer, once both are known
+
+    def finish(self, flow: http.HTTPFlow) -> None:
         self.failovers.pop(flow.id, None)
         routed = self.exchanges.pop(flow.id, None)
         if routed is None:
@@ -278,6 +283,7 @@ class Gateway:
         wirekeys.forget(flow.id)
         redact(flow)
         flow.marked = FAILED_MARK
+        flow.comment = row_comment(flow)
 
     # --- routing -----------------------------------------------------------------------
 
@@ -313,8 +319,9 @@ class Gateway:
                 raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
             key = self.authenticate(fields, names)
             meta = flow.metadata.setdefault("gateway", {})
-            meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider)  # refusals are recorded too
-            flow.comment = f"{key.name} -> {key.provider}{getattr(api, 'label', '')}"  # "... (embeddings)"
+            # refusals are recorded too; client_path: mitmweb lists the flow by it (web/listing.py)
+            meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider, client_path=request.path)
+            flow.comment = describe_route(meta) + getattr(api, "label", "")  # "... (embeddings)"
             declared = field_value(fields, names, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limits.body:
                 raise too_large(limits.body)
@@ -568,9 +575,11 @@ class Gateway:
     @staticmethod
     def note_target(flow: http.HTTPFlow, meta: dict, key: VirtualKey, target: Target, attempt: int, api: InboundAPI) -> None:
         """The attempt in the flow's metadata (ledger, metrics; target_id: a stored response's
-        holder, policy/owners.py) and comment (mitmweb)."""
-        meta.update(provider=target.provider, target=target.label, target_id=target.id, attempts=attempt)
-        flow.comment = describe_target(key, target, attempt) + getattr(api, "label", "")
+        holder, policy/owners.py; when it began: a failed one is listed with its time,
+        hooks/failover.py) and comment (mitmweb)."""
+        meta.update(provider=target.provider, target=target.label, target_id=target.id, attempts=attempt,
+                    fallback=target.fallback, attempt_started=time.time())
+        flow.comment = describe_route(meta) + ("" if "api" in meta else getattr(api, "label", ""))
 
     def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
         presented = presented_key(fields, names)

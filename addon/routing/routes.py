@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 from addon.apis.registry import APIS
 from addon.policy import rules
-from addon.policy.keys import Target, VirtualKey
 from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
 from addon.translate.base import Pair
@@ -48,10 +47,15 @@ def resource_request(route: Route) -> tuple:
     return (None, None, *route.pair.prepare({}), rules.NO_DEMAND)
 
 
-def describe_target(key: VirtualKey, target: Target, attempt: int) -> str:
-    """The comment's route: "team-alpha -> anthropic (fallback, attempt 2)"."""
-    notes = [n for n in ("fallback" if target.fallback else "", f"attempt {attempt}" if attempt > 1 else "") if n]
-    return f"{key.name} -> {target.provider}" + (f" ({', '.join(notes)})" if notes else "")
+def describe_route(meta: dict) -> str:
+    """mitmweb's comment for a flow's route, from its metadata (key, provider, and once known the
+    model, the API and the attempt): "team-alpha -> anthropic claude-sonnet-4-6 (fallback, attempt 2)"."""
+    model = f" {meta['model']}" if meta.get("model") else ""
+    api = APIS.get(meta.get("api", ""))
+    attempt = meta.get("attempts", 1)
+    notes = [n for n in ("fallback" if meta.get("fallback") else "", f"attempt {attempt}" if attempt > 1 else "") if n]
+    return (f"{meta['key']} -> {meta['provider']}{model}{getattr(api, 'label', '')}"
+            + (f" ({', '.join(notes)})" if notes else ""))
 
 
 MAX_MODEL_BYTES = 256  # model names are kept (caches, ledger rows): longer ones are refused

@@ -11,10 +11,12 @@ gateway's side is shown, with a note saying how to keep the rest.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Metadata
 
+from addon.web.listing import called_url
 from addon.web.sides import Message, render
 
 NOT_KEPT = ("(the client's side is kept only with --set replayable_flows=true, which ./run.sh web sets, "
@@ -55,7 +57,40 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"model {meta['model']}")
     if meta.get("stream"):
         parts.append("streamed")
-    return "Routed by the gateway: " + ", ".join(parts)
+    return "Routed by the gateway: " + ", ".join(parts) + attempts(flow, meta)
+
+
+def attempts(flow: http.HTTPFlow, meta: dict) -> str:
+    """A failover's attempts, one line each: the failed ones (hooks/failover.py keeps them) with
+    their status or error and time, then the one this flow is."""
+    failed = meta.get("failed_attempts")
+    if not failed:
+        return ""
+    lines = [f"\n{len(failed) + 1} attempts:"]
+    for a in failed:
+        outcome = f"{a['status']}" if a.get("status") is not None else (a.get("error") or "failed")
+        lines.append(f"  {a['attempt']}. {target_name(a)}: {outcome} after {a['ms']:g} ms, at {clock(a['started'])}"
+                     " — failed, the next target was tried")
+    started = meta.get("attempt_started")
+    if flow.response is not None:
+        took = f" after {(flow.response.timestamp_start - started) * 1000:.1f} ms" if started and flow.response.timestamp_start else ""
+        outcome = f"answered {flow.response.status_code}{took}"
+    else:
+        outcome = f"failed: {flow.error.msg}" if flow.error else "in flight"
+    at = f", at {clock(started)}" if started else ""
+    lines.append(f"  {meta.get('attempts', len(failed) + 1)}. {target_name(meta)}: {outcome}{at} — this flow")
+    return "\n".join(lines)
+
+
+def target_name(attempt: dict) -> str:
+    """ "openai (target 0)", "anthropic (target 1, fallback)" """
+    notes = ", ".join(n for n in (f"target {attempt.get('target')}", "fallback" if attempt.get("fallback") else "") if n)
+    return f"{attempt.get('provider')} ({notes})"
+
+
+def clock(when: float) -> str:
+    """A time of day as mitmweb's list shows its times (local), to the millisecond."""
+    return datetime.fromtimestamp(when).strftime("%H:%M:%S.%f")[:-3]
 
 
 def request_sides(flow: http.HTTPFlow) -> str:
@@ -64,8 +99,8 @@ def request_sides(flow: http.HTTPFlow) -> str:
     upstream = flow.request
     if "answered" in meta or "provider" not in meta:
         # nothing went upstream: flow.request is the client's request (its key marked)
-        client = Message("CLIENT → GATEWAY", url_of(upstream), headers_list(upstream.headers), upstream.raw_content,
-                         "not forwarded: the gateway answered it itself")
+        client = Message("CLIENT → GATEWAY", f"{upstream.method} {called_url(flow)}", headers_list(upstream.headers),
+                         upstream.raw_content, "not forwarded: the gateway answered it itself")
         return render([client], summary(flow))
     messages = []
     client_headers = None

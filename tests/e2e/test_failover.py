@@ -290,8 +290,15 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
     from mitmproxy.io import FlowReader
     with open(recording, "rb") as f:
         [flow] = [f for f in FlowReader(f).stream() if f.request.path != "/health"]
-    assert flow.comment == "team-alpha -> anthropic (fallback, attempt 3)"
+    assert flow.comment == "team-alpha -> anthropic claude-sonnet-4-6 (fallback, attempt 3)"
     assert flow.request.path == "/c/v1/messages" and flow.response.status_code == 200
+    # and the attempts that failed before it, for its view (web/contentview.py): what each answered, when
+    failed = flow.metadata["gateway"]["failed_attempts"]
+    assert [a["attempt"] for a in failed] == [1, 2]
+    assert sorted((a["provider"], a["target"], a["status"], a["fallback"]) for a in failed) == [
+        ("openai", "0", 500, False), ("openai", "1", 529, False)]
+    assert failed[0]["started"] <= failed[1]["started"] <= flow.response.timestamp_start
+    assert all(0 <= a["ms"] < 5000 for a in failed)
 
 
 def test_a_429_before_the_first_byte_fails_over_and_the_stream_passes_chunk_by_chunk(provider, gateway_factory):

@@ -50,6 +50,7 @@ def demo_web(tmp_path_factory):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=key, max_retries=0)
     client("vk_demo_openai").chat.completions.create(
         model="gpt-4o-mini", temperature=0.3, messages=[{"role": "user", "content": "Hello from the browser test"}])
+    client("vk_demo_openai").models.list()  # answered by the gateway itself
     stream = client("vk_demo_anthropic").chat.completions.create(
         model="claude-sonnet-4-6", stream=True,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Stream a haiku"}])
@@ -118,15 +119,50 @@ def test_the_flow_list_renders_columns_comments_and_plain_markers(page, shots):
     assert headers[:7] == ["#", "Method", "Path", "Status", "Size", "Time", "Comment"] or \
         headers[:7] == ["#", "Meth…", "Path", "Status", "Size", "Time", "Comment"], headers
     comments = page.locator(".flow-table td.col-comment").all_inner_texts()
-    assert "demo-openai -> openai" in comments
-    assert "demo-anthropic -> anthropic" in comments
-    assert "demo-limited -> openai · refused 403 model_not_allowed" in comments
+    # which key went to which provider and model, and how a refusal or failover ended
+    assert "demo-openai -> openai gpt-4o-mini" in comments
+    assert "demo-anthropic -> anthropic claude-sonnet-4-6" in comments
+    assert "demo-limited -> openai gpt-4o · refused 403 model_not_allowed" in comments
+    assert "demo-failover -> anthropic claude-haiku-4-5 (fallback, attempt 2)" in comments
     assert "refused 401 invalid_api_key" in comments
+    # ... all of it in view, on this screen and on a laptop's: no comment is cut off (mitmweb's
+    # own column is 150 px, about 20 characters)
+    for width in (1600, 1280):
+        page.set_viewport_size({"width": width, "height": 1000})
+        cut = page.evaluate("""() => [...document.querySelectorAll('.flow-table td.col-comment')]
+            .filter(td => td.scrollWidth > td.clientWidth).map(td => td.innerText)""")
+        assert not cut, (width, cut)
+    page.set_viewport_size({"width": 1600, "height": 1000})
     assert row(page, "refused 403").locator("td.col-status").inner_text().strip() == "403"
     # markers from plain fonts (DejaVu has ✖): Debian's Chromium has no emoji font
     assert row(page, "refused 403").locator(".marker").inner_text() == "✖"
     page.screenshot(path=str(shots / "mitmweb-list.png"))
     assert_no_secret(page)
+
+
+def test_the_path_column_shows_what_the_client_called_at_the_gateways_address(page, demo_web):
+    gateway = f"http://127.0.0.1:{demo_web['gateway_port']}"
+
+    def path(cell: str) -> str:
+        return cell.split()[-1]  # (after a refusal's marker)
+    paths = [path(p) for p in page.locator(".flow-table td.col-path").all_inner_texts()]
+    assert paths and all(p.startswith(gateway + "/") for p in paths), paths  # never the provider, never 127.0.0.1:1
+    for comment in ("demo-openai -> openai", "demo-failover", "refused 401", "refused 403"):
+        assert path(row(page, comment).locator("td.col-path").inner_text()) == gateway + "/v1/chat/completions", comment
+    assert gateway + "/v1/models" in paths  # answered by the gateway itself
+    assert gateway + "/health" in paths  # the demo's start-up probe
+
+
+def test_the_page_with_the_wider_comment_column_still_asks_for_the_password(demo_web):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(demo_web["web"], timeout=10)
+    assert refused.value.code == 403 and b'name="token"' in refused.value.read()  # the login form
+    request = urllib.request.Request(demo_web["web"], headers={"authorization": f"Bearer {PASSWORD}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert b"th.col-comment" in r.read()
 
 
 def test_a_flow_shows_the_client_request_beside_the_upstream_one(page, shots):
@@ -182,13 +218,19 @@ def test_a_refused_flow_shows_the_request_as_sent_and_why(page, shots, demo_web)
 
 def test_a_failover_shows_the_fallback_that_answered_and_the_attempts(page, shots):
     """The first request of a key whose OpenAI key was revoked: mitmweb lists one flow, the
-    answering attempt, and says which target answered after how many attempts."""
-    text = open_tab(page, "demo-failover -> anthropic (fallback, attempt 2)", "Request")
+    answering attempt, says which target answered after how many attempts, and its view shows
+    each attempt with its status and time."""
+    text = open_tab(page, "demo-failover -> anthropic", "Request")
     assert "GATEWAY → PROVIDER (anthropic)   POST http://127.0.0.1:" in text and "/anthropic/v1/messages" in text
     assert '"model": "claude-haiku-4-5"' in text  # the fallback's model_map
-    text = open_tab(page, "demo-failover -> anthropic (fallback, attempt 2)", "Response")
+    text = open_tab(page, "demo-failover -> anthropic", "Response")
     assert "x-gateway-attempts: 2" in text and "[demo] anthropic" in text
-    assert row(page, "demo-failover").count() == 1  # the failed attempt is not a flow of its own
+    assert row(page, "demo-failover").count() == 1  # the failed attempt is not a flow of its own...
+    # ... but the view lists it, with its status and its time, before the attempt that answered
+    clock = r"at \d\d:\d\d:\d\d\.\d{3}"
+    assert "2 attempts:" in text
+    assert re.search(r"1\. openai \(target 0\): 401 after [\d.]+ ms, " + clock + " — failed, the next target was tried", text), text
+    assert re.search(r"2\. anthropic \(target 1, fallback\): answered 200 after [\d.]+ ms, " + clock + " — this flow", text), text
     page.screenshot(path=str(shots / "mitmweb-failover.png"), full_page=True)
     assert_no_secret(page)
 

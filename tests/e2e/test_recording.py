@@ -95,7 +95,7 @@ def test_recording_keeps_client_request_raw_upstream_and_client_response(recordi
     pieces = flow.metadata["record"]["upstream"]["pieces"]
     assert len(pieces) > 1 and b"event: message_start" in b"".join(pieces)  # raw Anthropic events
     assert b"chat.completion.chunk" in flow.response.content and b"message_start" not in flow.response.content
-    assert flow.comment == "corpus-anthropic -> anthropic"
+    assert flow.comment == "corpus-anthropic -> anthropic claude-sonnet-4-6"
 
     unnamed = by_scenario(flows, "unnamed key")
     assert "vk_corpus_unnamed_secret" not in unnamed.metadata["gateway"]["key"] + unnamed.comment
@@ -294,8 +294,8 @@ def test_mitmweb_requires_the_password_and_never_shows_keys(mitmweb, provider_se
     assert (resp.status_code, bad.status_code, refused.status_code) == (200, 400, 403)
     status, body = web_get(web_port, "/flows", password)
     listed = json.loads(body)
-    assert [f["comment"] for f in listed] == ["corpus-openai -> openai", "corpus-openai -> openai · refused 400 invalid_json",
-                                              "corpus-anthropic -> anthropic · refused 403 model_not_allowed"]
+    assert [f["comment"] for f in listed] == ["corpus-openai -> openai gpt-4o", "corpus-openai -> openai · refused 400 invalid_json",
+                                              "corpus-anthropic -> anthropic claude-opus-4 · refused 403 model_not_allowed"]
     assert listed[1]["marked"] and listed[2]["marked"]  # the gateway-answered errors stand out
     for secret in scenarios.SECRETS:
         assert secret not in body.decode()
@@ -343,7 +343,7 @@ def test_mitmweb_opens_a_recording_and_its_replay_button_routes_once(mitmweb_fil
     assert status == 200 and len(listed) == len(scenarios.SCENARIOS) + 1
     assert not [s for s in scenarios.SECRETS if s in body.decode()]
     assert not (tmp_path / "usage.sqlite3").exists()  # loading did not count recorded usage again
-    target = next(f for f in listed if f["comment"] == "corpus-openai -> openai" and f["response"]["status_code"] == 200)
+    target = next(f for f in listed if f["comment"].startswith("corpus-openai -> openai ") and f["response"]["status_code"] == 200)
 
     provider_server.reset(answer_by_provider)
     try:

@@ -339,14 +339,15 @@ def test_account_response_headers_do_not_reach_the_client(gw):
     assert {"x-ratelimit-remaining-requests", "x-request-id", "content-type"} <= names
 
 
-def test_the_mitmweb_comment_names_the_answering_target():
-    from addon.routing.routes import describe_target
-    from addon.policy.keys import parse_keys
+def test_the_mitmweb_comment_names_the_key_the_answering_target_and_the_model():
+    from addon.routing.routes import describe_route
 
-    keys = parse_keys({"virtual_keys": {"vk": {"name": "team-alpha", "targets": [
-        {"provider": "openai", "api_key": "sk-a-123456"},
-        {"provider": "anthropic", "api_key": "sk-ant-123456", "fallback": True}]}}})
-    key = keys.lookup("vk")
-    assert describe_target(key, key.targets[0], 1) == "team-alpha -> openai"
-    assert describe_target(key, key.targets[0], 2) == "team-alpha -> openai (attempt 2)"
-    assert describe_target(key, key.targets[1], 2) == "team-alpha -> anthropic (fallback, attempt 2)"
+    meta = {"key": "team-alpha", "provider": "openai"}
+    assert describe_route(meta) == "team-alpha -> openai"  # before the body is read
+    meta.update(model="gpt-4o", api="openai_chat")
+    assert describe_route(meta) == "team-alpha -> openai gpt-4o"
+    assert describe_route({**meta, "attempts": 2}) == "team-alpha -> openai gpt-4o (attempt 2)"
+    meta.update(provider="anthropic", model="claude-haiku-4-5", fallback=True, attempts=2)
+    assert describe_route(meta) == "team-alpha -> anthropic claude-haiku-4-5 (fallback, attempt 2)"
+    assert describe_route({**meta, "api": "openai_embeddings", "fallback": False, "attempts": 1}) == \
+        "team-alpha -> anthropic claude-haiku-4-5 (embeddings)"
