@@ -96,8 +96,11 @@ class Drain:
             if proxyserver is not None:
                 await proxyserver.servers.update([])  # listening sockets closed; open connections stay
             in_flight = self.gateway.exchanges
-            log.info("gateway: stopping: no new connections; waiting up to %g s for %s in flight",
-                     seconds, requests(len(in_flight)))
+            if in_flight:
+                log.info("gateway: stopping: no new connections; waiting up to %g s for %s in flight",
+                         seconds, requests(len(in_flight)))
+            else:
+                log.info("gateway: stopping: no new connections, nothing in flight")
             deadline = time.monotonic() + seconds
             while in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(POLL)
