@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import json
+import re
 
 from addon.wire.tokens import Usage
 from addon.wire.errors import GatewayError
@@ -61,7 +62,7 @@ def _loads(raw: bytes | str) -> object:
 def json_object(raw: bytes) -> dict:
     """A request body that must be a JSON object (GatewayError 400 otherwise), for every API.
     A key repeated in any object of the body is a 400 `duplicate_key` naming it; NaN and
-    Infinity are refused as JSON does."""
+    Infinity are refused as JSON does; so is a string (or key) with an unpaired surrogate."""
     try:
         body = _loads(raw)
     except DuplicateKey as e:
@@ -72,7 +73,85 @@ def json_object(raw: bytes) -> dict:
         raise GatewayError(400, "request body is not valid JSON", code="invalid_json")
     if not isinstance(body, dict):
         raise GatewayError(400, "request body must be a JSON object", code="invalid_request")
+    if _may_hold_surrogates(raw):
+        where = unpaired_surrogate(body)
+        if where is not None:
+            raise GatewayError(400, f"{where}: a string with an unpaired surrogate (such as \\ud800) is not text: it has "
+                                    "no UTF-8 form", param=where, code="invalid_string")
     return body
+
+
+# An unpaired surrogate (JSON's "\ud800" escape, or the bytes ED A0 80 that surrogatepass
+# decodes) makes a string no text can carry: it has no UTF-8 form, so a provider, Redis (a stored
+# response's id) or the ledger could not take it (a 500 before). Such a string, in any field of
+# any API, is refused. Found in the bytes first, without a walk of the parsed body: an escape of
+# a high surrogate not followed by one of a low, or of a low not preceded by one of a high, is
+# lone, unless the body also has a literal backslash before a "u" ("\\u": a text that reads like
+# an escape; the parsed body is walked then), and a UTF-8 body holds one only as ED A0..BF.
+# UTF-16 and UTF-32 bodies are always walked.
+_LONE_ESCAPE = re.compile(rb"\\u[dD](?:[89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                          rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD])[c-fC-F][0-9a-fA-F]{2})")
+_UTF8_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+PATH_SHOWN = 120  # characters of a field's path named in the refusal at most
+
+
+def _may_hold_surrogates(raw: bytes | str) -> bool:
+    if isinstance(raw, str):
+        return True
+    if raw[:1] == b"\x00" or raw[1:2] == b"\x00" or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True  # UTF-16 or UTF-32 (json.detect_encoding's cases)
+    if (b"\\ud" in raw or b"\\uD" in raw) and (b"\\\\u" in raw or _LONE_ESCAPE.search(raw) is not None):
+        return True  # (two byte searches for most bodies: the pattern runs only where a surrogate is escaped)
+    return b"\xed" in raw and _UTF8_SURROGATE.search(raw) is not None
+
+
+def _bad(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def unpaired_surrogate(body: object) -> str | None:
+    """Where in `body` (a parsed JSON value) the first string or key with an unpaired surrogate
+    is, as a path ("messages[0].content"), or None. Walked without recursion; paths are made
+    only for a body that has one."""
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            for name, item in value.items():
+                if _bad(name) or (type(item) is str and _bad(item)):
+                    return _path_to_surrogate(body)
+                if type(item) in (dict, list):
+                    stack.append(item)
+        elif type(value) is list:
+            for item in value:
+                if type(item) is str:
+                    if _bad(item):
+                        return _path_to_surrogate(body)
+                elif type(item) in (dict, list):
+                    stack.append(item)
+        elif type(value) is str and _bad(value):
+            return "body"
+    return None
+
+
+def _path_to_surrogate(body: object) -> str:
+    stack: list[tuple[object, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        items = value.items() if type(value) is dict else enumerate(value)
+        for name, item in items:
+            here = (f"{path}.{_shown(name)}" if path else _shown(name)) if type(name) is str else f"{path}[{name}]"
+            if (type(name) is str and _bad(name)) or (type(item) is str and _bad(item)):
+                return here[:PATH_SHOWN]
+            if type(item) in (dict, list):
+                stack.append((item, here))
+    return "body"
+
+
+def _shown(name: str) -> str:
+    """A key as a path shows it: ASCII, escaped like JSON (the key may be what is refused)."""
+    return name if name.isascii() and name.isprintable() else json.dumps(name)[1:-1]
 
 
 # Caps on a conversation's shape: far above what providers accept in practice

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable
 
 from addon.policy.store import StoreUnavailable
@@ -30,6 +31,10 @@ from addon.wire.errors import GatewayError
 
 
 OWNED_API = "openai_responses"  # the API whose created objects are recorded
+# what a recorded id looks like (an id a path may name: apis/openai_responses.RESOURCE): any other
+# id is nobody's, and is answered 404 without asking the store (Redis keys are bytes: a string
+# with no UTF-8 form, or a megabyte of one, never reaches it)
+STORED_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 FIRST_EVENT_MAX = 1024 * 1024  # bytes of a stream read for its first event at most
 
 
@@ -60,6 +65,9 @@ def check(store, refers: tuple[tuple[str, str | None], ...], key: str, now: floa
     """Raise the 404 for the first of `refers` ((id, param) pairs) that `key` did not create;
     else the id of the target holding them (None: not recorded). An awaitable of that when the
     store does I/O (RedisStore: raises StoreUnavailable there)."""
+    for resource_id, param in refers:
+        if STORED_ID.fullmatch(resource_id) is None:
+            raise not_found(resource_id, param)
     owners = [store.owner_of(resource_id, now) for resource_id, _ in refers]
     if not any(inspect.isawaitable(owner) for owner in owners):
         return _judge(refers, owners, key)
@@ -91,7 +99,8 @@ def created(body: object) -> str | None:
     if not isinstance(body, dict):
         return None
     resource_id = body.get("id")
-    if not isinstance(resource_id, str) or not resource_id.startswith("resp_") or body.get("store") is False:
+    if (not isinstance(resource_id, str) or not resource_id.startswith("resp_") or body.get("store") is False
+            or STORED_ID.fullmatch(resource_id) is None):
         return None
     return resource_id
 

@@ -1,13 +1,16 @@
-"""Issue #11, breaks 6 and 11: no request body gets a 500; huge model names and deep nesting get 400.
+"""No request body gets a 500; huge model names and deep nesting get 400; a string with an
+unpaired surrogate, in any field of any API, is a 400 in the client's shape.
 
 Property-based (hypothesis), in-process through Gateway.requestheaders + request for each provider
-kind (passthrough and translated); bounded to a few hundred examples each (well under 30 s).
+kind (passthrough and translated); bounded to a few hundred examples each (well under 30 s). The
+same tests run against RedisStore in tests/e2e/test_fuzz_redis.py (fixtures `gw` and `mgw` there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -23,8 +26,12 @@ KEYS = {
     "virtual_keys": {
         "vk_o": {"provider": "openai", "api_key": "sk-fuzz-openai-000000"},
         "vk_a": {"provider": "anthropic", "api_key": "sk-ant-fuzz-000000"},
+        # limits far out of reach: the store is asked (reserve, settle) for every request
+        "vk_l": {"provider": "openai", "api_key": "sk-fuzz-limited-000000", "rpm": 10**9, "tpm": 10**15,
+                 "budget_tokens": 10**15, "max_parallel": 10**6},
     },
 }
+RECORDED = {"vk_o": "resp_fuzz0001", "vk_l": "resp_fuzz0002"}  # a stored response each created (owner records)
 
 
 @contextlib.contextmanager
@@ -38,10 +45,26 @@ def gateway_with(keys: dict, directory):
         yield addon
 
 
+def record_owners(addon: Gateway) -> None:
+    for name, resource_id in RECORDED.items():
+        assert addon.store.note_owner(resource_id, addon.keys.lookup(name).fingerprint, time.time()) is None
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     with gateway_with(KEYS, tmp_path_factory.mktemp("fuzz")) as addon:
+        record_owners(addon)
         yield addon
+
+
+def finish(gw: Gateway, pending) -> None:
+    """MemoryStore answers at once (nothing pending); a store that does I/O gives an awaitable,
+    which `gw.run_pending` (tests/e2e/test_fuzz_redis.py) runs to its end with the store's sends."""
+    run = getattr(gw, "run_pending", None)
+    if run is None:
+        assert pending is None  # MemoryStore: nothing to wait for
+    else:
+        run(pending)
 
 
 def strict_json(raw: bytes):
@@ -53,34 +76,38 @@ def strict_json(raw: bytes):
 
 # where each key's chat requests go: (host, port, path), and the header carrying its provider key
 CHAT_ROUTED_TO = {"vk_o": (("127.0.0.1", 9001, "/v1/chat/completions"), "authorization"),
-                  "vk_a": (("127.0.0.1", 9002, "/messages"), "x-api-key")}
+                  "vk_a": (("127.0.0.1", 9002, "/messages"), "x-api-key"),
+                  "vk_l": (("127.0.0.1", 9001, "/v1/chat/completions"), "authorization")}
 
 
-def send(gw: Gateway, key: str, content: bytes):
-    """A chat request. Answered by the gateway: (status, error), nothing pointed anywhere. Routed:
-    checks it goes only where the key goes, with the provider's key header (a placeholder on the
-    flow) and nothing of the client's key, carrying what the client asked for; returns None."""
-    req = tutils.treq(method=b"POST", path=b"/v1/chat/completions", host="127.0.0.1", port=1, scheme=b"http", content=content)
+def send(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/chat/completions"):
+    """An OpenAI-API request (chat unless `path` says). Answered by the gateway: (status, error),
+    nothing pointed anywhere. Routed: checks it goes only where the key goes, with the provider's
+    key header (a placeholder on the flow) and nothing of the client's key, carrying what the
+    client asked for; returns None."""
+    req = tutils.treq(method=b"POST", path=path, host="127.0.0.1", port=1, scheme=b"http", content=content)
     req.headers.clear()
     req.headers["authorization"] = f"Bearer {key}"
     req.headers["content-type"] = "application/json"
     f = tflow.tflow(req=req)
     gw.requestheaders(f)
-    gw.request(f)
+    finish(gw, gw.request(f))
     if f.response is not None:
         assert (f.request.host, f.request.port) == ("127.0.0.1", 1)  # nothing pointed anywhere
         assert f.response.headers["x-gateway-error-source"] == "gateway"
         error = json.loads(f.response.content)["error"]
         assert isinstance(error["message"], str) and isinstance(error["type"], str), error
         return f.response.status_code, error
-    (host, port, path), secret = CHAT_ROUTED_TO[key]
-    assert (f.request.host, f.request.port, f.request.path) == (host, port, path)
+    (host, port, upstream), secret = CHAT_ROUTED_TO[key]
+    if path != b"/v1/chat/completions":  # Responses, embeddings: OpenAI keys only, passed through
+        upstream = path.decode()
+    assert (f.request.host, f.request.port, f.request.path) == (host, port, upstream)
     assert key not in str(f.request.headers), f.request.headers
     assert f.request.headers[secret].endswith(f"REDACTED.{f.id}")
     assert len(f.request.headers.get_all(secret)) == 1
     sent, client = strict_json(f.request.content), json.loads(content)
     assert isinstance(sent, dict) and sent["model"] == client["model"]
-    if key == "vk_o":  # passthrough: what the client sent, a usage request at most added to a stream
+    if key != "vk_a":  # passthrough: what the client sent, a usage request at most added to a stream
         assert {k: v for k, v in sent.items() if k != "stream_options"} == \
             {k: v for k, v in client.items() if k != "stream_options"}
     else:  # translated to Messages: turns, each with a role, and the max_tokens Anthropic requires
@@ -90,16 +117,39 @@ def send(gw: Gateway, key: str, content: bytes):
     f.response = tutils.tresp(content=b"{}")
     gw.responseheaders(f)
     gw.response(f)
+    finish(gw, None)
     return None
 
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+def lone_surrogate(value) -> bool:
+    """Whether a value (as the test built it) holds a string or key with an unpaired surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_refusal(body, result) -> None:
+    """A body with an unpaired surrogate anywhere is never routed: a 400 (the one that names it,
+    or one for what else was wrong first: an Infinity, an endpoint the key's provider lacks);
+    any other is not a 500."""
+    if lone_surrogate(body):
+        assert result is not None and result[0] == 400, (result, body)
+    elif result is not None:
+        assert result[0] < 500, (result, body)
+
+
+# now and then an unpaired surrogate: JSON's "\\ud800" escape parses to one
+lone = st.sampled_from(["a\ud800b", "\udfff", "\ud83d", "x\udc00"])
+strings = st.text(max_size=20) | lone
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | strings
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | lone, inner, max_size=4), max_leaves=20)
 roles = st.sampled_from(["user", "assistant", "system", "tool", "developer"]) | json_values
 parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio", "file"]) | json_values},
                               optional={"text": json_values, "image_url": json_values})
 messages = st.lists(st.fixed_dictionaries({"role": roles}, optional={
-    "content": st.text(max_size=10) | st.lists(parts | json_values, max_size=3) | json_values,
+    "content": st.text(max_size=10) | lone | st.lists(parts | json_values, max_size=3) | json_values,
     "tool_calls": json_values, "tool_call_id": json_values, "name": json_values}), min_size=1, max_size=3)
 FIELDS = ["temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "tools", "tool_choice", "n",
           "reasoning_effort", "response_format", "stream_options", "user", "metadata", "seed", "logprobs",
@@ -110,7 +160,7 @@ bodies = st.fixed_dictionaries(
 
 
 @settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(body=bodies, key=st.sampled_from(["vk_o", "vk_a"]))
+@given(body=bodies, key=st.sampled_from(["vk_o", "vk_a", "vk_l"]))
 # drawn bodies are rarely well-formed enough to be routed: these are, so every run checks where
 # a routed request goes and what it carries, for each kind of provider
 @example(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}, key="vk_o")
@@ -118,15 +168,44 @@ bodies = st.fixed_dictionaries(
                "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
          key="vk_a")
 def test_no_chat_body_gets_a_500(gw, body, key):
-    result = send(gw, key, json.dumps(body).encode())
-    if result is not None:
-        status, err = result
-        assert status < 500, (status, err, body)
+    check_refusal(body, send(gw, key, json.dumps(body).encode()))
+    assert not gw.exchanges
+
+
+# the Responses API: the stored objects a request names (previous_response_id, conversation) are
+# looked up in the store (policy/owners.py), before anything is forwarded
+stored_ids = st.sampled_from([*RECORDED.values(), "resp_unknown", "conv_1"]) | strings | json_values
+responses_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["gpt-4o", "o3"]) | json_values,
+     "input": st.text(max_size=10) | lone | st.lists(st.fixed_dictionaries({"role": roles, "content": strings | json_values}), max_size=2)},
+    optional={"previous_response_id": stored_ids, "conversation": stored_ids | st.fixed_dictionaries({"id": stored_ids}),
+              "instructions": strings, "store": json_values, "stream": st.booleans() | json_values, "metadata": json_values,
+              "tools": json_values, "max_output_tokens": json_values, "background": json_values})
+
+
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=responses_bodies, key=st.sampled_from(["vk_o", "vk_l"]))
+# a continuation of each key's own recorded response is routed: every run checks where it goes
+@example(body={"model": "gpt-4o", "input": "hi", "previous_response_id": RECORDED["vk_o"]}, key="vk_o")
+@example(body={"model": "gpt-4o", "input": "hi", "previous_response_id": RECORDED["vk_l"]}, key="vk_l")
+def test_no_responses_body_gets_a_500(gw, body, key):
+    check_refusal(body, send(gw, key, json.dumps(body).encode(), b"/v1/responses"))
+    assert not gw.exchanges
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.fixed_dictionaries({"model": st.just("text-embedding-3-small") | json_values,
+                                   "input": strings | st.lists(strings, min_size=1, max_size=3) | json_values},
+                                  optional={"dimensions": json_values, "user": strings}),
+       key=st.sampled_from(["vk_o", "vk_l"]))
+@example(body={"model": "text-embedding-3-small", "input": ["hi"]}, key="vk_l")
+def test_no_embeddings_body_gets_a_500(gw, body, key):
+    check_refusal(body, send(gw, key, json.dumps(body).encode(), b"/v1/embeddings"))
     assert not gw.exchanges
 
 
 @settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(["vk_o", "vk_a"]))
+@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(["vk_o", "vk_a", "vk_l"]))
 @example(raw=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', key="vk_o")
 @example(raw=b'{"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}', key="vk_a")
 def test_no_raw_body_gets_a_500(gw, raw, key):
@@ -196,8 +275,7 @@ def send_messages(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/mes
     req.headers["content-length"] = str(len(content))
     f = tflow.tflow(req=req)
     gw.requestheaders(f)
-    pending = gw.request(f)
-    assert pending is None  # MemoryStore: nothing to wait for
+    finish(gw, gw.request(f))
     if f.response is not None:
         assert (f.request.host, f.request.port) == ("127.0.0.1", 1)  # nothing pointed anywhere
         body = json.loads(f.response.content)
@@ -224,6 +302,7 @@ def send_messages(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/mes
     assert f.request.headers["content-length"] == str(len(f.request.content))
     f.error = flow.Error("connection refused")  # ended as mitmproxy would: nothing stays in flight
     gw.error(f)
+    finish(gw, None)
     return None
 
 
@@ -232,8 +311,7 @@ def mostly(valid, junk=json_values):
     return st.integers(0, 9).flatmap(lambda i: junk if i == 9 else valid)
 
 
-# now and then an unpaired surrogate: JSON's "\\ud800" escape parses to one
-text = st.text(max_size=12) | st.sampled_from(["a\ud800b", "\udfff"])
+text = st.text(max_size=12) | lone
 ids = st.sampled_from(["toolu_1", "call_2"]) | text
 text_block = st.fixed_dictionaries({"type": st.just("text"), "text": mostly(text)}, optional={"cache_control": json_values})
 image_block = st.fixed_dictionaries({"type": st.just("image"), "source": mostly(st.one_of(
@@ -285,6 +363,7 @@ MESSAGES_SETTINGS = settings(max_examples=examples(250), deadline=None,
 @given(body=messages_bodies, key=st.sampled_from(sorted(ROUTED_TO)))
 def test_no_messages_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     result = send_messages(mgw, key, json.dumps(body).encode())
+    check_refusal(body, result)
     if result is not None:
         assert 400 <= result[0] < 500, (result, body)
     assert not mgw.exchanges
@@ -294,6 +373,7 @@ def test_no_messages_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
 @given(body=messages_bodies, key=st.sampled_from(sorted(ROUTED_TO)))
 def test_no_count_tokens_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     result = send_messages(mgw, key, json.dumps(body).encode(), b"/v1/messages/count_tokens")
+    check_refusal(body, result)
     assert result is None or 400 <= result[0] < 500, (result, body)
 
 
@@ -321,26 +401,37 @@ def test_nan_and_infinity_are_not_json(gw, mgw, constant):
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and constant.decode() in body["error"]["message"]
 
 
-def test_unpaired_surrogates_are_forwarded_escaped_not_a_500(gw, mgw):
-    """A lone "\\ud800" escape parses to a string with no UTF-8 form: a body the gateway
-    re-encodes (a translation, stream_options added to one that had some) carries it escaped
-    again, as the client sent it."""
+def test_an_unpaired_surrogate_in_any_field_is_a_400_that_names_it(gw, mgw):
+    """A lone "\\ud800" escape parses to a string with no UTF-8 form: no provider, store or
+    ledger can take it (the fleet's RedisStore answered 500 gateway_error for an id holding one).
+    Refused wherever it is, keys and ids included, in the client's API's shape."""
     chat = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": False},
             "messages": [{"role": "user", "content": "a\ud800b é"}]}
-    for key in ("vk_o", "vk_a"):
-        req = tutils.treq(method=b"POST", path=b"/v1/chat/completions", host="127.0.0.1", port=1, scheme=b"http",
-                          content=json.dumps(chat).encode())
-        req.headers.clear()
-        req.headers["authorization"] = f"Bearer {key}"
-        f = tflow.tflow(req=req)
-        gw.requestheaders(f)
-        gw.request(f)
-        assert f.response is None  # routed
-        sent = strict_json(f.request.content)
-        assert b"\\ud800" in f.request.content
-        text = sent["messages"][0]["content"]
-        assert (text if isinstance(text, str) else text[0]["text"]) == "a\ud800b é"
-        f.error = flow.Error("connection refused")
-        gw.error(f)
+    for key in ("vk_o", "vk_a", "vk_l"):
+        status, err = send(gw, key, json.dumps(chat).encode())
+        assert (status, err["code"], err["param"]) == (400, "invalid_string", "messages[0].content"), err
+        assert "unpaired surrogate" in err["message"]
+    for field, value, param in (("previous_response_id", "\ud800", "previous_response_id"),
+                                ("conversation", "\ud800", "conversation"), ("conversation", {"id": "c\udfff"}, "conversation.id"),
+                                ("metadata", {"k\ud800": "v"}, "metadata.k\\ud800"), ("input", ["ok", "\udc00"], "input[1]")):
+        for key in ("vk_o", "vk_l"):
+            body = {"model": "gpt-4o", "input": "hi", field: value}
+            status, err = send(gw, key, json.dumps(body).encode(), b"/v1/responses")
+            assert (status, err["code"], err["param"]) == (400, "invalid_string", param), (field, err)
+    status, err = send(gw, "vk_o", json.dumps({"model": "text-embedding-3-small", "input": ["\ud800"]}).encode(), b"/v1/embeddings")
+    assert (status, err["code"], err["param"]) == (400, "invalid_string", "input[0]")
+    # the bytes of one in UTF-8 (ED A0 80), which JSON cannot escape away either
+    status, err = send(gw, "vk_o", b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}')
+    assert (status, err["code"]) == (400, "invalid_string")
     message = {"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "a\ud800b"}]}
-    assert send_messages(mgw, "vk_m_openai", json.dumps(message).encode()) is None  # routed, checked there
+    for key in ROUTED_TO:
+        status, body = send_messages(mgw, key, json.dumps(message).encode())
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+        assert body["error"]["message"].startswith("messages[0].content: a string with an unpaired surrogate")
+
+
+def test_paired_surrogates_and_text_that_reads_like_an_escape_pass(gw):
+    """An emoji escaped as a pair, and a literal backslash-u text, are text: routed unchanged."""
+    for content in ('"\\ud83d\\ude00 ok"', '"\\\\ud800 is how JSON escapes one"', '"\\uD83D\\uDE00"', '"\xed\x9f\xbf"'):
+        raw = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": ' + content.encode("latin-1") + b"}]}"
+        assert send(gw, "vk_o", raw) is None, content
