@@ -214,9 +214,8 @@ class Stack:
         # flow_detail=0 as run.sh: the gateway's access line replaces mitmdump's per-flow line
         keys_file = "keys-targets.json" if has_targets(addon_dir) else "keys.json"
         args = ["--set", f"keys_file={self.tmp / keys_file}", "--set", "flow_detail=0"]
-        # (addon/hooks/accounting.py since the regrouping; addon/accounting.py in older revisions)
-        if any(f.exists() and '"usage_db"' in f.read_text()
-               for f in (addon_dir / "usage" / "accounting.py", addon_dir / "accounting.py")):
+        # the accounting module has moved between revisions (addon/, usage/, hooks/): look for it
+        if any('"usage_db"' in f.read_text() for f in addon_dir.rglob("accounting.py")):
             args += ["--set", f"usage_db={self.tmp / ('usage-' + addon_dir.parent.name + '.sqlite3')}"]
         return args + ["-s", str(addon_dir / "gateway.py")]
 
