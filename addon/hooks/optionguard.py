@@ -7,6 +7,11 @@ is checked (`ssl_insecure`, ...) or where requests may go (`mode`, `connection_s
 `ignore_hosts`, ...). Their start-up values stand; a later change is refused with OptionsError
 (mitmproxy then rolls it back). `stream_large_bodies` is refused at any time: a streamed request
 body would bypass the gateway's checks of it.
+
+mitmweb's own API is narrowed further by hooks/webguard.py (installed here, at load: this is the
+part that guards what may change while the gateway runs): a logged-in user may change only the
+options that decide how flows are shown, and run only the commands that look at flows. This list
+stays for what reaches the options another way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import copy
 
 from mitmproxy import ctx, exceptions
+
+from addon.hooks import webguard
 
 GUARDED = (
     "view_filter", "intercept", "intercept_active", "save_stream_file", "save_stream_filter",
@@ -23,6 +30,8 @@ GUARDED = (
     "modify_headers", "modify_body", "map_remote", "map_local", "scripts",
     "max_request_mb", "max_request_header_kb",
     "usage_db",  # env:NAME reads the environment: never a variable chosen after start-up
+    # files the gateway reads or writes: the keys, recordings, mitmproxy's CA and flows
+    "keys_file", "record_file", "confdir", "rfile", "hardump", "web_static_viewer", "server_replay", "client_replay",
 )
 
 
@@ -30,7 +39,11 @@ class OptionGuard:
     def __init__(self) -> None:
         self.frozen: dict | None = None  # guarded option -> start-up value, from `running`
 
+    def load(self, loader) -> None:
+        webguard.install(ctx.master)  # mitmweb made its web app already; it listens after the scripts load
+
     def running(self) -> None:
+        webguard.install(ctx.master)
         known = set(ctx.options.keys())
         self.frozen = {name: copy.deepcopy(getattr(ctx.options, name)) for name in GUARDED if name in known}
 
