@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -25,8 +24,7 @@ import openai
 import pytest
 
 from tests import rawhttp
-from tests.fakeprovider import FakeProvider
-from tests.gatewayproc import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -101,12 +99,6 @@ READ_ONLY_OPTIONS = {
 ROUTABLE = re.compile(r"[a-z.]+")  # mitmweb's route for POST /commands/<name>: others cannot be called
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RunShWeb:
     """`./run.sh web` with a password, its output read on a thread."""
 
@@ -171,13 +163,6 @@ class RunShWeb:
 
     def client(self, key: str = VK) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def provider_server():
-    server = FakeProvider().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
