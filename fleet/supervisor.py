@@ -143,8 +143,8 @@ def silence_s(worker_args: list[str]) -> int:
     """How long HAProxy lets a worker send nothing: longer than the gateway waits on purpose, so
     that the client gets the gateway's own answer (its 504 upstream_timeout or stream_idle_timeout
     in the client's API shape, or the next target's), never HAProxy's HTML 504. Each attempt of a
-    request (up to max_attempts, for a key with several targets) may wait upstream_timeout for
-    the provider's headers; a body may pause stream_idle_timeout."""
+    request (up to max_attempts, for a key with several targets) may wait upstream_timeout to
+    connect (TCP, TLS) and for the provider's headers; a body may pause stream_idle_timeout."""
     from addon.hooks.failover import DEFAULT_MAX_ATTEMPTS
     from addon.hooks.timeouts import STREAM_IDLE_TIMEOUT, UPSTREAM_TIMEOUT
 

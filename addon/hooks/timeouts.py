@@ -1,14 +1,15 @@
 """Provider timeouts.
 
 - `upstream_timeout`: a routed request that has no response headers after that many seconds is
-  abandoned and the client gets an OpenAI-shaped 504.
+  abandoned and the client gets a 504 in its API's shape, whatever it was waiting for: the TCP
+  connect, the TLS handshake or the headers.
 - `stream_idle_timeout`: a streamed response that receives no byte from the provider for that
   many seconds is ended; the client gets an error event and [DONE] (hooks/streamends.py).
 
 mitmproxy itself only has an inactivity timeout (tcp_timeout, 10 min by default). These addons
-cancel the flow's server connection task; mitmproxy then reports the flow as failed, and
-errorpages renders the 504 (it cannot see the flow, so the error hook hands it the message) or
-streamends ends the stream.
+cancel the task of the provider connection the flow is on, or waits for; mitmproxy then reports
+the flow as failed, and errorpages renders the 504 (it cannot see the flow, so the error hook
+hands it the message) or streamends ends the stream.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import logging
 import time
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.connection import Server
+from mitmproxy.proxy.layer import NextLayer
+from mitmproxy.proxy.layers.http import GetHttpConnection, HttpLayer
 
 from addon.hooks.accesslog import word
-from addon.hooks.patches import attempts
+from addon.hooks.patches import attempts, errorpages
 
-from addon.hooks.patches import errorpages
 log = logging.getLogger("gateway")
 
 
@@ -38,15 +41,48 @@ def seconds_option(name: str) -> float:
     return seconds
 
 
+def client_handler(flow: http.HTTPFlow):
+    """mitmproxy's ConnectionHandler of the flow's client connection (None once it is gone)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    return proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+
+
 def cancel_server_connection(flow: http.HTTPFlow) -> bool:
     """Stop the flow's server connection task: mitmproxy then fails the flow (error hook)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    handler = client_handler(flow)
     io = handler.transports.get(flow.server_conn) if handler else None
     if io is None or io.handler is None:
         return False  # not connected through a transport we can stop; tcp_timeout still applies
     io.handler.cancel()
     return True
+
+
+def http_layer(handler) -> HttpLayer | None:
+    """The HTTP layer of a client connection's stack (reverse mode: NextLayer, ReverseProxy,
+    NextLayer, [ClientTLSLayer, NextLayer,] HttpLayer)."""
+    layer = handler.layer
+    for _ in range(16):
+        if layer is None or isinstance(layer, HttpLayer):
+            return layer
+        layer = layer.layer if isinstance(layer, NextLayer) else getattr(layer, "child_layer", None)
+    return None
+
+
+def connection_being_opened(layer: HttpLayer, flow: http.HTTPFlow) -> tuple[Server | None, list[http.HTTPFlow]]:
+    """The provider connection `flow` waits for, not open yet (its TCP connect or TLS handshake
+    under way), and every flow waiting for it (HTTP/2 clients share one); (None, []) when the flow
+    waits for no connection. Until the connection is open the flow's server_conn is not it (the
+    placeholder, or an earlier attempt's connection): mitmproxy's HTTP layer knows which it is, by
+    the GetHttpConnection command the flow's stream is blocked on."""
+    asked = next((command for command, stream in layer.command_sources.items()
+                  if isinstance(command, GetHttpConnection) and getattr(stream, "flow", None) is flow), None)
+    if asked is None:
+        return None, []
+    for connection, commands in layer.waiting_for_establishment.items():
+        if any(command is asked for command in commands):
+            streams = [layer.command_sources.get(command) for command in commands]
+            return connection, [s.flow for s in streams if getattr(s, "flow", None) is not None]
+    return None, []
 
 
 class Sweeper:
@@ -74,19 +110,29 @@ class Sweeper:
     def expire(self, now: float) -> None:
         raise NotImplementedError
 
-    def answer_as_timeout(self, flow: http.HTTPFlow, expired: set[str], text: str) -> None:
-        """In the error hook of a flow this addon cut (its id in `expired`): mitmproxy's error
-        answer becomes a 504 with `text`, and the ledger and metrics see a timeout."""
-        if flow.id in expired:
-            expired.discard(flow.id)
+    def answer_as_timeout(self, flow: http.HTTPFlow, expired: dict[str, str]) -> None:
+        """In the error hook of a flow this addon cut (its id in `expired`, with the client's
+        text): mitmproxy's error answer becomes a 504 with that text, and the ledger and metrics
+        see a timeout."""
+        text = expired.pop(flow.id, None)
+        if text is not None:
             flow.metadata.setdefault("gateway", {})["timeout"] = True
             if flow.error:
-                errorpages.answer_next_as_timeout(flow.error.msg, text)
+                errorpages.answer_as_timeout(flow, text)
 
 
 # the options' defaults, in seconds (fleet/supervisor.py sizes HAProxy's timeouts on them)
 UPSTREAM_TIMEOUT = 600
 STREAM_IDLE_TIMEOUT = 120
+
+# what an attempt cut by upstream_timeout was waiting for -> (the client's 504 text, the failed
+# attempt's cause for failover's cooldown line), each formatted with the seconds
+WAITED_FOR = {
+    "connect": ("could not connect to the provider within {:g}s", "connect: no connection within {:g}s"),
+    "handshake": ("the provider did not finish the TLS handshake within {:g}s",
+                  "connect: the TLS handshake did not finish within {:g}s"),
+    "headers": ("provider did not answer within {:g}s", "no response headers within {:g}s"),
+}
 
 
 class UpstreamTimeout(Sweeper):
@@ -94,14 +140,15 @@ class UpstreamTimeout(Sweeper):
         # flow id -> (deadline, flow), in arrival order, which is deadline order: one sweep task
         # instead of a timer per request (a TimerHandle costs more than a dict entry)
         self.waiting: dict[str, tuple[float, http.HTTPFlow]] = {}
-        self.expired: set[str] = set()
+        self.expired: dict[str, str] = {}  # flow id -> the client's 504 text
         self.seconds = float(UPSTREAM_TIMEOUT)
 
     def load(self, loader) -> None:
         loader.add_option(
             "upstream_timeout", str, str(UPSTREAM_TIMEOUT),
-            "Seconds a provider may take to start answering a routed request before the "
-            "gateway gives up and answers 504. Streams are not cut once they have started.",
+            "Seconds a provider may take to start answering a routed request (connecting, the "
+            "TLS handshake and the response headers, per attempt) before the gateway gives up "
+            "and answers 504. Streams are not cut once they have started.",
         )
 
     def configure(self, updated) -> None:
@@ -126,13 +173,13 @@ class UpstreamTimeout(Sweeper):
 
     def attempt_failed(self, flow: http.HTTPFlow) -> None:
         if attempts.retrying(flow):  # another attempt (another target): its own upstream_timeout
-            self.expired.discard(flow.id)
+            self.expired.pop(flow.id, None)
             self.waiting.pop(flow.id, None)
             self.waiting[flow.id] = (time.monotonic() + self.seconds, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._cancel(flow)
-        self.answer_as_timeout(flow, self.expired, f"provider did not answer within {self.seconds:g}s")
+        self.answer_as_timeout(flow, self.expired)
 
     def _cancel(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
@@ -140,11 +187,28 @@ class UpstreamTimeout(Sweeper):
     def _expire(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        self.expired.add(flow.id)
-        if cancel_server_connection(flow):
-            log.warning("gateway: %s timed out after %gs", word(flow.request.pretty_url), self.seconds)
+        handler = client_handler(flow)
+        layer = http_layer(handler) if handler is not None else None
+        connection, cut = connection_being_opened(layer, flow) if layer is not None else (None, [])
+        if connection is not None:
+            # not connected yet: the connection task it waits for is stopped, for every flow
+            # waiting for it (their provider never got that far either)
+            io = handler.transports.get(connection)
+            if io is None or io.handler is None:
+                return
+            waited_for = "connect" if connection.timestamp_tcp_setup is None else "handshake"
+        elif cancel_server_connection(flow):
+            io, waited_for, cut = None, "headers", [flow]
         else:
-            self.expired.discard(flow.id)
+            return  # not connected through a transport we can stop; tcp_timeout still applies
+        text, cause = (template.format(self.seconds) for template in WAITED_FOR[waited_for])
+        for each in cut:
+            self.waiting.pop(each.id, None)
+            self.expired[each.id] = text
+            attempts.note_cause(each, cause)  # failover's cooldown line says it, not mitmproxy's words
+        if io is not None:
+            io.handler.cancel()
+        log.warning("gateway: %s timed out after %gs (%s)", word(flow.request.pretty_url), self.seconds, cause)
 
 
 class StreamIdleTimeout(Sweeper):
@@ -158,7 +222,7 @@ class StreamIdleTimeout(Sweeper):
 
     def __init__(self) -> None:
         self.waiting: dict[str, tuple[http.HTTPFlow, list[float]]] = {}  # flow id -> (flow, [last byte])
-        self.expired: set[str] = set()  # whole bodies cut (for the error hook's 504)
+        self.expired: dict[str, str] = {}  # whole bodies cut: flow id -> the error hook's 504 text
         self.seconds = float(STREAM_IDLE_TIMEOUT)
 
     def load(self, loader) -> None:
@@ -184,12 +248,12 @@ class StreamIdleTimeout(Sweeper):
             if streamed:
                 flow.metadata.setdefault("gateway", {})["idle_timeout"] = self.seconds
             else:
-                self.expired.add(flow_id)
+                self.expired[flow_id] = f"provider sent its response headers but not the body within {self.seconds:g}s"
             if cancel_server_connection(flow):
                 log.warning("gateway: %s: %s, nothing from the provider for %gs", word(flow.request.pretty_url),
                             "stream ended" if streamed else "response body abandoned", self.seconds)
             else:
-                self.expired.discard(flow_id)
+                self.expired.pop(flow_id, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
@@ -214,9 +278,9 @@ class StreamIdleTimeout(Sweeper):
 
     def attempt_failed(self, flow: http.HTTPFlow) -> None:
         if attempts.retrying(flow):  # a whole body cut: another attempt, whose headers start again
-            self.expired.discard(flow.id)
+            self.expired.pop(flow.id, None)
             self.waiting.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
-        self.answer_as_timeout(flow, self.expired, f"provider sent its response headers but not the body within {self.seconds:g}s")
+        self.answer_as_timeout(flow, self.expired)

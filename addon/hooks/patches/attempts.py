@@ -77,6 +77,15 @@ def failure(flow: http.HTTPFlow) -> dict:
     return flow.metadata.get(_ARMED, {}).get("failure", {})
 
 
+def note_cause(flow: http.HTTPFlow, cause: str) -> None:
+    """Said by whoever cuts an armed flow's attempt (upstream_timeout): the failure that follows
+    is this `cause` ("connect: the TLS handshake did not finish within 5s"), not mitmproxy's words
+    for a cancelled connection ("connection closed")."""
+    state = flow.metadata.get(_ARMED)
+    if state is not None:
+        state["cause"] = cause
+
+
 def retry(flow: http.HTTPFlow) -> None:
     """Called by an attempt_failed hook that pointed flow.request at another target."""
     flow.metadata[_ARMED]["retry"] = True
@@ -97,7 +106,8 @@ class RetryingHttpStream(http_layer.HttpStream):
 
     def _ask(self, state: dict, what: dict) -> layer.CommandGenerator[bool]:
         """Yield the hook; True: flow.request points at another target, send it."""
-        state["failure"] = what
+        cause = state.pop("cause", None)
+        state["failure"] = {"error": cause} if cause is not None and "error" in what else what
         state.pop("retry", None)
         yield AttemptFailedHook(self.flow)
         what.pop("body", None)  # for the hook only: flow metadata is recorded and shown
@@ -111,9 +121,12 @@ class RetryingHttpStream(http_layer.HttpStream):
         address = (self.flow.request.host, self.flow.request.port)
         for owner in self.context.layers:
             if isinstance(owner, http_layer.HttpLayer):
-                # never opened (refused, DNS, timeout): nothing of it can come later
+                # never opened (refused, DNS, timeout), or its task over (a TLS handshake that failed
+                # or was cut: its ConnectionClosed came before its end time): nothing of it can come
+                # later, which the layer would look it up for
                 for connection in [c for c in owner.connections if isinstance(c, Server) and c.error
-                                   and c.timestamp_tcp_setup is None and c.address == address]:
+                                   and (c.timestamp_tcp_setup is None or c.timestamp_end is not None)
+                                   and c.address == address]:
                     del owner.connections[connection]
                 return
 

@@ -47,6 +47,9 @@ from addon.wire.errors import ERROR_SOURCE, GatewayError
 log = logging.getLogger("gateway")
 
 _timeouts: dict[str, tuple[str, float]] = {}
+# the same by flow id, for a page rendered knowing its flow (naming_the_flow): flows cut at once
+# fail with the same message ("connection closed"), and each must find its own mark
+_flow_timeouts: dict[str, tuple[str, float]] = {}
 # the same for the x-gateway-overhead-ms value of the page (hooks/metrics.py's error hook)
 _overheads: dict[str, tuple[str, float]] = {}
 # the same for the API of the flow that failed with that message (JsonErrorPages.error)
@@ -69,13 +72,26 @@ def answer_next_as_timeout(message: str, text: str) -> None:
     _mark(_timeouts, message, text)
 
 
+def answer_as_timeout(flow: http.HTTPFlow, text: str) -> None:
+    """The error page of `flow` (failed, its error hook running) is a 504 saying `text`."""
+    _mark(_flow_timeouts, flow.id, text)
+    answer_next_as_timeout(flow.error.msg, text)  # for a page rendered without its flow
+
+
 def put_overhead_on_next(message: str, value: str) -> None:
     """The next error page for `message` carries x-gateway-overhead-ms: `value`."""
     _mark(_overheads, message, value)
 
 
 def _classify(status: int, message: str, flow: http.HTTPFlow | None = None) -> tuple[int, str, str | None]:
-    mark = _timeouts.pop(message, None) if status == 502 else None
+    mark = None
+    if status == 502:
+        if flow is None:
+            mark = _timeouts.pop(message, None)
+        else:
+            mark = _flow_timeouts.pop(flow.id, None)
+            if mark is not None:
+                _timeouts.pop(message, None)  # the mark by message its error hook made as well
     if mark is not None and mark[1] >= time.monotonic():
         return 504, mark[0], "upstream_timeout"
     text = message or http.status_codes.RESPONSES.get(status, "error")
