@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL ledger is used
     from addon.usage.postgres import PostgresLedger
 from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
-from addon.policy.store import BUCKET, MINUTE, UsageStore
+from addon.policy.owners import record
+from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, UsageStore
 from addon.wire.streams import frame_for_new_length
 from addon.wire.estimate import StreamSample, estimate_from_chars
 from addon.wire.tokens import Usage, cost
@@ -47,6 +48,13 @@ SETTLE_AT = 10_000  # finished flows noted before they are settled at once, what
 NO_USAGE = Usage()
 
 log = logging.getLogger("gateway")
+
+
+def read_owners(path: str, per_key: int) -> list[tuple[str, str, float]]:
+    """The stored responses the ledger says were created within OWNER_TTL, the newest `per_key`
+    per key, oldest first, as (id, owner record, when): a restart keeps who owns each."""
+    return [(resource_id, record(fingerprint, target_id or None), when)
+            for fingerprint, resource_id, target_id, when in ledger_db.stored_responses(path, time.time() - OWNER_TTL, per_key)]
 
 
 def read_seeds(path: str) -> tuple[list, list]:
@@ -100,8 +108,14 @@ class UsageAccounting:
             self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
             self.store.seed_tokens(fingerprint, tokens, when)
+        try:
+            for resource_id, record, when in read_owners(path, self.owners_per_key()):
+                self.store.seed_owner(resource_id, record, when)
+        except Exception as e:
+            raise exceptions.OptionsError(f"usage_db {masked_url(path)}: {e}") from None
         if hasattr(self.store, "reload_seeds"):  # RedisStore: Redis may lose its data while we run
             self.store.reload_seeds = self.reload_seeds
+            self.store.reload_owners = self.reload_owners
         log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", masked_url(path), len(buckets))
 
     async def reload_seeds(self, counted: Callable[[], None]) -> list[tuple]:
@@ -118,6 +132,18 @@ class UsageAccounting:
         buckets, recent = await asyncio.to_thread(read_seeds, ledger.path)
         return ([(fp, "", tokens or 0, usd or 0.0, start, False) for fp, start, tokens, usd in buckets]
                 + [(fp, "", tokens, 0.0, when, True) for fp, when, tokens in recent])
+
+    async def reload_owners(self) -> list[tuple[str, str, float]]:
+        """For a store that lost its data: the ledger's owner records (after reload_seeds wrote
+        every finished request to it), as seed_owner takes them."""
+        ledger = self.ledger
+        if ledger is None:
+            return []
+        return await asyncio.to_thread(read_owners, ledger.path, self.owners_per_key())
+
+    @staticmethod
+    def owners_per_key() -> int:
+        return getattr(ctx.options, "owners_per_key", OWNERS_PER_KEY)
 
     def running(self) -> None:
         self.start_writer()
@@ -270,6 +296,7 @@ class UsageAccounting:
                 started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                 latency_ms, streamed, usd, usage.estimated, meta.get("target", ""), meta.get("attempts", 1),
+                meta.get("created", ""), meta.get("target_id", ""),
             ))
 
 

@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 
 from addon.hooks.messages import plain_content
 from addon.policy.owners import OWNED_API, FirstEvent, created, record
+from addon.policy.store import OWNERS_PER_KEY
 
 log = logging.getLogger("gateway")
 
@@ -25,6 +26,21 @@ class ResponseOwners:
 
     def __init__(self, store) -> None:
         self.store = store
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "owners_per_key", int, OWNERS_PER_KEY,
+            "Stored responses (Responses API) whose creator the in-process store keeps per virtual key, "
+            "for 30 days each: past it the key's own oldest record goes (its id then answers 404), never "
+            "another key's. With a usage ledger they are read back at start-up. Redis keeps each for 30 days.",
+        )
+
+    def configure(self, updated) -> None:
+        if "owners_per_key" in updated:
+            if ctx.options.owners_per_key < 1:
+                raise exceptions.OptionsError(f"owners_per_key must be 1 or more, not {ctx.options.owners_per_key}")
+            if hasattr(self.store, "owners_per_key"):  # MemoryStore (RedisStore has no cap: a TTL per record)
+                self.store.owners_per_key = ctx.options.owners_per_key
 
     @staticmethod
     def creating(flow: http.HTTPFlow) -> str | None:

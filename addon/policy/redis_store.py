@@ -314,6 +314,8 @@ class RedisStore(CooldownTable):
         self._held: dict[str, dict[str, tuple[int, float]]] = {}  # key -> ticket -> worst case: what renew() renews
         self._renewals: list[tuple[float, asyncio.Future]] = []  # renew() calls not yet sent: (now, future)
         self.seeds: list[tuple] = []  # ledger rows to load if Redis is empty (seed_spend/seed_tokens)
+        self.owner_seeds: list[tuple[str, str, float]] = []  # stored responses' owners from the ledger (seed_owner)
+        self.reload_owners = None  # set with a ledger: its owner records again, for a Redis that lost its data
         # at start-up: the ledger's spend per key (what seed_spend gave), and whether Redis held its
         # own already (the marker; True: the ledger was not loaded, Redis's spend counts)
         self.ledger_spend: dict[str, tuple[int, float]] = {}
@@ -599,12 +601,22 @@ class RedisStore(CooldownTable):
     def seed_tokens(self, key: str, tokens: int, when: float) -> None:
         self.seeds.append((key, "", tokens, 0.0, when, True))
 
+    def seed_owner(self, resource_id: str, key: str, when: float) -> None:
+        self.owner_seeds.append((resource_id, key, when))
+
+    def owner_commands(self, owners: list[tuple[str, str, float]], now: float) -> list[bytes]:
+        """SET NX of each record still within OWNER_TTL (one written meanwhile is newer: kept)."""
+        return [command("SET", f"{self.prefix}owner:{resource_id}", key, "NX", "EX", math.ceil(when + OWNER_TTL - now))
+                for resource_id, key, when in owners
+                if when + OWNER_TTL - now >= 1 and resource_id.isascii() and key.isascii()]
+
     async def seed(self, reload: bool = False) -> None:
         """Load the ledger's spend into Redis if it has no marker (new, or restarted without its
         data): one gateway takes a lock and loads, the others wait for its marker. Nothing is
         sent meanwhile: admissions wait, counts are kept (those the reloaded ledger holds are
         dropped, the rest sent after). `reload`: mid-run, read the ledger again."""
         seeds, self.seeds = self.seeds, []
+        owners, self.owner_seeds = self.owner_seeds, []
         if not reload:  # the hours Redis surely still keeps (it drops those a year old)
             self.spend_since = (int(time.time() // BUCKET) - RETENTION_HOURS + 2) * BUCKET
             self.ledger_spend = spend_of(seeds, self.spend_since)
@@ -619,13 +631,16 @@ class RedisStore(CooldownTable):
                     continue
                 if reload and self.reload_seeds is not None:
                     seeds = await self.reload_seeds(self.counted_in_ledger)
-                counts = self.count_commands(seeds, seeding=True)
+                if reload and self.reload_owners is not None:
+                    owners = await self.reload_owners()
+                counts = [c for _, _, c in self.count_commands(seeds, seeding=True)] + self.owner_commands(owners, time.time())
                 for start in range(0, len(counts), SEED_BATCH):
-                    for answer in await self.round_trip([c for _, _, c in counts[start:start + SEED_BATCH]]):
+                    for answer in await self.round_trip(counts[start:start + SEED_BATCH]):
                         if isinstance(answer, Exception):
                             raise answer
                 await self.round_trip([command("SET", self.marker, "1"), command("DEL", lock)])
-                log.info("gateway: Redis %s was empty: %d ledger buckets loaded into it", masked_url(self.url), len(seeds))
+                log.info("gateway: Redis %s was empty: %d ledger buckets and %d stored responses' owners loaded into it",
+                         masked_url(self.url), len(seeds), len(owners))
             if not reload:
                 self.found_seeded = first_look
         except (RedisError, OSError) as e:

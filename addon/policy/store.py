@@ -59,7 +59,9 @@ RESERVATION_LEASE = 60.0  # seconds a reservation is held unless its holder rene
 RENEW_EVERY = 1 / 3  # of the lease: how often a holder renews its live reservations
 RENEW_RETRY = 1.0  # seconds between renewals while the store does not answer (a Redis outage)
 OWNER_TTL = 30 * 86400  # seconds a stored response's owner is kept (OpenAI keeps the response 30 days)
-OWNERS_KEPT = 100_000  # owners MemoryStore keeps at most (the oldest recorded go first)
+# stored responses whose owner MemoryStore keeps per creating key (its oldest go first; option
+# owners_per_key): one key's creates never push another key's records out
+OWNERS_PER_KEY = 100_000
 PARALLEL_RETRY = 1.0  # Retry-After for a key at its max_parallel: slots free as responses end
 
 
@@ -157,7 +159,11 @@ class UsageStore(Protocol):
     # stored responses' owners (policy/owners.py)
     def note_owner(self, resource_id: str, key: str, now: float) -> Awaitable[None] | None:
         """Record that `key` created the stored object `resource_id` (kept OWNER_TTL). Never
-        fails the caller; RedisStore returns the write, which the caller may wait for."""
+        fails the caller; RedisStore returns the write, which the caller may wait for. `key` is
+        the record (policy/owners.record): "<fingerprint>" or "<fingerprint>/<target id>"."""
+
+    def seed_owner(self, resource_id: str, key: str, when: float) -> None:
+        """A record read back from the usage ledger at start-up (made at `when`, oldest first)."""
 
     def owner_of(self, resource_id: str, now: float) -> str | None | Awaitable[str | None]:
         """The key that created `resource_id`, None when not known (never recorded, expired,
@@ -267,7 +273,9 @@ class MemoryStore(CooldownTable):
         # key -> ticket -> [tokens, usd, expires]: requests in flight that hold a reservation
         self._held: dict[str, dict[str, list]] = {}
         self._tickets = itertools.count(1)
-        self._owners: dict[str, tuple[str, float]] = {}  # resource id -> (key, expires), oldest first
+        self._owners: dict[str, tuple[str, float]] = {}  # resource id -> (record, expires)
+        self._owned: dict[str, dict[str, None]] = {}  # creating key's fingerprint -> its resource ids, oldest first
+        self.owners_per_key = OWNERS_PER_KEY
 
     # --- admission ---------------------------------------------------------------------
 
@@ -399,15 +407,41 @@ class MemoryStore(CooldownTable):
     # --- stored responses' owners ----------------------------------------------------------
 
     def note_owner(self, resource_id: str, key: str, now: float) -> None:
-        owners = self._owners
-        owners.pop(resource_id, None)  # a new record goes last
-        if len(owners) >= OWNERS_KEPT:
-            del owners[next(iter(owners))]
+        """Kept per creating key: a key past owners_per_key loses its own oldest record, never
+        another key's. Expired records of that key go first."""
+        owners, owned = self._owners, self._owned
+        previous = owners.pop(resource_id, None)
+        if previous is not None:  # recorded again: the latest creator, and the newest entry
+            ids = owned.get(creator(previous[0]))
+            if ids is not None:
+                ids.pop(resource_id, None)
+        mine = owned.get(creator(key))
+        if mine is None:
+            mine = owned[creator(key)] = {}
+        cap = self.owners_per_key
+        while mine:
+            oldest = next(iter(mine))
+            entry = owners.get(oldest)
+            if len(mine) < cap and entry is not None and entry[1] > now:
+                break
+            del mine[oldest]
+            if entry is not None:
+                del owners[oldest]
+        mine[resource_id] = None
         owners[resource_id] = (key, now + OWNER_TTL)
+
+    def seed_owner(self, resource_id: str, key: str, when: float) -> None:
+        self.note_owner(resource_id, key, when)
 
     def owner_of(self, resource_id: str, now: float) -> str | None:
         entry = self._owners.get(resource_id)
         return entry[0] if entry is not None and entry[1] > now else None
+
+
+def creator(record: str) -> str:
+    """The creating key's fingerprint in an owner record ("<fingerprint>[/<target id>]",
+    policy/owners.record)."""
+    return record.partition("/")[0]
 
 
 def fits(used: float, demand: float, limit: float) -> bool:

@@ -54,6 +54,16 @@ def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
     return sqlite.recent_tokens(path, since)
 
 
+def stored_responses(path: str, since: float, per_key: int) -> list[tuple[str, str, str, float]]:
+    """(fingerprint, response id, target id, time) of the stored responses created since `since`,
+    the newest `per_key` per key, oldest first: seeds the stores' owner records (a restart keeps
+    who may read, continue or delete each)."""
+    if is_postgres(path):
+        from addon.usage import postgres
+        return postgres.stored_responses(path, since, per_key)
+    return sqlite.stored_responses(path, since, per_key)
+
+
 def usage_table(path: str, key: str | None = None, since: float | None = None) -> list[tuple]:
     """Per key: name, fingerprint, requests, prompt, completion, cached tokens, cost."""
     if is_postgres(path):

@@ -29,15 +29,21 @@ CREATE TABLE IF NOT EXISTS usage (
     cost_usd REAL NOT NULL,
     estimated INTEGER NOT NULL DEFAULT 0, -- 1: tokens estimated (usage/estimate.py), the provider's never came
     target TEXT NOT NULL DEFAULT '',      -- a key with several targets: the one that answered ("1", "pool[2]")
-    attempts INTEGER NOT NULL DEFAULT 1   -- upstream attempts this request took (failover)
+    attempts INTEGER NOT NULL DEFAULT 1,  -- upstream attempts this request took (failover)
+    created TEXT NOT NULL DEFAULT '',     -- the stored response it created (resp_...): its owner, read back at start-up
+    target_id TEXT NOT NULL DEFAULT ''    -- a key with several targets: the answering target's id (a hash, never the key)
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
 """
 # columns added after the first release: (name, definition), added by ALTER TABLE to older files
 ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"), ("target", "TEXT NOT NULL DEFAULT ''"),
-                 ("attempts", "INTEGER NOT NULL DEFAULT 1"))
+                 ("attempts", "INTEGER NOT NULL DEFAULT 1"), ("created", "TEXT NOT NULL DEFAULT ''"),
+                 ("target_id", "TEXT NOT NULL DEFAULT ''"))
+# made once the added columns are there (an older file gets them first)
+INDEXES = ("CREATE INDEX IF NOT EXISTS usage_created ON usage (ts) WHERE created != ''",)
 COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
-           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated", "target", "attempts")
+           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated", "target", "attempts",
+           "created", "target_id")
 MAX_PENDING = 200_000  # rows kept while another writer holds the lock (about 40 MB)
 
 
@@ -57,6 +63,8 @@ class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
     estimated: bool = False
     target: str = ""
     attempts: int = 1
+    created: str = ""
+    target_id: str = ""
 
 
 class Dialect(NamedTuple):
@@ -77,6 +85,14 @@ def spend_sql(d: Dialect) -> str:
 def recent_sql(d: Dialect) -> str:
     return ("SELECT key_fingerprint, ts, prompt_tokens + completion_tokens FROM usage"
             f" WHERE ts >= {d.param} AND prompt_tokens + completion_tokens > 0 ORDER BY ts")
+
+
+def owners_sql(d: Dialect) -> str:
+    """(fingerprint, stored response id, target id, time) of the responses created since a time,
+    the newest N per key, oldest first: the owner records a store is seeded with."""
+    return ("SELECT key_fingerprint, created, target_id, ts FROM (SELECT key_fingerprint, created, target_id, ts,"
+            " ROW_NUMBER() OVER (PARTITION BY key_fingerprint ORDER BY ts DESC) AS newest"
+            f" FROM usage WHERE created != '' AND ts >= {d.param}) AS recent WHERE newest <= {d.param} ORDER BY ts")
 
 
 def usage_query(d: Dialect, key: str | None = None, since: float | None = None) -> tuple[str, list]:

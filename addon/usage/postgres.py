@@ -22,8 +22,8 @@ import threading
 import psycopg
 
 from addon.wire.secreturl import masked_url
-from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, Dialect, UsageRecord, recent_sql,
-                                spend_sql, usage_query)
+from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, INDEXES, MAX_PENDING, SCHEMA, Dialect, UsageRecord,
+                                owners_sql, recent_sql, spend_sql, usage_query)
 
 log = logging.getLogger("gateway")
 
@@ -50,6 +50,8 @@ def connect(target: str) -> psycopg.Connection:
                 db.execute(statement)
         for name, definition in ADDED_COLUMNS:
             db.execute(f"ALTER TABLE usage ADD COLUMN IF NOT EXISTS {name} {postgres_type(definition)}")
+        for statement in INDEXES:
+            db.execute(statement)
     return db
 
 
@@ -139,6 +141,11 @@ def spend_buckets(target: str, bucket_seconds: int) -> list[tuple[str, float, in
 def recent_tokens(target: str, since: float) -> list[tuple[str, float, int]]:
     with connect(target) as db:
         return db.execute(recent_sql(POSTGRES), (since,)).fetchall()
+
+
+def stored_responses(target: str, since: float, per_key: int) -> list[tuple[str, str, str, float]]:
+    with connect(target) as db:
+        return db.execute(owners_sql(POSTGRES), (since, per_key)).fetchall()
 
 
 def usage_table(target: str, key: str | None = None, since: float | None = None) -> list[tuple]:

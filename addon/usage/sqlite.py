@@ -19,8 +19,8 @@ import sqlite3
 import time
 from urllib.parse import quote
 
-from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, MAX_PENDING, SCHEMA, SQLITE, UsageRecord, encodable,
-                                    recent_sql, spend_sql, usage_query)
+from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, INDEXES, MAX_PENDING, SCHEMA, SQLITE, UsageRecord, encodable,
+                                    owners_sql, recent_sql, spend_sql, usage_query)
 
 log = logging.getLogger("gateway")
 
@@ -57,6 +57,9 @@ def upgrade(db: sqlite3.Connection) -> None:
         if name not in have:
             with db:
                 db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
+    with db:
+        for statement in INDEXES:
+            db.execute(statement)
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
@@ -229,6 +232,16 @@ def recent_tokens(path: str, since: float) -> list[tuple[str, float, int]]:
     db = connect(path)
     try:
         return db.execute(recent_sql(SQLITE), (since,)).fetchall()
+    finally:
+        db.close()
+
+
+def stored_responses(path: str, since: float, per_key: int) -> list[tuple[str, str, str, float]]:
+    """(fingerprint, response id, target id, time) of the stored responses created since `since`,
+    the newest `per_key` per key, oldest first: seeds the owner records."""
+    db = connect(path)
+    try:
+        return db.execute(owners_sql(SQLITE), (since, per_key)).fetchall()
     finally:
         db.close()
 

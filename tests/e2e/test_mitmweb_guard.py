@@ -71,7 +71,7 @@ VIEW_OPTIONS = {"view_order", "view_order_reversed", "web_columns", "web_theme",
 READ_ONLY_OPTIONS = {
     # the gateway's
     "access_log", "auth_cooldown_s", "cooldown_s", "drain_s", "endpoint_line", "keys_file", "keys_reload_ms",
-    "max_attempts", "max_request_header_kb", "max_request_mb", "metrics_host", "metrics_port", "metrics_token",
+    "max_attempts", "max_request_header_kb", "max_request_mb", "metrics_host", "metrics_port", "metrics_token", "owners_per_key",
     "spend_check",
     "record_file", "redis_prefix", "redis_url", "replayable_flows", "reservation_lease", "stream_idle_timeout",
     "upstream_timeout", "usage_db",
