@@ -53,7 +53,7 @@ def keys_file(provider_url: str) -> dict:
             "vk_demo_anthropic": {"provider": "anthropic", "api_key": fake.KEYS["anthropic"], "name": "demo-anthropic"},
             "vk_demo_deepseek": {"provider": "deepseek", "api_key": fake.KEYS["deepseek"], "name": "demo-deepseek"},
             # its allow-list and rpm are what it shows. Its budget holds a request's worst case while
-            # it runs (no max_tokens: 32,768 output tokens, $0.02 at these prices), so the budget
+            # it runs (no max_tokens: gpt-4o-mini's 16,384 output tokens, $0.01 at these prices), so the budget
             # must be well above that or the first request is refused (docs/shared-state.md)
             "vk_demo_limited": {"provider": "openai", "api_key": fake.KEYS["openai"], "name": "demo-limited",
                                 "models": ["gpt-4o-mini"], "rpm": 3, "budget_usd": 1.0},
@@ -78,6 +78,7 @@ LIMIT_WORDS = {
     "rpm": lambda e: f"{e['rpm']} requests a minute",
     "tpm": lambda e: f"{e['tpm']} tokens a minute",
     "max_parallel": lambda e: f"{e['max_parallel']} requests at once",
+    "max_output_tokens": lambda e: f"answers of at most {e['max_output_tokens']} tokens",
     "budget_usd": lambda e: _budget(e, f"${e['budget_usd']:g}"),
     "budget_tokens": lambda e: _budget(e, f"{e['budget_tokens']}-token"),
     "budget_period": lambda e: "",  # said with its budget

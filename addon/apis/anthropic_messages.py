@@ -114,6 +114,11 @@ class AnthropicMessages:
     methods = frozenset({"POST"})
     usage_in_stream = True
     needs_messages = True
+    max_output_fields: tuple[str, ...] = ("max_tokens",)
+    choices_field = None
+
+    def output_field(self, provider: str) -> str | None:
+        return "max_tokens" if self.max_output_fields else None
 
     def parse_request(self, raw: bytes) -> dict:
         body = json_object(raw)
@@ -169,6 +174,7 @@ class AnthropicCountTokens(AnthropicMessages):
 
     name = "anthropic_count_tokens"
     paths = frozenset({"/v1/messages/count_tokens"})
+    max_output_fields = ()  # counts the input, answers nothing: no output to hold
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         return None

@@ -191,6 +191,11 @@ class InboundAPI(Protocol):
     paths: frozenset[str]  # request paths without the query
     methods: frozenset[str]
     usage_in_stream: bool  # False: the gateway asks upstream for stream usage (see prepare_usage)
+    max_output_fields: tuple[str, ...]  # fields bounding one answer's output, first set wins; () no output
+    choices_field: str | None  # the field asking for several answers (chat's "n"), if any
+
+    def output_field(self, provider: str) -> str | None:
+        """The field a key's max_output_tokens is sent in to `provider` when the client names none."""
 
     def parse_request(self, raw: bytes) -> dict:
         """The request body, checked for what the gateway itself relies on (model, stream).

@@ -21,6 +21,16 @@ class OpenAIChat:
     paths = frozenset({"/chat/completions", "/v1/chat/completions"})
     methods = frozenset({"POST"})
     usage_in_stream = False
+    # the fields that bound one answer's output, the first one set wins; and the field asking for
+    # several answers (policy/worstcase.py holds their product)
+    max_output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+    choices_field: str | None = "n"
+
+    def output_field(self, provider: str) -> str | None:
+        """The field a key's max_output_tokens is sent in to `provider` (the request as the
+        client wrote it: a translation reads it from there). OpenAI's reasoning models refuse
+        max_tokens; other OpenAI-compatible servers may not know max_completion_tokens."""
+        return "max_completion_tokens" if provider in ("openai", "azure") else "max_tokens"
 
     def parse_request(self, raw: bytes) -> dict:
         body = parse_object(raw)

@@ -21,7 +21,11 @@ class OpenAIEmbeddings(OpenAIChat):
     methods = frozenset({"POST"})
     upstream_path = "/embeddings"  # under a provider's base_url
     usage_in_stream = True  # nothing streams
-    has_output = False  # no output tokens: a budget reserves the input only
+    max_output_fields = ()  # no output tokens: a budget holds the input only
+    choices_field = None
+
+    def output_field(self, provider: str) -> None:
+        return None
 
     def parse_request(self, raw: bytes) -> dict:
         body = parse_object(raw)

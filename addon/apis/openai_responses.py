@@ -32,6 +32,10 @@ class OpenAIResponses(OpenAIChat):
     methods = frozenset({"POST"})
     upstream_path = "/responses"  # under a provider's base_url
     usage_in_stream = True
+    max_output_fields = ("max_output_tokens",)
+    choices_field = None
+    # input the provider adds from what it stores: the body does not show how much
+    stored_input_fields = ("previous_response_id", "conversation", "prompt")
     # a stored response: path prefix -> methods; the rest of the path must match RESOURCE
     resource_methods = {"": frozenset({"GET", "DELETE"}), "/input_items": frozenset({"GET"})}
 
@@ -39,6 +43,9 @@ class OpenAIResponses(OpenAIChat):
         """The methods allowed on `tail` (what follows /v1/responses), None if it names nothing."""
         m = RESOURCE.fullmatch(tail)
         return self.resource_methods[m.group(2) or ""] if m else None
+
+    def output_field(self, provider: str) -> str:
+        return "max_output_tokens"
 
     def stored_ids(self, body: dict | None, tail: str) -> tuple[tuple[str, str | None], ...]:
         """The stored objects a request reads, changes or continues, as (id, the field naming it):

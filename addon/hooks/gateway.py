@@ -561,6 +561,8 @@ class Gateway:
         context = failover.context._replace(route=failover.routes[target.provider], target=target)
         try:
             prepared = prepare((failover.raw, context.api.parse_request(failover.raw)), context)
+            if prepared[1] is None:  # the client's body as it came, not what an earlier attempt was sent (a model_map, a cap)
+                prepared = (prepared[0], failover.raw, *prepared[2:])
             forward = self.forwarding(context, "", prepared, failover.fields)
         except GatewayError as e:
             log.warning("gateway: target %s of %s cannot serve this request (%s)", target.display, failover.key.name, e.message)

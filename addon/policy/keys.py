@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from fnmatch import fnmatchcase
 from functools import cached_property
-from typing import Mapping
+from typing import Mapping, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
 
 from addon.providers import azure
-from addon.providers.catalog import CATALOG, DEFAULT_MAX_OUTPUT, MAX_OUTPUT
+from addon.providers.catalog import CATALOG, model_limits
 from addon.policy.store import MAX_BUDGET_PERIOD, Limits
 from addon.wire.secrets import fingerprint, mask
 from addon.wire.tokens import Price
@@ -69,9 +69,10 @@ _PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
 _PERIOD_SECONDS = {"h": 3600, "d": 86400}
 ENDPOINT_FIELDS = frozenset({"provider", "api_key", "base_url"}) | azure.FIELDS  # where and with which real key
 BASE_FIELDS = ENDPOINT_FIELDS | {"name", "targets"}
-TARGET_FIELDS = ENDPOINT_FIELDS | {"weight", "fallback", "model_map", "model"}
+TARGET_FIELDS = ENDPOINT_FIELDS | {"weight", "fallback", "model_map", "model", "max_output_tokens"}
 POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled",
-                           "max_parallel"})
+                           "max_parallel", "max_output_tokens"})
+BOUNDS_KEPT = 256  # per key: models whose Bound is remembered (names are the client's choice)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class KeyPolicy:
     disabled: bool = False
     period_text: str | None = field(default=None, compare=False)  # budget_period as written ("30d")
     max_parallel: int | None = None  # requests in flight at once, across every gateway sharing the store
+    # the most output tokens one answer may have: sent to the provider when a request names no
+    # maximum, a larger maximum lowered to it (a target may set its own)
+    max_output_tokens: int | None = None
 
     def allows_model(self, model: str) -> bool:
         if self.models is None:
@@ -103,7 +107,8 @@ class KeyPolicy:
             parts.append("DISABLED")
         if self.models is not None:
             parts.append("models " + ",".join(self.models))
-        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm), ("max_parallel", self.max_parallel))
+        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm), ("max_parallel", self.max_parallel),
+                                                        ("max_output_tokens", self.max_output_tokens))
                   if value is not None]
         period = f"/{self.period_text or f'{self.budget_period // 3600}h'}" if self.budget_period else ""
         if self.budget_tokens is not None:
@@ -129,6 +134,16 @@ NO_POLICY = KeyPolicy()
 NO_LIMITS = Limits()
 
 
+class Bound(NamedTuple):
+    """The most a request for one model may cost, over every target its key may send it to (a
+    retry may go to any): what policy/worstcase.py holds for it."""
+
+    output: int  # output tokens per answer when the request names no maximum (what is sent, or the model's most)
+    cap: int | None  # a larger maximum the request names is lowered to this; None: some target has no cap
+    context: int  # the largest context window: no input is billed more
+    image: int  # input tokens one image costs at most (0: no rule, its bytes count)
+
+
 def target_id(provider: str, base_url: str, api_key: str) -> str:
     """A target's stable cooldown name: the same real key at the same URL has the same id,
     whichever virtual key or pool lists it (a key revoked at the provider is skipped by all)."""
@@ -149,6 +164,7 @@ class Target:
     model_map: tuple[tuple[str, str], ...] = ()  # requested model -> model served by this target
     model: str | None = None  # every request is served as this model
     label: str = "0"  # what ledger, mitmweb and logs name it by: "1" (index in the key's list) or "pool[1]"
+    max_output_tokens: int | None = None  # this target's own cap (else the key's)
     id: str = ""  # cooldown name (target_id); filled in when left empty
     _map: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -196,9 +212,8 @@ class VirtualKey:
     primaries: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
     cumulative: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
     fallbacks: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
-    # the most output a request without max_tokens may get from any of its targets (a retry may go
-    # to any): what a budget or tpm reserves for it (rules.worst_case)
-    max_output: int = field(default=0, init=False, repr=False, compare=False)
+    # model -> Bound, remembered (bounded): what a budget or tpm holds for a request (policy/worstcase.py)
+    _bounds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         targets = self.targets
@@ -213,7 +228,37 @@ class VirtualKey:
         object.__setattr__(self, "primaries", primaries)
         object.__setattr__(self, "cumulative", tuple(cumulative))
         object.__setattr__(self, "fallbacks", tuple(i for i, t in enumerate(targets) if t.fallback))
-        object.__setattr__(self, "max_output", max(MAX_OUTPUT.get(t.provider, DEFAULT_MAX_OUTPUT) for t in targets))
+
+    def output_cap(self, target: Target, model: str) -> int | None:
+        """The maximum output sent to `target` for a request for `model` that names none (and
+        that a larger one is lowered to): its max_output_tokens, else the key's, at most the
+        served model's own (a provider refuses a larger maximum). None: no cap, nothing sent."""
+        cap = target.max_output_tokens or self.policy.max_output_tokens
+        if cap is None:
+            return None
+        return min(cap, model_limits(target.provider, target.served_model(model)).max_output)
+
+    def bound(self, model: str) -> Bound:
+        """The Bound of a request for `model` over this key's targets (remembered per model)."""
+        bounds = self._bounds
+        found = bounds.get(model)
+        if found is not None:
+            return found
+        output = context = image = 0
+        cap: int | None = 0
+        for target in self.targets:
+            limits = model_limits(target.provider, target.served_model(model))
+            sent = self.output_cap(target, model)
+            output = max(output, limits.max_output if sent is None else sent)
+            context, image = max(context, limits.context), max(image, limits.image)
+            if cap is not None:
+                own = target.max_output_tokens or self.policy.max_output_tokens
+                cap = None if own is None else max(cap, own)
+        found = Bound(output, cap, context, image)
+        if len(bounds) >= BOUNDS_KEPT:
+            bounds.clear()
+        bounds[model] = found
+        return found
 
     def __repr__(self) -> str:  # keep the real key out of tracebacks and debug logs
         return (
@@ -569,7 +614,8 @@ def _parse_target(conf: object, defaults: dict[str, dict], where: str, label: st
                                                   for a, b in model_map.items()):
         raise KeysError(f"{where}: model_map must map requested model names to served model names")
     return _parse_endpoint(conf, defaults, where, weight=weight, fallback=fallback,
-                           model_map=tuple(model_map.items()), model=model, label=label)
+                           model_map=tuple(model_map.items()), model=model, label=label,
+                           max_output_tokens=_optional_int(conf, "max_output_tokens", where))
 
 
 def _parse_pools(section: object, defaults: dict[str, dict], source: str) -> dict[str, tuple[Target, ...]]:
@@ -617,6 +663,7 @@ def _parse_policy(entry: dict, where: str) -> KeyPolicy:
         expires_at=_timestamp(entry["expires_at"], f"{where}: expires_at") if "expires_at" in entry else None,
         disabled=disabled,
         max_parallel=_optional_int(entry, "max_parallel", where),
+        max_output_tokens=_optional_int(entry, "max_output_tokens", where),
     )
 
 

@@ -20,6 +20,7 @@ from addon.policy.store import (
     retry_after_header,
 )
 from addon.wire.errors import GatewayError
+from addon.policy.worstcase import made_of
 
 # A budget is not something a retry fixes: tell the openai SDK not to retry (it honours this header)
 NO_RETRY = {"x-should-retry": "false"}
@@ -74,46 +75,26 @@ def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand, model: str | Non
         return verdict.ticket
     period = _period(policy.budget_period)
     if refused == BUDGET_TOKENS:
-        raise GatewayError(429, f"token budget of this virtual key does not cover this request ({verdict.used:.0f} of "
-                           f"{policy.budget_tokens}{period} used or held; this request holds up to {demand.tokens} tokens "
-                           f"while it runs{_held_for(demand, model)})", code="budget_exceeded", headers=NO_RETRY)
+        raise GatewayError(429, f"token budget of this virtual key does not cover this request ({verdict.used:,.0f} of "
+                           f"{policy.budget_tokens:,}{period} used or held; this request holds up to {demand.tokens:,} tokens "
+                           f"while it runs{_because(demand)})", code="budget_exceeded", headers=NO_RETRY)
     if refused == BUDGET_USD:
         raise GatewayError(429, f"dollar budget of this virtual key does not cover this request (${verdict.used:.4f} of "
                            f"${policy.budget_usd:g}{period} used or held; this request holds up to ${demand.usd:.4f} "
-                           f"while it runs{_held_for(demand, model)})", code="budget_exceeded", headers=NO_RETRY)
+                           f"while it runs{_because(demand)})", code="budget_exceeded", headers=NO_RETRY)
     if refused == TPM:
-        raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm}; this request may use up to {demand.tokens})", verdict.wait)
+        raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm:,}; this request may use "
+                            f"up to {demand.tokens:,}{_because(demand)})", verdict.wait)
     if refused == PARALLEL:
         raise GatewayError(429, f"this virtual key already has {policy.max_parallel} requests in flight (max_parallel {policy.max_parallel})",
                            code="concurrency_limit_exceeded", headers={"retry-after": retry_after_header(verdict.wait)})
     raise _rate_limited(f"requests per minute limit of this virtual key reached (rpm {policy.rpm})", verdict.wait)
 
 
-def worst_case(policy: KeyPolicy, price: Price | None, body: dict, body_size: int, default_output: int) -> Demand:
-    """The most a request can use, for keys whose budget or tpm reserves it: the prompt (its
-    body's size in bytes bounds its text tokens: a token is at least one byte) plus max_tokens,
-    or the provider's default output when the request names none."""
-    if policy.tpm is None and not policy.has_budget:
-        return NO_DEMAND
-    output, asked = default_output, False
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if type(value) is int and value > 0:
-            output, asked = value, True
-            break
-    usd = (body_size * price.input + output * price.output) / 1e6 if price is not None else 0.0
-    return Demand(body_size + output, usd, output, asked)
-
-
-def _held_for(demand: Demand, model: str | None) -> str:
-    """What a refused request's worst case is made of, and what the client can change."""
-    prompt = demand.tokens - demand.output  # the body's bytes: a token is at least one byte
-    if not demand.output:  # no output tokens (embeddings): only the input counts
-        return f": its input, up to {prompt} tokens"
-    if demand.max_tokens:
-        return f": its max_tokens {demand.output} plus up to {prompt} prompt tokens; lower max_tokens to fit"
-    return (f": it sets no max_tokens, so {demand.output} output tokens, the provider's most, are held for "
-            f"{model or 'its model'}, plus up to {prompt} prompt tokens; set max_tokens to hold less")
+def _because(demand: Demand) -> str:
+    """': <what the worst case is made of>' (policy/worstcase.py), or nothing."""
+    words = made_of(demand.hold)
+    return f": {words}" if words else ""
 
 
 def worst_price(keys: KeyStore, key: VirtualKey, model: str) -> Price | None:

@@ -88,13 +88,12 @@ class Limits(NamedTuple):
 
 
 class Demand(NamedTuple):
-    """A request's worst case: the most tokens and dollars it can use; what its output part is
-    made of is kept for the refusal's words (the store needs only tokens and usd)."""
+    """A request's worst case: the most tokens and dollars it can use; what it is made of is kept
+    for the refusal's words (the stores read only tokens and usd)."""
 
     tokens: int = 0
     usd: float = 0.0
-    output: int = 0  # output tokens in it: the request's max_tokens, or the provider's most
-    max_tokens: bool = False  # whether the request set max_tokens (max_completion_tokens)
+    hold: object = None  # what it is made of (policy/worstcase.py Hold), for a refusal's message
 
 
 NO_DEMAND = Demand()

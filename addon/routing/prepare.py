@@ -1,6 +1,7 @@
 """Request preparation: a parsed request body made ready for the target it goes to (the
-target's model mapping, its price, asking a stream for its usage, the pair's translation) and
-the worst case the key's limits reserve. Pure: a dict and bytes in, bytes and records out."""
+target's model mapping, its price, a key's max_output_tokens, asking a stream for its usage, the
+pair's translation) and the worst case the key's limits reserve (policy/worstcase.py). Pure: a
+dict and bytes in, bytes and records out."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 
 from addon.apis.base import InboundAPI
 from addon.policy import rules
+from addon.policy.worstcase import cap_output, worst_case
 from addon.routing.routes import check_model_name
 from addon.wire.errors import GatewayError
 from addon.wire.sse import json_bytes
@@ -37,7 +39,19 @@ def prepare(parsed: tuple[bytes, dict], context):
     meta.update(api=api.name, model=served, stream=bool(body.get("stream")))
     price = keys.price(served)
     meta["price"] = [price.input, price.output, price.cached_input] if price else None
+    policy = key.policy
+    demand = rules.NO_DEMAND
+    if policy.tpm is not None or policy.has_budget:  # the worst case its limits hold, of the request as written
+        worst = price
+        if key.failover and policy.budget_usd is not None:  # the priciest model a retry may be served
+            worst = rules.worst_price(keys, key, model)
+        demand = worst_case(policy, worst, body, raw, api, key.bound(model), model)
+        hold = demand.hold  # what a background response's hold is (hooks/accounting.py)
+        meta["held"] = (demand.tokens, demand.usd, hold.input, hold.output * hold.answers)
     new_body = None
+    # a key's or target's max_output_tokens: sent when the client names no maximum, a larger one lowered
+    if (policy.max_output_tokens or target.max_output_tokens) and cap_output(body, api, target.provider, key.output_cap(target, model)):
+        new_body = json_bytes(body)
     if served != model:
         if price is None and key.policy.budget_usd is not None:
             raise GatewayError(403, f"model {served!r} (served for {model!r}) has no price in the keys file, and this "
@@ -62,9 +76,4 @@ def prepare(parsed: tuple[bytes, dict], context):
         new_body = upstream.body
         if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either
             new_body = without_stream_options(new_body)
-    # the output a request without max_tokens may get from any of the key's targets (none for embeddings)
-    output = key.max_output if getattr(api, "has_output", True) else 0
-    if key.failover and key.policy.budget_usd is not None:  # the priciest model a retry may be served
-        price = rules.worst_price(keys, key, model)
-    demand = rules.worst_case(key.policy, price, body, len(raw), output)
     return model, new_body, upstream, exchange, demand

@@ -159,25 +159,27 @@ def test_a_stored_responses_target_failing_is_not_failed_over_and_while_it_cools
 # --- 3. budgets reserve what any target may answer ----------------------------------------------
 
 def test_a_token_budget_reserves_the_fallbacks_larger_default_output(provider, gateway_factory):
-    # DeepSeek answers at most 8192 tokens without max_tokens, the OpenAI fallback 32768: a request
-    # reserved for DeepSeek's worst case would overshoot the budget if the fallback served it
-    primary = {**target(provider, "a", KEY_A), "provider": "deepseek"}
-    gw = gateway_factory(keys(primary, target(provider, "b", KEY_B, fallback=True), budget_tokens=20000))
+    # DeepSeek's deepseek-chat answers at most 8,192 tokens without max_tokens, the OpenAI
+    # fallback's gpt-4o 16,384: a request reserved for DeepSeek's worst case would overshoot the
+    # budget if the fallback served it
+    primary = {**target(provider, "a", KEY_A), "provider": "deepseek", "model_map": {"gpt-4o": "deepseek-chat"}}
+    gw = gateway_factory(keys(primary, target(provider, "b", KEY_B, fallback=True), budget_tokens=12000))
 
     def whole_default(r: Received) -> Reply:
         reply = openai_completion(r.json())
-        reply["usage"] = {"prompt_tokens": 5, "completion_tokens": 32768, "total_tokens": 32773}
+        reply["usage"] = {"prompt_tokens": 5, "completion_tokens": 16384, "total_tokens": 16389}
         return Reply.json(reply)
 
     provider.reset(by_target({"a": status(503), "b": whole_default}))
     with pytest.raises(openai.RateLimitError) as refused:
         chat(gw)
     error = refused.value.response.json()["error"]
-    assert error["code"] == "budget_exceeded" and "this request holds up to" in error["message"]
-    assert int(error["message"].split("this request holds up to ")[1].split(" ")[0]) > 32768
+    assert error["code"] == "budget_exceeded" and "no max_tokens: 16,384 output tokens held for gpt-4o" in error["message"]
     assert provider.received == []  # refused before any attempt
     provider.reset(by_target({"a": status(503), "b": ok}))
     assert chat(gw, max_tokens=1000).headers["x-gateway-attempts"] == "2"  # what fits is served
+    # the fallback got the client's body, not the one mapped for the primary
+    assert [r.json()["model"] for r in provider.received] == ["deepseek-chat", "gpt-4o"]
 
 
 def test_a_dollar_budget_reserves_the_priciest_model_a_fallback_serves(provider, gateway_factory):

@@ -1,6 +1,7 @@
 """addon/policy/rules.py on parsed keys files, with an in-memory store and the time passed in."""
 
 import hashlib
+import json
 
 import pytest
 
@@ -206,16 +207,6 @@ def test_max_parallel_is_429_concurrency_limit_exceeded_with_retry_after():
     admitted(keys, store=store, now=0.0)
 
 
-def test_worst_case_is_body_bytes_plus_max_tokens_or_the_provider_default_priced():
-    keys = keys_with(budget_usd=10)
-    key, price = keys.lookup("vk_test_policy"), keys.price("gpt-4o")  # $2.5 / $10 per million
-    assert policy.worst_case(key.policy, price, {"max_tokens": 100}, 1000, 32768) == Demand(1100, (1000 * 2.5 + 100 * 10) / 1e6, 100, True)
-    assert policy.worst_case(key.policy, price, {}, 1000, 32768) == Demand(33768, (1000 * 2.5 + 32768 * 10) / 1e6, 32768, False)
-    assert policy.worst_case(key.policy, price, {"max_completion_tokens": 7, "max_tokens": 100}, 10, 32768).tokens == 17
-    assert policy.worst_case(key.policy, price, {"max_tokens": "9"}, 10, 500).tokens == 510  # not a count: the default
-    assert policy.worst_case(keys_with(rpm=5).lookup("vk_test_policy").policy, price, {}, 10, 500) == Demand()  # nothing to reserve
-
-
 def test_a_budget_refusal_says_what_did_not_fit():
     keys = keys_with(budget_tokens=100)
     key = keys.lookup("vk_test_policy")
@@ -233,31 +224,44 @@ def budget_refusal(demand, **fields) -> str:
     return e.value.message
 
 
+def demand_for(body: dict, api=None, **fields):
+    """The worst case policy/worstcase.py gives `body` (raw: its JSON) for a key with `fields`."""
+    from addon.apis.openai_chat import OPENAI_CHAT
+    from addon.policy.worstcase import worst_case
+
+    keys = keys_with(**fields)
+    key, model = keys.lookup("vk_test_policy"), body.get("model", "gpt-4o-mini")
+    return worst_case(key.policy, keys.price(model), body, json.dumps(body).encode(), api or OPENAI_CHAT, key.bound(model), model)
+
+
 def test_a_budget_refusal_without_max_tokens_says_what_was_held_and_to_set_it():
-    keys = keys_with(budget_usd=0.01)
-    price = keys.price("gpt-4o-mini")
-    demand = policy.worst_case(keys.lookup("vk_test_policy").policy, price, {"messages": []}, 87, 32768)
-    message = budget_refusal(demand, budget_usd=0.01)
-    assert message == ("dollar budget of this virtual key does not cover this request ($0.0000 of $0.01 used or held; "
-                       "this request holds up to $0.0197 while it runs: it sets no max_tokens, so 32768 output tokens, "
-                       "the provider's most, are held for gpt-4o-mini, plus up to 87 prompt tokens; set max_tokens to hold less)")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    size = len(json.dumps(body))
+    message = budget_refusal(demand_for(body, budget_usd=0.005), budget_usd=0.005)
+    assert message == ("dollar budget of this virtual key does not cover this request ($0.0000 of $0.005 used or held; "
+                       "this request holds up to $0.0098 while it runs: input up to "
+                       f"{size} tokens; no max_tokens: 16,384 output tokens held for gpt-4o-mini; set max_tokens or the key's "
+                       "max_output_tokens)")
     assert "lower max_tokens" not in message
-    tokens = budget_refusal(policy.worst_case(keys_with(budget_tokens=1000).lookup("vk_test_policy").policy, None, {}, 87, 32768),
-                            budget_tokens=1000)
-    assert "holds up to 32855 tokens" in tokens and "it sets no max_tokens, so 32768 output tokens" in tokens
+    tokens = budget_refusal(demand_for(body, budget_tokens=1000), budget_tokens=1000)
+    assert f"holds up to {16_384 + size:,} tokens" in tokens and "no max_tokens: 16,384 output tokens" in tokens
 
 
 def test_a_budget_refusal_with_max_tokens_says_to_lower_it():
-    demand = policy.worst_case(keys_with(budget_tokens=100).lookup("vk_test_policy").policy, None, {"max_tokens": 500}, 40, 32768)
-    assert budget_refusal(demand, budget_tokens=100).endswith(
-        "holds up to 540 tokens while it runs: its max_tokens 500 plus up to 40 prompt tokens; lower max_tokens to fit)")
+    body = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 500}
+    assert budget_refusal(demand_for(body, budget_tokens=100), budget_tokens=100).endswith(
+        f"holds up to {500 + len(json.dumps(body))} tokens while it runs: input up to {len(json.dumps(body))} tokens; "
+        "max_tokens 500 output tokens; lower max_tokens to fit)")
 
 
 def test_a_budget_refusal_without_output_names_no_max_tokens():
     # embeddings: no output tokens, nothing the client could lower
-    demand = policy.worst_case(keys_with(budget_tokens=100).lookup("vk_test_policy").policy, None, {"input": "x"}, 300, 0)
-    message = budget_refusal(demand, budget_tokens=100)
-    assert message.endswith("holds up to 300 tokens while it runs: its input, up to 300 tokens)") and "max_tokens" not in message
+    from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
+
+    body = {"model": "gpt-4o-mini", "input": "x" * 300}
+    size = len(json.dumps(body))
+    message = budget_refusal(demand_for(body, OPENAI_EMBEDDINGS, budget_tokens=100), budget_tokens=100)
+    assert message.endswith(f"holds up to {size} tokens while it runs: input up to {size} tokens)") and "max_tokens" not in message
 
 
 class AsyncStore:

@@ -154,7 +154,7 @@ def t(**fields):
     (bad({"name": "n", "targets": {"provider": "openai"}}), "'n': targets must be a non-empty list of targets"),
     (bad({"name": "n", "targets": [KEY_A]}), "'n': targets[0] must be an object with \"provider\" and \"api_key\""),
     (bad({"name": "n", "targets": [t(rpm=5)]}), "'n': targets[0]: unknown field 'rpm' (a target takes api_key, base_url, fallback, "
-                                                "model, model_map, provider, weight and azure's fields; policy fields go on the key)"),
+                                                "max_output_tokens, model, model_map, provider, weight and azure's fields; policy fields go on the key)"),
     (bad({"name": "n", "targets": [t(), t(name="x")]}), "targets[1]: unknown field 'name'"),
     (bad({"name": "n", "targets": [t(weight=0)]}), "'n': targets[0]: weight must be a positive number"),
     (bad({"name": "n", "targets": [t(weight=-2)]}), "targets[0]: weight must be a positive number"),
@@ -231,12 +231,3 @@ def test_the_check_command_lists_targets_masked(tmp_path, monkeypatch, capsys):
     assert not any(secret in out for secret in SECRETS)
 
 
-def test_max_output_is_the_largest_default_output_of_any_target_computed_at_load():
-    from addon.providers.catalog import MAX_OUTPUT
-
-    store = parse_keys({"virtual_keys": {
-        "vk_classic": {"provider": "deepseek", "api_key": KEY_A},
-        "vk_mixed": {"targets": [{"provider": "deepseek", "api_key": KEY_A},
-                                 {"provider": "openai", "api_key": KEY_B, "fallback": True}]}}})
-    assert store.lookup("vk_classic").max_output == MAX_OUTPUT["deepseek"] < MAX_OUTPUT["openai"]
-    assert store.lookup("vk_mixed").max_output == MAX_OUTPUT["openai"]  # the fallback's, though it is second
