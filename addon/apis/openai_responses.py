@@ -1,5 +1,6 @@
 """OpenAI Responses: POST /v1/responses (and /responses), and the stored response's own paths:
-GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items.
+GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items, POST
+/v1/responses/{id}/cancel (a background response).
 
 Served natively by the providers whose catalog line lists it (openai, azure), passed through byte
 for byte, streams chunk by chunk; other providers get a 400 naming them (no translation yet).
@@ -19,8 +20,11 @@ from addon.wire.tokens import Usage, last_event_end, token_count
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json
 
-# a stored response's id and what may follow it: /{id}, /{id}/input_items
-RESOURCE = re.compile(r"/(resp_[A-Za-z0-9_-]{1,200})(/input_items)?")
+# a stored response's id and what may follow it: /{id}, /{id}/input_items, /{id}/cancel
+RESOURCE = re.compile(r"/(resp_[A-Za-z0-9_-]{1,200})(/input_items|/cancel)?")
+# a Response object's status while a background response runs, and once it has ended (its usage then final)
+RUNNING = frozenset({"queued", "in_progress"})
+ENDED = frozenset({"completed", "incomplete", "failed", "cancelled"})
 _USAGE = b'"usage"'
 _FINAL = re.compile(rb'"type"\s*:\s*"response\.(?:completed|incomplete|failed)"')
 
@@ -37,7 +41,7 @@ class OpenAIResponses(OpenAIChat):
     # input the provider adds from what it stores: the body does not show how much
     stored_input_fields = ("previous_response_id", "conversation", "prompt")
     # a stored response: path prefix -> methods; the rest of the path must match RESOURCE
-    resource_methods = {"": frozenset({"GET", "DELETE"}), "/input_items": frozenset({"GET"})}
+    resource_methods = {"": frozenset({"GET", "DELETE"}), "/input_items": frozenset({"GET"}), "/cancel": frozenset({"POST"})}
 
     def resource(self, tail: str) -> frozenset[str] | None:
         """The methods allowed on `tail` (what follows /v1/responses), None if it names nothing."""
@@ -88,6 +92,18 @@ class OpenAIResponses(OpenAIChat):
 
     def stream_usage(self, strip: bool) -> ResponsesStreamUsage:
         return ResponsesStreamUsage()
+
+
+def response_state(body: bytes) -> tuple[str | None, Usage | None]:
+    """A whole Response object's (status, usage); (None, None) for anything else."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    if not isinstance(data, dict) or data.get("object") != "response":
+        return None, None
+    status = data.get("status")
+    return (status if isinstance(status, str) else None), responses_usage(data.get("usage"))
 
 
 def responses_usage(usage: object) -> Usage | None:

@@ -6,6 +6,14 @@ ends it notes what is needed to count it, and `settle()` later turns that into t
 dollars, counts them in the store (budgets, tpm) and queues a ledger row. Nothing here can
 refuse or hold up a request.
 
+Background responses (a Responses create with `background: true`, answered `queued` without
+usage): the request's reservation becomes a hold on the response's id (`defer`, policy/store.py),
+due `background_hold` seconds later. A later GET, stream or cancel of that response that shows its
+final usage settles it, once, to that usage (the ledger row is that request's); one that shows it
+still running moves its due time on; one nobody settles is charged its worst case when due
+(`charge_due`, swept every SWEEP_EVERY seconds, a ledger row marked estimated). MemoryStore's holds
+die with the process, so at a stop they are charged their worst case; RedisStore keeps them.
+
 Why later: run once per request between mitmproxy's own work, the usage parse and the counting
 found their code and data out of the CPU caches every time; in a batch they stay warm (bench/ab.py:
 about 20 us less proxy CPU per request, at 1 and at 16 connections). `settle()` runs every
@@ -18,7 +26,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import asyncio
+import inspect
+import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -37,7 +48,9 @@ if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL ledger is used
 from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
 from addon.policy.owners import record
-from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, UsageStore
+from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due, MemoryStore, UsageStore
+from addon.hooks.timeouts import seconds_option
+from addon.apis.openai_responses import ENDED, RUNNING, ResponsesStreamUsage, response_state
 from addon.wire.streams import frame_for_new_length
 from addon.wire.estimate import StreamSample, estimate_from_chars
 from addon.wire.tokens import Usage, cost
@@ -46,6 +59,10 @@ from addon.apis.registry import APIS, DEFAULT_API
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
 NO_USAGE = Usage()
+PENDING = Usage(estimated=True)  # a background stream that ended before its usage: it is held instead
+BACKGROUND_HOLD = 3600.0  # default seconds a background response is held without news of it
+SWEEP_EVERY = 2.0  # seconds between two charges of the holds that fell due
+STORED_ID = re.compile(r"/responses/(resp_[A-Za-z0-9_-]{1,200})")  # in the provider's path of a stored response's request
 
 log = logging.getLogger("gateway")
 
@@ -75,6 +92,8 @@ class UsageAccounting:
         self.writer: asyncio.Task | None = None  # settles and flushes every FLUSH_EVERY seconds
         # told each counted request's (meta, prompt, completion, cached tokens, usd): the metrics
         self.counted: Callable[[dict, int, int, int, float], None] | None = None
+        self.background_hold = BACKGROUND_HOLD  # option background_hold
+        self.settling: set[asyncio.Task] = set()  # deferred holds being settled in a remote store
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -84,8 +103,16 @@ class UsageAccounting:
             "Empty: keep no ledger, budgets then start from zero at every start. env:NAME: the environment "
             "variable NAME holds it (run.sh: env:USAGE_DB; a URL's password stays out of argv and this view).",
         )
+        loader.add_option(
+            "background_hold", str, f"{BACKGROUND_HOLD:g}",
+            "Seconds a background response (Responses, background: true) holds its worst case against its key's "
+            "budget and tpm without news of it: a GET, stream or cancel showing its usage settles it, one showing it "
+            "still running holds it this long again, and when nothing did it is charged its worst case.",
+        )
 
     def configure(self, updated) -> None:
+        if "background_hold" in updated:
+            self.background_hold = seconds_option("background_hold")
         if "usage_db" not in updated:
             return
         self.start_writer()  # (when the event loop runs already; else running() starts it)
@@ -152,6 +179,11 @@ class UsageAccounting:
         if self.writer is not None:
             self.writer.cancel()
             self.writer = None
+        for task in self.settling:
+            task.cancel()
+        if isinstance(self.store, MemoryStore):  # its holds end with the process: never free
+            for due in self.store.charge_due(time.time(), everything=True):
+                self.charged(due)
         self.settle()
         if self.ledger is not None:
             self.ledger.close()
@@ -168,9 +200,12 @@ class UsageAccounting:
 
     async def write_ledger(self) -> None:
         """Batches on the event loop (ledger.py says why not a thread); checkpoints off it."""
-        last_checkpoint = time.monotonic()
+        last_checkpoint = last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(sqlite.FLUSH_EVERY)
+            if time.monotonic() - last_sweep >= SWEEP_EVERY:
+                last_sweep = time.monotonic()
+                await self.sweep()
             try:
                 self.settle()
             except Exception:
@@ -187,11 +222,103 @@ class UsageAccounting:
             except Exception:
                 log.exception("gateway: usage ledger write failed")
 
+    # --- background responses: their usage comes later ------------------------------------
+
+    async def sweep(self) -> None:
+        """Charge the holds that fell due their worst case (ledger rows included)."""
+        try:
+            due = self.store.charge_due(time.time())
+            if inspect.isawaitable(due):
+                due = await due
+            for hold in due:
+                self.charged(hold)
+        except Exception:
+            log.exception("gateway: could not charge the background responses that fell due")
+
+    def charged(self, due: Due) -> None:
+        """A hold charged its worst case: its ledger row (estimated), and one line saying why."""
+        try:
+            info = json.loads(due.meta)
+        except ValueError:
+            info = {}
+        if not (due.tokens or due.usd) or not isinstance(info, dict):
+            return
+        log.info("gateway: background response %s of key %s: no final usage seen within %.0fs of the last news of it; "
+                 "charged its worst case, %d tokens ($%.4f)", due.resource_id, info.get("key", "?"),
+                 self.background_hold, due.tokens, due.usd)
+        prompt, completion = info.get("input", 0), info.get("output", 0)
+        if not (type(prompt) is int and type(completion) is int and prompt + completion == due.tokens):
+            prompt, completion = due.tokens, 0
+        meta = {**info, "fingerprint": due.key, "counted": True}
+        started = info.get("started") if isinstance(info.get("started"), (int, float)) else due.when
+        self.unsettled.append((meta, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False))
+
+    def defer(self, meta: dict, started: float) -> None:
+        """A background create answered without its usage: its reservation (if its key holds
+        any) becomes a hold on the response, due background_hold seconds from now. Keys without
+        a limit get one holding nothing: the usage is still counted once, when it shows."""
+        ticket = meta.pop("ticket", None)
+        tokens, usd, prompt, completion = meta.get("held") or (0, 0.0, 0, 0)
+        info = json.dumps({"key": meta.get("key", ""), "provider": meta.get("provider", ""), "model": meta.get("model", ""),
+                           "price": meta.get("price"), "target": meta.get("target", ""), "attempts": meta.get("attempts", 1),
+                           "api": meta.get("api"), "started": started, "input": prompt, "output": completion},
+                          separators=(",", ":"))
+        self.store.defer(meta["fingerprint"], ticket, meta["background"], tokens, usd, time.time() + self.background_hold, info)
+
+    def resolve(self, flow: http.HTTPFlow, meta: dict, status: int, state: str | None, usage: Usage | None, streamed: bool) -> None:
+        """A request on a stored response (GET, stream, cancel) ended: when it shows the final
+        usage of a background response whose hold is still held, settle that, once, and count the
+        usage on this request's row (with the create's model and price); when it shows one still
+        running, hold it longer. Anything else is counted as the request it is."""
+        started = flow.request.timestamp_start
+        ended = (flow.response.timestamp_end if flow.response else None) or time.time()
+        found = STORED_ID.search(flow.request.path)
+        if state == "failed" and usage is None:
+            usage = NO_USAGE  # the provider's own failure: billed nothing, as an error
+        if found is None or status != 200 or state not in ENDED or usage is None:
+            if found is not None and status == 200 and state in RUNNING:
+                self.store.extend(meta["fingerprint"], found.group(1), time.time() + self.background_hold)
+            self.unsettled.append((meta, started, ended, status, None, streamed))
+            return
+        settled = self.store.settle_deferred(meta["fingerprint"], found.group(1), usage, ended)
+        if not inspect.isawaitable(settled):
+            self.settled(meta, settled, usage, (started, ended, status, streamed))
+            return
+        task = asyncio.get_running_loop().create_task(self.settle_later(meta, settled, usage, (started, ended, status, streamed)))
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+
+    async def settle_later(self, meta: dict, settled, usage: Usage, row: tuple) -> None:
+        try:
+            answer = await settled
+        except Exception:
+            log.exception("gateway: could not settle a background response (it is charged its worst case when due)")
+            answer = None
+        self.settled(meta, answer, usage, row)
+
+    def settled(self, meta: dict, answer: tuple[str, float] | None, usage: Usage, row: tuple) -> None:
+        started, ended, status, streamed = row
+        if answer is None:  # no hold: not a background response, or counted already
+            self.unsettled.append((meta, started, ended, status, None, streamed))
+            return
+        try:
+            info = json.loads(answer[0])
+        except ValueError:
+            info = {}
+        made = {name: info[name] for name in ("model", "price", "provider", "target") if name in info}
+        self.unsettled.append(({**meta, **made, "counted": True}, started, ended, status, usage, streamed))
+
     # --- hooks -------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get("gateway", {})
         response = flow.response
+        if meta.get("resource") and response is not None and response.stream and response.status_code == 200:
+            # a stored response streamed (GET ?stream=true): its final event may settle a background hold
+            watcher = ResponsesStreamUsage()
+            response.stream = watched_stream(response.stream, watcher)
+            self.watchers[flow.id] = watcher, StreamSample()
+            return
         if not meta.get("stream") or "client_usage" not in meta or response is None or not response.stream:
             return
         try:
@@ -208,13 +335,15 @@ class UsageAccounting:
     def response(self, flow: http.HTTPFlow) -> None:
         watched = self.watchers.pop(flow.id, None)
         response = flow.response
-        if watched is not None:
+        meta = flow.metadata.get("gateway", {})
+        if meta.get("resource"):  # a stored response's request: counted when made, unless it settles a background one
+            self.note_resource(flow, response.status_code, watched)
+        elif watched is not None:
             if watched[1].first_at:  # time to first token (the metrics)
-                flow.metadata["gateway"]["first_chunk_at"] = watched[1].first_at
-            self.note(flow, response.status_code, stream_usage(flow, *watched), streamed=True)
-        elif response.status_code == 200 and not response.stream and "resource" not in flow.metadata.get("gateway", ()):
-            # its usage is read when settled (not a stored response's: it was counted when made)
-            self.note(flow, 200, response, streamed=False)
+                meta["first_chunk_at"] = watched[1].first_at
+            self.note(flow, response.status_code, self.streamed_usage(flow, meta, watched), streamed=True)
+        elif response.status_code == 200 and not response.stream:
+            self.note(flow, 200, response, streamed=False)  # its usage is read when settled
         else:
             self.note(flow, response.status_code, None, streamed=False)
 
@@ -226,7 +355,40 @@ class UsageAccounting:
             # the gateway's own error page (x-gateway-error-source: gateway), not the provider's
             # answer: the access line says which, as the header does
             meta["failed"] = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        self.note(flow, status, stream_usage(flow, *watched) if watched else None, streamed=watched is not None)
+        if meta is not None and meta.get("resource"):
+            self.note_resource(flow, status, watched)
+            return
+        usage = self.streamed_usage(flow, meta, watched) if watched else None
+        self.note(flow, status, usage, streamed=watched is not None)
+
+    @staticmethod
+    def streamed_usage(flow: http.HTTPFlow, meta: dict | None, watched: tuple) -> Usage:
+        """What a stream is charged (stream_usage); PENDING for a background response's stream
+        that ended before its final usage: it runs on at the provider, and is held instead."""
+        if meta is not None and "background" in meta and watched[0].usage is None:
+            return PENDING
+        return stream_usage(flow, *watched)
+
+    def note_resource(self, flow: http.HTTPFlow, status: int, watched: tuple | None) -> None:
+        if not flow.live:
+            return
+        meta = flow.metadata.get("gateway")
+        if meta is None or "fingerprint" not in meta:
+            self.note(flow, status, None, streamed=watched is not None)
+            return
+        try:
+            if watched is not None:  # a stream: its final event's usage (an ended response's)
+                usage = watched[0].usage
+                self.resolve(flow, meta, status, "completed" if usage is not None else None, usage, True)
+                return
+            response = flow.response
+            state, usage = (None, None)
+            if status == 200 and response is not None and response.raw_content:
+                state, usage = response_state(plain_content(response))
+            self.resolve(flow, meta, status, state, usage, False)
+        except Exception:
+            log.exception("gateway: could not account a stored response's request")
+            self.note(flow, status, None, streamed=watched is not None)
 
     def note(self, flow: http.HTTPFlow, status: int, usage: Usage | http.Response | None, streamed: bool) -> None:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""
@@ -238,6 +400,12 @@ class UsageAccounting:
         if meta is None or "fingerprint" not in meta:  # not a request made with a known key
             log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000, ended)
             return
+        if "background" in meta and status == 200:  # a background create: is its usage still to come?
+            if isinstance(usage, http.Response):
+                usage = body_usage(meta, usage)
+            if usage is None or usage is PENDING:
+                self.defer(meta, flow.request.timestamp_start)
+                usage = None
         if "ticket" in meta:  # the store holds a reservation for it: end that at once
             usage = self.end_reservation(meta, usage, ended)
         self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
@@ -285,7 +453,9 @@ class UsageAccounting:
         fingerprint = meta["fingerprint"]
         tokens = usage.prompt_tokens + usage.completion_tokens
         if tokens or usd:
-            if "ticket" not in meta:  # a reservation was settled in the store when the flow ended
+            # a reservation was settled in the store when the flow ended; a deferred hold's
+            # usage (settled or charged) is counted in the store already
+            if "ticket" not in meta and "counted" not in meta:
                 self.store.add_usage(fingerprint, tokens, usd, ended)
             if self.counted is not None:
                 self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)

@@ -53,9 +53,11 @@ class ResponseOwners:
         return meta.get("fingerprint")
 
     def note(self, flow: http.HTTPFlow, key: str, body: object):
+        meta = flow.metadata["gateway"]
+        if isinstance(body, dict) and body.get("background") is True and isinstance(body.get("id"), str):
+            meta["background"] = body["id"]  # its usage comes later: hooks/accounting.py holds its worst case
         resource_id = created(body)
         if resource_id is not None:
-            meta = flow.metadata["gateway"]
             meta["created"] = resource_id
             return self.store.note_owner(resource_id, record(key, meta.get("target_id")), time.time())
         return None

@@ -129,6 +129,13 @@ class KeyPolicy:
         limits = Limits(self.rpm, self.tpm, self.budget_tokens, self.budget_usd, self.budget_period, self.max_parallel)
         return None if limits == NO_LIMITS else limits
 
+    @cached_property
+    def request_limits(self) -> Limits | None:
+        """What a request that names no model (a stored response's GET, DELETE, cancel) is held
+        to: rpm and max_parallel, not budgets or tpm (it costs nothing)."""
+        limits = Limits(rpm=self.rpm, max_parallel=self.max_parallel)
+        return None if limits == NO_LIMITS else limits
+
 
 NO_POLICY = KeyPolicy()
 NO_LIMITS = Limits()

@@ -6,11 +6,15 @@ differs. Per key fingerprint (never the virtual key), under `<prefix><fingerprin
     rpm    sorted set: one member per admitted request, scored by its time (sliding log)
     tpm    sorted set: "<id>:<tokens>" per finished request, scored by when it ended
     held   hash: ticket -> "<tokens> <usd> <expires>", the reservations in flight
+    bg     hash: response id -> "<tokens> <usd> <due> <meta>", holds whose usage comes later
+           (policy/store.py, `defer`), counted as held by RESERVE (no max_parallel slot)
     spend  hash: t / u (lifetime tokens / dollars), h<hour> / u<hour> (hourly buckets), w (the
            last rolling-period sum: "<period> <first hour> <tokens> <usd>", as MemoryStore keeps it)
 
 and `<prefix>owner:<response id>` -> the fingerprint that created that stored response
-(policy/owners.py), kept OWNER_TTL.
+(policy/owners.py), kept OWNER_TTL; `<prefix>bgdue`, a sorted set of every key's deferred holds
+("<fingerprint> <response id>", scored by when each is due), which each gateway sweeps
+(`charge_due`): a hold whose gateway is gone is charged by another.
 
 Every admission is ONE round trip: the RESERVE script checks budgets, tpm, max_parallel and rpm
 and reserves, atomically (Redis runs a script alone). Settling, releasing and counting are sent
@@ -63,9 +67,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
-    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Limits,
+    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Due, Limits,
     Spend, StoreUnavailable, Verdict, spend_of,
 )
+from addon.wire.tokens import Usage
 from addon.wire.secreturl import masked_url
 
 log = logging.getLogger("gateway")
@@ -78,7 +83,7 @@ COOLDOWN_KEPT = 60.0  # seconds an ended cooldown no request looked at stays in 
 SEED_LOCK_S = 10  # seconds one gateway may hold the seeding lock (a gateway that dies loading: another takes over)
 UNSEEDED = "unseeded"  # the scripts' answer when Redis has no `<prefix>seeded` marker (it lost its data)
 
-# KEYS: rpm, tpm, held, spend, the seeded marker. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
+# KEYS: rpm, tpm, held, spend, the seeded marker, bg. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
 # demand tokens, demand usd, ticket, reservation ttl ("" = no limit of that kind; ticket "" = hold
 # nothing). Returns {""} + ticket when admitted, {refused, wait, used} (numbers as strings:
 # Redis turns Lua numbers into integers), or {"unseeded"} (Redis lost its data: nothing done).
@@ -104,6 +109,12 @@ for i = 1, #held, 2 do
   else
     held_tokens = held_tokens + tonumber(t); held_usd = held_usd + tonumber(u); held_count = held_count + 1
   end
+end
+-- holds whose usage comes later: their worst case, held until settled or charged (no parallel slot)
+local deferred = redis.call('HGETALL', KEYS[6])
+for i = 2, #deferred, 2 do
+  local t, u = string.match(deferred[i], '^(%S+) (%S+)')
+  held_tokens = held_tokens + tonumber(t); held_usd = held_usd + tonumber(u)
 end
 
 if budget_tokens or budget_usd then
@@ -145,7 +156,7 @@ if tpm then
   local used = 0
   for i = 1, #entries, 2 do used = used + tonumber(string.match(entries[i], ':(%d+)$')) end
   local demand = held_tokens + want_tokens
-  local alone = held_count == 0
+  local alone = held_count == 0 and #deferred == 0
   local function ok(u) return u < tpm and (u + demand <= tpm or (u == 0 and alone)) end
   if not ok(used) then
     local wait = nil
@@ -230,6 +241,81 @@ return 1
 """
 SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, COUNT, RENEW)}
 
+# Holds whose usage comes later (policy/store.py, `defer`). KEYS: the key's bg hash, <prefix>bgdue,
+# the key's held, tpm, spend. ARGV: mode, response id, its bgdue member ("<fingerprint> <id>"), then
+#   defer:  ticket to drop from held ("" none), "<tokens> <usd> <due> <meta>", due, the hash's ttl
+#   extend: the new due, the hash's ttl (a due time only moves on)
+#   charge: now, a tpm entry id, spend ttl: if due, its worst case is counted; returns {meta, tokens, usd, due}
+#   settle: prompt, completion, cached tokens, when, a tpm entry id, spend ttl: counted, priced with
+#           the meta's "price" ([input, output, cached input] per million); returns {meta, usd}
+# A hold that is gone (settled or charged already, by any gateway) answers nil: counted once.
+BG = """
+local mode, rid, member = ARGV[1], ARGV[2], ARGV[3]
+local function count(tokens, usd, when, id, ttl)
+  if tokens > 0 then
+    redis.call('ZADD', KEYS[4], when, id .. ':' .. tokens)
+    redis.call('EXPIRE', KEYS[4], 61)
+  end
+  if tokens > 0 or usd > 0 then
+    local hour = math.floor(when / 3600)
+    local p, f, t, u = string.match(redis.call('HGET', KEYS[5], 'w') or '', '(%S+) (%S+) (%S+) (%S+)')
+    if f and hour >= tonumber(f) then
+      redis.call('HSET', KEYS[5], 'w', string.format('%s %d %d %.17g', p, tonumber(f), tonumber(t) + tokens, tonumber(u) + usd))
+    end
+    redis.call('HINCRBY', KEYS[5], 'h' .. hour, tokens)
+    redis.call('HINCRBYFLOAT', KEYS[5], 'u' .. hour, string.format('%.17g', usd))
+    redis.call('HINCRBY', KEYS[5], 't', tokens)
+    redis.call('HINCRBYFLOAT', KEYS[5], 'u', string.format('%.17g', usd))
+    redis.call('EXPIRE', KEYS[5], ttl)
+  end
+end
+local function keep(ttl)
+  if redis.call('TTL', KEYS[1]) < tonumber(ttl) then redis.call('EXPIRE', KEYS[1], ttl) end
+end
+if mode == 'defer' then
+  if ARGV[4] ~= '' then redis.call('HDEL', KEYS[3], ARGV[4]) end
+  redis.call('HSET', KEYS[1], rid, ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[6], member)
+  keep(ARGV[7])
+  return 1
+end
+local value = redis.call('HGET', KEYS[1], rid)
+if not value then
+  redis.call('ZREM', KEYS[2], member)
+  return false
+end
+local tokens, usd, due, meta = string.match(value, '^(%S+) (%S+) (%S+) (.*)$')
+if mode == 'extend' then
+  if tonumber(ARGV[4]) > tonumber(due) then
+    redis.call('HSET', KEYS[1], rid, tokens .. ' ' .. usd .. ' ' .. ARGV[4] .. ' ' .. meta)
+    redis.call('ZADD', KEYS[2], ARGV[4], member)
+    keep(ARGV[5])
+  end
+  return 1
+end
+if mode == 'charge' then
+  if tonumber(due) > tonumber(ARGV[4]) then
+    redis.call('ZADD', KEYS[2], due, member)  -- moved on by a poll another gateway saw
+    return false
+  end
+  redis.call('HDEL', KEYS[1], rid); redis.call('ZREM', KEYS[2], member)
+  count(tonumber(tokens), tonumber(usd), tonumber(due), ARGV[5], ARGV[6])
+  return {meta, tokens, usd, due}
+end
+local prompt, completion, cached = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local cost = 0
+local ok, m = pcall(cjson.decode, meta)
+if ok and type(m) == 'table' and type(m.price) == 'table' then
+  local input, output, cached_input = tonumber(m.price[1]) or 0, tonumber(m.price[2]) or 0, tonumber(m.price[3])
+  cached = math.min(cached, prompt)
+  cost = ((prompt - cached) * input + cached * (cached_input or input) + completion * output) / 1e6
+end
+redis.call('HDEL', KEYS[1], rid); redis.call('ZREM', KEYS[2], member)
+count(prompt + completion, cost, tonumber(ARGV[7]), ARGV[8], ARGV[9])
+return {meta, string.format('%.17g', cost)}
+"""
+DUE_BATCH = 100  # deferred holds charged per sweep and round trip at most
+
 
 def command(*args) -> bytes:
     """One Redis command in the protocol (RESP), packed here: redis-py's pack_command costs the
@@ -294,6 +380,8 @@ class RedisStore(CooldownTable):
             decode_responses=True,
         )
         self._cool = self.redis.register_script(COOL)
+        self._bg = self.redis.register_script(BG)
+        self._bg_unsent: list[tuple[str, list]] = []  # defer / extend calls Redis did not take: sent again by charge_due
         self.syncing: asyncio.Task | None = None  # pulling the shared cooldowns (start_cooldown_sync)
         self.cooldowns_unshared = False  # a cooldown may be missing in Redis: write ours again once it answers
         self.marker = prefix + "seeded"
@@ -338,7 +426,8 @@ class RedisStore(CooldownTable):
         future = asyncio.get_running_loop().create_future()
         head = self._heads.get(key)
         if head is None:
-            head = self._heads[key] = f"*{8 + 13}\r\n" + arguments(("EVALSHA", SHA[RESERVE], 5, *self.keys(key), self.marker))
+            head = self._heads[key] = f"*{9 + 13}\r\n" + arguments(("EVALSHA", SHA[RESERVE], 6, *self.keys(key), self.marker,
+                                                                     f"{self.prefix}{key}:bg"))
         rpm, tpm, budget_tokens, budget_usd, period, parallel = limits
         self._asks.append((key, (head + arguments((
             repr(now), "" if rpm is None else rpm, "" if tpm is None else tpm, "" if budget_tokens is None else budget_tokens,
@@ -427,6 +516,61 @@ class RedisStore(CooldownTable):
                 RETENTION_HOURS, len(tickets), *tickets, len(window) // 2, *window,
                 *(x for hour, (tokens, usd) in hours.items() for x in (hour, tokens, repr(usd))))))
         return out
+
+    # --- holds whose usage comes later -------------------------------------------------------
+
+    def bg_keys(self, key: str) -> list[str]:
+        base = f"{self.prefix}{key}:"
+        return [base + "bg", self.prefix + "bgdue", base + "held", base + "tpm", base + "spend"]
+
+    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+        if ticket is not None:
+            self.ended(key, ticket)  # no longer renewed: the hold has its own due time
+        ttl = SPEND_TTL + math.ceil(max(0.0, until - time.time()))
+        self.background(self._bg_call(key, ["defer", resource_id, f"{key} {resource_id}", ticket or "",
+                                            f"{tokens} {usd!r} {until!r} {meta}", repr(until), ttl]))
+
+    def extend(self, key: str, resource_id: str, until: float) -> None:
+        ttl = SPEND_TTL + math.ceil(max(0.0, until - time.time()))
+        self.background(self._bg_call(key, ["extend", resource_id, f"{key} {resource_id}", repr(until), ttl]))
+
+    async def _bg_call(self, key: str, args: list, keep: bool = True):
+        try:
+            return await self._bg(keys=self.bg_keys(key), args=args)
+        except (RedisError, OSError) as e:
+            self.outage(e, "bg_" + args[0])
+            if keep:  # a hold must not be lost to an outage: charge_due sends it again
+                self._bg_unsent.append((key, args))
+            return None
+
+    async def settle_deferred(self, key: str, resource_id: str, usage: Usage, when: float) -> tuple[str, float] | None:
+        """(A settle lost to an outage leaves the hold: it is charged its worst case when due.)"""
+        answer = await self._bg_call(key, ["settle", resource_id, f"{key} {resource_id}", usage.prompt_tokens,
+                                           usage.completion_tokens, usage.cached_tokens, repr(when), next(self._ids),
+                                           SPEND_TTL], keep=False)
+        return (answer[0], float(answer[1])) if answer else None
+
+    async def charge_due(self, now: float) -> list[Due]:
+        """Send the defer / extend calls an outage kept, then charge the holds due by `now`
+        (any gateway's: the one that made a hold may be gone), at most DUE_BATCH per call."""
+        unsent, self._bg_unsent = self._bg_unsent, []
+        for key, args in unsent:
+            await self._bg_call(key, args)
+        if self._bg_unsent:
+            return []
+        try:
+            members = await self.redis.zrangebyscore(self.prefix + "bgdue", "-inf", repr(now), start=0, num=DUE_BATCH)
+        except (RedisError, OSError) as e:
+            self.outage(e, "charge_due")
+            return []
+        charged = []
+        for member in members:
+            key, _, resource_id = member.partition(" ")
+            answer = await self._bg_call(key, ["charge", resource_id, member, repr(now), next(self._ids), SPEND_TTL], keep=False)
+            if answer:
+                meta, tokens, usd, due = answer
+                charged.append(Due(key, resource_id, int(tokens), float(usd), float(due), meta))
+        return charged
 
     # --- leases ----------------------------------------------------------------------------
 

@@ -40,8 +40,11 @@ def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore,
     worst case, see `worst_case`). Returns the reservation's ticket (None: nothing held), or,
     when the store does I/O, an awaitable of it."""
     policy = key.policy
+    limits = policy.limits
     if model is None:  # names no model, costs nothing (GET /v1/responses/{id}): counted, not priced
-        pass
+        # nor held to budgets or tpm: a used-up budget must not keep a client from the background
+        # response it was charged for
+        limits = policy.request_limits
     elif not policy.allows_model(model):
         raise GatewayError(403, f"this virtual key may not use model {model!r}", param="model", code="model_not_allowed")
     elif policy.budget_usd is not None and keys.price(model) is None:
@@ -50,7 +53,6 @@ def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore,
             403, f"model {model!r} has no price in the keys file, and this key has a dollar budget",
             param="model", code="model_not_priced",
         )
-    limits = policy.limits
     if limits is None:  # nothing to count: the store is not asked
         return None
     verdict = store.reserve(key.fingerprint, limits, demand, now)

@@ -26,6 +26,15 @@ the end of a budget a request is refused that would have fit, had it used less t
 case. tpm is checked the same way, except that a request alone in an empty window is always
 admitted (a key's tpm may be smaller than one request's worst case).
 
+Holds whose usage comes later (`defer`). A Responses create with `background: true` answers
+`queued` with no usage; the usage shows on a later GET, stream or cancel of that response. Its
+reservation then becomes a hold on the response's id: no max_parallel slot (the request has ended),
+still its worst case against budgets and tpm, not renewed, held until a fixed time (`until`, which
+a poll that shows the response still running moves on: `extend`). `settle_deferred` replaces it by
+the usage the first answer showing it carries (once, whichever gateway sees it); one nobody
+settles is charged its worst case when it is due (`charge_due`, swept by the usage accounting,
+which writes its ledger row). Never free.
+
 Windows:
 - rpm: sliding window log over the last 60 s (exact: every admitted request's time is kept).
 - tpm: sliding window over the last 60 s of tokens *recorded* (a request's tokens count when its
@@ -40,12 +49,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, Protocol
+
+from addon.wire.tokens import Price, Usage, cost
 
 log = logging.getLogger("gateway")
 
@@ -116,6 +128,17 @@ class Verdict(NamedTuple):
 ADMITTED = Verdict()
 
 
+class Due(NamedTuple):
+    """A deferred hold charged its worst case (charge_due): what the ledger row needs."""
+
+    key: str
+    resource_id: str
+    tokens: int
+    usd: float
+    when: float  # when it fell due
+    meta: str  # what defer() was given (the accounting's JSON)
+
+
 class StoreUnavailable(Exception):
     """The store could not be asked (Redis down): a limited key's request is not forwarded."""
 
@@ -145,6 +168,22 @@ class UsageStore(Protocol):
 
     def add_usage(self, key: str, tokens: int, usd: float, when: float) -> None:
         """Count a finished request that held no reservation (kept in step with the usage ledger)."""
+
+    # holds whose usage comes later (the module's docstring)
+    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+        """Turn the reservation `ticket` (None: none, a key without limits) into a hold of
+        `tokens` and `usd` on `resource_id`, due at `until`; `meta` comes back with it. Never waits."""
+
+    def extend(self, key: str, resource_id: str, until: float) -> None:
+        """Move a hold's due time on to `until` (never back). Never waits."""
+
+    def settle_deferred(self, key: str, resource_id: str, usage: Usage, when: float) -> tuple[str, float] | None | Awaitable:
+        """Replace the hold on `resource_id` by `usage` (priced with the price in its meta's
+        "price") and return (meta, usd), once: None when there is no such hold (never made,
+        settled or charged already)."""
+
+    def charge_due(self, now: float) -> list[Due] | Awaitable[list[Due]]:
+        """Charge every hold due by `now` its worst case, and return them."""
 
     def spend(self, key: str, period: int | None, now: float) -> Spend | Awaitable[Spend]:
         """Tokens and dollars spent in the last `period` seconds (None: ever): for metrics."""
@@ -272,6 +311,8 @@ class MemoryStore(CooldownTable):
         # key -> ticket -> [tokens, usd, expires]: requests in flight that hold a reservation
         self._held: dict[str, dict[str, list]] = {}
         self._tickets = itertools.count(1)
+        # key -> resource id -> [tokens, usd, until, meta]: holds whose usage comes later (defer)
+        self._deferred: dict[str, dict[str, list]] = {}
         self._owners: dict[str, tuple[str, float]] = {}  # resource id -> (record, expires)
         self._owned: dict[str, dict[str, None]] = {}  # creating key's fingerprint -> its resource ids, oldest first
         self.owners_per_key = OWNERS_PER_KEY
@@ -284,6 +325,11 @@ class MemoryStore(CooldownTable):
         for tokens, usd, _ in held.values():
             held_tokens += tokens
             held_usd += usd
+        deferred = self._deferred.get(key)
+        if deferred:
+            for tokens, usd, _, _ in deferred.values():
+                held_tokens += tokens
+                held_usd += usd
         if limits.budget_tokens is not None or limits.budget_usd is not None:
             spent = self.spend(key, limits.budget_period, now)
             if limits.budget_tokens is not None and not fits(spent.tokens + held_tokens, demand.tokens, limits.budget_tokens):
@@ -291,7 +337,7 @@ class MemoryStore(CooldownTable):
             if limits.budget_usd is not None and not fits(spent.usd + held_usd, demand.usd, limits.budget_usd):
                 return Verdict(None, BUDGET_USD, 0.0, spent.usd + held_usd)
         if limits.tpm is not None:
-            wait = self.tokens_wait(key, limits.tpm, now, held_tokens + demand.tokens, bool(held))
+            wait = self.tokens_wait(key, limits.tpm, now, held_tokens + demand.tokens, bool(held) or bool(deferred))
             if wait is not None:
                 return Verdict(None, TPM, wait, self._token_sums.get(key, 0) + held_tokens)
         if limits.max_parallel is not None and len(held) >= limits.max_parallel:
@@ -316,6 +362,41 @@ class MemoryStore(CooldownTable):
         held = self._held.get(key)
         if held is not None and held.pop(ticket, None) is not None and not held:
             del self._held[key]
+
+    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+        if ticket is not None:
+            self.release(key, ticket)
+        self._deferred.setdefault(key, {})[resource_id] = [tokens, usd, until, meta]
+
+    def extend(self, key: str, resource_id: str, until: float) -> None:
+        hold = self._deferred.get(key, {}).get(resource_id)
+        if hold is not None and until > hold[2]:
+            hold[2] = until
+
+    def settle_deferred(self, key: str, resource_id: str, usage: Usage, when: float) -> tuple[str, float] | None:
+        hold = self._take(key, resource_id)
+        if hold is None:
+            return None
+        meta = hold[3]
+        usd = cost(usage, meta_price(meta))
+        self.add_usage(key, usage.total, usd, when)
+        return meta, usd
+
+    def charge_due(self, now: float, everything: bool = False) -> list[Due]:
+        """`everything`: every hold, due or not (the process stops: its holds would be lost)."""
+        due = [Due(key, rid, tokens, usd, min(until, now), meta) for key, holds in self._deferred.items()
+               for rid, (tokens, usd, until, meta) in holds.items() if until <= now or everything]
+        for hold in due:
+            self._take(hold.key, hold.resource_id)
+            self.add_usage(hold.key, hold.tokens, hold.usd, hold.when)
+        return due
+
+    def _take(self, key: str, resource_id: str) -> list | None:
+        holds = self._deferred.get(key)
+        hold = holds.pop(resource_id, None) if holds else None
+        if holds is not None and not holds:
+            del self._deferred[key]
+        return hold
 
     def renew(self, now: float) -> bool:
         """In-process: every reservation held is this process's own, and is live until settled
@@ -441,6 +522,15 @@ def creator(record: str) -> str:
     """The creating key's fingerprint in an owner record ("<fingerprint>[/<target id>]",
     policy/owners.record)."""
     return record.partition("/")[0]
+
+
+def meta_price(meta: str) -> Price | None:
+    """The price a deferred hold's meta (the accounting's JSON) carries under "price"."""
+    try:
+        price = json.loads(meta).get("price")
+        return Price(*price) if price else None
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def fits(used: float, demand: float, limit: float) -> bool:

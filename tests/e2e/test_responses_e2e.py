@@ -136,7 +136,7 @@ def test_policy_applies(gateway, fake):
     ("DELETE", "/v1/responses/resp_abc/input_items", 405, "method_not_allowed"),
     ("GET", "/v1/responses/not-a-response-id", 404, "unknown_path"),
     ("GET", "/v1/responses/resp_abc/../../files", 404, "unknown_path"),
-    ("POST", "/v1/responses/resp_abc/cancel", 404, "unknown_path"),
+    ("GET", "/v1/responses/resp_abc/cancel", 405, "method_not_allowed"),
     ("GET", "/v1/responses", 405, "method_not_allowed"),
 ])
 def test_paths_the_gateway_does_not_serve_are_never_forwarded(gateway, fake, method, path, status, code):

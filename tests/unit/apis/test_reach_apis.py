@@ -53,7 +53,7 @@ def test_responses_stream_error_is_an_error_event():
 
 
 @pytest.mark.parametrize("tail, methods", [
-    ("/resp_abc", {"GET", "DELETE"}), ("/resp_abc/input_items", {"GET"}), ("/resp_abc/cancel", None),
+    ("/resp_abc", {"GET", "DELETE"}), ("/resp_abc/input_items", {"GET"}), ("/resp_abc/cancel", {"POST"}),
     ("/abc", None), ("/resp_a/../../x", None), ("/", None), ("/resp_abc/input_items/x", None),
 ])
 def test_stored_response_paths(tail, methods):

@@ -242,3 +242,17 @@ def test_the_cap_is_sent_in_each_apis_own_field_when_the_request_names_none():
     assert cap_output(body, OPENAI_EMBEDDINGS, "openai", 500) is False and "max_tokens" not in body
     assert cap_output({"model": "m"}, OPENAI_CHAT, "openai", None) is False
 
+
+def test_a_request_naming_no_model_is_held_to_rpm_and_max_parallel_not_to_a_used_up_budget():
+    # a stored response's GET costs nothing: a spent budget must not keep a client from the
+    # background response it was charged for
+    store, vk = key(budget_tokens=100, tpm=50, rpm=2)
+    usage = MemoryStore()
+    usage.add_usage(vk.fingerprint, 100, 0.0, when=0.0)
+    rules.admit(vk, None, store, usage, 1.0)
+    rules.admit(vk, None, store, usage, 1.0)
+    with pytest.raises(GatewayError) as e:
+        rules.admit(vk, None, store, usage, 1.0)
+    assert e.value.code == "rate_limit_exceeded" and "rpm 2" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        rules.admit(key(budget_tokens=100)[1], "gpt-4o", store, usage, 1.0)
