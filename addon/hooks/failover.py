@@ -44,6 +44,7 @@ log = logging.getLogger("gateway")
 DEFAULT_MAX_ATTEMPTS = 3  # "max_attempts" 0: the key's number of targets, at most this
 # attempts used up, a healthy target left: the official SDKs (openai, anthropic) retry on these
 RETRY_AT_ONCE = {"x-should-retry": "true", "retry-after-ms": "0"}
+ATTEMPTS_HEADER = "x-gateway-attempts"  # on every answer of a key with several targets
 
 
 def retry_after_seconds(headers: dict | None) -> float:
@@ -114,6 +115,9 @@ class Failover:
         route = self.gateway.failovers.get(flow.id)
         if route is None:
             return
+        # should no other attempt follow, the gateway's own 502/504 page for this failure says
+        # how many were made, as every answer of such a key does (another attempt resets it)
+        flow.metadata[PAGE_HEADERS] = {ATTEMPTS_HEADER: str(len(route.tried))}
         try:
             self.next_attempt(flow, route)
         except Exception:
@@ -137,7 +141,7 @@ class Failover:
                 return  # nothing healthy left: the client gets this attempt's failure
             if len(route.tried) >= self.attempts_for(key):
                 route.retry_now = True  # the client's own retry (at once) gets the healthy one
-                flow.metadata[PAGE_HEADERS] = RETRY_AT_ONCE  # on the gateway's 502/504 too
+                flow.metadata[PAGE_HEADERS] = {**RETRY_AT_ONCE, ATTEMPTS_HEADER: str(len(route.tried))}  # on the gateway's 502/504 too
                 return
             if self.gateway.reroute(flow, route, index):
                 flow.metadata["gateway"].setdefault("failed_attempts", []).append(failed)

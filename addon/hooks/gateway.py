@@ -23,8 +23,9 @@ from addon.apis.base import InboundAPI
 from addon.apis.registry import ENDPOINTS, api_for_flow, resource_for
 from addon.hooks.answers import (FAILED_MARK, GATEWAY_ERROR_HEADERS, PROVIDER_ERROR_MARK, answer, provider_error, row_comment,
                                  show_gateway_address)
-from addon.hooks.failover import RETRY_AT_ONCE
-from addon.hooks.headers import ACCOUNT_HEADERS, CLIENT_SECRETS, hide_client_secrets, redact, replaced_header_names
+from addon.hooks.failover import ATTEMPTS_HEADER, RETRY_AT_ONCE
+from addon.hooks.headers import (ACCOUNT_HEADERS, CLIENT_SECRETS, drop_hop_by_hop, hide_client_secrets, redact,
+                                 replaced_header_names, response_hop_by_hop)
 from addon.hooks.local import HEALTH_PATHS, MODELS_PATHS, answer_health, answer_models
 from addon.hooks.messages import Fields, field_value, framing_fields, lower_names, plain_content, replace_body
 from addon.hooks.patches import attempts, wirekeys
@@ -36,6 +37,7 @@ from addon.routing.prepare import parse_body, prepare
 from addon.routing.routes import ROUTES, SERVED, Route, describe_route, resource_request
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import ERROR_SOURCE, GatewayError
+from addon.wire.keyplaces import cookie_key, header_key, hide_path, query_key, without_key_params
 from addon.wire.streams import fail_closed_stream
 
 log = logging.getLogger("gateway")
@@ -110,15 +112,26 @@ def upstream_target(upstream_url: str) -> UpstreamTarget:
 
 
 
-def presented_key(fields: Fields, names: list[bytes]) -> str | None:
-    """The virtual key from `Authorization: Bearer` or `x-api-key` (fields and their lower_names)."""
+def presented_key(fields: Fields, names: list[bytes], query: str = "") -> str | None:
+    """The virtual key from the first place that holds one (wire/keyplaces.py): `Authorization:
+    Bearer` (an Authorization of another scheme: none), `x-api-key`, `api-key`, `x-goog-api-key`,
+    the query's `key=`/`api_key=`, a `key`/`api_key` cookie (fields and their lower_names)."""
     auth = field_value(fields, names, b"authorization")
     if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return field_value(fields, names, b"x-api-key") or None
+        return header_key("authorization", auth)
+    for name in _KEY_HEADERS_AFTER_AUTHORIZATION:
+        if name in names:
+            found = header_key("", field_value(fields, names, name))
+            if found:
+                return found
+    found = query_key(query) if query else None
+    if found is None and b"cookie" in names:
+        found = cookie_key(field_value(fields, names, b"cookie"))
+    return found
+
+
+_KEY_HEADERS_AFTER_AUTHORIZATION = (b"x-api-key", b"api-key", b"x-goog-api-key")
+_ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 
 def read_body(request: http.Request, names: list[bytes], api: InboundAPI) -> tuple[bytes, dict]:
@@ -217,10 +230,15 @@ class Gateway:
             routed = self.exchanges.get(flow.id)
             response = flow.response
             if routed is None or response is None:
+                if response is not None:
+                    self.tell_no_attempt(flow, response)
                 return
             wirekeys.forget(flow.id)  # sent (or never): the placeholder stays, the key goes
             fields = response.headers.fields
             names = lower_names(fields)
+            if response_hop_by_hop(response, names):
+                fields = response.headers.fields
+                names = lower_names(fields)
             if not ACCOUNT_HEADERS.isdisjoint(names):
                 response.headers.fields = tuple(f for f, n in zip(fields, names) if n not in ACCOUNT_HEADERS)
             if routed[2]:
@@ -238,12 +256,22 @@ class Gateway:
             log.exception("gateway: internal error on response headers")
             flow.metadata.setdefault("gateway", {})["failed"] = True
 
+    def tell_no_attempt(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """The gateway answered a request of a key with several targets itself (refused it,
+        or found no healthy target): `x-gateway-attempts: 0`, as every answer of such a key
+        says how many attempts it took."""
+        fingerprint = flow.metadata.get("gateway", {}).get("fingerprint")
+        keys = self.keys
+        key = keys.by_fingerprint(fingerprint) if fingerprint and keys is not None else None
+        if key is not None and key.failover and _ATTEMPTS not in lower_names(response.headers.fields):
+            response.headers.fields += ((_ATTEMPTS, b"0"),)
+
     def tell_retry(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """A key with several targets whose attempts are used up while a target is still
         healthy: the official SDKs retry at once on these headers, and the retry goes there."""
         failover = self.failovers.get(flow.id)
         if failover is not None:  # appended to the fields: Headers.__setitem__ rescans them all
-            response.headers.fields += ((b"x-gateway-attempts", str(len(failover.tried)).encode()),)
+            response.headers.fields += ((_ATTEMPTS, str(len(failover.tried)).encode()),)
             if failover.retry_now and response.status_code in attempts.RETRYABLE:  # (the provider's own replaced)
                 response.headers.update(RETRY_AT_ONCE)
 
@@ -295,8 +323,12 @@ class Gateway:
         request = flow.request
         fields = request.headers.fields
         names = lower_names(fields)
+        if b"connection" in names:  # what it names ends on the client's hop (headers.py), before any other addon reads it
+            fields = drop_hop_by_hop(request, fields, names)
+            names = lower_names(fields)
         meta: dict = {}  # flow metadata only once a key is known (metrics count flows that have it)
-        path = request.path.partition("?")[0]
+        path, _, query = request.path.partition("?")
+        shown_path = hide_path(request.path) if query else request.path  # a ?key= as its marker
         if path in HEALTH_PATHS:
             answer_health(flow, path)
             return
@@ -305,7 +337,7 @@ class Gateway:
             if path in MODELS_PATHS or model_path:
                 if request.method != "GET":
                     raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
-                answer_models(flow, self.authenticate(fields, names), path.partition("/models/")[2] if model_path else None)
+                answer_models(flow, self.authenticate(fields, names, query), path.partition("/models/")[2] if model_path else None)
                 return
             api, tail = ENDPOINTS.get(path), ""
             methods = api.methods if api is not None else None
@@ -317,10 +349,10 @@ class Gateway:
             if request.method not in methods:
                 allowed = ", ".join(sorted(methods))
                 raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
-            key = self.authenticate(fields, names)
+            key = self.authenticate(fields, names, query)
             meta = flow.metadata.setdefault("gateway", {})
             # refusals are recorded too; client_path: mitmweb lists the flow by it (web/listing.py)
-            meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider, client_path=request.path)
+            meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider, client_path=shown_path)
             flow.comment = describe_route(meta) + getattr(api, "label", "")  # "... (embeddings)"
             declared = field_value(fields, names, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limits.body:
@@ -328,6 +360,8 @@ class Gateway:
         finally:
             if not CLIENT_SECRETS.isdisjoint(names):
                 hide_client_secrets(request, fields, names, self.markers if "fingerprint" in meta else None)
+            if shown_path != request.path:
+                request.path = shown_path
 
     def route(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         request = flow.request
@@ -339,6 +373,7 @@ class Gateway:
         fields = request.headers.fields
         names = lower_names(fields)  # once: encoding and the rewrite below both look
         path, _, query = request.path.partition("?")
+        query = without_key_params(query)  # a key there (as its marker by now) goes nowhere
         api, tail = (ENDPOINTS[path], "") if path in ENDPOINTS else resource_for(path)
         keys = self.keys  # one KeyStore for the whole request, even if a reload swaps it meanwhile
         key = keys.by_fingerprint(meta["fingerprint"]) if keys is not None else None
@@ -583,8 +618,8 @@ class Gateway:
                     fallback=target.fallback, attempt_started=time.time())
         flow.comment = describe_route(meta) + ("" if "api" in meta else getattr(api, "label", ""))
 
-    def authenticate(self, fields: Fields, names: list[bytes]) -> VirtualKey:
-        presented = presented_key(fields, names)
+    def authenticate(self, fields: Fields, names: list[bytes], query: str = "") -> VirtualKey:
+        presented = presented_key(fields, names, query)
         if presented is None:
             raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
         if self.keys is None:

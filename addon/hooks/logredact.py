@@ -6,8 +6,10 @@ hang on the root logger (mitmproxy/log.py `MitmLogHandler.install`), and a filte
 sees records logged to that logger itself, so the filter goes on each handler. Every record is
 rewritten before any handler formats it:
 
-- the value after `Authorization`, `Proxy-Authorization`, `x-api-key` or `api-key` (as a header
-  line, in a bytes repr, or `name=value`) is masked;
+- the value after `Authorization`, `Proxy-Authorization`, `x-api-key`, `api-key`,
+  `x-goog-api-key` or `Cookie` (as a header line, in a bytes repr, or `name=value`), and of a
+  `?key=` / `&api_key=` query parameter, is masked (every place a client may put a key:
+  wire/keyplaces.py);
 - every known key (the virtual keys and real provider keys in force, from the gateway's KeyStore,
   so a reload is seen at the next record) is masked wherever it appears.
 
@@ -35,7 +37,8 @@ from addon.wire.secrets import mask
 # a header name, its separator, an optional auth scheme, then the secret (up to whitespace, a
 # quote, a backslash of a bytes repr's `\r\n`, or a separator)
 _HEADER = re.compile(
-    r"""(?i)((?:proxy-)?authorization|x-api-key|(?<![\w-])api-key)(["']?\s*[:=]\s*["']?)((?:bearer|basic)\s+)?([^\s"'\\,;&]+)"""
+    r"""(?i)((?:proxy-)?authorization|x-api-key|x-goog-api-key|(?<![\w-])api-key|cookie|(?<=[?&])(?:api_)?key(?==))"""
+    r"""(["']?\s*[:=]\s*["']?)((?:bearer|basic)\s+)?([^\s"'\\,;&]+)"""
 )
 # candidate tokens for the known-key lookup: runs of characters that are not separators. The
 # C0 and C1 controls and DEL separate too: a key right after an ANSI escape (a client's model
@@ -62,7 +65,8 @@ def may_name_header(text: str) -> bool:
     if not text.isascii():
         return True
     lowered = text.lower()
-    return "authorization" in lowered or "api-key" in lowered
+    return ("authorization" in lowered or "api-key" in lowered or "cookie" in lowered
+            or "?key=" in lowered or "&key=" in lowered or "_key=" in lowered)
 
 
 class Secrets:

@@ -23,29 +23,23 @@ from mitmproxy.utils import human
 
 from addon.apis.registry import api_for_flow
 from addon.wire.errors import ERROR_SOURCE, GatewayError
-from addon.wire.secrets import MARKER, fingerprint, is_safe, mark
+from addon.wire.keyplaces import KEY_HEADERS, hide_header, hide_path, unmark_header, unmark_path
+from addon.wire.secrets import MARKER, fingerprint, unmark
 
 log = logging.getLogger("gateway")
 
 PLACEHOLDER = ("127.0.0.1", 1)  # run.sh's reverse target, never reachable
-CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
-
-
 def scrub(headers: http.Headers) -> None:
-    """Replace every key-carrying header value that is not already redacted or marked."""
-    for name in CLIENT_KEY_HEADERS:
-        values = headers.get_all(name)
-        if values and not all(is_safe(v) for v in values):
-            headers.set_all(name, [v if is_safe(v) else mark(v) for v in values])
+    """Replace every key-carrying value (any place of a key: wire/keyplaces.py, and every cookie)
+    that is not already redacted or marked."""
+    fields = headers.fields
+    hidden = tuple((k, hide_header(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))
+                   if k.lower() in SCRUBBED else (k, v) for k, v in fields)
+    if hidden != fields:
+        headers.fields = hidden
 
 
-def unmark(value: str, virtual_keys: dict[str, str]) -> str:
-    """The inverse of mark() for keys in the keys file in use; unknown fingerprints stay marked
-    (the gateway then answers 401 as it did for an unknown key)."""
-    head, sep, token = value.rpartition(" ")
-    if token.startswith(MARKER) and token[len(MARKER):] in virtual_keys:
-        return f"{head}{sep}{virtual_keys[token[len(MARKER):]]}"
-    return value
+SCRUBBED = frozenset({*(name.encode() for name in KEY_HEADERS), b"proxy-authorization", b"cookie"})
 
 
 def headers_state(headers: http.Headers) -> list[list[str]]:
@@ -106,7 +100,7 @@ class Snapshot:
                 headers["host"] = human.format_address(flow.client_conn.sockname)
             flow.metadata["record"] = {"client_request": {
                 "method": flow.request.method,
-                "path": flow.request.path,
+                "path": hide_path(flow.request.path),  # (the gateway's screen did it already)
                 "http_version": flow.request.http_version,
                 "headers": headers_state(headers),
                 "content": flow.request.raw_content or b"",
@@ -131,8 +125,8 @@ class Snapshot:
         # (an answered flow shows the gateway's own address, see hooks/answers.show_gateway_address)
         req.scheme, req.host, req.port = "http", *PLACEHOLDER
         req.method = snap["method"]
-        req.path = snap["path"]
-        req.headers = http.Headers([(k.encode(), unmark(v, known).encode()) for k, v in snap["headers"]])
+        req.path = unmark_path(snap["path"], known)
+        req.headers = http.Headers([(k.encode(), unmark_header(k, v, known).encode()) for k, v in snap["headers"]])
         req.raw_content = snap["content"]
 
     def virtual_keys(self) -> dict[str, str]:
@@ -237,6 +231,7 @@ class Recorder:
         try:
             copy = flow.copy()
             scrub(copy.request.headers)  # belt and braces: Snapshot and hooks/headers.redact did this
+            copy.request.path = hide_path(copy.request.path)
             hide_unnamed_key(copy)
             self.writer.add(copy)
             self.file.flush()

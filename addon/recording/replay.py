@@ -33,7 +33,8 @@ from addon.policy.keys import HASHED_PREFIX, KeysError, parse_keys
 from addon.wire.secrets import fingerprint
 from addon.recording.process import GatewayProcess
 from addon.providers.registry import PROVIDERS
-from addon.recording.recorder import routed, unmark
+from addon.recording.recorder import routed
+from addon.wire.keyplaces import unmark_header, unmark_path
 from addon.wire.sse import SSEDecoder
 
 # JSON fields that legitimately differ between a recording and its replay: timestamps the
@@ -245,10 +246,10 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: GatewayProce
     headers = {}
     for k, v in snap["headers"]:
         if k.lower() not in HOP_HEADERS:
-            headers[k] = unmark(v, vks)
+            headers[k] = unmark_header(k, v, vks)
     conn = httpclient.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
     try:
-        conn.request(snap["method"], snap["path"], body=snap["content"], headers=headers)
+        conn.request(snap["method"], unmark_path(snap["path"], vks), body=snap["content"], headers=headers)
         resp = conn.getresponse()
         body = resp.read()
     finally:

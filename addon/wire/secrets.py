@@ -36,3 +36,17 @@ def mark(value: str) -> str:
 def is_safe(value: str) -> bool:
     """Whether a key header value is already redacted or marked (holds no secret)."""
     return value == REDACTED or value.rpartition(" ")[2].startswith(MARKER)
+
+
+def hide(value: str) -> str:
+    """A secret as flows keep it: its fingerprint marker (a marker or REDACTED stays as it is)."""
+    return value if is_safe(value) else mark(value)
+
+
+def unmark(value: str, virtual_keys: dict[str, str]) -> str:
+    """The inverse of mark() for the keys in `virtual_keys` (fingerprint -> key); an unknown
+    fingerprint stays marked."""
+    head, sep, token = value.rpartition(" ")
+    if token.startswith(MARKER) and token[len(MARKER):] in virtual_keys:
+        return f"{head}{sep}{virtual_keys[token[len(MARKER):]]}"
+    return value
