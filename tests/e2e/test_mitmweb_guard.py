@@ -70,7 +70,7 @@ VIEW_OPTIONS = {"view_order", "view_order_reversed", "web_columns", "web_theme",
 # every other option: read-only from the UI
 READ_ONLY_OPTIONS = {
     # the gateway's
-    "access_log", "auth_cooldown_s", "cooldown_s", "drain_s", "endpoint_line", "keys_file", "keys_reload_ms",
+    "access_log", "auth_cooldown_s", "background_hold", "cooldown_s", "drain_s", "endpoint_line", "keys_file", "keys_reload_ms",
     "max_attempts", "max_request_header_kb", "max_request_mb", "metrics_host", "metrics_port", "metrics_token", "owners_per_key",
     "spend_check",
     "record_file", "redis_prefix", "redis_url", "replayable_flows", "reservation_lease", "stream_idle_timeout",
