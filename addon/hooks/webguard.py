@@ -55,7 +55,7 @@ FLOW_FIELDS = frozenset({"marked", "comment"})
 # mitmweb's API (mitmproxy/tools/web/app.py handlers) -> the HTTP methods allowed on it. A
 # handler not named here (a route a later mitmproxy adds) is refused whole.
 ROUTES: dict[str, frozenset[str]] = {
-    "IndexHandler": frozenset({"GET"}),
+    "IndexHandler": frozenset({"GET", "POST"}),  # POST: the login form (it renders the page)
     "FilterHelp": frozenset({"GET"}),
     "ClientConnection": frozenset({"GET"}),  # the /updates websocket: flow events, per-UI filters
     "Commands": frozenset({"GET"}),

@@ -320,7 +320,10 @@ def test_the_api_routes_beyond_commands_look_only(web, provider_server):
         flows = [f for f in web.flows() if f["response"] and f["response"]["status_code"] == 200]
         time.sleep(0.1)
     flow = flows[-1]["id"]
-    # looking
+    # logging in (the login form posts the password to /), and looking
+    login = rawhttp.request(web.base, "POST", "/", content=f"token={PASSWORD}".encode(), headers={
+        "content-type": "application/x-www-form-urlencoded", "cookie": f"_mitmproxy_xsrf={XSRF}", "x-xsrftoken": XSRF})
+    assert login.status_code == 200 and b"<html" in login.content.lower()
     for path in ("/", "/flows", "/state", "/events", "/commands", "/options", "/filter-help",
                  f"/flows/{flow}/request/content.data", f"/flows/{flow}/response/content/auto.json"):
         assert web.call("GET", path).status_code == 200, path
