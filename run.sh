@@ -180,6 +180,7 @@ case "$cmd" in
     test)
         shift
         ensure_venv dev
+        "$VENV/bin/ruff" check --quiet . || { echo "run.sh: ruff check found the problems above (ruff.toml)" >&2; exit 1; }
         if [ "${1:-}" = --quick ]; then
             # the unit layer (tests/unit/: no gateway, fleet, service, browser or npm client started;
             # tests/e2e/ is not even imported), property tests drawing a fifth of their examples

@@ -50,28 +50,32 @@ ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lin
 _metrics = Metrics(_gateway, _accounting, _store)
 
 # One addon for mitmproxy (hooks/chain.py says why); its parts' hooks run in this order.
-addons = [AddonChain(
-    OptionGuard(),  # first: refuses a change to a guarded option before any part applies it
-    _redaction,  # before anything logs: every log record passes its filter
-    JsonErrorPages(),  # mitmproxy's own error pages in the client's API's shape
-    RequestLimits(answer),  # header and body bounds, enforced below the flow hooks
-    WireKeys(),  # the real key only in the bytes sent to the routed host
-    Attempts(),  # retries an upstream attempt before the first byte reached the client
-    ConnectReset(),  # a reset at connect is a failed attempt, not a crash
-    StoreChoice(_gateway, _accounting, _metrics, _owners),  # may swap in RedisStore before the accounting loads the ledger into it
-    Snapshot(_gateway),  # before the Gateway: keeps the client's request and the provider's answer as they came
-    _gateway,  # the data path: routes the request, makes the answer the client's
-    Failover(_gateway),  # after the Gateway routed: another target for a failed attempt
-    _owners,  # after the Gateway, whose responseheaders chose the stream it watches
-    KeysReloader(_gateway),  # no flow hook: swaps the keys in force when the file changes
-    Drain(_gateway),  # no flow hook: lets forwarded requests finish at a stop
-    UpstreamTimeout(),  # before the accounting, whose error hook counts what the timeouts made of a flow
-    StreamIdleTimeout(),  # likewise
-    StreamEnds(),  # ends a broken stream for the client before the accounting counts it
-    _accounting,  # counts usage once every part that changes the answer has run
-    Recorder(),  # after the Gateway: taps the stream it chose and writes the final flow
-    ACCESS,  # the access line, once the flow is counted
-    WebViews(),  # mitmweb's view of a flow (no flow hook)
-    WebListing(),  # mitmweb's list: the path the client called, room for the comment (no flow hook)
-    _metrics,  # last: its clock sees every part
-)]
+addons = [
+    AddonChain(
+        OptionGuard(),  # first: refuses a change to a guarded option before any part applies it
+        _redaction,  # before anything logs: every log record passes its filter
+        JsonErrorPages(),  # mitmproxy's own error pages in the client's API's shape
+        RequestLimits(answer),  # header and body bounds, enforced below the flow hooks
+        WireKeys(),  # the real key only in the bytes sent to the routed host
+        Attempts(),  # retries an upstream attempt before the first byte reached the client
+        ConnectReset(),  # a reset at connect is a failed attempt, not a crash
+        StoreChoice(
+            _gateway, _accounting, _metrics, _owners
+        ),  # may swap in RedisStore before the accounting loads the ledger into it
+        Snapshot(_gateway),  # before the Gateway: keeps the client's request and the provider's answer as they came
+        _gateway,  # the data path: routes the request, makes the answer the client's
+        Failover(_gateway),  # after the Gateway routed: another target for a failed attempt
+        _owners,  # after the Gateway, whose responseheaders chose the stream it watches
+        KeysReloader(_gateway),  # no flow hook: swaps the keys in force when the file changes
+        Drain(_gateway),  # no flow hook: lets forwarded requests finish at a stop
+        UpstreamTimeout(),  # before the accounting, whose error hook counts what the timeouts made of a flow
+        StreamIdleTimeout(),  # likewise
+        StreamEnds(),  # ends a broken stream for the client before the accounting counts it
+        _accounting,  # counts usage once every part that changes the answer has run
+        Recorder(),  # after the Gateway: taps the stream it chose and writes the final flow
+        ACCESS,  # the access line, once the flow is counted
+        WebViews(),  # mitmweb's view of a flow (no flow hook)
+        WebListing(),  # mitmweb's list: the path the client called, room for the comment (no flow hook)
+        _metrics,  # last: its clock sees every part
+    )
+]

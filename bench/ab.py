@@ -42,7 +42,9 @@ def main() -> int:
             others[f"v{i}"] = Path(rev).resolve()
             continue
         others[f"v{i}"] = tmp / f"v{i}"
-        archive = subprocess.run(["git", "-C", str(bench.ROOT), "archive", rev, "addon"], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(bench.ROOT), "archive", rev, "addon"], capture_output=True, check=True
+        )
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(tmp / f"v{i}", filter="data")
     labels = {"bare": "bare mitmdump", "gateway": "gateway (worktree)"}

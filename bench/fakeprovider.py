@@ -53,12 +53,31 @@ def anthropic_events(n: int) -> list[bytes]:
     def ev(name: str, obj: dict) -> bytes:
         return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(obj, separators=(",", ":")).encode())
     head = [
-        ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_01BenchBenchBenchBenchBench", "type": "message", "role": "assistant", "content": [],
-            "model": "claude-3-5-haiku-20241022", "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                      "output_tokens": 1}}}),
-        ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_01BenchBenchBenchBenchBench",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": "claude-3-5-haiku-20241022",
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": 20,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                        "output_tokens": 1,
+                    },
+                },
+            },
+        ),
+        ev(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
         b'event: ping\ndata: {"type": "ping"}\n\n',
     ]
     tail = [
@@ -79,7 +98,11 @@ def openai_events(n: int) -> list[bytes]:
             "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_0000000000"}
 
     def chunk(delta: dict, finish=None) -> bytes:
-        obj = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], "usage": None}
+        obj = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "usage": None,
+        }
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
     usage = {**base, "choices": [], "usage": {"prompt_tokens": 14, "completion_tokens": n, "total_tokens": 14 + n}}
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
@@ -104,7 +127,9 @@ def stamped_chunk() -> bytes:
 
 def plain(status: int, obj: dict) -> bytes:
     body = json.dumps(obj).encode()
-    return (b"HTTP/1.1 %d OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body))) + body
+    return (
+        b"HTTP/1.1 %d OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(body))
+    ) + body
 
 
 REPLY_OPENAI = plain(200, OPENAI_COMPLETION)

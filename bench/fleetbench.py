@@ -112,13 +112,23 @@ class FleetBench:
 
     def keys(self) -> Path:
         fake = self.stack.url("fake")
-        keys = {"providers": {"openai": {"base_url": fake + "/v1"}},
-                "virtual_keys": {
-                    "vk_bench_openai": {"provider": "openai", "api_key": "sk-bench-openai-0000000000"},
-                    # a limit: its admission goes through the store (Redis, when given)
-                    "vk_bench_limited": {"provider": "openai", "api_key": "sk-bench-openai-0000000000", "rpm": 1_000_000_000},
-                    "vk_bench_tls": {"provider": "openai", "api_key": "sk-bench-openai-0000000000",
-                                     "base_url": f"https://127.0.0.1:{self.ports['nginx']}/v1"}}}
+        keys = {
+            "providers": {"openai": {"base_url": fake + "/v1"}},
+            "virtual_keys": {
+                "vk_bench_openai": {"provider": "openai", "api_key": "sk-bench-openai-0000000000"},
+                # a limit: its admission goes through the store (Redis, when given)
+                "vk_bench_limited": {
+                    "provider": "openai",
+                    "api_key": "sk-bench-openai-0000000000",
+                    "rpm": 1_000_000_000,
+                },
+                "vk_bench_tls": {
+                    "provider": "openai",
+                    "api_key": "sk-bench-openai-0000000000",
+                    "base_url": f"https://127.0.0.1:{self.ports['nginx']}/v1",
+                },
+            },
+        }
         path = self.tmp / "keys.json"
         path.write_text(json.dumps(keys))
         return path
@@ -134,7 +144,9 @@ class FleetBench:
         self_signed(self.tmp)
         port = self.free_port()
         (self.tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=self.tmp, port=port, body=OPENAI_BODY))
-        self._spawn("nginx", [shutil.which("nginx") or "nginx", "-c", str(self.tmp / "nginx.conf"), "-p", str(self.tmp)], port)
+        self._spawn(
+            "nginx", [shutil.which("nginx") or "nginx", "-c", str(self.tmp / "nginx.conf"), "-p", str(self.tmp)], port
+        )
         port = self.free_port()
         self._spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                               "--appendonly", "yes", "--dir", str(self.tmp)], port)
@@ -214,10 +226,17 @@ class FleetBench:
 
         def cell(key: str) -> dict:
             rs = cells.get(key, [])
-            return {"rps": median([r["rps"] for r in rs]), "p50_ms": median([r["latency_us"]["p50"] for r in rs]) / 1000,
-                    "p99_ms": median([r["latency_us"]["p99"] for r in rs]) / 1000,
-                    "errors": sum(r["error_count"] for r in rs), "requests": sum(r["requests"] for r in rs),
-                    "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs if r.get("cpu_us_per_request")] or [0]) or None}
+            return {
+                "rps": median([r["rps"] for r in rs]),
+                "p50_ms": median([r["latency_us"]["p50"] for r in rs]) / 1000,
+                "p99_ms": median([r["latency_us"]["p99"] for r in rs]) / 1000,
+                "errors": sum(r["error_count"] for r in rs),
+                "requests": sum(r["requests"] for r in rs),
+                "cpu_us_per_request": median(
+                    [r["cpu_us_per_request"] for r in rs if r.get("cpu_us_per_request")] or [0]
+                )
+                or None,
+            }
 
         def paired(a: str, b: str, f) -> float | None:
             vals = [v for v in (f(x, y) for x, y in zip(cells.get(a, []), cells.get(b, []))) if v is not None]
@@ -234,8 +253,11 @@ class FleetBench:
                             for name in ("single", "single_redis")}
             out["ratio"]["redis_vs_memory_c64"] = paired("c64 limited single_redis", "c64 limited single", rps)
             # the gateway's own CPU per request, steadier than req/s on a shared machine
-            out["ratio"]["redis_vs_memory_cpu_c64"] = paired("c64 limited single_redis", "c64 limited single",
-                                                             lambda x, y: ratio(x["cpu_us_per_request"], y["cpu_us_per_request"]))
+            out["ratio"]["redis_vs_memory_cpu_c64"] = paired(
+                "c64 limited single_redis",
+                "c64 limited single",
+                lambda x, y: ratio(x["cpu_us_per_request"], y["cpu_us_per_request"]),
+            )
             out["redis_added_p50_ms_c1"] = paired("c1 limited single_redis", "c1 limited single",
                                                   lambda x, y: (x["latency_us"]["p50"] - y["latency_us"]["p50"]) / 1000)
         else:
@@ -292,8 +314,14 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
         rd = f["redis"]
         out.append(("fleet limited key c=64 req/s: memory / redis", fmt(rd["single"]["c64"]["rps"], 0),
                     fmt(rd["single_redis"]["c64"]["rps"], 0), fmt(f["ratio"]["redis_vs_memory_c64"])))
-        out.append(("fleet limited key c=64 gateway CPU us/request: memory / redis", fmt(rd["single"]["c64"]["cpu_us_per_request"], 0),
-                    fmt(rd["single_redis"]["c64"]["cpu_us_per_request"], 0), fmt(f["ratio"].get("redis_vs_memory_cpu_c64"))))
+        out.append(
+            (
+                "fleet limited key c=64 gateway CPU us/request: memory / redis",
+                fmt(rd["single"]["c64"]["cpu_us_per_request"], 0),
+                fmt(rd["single_redis"]["c64"]["cpu_us_per_request"], 0),
+                fmt(f["ratio"].get("redis_vs_memory_cpu_c64")),
+            )
+        )
         out.append(("fleet limited key c=1 p50 ms: memory / redis", fmt(rd["single"]["c1"]["p50_ms"]),
                     fmt(rd["single_redis"]["c1"]["p50_ms"]), f"+{fmt(f['redis_added_p50_ms_c1'])} ms"))
     t = f["tls_new_connection_per_request"]

@@ -45,8 +45,12 @@ SCENARIOS = ("openai", "targets3", "anthropic")
 def key_entries() -> dict:
     entries = {f"vk_bench_{s}": {"provider": s, "api_key": f"sk-bench-{s}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
                for s in ("openai", "anthropic") if s in PROVIDERS}
-    entries["vk_bench_targets3"] = {"targets": [
-        {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": "http://127.0.0.1:9999/v1"} for i in range(3)]}
+    entries["vk_bench_targets3"] = {
+        "targets": [
+            {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": "http://127.0.0.1:9999/v1"}
+            for i in range(3)
+        ]
+    }
     return entries
 
 
@@ -57,10 +61,19 @@ def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
     head, _, payload = (REPLY_OPENAI if openai_like else REPLY_ANTHROPIC).partition(b"\r\n\r\n")
     out = []
     for _ in range(n):
-        req = http.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions", body,
-                                {"host": "127.0.0.1:8080", "accept-encoding": "gzip, deflate", "connection": "keep-alive",
-                                 "content-type": "application/json", **SDK_HEADERS,
-                                 "authorization": f"Bearer vk_bench_{scenario}"})
+        req = http.Request.make(
+            "POST",
+            "http://127.0.0.1:8080/v1/chat/completions",
+            body,
+            {
+                "host": "127.0.0.1:8080",
+                "accept-encoding": "gzip, deflate",
+                "connection": "keep-alive",
+                "content-type": "application/json",
+                **SDK_HEADERS,
+                "authorization": f"Bearer vk_bench_{scenario}",
+            },
+        )
         out.append(tflow.tflow(req=req))
     return out, payload
 
@@ -136,8 +149,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--chain", action="store_true", help="all addons of addon/gateway.py, each timed")
-    ap.add_argument("--no-ledger", action="store_true", help="with --chain: usage_db='' (the ledger's cost by difference)")
-    ap.add_argument("--metrics", action="store_true", help="with --chain: metrics on (metrics_port set; the cost by difference)")
+    ap.add_argument(
+        "--no-ledger", action="store_true", help="with --chain: usage_db='' (the ledger's cost by difference)"
+    )
+    ap.add_argument(
+        "--metrics", action="store_true", help="with --chain: metrics on (metrics_port set; the cost by difference)"
+    )
     args = ap.parse_args()
     if args.chain:
         asyncio.run(chain(args.n, ledger=not args.no_ledger, metrics=args.metrics))

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +56,9 @@ def addon_dir(target: str, tmp: Path) -> Path | None:
     if (Path(target) / "addon").is_dir():
         return Path(target).resolve() / "addon"
     out = tmp / target.replace("/", "_")
-    archive = subprocess.run(["git", "-C", str(bench.ROOT), "archive", target, "addon"], capture_output=True, check=True)
+    archive = subprocess.run(
+        ["git", "-C", str(bench.ROOT), "archive", target, "addon"], capture_output=True, check=True
+    )
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(out, filter="data")
     return out / "addon"
@@ -76,7 +77,12 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
         if events:  # bare mitmdump buffers a chunked body whole unless told to stream it
             args += ["--set", "stream_large_bodies=1"]
     else:
-        args = ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *stack.common_args(name), *stack.gateway_args(addon)]
+        args = [
+            "--mode",
+            f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
+            *stack.common_args(name),
+            *stack.gateway_args(addon),
+        ]
         for option in options:  # gateway options, e.g. metrics_port=9464 (metrics on)
             args[-2:-2] = ["--set", option]
     out = tmp / f"callgrind.{port}"
@@ -120,7 +126,10 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="streamed requests (SSE answers)")
     ap.add_argument("--events", type=int, default=20, help="with --stream: SSE events per answer (default 20)")
     ap.add_argument("--cache-sim", action="store_true", help="also simulated L1 misses and branch mispredictions")
-    ap.add_argument("--key", help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets; {bench.BUDGET_KEY}: a budget and max_parallel)")
+    ap.add_argument(
+        "--key",
+        help=f"the gateway's requests with this bench key instead (e.g. {bench.TARGETS_KEY}: three targets; {bench.BUDGET_KEY}: a budget and max_parallel)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a gateway option for the gateway targets (repeatable), e.g. metrics_port=9464")
     args = ap.parse_args()
@@ -140,7 +149,9 @@ def main() -> int:
             line = f"{target:32s} {counts['Ir'] / 1e3:9.1f} k instructions/request  ({(counts['Ir'] - first['Ir']) / 1e3:+7.1f} k)"
             for event, label in (("I1mr", "I1 misses"), ("D1mr", "D1 misses"), ("Bcm", "branch mispredicts")):
                 if event in counts:
-                    line += f"  {label} {counts[event] / 1e3:6.1f} k ({100 * (counts[event] / first[event] - 1):+5.1f}%)"
+                    line += (
+                        f"  {label} {counts[event] / 1e3:6.1f} k ({100 * (counts[event] / first[event] - 1):+5.1f}%)"
+                    )
             print(line, flush=True)
     finally:
         stack.stop()

@@ -46,8 +46,25 @@ SCENARIOS = ("openai", "anthropic", "messages_openai", "messages_anthropic")
 # scenario -> the key's provider; messages_*: clients speak Anthropic's Messages API to the
 # gateway (translated to an OpenAI provider, or passed through to Anthropic), while bare
 # mitmdump carries the provider's own API
-SCENARIO_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "messages_openai": "openai", "messages_anthropic": "anthropic"}
-SECTIONS = ("translator", "direct", "throughput", "memory", "streaming", "concurrent_streams", "metrics", "failover", "large_body", "stream_latency", "fleet")
+SCENARIO_PROVIDER = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "messages_openai": "openai",
+    "messages_anthropic": "anthropic",
+}
+SECTIONS = (
+    "translator",
+    "direct",
+    "throughput",
+    "memory",
+    "streaming",
+    "concurrent_streams",
+    "metrics",
+    "failover",
+    "large_body",
+    "stream_latency",
+    "fleet",
+)
 ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
 # what the official SDKs send besides auth (openai-python 1.x): real header counts matter, since
 # every mitmproxy Headers lookup scans all fields
@@ -170,13 +187,22 @@ class Stack:
             keys["virtual_keys"][f"vk_bench_{scenario}"] = {
                 "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
         # a key that reserves (budget and max_parallel, never reached): instructions.py --key vk_bench_budget
-        keys["virtual_keys"][BUDGET_KEY] = {"provider": "openai", "api_key": "sk-bench-budget-0000000000",
-                                            "base_url": fake_url + "/v1", "budget_tokens": 10**15, "max_parallel": 10**6}
+        keys["virtual_keys"][BUDGET_KEY] = {
+            "provider": "openai",
+            "api_key": "sk-bench-budget-0000000000",
+            "base_url": fake_url + "/v1",
+            "budget_tokens": 10**15,
+            "max_parallel": 10**6,
+        }
         (self.tmp / "keys.json").write_text(json.dumps(keys))
         # the failover section: a key with three healthy targets at the same fake provider, in a
         # file of its own for the gateways whose keys file takes `targets` (older revisions: not)
-        keys["virtual_keys"][TARGETS_KEY] = {"targets": [
-            {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": fake_url + "/v1"} for i in range(3)]}
+        keys["virtual_keys"][TARGETS_KEY] = {
+            "targets": [
+                {"provider": "openai", "api_key": f"sk-bench-target{i}-0000000000", "base_url": fake_url + "/v1"}
+                for i in range(3)
+            ]
+        }
         (self.tmp / "keys-targets.json").write_text(json.dumps(keys))
 
         self.restart("bare", "bare_stream", "gateway")
@@ -195,10 +221,19 @@ class Stack:
             cmd = {
                 "bare": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}"],
                 "bare_stream": ["--mode", f"reverse:{fake_url}@127.0.0.1:{port}", "--set", "stream_large_bodies=1"],
-                "gateway": ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *self.gateway_args(ROOT / "addon")],
+                "gateway": [
+                    "--mode",
+                    f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
+                    *self.gateway_args(ROOT / "addon"),
+                ],
                 # the metrics section: the same gateway with its Prometheus listener on
-                "gateway_metrics": ["--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{port}", *self.gateway_args(ROOT / "addon"),
-                                    "--set", f"metrics_port={free_port()}"],
+                "gateway_metrics": [
+                    "--mode",
+                    f"reverse:http://127.0.0.1:1@127.0.0.1:{port}",
+                    *self.gateway_args(ROOT / "addon"),
+                    "--set",
+                    f"metrics_port={free_port()}",
+                ],
             }[name]
             self._spawn(name, [str(MITMDUMP), *cmd, *self.common_args(name)])
         for name in names:
@@ -377,10 +412,13 @@ def throughput(stack: Stack, s: Settings) -> dict:
                     r = wrk(stack.url(target), request_spec(target, scenario), c, s.duration, stack.tmp,
                             stack.pid(target))
                     out[scenario][str(c)][target].append(r)
-                    print(f"  round {rnd + 1}/{s.rounds} {scenario:9s} c={c:<3d} {target:8s} "
-                          f"{r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
-                          f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  cpu {fmt(r['cpu_us_per_request'], 0):>5s} us/req  "
-                          f"errors {r['error_count']}", flush=True)
+                    print(
+                        f"  round {rnd + 1}/{s.rounds} {scenario:9s} c={c:<3d} {target:8s} "
+                        f"{r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  "
+                        f"p99 {r['latency_us']['p99'] / 1000:6.2f} ms  cpu {fmt(r['cpu_us_per_request'], 0):>5s} us/req  "
+                        f"errors {r['error_count']}",
+                        flush=True,
+                    )
     summary: dict = {}
     for scenario, per_c in out.items():
         summary[scenario] = {}
@@ -403,10 +441,12 @@ def throughput(stack: Stack, s: Settings) -> dict:
             def paired(f):
                 return median([v for v in (f(b, g) for b, g in pairs) if v is not None]) if pairs else None
 
-            row["ratio"] = {"rps": paired(lambda b, g: ratio(g["rps"], b["rps"])),
-                            "p50": paired(lambda b, g: ratio(g["latency_us"]["p50"], b["latency_us"]["p50"])),
-                            "p99": paired(lambda b, g: ratio(g["latency_us"]["p99"], b["latency_us"]["p99"])),
-                            "cpu_per_request": paired(lambda b, g: ratio(g["cpu_us_per_request"], b["cpu_us_per_request"]))}
+            row["ratio"] = {
+                "rps": paired(lambda b, g: ratio(g["rps"], b["rps"])),
+                "p50": paired(lambda b, g: ratio(g["latency_us"]["p50"], b["latency_us"]["p50"])),
+                "p99": paired(lambda b, g: ratio(g["latency_us"]["p99"], b["latency_us"]["p99"])),
+                "cpu_per_request": paired(lambda b, g: ratio(g["cpu_us_per_request"], b["cpu_us_per_request"])),
+            }
             row["added_p50_ms"] = paired(lambda b, g: (g["latency_us"]["p50"] - b["latency_us"]["p50"]) / 1000)
             row["added_cpu_us_per_request"] = paired(lambda b, g: g["cpu_us_per_request"] - b["cpu_us_per_request"])
             summary[scenario][c] = row
@@ -437,7 +477,9 @@ def failover_cost(stack: Stack, s: Settings) -> dict:
     key, on the same gateway, alternating in paired rounds."""
     path, body, headers = request_spec("gateway", "openai")
     three = (path, body, {**headers, "Authorization": f"Bearer {TARGETS_KEY}"})
-    return alternate(stack, s, "failover", {"off": ("gateway", (path, body, headers)), "on": ("gateway", three)}, ("gateway",))
+    return alternate(
+        stack, s, "failover", {"off": ("gateway", (path, body, headers)), "on": ("gateway", three)}, ("gateway",)
+    )
 
 
 def alternate(stack: Stack, s: Settings, label: str, sides: dict, restart: tuple[str, ...], after_round=None) -> dict:
@@ -462,11 +504,21 @@ def alternate(stack: Stack, s: Settings, label: str, sides: dict, restart: tuple
     out: dict = {}
     for c, by_side in runs.items():
         pairs = list(zip(by_side["off"], by_side["on"]))
-        out[c] = {side: {"rps": median([r["rps"] for r in rs]), "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs])}
-                  for side, rs in by_side.items()}
+        out[c] = {
+            side: {
+                "rps": median([r["rps"] for r in rs]),
+                "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rs]),
+            }
+            for side, rs in by_side.items()
+        }
         out[c]["ratio_rps"] = median([ratio(on["rps"], off["rps"]) for off, on in pairs])
-        out[c]["added_cpu_us_per_request"] = median([on["cpu_us_per_request"] - off["cpu_us_per_request"] for off, on in pairs
-                                                     if on["cpu_us_per_request"] is not None and off["cpu_us_per_request"] is not None])
+        out[c]["added_cpu_us_per_request"] = median(
+            [
+                on["cpu_us_per_request"] - off["cpu_us_per_request"]
+                for off, on in pairs
+                if on["cpu_us_per_request"] is not None and off["cpu_us_per_request"] is not None
+            ]
+        )
     return out
 
 
@@ -580,7 +632,12 @@ def memory(stack: Stack, s: Settings) -> dict:
     out = {}
     for t in done:
         after = rss_mb(stack.pid(t))
-        out[t] = {"requests": done[t], "rss_before_mb": before[t], "rss_after_mb": after, "growth_mb": after - before[t]}
+        out[t] = {
+            "requests": done[t],
+            "rss_before_mb": before[t],
+            "rss_after_mb": after,
+            "growth_mb": after - before[t],
+        }
     return out
 
 
@@ -677,7 +734,12 @@ def health_during_large_body(stack: Stack, s: Settings) -> dict:
 
     def summary(xs: list[float]) -> dict:
         xs = sorted(xs)
-        return {"n": len(xs), "p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))], "max_ms": xs[-1]}
+        return {
+            "n": len(xs),
+            "p50_ms": xs[len(xs) // 2],
+            "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
+            "max_ms": xs[-1],
+        }
 
     end = time.monotonic() + s.duration
     alone = health(lambda: time.monotonic() >= end)
@@ -723,11 +785,26 @@ def targets(res: dict) -> list[dict]:
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
         mt = tr.get("messages") or {}
         if mt.get("available"):
-            add("messages -> chat stream translation CPU per event (us)", mt["us_per_event"], "<= 25", mt["us_per_event"] <= 25)
+            add(
+                "messages -> chat stream translation CPU per event (us)",
+                mt["us_per_event"],
+                "<= 25",
+                mt["us_per_event"] <= 25,
+            )
     for c, row in res.get("metrics", {}).items():
-        add(f"metrics on/off throughput c={c}", row["ratio_rps"], ">= 0.97", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.97)
+        add(
+            f"metrics on/off throughput c={c}",
+            row["ratio_rps"],
+            ">= 0.97",
+            row["ratio_rps"] is not None and row["ratio_rps"] >= 0.97,
+        )
     for c, row in res.get("failover", {}).items():
-        add(f"3 targets / 1 target throughput c={c}", row["ratio_rps"], ">= 0.95", row["ratio_rps"] is not None and row["ratio_rps"] >= 0.95)
+        add(
+            f"3 targets / 1 target throughput c={c}",
+            row["ratio_rps"],
+            ">= 0.95",
+            row["ratio_rps"] is not None and row["ratio_rps"] >= 0.95,
+        )
     for scenario, row in res.get("streaming", {}).items():
         add(f"{scenario} stream first chunk over bare (ms)", row["added_ttfc_ms"], "<= 1", row["added_ttfc_ms"] <= 1)
     if "memory" in res:
@@ -782,7 +859,9 @@ def print_table(res: dict) -> None:
         rows.append(("RSS growth MB", fmt(m["bare"]["growth_mb"], 1), fmt(m["gateway"]["growth_mb"], 1), ""))
     for section, label in (("metrics", "metrics off/on"), ("failover", "1 target/3 targets")):
         for c, row in res.get(section, {}).items():
-            rows.append((f"{label} c={c} req/s", fmt(row["off"]["rps"], 0), fmt(row["on"]["rps"], 0), fmt(row["ratio_rps"])))
+            rows.append(
+                (f"{label} c={c} req/s", fmt(row["off"]["rps"], 0), fmt(row["on"]["rps"], 0), fmt(row["ratio_rps"]))
+            )
             rows.append((f"{label} c={c} proxy CPU us/req", fmt(row["off"]["cpu_us_per_request"], 0),
                          fmt(row["on"]["cpu_us_per_request"], 0), ""))
     tr = res.get("translator", {})
@@ -843,7 +922,10 @@ def main(argv=None) -> int:
     if args.duration:
         s.duration = args.duration
     if not shutil.which("wrk"):
-        print("bench: wrk not found; install it (Debian/Ubuntu: apt-get install wrk) or use ./run.sh bench", file=sys.stderr)
+        print(
+            "bench: wrk not found; install it (Debian/Ubuntu: apt-get install wrk) or use ./run.sh bench",
+            file=sys.stderr,
+        )
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # client + proxy, both sides of each stream; HAProxy derives its maxconn from this limit too
@@ -854,7 +936,10 @@ def main(argv=None) -> int:
     started = time.time()
     stack = Stack()
     try:
-        print(f"bench: starting fake provider, bare mitmdump and gateway ({'quick' if args.quick else 'full'} run)", flush=True)
+        print(
+            f"bench: starting fake provider, bare mitmdump and gateway ({'quick' if args.quick else 'full'} run)",
+            flush=True,
+        )
         if args.quick:
             print(QUICK_NOTE, flush=True)
         stack.start()
@@ -863,20 +948,32 @@ def main(argv=None) -> int:
                               "cpus": os.cpu_count(), "providers": available_scenarios(),
                               "mitmproxy": _mitmproxy_version()},
                      "rss_startup_mb": {t: rss_mb(stack.pid(t)) for t in ("bare", "bare_stream", "gateway")}}
-        steps = {"translator": ("translator CPU (in-process)", lambda: translator_cpu(s)),
-                 "direct": ("direct to the fake provider", lambda: direct(stack, s)),
-                 "throughput": ("throughput and latency (wrk, alternating bare/gateway)", lambda: throughput(stack, s)),
-                 "memory": (f"memory over {s.memory_requests} requests per target", lambda: memory(stack, s)),
-                 "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
-                 "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
-                 "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s)),
-                 "failover": ("a key with three targets against one with one (openai, wrk, alternating)",
-                              lambda: failover_cost(stack, s) if has_targets() else {}),
-                 "large_body": ("/health latency while a 30 MB request is handled", lambda: health_during_large_body(stack, s)),
-                 "stream_latency": (f"latency added per chunk, {'/'.join(map(str, s.latency_streams))} concurrent streams: "
-                                    "bare, gateway, fleet", lambda: stream_latency.section(stack, s, with_fleet=not args.quick or bool(args.only))),
-                 "fleet": ("fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
-                           lambda: fleet_bench.fleet_section(stack, s))}
+        steps = {
+            "translator": ("translator CPU (in-process)", lambda: translator_cpu(s)),
+            "direct": ("direct to the fake provider", lambda: direct(stack, s)),
+            "throughput": ("throughput and latency (wrk, alternating bare/gateway)", lambda: throughput(stack, s)),
+            "memory": (f"memory over {s.memory_requests} requests per target", lambda: memory(stack, s)),
+            "streaming": (f"streaming, {s.stream_events}-event streams", lambda: streaming(stack, s)),
+            "concurrent_streams": (f"{s.concurrent_streams} concurrent streams", lambda: concurrent_streams(stack, s)),
+            "metrics": ("metrics on against off (openai, wrk, alternating)", lambda: metrics_cost(stack, s)),
+            "failover": (
+                "a key with three targets against one with one (openai, wrk, alternating)",
+                lambda: failover_cost(stack, s) if has_targets() else {},
+            ),
+            "large_body": (
+                "/health latency while a 30 MB request is handled",
+                lambda: health_during_large_body(stack, s),
+            ),
+            "stream_latency": (
+                f"latency added per chunk, {'/'.join(map(str, s.latency_streams))} concurrent streams: "
+                "bare, gateway, fleet",
+                lambda: stream_latency.section(stack, s, with_fleet=not args.quick or bool(args.only)),
+            ),
+            "fleet": (
+                "fleet: N workers behind HAProxy against one, Redis, TLS upstream reuse",
+                lambda: fleet_bench.fleet_section(stack, s),
+            ),
+        }
         for name, (title, step) in steps.items():
             if name in only:
                 print(f"bench: {title}", flush=True)

@@ -82,7 +82,9 @@ async def drive(store, kind: str, n: int, concurrency: int) -> None:
         await asyncio.wait(list(store._tasks))
 
 
-def measure(make, kind: str, n: int, concurrency: int, redis_pid: int | None, profile: bool = False) -> tuple[float, float]:
+def measure(
+    make, kind: str, n: int, concurrency: int, redis_pid: int | None, profile: bool = False
+) -> tuple[float, float]:
     async def main() -> tuple[float, float]:
         store = make()
         await drive(store, kind, min(2000, n), concurrency)  # warm-up: connections, scripts loaded
@@ -121,8 +123,22 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-storebench-"))
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -169,9 +169,16 @@ async def measure(port: int, spec, fake_port: int, n: int, gap_ms: int, window_s
     ms = lambda ns: ns / 1e6 if ns is not None else None  # noqa: E731
     failed = [s.error or "still open at the end" for s in streams if not s.complete]
     return {
-        "streams": n, "gap_ms": gap_ms, "ramp_s": ramp_s, "window_s": window_s, "open_at_window": open_at_window, "completed": n - len(failed),
-        "errors": sorted(set(failed + probe_errors))[:5], "chunks": len(cell.delays),
-        "chunk_p50_ms": ms(percentile(cell.delays, 0.5)), "chunk_p99_ms": ms(percentile(cell.delays, 0.99)),
+        "streams": n,
+        "gap_ms": gap_ms,
+        "ramp_s": ramp_s,
+        "window_s": window_s,
+        "open_at_window": open_at_window,
+        "completed": n - len(failed),
+        "errors": sorted(set(failed + probe_errors))[:5],
+        "chunks": len(cell.delays),
+        "chunk_p50_ms": ms(percentile(cell.delays, 0.5)),
+        "chunk_p99_ms": ms(percentile(cell.delays, 0.99)),
         "probes": len(probes),
         "first_chunk_p50_ms": ms(percentile([p[0] for p in probes], 0.5)),
         "first_chunk_p99_ms": ms(percentile([p[0] for p in probes], 0.99)),
@@ -228,7 +235,10 @@ def section(stack, s, with_fleet: bool = True) -> dict:
     missing = [tool for tool in ("haproxy", "redis-server") if shutil.which(tool) is None]
     fleet = None
     if not with_fleet:
-        out["fleet"] = {"available": False, "reason": "--quick alone skips the fleet (--only stream_latency --quick runs it)"}
+        out["fleet"] = {
+            "available": False,
+            "reason": "--quick alone skips the fleet (--only stream_latency --quick runs it)",
+        }
     elif missing:
         out["fleet"] = {"available": False, "reason": f"not installed: {', '.join(missing)}"}
     else:
@@ -238,7 +248,10 @@ def section(stack, s, with_fleet: bool = True) -> dict:
     ports = {"bare": stack.ports["bare_stream"], "gateway": stack.ports["gateway"]}
     if fleet:
         ports["fleet"] = fleet.port
-    specs = {"bare": request_spec("bare", "openai", stream=True), "gateway": request_spec("gateway", "openai", stream=True)}
+    specs = {
+        "bare": request_spec("bare", "openai", stream=True),
+        "gateway": request_spec("gateway", "openai", stream=True),
+    }
     specs["fleet"] = specs["gateway"]
     out["cells"] = {}
     try:
@@ -256,11 +269,16 @@ def section(stack, s, with_fleet: bool = True) -> dict:
             for rnd in range(s.latency_rounds if n == AT else 1):
                 # each round alternates the order, so a slow stretch of the machine falls on each side
                 for name in list(ports) if (i + rnd) % 2 == 0 else list(ports)[::-1]:
-                    r = asyncio.run(measure(ports[name], specs[name], stack.ports["fake"], n, gap_ms, s.latency_window_s))
+                    r = asyncio.run(
+                        measure(ports[name], specs[name], stack.ports["fake"], n, gap_ms, s.latency_window_s)
+                    )
                     rounds[name].append(r)
-                    print(f"  {n:5d} streams {name:8s} ramp {r['ramp_s']:5.1f} s  per chunk p50 {fmt_ms(r['chunk_p50_ms'])} "
-                          f"p99 {fmt_ms(r['chunk_p99_ms'])} ({r['chunks']} chunks)  first chunk p50 "
-                          f"{fmt_ms(r['first_chunk_p50_ms'])} ({r['probes']} probes)  completed {r['completed']}/{n}", flush=True)
+                    print(
+                        f"  {n:5d} streams {name:8s} ramp {r['ramp_s']:5.1f} s  per chunk p50 {fmt_ms(r['chunk_p50_ms'])} "
+                        f"p99 {fmt_ms(r['chunk_p99_ms'])} ({r['chunks']} chunks)  first chunk p50 "
+                        f"{fmt_ms(r['first_chunk_p50_ms'])} ({r['probes']} probes)  completed {r['completed']}/{n}",
+                        flush=True,
+                    )
             row = out["cells"][str(n)] = {name: summary(rs) for name, rs in rounds.items()}
             # what a proxy adds over the one before it: per round (the two measured back to back), median
             row["gateway_added"] = added(rounds["gateway"], rounds["bare"], rounds["bare"])
@@ -312,9 +330,24 @@ def targets(res: dict, add) -> None:
         return
     a = sl["cells"].get(str(AT), {}).get("fleet_added") or {}  # (none: skipped, or not in this run's counts)
     p50, p99, first = a.get("chunk_p50_ms"), a.get("chunk_p99_ms"), a.get("first_chunk_over_bare_ms")
-    add(f"stream latency {AT} streams: fleet over one gateway, per chunk p50 (ms)", p50, "<= 1", p50 is not None and p50 <= 1)
-    add(f"stream latency {AT} streams: fleet over one gateway, per chunk p99 (ms)", p99, "<= 10", p99 is not None and p99 <= 10)
-    add(f"stream latency {AT} streams: fleet first chunk over bare, p50 (ms)", first, "<= 1", first is not None and first <= 1)
+    add(
+        f"stream latency {AT} streams: fleet over one gateway, per chunk p50 (ms)",
+        p50,
+        "<= 1",
+        p50 is not None and p50 <= 1,
+    )
+    add(
+        f"stream latency {AT} streams: fleet over one gateway, per chunk p99 (ms)",
+        p99,
+        "<= 10",
+        p99 is not None and p99 <= 10,
+    )
+    add(
+        f"stream latency {AT} streams: fleet first chunk over bare, p50 (ms)",
+        first,
+        "<= 1",
+        first is not None and first <= 1,
+    )
 
 
 def rows(res: dict) -> list[tuple[str, str, str, str]]:
@@ -325,13 +358,20 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
     out = []
     for n, row in sl["cells"].items():
         fa = row.get("fleet_added")
-        for key, label, over in (("chunk_p50_ms", "per chunk p50", "chunk_p50_ms"), ("chunk_p99_ms", "per chunk p99", "chunk_p99_ms"),
-                                 ("first_chunk_p50_ms", "first chunk (TTFC) p50", "first_chunk_over_bare_ms")):
+        for key, label, over in (
+            ("chunk_p50_ms", "per chunk p50", "chunk_p50_ms"),
+            ("chunk_p99_ms", "per chunk p99", "chunk_p99_ms"),
+            ("first_chunk_p50_ms", "first chunk (TTFC) p50", "first_chunk_over_bare_ms"),
+        ):
             fleet = (f"fleet {fmt(row['fleet'][key])} ({'+' if (fa[over] or 0) >= 0 else ''}{fmt(fa[over])} "
                      f"over {'bare' if over.endswith('bare_ms') else 'gw'})") if fa else ""
-            out.append((f"{n} streams, added latency {label} ms", fmt(row["bare"][key]), fmt(row["gateway"][key]), fleet))
+            out.append(
+                (f"{n} streams, added latency {label} ms", fmt(row["bare"][key]), fmt(row["gateway"][key]), fleet)
+            )
     if not sl["fleet"]["available"]:
         out.append(("stream latency: fleet", "", "", f"n/a: {sl['fleet']['reason']}"))
     if sl.get("skipped"):
-        out.append(("stream latency: skipped (past the time budget)", "", "", f"{', '.join(map(str, sl['skipped']))} streams"))
+        out.append(
+            ("stream latency: skipped (past the time budget)", "", "", f"{', '.join(map(str, sl['skipped']))} streams")
+        )
     return out

@@ -231,7 +231,9 @@ def main(argv: list[str]) -> int:
             if stop.since is not None:
                 wait(gateway, stop)
                 return 0
-            print("demo: the gateway did not start (is the port in use? GATEWAY_PORT=9090 ./run.sh demo)", file=sys.stderr)
+            print(
+                "demo: the gateway did not start (is the port in use? GATEWAY_PORT=9090 ./run.sh demo)", file=sys.stderr
+            )
             return gateway.poll() or 1  # (still running: stopped below)
         if stop.since is None:
             print(banner(keys, provider_url, f"http://{connect}:{port}/v1", web_line), flush=True)

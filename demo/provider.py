@@ -63,7 +63,11 @@ def openai_reply(provider: str, request: dict) -> tuple[dict | None, list[bytes]
     text = answer_text(provider, request)
     prompt, completion = usage_numbers(request, text)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    base = {"id": f"chatcmpl-demo-{int(time.time() * 1000)}", "created": int(time.time()), "model": request.get("model")}
+    base = {
+        "id": f"chatcmpl-demo-{int(time.time() * 1000)}",
+        "created": int(time.time()),
+        "model": request.get("model"),
+    }
     if not request.get("stream"):
         return {**base, "object": "chat.completion", "usage": usage, "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}, None
@@ -89,11 +93,31 @@ def anthropic_reply(request: dict) -> tuple[dict | None, list[bytes] | None]:
     if not request.get("stream"):
         return {**message, "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                 "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": completion}}, None
-    events = [sse({"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                   "usage": {"input_tokens": prompt, "output_tokens": 1}}}, "message_start"),
-              sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start")]
-    events += [sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}, "content_block_delta")
-               for p in pieces(text)]
+    events = [
+        sse(
+            {
+                "type": "message_start",
+                "message": {
+                    **message,
+                    "content": [],
+                    "stop_reason": None,
+                    "usage": {"input_tokens": prompt, "output_tokens": 1},
+                },
+            },
+            "message_start",
+        ),
+        sse(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            "content_block_start",
+        ),
+    ]
+    events += [
+        sse(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+            "content_block_delta",
+        )
+        for p in pieces(text)
+    ]
     events += [sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
                sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                     "usage": {"output_tokens": completion}}, "message_delta"),
@@ -132,13 +156,36 @@ def response_object(request: dict, rid: str, text: str, done: bool = True) -> di
     prompt, completion = len(json.dumps(request.get("input", ""))) // 4, len(text) // 4
     item = {"type": "message", "id": f"msg_{rid[5:]}", "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
-    return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed" if done else "in_progress",
-            "error": None, "incomplete_details": None, "instructions": request.get("instructions"),
-            "model": request.get("model"), "output": [item] if done else [], "parallel_tool_calls": True,
-            "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0, "previous_response_id": None,
-            "store": True, "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
-            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
-                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion} if done else None}
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed" if done else "in_progress",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.get("instructions"),
+        "model": request.get("model"),
+        "output": [item] if done else [],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "previous_response_id": None,
+        "store": True,
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "metadata": {},
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+        if done
+        else None,
+    }
 
 
 def responses_reply(request: dict, rid: str) -> tuple[dict | None, list[bytes] | None]:
@@ -148,9 +195,15 @@ def responses_reply(request: dict, rid: str) -> tuple[dict | None, list[bytes] |
         return whole, None
     item = whole["output"][0]
     at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
-    events = [{"type": "response.created", "response": response_object(request, rid, text, done=False)},
-              {"type": "response.output_item.added", "output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
-              {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "", "annotations": []}}]
+    events = [
+        {"type": "response.created", "response": response_object(request, rid, text, done=False)},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **at, "part": {"type": "output_text", "text": "", "annotations": []}},
+    ]
     events += [{"type": "response.output_text.delta", **at, "delta": p} for p in pieces(text)]
     events += [{"type": "response.output_text.done", **at, "text": text},
                {"type": "response.content_part.done", **at, "part": item["content"][0]},
@@ -185,7 +238,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             request = None
         if not isinstance(request, dict):
-            return self.send_json(400, {"error": {"message": "[demo] body is not a JSON object", "type": "invalid_request_error"}})
+            return self.send_json(
+                400, {"error": {"message": "[demo] body is not a JSON object", "type": "invalid_request_error"}}
+            )
         if path.endswith("/embeddings"):
             return self.send_json(200, embeddings_reply(request))
         if path.endswith("/count_tokens"):
@@ -256,7 +311,10 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def not_found(self) -> None:
-        self.send_json(404, {"error": {"message": f"[demo] no such endpoint {self.command} {self.path}", "type": "not_found_error"}})
+        self.send_json(
+            404,
+            {"error": {"message": f"[demo] no such endpoint {self.command} {self.path}", "type": "not_found_error"}},
+        )
 
     def send_json(self, status: int, obj: dict) -> None:
         data = json.dumps(obj).encode()

@@ -273,10 +273,32 @@ class Fleet:
         write_private(config, f"# written by fleet/supervisor.py at each start: the password of this run\n"
                               f"requirepass {password}\n")
         port = free_port()
-        self.redis = Child("redis-server", [
-            self.args.redis_server, str(config), "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
-            "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(data / "redis.log"),
-        ], port)
+        self.redis = Child(
+            "redis-server",
+            [
+                self.args.redis_server,
+                str(config),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--protected-mode",
+                "yes",
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                "--logfile",
+                str(data / "redis.log"),
+            ],
+            port,
+        )
         self.redis.start()
         self.wait_ready("redis-server", lambda: redis_ping(port, password), [self.redis])
         self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
@@ -367,12 +389,16 @@ class StartError(Exception):
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m fleet.supervisor",
-                                     description="N gateway workers behind HAProxy (run.sh does this for GATEWAY_WORKERS > 1).")
+    parser = argparse.ArgumentParser(
+        prog="python -m fleet.supervisor",
+        description="N gateway workers behind HAProxy (run.sh does this for GATEWAY_WORKERS > 1).",
+    )
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="where HAProxy listens (GATEWAY_HOST)")
     parser.add_argument("--port", type=int, default=8080, help="(GATEWAY_PORT)")
-    parser.add_argument("--drain-s", type=float, default=30.0, help="at most this long for requests in flight at a stop")
+    parser.add_argument(
+        "--drain-s", type=float, default=30.0, help="at most this long for requests in flight at a stop"
+    )
     parser.add_argument("--redis-url", default=os.environ.get(REDIS_ENV, ""),
                         help=f"shared Redis (default: ${REDIS_ENV}, the way run.sh passes it: argv is visible "
                              "to every local user); empty: start a local redis-server")
@@ -380,7 +406,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--mitmdump", default=str(Path(sys.executable).parent / "mitmdump"))
     parser.add_argument("--haproxy", default="haproxy")
     parser.add_argument("--redis-server", default="redis-server")
-    parser.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then mitmdump's arguments for every worker (no --mode)")
+    parser.add_argument(
+        "worker_args", nargs=argparse.REMAINDER, help="-- then mitmdump's arguments for every worker (no --mode)"
+    )
     args = parser.parse_args(argv)
     worker_args = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
     if args.workers < 1:

@@ -70,15 +70,29 @@ def openai_completion(request: dict, text: str = "hello") -> dict:
 
 def openai_stream(request: dict, pieces=("hel", "lo"), usage: bool = True) -> list[bytes]:
     def chunk(delta, finish=None, **extra):
-        return {"id": "chatcmpl-fake1", "object": "chat.completion.chunk", "created": 1700000000,
-                "model": request.get("model"), "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return {
+            "id": "chatcmpl-fake1",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": request.get("model"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+
     events = [chunk({"role": "assistant", "content": ""})]
     events += [chunk({"content": p}) for p in pieces]
     events.append(chunk({}, "stop"))
     if usage:
-        events.append({"id": "chatcmpl-fake1", "object": "chat.completion.chunk", "created": 1700000000,
-                       "model": request.get("model"), "choices": [],
-                       "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}})
+        events.append(
+            {
+                "id": "chatcmpl-fake1",
+                "object": "chat.completion.chunk",
+                "created": 1700000000,
+                "model": request.get("model"),
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)},
+            }
+        )
     return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
@@ -99,7 +113,9 @@ def default_reply(req: Received) -> Reply:
     try:
         body = req.json()
     except ValueError:
-        return Reply.json({"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}}, 400)
+        return Reply.json(
+            {"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}}, 400
+        )
     if body.get("stream"):
         return Reply.sse(openai_stream(body))
     return Reply.json(openai_completion(body))

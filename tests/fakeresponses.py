@@ -19,12 +19,29 @@ def message_item(text: str, item_id: str = "msg_fake1") -> dict:
 
 def response(request: dict, text: str = "hello", rid: str = "resp_fake1", status: str = "completed", usage=USAGE,
              background: bool = False) -> dict:
-    return {"id": rid, "object": "response", "created_at": 1700000000, "status": status, "background": background, "error": None,
-            "incomplete_details": None, "instructions": request.get("instructions"), "model": request.get("model"),
-            "output": [message_item(text)] if status == "completed" else [], "parallel_tool_calls": True,
-            "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0, "previous_response_id": None,
-            "store": True, "text": {"format": {"type": "text"}}, "truncation": "disabled",
-            "usage": usage if status == "completed" else None, "metadata": {}}
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "background": background,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.get("instructions"),
+        "model": request.get("model"),
+        "output": [message_item(text)] if status == "completed" else [],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "previous_response_id": None,
+        "store": True,
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "usage": usage if status == "completed" else None,
+        "metadata": {},
+    }
 
 
 def sse(event: dict) -> bytes:
@@ -35,21 +52,51 @@ def response_stream(request: dict, pieces=("hel", "lo"), rid: str = "resp_fake1"
     text = "".join(pieces)
     item = message_item(text)
     background = request.get("background") is True
-    events = [{"type": "response.created", "response": response(request, rid=rid, status="queued" if background else "in_progress",
-                                                                background=background)},
-              {"type": "response.in_progress", "response": response(request, rid=rid, status="in_progress", background=background)},
-              {"type": "response.output_item.added", "output_index": 0,
-               "item": {**item, "status": "in_progress", "content": []}},
-              {"type": "response.content_part.added", "item_id": item["id"], "output_index": 0, "content_index": 0,
-               "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}]
+    events = [
+        {
+            "type": "response.created",
+            "response": response(
+                request, rid=rid, status="queued" if background else "in_progress", background=background
+            ),
+        },
+        {
+            "type": "response.in_progress",
+            "response": response(request, rid=rid, status="in_progress", background=background),
+        },
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "status": "in_progress", "content": []},
+        },
+        {
+            "type": "response.content_part.added",
+            "item_id": item["id"],
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        },
+    ]
     events += [{"type": "response.output_text.delta", "item_id": item["id"], "output_index": 0, "content_index": 0,
                 "delta": p, "logprobs": []} for p in pieces]
-    events += [{"type": "response.output_text.done", "item_id": item["id"], "output_index": 0, "content_index": 0,
-                "text": text, "logprobs": []},
-               {"type": "response.content_part.done", "item_id": item["id"], "output_index": 0, "content_index": 0,
-                "part": item["content"][0]},
-               {"type": "response.output_item.done", "output_index": 0, "item": item},
-               {"type": "response.completed", "response": response(request, text, rid, usage=usage, background=background)}]
+    events += [
+        {
+            "type": "response.output_text.done",
+            "item_id": item["id"],
+            "output_index": 0,
+            "content_index": 0,
+            "text": text,
+            "logprobs": [],
+        },
+        {
+            "type": "response.content_part.done",
+            "item_id": item["id"],
+            "output_index": 0,
+            "content_index": 0,
+            "part": item["content"][0],
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": response(request, text, rid, usage=usage, background=background)},
+    ]
     return [sse({**e, "sequence_number": i}) for i, e in enumerate(events)]
 
 
@@ -81,24 +128,49 @@ class StoredResponses:
             if body.get("background") is True:
                 self.status[rid] = "in_progress" if body.get("stream") else "queued"
                 if body.get("stream"):
-                    return Reply.sse(response_stream(body, rid=rid, usage=self.usage), hold_after_first=self.stream_hold)
+                    return Reply.sse(
+                        response_stream(body, rid=rid, usage=self.usage), hold_after_first=self.stream_hold
+                    )
                 return Reply.json(response(body, rid=rid, status="queued", background=True))
             if body.get("stream"):
                 return Reply.sse(response_stream(body, rid=rid))
             return Reply.json(response(body, rid=rid))
         rid, _, sub = tail.strip("/").partition("/")
         if rid not in self.stored:
-            return Reply.json({"error": {"message": f"Response with id '{rid}' not found.", "type": "invalid_request_error",
-                                         "param": None, "code": None}}, 404)
+            return Reply.json(
+                {
+                    "error": {
+                        "message": f"Response with id '{rid}' not found.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                404,
+            )
         if req.method == "DELETE":
             del self.stored[rid]
             return Reply.json({"id": rid, "object": "response", "deleted": True})
         if rid in self.status and sub != "input_items":
             return self.background(req, rid, sub, "stream=true" in query)
         if sub == "input_items":
-            return Reply.json({"object": "list", "data": [{"type": "message", "id": "msg_in1", "role": "user", "status": "completed",
-                                                            "content": [{"type": "input_text", "text": "hi"}]}],
-                               "first_id": "msg_in1", "last_id": "msg_in1", "has_more": False})
+            return Reply.json(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "type": "message",
+                            "id": "msg_in1",
+                            "role": "user",
+                            "status": "completed",
+                            "content": [{"type": "input_text", "text": "hi"}],
+                        }
+                    ],
+                    "first_id": "msg_in1",
+                    "last_id": "msg_in1",
+                    "has_more": False,
+                }
+            )
         return Reply.json(response(self.stored[rid], rid=rid))
 
     def background(self, req: Received, rid: str, sub: str, stream: bool) -> Reply:

@@ -76,8 +76,12 @@ def json_object(raw: bytes) -> dict:
     if _may_hold_surrogates(raw):
         where = unpaired_surrogate(body)
         if where is not None:
-            raise GatewayError(400, f"{where}: a string with an unpaired surrogate (such as \\ud800) is not text: it has "
-                                    "no UTF-8 form", param=where, code="invalid_string")
+            raise GatewayError(
+                400,
+                f"{where}: a string with an unpaired surrogate (such as \\ud800) is not text: it has no UTF-8 form",
+                param=where,
+                code="invalid_string",
+            )
     return body
 
 
@@ -164,14 +168,23 @@ MAX_PARTS = 1_000  # entries of one message's `content` array (text, image, tool
 def check_counts(messages: list) -> None:
     """400 naming the param when `messages`, or one message's `content` array, is longer than its cap."""
     if len(messages) > MAX_MESSAGES:
-        raise GatewayError(400, f"messages: {len(messages)} messages is more than the gateway's limit of {MAX_MESSAGES}",
-                           param="messages", code="too_many_messages")
+        raise GatewayError(
+            400,
+            f"messages: {len(messages)} messages is more than the gateway's limit of {MAX_MESSAGES}",
+            param="messages",
+            code="too_many_messages",
+        )
     for i, message in enumerate(messages):
         if type(message) is dict:
             content = message.get("content")
             if type(content) is list and len(content) > MAX_PARTS:
-                raise GatewayError(400, f"messages[{i}].content: {len(content)} content parts is more than the gateway's "
-                                        f"limit of {MAX_PARTS} per message", param=f"messages[{i}].content", code="too_many_parts")
+                raise GatewayError(
+                    400,
+                    f"messages[{i}].content: {len(content)} content parts is more than the gateway's "
+                    f"limit of {MAX_PARTS} per message",
+                    param=f"messages[{i}].content",
+                    code="too_many_parts",
+                )
 
 
 class StreamUsageReader(Protocol):

@@ -36,7 +36,9 @@ class OpenAIChat:
         body = parse_object(raw)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise GatewayError(400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages")
+            raise GatewayError(
+                400, "'messages' is required and must be a non-empty array", param="messages", code="missing_messages"
+            )
         check_counts(messages)
         # the gateway decides on these itself (stream handling, usage): a string "false" must not stream
         if body.get("stream") is not None and not isinstance(body["stream"], bool):

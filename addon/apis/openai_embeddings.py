@@ -32,9 +32,13 @@ class OpenAIEmbeddings(OpenAIChat):
         if body.get("input") is None or body["input"] == "" or body["input"] == []:
             raise GatewayError(400, "'input' is required: a string or an array", param="input", code="missing_input")
         if body.get("encoding_format") is not None and body["encoding_format"] not in ENCODINGS:
-            raise GatewayError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format", code="invalid_value")
+            raise GatewayError(
+                400, '\'encoding_format\' must be "float" or "base64"', param="encoding_format", code="invalid_value"
+            )
         if body.get("stream") is not None:
-            raise GatewayError(400, "embeddings do not stream: leave 'stream' out", param="stream", code="invalid_value")
+            raise GatewayError(
+                400, "embeddings do not stream: leave 'stream' out", param="stream", code="invalid_value"
+            )
         return body
 
 

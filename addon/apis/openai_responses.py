@@ -41,7 +41,11 @@ class OpenAIResponses(OpenAIChat):
     # input the provider adds from what it stores: the body does not show how much
     stored_input_fields = ("previous_response_id", "conversation", "prompt")
     # a stored response: path prefix -> methods; the rest of the path must match RESOURCE
-    resource_methods = {"": frozenset({"GET", "DELETE"}), "/input_items": frozenset({"GET"}), "/cancel": frozenset({"POST"})}
+    resource_methods = {
+        "": frozenset({"GET", "DELETE"}),
+        "/input_items": frozenset({"GET"}),
+        "/cancel": frozenset({"POST"}),
+    }
 
     def resource(self, tail: str) -> frozenset[str] | None:
         """The methods allowed on `tail` (what follows /v1/responses), None if it names nothing."""

@@ -15,7 +15,9 @@ APIS: dict[str, InboundAPI] = {api.name: api for api in (OPENAI_CHAT, ANTHROPIC_
 ENDPOINTS: dict[str, InboundAPI] = {path: api for api in APIS.values() for path in api.paths}
 # path prefix ("/v1/responses/") -> the API whose stored resources live under it (an API with a
 # `resource(tail)` method: the methods allowed on what follows, or None)
-RESOURCES: dict[str, InboundAPI] = {path + "/": api for api in APIS.values() if hasattr(api, "resource") for path in api.paths}
+RESOURCES: dict[str, InboundAPI] = {
+    path + "/": api for api in APIS.values() if hasattr(api, "resource") for path in api.paths
+}
 # what answers where no API is served (unknown paths, /health, /v1/models)
 DEFAULT_API: InboundAPI = OPENAI_CHAT
 

@@ -155,4 +155,6 @@ def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: 
 def log_unkeyed(method: str, path: str, status: int, meta: dict, latency_ms: float, ended: float) -> None:
     if not ACCESS.enabled or status == 200 and "/health" in path:
         return
-    ACCESS.add(f"{outcome(status, meta)} {word(method)} {word(path.partition('?')[0][:200])} latency={latency_ms:.0f}ms", ended)
+    ACCESS.add(
+        f"{outcome(status, meta)} {word(method)} {word(path.partition('?')[0][:200])} latency={latency_ms:.0f}ms", ended
+    )

@@ -62,7 +62,9 @@ NO_USAGE = Usage()
 PENDING = Usage(estimated=True)  # a background stream that ended before its usage: it is held instead
 BACKGROUND_HOLD = 3600.0  # default seconds a background response is held without news of it
 SWEEP_EVERY = 2.0  # seconds between two charges of the holds that fell due
-STORED_ID = re.compile(r"/responses/(resp_[A-Za-z0-9_-]{1,200})")  # in the provider's path of a stored response's request
+STORED_ID = re.compile(
+    r"/responses/(resp_[A-Za-z0-9_-]{1,200})"
+)  # in the provider's path of a stored response's request
 
 log = logging.getLogger("gateway")
 
@@ -70,8 +72,12 @@ log = logging.getLogger("gateway")
 def read_owners(path: str, per_key: int) -> list[tuple[str, str, float]]:
     """The stored responses the ledger says were created within OWNER_TTL, the newest `per_key`
     per key, oldest first, as (id, owner record, when): a restart keeps who owns each."""
-    return [(resource_id, record(fingerprint, target_id or None), when)
-            for fingerprint, resource_id, target_id, when in ledger_db.stored_responses(path, time.time() - OWNER_TTL, per_key)]
+    return [
+        (resource_id, record(fingerprint, target_id or None), when)
+        for fingerprint, resource_id, target_id, when in ledger_db.stored_responses(
+            path, time.time() - OWNER_TTL, per_key
+        )
+    ]
 
 
 def read_seeds(path: str) -> tuple[list, list]:
@@ -251,7 +257,9 @@ class UsageAccounting:
             prompt, completion = due.tokens, 0
         meta = {**info, "fingerprint": due.key, "counted": True}
         started = info.get("started") if isinstance(info.get("started"), (int, float)) else due.when
-        self.unsettled.append((meta, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False))
+        self.unsettled.append(
+            (meta, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False)
+        )
 
     def defer(self, meta: dict, started: float) -> None:
         """A background create answered without its usage: its reservation (if its key holds
@@ -259,13 +267,28 @@ class UsageAccounting:
         a limit get one holding nothing: the usage is still counted once, when it shows."""
         ticket = meta.pop("ticket", None)
         tokens, usd, prompt, completion = meta.get("held") or (0, 0.0, 0, 0)
-        info = json.dumps({"key": meta.get("key", ""), "provider": meta.get("provider", ""), "model": meta.get("model", ""),
-                           "price": meta.get("price"), "target": meta.get("target", ""), "attempts": meta.get("attempts", 1),
-                           "api": meta.get("api"), "started": started, "input": prompt, "output": completion},
-                          separators=(",", ":"))
-        self.store.defer(meta["fingerprint"], ticket, meta["background"], tokens, usd, time.time() + self.background_hold, info)
+        info = json.dumps(
+            {
+                "key": meta.get("key", ""),
+                "provider": meta.get("provider", ""),
+                "model": meta.get("model", ""),
+                "price": meta.get("price"),
+                "target": meta.get("target", ""),
+                "attempts": meta.get("attempts", 1),
+                "api": meta.get("api"),
+                "started": started,
+                "input": prompt,
+                "output": completion,
+            },
+            separators=(",", ":"),
+        )
+        self.store.defer(
+            meta["fingerprint"], ticket, meta["background"], tokens, usd, time.time() + self.background_hold, info
+        )
 
-    def resolve(self, flow: http.HTTPFlow, meta: dict, status: int, state: str | None, usage: Usage | None, streamed: bool) -> None:
+    def resolve(
+        self, flow: http.HTTPFlow, meta: dict, status: int, state: str | None, usage: Usage | None, streamed: bool
+    ) -> None:
         """A request on a stored response (GET, stream, cancel) ended: when it shows the final
         usage of a background response whose hold is still held, settle that, once, and count the
         usage on this request's row (with the create's model and price); when it shows one still
@@ -284,7 +307,9 @@ class UsageAccounting:
         if not inspect.isawaitable(settled):
             self.settled(meta, settled, usage, (started, ended, status, streamed))
             return
-        task = asyncio.get_running_loop().create_task(self.settle_later(meta, settled, usage, (started, ended, status, streamed)))
+        task = asyncio.get_running_loop().create_task(
+            self.settle_later(meta, settled, usage, (started, ended, status, streamed))
+        )
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
 
@@ -398,7 +423,14 @@ class UsageAccounting:
         now = time.time()
         ended = (flow.response.timestamp_end if flow.response else None) or now
         if meta is None or "fingerprint" not in meta:  # not a request made with a known key
-            log_unkeyed(flow.request.method, flow.request.path, status, meta or {}, (ended - flow.request.timestamp_start) * 1000, ended)
+            log_unkeyed(
+                flow.request.method,
+                flow.request.path,
+                status,
+                meta or {},
+                (ended - flow.request.timestamp_start) * 1000,
+                ended,
+            )
             return
         if "background" in meta and status == 200:  # a background create: is its usage still to come?
             if isinstance(usage, http.Response):
@@ -516,7 +548,9 @@ def stream_usage(flow: http.HTTPFlow, watcher: StreamUsageReader, sample: Stream
                              cached_tokens=usage.cached_tokens)
 
 
-def watched_stream(inner: Callable | bool, watcher: StreamUsageReader, sample: StreamSample | None = None) -> Callable[[bytes], list[bytes]]:
+def watched_stream(
+    inner: Callable | bool, watcher: StreamUsageReader, sample: StreamSample | None = None
+) -> Callable[[bytes], list[bytes]]:
     """Compose the stream callable mitmproxy already has (or True: pass through) with `watcher`."""
     broken = False
 

@@ -106,7 +106,9 @@ class Drain:
                 await asyncio.sleep(POLL)
             if in_flight:
                 n = len(in_flight)
-                log.warning("gateway: %s still in flight after %g s %s cut", requests(n), seconds, "is" if n == 1 else "are")
+                log.warning(
+                    "gateway: %s still in flight after %g s %s cut", requests(n), seconds, "is" if n == 1 else "are"
+                )
         except Exception:
             log.exception("gateway: could not drain; stopping now")
         finally:
@@ -134,4 +136,6 @@ async def close_connections(proxyserver, timeout: float = CLOSE_S) -> None:
         await asyncio.sleep(0.01)
     if proxyserver.connections:
         n = len(proxyserver.connections)
-        log.warning("gateway: %d connection%s still open after %g s; stopping anyway", n, "" if n == 1 else "s", timeout)
+        log.warning(
+            "gateway: %d connection%s still open after %g s; stopping anyway", n, "" if n == 1 else "s", timeout
+        )

@@ -141,7 +141,10 @@ class Failover:
                 return  # nothing healthy left: the client gets this attempt's failure
             if len(route.tried) >= self.attempts_for(key):
                 route.retry_now = True  # the client's own retry (at once) gets the healthy one
-                flow.metadata[PAGE_HEADERS] = {**RETRY_AT_ONCE, ATTEMPTS_HEADER: str(len(route.tried))}  # on the gateway's 502/504 too
+                flow.metadata[PAGE_HEADERS] = {
+                    **RETRY_AT_ONCE,
+                    ATTEMPTS_HEADER: str(len(route.tried)),
+                }  # on the gateway's 502/504 too
                 return
             if self.gateway.reroute(flow, route, index):
                 flow.metadata["gateway"].setdefault("failed_attempts", []).append(failed)

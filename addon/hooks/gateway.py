@@ -21,8 +21,15 @@ from mitmproxy.utils import human
 
 from addon.apis.base import InboundAPI
 from addon.apis.registry import ENDPOINTS, api_for_flow, resource_for
-from addon.hooks.answers import (FAILED_MARK, GATEWAY_ERROR_HEADERS, PROVIDER_ERROR_MARK, answer, provider_error, row_comment,
-                                 show_gateway_address)
+from addon.hooks.answers import (
+    FAILED_MARK,
+    GATEWAY_ERROR_HEADERS,
+    PROVIDER_ERROR_MARK,
+    answer,
+    provider_error,
+    row_comment,
+    show_gateway_address,
+)
 from addon.hooks.failover import ATTEMPTS_HEADER, RETRY_AT_ONCE
 from addon.hooks.headers import (ACCOUNT_HEADERS, CLIENT_SECRETS, drop_hop_by_hop, hide_client_secrets, redact,
                                  replaced_header_names, response_hop_by_hop)
@@ -245,13 +252,17 @@ class Gateway:
                 response.headers["x-gateway-dropped-params"] = ", ".join(routed[2])
             if self.failovers:
                 self.tell_retry(flow, response)
-            if response.status_code == 200 and (field_value(fields, names, b"content-type") or "").startswith("text/event-stream"):
+            if response.status_code == 200 and (field_value(fields, names, b"content-type") or "").startswith(
+                "text/event-stream"
+            ):
                 exchange, api, _ = routed
                 translator = exchange.stream_translator()
                 if translator is None:
                     response.stream = True
                 else:
-                    response.stream = fail_closed_stream(translator, response.headers, flow.request.http_version, api.stream_error)
+                    response.stream = fail_closed_stream(
+                        translator, response.headers, flow.request.http_version, api.stream_error
+                    )
         except Exception:
             log.exception("gateway: internal error on response headers")
             flow.metadata.setdefault("gateway", {})["failed"] = True
@@ -298,7 +309,9 @@ class Gateway:
                 replace_body(flow.response, body, b"application/json")
         except Exception:
             log.exception("gateway: internal error while translating a response")
-            error = GatewayError(502, "the gateway could not translate the provider response", code="gateway_error", type="server_error")
+            error = GatewayError(
+                502, "the gateway could not translate the provider response", code="gateway_error", type="server_error"
+            )
             flow.response = http.Response.make(502, api_for_flow(flow).error_body(error), GATEWAY_ERROR_HEADERS)
         if flow.response.status_code >= 400:
             flow.marked = flow.marked or PROVIDER_ERROR_MARK
@@ -323,7 +336,9 @@ class Gateway:
         request = flow.request
         fields = request.headers.fields
         names = lower_names(fields)
-        if b"connection" in names:  # what it names ends on the client's hop (headers.py), before any other addon reads it
+        if (
+            b"connection" in names
+        ):  # what it names ends on the client's hop (headers.py), before any other addon reads it
             fields = drop_hop_by_hop(request, fields, names)
             names = lower_names(fields)
         meta: dict = {}  # flow metadata only once a key is known (metrics count flows that have it)
@@ -336,8 +351,15 @@ class Gateway:
             model_path = path.startswith("/v1/models/") or path.startswith("/models/")
             if path in MODELS_PATHS or model_path:
                 if request.method != "GET":
-                    raise GatewayError(405, f"method {request.method} not allowed on {path}; use GET", code="method_not_allowed", headers={"allow": "GET"})
-                answer_models(flow, self.authenticate(fields, names, query), path.partition("/models/")[2] if model_path else None)
+                    raise GatewayError(
+                        405,
+                        f"method {request.method} not allowed on {path}; use GET",
+                        code="method_not_allowed",
+                        headers={"allow": "GET"},
+                    )
+                answer_models(
+                    flow, self.authenticate(fields, names, query), path.partition("/models/")[2] if model_path else None
+                )
                 return
             api, tail = ENDPOINTS.get(path), ""
             methods = api.methods if api is not None else None
@@ -348,7 +370,12 @@ class Gateway:
                     raise GatewayError(404, f"unknown path {path}: this gateway serves {SERVED}", code="unknown_path")
             if request.method not in methods:
                 allowed = ", ".join(sorted(methods))
-                raise GatewayError(405, f"method {request.method} not allowed on {path}; use {allowed}", code="method_not_allowed", headers={"allow": allowed})
+                raise GatewayError(
+                    405,
+                    f"method {request.method} not allowed on {path}; use {allowed}",
+                    code="method_not_allowed",
+                    headers={"allow": allowed},
+                )
             key = self.authenticate(fields, names, query)
             meta = flow.metadata.setdefault("gateway", {})
             # refusals are recorded too; client_path: mitmweb lists the flow by it (web/listing.py)
@@ -465,7 +492,9 @@ class Gateway:
         self.forward(admitted, *forward)
         return None
 
-    async def dispatch_when_owned(self, holder: Awaitable[str | None], context: Routing, tail: str, prepared: tuple) -> None:
+    async def dispatch_when_owned(
+        self, holder: Awaitable[str | None], context: Routing, tail: str, prepared: tuple
+    ) -> None:
         try:
             known = await holder
             if known is not None:
@@ -493,8 +522,13 @@ class Gateway:
         now = time.time()
         if not targets.healthy(key, target, self.store, now, failover.requested):
             wait = max(1.0, targets.cooling_until(target, self.store, failover.requested) - now)
-            raise GatewayError(503, f"the target holding this stored response is cooling down after failures; retry in {wait:.0f}s",
-                               code="no_healthy_target", type="server_error", headers={"retry-after": f"{wait:.0f}"})
+            raise GatewayError(
+                503,
+                f"the target holding this stored response is cooling down after failures; retry in {wait:.0f}s",
+                code="no_healthy_target",
+                type="server_error",
+                headers={"retry-after": f"{wait:.0f}"},
+            )
         if index == failover.tried[0]:
             return context, prepared
         context = context._replace(route=failover.routes[target.provider], target=target)
@@ -512,8 +546,21 @@ class Gateway:
         flow, names, api, route, key, keys, meta, query, target = context
         model, new_body, upstream, exchange, demand = prepared
         upstream_path = route.path + tail + upstream.path_suffix if tail or upstream.path_suffix else route.path
-        address = upstream_target(route.provider.upstream_url(target, upstream_path, meta.get("model") or model))  # may refuse (azure)
-        return (flow, target, query, route, address, upstream, new_body, (exchange, api, upstream.dropped), fields, names)
+        address = upstream_target(
+            route.provider.upstream_url(target, upstream_path, meta.get("model") or model)
+        )  # may refuse (azure)
+        return (
+            flow,
+            target,
+            query,
+            route,
+            address,
+            upstream,
+            new_body,
+            (exchange, api, upstream.dropped),
+            fields,
+            names,
+        )
 
     async def forward_when_admitted(self, admitted: Awaitable[str | None], forward: tuple) -> None:
         flow = forward[0]
@@ -582,7 +629,9 @@ class Gateway:
         if index is not None:
             return index
         if not any(target.provider in routes for target in key.targets):
-            raise GatewayError(400, f"{path} is not available for this virtual key's providers", code="unsupported_endpoint")
+            raise GatewayError(
+                400, f"{path} is not available for this virtual key's providers", code="unsupported_endpoint"
+            )
         raise no_healthy_target(targets.retry_after(key, self.store, now))
 
     def reroute(self, flow: http.HTTPFlow, failover: FailoverRoute, index: int) -> bool:
@@ -596,11 +645,15 @@ class Gateway:
         context = failover.context._replace(route=failover.routes[target.provider], target=target)
         try:
             prepared = prepare((failover.raw, context.api.parse_request(failover.raw)), context)
-            if prepared[1] is None:  # the client's body as it came, not what an earlier attempt was sent (a model_map, a cap)
+            if (
+                prepared[1] is None
+            ):  # the client's body as it came, not what an earlier attempt was sent (a model_map, a cap)
                 prepared = (prepared[0], failover.raw, *prepared[2:])
             forward = self.forwarding(context, "", prepared, failover.fields)
         except GatewayError as e:
-            log.warning("gateway: target %s of %s cannot serve this request (%s)", target.display, failover.key.name, e.message)
+            log.warning(
+                "gateway: target %s of %s cannot serve this request (%s)", target.display, failover.key.name, e.message
+            )
             failover.unusable.append(index)
             return False
         failover.context = context
@@ -610,7 +663,9 @@ class Gateway:
         return True
 
     @staticmethod
-    def note_target(flow: http.HTTPFlow, meta: dict, key: VirtualKey, target: Target, attempt: int, api: InboundAPI) -> None:
+    def note_target(
+        flow: http.HTTPFlow, meta: dict, key: VirtualKey, target: Target, attempt: int, api: InboundAPI
+    ) -> None:
         """The attempt in the flow's metadata (ledger, metrics; target_id: a stored response's
         holder, policy/owners.py; when it began: a failed one is listed with its time,
         hooks/failover.py) and comment (mitmweb)."""
@@ -621,7 +676,9 @@ class Gateway:
     def authenticate(self, fields: Fields, names: list[bytes], query: str = "") -> VirtualKey:
         presented = presented_key(fields, names, query)
         if presented is None:
-            raise GatewayError(401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key")
+            raise GatewayError(
+                401, "missing virtual key: send 'Authorization: Bearer <virtual key>'", code="missing_api_key"
+            )
         if self.keys is None:
             raise GatewayError(503, "the gateway has no keys loaded", code="no_keys")
         key = self.keys.lookup(presented)

@@ -108,7 +108,9 @@ def _indices(names: list[bytes], name: bytes) -> list[int]:
     return [i for i, n in enumerate(names) if n == name]
 
 
-def hide_client_secrets(request: http.Request, fields: Fields, names: list[bytes], markers: dict[bytes, bytes] | None) -> None:
+def hide_client_secrets(
+    request: http.Request, fields: Fields, names: list[bytes], markers: dict[bytes, bytes] | None
+) -> None:
     """Every client secret header on the flow replaced by its marker. `markers`: known header
     value -> marker, remembered for authenticated clients (a marker costs a SHA-256)."""
     new = list(fields)

@@ -34,7 +34,9 @@ def answer_models(flow: http.HTTPFlow, key: VirtualKey, model: str | None) -> No
     elif key.policy.allows_model(model):  # any model, for a key without a models list
         body = rules.model_object(key, model)
     else:
-        raise GatewayError(404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found")
+        raise GatewayError(
+            404, f"model {model!r} is not available to this virtual key", param="model", code="model_not_found"
+        )
     # in the client's API's shape: an Anthropic client (anthropic-version; Claude Code's model
     # discovery) gets Anthropic's list
     api = api_for_request(flow.request)

@@ -48,8 +48,13 @@ _TOKEN = re.compile(rf"""[^\s"'\\,;:=()\[\]{{}}<>&/{_CONTROLS}]+""")
 _TOKEN_CHARS = re.compile(rf"""[^\s"'\\,;:=()\[\]{{}}<>&/{_CONTROLS}]+\Z""")
 # the same tokens as _TOKEN.findall, found faster: the separators other than whitespace become a
 # space, and str.split() splits at whitespace as \s defines it (both are Py_UNICODE_ISSPACE)
-_SEPARATORS_TO_SPACE = str.maketrans(dict.fromkeys(
-    "\"'\\,;:=()[]{}<>&/" + "".join(map(chr, [*range(0x00, 0x09), *range(0x0e, 0x1c), *range(0x7f, 0x85), *range(0x86, 0xa0)])), " "))
+_SEPARATORS_TO_SPACE = str.maketrans(
+    dict.fromkeys(
+        "\"'\\,;:=()[]{}<>&/"
+        + "".join(map(chr, [*range(0x00, 0x09), *range(0x0E, 0x1C), *range(0x7F, 0x85), *range(0x86, 0xA0)])),
+        " ",
+    )
+)
 
 
 def tokens(text: str) -> list[str]:

@@ -39,7 +39,15 @@ from collections import Counter as Tally
 from fnmatch import fnmatchcase
 
 from mitmproxy import ctx, exceptions, http
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client import values as prometheus_values
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -389,9 +397,19 @@ class Metrics:
             self.in_flight[meta.get("key", NONE)] -= 1
         response = flow.response
         ended = (response.timestamp_end if response is not None else None) or time.time()
-        self.noted.append((meta, status, code, ended - flow.request.timestamp_start, overhead,
-                           ended - forwarded if forwarded is not None else None,
-                           meta.get("first_chunk_at", 0.0) - forwarded if forwarded is not None and meta.get("first_chunk_at") else None))
+        self.noted.append(
+            (
+                meta,
+                status,
+                code,
+                ended - flow.request.timestamp_start,
+                overhead,
+                ended - forwarded if forwarded is not None else None,
+                meta.get("first_chunk_at", 0.0) - forwarded
+                if forwarded is not None and meta.get("first_chunk_at")
+                else None,
+            )
+        )
         if len(self.noted) >= FOLD_AT:
             self.fold()
 
@@ -523,7 +541,11 @@ class Metrics:
                     scheme, _, presented = value.strip().partition(" ")
                     presented = presented.strip() if scheme.lower() == "bearer" else ""
             if not hmac.compare_digest(presented.encode(), self.token.encode()):
-                return 401, b"unauthorized: send 'Authorization: Bearer <metrics token>'\n", {"www-authenticate": 'Bearer realm="metrics"'}
+                return (
+                    401,
+                    b"unauthorized: send 'Authorization: Bearer <metrics token>'\n",
+                    {"www-authenticate": 'Bearer realm="metrics"'},
+                )
         if self.accounting is not None:
             self.accounting.settle()  # tokens and cost of every finished request
         self.fold()
@@ -533,7 +555,9 @@ class Metrics:
         return 200, (b"" if method == "HEAD" else body), {"content-type": CONTENT_TYPE_LATEST}
 
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+    async def _reply(
+        writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str] | None = None
+    ) -> None:
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
                   431: "Request Header Fields Too Large"}.get(status, "Error")
         headers = {"content-type": "text/plain; charset=utf-8", **(extra or {}),

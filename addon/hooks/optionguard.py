@@ -54,7 +54,9 @@ class OptionGuard:
                 "(use max_request_mb to bound them)")
         if self.frozen is None:
             return
-        changed = sorted(name for name in updated if name in self.frozen and getattr(ctx.options, name) != self.frozen[name])
+        changed = sorted(
+            name for name in updated if name in self.frozen and getattr(ctx.options, name) != self.frozen[name]
+        )
         if changed:
             raise exceptions.OptionsError(
                 f"{', '.join(changed)} cannot be changed while the gateway runs (it guards keys or routing); "

@@ -71,7 +71,9 @@ class StoreChoice:
         if "reservation_lease" in updated:
             lease = seconds_option("reservation_lease")
             if lease < MIN_LEASE:
-                raise exceptions.OptionsError(f"reservation_lease must be at least {MIN_LEASE:g} seconds, not {lease:g}")
+                raise exceptions.OptionsError(
+                    f"reservation_lease must be at least {MIN_LEASE:g} seconds, not {lease:g}"
+                )
         if "redis_url" in updated or "redis_prefix" in updated:
             self.choose()
         if lease is not None:
@@ -103,7 +105,9 @@ class StoreChoice:
             store = RedisStore(resolved, prefix, on_error=count_store_error)
             for user in self.users:
                 user.store = store
-            log.info("gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(resolved), prefix)
+            log.info(
+                "gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(resolved), prefix
+            )
         self.chosen = (url, prefix)
 
     def running(self) -> None:
@@ -130,7 +134,9 @@ class StoreChoice:
             return
         if found is not None:
             ledger = next((user.ledger for user in self.users if getattr(user, "ledger", None) is not None), None)
-            log.warning("%s", disagreement(masked_url(store.url), store.prefix, ledger and masked_url(ledger.path), *found))
+            log.warning(
+                "%s", disagreement(masked_url(store.url), store.prefix, ledger and masked_url(ledger.path), *found)
+            )
 
     def done(self):
         """RedisStore: its close (what is queued is sent first), for the chain (addon/hooks/chain.py)
@@ -155,8 +161,12 @@ def disagreement(url: str, prefix: str, ledger: str | None, keys: list[str], red
     start_over = (f"To start over, stop the gateways, delete Redis's {prefix}* keys (a fleet's own Redis: "
                   f"remove {fleet_redis}) and start them again")
     if ledger is None:
-        return (f"gateway: Redis {url} holds the spend of {n} from earlier runs, {spend(redis)}, and no usage ledger is "
-                f"kept (USAGE_DB empty): budgets count Redis's. {start_over}: budgets then start from zero.")
-    return (f"gateway: Redis {url} and the usage ledger {ledger} disagree on the spend of {n}: Redis has {spend(redis)}, "
-            f"the ledger {spend(in_ledger)}. Budgets count Redis's, the live spend every gateway on it shares (a ledger "
-            f"only fills an empty Redis). {start_over}: Redis is then filled from the ledger.")
+        return (
+            f"gateway: Redis {url} holds the spend of {n} from earlier runs, {spend(redis)}, and no usage ledger is "
+            f"kept (USAGE_DB empty): budgets count Redis's. {start_over}: budgets then start from zero."
+        )
+    return (
+        f"gateway: Redis {url} and the usage ledger {ledger} disagree on the spend of {n}: Redis has {spend(redis)}, "
+        f"the ledger {spend(in_ledger)}. Budgets count Redis's, the live spend every gateway on it shares (a ledger "
+        f"only fills an empty Redis). {start_over}: Redis is then filled from the ledger."
+    )

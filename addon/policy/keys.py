@@ -70,8 +70,20 @@ _PERIOD_SECONDS = {"h": 3600, "d": 86400}
 ENDPOINT_FIELDS = frozenset({"provider", "api_key", "base_url"}) | azure.FIELDS  # where and with which real key
 BASE_FIELDS = ENDPOINT_FIELDS | {"name", "targets"}
 TARGET_FIELDS = ENDPOINT_FIELDS | {"weight", "fallback", "model_map", "model", "max_output_tokens"}
-POLICY_FIELDS = frozenset({"models", "rpm", "tpm", "budget_tokens", "budget_usd", "budget_period", "expires_at", "disabled",
-                           "max_parallel", "max_output_tokens"})
+POLICY_FIELDS = frozenset(
+    {
+        "models",
+        "rpm",
+        "tpm",
+        "budget_tokens",
+        "budget_usd",
+        "budget_period",
+        "expires_at",
+        "disabled",
+        "max_parallel",
+        "max_output_tokens",
+    }
+)
 BOUNDS_KEPT = 256  # per key: models whose Bound is remembered (names are the client's choice)
 
 
@@ -107,16 +119,25 @@ class KeyPolicy:
             parts.append("DISABLED")
         if self.models is not None:
             parts.append("models " + ",".join(self.models))
-        parts += [f"{name} {value}" for name, value in (("rpm", self.rpm), ("tpm", self.tpm), ("max_parallel", self.max_parallel),
-                                                        ("max_output_tokens", self.max_output_tokens))
-                  if value is not None]
+        parts += [
+            f"{name} {value}"
+            for name, value in (
+                ("rpm", self.rpm),
+                ("tpm", self.tpm),
+                ("max_parallel", self.max_parallel),
+                ("max_output_tokens", self.max_output_tokens),
+            )
+            if value is not None
+        ]
         period = f"/{self.period_text or f'{self.budget_period // 3600}h'}" if self.budget_period else ""
         if self.budget_tokens is not None:
             parts.append(f"budget {self.budget_tokens} tokens{period}")
         if self.budget_usd is not None:
             parts.append(f"budget ${self.budget_usd:g}{period}")
         if self.expires_at is not None:
-            parts.append("expires " + datetime.fromtimestamp(self.expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            parts.append(
+                "expires " + datetime.fromtimestamp(self.expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            )
         return f"[{'; '.join(parts)}]" if parts else ""
 
     @property
@@ -408,7 +429,9 @@ def load_keys(path: str) -> KeyStore:
         else:
             data = json.loads(raw)
     except (ValueError, yaml.YAMLError) as e:
-        raise KeysError(f"keys file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}{syntax_error(e)}") from None
+        raise KeysError(
+            f"keys file {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}{syntax_error(e)}"
+        ) from None
     return parse_keys(data, path)
 
 
@@ -444,7 +467,7 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
         if vk.startswith(HASHED_PREFIX):
             digest = vk[len(HASHED_PREFIX):].lower()
             if not _HEX64.fullmatch(digest):
-                raise KeysError(f"{source}: virtual key {vk[:20]!r}...: a hashed key must be \"sha256:\" + 64 hex digits")
+                raise KeysError(f'{source}: virtual key {vk[:20]!r}...: a hashed key must be "sha256:" + 64 hex digits')
             hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest, pools=pools)
         else:
             keys[vk] = _parse_entry(vk, entry, provider_urls, source, pools=pools)
@@ -483,7 +506,9 @@ def _provider_defaults(section: object, source: str) -> dict[str, dict]:
         allowed = azure.FIELDS if name == "azure" else {"base_url"}
         unknown = conf.keys() - allowed
         if unknown:
-            raise KeysError(f"{source}: providers.{name}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})")
+            raise KeysError(
+                f"{source}: providers.{name}: unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})"
+            )
         if "base_url" in conf:
             _check_url(conf["base_url"], f"{source}: providers.{name}.base_url")
         defaults[name] = dict(conf)
@@ -695,7 +720,9 @@ def _timestamp(value: object, where: str) -> float:
     if isinstance(value, date) and not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     try:
-        when = value if isinstance(value, datetime) else datetime.fromisoformat(value) if isinstance(value, str) else None
+        when = (
+            value if isinstance(value, datetime) else datetime.fromisoformat(value) if isinstance(value, str) else None
+        )
     except ValueError:
         when = None
     if when is None:
@@ -727,10 +754,16 @@ if __name__ == "__main__":  # python -m addon.policy.keys FILE: check a keys fil
     for vk in store:
         rules = vk.policy.describe()
         if not vk.failover:
-            print(f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}", file=sys.stderr)
+            print(
+                f"  {vk.name}: {vk.provider} -> {vk.upstream_url} (key {mask(vk.api_key)}){' ' + rules if rules else ''}",
+                file=sys.stderr,
+            )
             continue
         print(f"  {vk.name}: {len(vk.targets)} targets{' ' + rules if rules else ''}", file=sys.stderr)
         for t in vk.targets:
             role = "fallback" if t.fallback else f"weight {t.weight:g}"
             model = f", model {t.model}" if t.model else (f", model_map {dict(t.model_map)}" if t.model_map else "")
-            print(f"    {t.display}: {t.provider} -> {t.upstream_url} (key {t.masked_key()}; {role}{model})", file=sys.stderr)
+            print(
+                f"    {t.display}: {t.provider} -> {t.upstream_url} (key {t.masked_key()}; {role}{model})",
+                file=sys.stderr,
+            )

@@ -61,7 +61,9 @@ def record(key: str, target_id: str | None) -> str:
     return f"{key}/{target_id}" if target_id else key
 
 
-def check(store, refers: tuple[tuple[str, str | None], ...], key: str, now: float) -> str | None | Awaitable[str | None]:
+def check(
+    store, refers: tuple[tuple[str, str | None], ...], key: str, now: float
+) -> str | None | Awaitable[str | None]:
     """Raise the 404 for the first of `refers` ((id, param) pairs) that `key` did not create;
     else the id of the target holding them (None: not recorded). An awaitable of that when the
     store does I/O (RedisStore: raises StoreUnavailable there)."""

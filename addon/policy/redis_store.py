@@ -67,7 +67,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
-    BUCKET, MINUTE, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Due, Limits,
+    BUCKET, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Due, Limits,
     Spend, StoreUnavailable, Verdict, spend_of,
 )
 from addon.wire.tokens import Usage
@@ -381,7 +381,9 @@ class RedisStore(CooldownTable):
         )
         self._cool = self.redis.register_script(COOL)
         self._bg = self.redis.register_script(BG)
-        self._bg_unsent: list[tuple[str, list]] = []  # defer / extend calls Redis did not take: sent again by charge_due
+        self._bg_unsent: list[
+            tuple[str, list]
+        ] = []  # defer / extend calls Redis did not take: sent again by charge_due
         self.syncing: asyncio.Task | None = None  # pulling the shared cooldowns (start_cooldown_sync)
         self.cooldowns_unshared = False  # a cooldown may be missing in Redis: write ours again once it answers
         self.marker = prefix + "seeded"
@@ -426,14 +428,36 @@ class RedisStore(CooldownTable):
         future = asyncio.get_running_loop().create_future()
         head = self._heads.get(key)
         if head is None:
-            head = self._heads[key] = f"*{9 + 13}\r\n" + arguments(("EVALSHA", SHA[RESERVE], 6, *self.keys(key), self.marker,
-                                                                     f"{self.prefix}{key}:bg"))
+            head = self._heads[key] = f"*{9 + 13}\r\n" + arguments(
+                ("EVALSHA", SHA[RESERVE], 6, *self.keys(key), self.marker, f"{self.prefix}{key}:bg")
+            )
         rpm, tpm, budget_tokens, budget_usd, period, parallel = limits
-        self._asks.append((key, (head + arguments((
-            repr(now), "" if rpm is None else rpm, "" if tpm is None else tpm, "" if budget_tokens is None else budget_tokens,
-            "" if budget_usd is None else repr(budget_usd), "" if period is None else period,
-            "" if parallel is None else parallel, demand.tokens, repr(demand.usd), ticket, self.lease,
-            PARALLEL_RETRY, ticket or next(self._ids)))).encode(), future))
+        self._asks.append(
+            (
+                key,
+                (
+                    head
+                    + arguments(
+                        (
+                            repr(now),
+                            "" if rpm is None else rpm,
+                            "" if tpm is None else tpm,
+                            "" if budget_tokens is None else budget_tokens,
+                            "" if budget_usd is None else repr(budget_usd),
+                            "" if period is None else period,
+                            "" if parallel is None else parallel,
+                            demand.tokens,
+                            repr(demand.usd),
+                            ticket,
+                            self.lease,
+                            PARALLEL_RETRY,
+                            ticket or next(self._ids),
+                        )
+                    )
+                ).encode(),
+                future,
+            )
+        )
         self.kick()
         try:
             answer = await future
@@ -523,7 +547,9 @@ class RedisStore(CooldownTable):
         base = f"{self.prefix}{key}:"
         return [base + "bg", self.prefix + "bgdue", base + "held", base + "tpm", base + "spend"]
 
-    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+    def defer(
+        self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str
+    ) -> None:
         if ticket is not None:
             self.ended(key, ticket)  # no longer renewed: the hold has its own due time
         ttl = SPEND_TTL + math.ceil(max(0.0, until - time.time()))
@@ -566,7 +592,9 @@ class RedisStore(CooldownTable):
         charged = []
         for member in members:
             key, _, resource_id = member.partition(" ")
-            answer = await self._bg_call(key, ["charge", resource_id, member, repr(now), next(self._ids), SPEND_TTL], keep=False)
+            answer = await self._bg_call(
+                key, ["charge", resource_id, member, repr(now), next(self._ids), SPEND_TTL], keep=False
+            )
             if answer:
                 meta, tokens, usd, due = answer
                 charged.append(Due(key, resource_id, int(tokens), float(usd), float(due), meta))
@@ -777,14 +805,20 @@ class RedisStore(CooldownTable):
                     seeds = await self.reload_seeds(self.counted_in_ledger)
                 if reload and self.reload_owners is not None:
                     owners = await self.reload_owners()
-                counts = [c for _, _, c in self.count_commands(seeds, seeding=True)] + self.owner_commands(owners, time.time())
+                counts = [c for _, _, c in self.count_commands(seeds, seeding=True)] + self.owner_commands(
+                    owners, time.time()
+                )
                 for start in range(0, len(counts), SEED_BATCH):
                     for answer in await self.round_trip(counts[start:start + SEED_BATCH]):
                         if isinstance(answer, Exception):
                             raise answer
                 await self.round_trip([command("SET", self.marker, "1"), command("DEL", lock)])
-                log.info("gateway: Redis %s was empty: %d ledger buckets and %d stored responses' owners loaded into it",
-                         masked_url(self.url), len(seeds), len(owners))
+                log.info(
+                    "gateway: Redis %s was empty: %d ledger buckets and %d stored responses' owners loaded into it",
+                    masked_url(self.url),
+                    len(seeds),
+                    len(owners),
+                )
             if not reload:
                 self.found_seeded = first_look
         except (RedisError, OSError) as e:
@@ -844,7 +878,9 @@ class RedisStore(CooldownTable):
             now = time.time()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for target_id, until in entries:
-                    await self._cool(keys=[self.prefix + "cooldowns"], args=[target_id, repr(until), repr(now)], client=pipe)
+                    await self._cool(
+                        keys=[self.prefix + "cooldowns"], args=[target_id, repr(until), repr(now)], client=pipe
+                    )
                 await pipe.execute()
         except (RedisError, OSError) as e:
             self.cooldowns_unshared = True

@@ -46,7 +46,9 @@ def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore,
         # response it was charged for
         limits = policy.request_limits
     elif not policy.allows_model(model):
-        raise GatewayError(403, f"this virtual key may not use model {model!r}", param="model", code="model_not_allowed")
+        raise GatewayError(
+            403, f"this virtual key may not use model {model!r}", param="model", code="model_not_allowed"
+        )
     elif policy.budget_usd is not None and keys.price(model) is None:
         # an unpriced model would cost $0 and walk straight past a dollar budget
         raise GatewayError(
@@ -61,12 +63,18 @@ def admit(key: VirtualKey, model: str | None, keys: KeyStore, store: UsageStore,
     return _ticket_later(verdict, policy, demand, model)
 
 
-async def _ticket_later(pending: Awaitable[Verdict], policy: KeyPolicy, demand: Demand, model: str | None) -> str | None:
+async def _ticket_later(
+    pending: Awaitable[Verdict], policy: KeyPolicy, demand: Demand, model: str | None
+) -> str | None:
     try:
         verdict = await pending
     except StoreUnavailable:
-        raise GatewayError(503, "the gateway cannot check this key's limits right now (its usage store is unreachable); retry shortly",
-                           code="store_unavailable", headers={"retry-after": "1"}) from None
+        raise GatewayError(
+            503,
+            "the gateway cannot check this key's limits right now (its usage store is unreachable); retry shortly",
+            code="store_unavailable",
+            headers={"retry-after": "1"},
+        ) from None
     return ticket(verdict, policy, demand, model)
 
 
@@ -77,19 +85,36 @@ def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand, model: str | Non
         return verdict.ticket
     period = _period(policy.budget_period)
     if refused == BUDGET_TOKENS:
-        raise GatewayError(429, f"token budget of this virtual key does not cover this request ({verdict.used:,.0f} of "
-                           f"{policy.budget_tokens:,}{period} used or held; this request holds up to {demand.tokens:,} tokens "
-                           f"while it runs{_because(demand)})", code="budget_exceeded", headers=NO_RETRY)
+        raise GatewayError(
+            429,
+            f"token budget of this virtual key does not cover this request ({verdict.used:,.0f} of "
+            f"{policy.budget_tokens:,}{period} used or held; this request holds up to {demand.tokens:,} tokens "
+            f"while it runs{_because(demand)})",
+            code="budget_exceeded",
+            headers=NO_RETRY,
+        )
     if refused == BUDGET_USD:
-        raise GatewayError(429, f"dollar budget of this virtual key does not cover this request (${verdict.used:.4f} of "
-                           f"${policy.budget_usd:g}{period} used or held; this request holds up to ${demand.usd:.4f} "
-                           f"while it runs{_because(demand)})", code="budget_exceeded", headers=NO_RETRY)
+        raise GatewayError(
+            429,
+            f"dollar budget of this virtual key does not cover this request (${verdict.used:.4f} of "
+            f"${policy.budget_usd:g}{period} used or held; this request holds up to ${demand.usd:.4f} "
+            f"while it runs{_because(demand)})",
+            code="budget_exceeded",
+            headers=NO_RETRY,
+        )
     if refused == TPM:
-        raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm:,}; this request may use "
-                            f"up to {demand.tokens:,}{_because(demand)})", verdict.wait)
+        raise _rate_limited(
+            f"tokens per minute limit of this virtual key reached (tpm {policy.tpm:,}; this request may use "
+            f"up to {demand.tokens:,}{_because(demand)})",
+            verdict.wait,
+        )
     if refused == PARALLEL:
-        raise GatewayError(429, f"this virtual key already has {policy.max_parallel} requests in flight (max_parallel {policy.max_parallel})",
-                           code="concurrency_limit_exceeded", headers={"retry-after": retry_after_header(verdict.wait)})
+        raise GatewayError(
+            429,
+            f"this virtual key already has {policy.max_parallel} requests in flight (max_parallel {policy.max_parallel})",
+            code="concurrency_limit_exceeded",
+            headers={"retry-after": retry_after_header(verdict.wait)},
+        )
     raise _rate_limited(f"requests per minute limit of this virtual key reached (rpm {policy.rpm})", verdict.wait)
 
 

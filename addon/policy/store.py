@@ -67,7 +67,9 @@ MAX_BUDGET_PERIOD = 366 * 86400  # the longest budget_period the keys file accep
 RETENTION_HOURS = MAX_BUDGET_PERIOD // BUCKET + 1  # spend buckets kept per key
 
 
-RESERVATION_LEASE = 60.0  # seconds a reservation is held unless its holder renews it (a killed worker's are free after it)
+RESERVATION_LEASE = (
+    60.0  # seconds a reservation is held unless its holder renews it (a killed worker's are free after it)
+)
 RENEW_EVERY = 1 / 3  # of the lease: how often a holder renews its live reservations
 RENEW_RETRY = 1.0  # seconds between renewals while the store does not answer (a Redis outage)
 OWNER_TTL = 30 * 86400  # seconds a stored response's owner is kept (OpenAI keeps the response 30 days)
@@ -170,14 +172,18 @@ class UsageStore(Protocol):
         """Count a finished request that held no reservation (kept in step with the usage ledger)."""
 
     # holds whose usage comes later (the module's docstring)
-    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+    def defer(
+        self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str
+    ) -> None:
         """Turn the reservation `ticket` (None: none, a key without limits) into a hold of
         `tokens` and `usd` on `resource_id`, due at `until`; `meta` comes back with it. Never waits."""
 
     def extend(self, key: str, resource_id: str, until: float) -> None:
         """Move a hold's due time on to `until` (never back). Never waits."""
 
-    def settle_deferred(self, key: str, resource_id: str, usage: Usage, when: float) -> tuple[str, float] | None | Awaitable:
+    def settle_deferred(
+        self, key: str, resource_id: str, usage: Usage, when: float
+    ) -> tuple[str, float] | None | Awaitable:
         """Replace the hold on `resource_id` by `usage` (priced with the price in its meta's
         "price") and return (meta, usd), once: None when there is no such hold (never made,
         settled or charged already)."""
@@ -332,7 +338,9 @@ class MemoryStore(CooldownTable):
                 held_usd += usd
         if limits.budget_tokens is not None or limits.budget_usd is not None:
             spent = self.spend(key, limits.budget_period, now)
-            if limits.budget_tokens is not None and not fits(spent.tokens + held_tokens, demand.tokens, limits.budget_tokens):
+            if limits.budget_tokens is not None and not fits(
+                spent.tokens + held_tokens, demand.tokens, limits.budget_tokens
+            ):
                 return Verdict(None, BUDGET_TOKENS, 0.0, spent.tokens + held_tokens)
             if limits.budget_usd is not None and not fits(spent.usd + held_usd, demand.usd, limits.budget_usd):
                 return Verdict(None, BUDGET_USD, 0.0, spent.usd + held_usd)
@@ -363,7 +371,9 @@ class MemoryStore(CooldownTable):
         if held is not None and held.pop(ticket, None) is not None and not held:
             del self._held[key]
 
-    def defer(self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str) -> None:
+    def defer(
+        self, key: str, ticket: str | None, resource_id: str, tokens: int, usd: float, until: float, meta: str
+    ) -> None:
         if ticket is not None:
             self.release(key, ticket)
         self._deferred.setdefault(key, {})[resource_id] = [tokens, usd, until, meta]

@@ -49,14 +49,20 @@ CATALOG: dict[str, ProviderInfo] = {
     "anthropic": ProviderInfo("https://api.anthropic.com/v1", "/messages", "x-api-key", "anthropic_messages"),
     # DeepSeek's Anthropic-compatible API: a key of this provider passes /v1/messages through
     # instead of translating it (the default, "deepseek", translates: docs/anthropic.md says why)
-    "deepseek-anthropic": ProviderInfo("https://api.deepseek.com/anthropic", "/v1/messages", "x-api-key", "anthropic_messages"),
-    "gemini": ProviderInfo("https://generativelanguage.googleapis.com/v1beta/openai", _CHAT, _BEARER, "openai_chat", _E),
+    "deepseek-anthropic": ProviderInfo(
+        "https://api.deepseek.com/anthropic", "/v1/messages", "x-api-key", "anthropic_messages"
+    ),
+    "gemini": ProviderInfo(
+        "https://generativelanguage.googleapis.com/v1beta/openai", _CHAT, _BEARER, "openai_chat", _E
+    ),
     "groq": ProviderInfo("https://api.groq.com/openai/v1", _CHAT, _BEARER, "openai_chat"),
     "mistral": ProviderInfo("https://api.mistral.ai/v1", _CHAT, _BEARER, "openai_chat", _E, stream_usage=False),
     "xai": ProviderInfo("https://api.x.ai/v1", _CHAT, _BEARER, "openai_chat"),
     "openrouter": ProviderInfo("https://openrouter.ai/api/v1", _CHAT, _BEARER, "openai_chat"),
     "together": ProviderInfo("https://api.together.xyz/v1", _CHAT, _BEARER, "openai_chat", _E, stream_usage=False),
-    "fireworks": ProviderInfo("https://api.fireworks.ai/inference/v1", _CHAT, _BEARER, "openai_chat", _E, stream_usage=False),
+    "fireworks": ProviderInfo(
+        "https://api.fireworks.ai/inference/v1", _CHAT, _BEARER, "openai_chat", _E, stream_usage=False
+    ),
     "ollama": ProviderInfo("http://127.0.0.1:11434/v1", _CHAT, _BEARER, "openai_chat", _E, key_optional=True),
     "openai-compatible": ProviderInfo("", _CHAT, _BEARER, "openai_chat", _E, stream_usage=False, key_optional=True),
 }
@@ -126,7 +132,11 @@ def _largest(table: dict[str, ModelLimits]) -> ModelLimits:
 
 
 MODEL_LIMITS: dict[str, dict[str, ModelLimits]] = {
-    "openai": _OPENAI, "azure": _OPENAI, "anthropic": _ANTHROPIC, "deepseek": _DEEPSEEK, "deepseek-anthropic": _DEEPSEEK,
+    "openai": _OPENAI,
+    "azure": _OPENAI,
+    "anthropic": _ANTHROPIC,
+    "deepseek": _DEEPSEEK,
+    "deepseek-anthropic": _DEEPSEEK,
 }
 # A model its provider's table does not name: the largest of that table (a new model is held at
 # least as much as the largest known one). A provider without a table: these, which are the

@@ -69,7 +69,9 @@ class GatewayProcess:
 
     def start(self, timeout: float = 30) -> "GatewayProcess":
         env = {**os.environ, **(self.env or {})}
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
         deadline = time.monotonic() + timeout
         line = b""
         while time.monotonic() < deadline:

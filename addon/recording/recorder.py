@@ -24,7 +24,7 @@ from mitmproxy.utils import human
 from addon.apis.registry import api_for_flow
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.keyplaces import KEY_HEADERS, hide_header, hide_path, unmark_header, unmark_path
-from addon.wire.secrets import MARKER, fingerprint, unmark
+from addon.wire.secrets import MARKER, fingerprint
 
 log = logging.getLogger("gateway")
 
@@ -33,8 +33,12 @@ def scrub(headers: http.Headers) -> None:
     """Replace every key-carrying value (any place of a key: wire/keyplaces.py, and every cookie)
     that is not already redacted or marked."""
     fields = headers.fields
-    hidden = tuple((k, hide_header(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))
-                   if k.lower() in SCRUBBED else (k, v) for k, v in fields)
+    hidden = tuple(
+        (k, hide_header(k.decode("latin-1"), v.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))
+        if k.lower() in SCRUBBED
+        else (k, v)
+        for k, v in fields
+    )
     if hidden != fields:
         headers.fields = hidden
 

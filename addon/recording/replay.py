@@ -134,14 +134,22 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     with open(keys_file, "rb") as f:
         data = yaml.safe_load(f) if keys_file.endswith((".yaml", ".yml")) else json.load(f)
     parse_keys(data, keys_file)  # the same validation the gateway does, with its messages
-    out = {**data, "providers": {name: {url_field(name): f"{upstream}/{name}"} for name in PROVIDERS}, "virtual_keys": {}}
+    out = {
+        **data,
+        "providers": {name: {url_field(name): f"{upstream}/{name}"} for name in PROVIDERS},
+        "virtual_keys": {},
+    }
     by_fingerprint = {}
     for vk, entry in data["virtual_keys"].items():
         # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/policy/keys.py)
         fp = vk[len(HASHED_PREFIX):16 + len(HASHED_PREFIX)].lower() if vk.startswith(HASHED_PREFIX) else fingerprint(vk)
         stand_in = f"vk-replay-{fp}"
-        out["virtual_keys"][stand_in] = {**entry, "name": entry.get("name") or f"key-{fp}",
-                                         "api_key": REPLAY_API_KEY, url_field(entry["provider"]): f"{upstream}/{entry['provider']}"}
+        out["virtual_keys"][stand_in] = {
+            **entry,
+            "name": entry.get("name") or f"key-{fp}",
+            "api_key": REPLAY_API_KEY,
+            url_field(entry["provider"]): f"{upstream}/{entry['provider']}",
+        }
         by_fingerprint[fp] = stand_in
     return out, by_fingerprint
 
@@ -276,7 +284,12 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: GatewayProce
     recorded_type, replayed_type = media_type(flow.response.headers), media_type(resp_headers)
     if recorded_type != replayed_type:
         return f"content-type: {recorded_type} != {replayed_type}"
-    if upstream and upstream["status"] == 200 and recorded_type == "text/event-stream" and "content-length" in resp_headers:
+    if (
+        upstream
+        and upstream["status"] == 200
+        and recorded_type == "text/event-stream"
+        and "content-length" in resp_headers
+    ):
         return "stream: the client got one block (content-length) instead of a stream"
     recorded_body = parse_body(recorded_type, flow.response.content or b"")
     return first_diff(recorded_body, parse_body(replayed_type, decoded(resp_headers, body)))
@@ -295,10 +308,18 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
     try:
         for n, flow in enumerate(flows, 1):
             if "client_request" not in flow.metadata.get("record", {}):
-                result = Result(f"#{n} {flow.request.method} {flow.request.path}", "skipped", "not recorded by the gateway's recorder")
+                result = Result(
+                    f"#{n} {flow.request.method} {flow.request.path}",
+                    "skipped",
+                    "not recorded by the gateway's recorder",
+                )
             elif flow.response is None and not unreachable(flow):
                 # a timeout or a stream cut after it started cannot be served again faithfully
-                result = Result(label(n, flow), "skipped", f"no response was recorded ({flow.error.msg if flow.error else 'unknown'})")
+                result = Result(
+                    label(n, flow),
+                    "skipped",
+                    f"no response was recorded ({flow.error.msg if flow.error else 'unknown'})",
+                )
             else:
                 diff = replay_flow(flow, server, gateway, vks)
                 result = Result(label(n, flow), "differs" if diff else "ok", diff or "")
@@ -308,14 +329,19 @@ def replay(paths: list[str], keys_file: str, out=None) -> list[Result]:
         gateway.stop()
         server.stop()
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "differs", "skipped")}
-    print(f"replayed {len(results)} flows: {counts['ok']} ok, {counts['differs']} differ, {counts['skipped']} skipped", file=out)
+    print(
+        f"replayed {len(results)} flows: {counts['ok']} ok, {counts['differs']} differ, {counts['skipped']} skipped",
+        file=out,
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m addon.recording.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", metavar="FILE", help="recorded flow files (./run.sh record FILE)")
-    parser.add_argument("--keys", default=os.environ.get("KEYS_FILE", "keys.json"), help="keys file (default: $KEYS_FILE or keys.json)")
+    parser.add_argument(
+        "--keys", default=os.environ.get("KEYS_FILE", "keys.json"), help="keys file (default: $KEYS_FILE or keys.json)"
+    )
     args = parser.parse_args(argv)
     try:
         results = replay(args.files, args.keys)

@@ -32,7 +32,14 @@ def prepare(parsed: tuple[bytes, dict], context):
     `model` is the one the client asked for (the key's allow-list); meta["model"] the one
     the target serves (a target's model_map), which is priced."""
     raw, body = parsed
-    api, route, key, keys, meta, target = context.api, context.route, context.key, context.keys, context.meta, context.target
+    api, route, key, keys, meta, target = (
+        context.api,
+        context.route,
+        context.key,
+        context.keys,
+        context.meta,
+        context.target,
+    )
     model = body["model"]
     check_model_name(model)
     served = target.served_model(model) if key.failover else model
@@ -50,7 +57,9 @@ def prepare(parsed: tuple[bytes, dict], context):
         meta["held"] = (demand.tokens, demand.usd, hold.input, hold.output * hold.answers)
     new_body = None
     # a key's or target's max_output_tokens: sent when the client names no maximum, a larger one lowered
-    if (policy.max_output_tokens or target.max_output_tokens) and cap_output(body, api, target.provider, key.output_cap(target, model)):
+    if (policy.max_output_tokens or target.max_output_tokens) and cap_output(
+        body, api, target.provider, key.output_cap(target, model)
+    ):
         new_body = json_bytes(body)
     if served != model:
         if price is None and key.policy.budget_usd is not None:
@@ -71,7 +80,9 @@ def prepare(parsed: tuple[bytes, dict], context):
     except (TypeError, AttributeError, KeyError, ValueError, IndexError, RecursionError) as e:
         # a field of a type the translation did not expect: the client's fault, not a 500
         log.warning("gateway: request refused, a field has an unexpected type (%s)", type(e).__name__)
-        raise GatewayError(400, "a request field has a type or value the gateway cannot translate", code="invalid_value") from None
+        raise GatewayError(
+            400, "a request field has a type or value the gateway cannot translate", code="invalid_value"
+        ) from None
     if upstream.body is not None:
         new_body = upstream.body
         if meta["stream"] and not route.stream_usage:  # a pair's body (translated) asks for none either

@@ -20,7 +20,11 @@ from addon.translate.base import UpstreamRequest
 from addon.translate.tables import ROLES, TOOL_CHOICES, effort_for_budget
 from addon.wire.errors import GatewayError
 from addon.wire.sse import compact_json, json_bytes
-from addon.translate.anthropic_messages_openai_chat_response import MessagesStreamTranslator, convert_completion, convert_error
+from addon.translate.anthropic_messages_openai_chat_response import (
+    MessagesStreamTranslator,
+    convert_completion,
+    convert_error,
+)
 
 # --- declarative tables ----------------------------------------------------------------------
 

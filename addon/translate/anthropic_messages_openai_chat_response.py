@@ -25,7 +25,9 @@ def message_id(chat_id) -> str:
 def delta_usage(usage) -> dict:
     """OpenAI usage -> Anthropic's (a message_delta's): input_tokens exclude the cache reads."""
     u = usage_from_dict(usage)
-    prompt, cached, completion = (u.prompt_tokens, min(u.cached_tokens, u.prompt_tokens), u.completion_tokens) if u else (0, 0, 0)
+    prompt, cached, completion = (
+        (u.prompt_tokens, min(u.cached_tokens, u.prompt_tokens), u.completion_tokens) if u else (0, 0, 0)
+    )
     return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
             "output_tokens": completion, "server_tool_use": None}
 
@@ -205,7 +207,11 @@ class MessagesStreamTranslator:
     def text_delta(self, kind: str, text: str) -> list[bytes]:
         out = []
         if self.block != kind:
-            start = {"type": "text", "text": "", "citations": None} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+            start = (
+                {"type": "text", "text": "", "citations": None}
+                if kind == "text"
+                else {"type": "thinking", "thinking": "", "signature": ""}
+            )
             out = self.open_block(kind, start)
         delta = {"type": "text_delta", "text": text} if kind == "text" else {"type": "thinking_delta", "thinking": text}
         out.append(event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}))

@@ -143,7 +143,9 @@ def build_request(request: dict) -> dict:
 def declare_history_tools(out: dict) -> None:
     """Anthropic rejects tool_use/tool_result blocks in a request without tools, OpenAI does not
     (a follow-up turn that only summarises). Declare the tools the history used, uncallable."""
-    names = [block["name"] for message in out["messages"] for block in message["content"] if block["type"] == "tool_use"]
+    names = [
+        block["name"] for message in out["messages"] for block in message["content"] if block["type"] == "tool_use"
+    ]
     if names:
         out["tools"] = [{"name": name, "input_schema": {"type": "object"}} for name in dict.fromkeys(names)]
         out["tool_choice"] = {"type": "none"}
@@ -152,7 +154,9 @@ def declare_history_tools(out: dict) -> None:
 def check_unsupported(request: dict) -> None:
     n = request.get("n")
     if n is not None and n != 1:
-        raise bad_request("'n' greater than 1 is not supported by the Anthropic provider (Claude returns one choice)", "n")
+        raise bad_request(
+            "'n' greater than 1 is not supported by the Anthropic provider (Claude returns one choice)", "n"
+        )
     for name, harmless in REJECTED_UNLESS_DEFAULT.items():
         if name in request and request[name] not in harmless:
             raise bad_request(f"'{name}' is not supported by the Anthropic provider", name)
@@ -240,7 +244,9 @@ def convert_messages(messages: list) -> tuple[list[dict], list[dict]]:
         else:
             turns.append({"role": anthropic_role, "content": blocks})
     if not turns:
-        raise bad_request("at least one user or assistant message with content is required", "messages", "invalid_value")
+        raise bad_request(
+            "at least one user or assistant message with content is required", "messages", "invalid_value"
+        )
     for turn in turns:
         if turn["role"] == "user":  # Anthropic wants tool results before any other user content
             turn["content"].sort(key=lambda block: block["type"] != "tool_result")
@@ -269,7 +275,9 @@ def text_blocks(content, i: int) -> list[dict]:
     if isinstance(content, str):
         return [text_block(content)] if content.strip() else []
     if not isinstance(content, list):
-        raise bad_request(f"messages[{i}].content must be a string or an array", f"messages[{i}].content", "invalid_value")
+        raise bad_request(
+            f"messages[{i}].content must be a string or an array", f"messages[{i}].content", "invalid_value"
+        )
     blocks = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -346,7 +354,9 @@ def assistant_blocks(message: dict, i: int) -> list[dict]:
 def tool_result_block(message: dict, i: int) -> dict:
     tool_call_id = message.get("tool_call_id")
     if not isinstance(tool_call_id, str) or not tool_call_id:
-        raise bad_request(f"messages[{i}].tool_call_id is required for a tool message", f"messages[{i}].tool_call_id", "invalid_value")
+        raise bad_request(
+            f"messages[{i}].tool_call_id is required for a tool message", f"messages[{i}].tool_call_id", "invalid_value"
+        )
     block: dict = {"type": "tool_result", "tool_use_id": tool_call_id}
     content = message.get("content")
     if isinstance(content, str):
@@ -377,7 +387,9 @@ def convert_tool_choice(choice, parallel_tool_calls) -> dict | None:
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) and choice["function"].get("name"):
         converted = {"type": "tool", "name": choice["function"]["name"]}
     else:
-        raise bad_request("tool_choice must be 'auto', 'required', 'none' or a named function", "tool_choice", "invalid_value")
+        raise bad_request(
+            "tool_choice must be 'auto', 'required', 'none' or a named function", "tool_choice", "invalid_value"
+        )
     if parallel_tool_calls is False and (converted is None or converted["type"] != "none"):
         converted = converted or {"type": "auto"}
         converted["disable_parallel_tool_use"] = True

@@ -62,7 +62,9 @@ def convert_message(message: dict, created: int) -> dict:
         "object": "chat.completion",
         "created": created,
         "model": message.get("model", ""),
-        "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(message.get("stop_reason"))}],
+        "choices": [
+            {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(message.get("stop_reason"))}
+        ],
         "usage": convert_usage(message.get("usage") or {}),
     }
 

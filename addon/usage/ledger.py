@@ -95,8 +95,11 @@ def format_table(rows: list[tuple]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.sh usage", description="Per-key usage from the gateway's usage ledger.")
-    parser.add_argument("--db", default="usage.sqlite3",
-                        help="ledger file or postgresql:// URL; env:USAGE_DB reads it from the environment (run.sh does)")
+    parser.add_argument(
+        "--db",
+        default="usage.sqlite3",
+        help="ledger file or postgresql:// URL; env:USAGE_DB reads it from the environment (run.sh does)",
+    )
     parser.add_argument("--key", help="only this key: its name, fingerprint or the virtual key itself")
     parser.add_argument("--since", help="only requests at or after this date/time, e.g. 2026-11-01 (UTC)")
     args = parser.parse_args(argv)
@@ -128,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.key and not rows:
         # never echo --key: it may be a virtual key
-        print(f"usage: no such key in {masked_url(args.db)} (give a key name, a fingerprint or a virtual key)", file=sys.stderr)
+        print(
+            f"usage: no such key in {masked_url(args.db)} (give a key name, a fingerprint or a virtual key)",
+            file=sys.stderr,
+        )
         return 1
     print(format_table(rows))
     where = live_spend()

@@ -41,9 +41,25 @@ ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"), ("target", "TEXT N
                  ("target_id", "TEXT NOT NULL DEFAULT ''"))
 # made once the added columns are there (an older file gets them first)
 INDEXES = ("CREATE INDEX IF NOT EXISTS usage_created ON usage (ts) WHERE created != ''",)
-COLUMNS = ("ts", "key_name", "key_fingerprint", "provider", "model", "status", "prompt_tokens",
-           "completion_tokens", "cached_tokens", "latency_ms", "streamed", "cost_usd", "estimated", "target", "attempts",
-           "created", "target_id")
+COLUMNS = (
+    "ts",
+    "key_name",
+    "key_fingerprint",
+    "provider",
+    "model",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "latency_ms",
+    "streamed",
+    "cost_usd",
+    "estimated",
+    "target",
+    "attempts",
+    "created",
+    "target_id",
+)
 MAX_PENDING = 200_000  # rows kept while another writer holds the lock (about 40 MB)
 
 

@@ -19,8 +19,20 @@ import sqlite3
 import time
 from urllib.parse import quote
 
-from addon.usage.ledger_sql import (ADDED_COLUMNS, COLUMNS, INDEXES, MAX_PENDING, SCHEMA, SQLITE, UsageRecord, encodable,
-                                    owners_sql, recent_sql, spend_sql, usage_query)
+from addon.usage.ledger_sql import (
+    ADDED_COLUMNS,
+    COLUMNS,
+    INDEXES,
+    MAX_PENDING,
+    SCHEMA,
+    SQLITE,
+    UsageRecord,
+    encodable,
+    owners_sql,
+    recent_sql,
+    spend_sql,
+    usage_query,
+)
 
 log = logging.getLogger("gateway")
 

@@ -73,7 +73,11 @@ def attempts(flow: http.HTTPFlow, meta: dict) -> str:
                      " — failed, the next target was tried")
     started = meta.get("attempt_started")
     if flow.response is not None:
-        took = f" after {(flow.response.timestamp_start - started) * 1000:.1f} ms" if started and flow.response.timestamp_start else ""
+        took = (
+            f" after {(flow.response.timestamp_start - started) * 1000:.1f} ms"
+            if started and flow.response.timestamp_start
+            else ""
+        )
         outcome = f"answered {flow.response.status_code}{took}"
     else:
         outcome = f"failed: {flow.error.msg}" if flow.error else "in flight"
@@ -84,7 +88,9 @@ def attempts(flow: http.HTTPFlow, meta: dict) -> str:
 
 def target_name(attempt: dict) -> str:
     """ "openai (target 0)", "anthropic (target 1, fallback)" """
-    notes = ", ".join(n for n in (f"target {attempt.get('target')}", "fallback" if attempt.get("fallback") else "") if n)
+    notes = ", ".join(
+        n for n in (f"target {attempt.get('target')}", "fallback" if attempt.get("fallback") else "") if n
+    )
     return f"{attempt.get('provider')} ({notes})"
 
 
@@ -110,8 +116,16 @@ def request_sides(flow: http.HTTPFlow) -> str:
                                 snap["content"], "as the client sent it (its key as a fingerprint)"))
     else:
         messages.append(Message("CLIENT → GATEWAY", "(not kept)", [], None, NOT_KEPT))
-    messages.append(Message(f"GATEWAY → PROVIDER ({meta['provider']})", url_of(upstream), headers_list(upstream.headers),
-                            upstream.raw_content, "as sent upstream (the provider key redacted once sent)", client_headers))
+    messages.append(
+        Message(
+            f"GATEWAY → PROVIDER ({meta['provider']})",
+            url_of(upstream),
+            headers_list(upstream.headers),
+            upstream.raw_content,
+            "as sent upstream (the provider key redacted once sent)",
+            client_headers,
+        )
+    )
     return render(messages, summary(flow))
 
 
@@ -125,11 +139,18 @@ def response_sides(flow: http.HTTPFlow, client_body: bytes) -> str:
     upstream = flow.metadata.get("record", {}).get("upstream")
     if upstream is None:
         provider = Message(f"PROVIDER ({meta['provider']}) → GATEWAY", "(not kept)", [], None, NOT_KEPT)
-        client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body, "what the client received")
+        client = Message(
+            "GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body, "what the client received"
+        )
     else:
         provider_headers = headers_list(upstream["headers"])
-        provider = Message(f"PROVIDER ({meta['provider']}) → GATEWAY", status_line(upstream["status"], upstream.get("reason", "")),
-                           provider_headers, b"".join(upstream["pieces"]), "as the provider answered")
+        provider = Message(
+            f"PROVIDER ({meta['provider']}) → GATEWAY",
+            status_line(upstream["status"], upstream.get("reason", "")),
+            provider_headers,
+            b"".join(upstream["pieces"]),
+            "as the provider answered",
+        )
         client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
                          "what the client received", provider_headers)
     return render([provider, client], summary(flow))

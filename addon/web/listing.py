@@ -86,7 +86,9 @@ class WebListing:
         if app is None:  # mitmdump
             return
         if not _patches:
-            _patches.extend([Patches(app, flow_to_json=_flow_to_json), Patches(app.IndexHandler, render_string=_render_string)])
+            _patches.extend(
+                [Patches(app, flow_to_json=_flow_to_json), Patches(app.IndexHandler, render_string=_render_string)]
+            )
         for patches in _patches:
             patches.install()
 

@@ -82,7 +82,9 @@ def compact(data: str, event: str | None = None, first: dict | None = None) -> s
         return data
     if isinstance(obj, dict):
         if first is not None and obj is not first:
-            obj = {k: v for k, v in obj.items() if k not in first or first[k] != v or k in ("choices", "delta", "index")}
+            obj = {
+                k: v for k, v in obj.items() if k not in first or first[k] != v or k in ("choices", "delta", "index")
+            }
         if event and obj.get("type") == event:
             obj = {k: v for k, v in obj.items() if k != "type"}
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))

@@ -81,7 +81,9 @@ def _cookies(header: str) -> list[tuple[str, str]]:
 
 def cookie_key(header: str) -> str | None:
     """The value of a cookie named `key` or `api_key` (the first non-empty one)."""
-    return next((value.strip('"') for name, value in _cookies(header) if name.lower() in KEY_PARAMS and value.strip('"')), None)
+    return next(
+        (value.strip('"') for name, value in _cookies(header) if name.lower() in KEY_PARAMS and value.strip('"')), None
+    )
 
 
 def hide_cookies(header: str, hide: Callable[[str], str]) -> str:

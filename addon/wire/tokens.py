@@ -97,7 +97,9 @@ def cost(usage: Usage, price: Price | None) -> float:
         return 0.0
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cached_rate = price.input if price.cached_input is None else price.cached_input
-    return ((usage.prompt_tokens - cached) * price.input + cached * cached_rate + usage.completion_tokens * price.output) / 1e6
+    return (
+        (usage.prompt_tokens - cached) * price.input + cached * cached_rate + usage.completion_tokens * price.output
+    ) / 1e6
 
 
 def client_wants_stream_usage(body: dict) -> bool:
@@ -115,7 +117,9 @@ def request_stream_usage(body: dict, raw: bytes) -> bytes:
         body["stream_options"] = {"include_usage": True}
         start = raw.index(b"{") + 1  # the body parsed as a non-empty object
         return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
-    body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    body["stream_options"] = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
     return json_bytes(body)
 
 

@@ -24,7 +24,9 @@ ANSWER = "x" * 200  # 50 tokens at 4 characters a token
 
 
 @pytest.mark.e2e
-def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budget_refuses(provider, gateway_factory, tmp_path):
+def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budget_refuses(
+    provider, gateway_factory, tmp_path
+):
     releases: list[threading.Event] = []
 
     def answer(req):
@@ -46,8 +48,9 @@ def test_hanging_up_before_the_usage_chunk_is_charged_an_estimate_until_the_budg
     answered = refused = 0
     for attempt in range(12):
         try:
-            stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True,
-                                                    max_tokens=50)
+            stream = client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=50
+            )
         except openai.RateLimitError as e:
             assert e.code == "budget_exceeded"
             refused += 1
@@ -84,7 +87,9 @@ def test_a_stream_with_its_usage_chunk_is_charged_exactly_and_not_marked(provide
     keys = keys_for(provider, {"vk_a": {"provider": "openai", "api_key": REAL_KEY}})
     gw = gateway_factory(keys, ["--set", f"usage_db={db}"])
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="vk_a", max_retries=0)
-    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))
+    chunks = list(
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
     rows = ledger_rows(db, 1)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in rows] == [(5, 2, 0)]

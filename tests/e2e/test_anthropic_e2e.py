@@ -17,8 +17,14 @@ REAL_KEY = "sk-ant-api03-real-test-key-0123456789"
 VIRTUAL_KEY = "vk_user1_anthropic"
 MODEL = "claude-sonnet-4-6"
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +53,44 @@ def event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def stream_events(blocks: list[tuple[dict, list[dict]]], stop_reason: str = "end_turn", error: dict | None = None) -> list[bytes]:
+def stream_events(
+    blocks: list[tuple[dict, list[dict]]], stop_reason: str = "end_turn", error: dict | None = None
+) -> list[bytes]:
     """Anthropic SSE for content blocks given as (start block, deltas); optionally cut by an error event."""
-    out = [event("message_start", {"type": "message_start", "message": {
-        **anthropic_message([]), "id": "msg_e2e_stream", "stop_reason": None, "usage": {"input_tokens": 30, "cache_read_input_tokens": 8, "output_tokens": 1}}}),
-        event("ping", {"type": "ping"})]
+    out = [
+        event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    **anthropic_message([]),
+                    "id": "msg_e2e_stream",
+                    "stop_reason": None,
+                    "usage": {"input_tokens": 30, "cache_read_input_tokens": 8, "output_tokens": 1},
+                },
+            },
+        ),
+        event("ping", {"type": "ping"}),
+    ]
     for index, (start, deltas) in enumerate(blocks):
-        out.append(event("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}))
+        out.append(
+            event("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
+        )
         for delta in deltas:
             out.append(event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
             if error is not None:
                 return out + [event("error", {"type": "error", "error": error})]
         out.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
-    out.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": {"output_tokens": 21}}))
+    out.append(
+        event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": 21},
+            },
+        )
+    )
     out.append(event("message_stop", {"type": "message_stop"}))
     return out
 
@@ -92,12 +123,20 @@ def assert_anthropic_request(received: Received) -> dict:
 
 def test_plain_completion(client, provider):
     provider.reset(lambda r: Reply.json(anthropic_message([{"type": "text", "text": "Bonjour!"}])))
-    completion = client.chat.completions.create(model=MODEL, messages=[
-        {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}], max_tokens=50, temperature=1.4)
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}],
+        max_tokens=50,
+        temperature=1.4,
+    )
     assert completion.choices[0].message.content == "Bonjour!"
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].finish_reason == "stop"
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (12, 4, 16)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
+        12,
+        4,
+        16,
+    )
     body = assert_anthropic_request(only_request(provider))
     assert body == {"model": MODEL, "system": [{"type": "text", "text": "Answer in French."}],
                     "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
@@ -120,7 +159,9 @@ def test_streaming_text(client, provider):
     assert {c.id for c in chunks} == {"msg_e2e_stream"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 38 and chunks[-1].usage.completion_tokens == 21
+    assert (
+        chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 38 and chunks[-1].usage.completion_tokens == 21
+    )
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 8
     body = assert_anthropic_request(only_request(provider))
     assert body["stream"] is True and "stream_options" not in body
@@ -132,7 +173,9 @@ def test_streaming_tool_calls_accumulate_in_the_sdk(client, provider):
         tool_block("toolu_paris", "get_weather", '{"city":', ' "Paris"}'),
         tool_block("toolu_rome", "get_weather", '{"city": "Rome"}'),
     ], stop_reason="tool_use")))
-    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL]) as stream:
+    with client.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL]
+    ) as stream:
         for _ in stream:
             pass
         final = stream.get_final_completion()
@@ -143,15 +186,30 @@ def test_streaming_tool_calls_accumulate_in_the_sdk(client, provider):
     assert calls == [("toolu_paris", "function", "get_weather", {"city": "Paris"}),
                      ("toolu_rome", "function", "get_weather", {"city": "Rome"})]
     body = assert_anthropic_request(only_request(provider))
-    assert body["tools"] == [{"name": "get_weather", "description": "Weather for a city", "input_schema": WEATHER_TOOL["function"]["parameters"]}]
+    assert body["tools"] == [
+        {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "input_schema": WEATHER_TOOL["function"]["parameters"],
+        }
+    ]
 
 
 def test_multi_turn_tools(client, provider):
-    replies = iter([
-        Reply.json(anthropic_message([{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
-                                      {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}}], "tool_use")),
-        Reply.json(anthropic_message([{"type": "text", "text": "Paris is sunny, Rome is rainy."}])),
-    ])
+    replies = iter(
+        [
+            Reply.json(
+                anthropic_message(
+                    [
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                        {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}},
+                    ],
+                    "tool_use",
+                )
+            ),
+            Reply.json(anthropic_message([{"type": "text", "text": "Paris is sunny, Rome is rainy."}])),
+        ]
+    )
     provider.reset(lambda r: next(replies))
     messages = [{"role": "user", "content": "Weather in Paris and Rome?"}]
     first = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required")
@@ -168,10 +226,20 @@ def test_multi_turn_tools(client, provider):
     assert turn1["tool_choice"] == {"type": "any"}
     assert turn2["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
-                                          {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
-                                     {"type": "tool_result", "tool_use_id": "toolu_2", "content": "rainy"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "rainy"},
+            ],
+        },
     ]
 
 
@@ -196,7 +264,11 @@ def anthropic_error(kind: str, message: str) -> dict:
 
 
 def test_rate_limit_error_becomes_sdk_rate_limit_error(client, provider):
-    provider.reset(lambda r: Reply.json(anthropic_error("rate_limit_error", "Number of request tokens has exceeded your limit"), 429))
+    provider.reset(
+        lambda r: Reply.json(
+            anthropic_error("rate_limit_error", "Number of request tokens has exceeded your limit"), 429
+        )
+    )
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 429
@@ -209,7 +281,12 @@ def test_overloaded_529(client, provider):
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 529
-    assert info.value.body == {"message": "Overloaded", "type": "overloaded_error", "param": None, "code": "overloaded_error"}
+    assert info.value.body == {
+        "message": "Overloaded",
+        "type": "overloaded_error",
+        "param": None,
+        "code": "overloaded_error",
+    }
 
 
 def test_request_the_provider_cannot_serve_is_answered_400_without_forwarding(client, provider):
@@ -220,7 +297,11 @@ def test_request_the_provider_cannot_serve_is_answered_400_without_forwarding(cl
 
 
 def test_mid_stream_error_event_raises_in_the_sdk(client, provider):
-    provider.reset(lambda r: Reply.sse(stream_events([text_block("partial", "never")], error={"type": "overloaded_error", "message": "Overloaded"})))
+    provider.reset(
+        lambda r: Reply.sse(
+            stream_events([text_block("partial", "never")], error={"type": "overloaded_error", "message": "Overloaded"})
+        )
+    )
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True)
     received = []
     with pytest.raises(openai.APIError) as info:
@@ -232,7 +313,12 @@ def test_mid_stream_error_event_raises_in_the_sdk(client, provider):
 
 def test_gzip_encoded_provider_responses(client, provider):
     provider.reset(lambda r: Reply.json(anthropic_message([{"type": "text", "text": "compressed"}]), gzip=True))
-    assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "compressed"
+    assert (
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        .choices[0]
+        .message.content
+        == "compressed"
+    )
     provider.reset(lambda r: Reply.sse(stream_events([text_block("gz", "ipped")]), gzip=True))
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "gzipped"
@@ -268,7 +354,9 @@ class Person(pydantic.BaseModel):
 
 def test_structured_output_with_sdk_parse(client, provider):
     provider.reset(lambda r: Reply.json(anthropic_message([{"type": "text", "text": '{"name": "Ada", "age": 36}'}])))
-    completion = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Ada, 36"}], response_format=Person)
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Ada, 36"}], response_format=Person
+    )
     assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
     body = assert_anthropic_request(only_request(provider))
     schema = body["output_config"]["format"]["schema"]

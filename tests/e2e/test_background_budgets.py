@@ -39,9 +39,13 @@ KEYS = {
 
 
 def keys_file(url: str) -> dict:
-    return {"providers": {"openai": {"base_url": url + "/v1"}},
-            "prices": {"gpt-4o": {"input": 2.5, "output": 10.0}},
-            "virtual_keys": {vk: {"provider": "openai", "api_key": REAL, "name": vk[3:], **entry} for vk, entry in KEYS.items()}}
+    return {
+        "providers": {"openai": {"base_url": url + "/v1"}},
+        "prices": {"gpt-4o": {"input": 2.5, "output": 10.0}},
+        "virtual_keys": {
+            vk: {"provider": "openai", "api_key": REAL, "name": vk[3:], **entry} for vk, entry in KEYS.items()
+        },
+    }
 
 
 @pytest.fixture(scope="module", params=["memory", pytest.param("redis", marks=pytest.mark.fleet)])
@@ -49,7 +53,9 @@ def gateway(request, provider_server, gateway_factory, tmp_path_factory):
     server = RedisServer().start() if request.param == "redis" else None
     ledger = tmp_path_factory.mktemp("background") / "usage.sqlite3"
     args = ["--set", f"usage_db={ledger}", "--set", f"background_hold={HOLD}"]
-    gw = gateway_factory(keys_file(provider_server.url), args + (["--set", f"redis_url={server.url}"] if server else []))
+    gw = gateway_factory(
+        keys_file(provider_server.url), args + (["--set", f"redis_url={server.url}"] if server else [])
+    )
     gw.ledger = ledger
     yield gw
     gw.stop()
@@ -64,8 +70,12 @@ def fake(provider):
 
 
 def call(gw, method: str, path: str, key: str, body: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(gw.url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    request = urllib.request.Request(
+        gw.url + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -74,7 +84,9 @@ def call(gw, method: str, path: str, key: str, body: dict | None = None) -> tupl
 
 
 def create(gw, key: str, **fields) -> tuple[int, dict]:
-    return call(gw, "POST", "/v1/responses", key, {"model": "gpt-4o", "input": "write at length", "background": True, **fields})
+    return call(
+        gw, "POST", "/v1/responses", key, {"model": "gpt-4o", "input": "write at length", "background": True, **fields}
+    )
 
 
 def rows(gw, key_name: str) -> list[dict]:
@@ -171,7 +183,9 @@ def test_a_background_stream_the_client_left_is_held_then_settled_by_a_get(gatew
     fake.stream_hold = threading.Event()  # the provider holds the stream after its first event
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
     body = json.dumps({"model": "gpt-4o", "input": "go", "background": True, "stream": True})
-    conn.request("POST", "/v1/responses", body, {"authorization": "Bearer vk_bg_stream", "content-type": "application/json"})
+    conn.request(
+        "POST", "/v1/responses", body, {"authorization": "Bearer vk_bg_stream", "content-type": "application/json"}
+    )
     reply = conn.getresponse()
     first = reply.read1(65536)
     rid = json.loads(first.split(b"data: ", 1)[1].split(b"\n", 1)[0])["response"]["id"]

@@ -32,7 +32,9 @@ def result(tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "targets:" in proc.stdout
-    assert proc.stdout.rstrip().endswith("too noisy to judge the targets by. Run ./run.sh bench (no --quick) on a quiet machine for those.")
+    assert proc.stdout.rstrip().endswith(
+        "too noisy to judge the targets by. Run ./run.sh bench (no --quick) on a quiet machine for those."
+    )
     return json.loads(out.read_text())
 
 
@@ -117,4 +119,6 @@ def test_stream_latency_section_measured_every_chunk_of_bare_and_gateway(result)
         assert 0 < r["chunk_p50_ms"] <= r["chunk_p99_ms"]  # after its stamp: a stamp is the provider's send time
         assert 0 < r["first_chunk_delay_p50_ms"] and 0 < r["first_chunk_p50_ms"] <= r["first_chunk_p99_ms"]
     assert row["gateway_added"]["chunk_p50_ms"] == row["gateway"]["chunk_p50_ms"] - row["bare"]["chunk_p50_ms"]
-    assert any(t["name"] == f"stream latency {n} streams: gateway streams all complete" and t["ok"] for t in result["targets"])
+    assert any(
+        t["name"] == f"stream latency {n} streams: gateway streams all complete" and t["ok"] for t in result["targets"]
+    )

@@ -40,9 +40,16 @@ KEYS = {
 def gateway(request, provider_server, gateway_factory, tmp_path_factory):
     server = RedisServer().start() if request.param == "redis" else None
     ledger = tmp_path_factory.mktemp("bounds") / "usage.sqlite3"
-    keys = {"providers": {"openai": {"base_url": provider_server.url + "/v1"}, "deepseek": {"base_url": provider_server.url}},
-            "prices": PRICES,
-            "virtual_keys": {vk: {"provider": "openai", "api_key": REAL, "name": vk[3:], **entry} for vk, entry in KEYS.items()}}
+    keys = {
+        "providers": {
+            "openai": {"base_url": provider_server.url + "/v1"},
+            "deepseek": {"base_url": provider_server.url},
+        },
+        "prices": PRICES,
+        "virtual_keys": {
+            vk: {"provider": "openai", "api_key": REAL, "name": vk[3:], **entry} for vk, entry in KEYS.items()
+        },
+    }
     keys["virtual_keys"]["vk_cap_target"] = {"name": "cap_target", "targets": [
         {"provider": "deepseek", "api_key": REAL, "max_output_tokens": 200}]}
     args = ["--set", f"usage_db={ledger}"] + (["--set", f"redis_url={server.url}"] if server else [])
@@ -87,8 +94,9 @@ def billed(gw, key_name: str, timeout: float = 10.0) -> int:
     while time.monotonic() < deadline:
         db = sqlite3.connect(gw.ledger)
         try:
-            total = db.execute("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE key_name = ?",
-                               (key_name,)).fetchone()[0]
+            total = db.execute(
+                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE key_name = ?", (key_name,)
+            ).fetchone()[0]
         except sqlite3.OperationalError:
             total = 0
         db.close()
@@ -156,7 +164,10 @@ def test_without_max_tokens_the_models_own_maximum_is_held_and_the_refusal_says_
     provider.reset(bills_what_was_asked)
     status, body = post(gateway, "vk_gpt5", chat("gpt-5"))  # gpt-5 may answer 128,000 tokens: not 32,768
     assert (status, body["error"]["code"]) == (429, "budget_exceeded") and provider.received == []
-    assert "no max_tokens: 128,000 output tokens held for gpt-5; set max_tokens or the key's max_output_tokens" in body["error"]["message"]
+    assert (
+        "no max_tokens: 128,000 output tokens held for gpt-5; set max_tokens or the key's max_output_tokens"
+        in body["error"]["message"]
+    )
     assert "lower max_tokens" not in body["error"]["message"]
     assert post(gateway, "vk_gpt5", chat("gpt-5", max_tokens=1000))[0] == 200
 

@@ -53,7 +53,9 @@ def run_claude(claude: Path, gateway, key: str, model: str, tmp_path: Path, prom
     env.update(HOME=str(tmp_path), ANTHROPIC_BASE_URL=gateway.url, ANTHROPIC_AUTH_TOKEN=key, ANTHROPIC_MODEL=model,
                ANTHROPIC_DEFAULT_HAIKU_MODEL=model, ANTHROPIC_SMALL_FAST_MODEL=model,
                CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1")
-    proc = subprocess.run([str(claude), "-p", prompt], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [str(claude), "-p", prompt], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + gateway.log()[-3000:]
     return proc.stdout
 
@@ -96,10 +98,24 @@ def test_claude_code_through_a_deepseek_reasoner_key(claude, gateway, provider, 
 
 
 def test_claude_code_through_an_anthropic_key_passes_through(claude, gateway, provider, tmp_path):
-    provider.reset(lambda r: Reply.sse(stream_events([text_block("Hello from ", "Claude")])) if r.json().get("stream")
-                   else Reply.json({"id": "msg_x", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
-                                    "content": [{"type": "text", "text": "Hello from Claude"}], "stop_reason": "end_turn",
-                                    "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 3}}))
+    provider.reset(
+        lambda r: (
+            Reply.sse(stream_events([text_block("Hello from ", "Claude")]))
+            if r.json().get("stream")
+            else Reply.json(
+                {
+                    "id": "msg_x",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-sonnet-4-6",
+                    "content": [{"type": "text", "text": "Hello from Claude"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 3, "output_tokens": 3},
+                }
+            )
+        )
+    )
     out = run_claude(claude, gateway, "vk_cc_anthropic", "claude-sonnet-4-6", tmp_path)
     assert "Hello from Claude" in out
     sent = messages_requests(provider)

@@ -37,10 +37,14 @@ def tpm_account(r: Received) -> Reply:
     """OpenAI's answer to a request that alone is over the account's TPM: 429, "Request too large"."""
     requested = len(r.body) // 4
     if requested > TPM:
-        return openai_error(429, f"Request too large for gpt-4o in organization org-fake on tokens per min (TPM): Limit "
-                                 f"{TPM}, Requested {requested}. The input or output tokens must be reduced in order to run "
-                                 "successfully. Visit https://platform.openai.com/account/rate-limits to learn more.",
-                            "tokens", "rate_limit_exceeded")
+        return openai_error(
+            429,
+            f"Request too large for gpt-4o in organization org-fake on tokens per min (TPM): Limit "
+            f"{TPM}, Requested {requested}. The input or output tokens must be reduced in order to run "
+            "successfully. Visit https://platform.openai.com/account/rate-limits to learn more.",
+            "tokens",
+            "rate_limit_exceeded",
+        )
     return ok(r)
 
 
@@ -81,11 +85,19 @@ def test_a_model_access_403_fails_alone_and_cools_nothing(provider, gateway_fact
     for model in ("o3-restricted", "gpt-x. Your API key has been revoked"):
         with pytest.raises(openai.PermissionDeniedError) as refused:
             attacker.chat.completions.create(model=model, messages=MESSAGES)
-        assert refused.value.response.headers["x-gateway-attempts"] == "1" and "does not have access" in refused.value.message
+        assert (
+            refused.value.response.headers["x-gateway-attempts"] == "1"
+            and "does not have access" in refused.value.message
+        )
     assert len(provider.received) == 2
     other = client(gw, "vk_other")
     for _ in range(6):
-        assert other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers["x-gateway-attempts"] == "1"
+        assert (
+            other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers[
+                "x-gateway-attempts"
+            ]
+            == "1"
+        )
     assert {r.path.split("/")[1] for r in provider.received[2:]} == {"a", "b"}
     assert "cooling down" not in gw.log()
 
@@ -95,11 +107,15 @@ def test_a_403_saying_the_key_is_revoked_still_takes_the_target_out(provider, ga
     revoked = lambda r: openai_error(403, "The API key has been revoked.", "invalid_request_error", "api_key_revoked")  # noqa: E731
     provider.reset(by_target({"a": revoked, "b": ok}))
     other = client(gw, "vk_other")
-    attempts = [other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers["x-gateway-attempts"]
-                for _ in range(12)]
+    attempts = [
+        other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers["x-gateway-attempts"]
+        for _ in range(12)
+    ]
     time.sleep(0.3)  # longer than cooldown_s: a revoked key is not an ordinary failure
-    attempts += [other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers["x-gateway-attempts"]
-                 for _ in range(12)]
+    attempts += [
+        other.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES).headers["x-gateway-attempts"]
+        for _ in range(12)
+    ]
     assert attempts.count("2") == 1 and served_by(provider).count("a") == 1  # tried once, then skipped
     log = gw.log()
     assert log.count("refused its key, HTTP 403") == 1 and "cooling down for 600s (the provider" in log
@@ -127,8 +143,12 @@ def model_503(r: Received) -> Reply:
 
 
 def targets_of(gw_key_client, model: str, n: int) -> list[str]:
-    return [gw_key_client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES).headers["x-gateway-attempts"]
-            for _ in range(n)]
+    return [
+        gw_key_client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES).headers[
+            "x-gateway-attempts"
+        ]
+        for _ in range(n)
+    ]
 
 
 def weighted(provider) -> dict:
@@ -164,7 +184,9 @@ def test_on_redis_too_a_request_too_large_cools_nothing(provider, gateway_factor
     one, two = (gateway_factory(pool(provider, rpm=1), ["--set", f"redis_url={redis_server.url}"]) for _ in range(2))
     provider.reset(tpm_account)
     with pytest.raises(openai.RateLimitError):
-        client(one, "vk_attacker").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x" * 250_000}])
+        client(one, "vk_attacker").chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x" * 250_000}]
+        )
     time.sleep(1.5)
     for gw in (one, two):
         for _ in range(4):

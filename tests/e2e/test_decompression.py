@@ -21,7 +21,9 @@ from tests.conftest import keys_for, openai_key
 
 MB = 1024 * 1024
 GiB = 1024 * MB
-BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": os.urandom(4000).hex()}] * 20}).encode()
+BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": os.urandom(4000).hex()}] * 20}
+).encode()
 
 
 def zeros(total: int, piece: int = 64 * MB):
@@ -63,8 +65,12 @@ def gateway(provider_server, gateway_factory):
 def post(gateway, body: bytes, coding: str) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
     try:
-        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json", "content-encoding": coding,
-                                                           "authorization": "Bearer vk_bombs"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body,
+            {"content-type": "application/json", "content-encoding": coding, "authorization": "Bearer vk_bombs"},
+        )
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:

@@ -35,8 +35,15 @@ class Demo:
         # TMPDIR: where the demo's gateway-demo-* directory goes, so a test can see it removed
         self.env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "TMPDIR": str(tmp),
                     "GATEWAY_PORT": str(self.port), "WEB_PORT": str(self.web_port), **env}
-        self.proc = subprocess.Popen([str(ROOT / "run.sh"), "demo", *args], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(ROOT / "run.sh"), "demo", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.new: queue.Queue[str | None] = queue.Queue()
         self.reader = threading.Thread(target=self.read, daemon=True)
@@ -139,22 +146,37 @@ def test_every_printed_command_works_on_a_fresh_clone(running_demo, tmp_path):
     blocked = tmp_path / "dev-only"
     for name in dev_only_packages():
         (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ModuleNotFoundError('{name} is only in requirements-dev.txt')\n")
+        (blocked / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('{name} is only in requirements-dev.txt')\n"
+        )
     commands = running_demo.commands()
     assert len(commands) == len(demo.commands("http://x/v1")) == 6, running_demo.output
-    results = [subprocess.run(["bash", "-o", "pipefail", "-c", c], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                              env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(blocked)}) for c in commands]
+    results = [
+        subprocess.run(
+            ["bash", "-o", "pipefail", "-c", c],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(blocked)},
+        )
+        for c in commands
+    ]
     assert [r.returncode for r in results] == [0] * len(commands), results
     plain, claude, stream, not_allowed, rpm, failover = (r.stdout for r in results)
     assert json.loads(plain)["choices"][0]["message"]["content"].startswith("[demo] openai model gpt-4o-mini here")
-    assert json.loads(claude)["choices"][0]["message"]["content"].startswith("[demo] anthropic model claude-sonnet-4-6 here")
+    assert json.loads(claude)["choices"][0]["message"]["content"].startswith(
+        "[demo] anthropic model claude-sonnet-4-6 here"
+    )
     events = [line for line in stream.splitlines() if line.startswith("data: ")]
     assert len(events) > 5 and events[-1] == "data: [DONE]" and '"content": "[demo]"' in stream, stream
     assert '"usage"' not in stream  # the client did not ask for usage: the gateway hid it
     assert json.loads(not_allowed)["error"]["code"] == "model_not_allowed"
     # the limited key's allow-list and rpm, and no budget refusal for requests without max_tokens
     assert rpm.split() == ["200", "200", "200", "429"], rpm
-    assert json.loads(failover)["choices"][0]["message"]["content"].startswith("[demo] anthropic model claude-haiku-4-5 here")
+    assert json.loads(failover)["choices"][0]["message"]["content"].startswith(
+        "[demo] anthropic model claude-haiku-4-5 here"
+    )
     # (access lines come with the accounting's next batch)
     running_demo.wait_for("gateway: 429 rate_limit_exceeded key=demo-limited provider=openai model=gpt-4o-mini", 10)
     assert "budget_exceeded" not in running_demo.output

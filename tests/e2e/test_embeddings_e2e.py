@@ -93,7 +93,9 @@ def test_the_sdks_default_encoding_is_base64_and_decoded(gateway, embedder):
 
 
 def test_ledger_counts_prompt_tokens_priced_as_input(gateway, embedder, ledger):
-    client(gateway, "vk_mistral").embeddings.create(model="text-embedding-3-small", input=["x", "y", "z"], encoding_format="float")
+    client(gateway, "vk_mistral").embeddings.create(
+        model="text-embedding-3-small", input=["x", "y", "z"], encoding_format="float"
+    )
     assert embedder.received[0].path == "/mistral/embeddings"
     [row] = rows_where(ledger, "key_name", {"mistral"})
     assert (row["prompt_tokens"], row["completion_tokens"], row["status"], row["streamed"]) == (12, 0, 200, 0)
@@ -119,7 +121,9 @@ def test_key_policy_applies_models_and_budget(gateway, embedder):
     with pytest.raises(openai.PermissionDeniedError) as e:
         client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-large", input="x")
     assert e.value.body["code"] == "model_not_allowed"
-    client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-small", input=["a", "b"])  # 8 of 100 tokens; each request reserves its body size
+    client(gateway, "vk_limited").embeddings.create(
+        model="text-embedding-3-small", input=["a", "b"]
+    )  # 8 of 100 tokens; each request reserves its body size
     with pytest.raises(openai.RateLimitError) as e:
         for _ in range(50):  # the budget sees the usage once the flow is counted (at once, or a moment later)
             client(gateway, "vk_limited").embeddings.create(model="text-embedding-3-small", input="a")

@@ -105,7 +105,10 @@ def test_an_untranslatable_provider_answer_on_messages_is_an_anthropic_502(gatew
     with pytest.raises(anthropic.InternalServerError) as e:
         messages_client(gateway, "vk_shape_up").messages.create(**ASK)
     assert e.value.status_code == 502
-    assert anthropic_error(e.value.body) == {"type": "api_error", "message": "the gateway could not translate the provider response"}
+    assert anthropic_error(e.value.body) == {
+        "type": "api_error",
+        "message": "the gateway could not translate the provider response",
+    }
     assert provider.received[0].path == "/v1/chat/completions"
 
 
@@ -143,8 +146,11 @@ def test_too_large_header_block_on_messages_is_an_anthropic_431(gateway, provide
     error = anthropic_error(e.value.body)
     assert error["type"] == "invalid_request_error" and "header block larger than" in error["message"]
     # an Anthropic client off the API paths (its anthropic-version header), and an OpenAI one
-    status, headers, body = raw_exchange(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nanthropic-version: 2023-06-01\r\n"
-                                         b"X-Filler: " + b"a" * 70 * 1024 + b"\r\n\r\n")
+    status, headers, body = raw_exchange(
+        gateway.port,
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nanthropic-version: 2023-06-01\r\n"
+        b"X-Filler: " + b"a" * 70 * 1024 + b"\r\n\r\n",
+    )
     assert status == 431 and anthropic_error(json.loads(body))["type"] == "invalid_request_error"
     with pytest.raises(openai.APIStatusError) as e:
         openai.OpenAI(base_url=gateway.url + "/v1", api_key="vk_shape_up", max_retries=0,
@@ -157,7 +163,9 @@ def test_request_trailers_on_messages_get_an_anthropic_400(gateway, provider):
     body = json.dumps(ASK).encode()
     head = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: vk_shape_up\r\nanthropic-version: 2023-06-01\r\n"
             b"content-type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-    status, headers, answer = raw_exchange(gateway.port, head + b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body))
+    status, headers, answer = raw_exchange(
+        gateway.port, head + b"%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)
+    )
     assert status == 400 and headers["content-type"] == "application/json"
     error = anthropic_error(json.loads(answer))
     assert error["type"] == "invalid_request_error" and "trailers" in error["message"]
@@ -169,7 +177,9 @@ def test_http2_error_pages_take_the_requests_shape(gateway, provider):
     its own stream's API."""
     with httpx.Client(http2=True, verify=False, timeout=20) as h2:
         url = gateway.url.replace("http://", "https://")
-        ant = h2.post(url + "/v1/messages", json=ASK, headers={"x-api-key": "vk_shape_down", "anthropic-version": "2023-06-01"})
+        ant = h2.post(
+            url + "/v1/messages", json=ASK, headers={"x-api-key": "vk_shape_down", "anthropic-version": "2023-06-01"}
+        )
         oai = h2.post(url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer vk_shape_down"})
     assert ant.http_version == "HTTP/2" and oai.http_version == "HTTP/2"
     assert ant.status_code == 502 and anthropic_error(ant.json())["type"] == "api_error"
@@ -232,7 +242,9 @@ def test_refused_framing_is_a_400_in_the_paths_shape(gateway, provider, framing,
 def test_a_provider_answer_with_both_framings_is_a_502_in_the_paths_shape(gateway, provider):
     """mitmproxy refuses it (response smuggling) before any response hook: the page follows the
     error hook."""
-    provider.handler = lambda req: Reply(200, b"", {"content-type": "application/json", "content-length": "2"}, chunks=[b"{}"])
+    provider.handler = lambda req: Reply(
+        200, b"", {"content-type": "application/json", "content-length": "2"}, chunks=[b"{}"]
+    )
     with pytest.raises(anthropic.InternalServerError) as e:
         messages_client(gateway, "vk_shape_up").messages.create(**ASK)
     assert e.value.status_code == 502 and e.value.response.headers["content-type"] == "application/json"
@@ -243,7 +255,9 @@ def test_a_provider_answer_with_both_framings_is_a_502_in_the_paths_shape(gatewa
 
 
 def test_an_unreadable_request_line_keeps_openais_shape(gateway, provider):
-    status, headers, answer = raw_exchange(gateway.port, b"POST /v1/messages HTTP/7\r\nHost: gw\r\nanthropic-version: 2023-06-01\r\n\r\n")
+    status, headers, answer = raw_exchange(
+        gateway.port, b"POST /v1/messages HTTP/7\r\nHost: gw\r\nanthropic-version: 2023-06-01\r\n\r\n"
+    )
     assert status == 400 and headers["content-type"] == "application/json"
     assert json.loads(answer)["error"]["type"] == "invalid_request_error"
     assert provider.received == []

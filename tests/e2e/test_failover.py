@@ -225,7 +225,9 @@ def test_which_provider_statuses_move_a_request_to_the_next_target(provider, gat
         assert refused.value.status_code == code and f"fake {code}" in refused.value.message
         assert refused.value.response.headers["x-gateway-attempts"] == "1"
         assert served_by(provider) == ["a"], code
-    revoked = lambda r: Reply.json({"error": {"message": "The API key has been revoked.", "type": "invalid_request_error"}}, 403)  # noqa: E731
+    revoked = lambda r: Reply.json(
+        {"error": {"message": "The API key has been revoked.", "type": "invalid_request_error"}}, 403
+    )  # noqa: E731
     for code in (401, 403, 429, 500, 502, 503, 504, 529):
         time.sleep(0.1)  # A's cooldown of the code before is over
         provider.reset(by_target({"a": revoked if code == 403 else status(code), "b": ok}))
@@ -280,7 +282,9 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
     sent = provider.received[-1]
     assert sent.path == "/c/v1/messages" and sent.headers["x-api-key"] == KEY_C
     body = sent.json()
-    assert body["model"] == "claude-sonnet-4-6" and body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert body["model"] == "claude-sonnet-4-6" and body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    ]
     assert "max_tokens" in body and "authorization" not in sent.headers
     row = ledger(gw, 1)[0]
     assert (row["provider"], row["model"], row["target"], row["attempts"]) == ("anthropic", "claude-sonnet-4-6", "2", 3)
@@ -304,8 +308,16 @@ def test_every_primary_down_the_anthropic_fallback_answers_translated(provider, 
 def test_a_429_before_the_first_byte_fails_over_and_the_stream_passes_chunk_by_chunk(provider, gateway_factory):
     gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)))
     hold = threading.Event()
-    provider.reset(by_target({"a": status(429, **{"retry-after": "1"}),
-                              "b": lambda r: Reply.sse(openai_stream(r.json(), pieces=("one ", "two ", "three")), hold_after_first=hold)}))
+    provider.reset(
+        by_target(
+            {
+                "a": status(429, **{"retry-after": "1"}),
+                "b": lambda r: Reply.sse(
+                    openai_stream(r.json(), pieces=("one ", "two ", "three")), hold_after_first=hold
+                ),
+            }
+        )
+    )
     stream = client(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
     pieces = []
     for chunk in stream:
@@ -361,7 +373,9 @@ def test_every_target_cooling_down_answers_503_no_healthy_target(provider, gatew
 def test_attempts_used_up_with_a_healthy_target_left_tell_the_sdk_to_retry_at_once(provider, gateway_factory):
     gw = gateway_factory(keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B)),
                          ["--set", "max_attempts=1"])
-    provider.reset(by_target({"a": status(503, **{"x-should-retry": "false"}), "b": ok}))  # the provider's own, replaced
+    provider.reset(
+        by_target({"a": status(503, **{"x-should-retry": "false"}), "b": ok})
+    )  # the provider's own, replaced
     with pytest.raises(openai.InternalServerError) as failed:
         chat(gw)
     headers = failed.value.response.headers
@@ -387,7 +401,9 @@ def test_limits_count_a_client_request_once_whatever_its_attempts(provider, gate
 @pytest.mark.fleet
 def test_a_cooldown_set_by_one_gateway_is_honoured_by_another_sharing_redis(provider, gateway_factory, redis_server):
     entry = keys(target(provider, "a", KEY_A, weight=FIRST), target(provider, "b", KEY_B))
-    one, two = (gateway_factory(entry, ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=60"]) for _ in range(2))
+    one, two = (
+        gateway_factory(entry, ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=60"]) for _ in range(2)
+    )
     provider.reset(by_target({"a": status(503), "b": ok}))
     assert chat(one).headers["x-gateway-attempts"] == "2"  # A failed at the first gateway: it cools A down
     time.sleep(1.5)  # the other gateway reads the shared cooldowns every 0.5 s
@@ -431,10 +447,13 @@ def test_the_next_attempt_at_the_same_provider_address_gets_its_answer(gateway_f
     server = demo.start(0)
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        gw = gateway_factory(keys({"provider": "openai", "api_key": "sk-revoked-123456", "base_url": url + "/openai/v1",
-                                   "weight": FIRST},
-                                  {"provider": "openai", "api_key": demo.KEYS["openai"], "base_url": url + "/openai/v1"}),
-                             ["--set", "auth_cooldown_s=0.001"])
+        gw = gateway_factory(
+            keys(
+                {"provider": "openai", "api_key": "sk-revoked-123456", "base_url": url + "/openai/v1", "weight": FIRST},
+                {"provider": "openai", "api_key": demo.KEYS["openai"], "base_url": url + "/openai/v1"},
+            ),
+            ["--set", "auth_cooldown_s=0.001"],
+        )
         for _ in range(4):  # new client connections, and a kept-alive one
             for c in (client(gw), client(gw)):
                 time.sleep(0.01)  # the revoked key's cooldown is over: it is tried (and refused) each time

@@ -14,8 +14,23 @@ import pytest
 
 from tests.fakeprovider import Received, Reply, openai_completion
 from tests.fakeresponses import StoredResponses
-from tests.e2e.test_failover import (FIRST, KEY_A, KEY_B, KEY_C, MESSAGES, anthropic_reply, by_target, chat, closed_port,
-                                 keys, ledger, ok, served_by, status, target)
+from tests.e2e.test_failover import (
+    FIRST,
+    KEY_A,
+    KEY_B,
+    KEY_C,
+    MESSAGES,
+    anthropic_reply,
+    by_target,
+    chat,
+    closed_port,
+    keys,
+    ledger,
+    ok,
+    served_by,
+    status,
+    target,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +89,12 @@ def test_no_retry_header_when_no_healthy_target_is_left(provider, gateway_factor
 
 
 def test_the_anthropic_sdk_retries_on_the_same_headers(provider, gateway_factory):
-    dead = {"provider": "anthropic", "api_key": KEY_C, "base_url": f"http://127.0.0.1:{closed_port()}/v1", "weight": FIRST}
+    dead = {
+        "provider": "anthropic",
+        "api_key": KEY_C,
+        "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+        "weight": FIRST,
+    }
     healthy = {"provider": "anthropic", "api_key": "sk-ant-target-d-444444", "base_url": f"{provider.url}/d/v1"}
     gw = gateway_factory(keys(dead, healthy), ["--set", "max_attempts=1"])
     provider.reset(by_target({"d": anthropic_reply}))
@@ -174,7 +194,9 @@ def test_a_token_budget_reserves_the_fallbacks_larger_default_output(provider, g
     with pytest.raises(openai.RateLimitError) as refused:
         chat(gw)
     error = refused.value.response.json()["error"]
-    assert error["code"] == "budget_exceeded" and "no max_tokens: 16,384 output tokens held for gpt-4o" in error["message"]
+    assert (
+        error["code"] == "budget_exceeded" and "no max_tokens: 16,384 output tokens held for gpt-4o" in error["message"]
+    )
     assert provider.received == []  # refused before any attempt
     provider.reset(by_target({"a": status(503), "b": ok}))
     assert chat(gw, max_tokens=1000).headers["x-gateway-attempts"] == "2"  # what fits is served
@@ -198,7 +220,9 @@ def test_a_dollar_budget_reserves_the_priciest_model_a_fallback_serves(provider,
 
 
 @pytest.mark.fleet
-def test_two_gateways_on_redis_send_a_stored_response_to_the_target_that_made_it(provider, gateway_factory, redis_server):
+def test_two_gateways_on_redis_send_a_stored_response_to_the_target_that_made_it(
+    provider, gateway_factory, redis_server
+):
     entry = keys(target(provider, "a", KEY_A), target(provider, "b", KEY_B, weight=FIRST))
     args = ["--set", f"redis_url={redis_server.url}", "--set", "cooldown_s=0.3"]
     one, two = gateway_factory(entry, args), gateway_factory(entry, args)

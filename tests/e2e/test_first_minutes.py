@@ -23,12 +23,21 @@ VK = "vk_first_minutes_client_key"
 
 @pytest.fixture(scope="module")
 def gateway(provider_server, gateway_factory):
-    return gateway_factory(keys_for(provider_server, {
-            VK: {"provider": "openai", "api_key": REAL, "name": "team-a", "models": ["gpt-4o"]},
-            "vk_first_minutes_anthropic": {"provider": "anthropic", "api_key": "sk-ant-x", "base_url": provider_server.url},
-            "vk_first_minutes_deepseek": {"provider": "deepseek", "api_key": "sk-ds-x", "name": "ds"},
-            "vk_first_minutes_other": {"provider": "openai", "api_key": "sk-o-x", "name": "other"},
-        }))
+    return gateway_factory(
+        keys_for(
+            provider_server,
+            {
+                VK: {"provider": "openai", "api_key": REAL, "name": "team-a", "models": ["gpt-4o"]},
+                "vk_first_minutes_anthropic": {
+                    "provider": "anthropic",
+                    "api_key": "sk-ant-x",
+                    "base_url": provider_server.url,
+                },
+                "vk_first_minutes_deepseek": {"provider": "deepseek", "api_key": "sk-ds-x", "name": "ds"},
+                "vk_first_minutes_other": {"provider": "openai", "api_key": "sk-o-x", "name": "other"},
+            },
+        )
+    )
 
 
 def client(gateway, key=VK):
@@ -65,7 +74,9 @@ def test_refusals_log_their_code_and_say_the_gateway_refused(gateway, provider):
     assert e.value.response.headers["x-gateway-error-source"] == "gateway"
     wait_for(gateway, r"gateway: 403 model_not_allowed key=team-a provider=openai model=gpt-4o-mini latency=\d+ms")
     with pytest.raises(openai.AuthenticationError) as e:
-        client(gateway, "vk_nobody_has_this_key").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        client(gateway, "vk_nobody_has_this_key").chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+        )
     assert e.value.response.headers["x-gateway-error-source"] == "gateway"
     wait_for(gateway, r"gateway: 401 invalid_api_key POST /v1/chat/completions latency=\d+ms")
     assert provider.received == []
@@ -73,8 +84,17 @@ def test_refusals_log_their_code_and_say_the_gateway_refused(gateway, provider):
 
 
 def test_a_provider_rejecting_the_real_key_says_so_by_key_name(gateway, provider):
-    provider.handler = lambda req: Reply.json({"error": {"message": "Incorrect API key provided: sk-fir***7777.",
-                                                         "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}, 401)
+    provider.handler = lambda req: Reply.json(
+        {
+            "error": {
+                "message": "Incorrect API key provided: sk-fir***7777.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        },
+        401,
+    )
     with pytest.raises(openai.AuthenticationError) as e:
         client(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     response = e.value.response
@@ -87,7 +107,9 @@ def test_a_provider_rejecting_the_real_key_says_so_by_key_name(gateway, provider
 
 
 def test_other_provider_errors_are_marked_as_the_providers(gateway, provider):
-    provider.handler = lambda req: Reply.json({"error": {"message": "slow down", "type": "requests", "param": None, "code": None}}, 429)
+    provider.handler = lambda req: Reply.json(
+        {"error": {"message": "slow down", "type": "requests", "param": None, "code": None}}, 429
+    )
     with pytest.raises(openai.RateLimitError) as e:
         client(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert e.value.response.headers["x-gateway-error-source"] == "provider"
@@ -116,18 +138,39 @@ def not_tls():
 
 
 def test_unreachable_provider_is_the_gateways_answer_naming_the_cause_and_the_key(gateway_factory, not_tls):
-    gw = gateway_factory({"virtual_keys": {
-        "vk_first_minutes_down": {"provider": "openai", "api_key": "sk-down-secret-1", "base_url": "http://127.0.0.1:9/v1", "name": "down"},
-        "vk_first_minutes_tls": {"provider": "openai", "api_key": "sk-tls-secret-2", "base_url": f"https://127.0.0.1:{not_tls}/v1",
-                                 "name": "tls-team"}}})
-    causes = {"vk_first_minutes_down": ("down", "the provider refused the connection"),
-              "vk_first_minutes_tls": ("tls-team", "the TLS handshake with the provider failed: The remote server does not speak TLS.")}
+    gw = gateway_factory(
+        {
+            "virtual_keys": {
+                "vk_first_minutes_down": {
+                    "provider": "openai",
+                    "api_key": "sk-down-secret-1",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "name": "down",
+                },
+                "vk_first_minutes_tls": {
+                    "provider": "openai",
+                    "api_key": "sk-tls-secret-2",
+                    "base_url": f"https://127.0.0.1:{not_tls}/v1",
+                    "name": "tls-team",
+                },
+            }
+        }
+    )
+    causes = {
+        "vk_first_minutes_down": ("down", "the provider refused the connection"),
+        "vk_first_minutes_tls": (
+            "tls-team",
+            "the TLS handshake with the provider failed: The remote server does not speak TLS.",
+        ),
+    }
     for vk, (name, cause) in causes.items():
         with pytest.raises(openai.APIStatusError) as e:
             client(gw, vk).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
         assert e.value.response.headers["x-gateway-error-source"] == "gateway"
-        assert e.value.body["message"].startswith(f"the gateway could not reach the provider (openai) for virtual key '{name}': {cause}")
+        assert e.value.body["message"].startswith(
+            f"the gateway could not reach the provider (openai) for virtual key '{name}': {cause}"
+        )
         # the log agrees with the header: the gateway answered, not the provider; the address is there
         wait_for(gw, rf"gateway: 502 upstream_unreachable key={name} provider=openai model=gpt-4o latency=\d+ms")
         wait_for(gw, rf"gateway: provider unreachable for key {name}: openai at 127\.0\.0\.1:\d+: ")
@@ -136,14 +179,22 @@ def test_unreachable_provider_is_the_gateways_answer_naming_the_cause_and_the_ke
     messages = anthropic.Anthropic(base_url=gw.url, api_key="vk_first_minutes_down", max_retries=0)
     with pytest.raises(anthropic.InternalServerError) as e:
         messages.messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
-    assert e.value.body["error"]["message"].startswith("the gateway could not reach the provider (openai) for virtual key 'down': ")
+    assert e.value.body["error"]["message"].startswith(
+        "the gateway could not reach the provider (openai) for virtual key 'down': "
+    )
     log = gw.log()
     assert "502 from provider" not in log
-    assert not [secret for secret in ("sk-down-secret-1", "sk-tls-secret-2", "vk_first_minutes_down", "vk_first_minutes_tls") if secret in log]
+    assert not [
+        secret
+        for secret in ("sk-down-secret-1", "sk-tls-secret-2", "vk_first_minutes_down", "vk_first_minutes_tls")
+        if secret in log
+    ]
 
 
 def test_a_key_sent_as_a_model_name_is_masked_in_the_access_line(gateway, provider):
     with pytest.raises(openai.PermissionDeniedError):
-        client(gateway).chat.completions.create(model="vk_first_minutes_other", messages=[{"role": "user", "content": "hi"}])
+        client(gateway).chat.completions.create(
+            model="vk_first_minutes_other", messages=[{"role": "user", "content": "hi"}]
+        )
     wait_for(gateway, r"gateway: 403 model_not_allowed key=team-a provider=openai model=\S+ latency")
     assert "vk_first_minutes_other" not in gateway.log()

@@ -141,8 +141,11 @@ def provider_connections(pid: int, provider_port: int) -> int:
 
 def held_streams(provider, release: threading.Event):
     """Streams whose first chunk goes out at once and the rest only after `release`."""
-    provider.handler = lambda req: (Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
-                                    if req.json().get("stream") else default_reply(req))
+    provider.handler = lambda req: (
+        Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=release)
+        if req.json().get("stream")
+        else default_reply(req)
+    )
 
 
 def read_stream(url: str, started: threading.Event | None = None) -> bytes | Exception:
@@ -170,7 +173,11 @@ def read_stream(url: str, started: threading.Event | None = None) -> bytes | Exc
 
 
 def complete(body) -> bool:
-    return isinstance(body, bytes) and body.rstrip().endswith(b"data: [DONE]") and b'"content": "c"' in body.replace(b'":"', b'": "')
+    return (
+        isinstance(body, bytes)
+        and body.rstrip().endswith(b"data: [DONE]")
+        and b'"content": "c"' in body.replace(b'":"', b'": "')
+    )
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -214,7 +221,9 @@ def test_haproxys_own_answers_are_json_in_openais_error_shape(tmp_path):
                 conn.settimeout(5)
                 try:
                     health = conn.recv(65536).startswith(b"GET /health ")
-                    conn.sendall(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n" if health else b"not an HTTP answer\r\n\r\n")
+                    conn.sendall(
+                        b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n" if health else b"not an HTTP answer\r\n\r\n"
+                    )
                 except OSError:
                     pass
 
@@ -278,7 +287,9 @@ def test_fleet_answers_streams_chunk_by_chunk_through_haproxy(fleet, provider):
     assert f.log().count(" loaded from ") == 3  # (each worker's own start-up lines are there)
 
     first_seen = threading.Event()
-    provider.handler = lambda req: Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen)
+    provider.handler = lambda req: Reply.sse(
+        openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen
+    )
     base_url = endpoint_lines(f)[0].split()[3]  # what the user copies
     client = openai.OpenAI(base_url=base_url, api_key=VIRTUAL_KEY, max_retries=0)
     stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True,
@@ -659,10 +670,17 @@ def test_a_killed_workers_max_parallel_slot_is_free_after_the_reservation_lease(
     from tests.fakeprovider import openai_completion
 
     keys_ = keys(provider)
-    keys_["virtual_keys"]["vk_fleet_one"] = {"provider": "openai", "api_key": REAL_KEY, "name": "one", "max_parallel": 1}
+    keys_["virtual_keys"]["vk_fleet_one"] = {
+        "provider": "openai",
+        "api_key": REAL_KEY,
+        "name": "one",
+        "max_parallel": 1,
+    }
     stalled = threading.Event()  # the held answer: half sent, the rest after this (at most 30 s)
     # the first request is held, the later ones are answered at once
-    provider.reset(lambda req: Reply.json(openai_completion(req.json()), stall=stalled if len(provider.received) == 1 else None))
+    provider.reset(
+        lambda req: Reply.json(openai_completion(req.json()), stall=stalled if len(provider.received) == 1 else None)
+    )
     f = FleetProcess(keys_, 2, args=["--set", "reservation_lease=4"]).start()
     try:
         held = threading.Thread(target=lambda: _quietly(post, f.url, chat_body(), key="vk_fleet_one"), daemon=True)

@@ -69,7 +69,10 @@ def gw(tmp_path_factory, redis):
 
 @pytest.fixture(scope="module")
 def mgw(tmp_path_factory, redis):
-    with unit.gateway_with(unit.MESSAGES_KEYS, tmp_path_factory.mktemp("fuzz-messages")) as addon, on_redis(addon, redis.url):
+    with (
+        unit.gateway_with(unit.MESSAGES_KEYS, tmp_path_factory.mktemp("fuzz-messages")) as addon,
+        on_redis(addon, redis.url),
+    ):
         yield addon
 
 
@@ -89,24 +92,42 @@ def test_the_fuzzed_gateway_asks_redis(gw, redis):
 
 
 @pytest.mark.e2e
-def test_an_unpaired_surrogate_in_a_stored_objects_id_is_a_400_on_the_fleets_store(provider, gateway_factory, redis_server):
-    entry = {"providers": {"openai": {"base_url": provider.url + "/v1"}},
-             "virtual_keys": {"vk_team": {"name": "team", "provider": "openai", "api_key": "sk-fleet-surrogate-0001"},
-                              "vk_limited": {"name": "limited", "provider": "openai", "api_key": "sk-fleet-surrogate-0002",
-                                             "rpm": 1000}}}
+def test_an_unpaired_surrogate_in_a_stored_objects_id_is_a_400_on_the_fleets_store(
+    provider, gateway_factory, redis_server
+):
+    entry = {
+        "providers": {"openai": {"base_url": provider.url + "/v1"}},
+        "virtual_keys": {
+            "vk_team": {"name": "team", "provider": "openai", "api_key": "sk-fleet-surrogate-0001"},
+            "vk_limited": {"name": "limited", "provider": "openai", "api_key": "sk-fleet-surrogate-0002", "rpm": 1000},
+        },
+    }
     gw = gateway_factory(entry, ["--set", f"redis_url={redis_server.url}"])
     for key in ("vk_team", "vk_limited"):
-        for field, value in (("previous_response_id", "\ud800"), ("conversation", "\ud800"), ("conversation", {"id": "\udfff"})):
-            r = rawhttp.request(gw.url, "POST", "/v1/responses", content=json.dumps({"model": "gpt-4o", "input": "hi", field: value}).encode(),
-                                headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+        for field, value in (
+            ("previous_response_id", "\ud800"),
+            ("conversation", "\ud800"),
+            ("conversation", {"id": "\udfff"}),
+        ):
+            r = rawhttp.request(
+                gw.url,
+                "POST",
+                "/v1/responses",
+                content=json.dumps({"model": "gpt-4o", "input": "hi", field: value}).encode(),
+                headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+            )
             error = r.json()["error"]
             assert (r.status_code, error["code"]) == (400, "invalid_string"), (field, r.status_code, error)
             assert r.headers["x-gateway-error-source"] == "gateway"
         # an id no response could have: a 404 without a look in Redis (a megabyte of it, or a control character)
         for value in ("resp_" + "x" * 1_000_000, "resp_a\nb"):
-            r = rawhttp.request(gw.url, "POST", "/v1/responses", content=json.dumps({"model": "gpt-4o", "input": "hi",
-                                                                                    "previous_response_id": value}).encode(),
-                                headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+            r = rawhttp.request(
+                gw.url,
+                "POST",
+                "/v1/responses",
+                content=json.dumps({"model": "gpt-4o", "input": "hi", "previous_response_id": value}).encode(),
+                headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+            )
             assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
     assert provider.received == []
     log = gw.log()

@@ -75,7 +75,11 @@ def test_connection_cannot_strip_the_framing_or_the_host(gateway, provider):
         ("Connection", "content-length, host, content-type, close")])
     assert status == 200
     [got] = provider.received
-    assert got.body == BODY and got.headers["host"].startswith("127.0.0.1") and got.headers["content-type"] == "application/json"
+    assert (
+        got.body == BODY
+        and got.headers["host"].startswith("127.0.0.1")
+        and got.headers["content-type"] == "application/json"
+    )
     assert got.headers.get("connection") == "close"  # the client's close stays: the connection's fate
 
 
@@ -83,7 +87,9 @@ def test_a_providers_hop_by_hop_headers_stay_on_its_hop(gateway, provider):
     provider.reset(lambda r: Reply(200, json.dumps(openai_completion(r.json())).encode(), {
         "content-type": "application/json", "connection": "x-provider-hop, keep-alive", "x-provider-hop": "1",
         "keep-alive": "timeout=5", "x-request-id": "req_42"}))
-    status, headers, _ = raw_request(gateway.port, [("Authorization", f"Bearer {VK}"), ("Content-Type", "application/json")])
+    status, headers, _ = raw_request(
+        gateway.port, [("Authorization", f"Bearer {VK}"), ("Content-Type", "application/json")]
+    )
     assert status == 200
     assert "x-provider-hop" not in headers and "keep-alive" not in headers, headers
     assert headers.get("connection", "keep-alive") == "keep-alive"
@@ -98,22 +104,41 @@ def closed_port() -> int:
 
 def test_every_answer_of_a_key_with_several_targets_says_how_many_attempts(provider, gateway_factory):
     dead = [f"http://127.0.0.1:{closed_port()}/v1", f"http://127.0.0.1:{closed_port()}/v1"]
-    gw = gateway_factory({"virtual_keys": {
-        "vk_two_dead": {"name": "two-dead", "targets": [{"provider": "openai", "api_key": REAL, "base_url": url} for url in dead]},
-        "vk_two_slow": {"name": "two-slow", "targets": [
-            {"provider": "openai", "api_key": REAL, "base_url": f"{provider.url}/{name}/v1"} for name in ("a", "b")]},
-    }}, ["--set", "upstream_timeout=0.5"])
+    gw = gateway_factory(
+        {
+            "virtual_keys": {
+                "vk_two_dead": {
+                    "name": "two-dead",
+                    "targets": [{"provider": "openai", "api_key": REAL, "base_url": url} for url in dead],
+                },
+                "vk_two_slow": {
+                    "name": "two-slow",
+                    "targets": [
+                        {"provider": "openai", "api_key": REAL, "base_url": f"{provider.url}/{name}/v1"}
+                        for name in ("a", "b")
+                    ],
+                },
+            }
+        },
+        ["--set", "upstream_timeout=0.5"],
+    )
     # the gateway's own 502: neither target could be reached
-    status, headers, body = raw_request(gw.port, [("Authorization", "Bearer vk_two_dead"), ("Content-Type", "application/json")])
+    status, headers, body = raw_request(
+        gw.port, [("Authorization", "Bearer vk_two_dead"), ("Content-Type", "application/json")]
+    )
     assert status == 502 and json.loads(body)["error"]["code"] == "upstream_unreachable", body
     assert headers.get("x-gateway-attempts") == "2", headers
     # then both cool down: the gateway answers 503 itself, no attempt made
-    status, headers, body = raw_request(gw.port, [("Authorization", "Bearer vk_two_dead"), ("Content-Type", "application/json")])
+    status, headers, body = raw_request(
+        gw.port, [("Authorization", "Bearer vk_two_dead"), ("Content-Type", "application/json")]
+    )
     assert status == 503 and json.loads(body)["error"]["code"] == "no_healthy_target", body
     assert headers.get("x-gateway-attempts") == "0", headers
     # the gateway's own 504: neither answered within upstream_timeout
     provider.reset(lambda r: Reply.json(openai_completion(r.json()), delay=3))
-    status, headers, body = raw_request(gw.port, [("Authorization", "Bearer vk_two_slow"), ("Content-Type", "application/json")])
+    status, headers, body = raw_request(
+        gw.port, [("Authorization", "Bearer vk_two_slow"), ("Content-Type", "application/json")]
+    )
     assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout", body
     assert headers.get("x-gateway-attempts") == "2", headers
     assert len(provider.received) == 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -49,8 +48,13 @@ def web(provider, tmp_path):
 
 def send(web, place: str, key: str) -> rawhttp.RawResponse:
     query, headers = PLACES[place](key)
-    return rawhttp.request(f"http://127.0.0.1:{web.port}", "POST", "/v1/chat/completions" + (f"?{query}" if query else ""),
-                           json=BODY, headers={"content-type": "application/json", **headers})
+    return rawhttp.request(
+        f"http://127.0.0.1:{web.port}",
+        "POST",
+        "/v1/chat/completions" + (f"?{query}" if query else ""),
+        json=BODY,
+        headers={"content-type": "application/json", **headers},
+    )
 
 
 def written(web) -> str:

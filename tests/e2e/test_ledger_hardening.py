@@ -53,7 +53,9 @@ def test_a_provider_answer_with_10_to_the_30_tokens_loses_no_other_keys_rows(pro
 
 
 @pytest.mark.e2e
-def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(provider, gateway_factory, tmp_path, sdk_body_bytes):
+def test_rm_of_the_ledger_while_running_recreates_it_and_keeps_the_budget(
+    provider, gateway_factory, tmp_path, sdk_body_bytes
+):
     db = tmp_path / "usage.sqlite3"
     messages = [{"role": "user", "content": "hi"}]
     # a budgeted request reserves its body's bytes + max_tokens: room for exactly 10 answers of 7 tokens
@@ -88,7 +90,9 @@ def test_a_full_disk_under_the_running_gateway_loses_no_row(provider, gateway_fa
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)  # keep-alive
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
     for _ in range(300):
-        conn.request("POST", "/v1/chat/completions", body, {"authorization": "Bearer vk_a", "content-type": "application/json"})
+        conn.request(
+            "POST", "/v1/chat/completions", body, {"authorization": "Bearer vk_a", "content-type": "application/json"}
+        )
         response = conn.getresponse()
         response.read()
         assert response.status == 200

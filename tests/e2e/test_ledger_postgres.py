@@ -66,8 +66,13 @@ def test_run_sh_usage_reads_postgres(postgres_url, tmp_path):
     for row in ROWS:
         ledger.record(row)
     ledger.close()
-    proc = subprocess.run([str(ROOT / "run.sh"), "usage", "--key", "team-a"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "USAGE_DB": postgres_url, "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [str(ROOT / "run.sh"), "usage", "--key", "team-a"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "USAGE_DB": postgres_url, "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[1].split() == ["team-a", "fp-a", "2", "15", "22", "1", "1.500123"]

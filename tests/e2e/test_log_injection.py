@@ -76,8 +76,13 @@ def test_no_client_field_can_start_end_or_recolour_a_log_line(gateway, provider)
     assert len(provider.received) == len(BREAKS) + 1
     # paths, as raw bytes on the request line (no key: logged as they came); an HTTP/1 request
     # target cannot hold a space, CR, LF, VT or FF (mitmproxy splits the line at them: a 400)
-    paths = [b"/v1/nothing\xe2\x80\xa8FORGED-PATH", b"/v1/nothing\xe2\x80\xa9FORGED-PATH", b"/v1/nothing\xc2\x85FORGED-PATH",
-             b"/v1/nothing\x85FORGED-PATH", b"/v1/nothing\x1b[2K\x1b[1GFORGED-PATH"]
+    paths = [
+        b"/v1/nothing\xe2\x80\xa8FORGED-PATH",
+        b"/v1/nothing\xe2\x80\xa9FORGED-PATH",
+        b"/v1/nothing\xc2\x85FORGED-PATH",
+        b"/v1/nothing\x85FORGED-PATH",
+        b"/v1/nothing\x1b[2K\x1b[1GFORGED-PATH",
+    ]
     for path in paths:
         answer = raw(gateway.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
@@ -94,7 +99,9 @@ def test_no_client_field_can_start_end_or_recolour_a_log_line(gateway, provider)
     for line in forged:
         # the only lines that name FORGED are the gateway's own, about the real key or a path
         assert RECORD.match(line), line
-        assert " key=victim " in line or " key=limited " in line or "FORGED-PATH" in line or "Client closed" in line, line
+        assert " key=victim " in line or " key=limited " in line or "FORGED-PATH" in line or "Client closed" in line, (
+            line
+        )
         assert not line.startswith("[12:00:00.000]"), line
     # what the client sent is there, escaped, and the model with a space is one quoted field
     assert 'model="gpt-4o\\n[12:00:00.000] gateway: 200 key=FORGED-ADMIN' in text

@@ -67,7 +67,9 @@ def scrape_until(port: int, done, token: str | None = None, timeout: float = 15.
 def provider_handler(req):
     body = req.json()
     if body.get("model") == "gpt-4o-mini":  # the provider error case
-        return Reply.json({"error": {"message": "upstream broke", "type": "server_error", "param": None, "code": None}}, 500)
+        return Reply.json(
+            {"error": {"message": "upstream broke", "type": "server_error", "param": None, "code": None}}, 500
+        )
     return default_reply(req)
 
 
@@ -153,7 +155,9 @@ def test_in_flight_counts_a_held_stream(provider, gateway_factory):
 @pytest.mark.e2e
 def test_metrics_token_is_enforced_and_metrics_are_not_on_the_gateway_port(provider, gateway_factory):
     port = free_port()
-    gw = gateway_factory(keys_file(provider), ["--set", f"metrics_port={port}"], env={"METRICS_TOKEN": "s3cret-metrics"})
+    gw = gateway_factory(
+        keys_file(provider), ["--set", f"metrics_port={port}"], env={"METRICS_TOKEN": "s3cret-metrics"}
+    )
     assert post(gw.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})[0] == 200
     status, headers, _ = scrape(port)
     assert status == 401 and headers["www-authenticate"].startswith("Bearer")
@@ -278,7 +282,9 @@ def test_overhead_excludes_the_providers_time(provider, gateway_factory):
     # the same split in the histograms: the provider's time holds the waits, the overhead does not
     assert value(found, "gen_ai_server_request_duration_seconds_sum") >= 0.6 + 0.3 * 6
     assert value(found, "gen_ai_server_time_to_first_token_seconds_sum") >= 0.3
-    assert value(found, "gateway_overhead_seconds_sum") == pytest.approx(overhead_ms / 1000 + float(headers["x-gateway-overhead-ms"]) / 1000, abs=0.002)
+    assert value(found, "gateway_overhead_seconds_sum") == pytest.approx(
+        overhead_ms / 1000 + float(headers["x-gateway-overhead-ms"]) / 1000, abs=0.002
+    )
 
 
 @pytest.mark.e2e
@@ -327,7 +333,9 @@ def test_target_up_is_0_for_a_target_cooling_down_and_1_for_the_others(provider,
     port = free_port()
     gw = gateway_factory(keys, ["--set", f"metrics_port={port}", "--set", "cooldown_s=600"])
     before = samples(scrape(port)[2])
-    assert value(before, "gateway_target_up", target="bob[0]") == value(before, "gateway_target_up", target="bob[1]") == 1
+    assert (
+        value(before, "gateway_target_up", target="bob[0]") == value(before, "gateway_target_up", target="bob[1]") == 1
+    )
     status, headers, _ = post(gw.port, BOB, {"model": "gpt-4o", "messages": MESSAGES})
     assert status == 200 and headers["x-gateway-attempts"] == "2"  # the first target refused
     found = scrape_until(port, lambda f: value(f, "gateway_target_up", target="bob[0]") == 0)

@@ -21,8 +21,11 @@ from tests.conftest import ROOT, free_port
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "pw-browser-test-4242"
 pytestmark = [
-    pytest.mark.browser, pytest.mark.e2e,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (Debian package chromium; .ci/run installs it)"),
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing (Debian package chromium; .ci/run installs it)"
+    ),
 ]
 # secrets of the demo: provider keys (demo/provider.py KEYS), virtual keys, the UI password
 SECRETS = ("not-a-real-key", "sk-demo-revoked-key", "vk_demo_openai", "vk_demo_anthropic", "vk_demo_limited",
@@ -61,7 +64,9 @@ def demo_web(tmp_path_factory):
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
     assert failover.headers["x-gateway-attempts"] == "2"
     with pytest.raises(openai.AuthenticationError):
-        client("vk_wrong_key_0000").chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+        client("vk_wrong_key_0000").chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}]
+        )
     yield {"web": f"http://127.0.0.1:{web_port}/", "gateway_port": gateway_port}
     os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -229,8 +234,12 @@ def test_a_failover_shows_the_fallback_that_answered_and_the_attempts(page, shot
     # ... but the view lists it, with its status and its time, before the attempt that answered
     clock = r"at \d\d:\d\d:\d\d\.\d{3}"
     assert "2 attempts:" in text
-    assert re.search(r"1\. openai \(target 0\): 401 after [\d.]+ ms, " + clock + " — failed, the next target was tried", text), text
-    assert re.search(r"2\. anthropic \(target 1, fallback\): answered 200 after [\d.]+ ms, " + clock + " — this flow", text), text
+    assert re.search(
+        r"1\. openai \(target 0\): 401 after [\d.]+ ms, " + clock + " — failed, the next target was tried", text
+    ), text
+    assert re.search(
+        r"2\. anthropic \(target 1, fallback\): answered 200 after [\d.]+ ms, " + clock + " — this flow", text
+    ), text
     page.screenshot(path=str(shots / "mitmweb-failover.png"), full_page=True)
     assert_no_secret(page)
 

@@ -66,35 +66,141 @@ REFUSED_COMMANDS = {
     "view.settings.setval", "view.settings.setval.toggle",
 }
 # options a user may change: how flows are shown (addon/hooks/webguard.py VIEW_OPTIONS)
-VIEW_OPTIONS = {"view_order", "view_order_reversed", "web_columns", "web_theme", "showhost", "content_view_lines_cutoff"}
+VIEW_OPTIONS = {
+    "view_order",
+    "view_order_reversed",
+    "web_columns",
+    "web_theme",
+    "showhost",
+    "content_view_lines_cutoff",
+}
 # every other option: read-only from the UI
 READ_ONLY_OPTIONS = {
     # the gateway's
-    "access_log", "auth_cooldown_s", "background_hold", "cooldown_s", "drain_s", "endpoint_line", "keys_file", "keys_reload_ms",
-    "max_attempts", "max_request_header_kb", "max_request_mb", "metrics_host", "metrics_port", "metrics_token", "owners_per_key",
+    "access_log",
+    "auth_cooldown_s",
+    "background_hold",
+    "cooldown_s",
+    "drain_s",
+    "endpoint_line",
+    "keys_file",
+    "keys_reload_ms",
+    "max_attempts",
+    "max_request_header_kb",
+    "max_request_mb",
+    "metrics_host",
+    "metrics_port",
+    "metrics_token",
+    "owners_per_key",
     "spend_check",
-    "record_file", "redis_prefix", "redis_url", "replayable_flows", "reservation_lease", "stream_idle_timeout",
-    "upstream_timeout", "usage_db",
+    "record_file",
+    "redis_prefix",
+    "redis_url",
+    "replayable_flows",
+    "reservation_lease",
+    "stream_idle_timeout",
+    "upstream_timeout",
+    "usage_db",
     # mitmproxy's
-    "add_upstream_certs_to_client_chain", "allow_hosts", "anticache", "anticomp", "block_global", "block_list",
-    "block_private", "body_size_limit", "cert_passphrase", "certs", "ciphers_client", "ciphers_server",
-    "client_certs", "client_replay", "client_replay_concurrency", "command_history", "confdir", "connect_addr",
-    "connection_strategy", "console_focus_follow", "dns_name_servers", "dns_use_hosts_file", "emudhra",
-    "emudhra_old", "export_preserve_original_ip", "hardump", "http2", "http2_ping_keepalive", "http3",
-    "http_connect_send_host_header", "ignore_hosts", "intercept", "intercept_active", "keep_alt_svc_header",
-    "keep_host_header", "key_size", "listen_host", "listen_port", "map_local", "map_remote", "mode", "modify_body",
-    "modify_headers", "normalize_outbound_headers", "onboarding", "onboarding_host", "protobuf_definitions",
-    "proxy_debug", "proxyauth", "rawtcp", "readfile_filter", "request_client_cert", "rfile", "save_stream_file",
-    "save_stream_filter", "scripts", "server", "server_replay", "server_replay_extra",
-    "server_replay_ignore_content", "server_replay_ignore_host", "server_replay_ignore_params",
-    "server_replay_ignore_payload_params", "server_replay_ignore_port", "server_replay_kill_extra",
-    "server_replay_nopop", "server_replay_refresh", "server_replay_reuse", "server_replay_use_headers",
-    "show_ignored_hosts", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
-    "stickyauth", "stickycookie", "store_streamed_bodies", "stream_large_bodies", "strip_ech", "tcp_hosts",
-    "tcp_timeout", "termlog_verbosity", "tls_ecdh_curve_client", "tls_ecdh_curve_server", "tls_version_client_max",
-    "tls_version_client_min", "tls_version_server_max", "tls_version_server_min", "udp_hosts", "upstream_auth",
-    "upstream_cert", "validate_inbound_headers", "view_filter", "web_debug", "web_host", "web_open_browser",
-    "web_password", "web_port", "web_static_viewer", "websocket",
+    "add_upstream_certs_to_client_chain",
+    "allow_hosts",
+    "anticache",
+    "anticomp",
+    "block_global",
+    "block_list",
+    "block_private",
+    "body_size_limit",
+    "cert_passphrase",
+    "certs",
+    "ciphers_client",
+    "ciphers_server",
+    "client_certs",
+    "client_replay",
+    "client_replay_concurrency",
+    "command_history",
+    "confdir",
+    "connect_addr",
+    "connection_strategy",
+    "console_focus_follow",
+    "dns_name_servers",
+    "dns_use_hosts_file",
+    "emudhra",
+    "emudhra_old",
+    "export_preserve_original_ip",
+    "hardump",
+    "http2",
+    "http2_ping_keepalive",
+    "http3",
+    "http_connect_send_host_header",
+    "ignore_hosts",
+    "intercept",
+    "intercept_active",
+    "keep_alt_svc_header",
+    "keep_host_header",
+    "key_size",
+    "listen_host",
+    "listen_port",
+    "map_local",
+    "map_remote",
+    "mode",
+    "modify_body",
+    "modify_headers",
+    "normalize_outbound_headers",
+    "onboarding",
+    "onboarding_host",
+    "protobuf_definitions",
+    "proxy_debug",
+    "proxyauth",
+    "rawtcp",
+    "readfile_filter",
+    "request_client_cert",
+    "rfile",
+    "save_stream_file",
+    "save_stream_filter",
+    "scripts",
+    "server",
+    "server_replay",
+    "server_replay_extra",
+    "server_replay_ignore_content",
+    "server_replay_ignore_host",
+    "server_replay_ignore_params",
+    "server_replay_ignore_payload_params",
+    "server_replay_ignore_port",
+    "server_replay_kill_extra",
+    "server_replay_nopop",
+    "server_replay_refresh",
+    "server_replay_reuse",
+    "server_replay_use_headers",
+    "show_ignored_hosts",
+    "ssl_insecure",
+    "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir",
+    "stickyauth",
+    "stickycookie",
+    "store_streamed_bodies",
+    "stream_large_bodies",
+    "strip_ech",
+    "tcp_hosts",
+    "tcp_timeout",
+    "termlog_verbosity",
+    "tls_ecdh_curve_client",
+    "tls_ecdh_curve_server",
+    "tls_version_client_max",
+    "tls_version_client_min",
+    "tls_version_server_max",
+    "tls_version_server_min",
+    "udp_hosts",
+    "upstream_auth",
+    "upstream_cert",
+    "validate_inbound_headers",
+    "view_filter",
+    "web_debug",
+    "web_host",
+    "web_open_browser",
+    "web_password",
+    "web_port",
+    "web_static_viewer",
+    "websocket",
 }
 ROUTABLE = re.compile(r"[a-z.]+")  # mitmweb's route for POST /commands/<name>: others cannot be called
 
@@ -148,7 +254,9 @@ class RunShWeb:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def call(self, method: str, path: str, body=None, *, content: bytes | None = None, headers=None) -> rawhttp.RawResponse:
+    def call(
+        self, method: str, path: str, body=None, *, content: bytes | None = None, headers=None
+    ) -> rawhttp.RawResponse:
         return rawhttp.request(self.base, method, path, json=body, content=content,
                                headers={**self.headers, **(headers or {})}, timeout=20)
 
@@ -203,7 +311,9 @@ def test_the_attack_cut_save_then_script_run_is_refused(web, provider_server):
     # the keys file and the recording file are read-only: the issue pointed keys_file at the
     # user's own file (env: keys that sent secrets to their host) and record_file anywhere
     evil_keys = web.tmp / "evil-keys.json"
-    evil_keys.write_text(json.dumps({"virtual_keys": {"vk_evil_00000000": {"provider": "openai", "api_key": "env:PATH"}}}))
+    evil_keys.write_text(
+        json.dumps({"virtual_keys": {"vk_evil_00000000": {"provider": "openai", "api_key": "env:PATH"}}})
+    )
     for change in ({"keys_file": str(evil_keys)}, {"record_file": str(web.tmp / "anywhere.mitm")},
                    {"scripts": [str(script)]}, {"confdir": str(web.tmp)}):
         resp = web.call("PUT", "/options", change)
@@ -218,7 +328,9 @@ def test_the_attack_cut_save_then_script_run_is_refused(web, provider_server):
 def test_every_command_is_classified_and_only_the_allowed_ones_run(web, provider_server):
     registered = set(web.call("GET", "/commands").json())
     unknown = registered - ALLOWED_COMMANDS - REFUSED_COMMANDS
-    assert not unknown, f"commands nobody classified (allow in addon/hooks/webguard.py, or refuse here): {sorted(unknown)}"
+    assert not unknown, (
+        f"commands nobody classified (allow in addon/hooks/webguard.py, or refuse here): {sorted(unknown)}"
+    )
     assert not (ALLOWED_COMMANDS | REFUSED_COMMANDS) - registered, "classified commands mitmproxy no longer has"
 
     log = web.log()
@@ -239,7 +351,10 @@ def test_every_command_is_classified_and_only_the_allowed_ones_run(web, provider
     provider_server.reset()
     web.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "look at me"}])
     deadline = time.monotonic() + 10
-    while not [f for f in web.flows() if f["response"] and f["response"]["status_code"] == 200] and time.monotonic() < deadline:
+    while (
+        not [f for f in web.flows() if f["response"] and f["response"]["status_code"] == 200]
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     args = {
         "view.properties.inbounds": ["0"], "view.focus.go": ["0"],
@@ -287,7 +402,9 @@ def changed(option: dict):
 def test_every_option_is_classified_and_only_view_options_change(web):
     options = web.options()
     unknown = set(options) - VIEW_OPTIONS - READ_ONLY_OPTIONS
-    assert not unknown, f"options nobody classified (a view option in addon/hooks/webguard.py, or read-only here): {sorted(unknown)}"
+    assert not unknown, (
+        f"options nobody classified (a view option in addon/hooks/webguard.py, or read-only here): {sorted(unknown)}"
+    )
     assert not (VIEW_OPTIONS | READ_ONLY_OPTIONS) - set(options), "classified options that no longer exist"
     before = {name: option["value"] for name, option in options.items()}
 
@@ -295,7 +412,10 @@ def test_every_option_is_classified_and_only_view_options_change(web):
         resp = web.call("PUT", "/options", {name: changed(options[name])})
         assert resp.status_code == 403, (name, resp.status_code, resp.content)
     # one refused name refuses the whole update, the view option in it too
-    assert web.call("PUT", "/options", {"web_theme": changed(options["web_theme"]), "keys_file": "/tmp/x"}).status_code == 403
+    assert (
+        web.call("PUT", "/options", {"web_theme": changed(options["web_theme"]), "keys_file": "/tmp/x"}).status_code
+        == 403
+    )
     after = {name: option["value"] for name, option in web.options().items()}
     assert after == before
     log = web.log()
@@ -336,9 +456,16 @@ def test_the_api_routes_beyond_commands_look_only(web, provider_server):
     assert shown["comment"] == "ok" and shown["request"]["port"] != 1 and shown["response"]["status_code"] == 200
     # exports, loads, duplicates, body edits, reverts, the machine's programs and files
     count = len(web.flows())
-    for method, path in (("GET", "/flows/dump"), ("POST", "/flows/dump"), ("POST", f"/flows/{flow}/duplicate"),
-                         ("POST", f"/flows/{flow}/revert"), ("POST", f"/flows/{flow}/request/content.data"),
-                         ("POST", "/options/save"), ("GET", "/processes"), ("GET", "/executable-icon?path=/etc/passwd")):
+    for method, path in (
+        ("GET", "/flows/dump"),
+        ("POST", "/flows/dump"),
+        ("POST", f"/flows/{flow}/duplicate"),
+        ("POST", f"/flows/{flow}/revert"),
+        ("POST", f"/flows/{flow}/request/content.data"),
+        ("POST", "/options/save"),
+        ("GET", "/processes"),
+        ("GET", "/executable-icon?path=/etc/passwd"),
+    ):
         resp = web.call(method, path, content=b"{}" if method == "POST" else None)
         assert resp.status_code == 403, (method, path, resp.status_code)
         assert refusals(web, f"{method} {path.partition('?')[0]}") == 1, (method, path)
@@ -377,7 +504,12 @@ def replayed(web: RunShWeb, flow: str) -> None:
 
 def test_without_the_password_nothing_is_run_or_logged(web):
     before = refusals(web, "command cut.save")
-    resp = rawhttp.request(web.base, "POST", "/commands/cut.save", json={"arguments": ["@all", "request.content", "/tmp/x"]},
-                           headers={"cookie": f"_mitmproxy_xsrf={XSRF}", "x-xsrftoken": XSRF})
+    resp = rawhttp.request(
+        web.base,
+        "POST",
+        "/commands/cut.save",
+        json={"arguments": ["@all", "request.content", "/tmp/x"]},
+        headers={"cookie": f"_mitmproxy_xsrf={XSRF}", "x-xsrftoken": XSRF},
+    )
     assert resp.status_code == 403
     assert refusals(web, "command cut.save") == before  # mitmweb's login refused it: no line per stranger

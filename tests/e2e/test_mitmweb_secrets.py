@@ -162,7 +162,12 @@ def test_updates_and_flows_never_carry_a_key_and_guarded_options_are_refused(slo
 
         # a logged-in user may not lift the guards at run time (only view options change:
         # tests/e2e/test_mitmweb_guard.py tries every option)
-        for change in ({"view_filter": "~q"}, {"intercept": "~q"}, {"save_stream_file": "/tmp/x.mitm"}, {"ssl_insecure": True}):
+        for change in (
+            {"view_filter": "~q"},
+            {"intercept": "~q"},
+            {"save_stream_file": "/tmp/x.mitm"},
+            {"ssl_insecure": True},
+        ):
             resp = web.api.put("/options", json=change)
             assert resp.status_code == 403, (change, resp.content.decode())
             assert f"refused: options {next(iter(change))}" in resp.content.decode()
@@ -191,7 +196,9 @@ def test_an_intercepted_request_cannot_be_redirected_in_mitmweb(provider):
 
         def call():
             try:
-                result["resp"] = web.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+                result["resp"] = web.client().chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
             except openai.APIError as e:
                 result["error"] = e
         t = threading.Thread(target=call)

@@ -56,7 +56,9 @@ def test_deepseek_routes_to_its_base_url(gateway, provider):
 
 def test_streaming_is_forwarded_chunk_by_chunk(gateway, provider):
     first_seen = threading.Event()
-    provider.handler = lambda req: Reply.sse(openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen)
+    provider.handler = lambda req: Reply.sse(
+        openai_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen
+    )
     stream = client(gateway).chat.completions.create(
         model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
     chunks = []
@@ -88,7 +90,16 @@ def test_unknown_key_bad_json_and_unknown_path_never_reach_the_provider(gateway,
 
 def test_provider_errors_pass_through_with_status(gateway, provider):
     provider.handler = lambda req: Reply.json(
-        {"error": {"message": "Rate limit reached for gpt-4o", "type": "requests", "param": None, "code": "rate_limit_exceeded"}}, 429)
+        {
+            "error": {
+                "message": "Rate limit reached for gpt-4o",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        },
+        429,
+    )
     with pytest.raises(openai.RateLimitError) as e:
         client(gateway).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert "Rate limit reached" in e.value.message
@@ -119,10 +130,25 @@ def test_gzip_passthrough_reaches_the_client_decoded(gateway, provider):
 def test_concurrent_requests_with_different_keys_do_not_cross(gateway, provider):
     def echo(req):
         body = req.json()
-        return Reply.json({"id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                               "role": "assistant", "content": body["messages"][0]["content"] + "|" + req.headers["authorization"][-4:]}}]},
-                          delay=0.01)
+        return Reply.json(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {
+                            "role": "assistant",
+                            "content": body["messages"][0]["content"] + "|" + req.headers["authorization"][-4:],
+                        },
+                    }
+                ],
+            },
+            delay=0.01,
+        )
     provider.handler = echo
     expected_suffix = {"vk_openai": OPENAI_KEY[-4:], "vk_deepseek": DEEPSEEK_KEY[-4:]}
 
@@ -155,7 +181,10 @@ def test_slow_provider_gets_a_json_504(provider, gateway_factory):
     assert e.value.body["code"] == "upstream_timeout"
     # the gateway keeps serving after a timeout
     provider.handler = default_reply
-    assert client(gw, "vk_slow").chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content == "hello"
+    assert (
+        client(gw, "vk_slow").chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content
+        == "hello"
+    )
 
 
 def test_verbose_logging_never_prints_a_real_key(provider, gateway_factory):

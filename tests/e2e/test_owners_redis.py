@@ -65,7 +65,10 @@ def test_two_gateways_on_one_redis_agree_who_owns_a_response(provider, gateway_f
         client(second, "vk_b").responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         client(first, "vk_b").responses.retrieve(created.id)
-    assert [(r.method, r.path) for r in provider.received] == [("POST", "/v1/responses"), ("GET", f"/v1/responses/{created.id}")]
+    assert [(r.method, r.path) for r in provider.received] == [
+        ("POST", "/v1/responses"),
+        ("GET", f"/v1/responses/{created.id}"),
+    ]
     ttl = int(redis_server.command("TTL", f"llmgw:owner:{created.id}")[1:].strip())
     assert OWNER_TTL - 60 < ttl <= OWNER_TTL
     # the key's fingerprint, never the virtual key

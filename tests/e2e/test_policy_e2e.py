@@ -209,12 +209,17 @@ def test_dollar_budget_refuses_a_model_without_price(provider, gateway_factory):
 
 def test_ledger_rows_and_usage_table_without_secrets(provider, gateway_factory, tmp_path):
     db = tmp_path / "usage.sqlite3"
-    gw = gateway_factory(keys_file(provider, vk_ledger_secret={"name": "bob", "models": ["gpt-4o"]}), ["--set", f"usage_db={db}"])
+    gw = gateway_factory(
+        keys_file(provider, vk_ledger_secret={"name": "bob", "models": ["gpt-4o"]}), ["--set", f"usage_db={db}"]
+    )
     chat(gw, "vk_ledger_secret")
     with pytest.raises(openai.PermissionDeniedError):
         chat(gw, "vk_ledger_secret", "o3")
     rows = ledger_rows(db, 2)
-    assert [(r["key_name"], r["model"], r["status"], r["prompt_tokens"], r["completion_tokens"], r["streamed"]) for r in rows] == [
+    assert [
+        (r["key_name"], r["model"], r["status"], r["prompt_tokens"], r["completion_tokens"], r["streamed"])
+        for r in rows
+    ] == [
         ("bob", "gpt-4o", 200, 5, 2, 0),
         ("bob", "o3", 403, 0, 0, 0),
     ]
@@ -261,8 +266,10 @@ def test_a_stream_sent_with_content_length_still_ends_when_its_usage_is_stripped
     # the SDK stops at [DONE]; a client reading to the end of the body (curl) must get there too
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as conn:
         body = json.dumps({"model": "gpt-4o", "messages": MESSAGES, "stream": True}).encode()
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer vk_s\r\n"
-                     b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer vk_s\r\n"
+            b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
         received = b""
         while chunk := conn.recv(65536):  # a wrong content-length would leave this waiting
             received += chunk
@@ -278,7 +285,11 @@ def deepseek_stream(req) -> Reply:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
     usage = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15,
              "prompt_cache_hit_tokens": 3, "prompt_cache_miss_tokens": 8}
-    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": "hey"}), chunk({"content": ""}, "stop", usage=usage)]
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "hey"}),
+        chunk({"content": ""}, "stop", usage=usage),
+    ]
     return Reply.sse([b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"])
 
 
@@ -294,7 +305,9 @@ def test_deepseek_stream_usage_on_the_last_content_chunk(provider, gateway_facto
     asked = list(chat(gw, "vk_ds", "deepseek-chat", stream=True, stream_options={"include_usage": True}))
     assert asked[-1].usage.completion_tokens == 4
     rows = ledger_rows(db, 2)
-    assert [(r["provider"], r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"]) for r in rows] == [("deepseek", 11, 4, 3)] * 2
+    assert [(r["provider"], r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"]) for r in rows] == [
+        ("deepseek", 11, 4, 3)
+    ] * 2
     assert rows[0]["cost_usd"] == pytest.approx((11 * 0.27 + 4 * 1.1) / 1e6)
 
 

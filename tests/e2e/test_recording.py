@@ -110,7 +110,13 @@ def test_record_then_replay_round_trip_for_every_provider_and_stream(recording, 
     results = replay.replay([str(recording)], keys_file)
     out = capsys.readouterr().out
     assert [r.status for r in results] == ["ok"] * len(results), out
-    for route in ("-> openai] 200", "-> deepseek] 200", "-> anthropic] 200", "invalid_api_key] 401", "unknown_path] 404"):
+    for route in (
+        "-> openai] 200",
+        "-> deepseek] 200",
+        "-> anthropic] 200",
+        "invalid_api_key] 401",
+        "unknown_path] 404",
+    ):
         assert route in out
     assert re.search(r"replayed \d+ flows: \d+ ok, 0 differ, 0 skipped", out)
 
@@ -132,13 +138,17 @@ def test_replay_after_keys_route_elsewhere_differs_and_fails(recording, tmp_path
     out = capsys.readouterr().out
     assert "differs  " in out and "route: recorded provider openai, replay went to deepseek" in out
     assert "route: recorded provider anthropic, replay went to openai" in out
-    assert re.search(r"ok +#\d+ POST /v1/chat/completions \[corpus-deepseek -> deepseek\]", out)  # unchanged keys still match
+    assert re.search(
+        r"ok +#\d+ POST /v1/chat/completions \[corpus-deepseek -> deepseek\]", out
+    )  # unchanged keys still match
 
 
 def test_corpus_replays_with_hashed_keys_and_prices(tmp_path, capsys):
     """A keys file that holds only sha256 digests of its virtual keys replays the same."""
     keys = json.loads(json.dumps(scenarios.KEYS))
-    keys["virtual_keys"] = {f"sha256:{hashlib.sha256(vk.encode()).hexdigest()}": entry for vk, entry in keys["virtual_keys"].items()}
+    keys["virtual_keys"] = {
+        f"sha256:{hashlib.sha256(vk.encode()).hexdigest()}": entry for vk, entry in keys["virtual_keys"].items()
+    }
     keys["prices"] = {"gpt-4o*": {"input": 2.5, "output": 10}}
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(keys))
@@ -294,8 +304,11 @@ def test_mitmweb_requires_the_password_and_never_shows_keys(mitmweb, provider_se
     assert (resp.status_code, bad.status_code, refused.status_code) == (200, 400, 403)
     status, body = web_get(web_port, "/flows", password)
     listed = json.loads(body)
-    assert [f["comment"] for f in listed] == ["corpus-openai -> openai gpt-4o", "corpus-openai -> openai · refused 400 invalid_json",
-                                              "corpus-anthropic -> anthropic claude-opus-4 · refused 403 model_not_allowed"]
+    assert [f["comment"] for f in listed] == [
+        "corpus-openai -> openai gpt-4o",
+        "corpus-openai -> openai · refused 400 invalid_json",
+        "corpus-anthropic -> anthropic claude-opus-4 · refused 403 model_not_allowed",
+    ]
     assert listed[1]["marked"] and listed[2]["marked"]  # the gateway-answered errors stand out
     for secret in scenarios.SECRETS:
         assert secret not in body.decode()
@@ -329,9 +342,14 @@ def test_mitmweb_does_not_list_in_flight_flows(mitmweb, provider_server):
 
 
 def test_run_sh_record_refuses_an_unwritable_file(keys_file, tmp_path):
-    proc = subprocess.run(["./run.sh", "record", str(tmp_path / "missing-dir" / "x.mitm"), "--set", f"confdir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0", "USAGE_DB": str(tmp_path / "usage.sqlite3")})
+    proc = subprocess.run(
+        ["./run.sh", "record", str(tmp_path / "missing-dir" / "x.mitm"), "--set", f"confdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KEYS_FILE": keys_file, "GATEWAY_PORT": "0", "USAGE_DB": str(tmp_path / "usage.sqlite3")},
+    )
     assert proc.returncode != 0
     assert "record_file" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
 
@@ -343,13 +361,18 @@ def test_mitmweb_opens_a_recording_and_its_replay_button_routes_once(mitmweb_fil
     assert status == 200 and len(listed) == len(scenarios.SCENARIOS) + 1
     assert not [s for s in scenarios.SECRETS if s in body.decode()]
     assert not (tmp_path / "usage.sqlite3").exists()  # loading did not count recorded usage again
-    target = next(f for f in listed if f["comment"].startswith("corpus-openai -> openai ") and f["response"]["status_code"] == 200)
+    target = next(
+        f for f in listed if f["comment"].startswith("corpus-openai -> openai ") and f["response"]["status_code"] == 200
+    )
 
     provider_server.reset(answer_by_provider)
     try:
-        req = urllib.request.Request(f"http://127.0.0.1:{web_port}/flows/{target['id']}/replay", method="POST", data=b"",
-                                     headers={"Authorization": f"Bearer {password}", "X-XSRFToken": "t",
-                                              "Cookie": "_mitmproxy_xsrf=t"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/flows/{target['id']}/replay",
+            method="POST",
+            data=b"",
+            headers={"Authorization": f"Bearer {password}", "X-XSRFToken": "t", "Cookie": "_mitmproxy_xsrf=t"},
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
         deadline = time.monotonic() + 30

@@ -99,7 +99,9 @@ def test_a_killed_holders_reservations_are_free_after_the_lease_while_a_live_one
         killed.loop.close()  # killed: renews nothing from now on
         assert live.renew(9.0) is True
         assert live.reserve("k", limits, Demand(60), now=10.0).refused is None  # the killed one's 50 and slot are free
-        assert live.reserve("k", Limits(max_parallel=2), Demand(), now=11.0).refused == PARALLEL  # the live one's (renewed) is not
+        assert (
+            live.reserve("k", Limits(max_parallel=2), Demand(), now=11.0).refused == PARALLEL
+        )  # the live one's (renewed) is not
     finally:
         live.close()
         server.close()

@@ -70,7 +70,9 @@ def test_plain_response_passes_through_and_is_counted(gateway, fake, ledger):
 
 def test_streamed_response_events_arrive_chunk_by_chunk_and_usage_is_read(gateway, fake, ledger):
     first_seen = threading.Event()
-    fake.handler = lambda req: Reply.sse(response_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen)
+    fake.handler = lambda req: Reply.sse(
+        response_stream(req.json(), pieces=("a", "b", "c")), hold_after_first=first_seen
+    )
     events = []
     for event in client(gateway, "vk_resp_stream").responses.create(model="gpt-4.1", input="hi", stream=True):
         first_seen.set()  # the provider sends the rest only once the client saw the first event
@@ -83,7 +85,13 @@ def test_streamed_response_events_arrive_chunk_by_chunk_and_usage_is_read(gatewa
     assert "stream_options" not in body, "the Responses stream reports usage itself: nothing added"
     assert fake.received[0].headers["accept-encoding"] == "identity"
     [row] = rows_where(ledger, "key_name", {"resp-stream"})
-    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"], row["streamed"], row["estimated"]) == (9, 3, 4, 1, 0)
+    assert (
+        row["prompt_tokens"],
+        row["completion_tokens"],
+        row["cached_tokens"],
+        row["streamed"],
+        row["estimated"],
+    ) == (9, 3, 4, 1, 0)
 
 
 def test_stored_response_paths_pass_through_for_the_same_key(gateway, fake, ledger):
@@ -147,8 +155,14 @@ def test_paths_the_gateway_does_not_serve_are_never_forwarded(gateway, fake, met
 
 
 def test_bad_bodies_are_openai_shaped_400s(gateway, fake):
-    for body, code in ((b"{", "invalid_json"), (b'{"input": "hi"}', "missing_model"), (b'{"model": "m", "stream": "yes"}', "invalid_value")):
-        r = rawhttp.request(gateway.url, "POST", "/v1/responses", content=body, headers={"authorization": "Bearer vk_resp"})
+    for body, code in (
+        (b"{", "invalid_json"),
+        (b'{"input": "hi"}', "missing_model"),
+        (b'{"model": "m", "stream": "yes"}', "invalid_value"),
+    ):
+        r = rawhttp.request(
+            gateway.url, "POST", "/v1/responses", content=body, headers={"authorization": "Bearer vk_resp"}
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == code
     assert fake.received == []
 
@@ -213,7 +227,10 @@ def test_a_streamed_response_is_its_keys_from_the_first_event(gateway, fake):
     assert [e.type for e in events][-1] == "response.completed"
     assert polled.id == first.response.id
     other_key_is_refused(lambda: other.responses.retrieve(first.response.id), first.response.id)
-    assert [(r.method, r.path) for r in fake.received] == [("POST", "/v1/responses"), ("GET", f"/v1/responses/{polled.id}")]
+    assert [(r.method, r.path) for r in fake.received] == [
+        ("POST", "/v1/responses"),
+        ("GET", f"/v1/responses/{polled.id}"),
+    ]
 
 
 def test_a_response_made_without_store_is_not_recorded(gateway, fake):

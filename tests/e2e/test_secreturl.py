@@ -112,7 +112,9 @@ def test_one_process_reads_redis_url_and_usage_db_from_its_environment(provider,
     log = out.text()
     assert password not in log
     # its log names both, masked
-    assert f"Redis redis://:***@127.0.0.1:{redis.port}/0" in log and "usage ledger postgresql://postgres:***@" in log, log
+    assert f"Redis redis://:***@127.0.0.1:{redis.port}/0" in log and "usage ledger postgresql://postgres:***@" in log, (
+        log
+    )
     assert ledger_rows(pg) == 2  # written at the stop: the 200 and the 429
 
 

@@ -61,7 +61,9 @@ def codes(results) -> dict:
     return out
 
 
-def test_rpm_5_under_40_concurrent_requests_over_two_gateways_lets_exactly_5_through(provider, gateway_factory, redis_server):
+def test_rpm_5_under_40_concurrent_requests_over_two_gateways_lets_exactly_5_through(
+    provider, gateway_factory, redis_server
+):
     gateways = two_gateways(gateway_factory, keys_file(provider, vk_rpm={"rpm": 5}), redis_server.url)
     results = spread(gateways, 40, "vk_rpm")
     assert codes(results) == {200: 5, (429, "rate_limit_exceeded"): 35}
@@ -134,7 +136,9 @@ def test_redis_stopped_limited_keys_503_unlimited_keys_work_and_it_recovers(prov
     assert REAL_KEY not in log and "vk_limited" not in log
 
 
-def test_spend_lives_in_redis_and_is_seeded_from_the_ledger_when_redis_starts_empty(provider, gateway_factory, redis_server, tmp_path):
+def test_spend_lives_in_redis_and_is_seeded_from_the_ledger_when_redis_starts_empty(
+    provider, gateway_factory, redis_server, tmp_path
+):
     db = tmp_path / "usage.sqlite3"
     # prices: a default answer (5 + 2 tokens) costs $1; max_tokens 2 reserves $1
     keys = keys_file(provider, vk_usd={"budget_usd": 2.5})
@@ -148,7 +152,9 @@ def test_spend_lives_in_redis_and_is_seeded_from_the_ledger_when_redis_starts_em
     assert post(seeded, "vk_usd", body)[0] == 200  # $1 + $1 reserved: fits in $2.50
     seeded.stop()
     # a gateway with an empty ledger of its own: the spend is Redis's
-    other = gateway_factory(keys, ["--set", f"redis_url={redis_server.url}", "--set", f"usage_db={tmp_path / 'other.sqlite3'}"])
+    other = gateway_factory(
+        keys, ["--set", f"redis_url={redis_server.url}", "--set", f"usage_db={tmp_path / 'other.sqlite3'}"]
+    )
     status, answer, _ = post(other, "vk_usd", body)  # $2 spent + $1 reserved > $2.50
     assert (status, answer["error"]["code"]) == (429, "budget_exceeded")
     assert len(provider.received) == 2
@@ -157,12 +163,16 @@ def test_spend_lives_in_redis_and_is_seeded_from_the_ledger_when_redis_starts_em
     assert b"vk_usd" not in names  # keyed by fingerprint, never the virtual key
 
 
-def test_redis_restarted_empty_mid_run_is_seeded_again_from_the_ledger(provider, gateway_factory, redis_server, tmp_path):
+def test_redis_restarted_empty_mid_run_is_seeded_again_from_the_ledger(
+    provider, gateway_factory, redis_server, tmp_path
+):
     # prices: a default answer (5 + 2 tokens) costs $1; max_tokens 2 reserves $1
     keys = keys_file(provider, vk_usd={"budget_usd": 2.5})
     keys["prices"] = {"gpt-4o": {"input": 0, "output": 500_000}}
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 2}
-    gw = gateway_factory(keys, ["--set", f"redis_url={redis_server.url}", "--set", f"usage_db={tmp_path / 'usage.sqlite3'}"])
+    gw = gateway_factory(
+        keys, ["--set", f"redis_url={redis_server.url}", "--set", f"usage_db={tmp_path / 'usage.sqlite3'}"]
+    )
     assert post(gw, "vk_usd", body)[0] == 200
     assert post(gw, "vk_usd", body)[0] == 200  # $2 spent
     redis_server.stop()
@@ -177,7 +187,9 @@ def test_redis_restarted_empty_mid_run_is_seeded_again_from_the_ledger(provider,
     assert log.count("was empty") == 2, log  # at start-up, and once after the restart
 
 
-def test_a_long_request_keeps_its_slot_past_the_lease_and_a_killed_workers_slot_frees_after_it(provider, gateway_factory, redis_server):
+def test_a_long_request_keeps_its_slot_past_the_lease_and_a_killed_workers_slot_frees_after_it(
+    provider, gateway_factory, redis_server
+):
     """max_parallel: 1, a 4 s lease (renewed every third of it). A request held by the provider
     for three leases keeps its slot: the other gateway refuses all along. Its gateway is then
     killed (kill -9) still holding it: nothing releases the slot, and the other gateway admits a

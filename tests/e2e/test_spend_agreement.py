@@ -136,16 +136,22 @@ def test_run_sh_usage_says_where_live_spend_lives(provider, gateway_factory, red
     spend_two_dollars(provider, gateway_factory, redis_server, tmp_path / "usage.sqlite3")
     env = {**os.environ, "USAGE_DB": str(tmp_path / "usage.sqlite3"), "REDIS_URL": redis_server.url,
            "FLEET_DIR": str(tmp_path / "no-fleet")}
-    done = subprocess.run([str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "agree" in done.stdout  # the table: the ledger's rows
     assert "budgets count the live spend in Redis (redis://:***@" in done.stderr
     assert PASSWORD not in done.stdout + done.stderr
     # one gateway without Redis: its budgets come from this ledger, nothing more to say
     env.pop("REDIS_URL")
-    done = subprocess.run([str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "live spend" not in done.stderr
     # a fleet's own Redis keeps its data in $FLEET_DIR/redis
     (tmp_path / "no-fleet" / "redis").mkdir(parents=True)
-    done = subprocess.run([str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ROOT / "run.sh"), "usage"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert f"the fleet's Redis (GATEWAY_WORKERS > 1; its data in {tmp_path / 'no-fleet' / 'redis'})" in done.stderr

@@ -44,9 +44,16 @@ def self_signed(tmp) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     certfile, keyfile = tmp / "cert.pem", tmp / "key.pem"
     certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -204,11 +211,25 @@ def assert_clean(gw) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_stalled_handshake_is_the_gateways_504_within_upstream_timeout(mode, stalled, gateway_factory):
     server = stalled(mode)
-    gw = gateway_factory({"virtual_keys": {
-        "vk_stalled_chat": {"provider": "openai", "api_key": REAL_OPENAI, "base_url": server.url, "name": "stalled-chat"},
-        "vk_stalled_messages": {"provider": "anthropic", "api_key": REAL_ANTHROPIC, "base_url": server.url,
-                                "name": "stalled-messages"}}},
-        ["--set", f"upstream_timeout={TIMEOUT}"])
+    gw = gateway_factory(
+        {
+            "virtual_keys": {
+                "vk_stalled_chat": {
+                    "provider": "openai",
+                    "api_key": REAL_OPENAI,
+                    "base_url": server.url,
+                    "name": "stalled-chat",
+                },
+                "vk_stalled_messages": {
+                    "provider": "anthropic",
+                    "api_key": REAL_ANTHROPIC,
+                    "base_url": server.url,
+                    "name": "stalled-messages",
+                },
+            }
+        },
+        ["--set", f"upstream_timeout={TIMEOUT}"],
+    )
     syn_before = server.syn_sent()
     requests = {  # all at once: several stalled connections at a time
         "chat": ("/v1/chat/completions", CHAT, {"authorization": "Bearer vk_stalled_chat"}),
@@ -259,8 +280,14 @@ def test_http2_requests_waiting_for_the_same_stalled_handshake_all_get_the_504(s
         "vk_stalled_h2": {"provider": "openai", "api_key": REAL_OPENAI, "base_url": server.url, "name": "stalled-h2"}}},
         ["--set", f"upstream_timeout={TIMEOUT}"])
     with httpx.Client(http2=True, verify=False, timeout=CLIENT_TIMEOUT) as h2:
-        ask = lambda delay: (time.sleep(delay), h2.post(gw.url.replace("http://", "https://") + "/v1/chat/completions",
-                                                         json=CHAT, headers={"authorization": "Bearer vk_stalled_h2"}))[1]
+        ask = lambda delay: (
+            time.sleep(delay),
+            h2.post(
+                gw.url.replace("http://", "https://") + "/v1/chat/completions",
+                json=CHAT,
+                headers={"authorization": "Bearer vk_stalled_h2"},
+            ),
+        )[1]
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(ask, (0, 0.2, 0.4)))
         # the same client connection asks again: a new attempt at the provider, not the failed
@@ -302,7 +329,9 @@ def test_a_stalled_target_fails_over_to_the_next_and_cools_down_as_a_connect_fai
     assert sent.json()["messages"] == CHAT["messages"] and sent.json().get("stream", False) == stream
     log = gw.log()
     phase = "no connection" if mode == "syn" else "the TLS handshake did not finish"
-    assert f"target openai[0] (sk-...111) of team-alpha cooling down for 30s (connect: {phase} within {TIMEOUT}s)" in log, log
+    assert (
+        f"target openai[0] (sk-...111) of team-alpha cooling down for 30s (connect: {phase} within {TIMEOUT}s)" in log
+    ), log
     # cooling down: the next request goes straight to the second target, the stalled one is not touched
     accepted = len(server.accepted)
     again, seconds, _ = post(gw, "/v1/chat/completions", CHAT, headers)

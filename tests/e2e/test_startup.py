@@ -11,12 +11,21 @@ pytestmark = pytest.mark.e2e
 SECRET = "sk-secret-never-print-0001"
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, "not found"),
-    ('{"virtual_keys": ', "is not valid JSON"),
-    (json.dumps({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": SECRET}}}), "virtual key 'vk_...ken': unknown provider 'nope'"),
-    (json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "name": "team-x"}}}), "virtual key 'team-x' has no \"api_key\""),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "not found"),
+        ('{"virtual_keys": ', "is not valid JSON"),
+        (
+            json.dumps({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": SECRET}}}),
+            "virtual key 'vk_...ken': unknown provider 'nope'",
+        ),
+        (
+            json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "name": "team-x"}}}),
+            "virtual key 'team-x' has no \"api_key\"",
+        ),
+    ],
+)
 def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
     path = tmp_path / "keys.json"
     if content is not None:
@@ -36,9 +45,16 @@ def test_bad_keys_file_stops_start_up(tmp_path, content, expected):
 def test_run_sh_checks_the_keys_file_before_starting(tmp_path):
     from tests.conftest import ROOT
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": SECRET}}, "providers": {"zzz": {}}}))
-    proc = subprocess.run([str(ROOT / "run.sh")], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KEYS_FILE": str(path)},
-                          capture_output=True, text=True, timeout=120)
+    path.write_text(
+        json.dumps({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": SECRET}}, "providers": {"zzz": {}}})
+    )
+    proc = subprocess.run(
+        [str(ROOT / "run.sh")],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KEYS_FILE": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "providers.zzz: unknown provider" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr

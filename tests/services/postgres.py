@@ -31,7 +31,9 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = server_bin()
         if self.bin is None:
-            pytest.skip("PostgreSQL server binaries (initdb, postgres) not installed (Debian: apt-get install postgresql)")
+            pytest.skip(
+                "PostgreSQL server binaries (initdb, postgres) not installed (Debian: apt-get install postgresql)"
+            )
         self.as_root = os.geteuid() == 0
         if self.as_root and shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")

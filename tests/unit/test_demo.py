@@ -23,9 +23,29 @@ def test_the_demo_keys_point_only_at_the_local_fake():
 
 def test_the_banner_has_words_for_every_limit_a_key_can_carry():
     assert POLICY_FIELDS <= demo.LIMIT_WORDS.keys()
-    entry = {"provider": "openai", "models": ["gpt-4o"], "rpm": 5, "tpm": 900, "max_parallel": 2, "max_output_tokens": 300,
-             "budget_usd": 2.5, "budget_tokens": 1000, "budget_period": "1d", "expires_at": "2027-01-01", "disabled": True}
-    assert demo.limits(entry) == ["only gpt-4o", "5 requests a minute", "900 tokens a minute", "2 requests at once",
-                                  "answers of at most 300 tokens", "a $2.5 budget per 1d", "a 1000-token budget per 1d", "expires 2027-01-01", "disabled"]
+    entry = {
+        "provider": "openai",
+        "models": ["gpt-4o"],
+        "rpm": 5,
+        "tpm": 900,
+        "max_parallel": 2,
+        "max_output_tokens": 300,
+        "budget_usd": 2.5,
+        "budget_tokens": 1000,
+        "budget_period": "1d",
+        "expires_at": "2027-01-01",
+        "disabled": True,
+    }
+    assert demo.limits(entry) == [
+        "only gpt-4o",
+        "5 requests a minute",
+        "900 tokens a minute",
+        "2 requests at once",
+        "answers of at most 300 tokens",
+        "a $2.5 budget per 1d",
+        "a 1000-token budget per 1d",
+        "expires 2027-01-01",
+        "disabled",
+    ]
     with pytest.raises(ValueError):  # a field the banner cannot name is not left out silently
         demo.limits({"provider": "openai", "some_new_limit": 1})

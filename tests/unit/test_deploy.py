@@ -14,7 +14,9 @@ DEPLOY = ROOT / "deploy"
 
 
 def manifests() -> dict[str, dict]:
-    docs = [d for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    docs = [
+        d for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d
+    ]
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
 
 
@@ -36,7 +38,9 @@ def test_kubernetes_example_runs_one_worker_per_pod_behind_its_service():
     assert f"Service/{redis.hostname}" in m and m[f"Service/{redis.hostname}"]["spec"]["ports"][0]["port"] == redis.port
     assert "--appendonly" in m[f"StatefulSet/{redis.hostname}"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert urlsplit(env["USAGE_DB"]).scheme == "postgresql" and urlsplit(env["USAGE_DB"]).password is None
-    assert any(e["name"] == "PGPASSWORD" and "secretKeyRef" in e["valueFrom"] for e in container["env"] if "valueFrom" in e)
+    assert any(
+        e["name"] == "PGPASSWORD" and "secretKeyRef" in e["valueFrom"] for e in container["env"] if "valueFrom" in e
+    )
     # the drain: the pod keeps serving through preStop, then drains GATEWAY_DRAIN_S, within the grace period
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert 0 < sleep and sleep + float(env["GATEWAY_DRAIN_S"]) < pod["terminationGracePeriodSeconds"]

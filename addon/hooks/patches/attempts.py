@@ -146,7 +146,9 @@ class RetryingHttpStream(http_layer.HttpStream):
             if state is None or not (yield from self._ask(state, {"error": f"connect: {err}"})):
                 # mitmproxy's own (super(): http_layer.HttpStream is this class while installed,
                 # and this class's would ask the hook about the same failure a second time)
-                yield from super().handle_protocol_error(ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED))
+                yield from super().handle_protocol_error(
+                    ResponseProtocolError(self.stream_id, err, ErrorCode.CONNECT_FAILED)
+                )
                 return False
 
     @expect(ResponseHeaders)

@@ -106,12 +106,20 @@ def _classify(status: int, message: str, flow: http.HTTPFlow | None = None) -> t
         log.warning("gateway: provider unreachable for key %s: %s at %s: %s", name, provider,
                     human.format_address((flow.request.host, flow.request.port)), text)
         cause = unreachable_cause(text, flow.request.host, flow.request.scheme == "https")
-        return 502, f"the gateway could not reach the provider ({provider}) for virtual key '{name}': {cause}", "upstream_unreachable"
+        return (
+            502,
+            f"the gateway could not reach the provider ({provider}) for virtual key '{name}': {cause}",
+            "upstream_unreachable",
+        )
     return status, text, None
 
 
 _ERRNO = re.compile(r"\[Errno (-?\d+)\]")
-_DNS = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA", "EAI_ADDRFAMILY") if hasattr(socket, n)}
+_DNS = {
+    getattr(socket, n)
+    for n in ("EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, n)
+}
 
 
 def unreachable_cause(message: str, host: str, tls: bool) -> str:
@@ -191,7 +199,10 @@ def _h2_error_page(self: _http2.Http2Server, event):
             and self.is_open_for_us(event.stream_id)
             and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent):
         page = mitmproxy_page(status, event.message)
-        headers = [(b":status", b"%d" % page.status_code), *((name.lower(), value) for name, value in page.headers.fields)]
+        headers = [
+            (b":status", b"%d" % page.status_code),
+            *((name.lower(), value) for name, value in page.headers.fields),
+        ]
         self.h2_conn.send_headers(event.stream_id, headers)
         self.h2_conn.send_data(event.stream_id, page.content, end_stream=True)
         yield SendData(self.conn, self.h2_conn.data_to_send())

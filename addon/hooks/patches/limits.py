@@ -66,7 +66,9 @@ def too_large(limit_bytes: int) -> GatewayError:
 
 
 def _default_refuse(flow: http.HTTPFlow, error: GatewayError) -> None:
-    flow.response = http.Response.make(error.status, api_for_flow(flow).error_body(error), {"content-type": "application/json"})
+    flow.response = http.Response.make(
+        error.status, api_for_flow(flow).error_body(error), {"content-type": "application/json"}
+    )
 
 
 class _Limits:
@@ -143,8 +145,11 @@ def _read_headers(self: _http1.Http1Server, event):
         head = bytes(self.buf)
         if _HEAD_END.search(head, 0, limits.header + 3) is None:
             self.buf = type(self.buf)()
-            error = GatewayError(431, f"request header block larger than the gateway's limit of {limits.header // 1024} KB",
-                                 code="headers_too_large")
+            error = GatewayError(
+                431,
+                f"request header block larger than the gateway's limit of {limits.header // 1024} KB",
+                code="headers_too_large",
+            )
             yield commands.SendData(self.conn, error_response(api_of_head(head), error))
             # FIN after the answer; whatever else the client sends is dropped until it hangs up
             yield commands.CloseTcpConnection(self.conn, half_close=True)

@@ -95,7 +95,9 @@ def test_fake_responses_match_the_openapi_spec():
     events = [json.loads(e.split(b"data: ", 1)[1]) for e in response_stream({"model": "gpt-4.1"})]
     conformance.assert_valid("openai-openapi.yaml", "ResponseCompletedEvent", events[-1])
     assert events[-1]["response"]["usage"] == USAGE
-    conformance.assert_valid("openai-openapi.yaml", "CreateResponse", {"model": "gpt-4.1", "input": "hi", "stream": True})
+    conformance.assert_valid(
+        "openai-openapi.yaml", "CreateResponse", {"model": "gpt-4.1", "input": "hi", "stream": True}
+    )
     conformance.assert_valid("openai-openapi.yaml", "CreateEmbeddingResponse", {
         "object": "list", "model": "m", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
         "usage": {"prompt_tokens": 3, "total_tokens": 3}})

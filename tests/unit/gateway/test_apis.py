@@ -76,7 +76,10 @@ def test_gateway_answers_use_the_endpoints_error_shape(gw):  # noqa: F811
     assert json.loads(f.response.content)["error"]["code"] == "missing_api_key"  # OpenAI's shape
     f = flow(path="/nowhere")
     gw.request(f)
-    assert f.response.status_code == 404 and "POST /v1/chat/completions" in json.loads(f.response.content)["error"]["message"]
+    assert (
+        f.response.status_code == 404
+        and "POST /v1/chat/completions" in json.loads(f.response.content)["error"]["message"]
+    )
 
 
 # --- a third API is a module plus table rows --------------------------------------------------
@@ -121,7 +124,9 @@ class ToyAPI:
 
 class ToyToOpenAI:
     def prepare(self, request: dict):
-        body = json.dumps({"model": request["model"], "messages": [{"role": "user", "content": request["say"]}]}).encode()
+        body = json.dumps(
+            {"model": request["model"], "messages": [{"role": "user", "content": request["say"]}]}
+        ).encode()
         return UpstreamRequest({"x-toy": "1"}, body), Passthrough(ToyAPI()).exchange
 
 
@@ -159,7 +164,10 @@ def test_a_third_api_gets_its_own_error_shape_and_methods(gw, toy):  # noqa: F81
     assert json.loads(f.response.content)["problem"].startswith("method POST not allowed")
     f = flow(path="/v1/toy", method="PUT", body={"model": "m"}, headers={"authorization": "Bearer vk_nope"})
     gw.request(f)
-    assert f.response.status_code == 401 and json.loads(f.response.content) == {"problem": "invalid virtual key", "status": 401}
+    assert f.response.status_code == 401 and json.loads(f.response.content) == {
+        "problem": "invalid virtual key",
+        "status": 401,
+    }
     f = flow(path="/v1/toy", method="PUT", body={"say": "x"})
     gw.request(f)
     assert json.loads(f.response.content) == {"problem": "toy needs a model", "status": 400}
@@ -169,7 +177,10 @@ def test_a_provider_without_a_pair_for_the_api_is_refused(gw, toy):  # noqa: F81
     f = flow(path="/v1/toy", method="PUT", body={"model": "m", "say": "x"}, headers={"authorization": "Bearer vk_d"})
     gw.request(f)
     assert f.response.status_code == 400
-    assert json.loads(f.response.content)["problem"] == "/v1/toy is not available for this virtual key's provider (deepseek)"
+    assert (
+        json.loads(f.response.content)["problem"]
+        == "/v1/toy is not available for this virtual key's provider (deepseek)"
+    )
     assert f.request.port == 8080  # nothing forwarded: shown at the gateway's own address
 
 
@@ -199,14 +210,21 @@ def test_deepseek_anthropic_passes_messages_through_and_deepseek_translates(mess
     messages_gw.request(f)
     assert f.response is None
     assert f.request.url == "https://api.deepseek.com/anthropic/v1/messages?beta=true"
-    wire = dict(wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443)))  # the key goes in on the wire
+    wire = dict(
+        wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443))
+    )  # the key goes in on the wire
     assert wire[b"x-api-key"] == b"sk-ds-real-000001" and "authorization" not in f.request.headers
     assert json.loads(f.request.content) == body and f.request.headers["anthropic-version"] == "2023-06-01"
-    f = flow(path="/v1/messages/count_tokens", body=body, headers={"authorization": None, "x-api-key": "vk_ds_anthropic"})
+    f = flow(
+        path="/v1/messages/count_tokens", body=body, headers={"authorization": None, "x-api-key": "vk_ds_anthropic"}
+    )
     messages_gw.request(f)
     assert f.request.url == "https://api.deepseek.com/anthropic/v1/messages/count_tokens"
     f = flow(path="/v1/messages?beta=true", body=body, headers={"authorization": "Bearer vk_ds"})
     messages_gw.request(f)
     assert f.request.url == "https://api.deepseek.com/chat/completions"  # translated; the query is Anthropic's
-    assert dict(wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443)))[b"authorization"] == b"Bearer sk-ds-real-000002"
+    assert (
+        dict(wirekeys.on_the_wire(f.request.headers.fields, ("api.deepseek.com", 443)))[b"authorization"]
+        == b"Bearer sk-ds-real-000002"
+    )
     assert json.loads(f.request.content)["messages"] == [{"role": "user", "content": "hi"}]

@@ -144,7 +144,11 @@ def check_refusal(body, result) -> None:
 lone = st.sampled_from(["a\ud800b", "\udfff", "\ud83d", "x\udc00"])
 strings = st.text(max_size=20) | lone
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | strings
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | lone, inner, max_size=4), max_leaves=20)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | lone, inner, max_size=4),
+    max_leaves=20,
+)
 roles = st.sampled_from(["user", "assistant", "system", "tool", "developer"]) | json_values
 parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio", "file"]) | json_values},
                               optional={"text": json_values, "image_url": json_values})
@@ -159,14 +163,24 @@ bodies = st.fixed_dictionaries(
     optional={name: json_values for name in FIELDS} | {"stream": st.booleans() | json_values})
 
 
-@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=bodies, key=st.sampled_from(["vk_o", "vk_a", "vk_l"]))
 # drawn bodies are rarely well-formed enough to be routed: these are, so every run checks where
 # a routed request goes and what it carries, for each kind of provider
 @example(body={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}, key="vk_o")
-@example(body={"model": "claude-sonnet-4-6", "max_tokens": 5, "stream": True,
-               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
-         key="vk_a")
+@example(
+    body={
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    },
+    key="vk_a",
+)
 def test_no_chat_body_gets_a_500(gw, body, key):
     check_refusal(body, send(gw, key, json.dumps(body).encode()))
     assert not gw.exchanges
@@ -176,14 +190,31 @@ def test_no_chat_body_gets_a_500(gw, body, key):
 # looked up in the store (policy/owners.py), before anything is forwarded
 stored_ids = st.sampled_from([*RECORDED.values(), "resp_unknown", "conv_1"]) | strings | json_values
 responses_bodies = st.fixed_dictionaries(
-    {"model": st.sampled_from(["gpt-4o", "o3"]) | json_values,
-     "input": st.text(max_size=10) | lone | st.lists(st.fixed_dictionaries({"role": roles, "content": strings | json_values}), max_size=2)},
-    optional={"previous_response_id": stored_ids, "conversation": stored_ids | st.fixed_dictionaries({"id": stored_ids}),
-              "instructions": strings, "store": json_values, "stream": st.booleans() | json_values, "metadata": json_values,
-              "tools": json_values, "max_output_tokens": json_values, "background": json_values})
+    {
+        "model": st.sampled_from(["gpt-4o", "o3"]) | json_values,
+        "input": st.text(max_size=10)
+        | lone
+        | st.lists(st.fixed_dictionaries({"role": roles, "content": strings | json_values}), max_size=2),
+    },
+    optional={
+        "previous_response_id": stored_ids,
+        "conversation": stored_ids | st.fixed_dictionaries({"id": stored_ids}),
+        "instructions": strings,
+        "store": json_values,
+        "stream": st.booleans() | json_values,
+        "metadata": json_values,
+        "tools": json_values,
+        "max_output_tokens": json_values,
+        "background": json_values,
+    },
+)
 
 
-@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=responses_bodies, key=st.sampled_from(["vk_o", "vk_l"]))
 # a continuation of each key's own recorded response is routed: every run checks where it goes
 @example(body={"model": "gpt-4o", "input": "hi", "previous_response_id": RECORDED["vk_o"]}, key="vk_o")
@@ -193,7 +224,11 @@ def test_no_responses_body_gets_a_500(gw, body, key):
     assert not gw.exchanges
 
 
-@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(body=st.fixed_dictionaries({"model": st.just("text-embedding-3-small") | json_values,
                                    "input": strings | st.lists(strings, min_size=1, max_size=3) | json_values},
                                   optional={"dimensions": json_values, "user": strings}),
@@ -204,8 +239,15 @@ def test_no_embeddings_body_gets_a_500(gw, body, key):
     assert not gw.exchanges
 
 
-@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(["vk_o", "vk_a", "vk_l"]))
+@settings(
+    max_examples=examples(100),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+    key=st.sampled_from(["vk_o", "vk_a", "vk_l"]),
+)
 @example(raw=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}', key="vk_o")
 @example(raw=b'{"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}', key="vk_a")
 def test_no_raw_body_gets_a_500(gw, raw, key):
@@ -218,15 +260,27 @@ def test_deep_nesting_and_wrong_types_get_400(gw, key):
     status, err = send(gw, key, b'{"model": "gpt-4o", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert status == 400 and err["code"] == "invalid_json"
     for bad in ({"reasoning_effort": []}, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}):
-        result = send(gw, key, json.dumps({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hi"}], **bad}).encode())
+        result = send(
+            gw,
+            key,
+            json.dumps({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hi"}], **bad}).encode(),
+        )
         assert result is None or result[0] == 400, result
 
 
 def test_model_names_over_256_bytes_get_400(gw):
-    status, err = send(gw, "vk_o", json.dumps({"model": "m" * 257, "messages": [{"role": "user", "content": "hi"}]}).encode())
+    status, err = send(
+        gw, "vk_o", json.dumps({"model": "m" * 257, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    )
     assert (status, err["param"], err["code"]) == (400, "model", "invalid_model")
-    assert send(gw, "vk_o", json.dumps({"model": "m" * 256, "messages": [{"role": "user", "content": "hi"}]}).encode()) is None
-    assert send(gw, "vk_o", json.dumps({"model": "é" * 129, "messages": [{"role": "user", "content": "hi"}]}).encode())[0] == 400
+    assert (
+        send(gw, "vk_o", json.dumps({"model": "m" * 256, "messages": [{"role": "user", "content": "hi"}]}).encode())
+        is None
+    )
+    assert (
+        send(gw, "vk_o", json.dumps({"model": "é" * 129, "messages": [{"role": "user", "content": "hi"}]}).encode())[0]
+        == 400
+    )
 
 
 def test_price_cache_is_bounded_in_bytes(gw):
@@ -288,7 +342,11 @@ def send_messages(gw: Gateway, key: str, content: bytes, path: bytes = b"/v1/mes
     # routed: only where this key goes, with the provider's key header (a placeholder on the flow)
     # and nothing of the client's key; the body is what the pair made of a request it accepted
     (host, port, upstream_path), secret = ROUTED_TO[key]
-    assert (f.request.host, f.request.port, f.request.path.partition("?")[0]) == (host, port, path.decode().replace("/v1/messages", upstream_path, 1))
+    assert (f.request.host, f.request.port, f.request.path.partition("?")[0]) == (
+        host,
+        port,
+        path.decode().replace("/v1/messages", upstream_path, 1),
+    )
     assert key not in str(f.request.headers), f.request.headers
     assert f.request.headers[secret].endswith(f"REDACTED.{f.id}")
     assert len(f.request.headers.get_all(secret)) == 1
@@ -313,7 +371,9 @@ def mostly(valid, junk=json_values):
 
 text = st.text(max_size=12) | lone
 ids = st.sampled_from(["toolu_1", "call_2"]) | text
-text_block = st.fixed_dictionaries({"type": st.just("text"), "text": mostly(text)}, optional={"cache_control": json_values})
+text_block = st.fixed_dictionaries(
+    {"type": st.just("text"), "text": mostly(text)}, optional={"cache_control": json_values}
+)
 image_block = st.fixed_dictionaries({"type": st.just("image"), "source": mostly(st.one_of(
     st.fixed_dictionaries({"type": st.just("base64"), "media_type": mostly(st.just("image/png")),
                            "data": mostly(st.sampled_from(["aGk=", "!!", ""]))}),
@@ -331,24 +391,52 @@ blocks = st.one_of(text_block, image_block, tool_use_block, tool_result_block, t
 turns = st.lists(st.fixed_dictionaries(
     {"role": mostly(st.sampled_from(["user", "assistant"]), st.sampled_from(["system", "tool"]) | json_values),
      "content": mostly(text | st.lists(blocks, min_size=1, max_size=3))}), min_size=1, max_size=3)
-tool_defs = st.lists(mostly(st.fixed_dictionaries({"name": mostly(text)}, optional={
-    "type": st.sampled_from(["custom", "web_search_20250305", "bash_20250124"]) | json_values,
-    "description": mostly(text), "cache_control": json_values,
-    "input_schema": mostly(st.just({"type": "object", "properties": {"x": {"type": "string"}}}))})), min_size=1, max_size=2)
+tool_defs = st.lists(
+    mostly(
+        st.fixed_dictionaries(
+            {"name": mostly(text)},
+            optional={
+                "type": st.sampled_from(["custom", "web_search_20250305", "bash_20250124"]) | json_values,
+                "description": mostly(text),
+                "cache_control": json_values,
+                "input_schema": mostly(st.just({"type": "object", "properties": {"x": {"type": "string"}}})),
+            },
+        )
+    ),
+    min_size=1,
+    max_size=2,
+)
 MESSAGES_FIELDS = {
     "system": mostly(text | st.lists(text_block, max_size=2)),
     "stop_sequences": mostly(st.lists(text, max_size=2)),
-    "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0, 1)), "top_k": mostly(st.integers(1, 50)),
+    "temperature": mostly(st.floats(0, 2)),
+    "top_p": mostly(st.floats(0, 1)),
+    "top_k": mostly(st.integers(1, 50)),
     "metadata": mostly(st.fixed_dictionaries({}, optional={"user_id": mostly(text), "x": json_values})),
     "tools": mostly(tool_defs),
-    "tool_choice": mostly(st.fixed_dictionaries({"type": mostly(st.sampled_from(["auto", "any", "tool", "none"]))},
-                                                optional={"name": mostly(text), "disable_parallel_tool_use": json_values})),
-    "thinking": mostly(st.fixed_dictionaries({"type": mostly(st.sampled_from(["enabled", "disabled", "adaptive"]))},
-                                             optional={"budget_tokens": mostly(st.integers(0, 10**6))})),
-    "output_config": mostly(st.fixed_dictionaries({}, optional={"effort": mostly(st.sampled_from(["low", "high", "max"])),
-                                                                "format": json_values})),
-    "service_tier": json_values, "context_management": json_values, "mcp_servers": json_values,
-    "container": json_values, "stream": mostly(st.booleans()), "anything_new": json_values,
+    "tool_choice": mostly(
+        st.fixed_dictionaries(
+            {"type": mostly(st.sampled_from(["auto", "any", "tool", "none"]))},
+            optional={"name": mostly(text), "disable_parallel_tool_use": json_values},
+        )
+    ),
+    "thinking": mostly(
+        st.fixed_dictionaries(
+            {"type": mostly(st.sampled_from(["enabled", "disabled", "adaptive"]))},
+            optional={"budget_tokens": mostly(st.integers(0, 10**6))},
+        )
+    ),
+    "output_config": mostly(
+        st.fixed_dictionaries(
+            {}, optional={"effort": mostly(st.sampled_from(["low", "high", "max"])), "format": json_values}
+        )
+    ),
+    "service_tier": json_values,
+    "context_management": json_values,
+    "mcp_servers": json_values,
+    "container": json_values,
+    "stream": mostly(st.booleans()),
+    "anything_new": json_values,
 }
 messages_bodies = st.fixed_dictionaries(
     {"model": mostly(st.sampled_from(["claude-sonnet-4-6", "gpt-5", "deepseek-reasoner", "o3", "gpt-4o"])),
@@ -377,8 +465,15 @@ def test_no_count_tokens_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     assert result is None or 400 <= result[0] < 500, (result, body)
 
 
-@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()), key=st.sampled_from(sorted(ROUTED_TO)))
+@settings(
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+    key=st.sampled_from(sorted(ROUTED_TO)),
+)
 def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
     result = send_messages(mgw, key, raw)
     assert result is None or 400 <= result[0] < 500, (result, raw)
@@ -386,7 +481,9 @@ def test_no_raw_messages_body_gets_a_500(mgw, raw, key):
 
 @pytest.mark.parametrize("key", sorted(ROUTED_TO))
 def test_messages_deep_nesting_and_long_models_get_anthropic_400s(mgw, key):
-    status, body = send_messages(mgw, key, b'{"model": "claude-sonnet-4-6", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    status, body = send_messages(
+        mgw, key, b'{"model": "claude-sonnet-4-6", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    )
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and "nested" in body["error"]["message"]
     status, body = send_messages(mgw, key, json.dumps({"model": "m" * 257, "max_tokens": 5, "messages": []}).encode())
     assert status == 400 and "longer than 256 bytes" in body["error"]["message"]
@@ -395,10 +492,22 @@ def test_messages_deep_nesting_and_long_models_get_anthropic_400s(mgw, key):
 @pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
 def test_nan_and_infinity_are_not_json(gw, mgw, constant):
     """Python's json reads them; a translated body would carry them on as text that is not JSON."""
-    status, err = send(gw, "vk_a", b'{"model": "claude-sonnet-4-6", "temperature": ' + constant + b', "messages": [{"role": "user", "content": "hi"}]}')
+    status, err = send(
+        gw,
+        "vk_a",
+        b'{"model": "claude-sonnet-4-6", "temperature": '
+        + constant
+        + b', "messages": [{"role": "user", "content": "hi"}]}',
+    )
     assert (status, err["code"]) == (400, "invalid_json") and constant.decode() in err["message"]
-    status, body = send_messages(mgw, "vk_m_openai", b'{"model": "gpt-4o", "max_tokens": 5, "temperature": ' + constant + b', "messages": []}')
-    assert status == 400 and body["error"]["type"] == "invalid_request_error" and constant.decode() in body["error"]["message"]
+    status, body = send_messages(
+        mgw, "vk_m_openai", b'{"model": "gpt-4o", "max_tokens": 5, "temperature": ' + constant + b', "messages": []}'
+    )
+    assert (
+        status == 400
+        and body["error"]["type"] == "invalid_request_error"
+        and constant.decode() in body["error"]["message"]
+    )
 
 
 def test_an_unpaired_surrogate_in_any_field_is_a_400_that_names_it(gw, mgw):
@@ -411,14 +520,20 @@ def test_an_unpaired_surrogate_in_any_field_is_a_400_that_names_it(gw, mgw):
         status, err = send(gw, key, json.dumps(chat).encode())
         assert (status, err["code"], err["param"]) == (400, "invalid_string", "messages[0].content"), err
         assert "unpaired surrogate" in err["message"]
-    for field, value, param in (("previous_response_id", "\ud800", "previous_response_id"),
-                                ("conversation", "\ud800", "conversation"), ("conversation", {"id": "c\udfff"}, "conversation.id"),
-                                ("metadata", {"k\ud800": "v"}, "metadata.k\\ud800"), ("input", ["ok", "\udc00"], "input[1]")):
+    for field, value, param in (
+        ("previous_response_id", "\ud800", "previous_response_id"),
+        ("conversation", "\ud800", "conversation"),
+        ("conversation", {"id": "c\udfff"}, "conversation.id"),
+        ("metadata", {"k\ud800": "v"}, "metadata.k\\ud800"),
+        ("input", ["ok", "\udc00"], "input[1]"),
+    ):
         for key in ("vk_o", "vk_l"):
             body = {"model": "gpt-4o", "input": "hi", field: value}
             status, err = send(gw, key, json.dumps(body).encode(), b"/v1/responses")
             assert (status, err["code"], err["param"]) == (400, "invalid_string", param), (field, err)
-    status, err = send(gw, "vk_o", json.dumps({"model": "text-embedding-3-small", "input": ["\ud800"]}).encode(), b"/v1/embeddings")
+    status, err = send(
+        gw, "vk_o", json.dumps({"model": "text-embedding-3-small", "input": ["\ud800"]}).encode(), b"/v1/embeddings"
+    )
     assert (status, err["code"], err["param"]) == (400, "invalid_string", "input[0]")
     # the bytes of one in UTF-8 (ED A0 80), which JSON cannot escape away either
     status, err = send(gw, "vk_o", b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}')

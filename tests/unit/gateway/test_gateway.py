@@ -165,7 +165,9 @@ def test_streams_pass_through_untouched(gw):
 def test_foreign_provider_errors_are_wrapped_openai_errors_kept(gw):
     f = flow()
     gw.request(f)
-    f.response = tutils.tresp(status_code=502, content=b"<html>bad gateway</html>", headers=http.Headers(content_type="text/html"))
+    f.response = tutils.tresp(
+        status_code=502, content=b"<html>bad gateway</html>", headers=http.Headers(content_type="text/html")
+    )
     gw.responseheaders(f)
     gw.response(f)
     assert f.response.status_code == 502
@@ -222,7 +224,10 @@ def test_http2_authority_follows_the_upstream(gw):
 
 def test_replace_body_sets_framing_headers_like_mitmproxy():
     from addon.hooks.messages import replace_body
-    resp = tutils.tresp(headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1"))
+
+    resp = tutils.tresp(
+        headers=http.Headers(content_type="text/plain", content_encoding="gzip", content_length="3", x_keep="1")
+    )
     replace_body(resp, b'{"a":1}', b"application/json")
     assert resp.headers["content-type"] == "application/json" and "content-encoding" not in resp.headers
     assert resp.headers["content-length"] == "7" and resp.headers["x-keep"] == "1"
@@ -235,7 +240,9 @@ def test_replace_body_sets_framing_headers_like_mitmproxy():
 def test_a_gzipped_request_body_is_decoded_and_a_broken_encoding_is_a_400(gw):
     import gzip
 
-    f = flow(body=gzip.compress(json.dumps({**CHAT, "model": "gpt-4o-mini"}).encode()), headers={"content-encoding": "gzip"})
+    f = flow(
+        body=gzip.compress(json.dumps({**CHAT, "model": "gpt-4o-mini"}).encode()), headers={"content-encoding": "gzip"}
+    )
     asyncio.run(gw.request(f))  # an encoded body is decoded and parsed in a worker thread: the hook waits
     assert f.response is None and f.metadata["gateway"]["model"] == "gpt-4o-mini"
     assert json.loads(f.request.content)["model"] == "gpt-4o-mini"
@@ -329,10 +336,20 @@ def test_account_response_headers_do_not_reach_the_client(gw):
     f = flow()
     gw.requestheaders(f)
     gw.request(f)
-    f.response = tutils.tresp(content=b'{"ok": true}', headers=http.Headers([
-        (b"set-cookie", b"__cf_bm=x"), (b"openai-organization", b"org-gw"), (b"openai-project", b"proj_gw"),
-        (b"anthropic-organization-id", b"uuid"), (b"x-ratelimit-remaining-requests", b"99"), (b"x-request-id", b"req_1"),
-        (b"content-type", b"application/json")]))
+    f.response = tutils.tresp(
+        content=b'{"ok": true}',
+        headers=http.Headers(
+            [
+                (b"set-cookie", b"__cf_bm=x"),
+                (b"openai-organization", b"org-gw"),
+                (b"openai-project", b"proj_gw"),
+                (b"anthropic-organization-id", b"uuid"),
+                (b"x-ratelimit-remaining-requests", b"99"),
+                (b"x-request-id", b"req_1"),
+                (b"content-type", b"application/json"),
+            ]
+        ),
+    )
     gw.responseheaders(f)
     names = {k.lower() for k in f.response.headers}
     assert not names & {"set-cookie", "openai-organization", "openai-project", "anthropic-organization-id"}

@@ -63,13 +63,20 @@ def test_flows_loaded_from_a_file_are_not_counted_again():
 
     store = MemoryStore()
     accounting = UsageAccounting(store)
-    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+    body = json.dumps(
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    ).encode()
     with taddons.context(accounting) as tctx:
         tctx.configure(accounting, usage_db="")
         for live in (True, False):
             f = tflow.tflow(resp=tutils.tresp(content=body))
             f.live = live
-            f.metadata["gateway"] = {"fingerprint": "fp-live" if live else "fp-loaded", "key": "k", "provider": "openai", "model": "m"}
+            f.metadata["gateway"] = {
+                "fingerprint": "fp-live" if live else "fp-loaded",
+                "key": "k",
+                "provider": "openai",
+                "model": "m",
+            }
             accounting.response(f)
     assert store.spend("fp-live", None, 2e9)[0] == 7
     assert store.spend("fp-loaded", None, 2e9)[0] == 0
@@ -148,7 +155,9 @@ def test_access_lines_are_stamped_with_their_own_second_and_millisecond():
     for i, when in enumerate(whens):
         log.add(f"line{i}", when)
     for line, when in zip(log.pending, whens):
-        assert line.startswith(f"[{time.strftime('%H:%M:%S', time.localtime(when))}.{int(when % 1 * 1000):03d}] gateway: ")
+        assert line.startswith(
+            f"[{time.strftime('%H:%M:%S', time.localtime(when))}.{int(when % 1 * 1000):03d}] gateway: "
+        )
     assert [line.rpartition(" ")[2] for line in log.pending] == [f"line{i}" for i in range(len(whens))]
 
 
@@ -160,4 +169,7 @@ def test_an_access_line_never_names_a_key_by_the_key_itself():
     for _ in range(3):
         assert key_name({"key": vk, "fingerprint": fingerprint(vk)}) == f"key-{fingerprint(vk)}"
         assert key_name({"key": "team-alpha", "fingerprint": fingerprint(vk)}) == "team-alpha"
-        assert key_name({"key": "team-alpha", "fingerprint": fingerprint("team-alpha")}) == f"key-{fingerprint('team-alpha')}"
+        assert (
+            key_name({"key": "team-alpha", "fingerprint": fingerprint("team-alpha")})
+            == f"key-{fingerprint('team-alpha')}"
+        )

@@ -25,8 +25,20 @@ def test_background_hold_must_be_a_positive_number_of_seconds(value):
 
 def test_a_charged_hold_is_one_estimated_row_with_the_creates_key_model_and_split():
     accounting = UsageAccounting(MemoryStore())
-    meta = json.dumps({"key": "team", "provider": "openai", "model": "gpt-4o", "price": [2.5, 10.0, None],
-                       "target": "", "attempts": 1, "api": "openai_responses", "started": 100.0, "input": 60, "output": 16384})
+    meta = json.dumps(
+        {
+            "key": "team",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "price": [2.5, 10.0, None],
+            "target": "",
+            "attempts": 1,
+            "api": "openai_responses",
+            "started": 100.0,
+            "input": 60,
+            "output": 16384,
+        }
+    )
     accounting.charged(Due("fp1", "resp_1", 16444, 0.16, 3700.0, meta))
     [(row_meta, started, ended, status, usage, streamed)] = accounting.unsettled
     assert (row_meta["key"], row_meta["model"], row_meta["fingerprint"]) == ("team", "gpt-4o", "fp1")

@@ -29,4 +29,6 @@ def test_plain_fields_are_written_as_they_are():
     assert accesslog.value("gpt-4o-mini") == "gpt-4o-mini"
     assert accesslog.value("claude-sonnet-4-6@2025") == "claude-sonnet-4-6@2025"
     assert accesslog.word("/v1/chat/completions") == "/v1/chat/completions"
-    assert accesslog.value("gpt 4o") == '"gpt 4o"' and accesslog.value("a=b") == '"a=b"' and accesslog.word("a=b") == "a=b"
+    assert (
+        accesslog.value("gpt 4o") == '"gpt 4o"' and accesslog.value("a=b") == '"a=b"' and accesslog.word("a=b") == "a=b"
+    )

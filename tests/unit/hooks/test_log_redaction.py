@@ -31,7 +31,11 @@ def redacted(flt: RedactingFilter, msg: str, *args, exc_info=None) -> str:
 def test_mitmproxys_mid_headers_line_is_redacted_by_header_and_by_known_key():
     keys = keystore(VK)
     flt = RedactingFilter(lambda: keys)
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + VK.encode() + b"\r\nX-Api-Key: other-secret-99\r\n"
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + VK.encode()
+        + b"\r\nX-Api-Key: other-secret-99\r\n"
+    )
     text = redacted(flt, "Client closed connection before completing request headers: %r", head)
     assert VK not in text and "other-secret-99" not in text
     assert "Authorization: Bearer vk_...f3a" in text

@@ -39,8 +39,12 @@ def value(found: dict, name: str, **labels) -> float:
 
 
 def test_model_labels_come_from_the_keys_file_only():
-    keys = parse_keys({"prices": {"gpt-4o": {"input": 1, "output": 1}, "claude-*": {"input": 1, "output": 1}},
-                       "virtual_keys": {"vk_1": {"provider": "openai", "api_key": "sk-x1234567890", "models": ["o3", "gpt-4.1*"]}}})
+    keys = parse_keys(
+        {
+            "prices": {"gpt-4o": {"input": 1, "output": 1}, "claude-*": {"input": 1, "output": 1}},
+            "virtual_keys": {"vk_1": {"provider": "openai", "api_key": "sk-x1234567890", "models": ["o3", "gpt-4.1*"]}},
+        }
+    )
     label = ModelLabels(keys)
     assert [label(m) for m in ("gpt-4o", "o3", "gpt-4.1-mini", "claude-3-opus", "gpt-4o-2024", "../etc", None)] == \
         ["gpt-4o", "o3", "gpt-4.1*", "claude-*", OTHER, OTHER, "none"]
@@ -71,12 +75,21 @@ def test_two_thousand_random_model_names_do_not_make_a_series_each(tmp_path):
             model = "".join(rng.choices(string.ascii_letters + string.digits + '"{}\\\n', k=rng.randint(1, 40)))
             body = json.dumps({"model": model, "messages": MESSAGES}).encode()
             vk = "vk_open" if i % 2 else "vk_listed"  # forwarded, or refused (model not allowed)
-            flow = tflow.tflow(req=mhttp.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions", body,
-                                                      {"authorization": f"Bearer {vk}", "content-type": "application/json"}))
+            flow = tflow.tflow(
+                req=mhttp.Request.make(
+                    "POST",
+                    "http://127.0.0.1:8080/v1/chat/completions",
+                    body,
+                    {"authorization": f"Bearer {vk}", "content-type": "application/json"},
+                )
+            )
             chain.request(flow)
             if flow.response is None:
-                flow.response = mhttp.Response.make(200, json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode(),
-                                                    {"content-type": "application/json"})
+                flow.response = mhttp.Response.make(
+                    200,
+                    json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode(),
+                    {"content-type": "application/json"},
+                )
             chain.responseheaders(flow)
             chain.response(flow)
             assert flow.response.headers["x-gateway-overhead-ms"]
@@ -90,7 +103,9 @@ def test_two_thousand_random_model_names_do_not_make_a_series_each(tmp_path):
     assert len(requests) == 2  # open/2xx/other, listed/4xx/model_not_allowed/other
     series = sum(len(v) for v in found.values())
     assert series < 200, series
-    assert value(found, "gen_ai_client_token_usage_total", key="open", model=OTHER, token_type="input") == 3 * NAMES // 2
+    assert (
+        value(found, "gen_ai_client_token_usage_total", key="open", model=OTHER, token_type="input") == 3 * NAMES // 2
+    )
 
 
 def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports():
@@ -108,6 +123,8 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports()
     assert used <= names, used - names
     assert {"gateway_requests", "gateway_overhead_seconds", "gen_ai_server_time_to_first_token_seconds",
             "gen_ai_client_token_usage", "gateway_cost_usd"} <= used
-    labels = {label.strip() for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+    labels = {
+        label.strip() for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")
+    }
     labels |= {label for expr in exprs for label in re.findall(r"(\w+)=~?\"", expr)}
     assert labels <= {"key", "provider", "model", "status_class", "code", "token_type", "unit", "le"}, labels

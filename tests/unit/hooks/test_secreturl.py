@@ -29,7 +29,9 @@ def test_env_names_an_environment_variable_and_anything_else_is_the_value(monkey
     assert resolve("redis_url", "env:SECRETURL_TEST") == "redis://:pw@h:1/0"
     assert resolve("usage_db", "env:SECRETURL_EMPTY") == ""  # set but empty: e.g. no ledger
     assert resolve("usage_db", "usage.sqlite3") == "usage.sqlite3"
-    with pytest.raises(ValueError, match=r"redis_url=env:SECRETURL_UNSET: the environment variable SECRETURL_UNSET is not set"):
+    with pytest.raises(
+        ValueError, match=r"redis_url=env:SECRETURL_UNSET: the environment variable SECRETURL_UNSET is not set"
+    ):
         resolve("redis_url", "env:SECRETURL_UNSET")
     with pytest.raises(ValueError, match="takes the name of an environment variable"):
         resolve("redis_url", "env:redis://x")

@@ -21,6 +21,8 @@ def test_tail_keeps_a_proper_end_and_adds_the_apis_error_events_otherwise():
     assert tail([], error, idle=False) == error  # a passthrough stream: the error event, [DONE]
     assert json.loads(error[0][6:])["error"]["code"] == "upstream_stream_broken" and error[1] == DONE
     idle = tail(finish, OPENAI_CHAT.stream_error(*stalled(120)), idle=True)  # a stall: error before [DONE]
-    assert idle[0] == finish[0] and json.loads(idle[1][6:])["error"]["code"] == "stream_idle_timeout" and idle[2] == DONE
+    assert (
+        idle[0] == finish[0] and json.loads(idle[1][6:])["error"]["code"] == "stream_idle_timeout" and idle[2] == DONE
+    )
     assert len(idle) == 3
     assert chunked([b"ab", b"", b"c"]) == b"2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"

@@ -25,34 +25,61 @@ def anthropic_error(type_: str, message: str) -> str:
 
 
 # OpenAI's words for a request over the account's tokens-per-minute window on its own
-TOO_LARGE = openai_error("Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
-                         "Requested 62000. The input or output tokens must be reduced in order to run successfully. "
-                         "Visit https://platform.openai.com/account/rate-limits to learn more.", "tokens", "rate_limit_exceeded")
-RATE_LIMITED = openai_error("Rate limit reached for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
-                            "Used 29000, Requested 2000. Please try again in 2s.", "tokens", "rate_limit_exceeded")
+TOO_LARGE = openai_error(
+    "Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
+    "Requested 62000. The input or output tokens must be reduced in order to run successfully. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more.",
+    "tokens",
+    "rate_limit_exceeded",
+)
+RATE_LIMITED = openai_error(
+    "Rate limit reached for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
+    "Used 29000, Requested 2000. Please try again in 2s.",
+    "tokens",
+    "rate_limit_exceeded",
+)
 
 
-@pytest.mark.parametrize("body", [
-    TOO_LARGE,
-    # the same, worded otherwise: the request alone is over the limit
-    openai_error("Limit 6000, Requested 12000, please reduce your message size and try again.", "tokens", "rate_limit_exceeded"),
-    openai_error("This model's maximum context length is 128000 tokens. However, your messages resulted in 250000 tokens.",
-                 code="context_length_exceeded"),
-    anthropic_error("invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        TOO_LARGE,
+        # the same, worded otherwise: the request alone is over the limit
+        openai_error(
+            "Limit 6000, Requested 12000, please reduce your message size and try again.",
+            "tokens",
+            "rate_limit_exceeded",
+        ),
+        openai_error(
+            "This model's maximum context length is 128000 tokens. However, your messages resulted in 250000 tokens.",
+            code="context_length_exceeded",
+        ),
+        anthropic_error("invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum"),
+    ],
+)
 def test_a_429_tied_to_the_request_is_its_own_fault(body):
     assert fault(429, body, model="gpt-4o").scope == REQUEST
 
 
-@pytest.mark.parametrize("body", [
-    RATE_LIMITED,
-    openai_error("Rate limit reached for gpt-4o in organization org-abc on requests per min (RPM): Limit 3, Used 3, Requested 1.",
-                 "requests", "rate_limit_exceeded"),
-    # Anthropic's: "would exceed", with what others used: a real rate limit, whatever it asks to reduce
-    anthropic_error("rate_limit_error", "This request would exceed the rate limit for your organization of 20,000 input "
-                    "tokens per minute. Please reduce the prompt length or the maximum tokens requested, or try again later."),
-    "", "<html>Too Many Requests</html>",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        RATE_LIMITED,
+        openai_error(
+            "Rate limit reached for gpt-4o in organization org-abc on requests per min (RPM): Limit 3, Used 3, Requested 1.",
+            "requests",
+            "rate_limit_exceeded",
+        ),
+        # Anthropic's: "would exceed", with what others used: a real rate limit, whatever it asks to reduce
+        anthropic_error(
+            "rate_limit_error",
+            "This request would exceed the rate limit for your organization of 20,000 input "
+            "tokens per minute. Please reduce the prompt length or the maximum tokens requested, or try again later.",
+        ),
+        "",
+        "<html>Too Many Requests</html>",
+    ],
+)
 def test_a_rate_limit_cools_the_target_for_that_model(body):
     judged = fault(429, body, model="gpt-4o")
     assert (judged.scope, judged.key) == (MODEL, False)
@@ -64,33 +91,59 @@ def test_an_exhausted_quota_is_the_whole_accounts():
     assert fault(429, body, model="gpt-4o") == (TARGET, True, "HTTP 429, the account's quota")
 
 
-@pytest.mark.parametrize("body", [
-    openai_error("Project `proj_abc` does not have access to model `gpt-4o`", code="model_not_found"),
-    openai_error("Your organization must be verified to use the model `o3`. Please go to: "
-                 "https://platform.openai.com/settings/organization/general and click on Verify Organization."),
-    openai_error("You are not allowed to sample from this model"),
-    openai_error("Country, region, or territory not supported", "request_forbidden", "unsupported_country_region_territory"),
-    anthropic_error("permission_error", "Your API key does not have permission to use the specified resource."),
-    openai_error("Your request was rejected as a result of our safety system.", code="content_policy_violation"),
-    "", "<html><body>403 Forbidden</body></html>",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        openai_error("Project `proj_abc` does not have access to model `gpt-4o`", code="model_not_found"),
+        openai_error(
+            "Your organization must be verified to use the model `o3`. Please go to: "
+            "https://platform.openai.com/settings/organization/general and click on Verify Organization."
+        ),
+        openai_error("You are not allowed to sample from this model"),
+        openai_error(
+            "Country, region, or territory not supported", "request_forbidden", "unsupported_country_region_territory"
+        ),
+        anthropic_error("permission_error", "Your API key does not have permission to use the specified resource."),
+        openai_error("Your request was rejected as a result of our safety system.", code="content_policy_violation"),
+        "",
+        "<html><body>403 Forbidden</body></html>",
+    ],
+)
 def test_a_403_for_a_model_or_a_content_is_the_requests_own(body):
     assert fault(403, body, model="gpt-4o").scope == REQUEST
 
 
-@pytest.mark.parametrize("body", [
-    openai_error("Incorrect API key provided: sk-...abc.", code="invalid_api_key"),
-    openai_error("The API key has been revoked."),
-    openai_error("Your account has been deactivated.", code="account_deactivated"),
-    anthropic_error("authentication_error", "invalid x-api-key"),
-    anthropic_error("permission_error", "This organization has been disabled."),
-    json.dumps({"error": {"code": 403, "message": "Permission denied: Consumer 'api_key:AIza...' has been suspended.",
-                          "status": "PERMISSION_DENIED", "details": [{"reason": "CONSUMER_SUSPENDED"}]}}),
-    json.dumps({"error": {"code": 403, "message": "Method doesn't allow unregistered callers (callers without established "
-                          "identity). Please use API Key or other form of API consumer identity to call this API.",
-                          "status": "PERMISSION_DENIED"}}),
-    "Access denied due to invalid subscription key or wrong API endpoint.",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        openai_error("Incorrect API key provided: sk-...abc.", code="invalid_api_key"),
+        openai_error("The API key has been revoked."),
+        openai_error("Your account has been deactivated.", code="account_deactivated"),
+        anthropic_error("authentication_error", "invalid x-api-key"),
+        anthropic_error("permission_error", "This organization has been disabled."),
+        json.dumps(
+            {
+                "error": {
+                    "code": 403,
+                    "message": "Permission denied: Consumer 'api_key:AIza...' has been suspended.",
+                    "status": "PERMISSION_DENIED",
+                    "details": [{"reason": "CONSUMER_SUSPENDED"}],
+                }
+            }
+        ),
+        json.dumps(
+            {
+                "error": {
+                    "code": 403,
+                    "message": "Method doesn't allow unregistered callers (callers without established "
+                    "identity). Please use API Key or other form of API consumer identity to call this API.",
+                    "status": "PERMISSION_DENIED",
+                }
+            }
+        ),
+        "Access denied due to invalid subscription key or wrong API endpoint.",
+    ],
+)
 def test_a_403_saying_the_key_is_invalid_or_revoked_cools_the_whole_target(body):
     assert fault(403, body, model="gpt-4o") == (TARGET, True, "the provider refused its key, HTTP 403")
 
@@ -113,12 +166,17 @@ def test_the_other_failures():
 
 def test_a_huge_or_deeply_nested_error_body_is_read_boundedly():
     assert fault(403, "[" * 100_000).scope == REQUEST
-    assert fault(403, json.dumps({"error": {"message": "x" * 10_000 + " invalid api key"}})).scope == REQUEST  # past what is read
+    assert (
+        fault(403, json.dumps({"error": {"message": "x" * 10_000 + " invalid api key"}})).scope == REQUEST
+    )  # past what is read
     assert fault(403, json.dumps([[{"code": "invalid_api_key"}]] * 1000)).scope == TARGET
 
 
 def key(*targets):
-    conf = [{"provider": provider, "api_key": f"sk-real-fault-{i}-000000", **extra} for i, (provider, extra) in enumerate(targets)]
+    conf = [
+        {"provider": provider, "api_key": f"sk-real-fault-{i}-000000", **extra}
+        for i, (provider, extra) in enumerate(targets)
+    ]
     return parse_keys({"virtual_keys": {"vk": {"name": "team-alpha", "targets": conf}}}).lookup("vk")
 
 
@@ -126,11 +184,15 @@ def test_a_models_cooldown_leaves_the_targets_other_models(caplog):
     vk, store = key(("openai", {"weight": 1000}), ("openai", {})), MemoryStore()
     with caplog.at_level(logging.INFO, logger="gateway"):
         cool(vk, 0, store, 30, NOW, "HTTP 503", model="gpt-4o")
-    assert "target openai[0] (sk-...000) of team-alpha cooling down for 30s for model 'gpt-4o' (HTTP 503)" in caplog.text
+    assert (
+        "target openai[0] (sk-...000) of team-alpha cooling down for 30s for model 'gpt-4o' (HTTP 503)" in caplog.text
+    )
     draws = [random.Random(i).random for i in range(50)]
     assert {pick(vk, store, NOW, rand=r, model="gpt-4o") for r in draws} == {1}
     assert {pick(vk, store, NOW, rand=r, model="gpt-4o-mini") for r in draws} == {0}
-    assert not healthy(vk, vk.targets[0], store, NOW, "gpt-4o") and healthy(vk, vk.targets[0], store, NOW, "gpt-4o-mini")
+    assert not healthy(vk, vk.targets[0], store, NOW, "gpt-4o") and healthy(
+        vk, vk.targets[0], store, NOW, "gpt-4o-mini"
+    )
     assert healthy(vk, vk.targets[0], store, NOW)  # the target as a whole (what metrics show as up)
     cool(vk, 1, store, 10, NOW, "HTTP 503", model="gpt-4o")
     assert pick(vk, store, NOW, model="gpt-4o") is None and retry_after(vk, store, NOW, "gpt-4o") == 10
@@ -156,7 +218,9 @@ def test_a_model_cooldown_is_of_the_model_the_target_serves():
 def test_a_whole_target_cooldown_covers_every_model():
     vk, store = key(("openai", {"weight": 1000}), ("openai", {})), MemoryStore()
     cool(vk, 0, store, 600, NOW, "the provider refused its key, HTTP 401")
-    assert {pick(vk, store, NOW, rand=random.Random(i).random, model=m) for i in range(20) for m in ("a", "b", None)} == {1}
+    assert {
+        pick(vk, store, NOW, rand=random.Random(i).random, model=m) for i in range(20) for m in ("a", "b", None)
+    } == {1}
 
 
 def test_cooldowns_of_models_nobody_asks_for_again_do_not_pile_up():

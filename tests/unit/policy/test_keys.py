@@ -43,17 +43,32 @@ def test_yaml_keys_file(tmp_path):
     assert load_keys(path).lookup("vk_y").provider == "deepseek"
 
 
-@pytest.mark.parametrize("data, expected", [
-    # the virtual key is a client's secret too: entries are named masked, or by their "name"
-    ({"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": REAL}}}, "virtual key 'vk_...ken': unknown provider 'nope'"),
-    ({"virtual_keys": {"vk_user_broken": {"provider": "openai", "name": "team-a"}}}, "virtual key 'team-a' has no \"api_key\""),
-    ({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": "  "}}}, "has no \"api_key\""),
-    ({"virtual_keys": {"vk_user_broken": "sk-abc"}}, "virtual key 'vk_...ken' must be an object"),
-    ({"virtual_keys": {}}, "\"virtual_keys\" must be a non-empty object"),
-    ([], "top level must be an object"),
-    ({"providers": {"bogus": {}}, "virtual_keys": {"vk": {"provider": "openai", "api_key": REAL}}}, "providers.bogus: unknown provider"),
-    ({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": REAL, "base_url": "ftp://x"}}}, "is not an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        # the virtual key is a client's secret too: entries are named masked, or by their "name"
+        (
+            {"virtual_keys": {"vk_user_broken": {"provider": "nope", "api_key": REAL}}},
+            "virtual key 'vk_...ken': unknown provider 'nope'",
+        ),
+        (
+            {"virtual_keys": {"vk_user_broken": {"provider": "openai", "name": "team-a"}}},
+            "virtual key 'team-a' has no \"api_key\"",
+        ),
+        ({"virtual_keys": {"vk_x": {"provider": "openai", "api_key": "  "}}}, 'has no "api_key"'),
+        ({"virtual_keys": {"vk_user_broken": "sk-abc"}}, "virtual key 'vk_...ken' must be an object"),
+        ({"virtual_keys": {}}, '"virtual_keys" must be a non-empty object'),
+        ([], "top level must be an object"),
+        (
+            {"providers": {"bogus": {}}, "virtual_keys": {"vk": {"provider": "openai", "api_key": REAL}}},
+            "providers.bogus: unknown provider",
+        ),
+        (
+            {"virtual_keys": {"vk_x": {"provider": "openai", "api_key": REAL, "base_url": "ftp://x"}}},
+            "is not an http(s) URL",
+        ),
+    ],
+)
 def test_invalid_files_name_the_entry_and_never_the_key(tmp_path, data, expected):
     path = write(tmp_path, data)
     with pytest.raises(KeysError) as e:
@@ -101,7 +116,9 @@ def test_example_keys_file_is_valid():
 
 def test_a_json_syntax_error_names_reason_line_and_column_but_no_content(tmp_path):
     path = tmp_path / "keys.json"
-    path.write_text('{\n  "virtual_keys": {\n    "vk_a": {"provider": "openai" "api_key": "sk-quoted-never-0001"}\n  }\n}\n')
+    path.write_text(
+        '{\n  "virtual_keys": {\n    "vk_a": {"provider": "openai" "api_key": "sk-quoted-never-0001"}\n  }\n}\n'
+    )
     with pytest.raises(KeysError) as e:
         load_keys(str(path))
     assert str(e.value) == f"keys file {path} is not valid JSON: Expecting ',' delimiter at line 3, column 35"
@@ -113,8 +130,14 @@ def test_a_json_syntax_error_names_reason_line_and_column_but_no_content(tmp_pat
 
 
 def test_the_start_up_echo_shows_budget_period_as_written():
-    store = parse_keys({"virtual_keys": {"vk": {"provider": "openai", "api_key": "sk-x", "budget_tokens": 5, "budget_period": "30d"},
-                                         "vk2": {"provider": "openai", "api_key": "sk-y", "budget_usd": 1, "budget_period": "36h"}}})
+    store = parse_keys(
+        {
+            "virtual_keys": {
+                "vk": {"provider": "openai", "api_key": "sk-x", "budget_tokens": 5, "budget_period": "30d"},
+                "vk2": {"provider": "openai", "api_key": "sk-y", "budget_usd": 1, "budget_period": "36h"},
+            }
+        }
+    )
     assert [vk.policy.describe() for vk in store] == ["[budget 5 tokens/30d]", "[budget $1/36h]"]
     assert store.summary() == "2 virtual keys (openai 2)"
 
@@ -127,8 +150,14 @@ def test_the_start_up_echo_shows_budget_period_as_written():
     ('"2027-01-01"', "2027-01-01T00:00:00Z"),  # quoted: a string, as in JSON
 ])
 def test_yaml_expires_at_unquoted_dates_and_times(tmp_path, written, expected):
-    path = write(tmp_path, f"virtual_keys:\n  vk_y:\n    provider: openai\n    api_key: {REAL}\n    expires_at: {written}\n", "keys.yaml")
+    path = write(
+        tmp_path,
+        f"virtual_keys:\n  vk_y:\n    provider: openai\n    api_key: {REAL}\n    expires_at: {written}\n",
+        "keys.yaml",
+    )
     policy = load_keys(path).lookup("vk_y").policy
     assert policy.describe() == f"[expires {expected}]"
-    json_path = write(tmp_path, {"virtual_keys": {"vk_y": {"provider": "openai", "api_key": REAL, "expires_at": expected}}})
+    json_path = write(
+        tmp_path, {"virtual_keys": {"vk_y": {"provider": "openai", "api_key": REAL, "expires_at": expected}}}
+    )
     assert load_keys(json_path).lookup("vk_y").policy.expires_at == policy.expires_at

@@ -24,7 +24,12 @@ def test_memory_store_keeps_owners_for_the_ttl_and_a_bounded_number_per_key():
     store.owners_per_key = 3
     for name in ("resp_b", "resp_c", "resp_d", "resp_e"):
         store.note_owner(name, "fp-one", NOW)
-    assert [store.owner_of(n, NOW) for n in ("resp_a", "resp_b", "resp_c", "resp_e")] == ["fp-two", None, "fp-one", "fp-one"]
+    assert [store.owner_of(n, NOW) for n in ("resp_a", "resp_b", "resp_c", "resp_e")] == [
+        "fp-two",
+        None,
+        "fp-one",
+        "fp-one",
+    ]
     assert len(store._owners) == 4 and set(store._owned) == {"fp-one", "fp-two"}
 
 
@@ -48,7 +53,11 @@ def test_a_keys_expired_records_go_before_its_live_ones():
     store.note_owner("resp_old", "fp-a", NOW)
     store.note_owner("resp_new", "fp-a", NOW + OWNER_TTL - 10)
     store.note_owner("resp_newest", "fp-a", NOW + OWNER_TTL + 1)  # resp_old has expired: it goes, resp_new stays
-    assert [store.owner_of(n, NOW + OWNER_TTL + 1) for n in ("resp_old", "resp_new", "resp_newest")] == [None, "fp-a", "fp-a"]
+    assert [store.owner_of(n, NOW + OWNER_TTL + 1) for n in ("resp_old", "resp_new", "resp_newest")] == [
+        None,
+        "fp-a",
+        "fp-a",
+    ]
     assert list(store._owned["fp-a"]) == ["resp_new", "resp_newest"]
     store.note_owner("resp_new", "fp-b", NOW + OWNER_TTL + 2)  # (an id recorded again by another key moves)
     assert list(store._owned["fp-a"]) == ["resp_newest"] and list(store._owned["fp-b"]) == ["resp_new"]
@@ -78,7 +87,10 @@ def test_check_returns_the_target_holding_the_response_and_reads_records_without
     assert owners.record("fp-one", None) == "fp-one"
     assert owners.check(store, (("resp_old", None),), "fp-one", NOW) is None
     assert owners.check(store, (("resp_new", None),), "fp-one", NOW) == "t1d0f0000000000a"
-    assert owners.check(store, (("resp_old", "previous_response_id"), ("resp_new", None)), "fp-one", NOW) == "t1d0f0000000000a"
+    assert (
+        owners.check(store, (("resp_old", "previous_response_id"), ("resp_new", None)), "fp-one", NOW)
+        == "t1d0f0000000000a"
+    )
     for rid in ("resp_old", "resp_new"):
         with pytest.raises(GatewayError) as e:  # another key's, with or without a target: 404 alike
             owners.check(store, ((rid, None),), "fp-two", NOW)

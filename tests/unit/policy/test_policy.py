@@ -118,7 +118,9 @@ def test_models_listing_leaves_out_globs_and_lists_nothing_without_a_list():
 def test_hashed_keys_are_found_by_the_presented_key():
     secret = "vk_hashed_client_secret"
     digest = hashlib.sha256(secret.encode()).hexdigest()
-    keys = parse_keys({"virtual_keys": {f"sha256:{digest}": {"provider": "openai", "api_key": "sk-test-123456", "name": "h"}}})
+    keys = parse_keys(
+        {"virtual_keys": {f"sha256:{digest}": {"provider": "openai", "api_key": "sk-test-123456", "name": "h"}}}
+    )
     key = keys.lookup(secret)
     assert key is not None and key.name == "h"
     assert key.fingerprint == digest[:16]  # the same as the plain key's: spend carries over
@@ -140,7 +142,10 @@ def test_hashed_keys_are_found_by_the_presented_key():
 ])
 def test_invalid_policy_fields_name_the_entry_not_the_secret(fields, message):
     with pytest.raises(KeysError) as e:
-        parse_keys({"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "sk-real-secret-1", **fields}}}, "keys.json")
+        parse_keys(
+            {"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "sk-real-secret-1", **fields}}},
+            "keys.json",
+        )
     text = str(e.value)
     assert message in text and text.startswith("keys.json: virtual key")
     assert "vk_secret_value_xyz" not in text and "sk-real-secret-1" not in text
@@ -154,7 +159,9 @@ def test_invalid_hashed_key_and_prices():
 
 
 def test_unnamed_keys_are_named_by_fingerprint_not_by_the_secret():
-    key = parse_keys({"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "k"}}}).lookup("vk_secret_value_xyz")
+    key = parse_keys({"virtual_keys": {"vk_secret_value_xyz": {"provider": "openai", "api_key": "k"}}}).lookup(
+        "vk_secret_value_xyz"
+    )
     assert key.name == f"key-{key.fingerprint}"
 
 
@@ -167,7 +174,9 @@ def test_prices_exact_before_glob():
 
 def test_policy_summary_for_the_keys_check():
     keys = keys_with(models=["gpt-4o"], rpm=5, budget_usd=2.5, budget_period="1d", disabled=True)
-    assert keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/1d]"  # as written in the keys file
+    assert (
+        keys.lookup("vk_test_policy").policy.describe() == "[DISABLED; models gpt-4o; rpm 5; budget $2.5/1d]"
+    )  # as written in the keys file
     assert keys_with().lookup("vk_test_policy").policy.describe() == ""
 
 
@@ -231,17 +240,21 @@ def demand_for(body: dict, api=None, **fields):
 
     keys = keys_with(**fields)
     key, model = keys.lookup("vk_test_policy"), body.get("model", "gpt-4o-mini")
-    return worst_case(key.policy, keys.price(model), body, json.dumps(body).encode(), api or OPENAI_CHAT, key.bound(model), model)
+    return worst_case(
+        key.policy, keys.price(model), body, json.dumps(body).encode(), api or OPENAI_CHAT, key.bound(model), model
+    )
 
 
 def test_a_budget_refusal_without_max_tokens_says_what_was_held_and_to_set_it():
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     size = len(json.dumps(body))
     message = budget_refusal(demand_for(body, budget_usd=0.005), budget_usd=0.005)
-    assert message == ("dollar budget of this virtual key does not cover this request ($0.0000 of $0.005 used or held; "
-                       "this request holds up to $0.0098 while it runs: input up to "
-                       f"{size} tokens; no max_tokens: 16,384 output tokens held for gpt-4o-mini; set max_tokens or the key's "
-                       "max_output_tokens)")
+    assert message == (
+        "dollar budget of this virtual key does not cover this request ($0.0000 of $0.005 used or held; "
+        "this request holds up to $0.0098 while it runs: input up to "
+        f"{size} tokens; no max_tokens: 16,384 output tokens held for gpt-4o-mini; set max_tokens or the key's "
+        "max_output_tokens)"
+    )
     assert "lower max_tokens" not in message
     tokens = budget_refusal(demand_for(body, budget_tokens=1000), budget_tokens=1000)
     assert f"holds up to {16_384 + size:,} tokens" in tokens and "no max_tokens: 16,384 output tokens" in tokens
@@ -261,7 +274,10 @@ def test_a_budget_refusal_without_output_names_no_max_tokens():
     body = {"model": "gpt-4o-mini", "input": "x" * 300}
     size = len(json.dumps(body))
     message = budget_refusal(demand_for(body, OPENAI_EMBEDDINGS, budget_tokens=100), budget_tokens=100)
-    assert message.endswith(f"holds up to {size} tokens while it runs: input up to {size} tokens)") and "max_tokens" not in message
+    assert (
+        message.endswith(f"holds up to {size} tokens while it runs: input up to {size} tokens)")
+        and "max_tokens" not in message
+    )
 
 
 class AsyncStore:

@@ -21,7 +21,9 @@ def key(*targets, name="team-alpha"):
 
 def three():
     """Primaries 3:1 (openai, openai), then two fallbacks (anthropic, deepseek)."""
-    return key(("openai", {"weight": 3}), ("openai", {}), ("anthropic", {"fallback": True}), ("deepseek", {"fallback": True}))
+    return key(
+        ("openai", {"weight": 3}), ("openai", {}), ("anthropic", {"fallback": True}), ("deepseek", {"fallback": True})
+    )
 
 
 def test_weights_3_to_1_over_4000_picks():
@@ -121,10 +123,18 @@ def test_retry_after_is_the_first_cooldown_to_end_at_least_one_second():
 
 
 def test_pool_targets_share_cooldowns_across_keys():
-    store_keys = parse_keys({
-        "pools": {"main": [{"provider": "openai", "api_key": KEYS[0]}, {"provider": "openai", "api_key": KEYS[1]}]},
-        "virtual_keys": {"vk_a": {"targets": "main"}, "vk_b": {"targets": "main"},
-                         "vk_c": {"targets": [{"provider": "openai", "api_key": KEYS[0]}, {"provider": "groq", "api_key": KEYS[2]}]}}})
+    store_keys = parse_keys(
+        {
+            "pools": {"main": [{"provider": "openai", "api_key": KEYS[0]}, {"provider": "openai", "api_key": KEYS[1]}]},
+            "virtual_keys": {
+                "vk_a": {"targets": "main"},
+                "vk_b": {"targets": "main"},
+                "vk_c": {
+                    "targets": [{"provider": "openai", "api_key": KEYS[0]}, {"provider": "groq", "api_key": KEYS[2]}]
+                },
+            },
+        }
+    )
     store = MemoryStore()
     cool(store_keys.lookup("vk_a"), 0, store, 30, NOW, "connect error")
     assert {pick(store_keys.lookup("vk_b"), store, NOW, rand=random.Random(i).random) for i in range(50)} == {1}

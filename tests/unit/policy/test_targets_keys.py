@@ -95,7 +95,11 @@ def test_target_ids_name_the_real_key_at_its_url():
             "vk_pool": {"targets": "p"},
             "vk_other_url": {"targets": [{"provider": "openai", "api_key": KEY_A, "base_url": "http://127.0.0.1:9/v1"}]},
         }})
-    same = {store.lookup("vk_classic").targets[0].id, store.lookup("vk_list").targets[1].id, store.lookup("vk_pool").targets[0].id}
+    same = {
+        store.lookup("vk_classic").targets[0].id,
+        store.lookup("vk_list").targets[1].id,
+        store.lookup("vk_pool").targets[0].id,
+    }
     assert len(same) == 1  # the same real key at the same URL: whichever key or pool names it
     (only,) = same
     assert len(only) == 16 and set(only) <= set("0123456789abcdef")  # 16 hex digits
@@ -145,47 +149,83 @@ def t(**fields):
     return {"provider": "openai", "api_key": KEY_A, **fields}
 
 
-@pytest.mark.parametrize("data, expected", [
-    (bad({"provider": "openai", "api_key": KEY_A, "targets": [t()]}),
-     "virtual key 'vk_...ret': \"targets\" and \"api_key\" exclude each other"),
-    (bad({"name": "n", "base_url": "http://x/v1", "targets": [t()]}), "'n': \"targets\" and \"base_url\" exclude each other"),
-    (bad({"name": "n", "endpoint": "https://r.openai.azure.com", "targets": [t()]}), "\"targets\" and \"endpoint\" exclude each other"),
-    (bad({"name": "n", "targets": []}), "'n': targets must be a non-empty list of targets"),
-    (bad({"name": "n", "targets": {"provider": "openai"}}), "'n': targets must be a non-empty list of targets"),
-    (bad({"name": "n", "targets": [KEY_A]}), "'n': targets[0] must be an object with \"provider\" and \"api_key\""),
-    (bad({"name": "n", "targets": [t(rpm=5)]}), "'n': targets[0]: unknown field 'rpm' (a target takes api_key, base_url, fallback, "
-                                                "max_output_tokens, model, model_map, provider, weight and azure's fields; policy fields go on the key)"),
-    (bad({"name": "n", "targets": [t(), t(name="x")]}), "targets[1]: unknown field 'name'"),
-    (bad({"name": "n", "targets": [t(weight=0)]}), "'n': targets[0]: weight must be a positive number"),
-    (bad({"name": "n", "targets": [t(weight=-2)]}), "targets[0]: weight must be a positive number"),
-    (bad({"name": "n", "targets": [t(weight="3")]}), "targets[0]: weight must be a positive number"),
-    (bad({"name": "n", "targets": [t(weight=True)]}), "targets[0]: weight must be a positive number"),
-    (bad({"name": "n", "targets": [t(weight=float("inf"))]}), "targets[0]: weight must be a positive number"),
-    (bad({"name": "n", "targets": [t(), t(fallback=True, weight=2)]}), "targets[1]: a fallback has no weight"),
-    (bad({"name": "n", "targets": [t(fallback="yes")]}), "targets[0]: fallback must be true or false"),
-    (bad({"name": "n", "targets": [t(model_map=["gpt-4o"])]}), "targets[0]: model_map must map requested model names"),
-    (bad({"name": "n", "targets": [t(model_map={"gpt-4o": 4})]}), "targets[0]: model_map must map requested model names"),
-    (bad({"name": "n", "targets": [t(model_map={"gpt-4o": ""})]}), "targets[0]: model_map must map requested model names"),
-    (bad({"name": "n", "targets": [t(model=5)]}), "targets[0]: model must be a model name"),
-    (bad({"name": "n", "targets": [t(model="a", model_map={"b": "c"})]}), "targets[0]: model and model_map exclude each other"),
-    (bad({"name": "n", "targets": [t(fallback=True), t(fallback=True)]}),
-     "'n': targets: every target is a fallback; at least one must be a primary"),
-    (bad({"name": "n", "targets": [t(provider="nope")]}), "'n': targets[0]: unknown provider 'nope'"),
-    (bad({"name": "n", "targets": [t(api_key=" ")]}), "'n': targets[0] has no \"api_key\""),
-    (bad({"name": "n", "targets": [t(base_url="ftp://x")]}), "'n': targets[0]: base_url: 'ftp://x' is not an http(s) URL"),
-    (bad({"name": "n", "targets": [t(deployment="d")]}), "targets[0]: deployment is for provider azure only"),
-    (bad({"name": "n", "targets": [t(provider="azure")]}), "targets[0]: provider azure needs \"endpoint\""),
-    (bad({"name": "n", "targets": "openai-main"}), "'n': targets names pool 'openai-main', which does not exist "
-                                                  "(the file has no \"pools\")"),
-    (bad({"name": "n", "targets": "nope"}, pools={"p": [t()]}), "targets names pool 'nope', which does not exist (pools: p)"),
-    # pools are validated even when no key uses them
-    (bad(pools={"p": [t(weight=0)]}), "pools.p[0]: weight must be a positive number"),
-    (bad(pools={"p": [t(fallback=True)]}), "pools.p: every target is a fallback"),
-    (bad(pools={"p": []}), "pools.p must be a non-empty list of targets"),
-    (bad(pools={"p": [t(provider="nope")]}), "pools.p[0]: unknown provider 'nope'"),
-    (bad(pools={"bad name!": [t()]}), "pool name 'bad name!' must be 1 to 64 letters, digits or . _ -"),
-    (bad(pools=[t()]), "\"pools\" must be an object of pool name -> list of targets"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (
+            bad({"provider": "openai", "api_key": KEY_A, "targets": [t()]}),
+            'virtual key \'vk_...ret\': "targets" and "api_key" exclude each other',
+        ),
+        (
+            bad({"name": "n", "base_url": "http://x/v1", "targets": [t()]}),
+            '\'n\': "targets" and "base_url" exclude each other',
+        ),
+        (
+            bad({"name": "n", "endpoint": "https://r.openai.azure.com", "targets": [t()]}),
+            '"targets" and "endpoint" exclude each other',
+        ),
+        (bad({"name": "n", "targets": []}), "'n': targets must be a non-empty list of targets"),
+        (bad({"name": "n", "targets": {"provider": "openai"}}), "'n': targets must be a non-empty list of targets"),
+        (bad({"name": "n", "targets": [KEY_A]}), '\'n\': targets[0] must be an object with "provider" and "api_key"'),
+        (
+            bad({"name": "n", "targets": [t(rpm=5)]}),
+            "'n': targets[0]: unknown field 'rpm' (a target takes api_key, base_url, fallback, "
+            "max_output_tokens, model, model_map, provider, weight and azure's fields; policy fields go on the key)",
+        ),
+        (bad({"name": "n", "targets": [t(), t(name="x")]}), "targets[1]: unknown field 'name'"),
+        (bad({"name": "n", "targets": [t(weight=0)]}), "'n': targets[0]: weight must be a positive number"),
+        (bad({"name": "n", "targets": [t(weight=-2)]}), "targets[0]: weight must be a positive number"),
+        (bad({"name": "n", "targets": [t(weight="3")]}), "targets[0]: weight must be a positive number"),
+        (bad({"name": "n", "targets": [t(weight=True)]}), "targets[0]: weight must be a positive number"),
+        (bad({"name": "n", "targets": [t(weight=float("inf"))]}), "targets[0]: weight must be a positive number"),
+        (bad({"name": "n", "targets": [t(), t(fallback=True, weight=2)]}), "targets[1]: a fallback has no weight"),
+        (bad({"name": "n", "targets": [t(fallback="yes")]}), "targets[0]: fallback must be true or false"),
+        (
+            bad({"name": "n", "targets": [t(model_map=["gpt-4o"])]}),
+            "targets[0]: model_map must map requested model names",
+        ),
+        (
+            bad({"name": "n", "targets": [t(model_map={"gpt-4o": 4})]}),
+            "targets[0]: model_map must map requested model names",
+        ),
+        (
+            bad({"name": "n", "targets": [t(model_map={"gpt-4o": ""})]}),
+            "targets[0]: model_map must map requested model names",
+        ),
+        (bad({"name": "n", "targets": [t(model=5)]}), "targets[0]: model must be a model name"),
+        (
+            bad({"name": "n", "targets": [t(model="a", model_map={"b": "c"})]}),
+            "targets[0]: model and model_map exclude each other",
+        ),
+        (
+            bad({"name": "n", "targets": [t(fallback=True), t(fallback=True)]}),
+            "'n': targets: every target is a fallback; at least one must be a primary",
+        ),
+        (bad({"name": "n", "targets": [t(provider="nope")]}), "'n': targets[0]: unknown provider 'nope'"),
+        (bad({"name": "n", "targets": [t(api_key=" ")]}), "'n': targets[0] has no \"api_key\""),
+        (
+            bad({"name": "n", "targets": [t(base_url="ftp://x")]}),
+            "'n': targets[0]: base_url: 'ftp://x' is not an http(s) URL",
+        ),
+        (bad({"name": "n", "targets": [t(deployment="d")]}), "targets[0]: deployment is for provider azure only"),
+        (bad({"name": "n", "targets": [t(provider="azure")]}), 'targets[0]: provider azure needs "endpoint"'),
+        (
+            bad({"name": "n", "targets": "openai-main"}),
+            "'n': targets names pool 'openai-main', which does not exist (the file has no \"pools\")",
+        ),
+        (
+            bad({"name": "n", "targets": "nope"}, pools={"p": [t()]}),
+            "targets names pool 'nope', which does not exist (pools: p)",
+        ),
+        # pools are validated even when no key uses them
+        (bad(pools={"p": [t(weight=0)]}), "pools.p[0]: weight must be a positive number"),
+        (bad(pools={"p": [t(fallback=True)]}), "pools.p: every target is a fallback"),
+        (bad(pools={"p": []}), "pools.p must be a non-empty list of targets"),
+        (bad(pools={"p": [t(provider="nope")]}), "pools.p[0]: unknown provider 'nope'"),
+        (bad(pools={"bad name!": [t()]}), "pool name 'bad name!' must be 1 to 64 letters, digits or . _ -"),
+        (bad(pools=[t()]), '"pools" must be an object of pool name -> list of targets'),
+    ],
+)
 def test_invalid_targets_are_refused_at_load_and_never_show_a_key(tmp_path, data, expected):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(data))
@@ -199,7 +239,9 @@ def test_invalid_targets_are_refused_at_load_and_never_show_a_key(tmp_path, data
 
 def test_an_unset_env_variable_in_a_target_is_named(monkeypatch):
     monkeypatch.delenv("GW_TEST_UNSET_KEY", raising=False)
-    with pytest.raises(KeysError, match=r"'n': targets\[1\]: api_key names environment variable GW_TEST_UNSET_KEY, which is not set"):
+    with pytest.raises(
+        KeysError, match=r"'n': targets\[1\]: api_key names environment variable GW_TEST_UNSET_KEY, which is not set"
+    ):
         parse_keys(bad({"name": "n", "targets": [t(), t(api_key="env:GW_TEST_UNSET_KEY")]}))
 
 

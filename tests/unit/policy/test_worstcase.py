@@ -23,7 +23,9 @@ PRICES = {"gpt-4o": {"input": 2.5, "output": 10.0}, "gpt-4o-mini*": {"input": 0.
 
 
 def key(provider="openai", **fields):
-    store = parse_keys({"prices": PRICES, "virtual_keys": {"vk_w": {"provider": provider, "api_key": "sk-test-123456", **fields}}})
+    store = parse_keys(
+        {"prices": PRICES, "virtual_keys": {"vk_w": {"provider": provider, "api_key": "sk-test-123456", **fields}}}
+    )
     return store, store.lookup("vk_w")
 
 
@@ -44,7 +46,9 @@ def test_n_multiplies_the_output_held():
     assert demand.tokens == size + 19 * 100
     demand, size = hold({**CHAT, "model": "gpt-4o-mini", "max_tokens": 1000, "n": 128}, budget_usd=0.01)
     assert demand.usd == pytest.approx((size * 0.15 + 128_000 * 0.6) / 1e6)  # $0.0768: more than the $0.01 budget
-    assert hold({**CHAT, "max_tokens": 10, "n": 2.5}, budget_tokens=10**6)[0].hold.answers == 3  # a provider may round up
+    assert (
+        hold({**CHAT, "max_tokens": 10, "n": 2.5}, budget_tokens=10**6)[0].hold.answers == 3
+    )  # a provider may round up
 
 
 def test_without_a_maximum_the_model_own_maximum_output_is_held_not_a_fixed_32768():
@@ -55,7 +59,12 @@ def test_without_a_maximum_the_model_own_maximum_output_is_held_not_a_fixed_3276
     assert hold({**CHAT, "model": "ft:gpt-4o-mini:acme::x1"}, budget_tokens=10**6)[0].hold.output == 16_384
     claude = {"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hi"}]}
     assert hold(claude, ANTHROPIC_MESSAGES, "anthropic", budget_tokens=10**6)[0].hold.output == 64_000
-    assert hold({**claude, "model": "claude-3-5-haiku-latest"}, ANTHROPIC_MESSAGES, "anthropic", budget_tokens=10**6)[0].hold.output == 8_192
+    assert (
+        hold({**claude, "model": "claude-3-5-haiku-latest"}, ANTHROPIC_MESSAGES, "anthropic", budget_tokens=10**6)[
+            0
+        ].hold.output
+        == 8_192
+    )
     # a model the table does not know: the largest its provider documents, never less
     assert hold({**CHAT, "model": "gpt-7-preview"}, budget_tokens=10**6)[0].hold.output >= 128_000
     assert hold({**CHAT, "model": "deepseek-chat"}, provider="deepseek", budget_tokens=10**6)[0].hold.output == 8_192
@@ -65,12 +74,17 @@ def test_each_api_names_its_own_maximum_field():
     body = {"model": "gpt-4o", "input": "hi", "max_output_tokens": 50}
     assert hold(body, OPENAI_RESPONSES, budget_tokens=10**6)[0].hold.output == 50
     # max_tokens means nothing to Responses: the model's maximum
-    assert hold({"model": "gpt-4o", "input": "hi", "max_tokens": 50}, OPENAI_RESPONSES, budget_tokens=10**6)[0].hold.output == 16_384
+    assert (
+        hold({"model": "gpt-4o", "input": "hi", "max_tokens": 50}, OPENAI_RESPONSES, budget_tokens=10**6)[0].hold.output
+        == 16_384
+    )
     assert hold({**CHAT, "max_completion_tokens": 7, "max_tokens": 100}, budget_tokens=10**6)[0].hold.output == 7
     assert hold({**CHAT, "max_tokens": "9"}, budget_tokens=10**6)[0].hold.output == 16_384  # not a count
     demand, size = hold({"model": "text-embedding-3-small", "input": "hi"}, OPENAI_EMBEDDINGS, budget_tokens=10**6)
     assert demand.tokens == size
-    demand, size = hold({"model": "claude-sonnet-4-6", "messages": []}, ANTHROPIC_COUNT_TOKENS, "anthropic", budget_tokens=10**6)
+    demand, size = hold(
+        {"model": "claude-sonnet-4-6", "messages": []}, ANTHROPIC_COUNT_TOKENS, "anthropic", budget_tokens=10**6
+    )
     assert demand.tokens == size
 
 
@@ -78,7 +92,10 @@ def test_a_keys_max_output_tokens_bounds_the_hold_and_lowers_a_larger_maximum():
     assert hold({**CHAT, "model": "gpt-5"}, budget_tokens=10**6, max_output_tokens=4096)[0].hold.output == 4096
     demand = hold({**CHAT, "model": "gpt-5", "max_tokens": 50_000}, budget_tokens=10**6, max_output_tokens=4096)[0]
     assert (demand.hold.output, demand.hold.lowered) == (4096, True)
-    assert hold({**CHAT, "model": "gpt-5", "max_tokens": 100}, budget_tokens=10**6, max_output_tokens=4096)[0].hold.output == 100
+    assert (
+        hold({**CHAT, "model": "gpt-5", "max_tokens": 100}, budget_tokens=10**6, max_output_tokens=4096)[0].hold.output
+        == 100
+    )
     # above the model's own maximum, the model's is what is sent (a provider refuses more)
     assert hold({**CHAT, "model": "gpt-4o"}, budget_tokens=10**6, max_output_tokens=100_000)[0].hold.output == 16_384
 
@@ -102,7 +119,15 @@ def test_max_output_tokens_is_validated_on_keys_and_targets():
         with pytest.raises(KeysError, match="max_output_tokens must be a positive whole number"):
             key(max_output_tokens=bad)
         with pytest.raises(KeysError, match="max_output_tokens must be a positive whole number"):
-            parse_keys({"virtual_keys": {"vk_t": {"targets": [{"provider": "openai", "api_key": "sk-a-123456", "max_output_tokens": bad}]}}})
+            parse_keys(
+                {
+                    "virtual_keys": {
+                        "vk_t": {
+                            "targets": [{"provider": "openai", "api_key": "sk-a-123456", "max_output_tokens": bad}]
+                        }
+                    }
+                }
+            )
     assert "max_output_tokens 4096" in key(max_output_tokens=4096)[1].policy.describe()
 
 
@@ -110,7 +135,11 @@ def test_max_output_tokens_is_validated_on_keys_and_targets():
 
 def image_urls(count: int) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": f"https://x.example/{i}.png"}} for i in range(count)]
-    return {"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, *parts]}]}
+    return {
+        "model": "gpt-4o",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, *parts]}],
+    }
 
 
 def test_each_image_url_is_held_at_the_providers_maximum_for_one_image_not_its_bytes():
@@ -195,7 +224,9 @@ def refused(body: dict, api=OPENAI_CHAT, provider="openai", used: int = 0, **fie
 
 def test_the_refusal_names_the_models_maximum_when_the_request_named_none():
     message = refused({**CHAT, "model": "gpt-5"}, budget_tokens=100_000)
-    assert "no max_tokens: 128,000 output tokens held for gpt-5; set max_tokens or the key's max_output_tokens" in message
+    assert (
+        "no max_tokens: 128,000 output tokens held for gpt-5; set max_tokens or the key's max_output_tokens" in message
+    )
     assert "lower max_tokens" not in message
 
 
@@ -207,7 +238,10 @@ def test_the_refusal_names_n_and_the_images():
     message = refused({"model": "gpt-5", "input": "hi"}, OPENAI_RESPONSES, budget_usd=0.01)
     assert "no max_output_tokens: 128,000 output tokens held for gpt-5" in message
     message = refused({**CHAT, "model": "gpt-5"}, budget_tokens=1000, max_output_tokens=4096)
-    assert "no max_tokens: 4,096 output tokens held (the key's max_output_tokens); set a lower max_tokens to fit" in message
+    assert (
+        "no max_tokens: 4,096 output tokens held (the key's max_output_tokens); set a lower max_tokens to fit"
+        in message
+    )
     message = refused({**CHAT, "model": "gpt-5"}, used=10, tpm=1000)
     assert "no max_tokens: 128,000 output tokens held for gpt-5" in message
 
@@ -229,13 +263,22 @@ def test_the_catalog_knows_each_families_longest_prefix():
 def test_the_cap_is_sent_in_each_apis_own_field_when_the_request_names_none():
     from addon.policy.worstcase import cap_output
 
-    for api, provider, field in ((OPENAI_CHAT, "openai", "max_completion_tokens"), (OPENAI_CHAT, "azure", "max_completion_tokens"),
-                                 (OPENAI_CHAT, "deepseek", "max_tokens"), (OPENAI_CHAT, "anthropic", "max_tokens"),
-                                 (OPENAI_RESPONSES, "openai", "max_output_tokens"), (ANTHROPIC_MESSAGES, "anthropic", "max_tokens")):
+    for api, provider, field in (
+        (OPENAI_CHAT, "openai", "max_completion_tokens"),
+        (OPENAI_CHAT, "azure", "max_completion_tokens"),
+        (OPENAI_CHAT, "deepseek", "max_tokens"),
+        (OPENAI_CHAT, "anthropic", "max_tokens"),
+        (OPENAI_RESPONSES, "openai", "max_output_tokens"),
+        (ANTHROPIC_MESSAGES, "anthropic", "max_tokens"),
+    ):
         body = {"model": "m"}
         assert cap_output(body, api, provider, 500) is True and body == {"model": "m", field: 500}
     body = {"model": "m", "max_tokens": 9000, "max_completion_tokens": 100}
-    assert cap_output(body, OPENAI_CHAT, "openai", 500) is True and body["max_tokens"] == 500 and body["max_completion_tokens"] == 100
+    assert (
+        cap_output(body, OPENAI_CHAT, "openai", 500) is True
+        and body["max_tokens"] == 500
+        and body["max_completion_tokens"] == 100
+    )
     body = {"model": "m", "max_tokens": 100}
     assert cap_output(body, OPENAI_CHAT, "openai", 500) is False and body == {"model": "m", "max_tokens": 100}
     body = {"model": "m", "input": "x"}

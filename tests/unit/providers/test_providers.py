@@ -55,7 +55,10 @@ def test_which_apis_each_provider_serves():
     serves = {api: set(routes) for api, routes in ROUTES.items()}
     chat_only = {"deepseek", "groq", "xai", "openrouter"}
     assert serves["openai_chat"] == set(CATALOG)
-    assert {n for n, i in CATALOG.items() if EMBEDDINGS in i.apis} == set(CATALOG) - chat_only - {"anthropic", "deepseek-anthropic"}
+    assert {n for n, i in CATALOG.items() if EMBEDDINGS in i.apis} == set(CATALOG) - chat_only - {
+        "anthropic",
+        "deepseek-anthropic",
+    }
     assert {n for n, i in CATALOG.items() if RESPONSES in i.apis} == {"openai", "azure"}
 
 
@@ -66,16 +69,43 @@ def test_providers_section_fields_are_checked():
         keys({"provider": "groq", "api_key": "x"}, {"azure": {"base_url": "https://x"}})
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"provider": "azure", "api_key": "k"}, "provider azure needs \"endpoint\""),
-    ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com?x=1"}, "needs \"endpoint\""),
-    ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "deployment": "d"}, "a deployment needs api_version"),
-    ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "deployment": "a/b", "api_version": "2024-10-21"}, "deployment must be"),
-    ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "deployments": {"gpt-4o": ""}, "api_version": "2024-10-21"}, "deployments must map"),
-    ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "api_version": "2024/10"}, "api_version must look like"),
-    ({"provider": "azure", "api_key": "k", "base_url": "https://r.openai.azure.com"}, "takes \"endpoint\""),
-    ({"provider": "openai", "api_key": "k", "deployment": "d"}, "deployment is for provider azure only"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"provider": "azure", "api_key": "k"}, 'provider azure needs "endpoint"'),
+        ({"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com?x=1"}, 'needs "endpoint"'),
+        (
+            {"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "deployment": "d"},
+            "a deployment needs api_version",
+        ),
+        (
+            {
+                "provider": "azure",
+                "api_key": "k",
+                "endpoint": "https://r.openai.azure.com",
+                "deployment": "a/b",
+                "api_version": "2024-10-21",
+            },
+            "deployment must be",
+        ),
+        (
+            {
+                "provider": "azure",
+                "api_key": "k",
+                "endpoint": "https://r.openai.azure.com",
+                "deployments": {"gpt-4o": ""},
+                "api_version": "2024-10-21",
+            },
+            "deployments must map",
+        ),
+        (
+            {"provider": "azure", "api_key": "k", "endpoint": "https://r.openai.azure.com", "api_version": "2024/10"},
+            "api_version must look like",
+        ),
+        ({"provider": "azure", "api_key": "k", "base_url": "https://r.openai.azure.com"}, 'takes "endpoint"'),
+        ({"provider": "openai", "api_key": "k", "deployment": "d"}, "deployment is for provider azure only"),
+    ],
+)
 def test_azure_fields_are_validated(entry, message):
     with pytest.raises(KeysError, match=message):
         keys(entry)

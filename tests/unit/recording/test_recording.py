@@ -12,7 +12,8 @@ from mitmproxy.test import tflow
 
 from addon.recording import replay
 from addon.wire.secrets import fingerprint
-from addon.recording.recorder import Snapshot, scrub, unmark
+from addon.recording.recorder import Snapshot, scrub
+from addon.wire.secrets import unmark
 from addon.wire.secrets import mark
 
 
@@ -36,13 +37,18 @@ def test_scrub_marks_keys_but_keeps_redacted_and_marked_values():
 
 
 def test_compare_ignores_only_volatile_fields():
-    assert replay.first_diff(replay.normalize({"created": 1, "a": [1]}), replay.normalize({"created": 2, "a": [1]})) is None
+    assert (
+        replay.first_diff(replay.normalize({"created": 1, "a": [1]}), replay.normalize({"created": 2, "a": [1]}))
+        is None
+    )
     assert replay.first_diff({"a": [1, {"b": "x"}]}, {"a": [1, {"b": "y"}]}) == ".a[1].b: 'x' != 'y'"
     assert "missing" in replay.first_diff({"a": 1, "id": "x"}, {"a": 1})
 
 
 
-@pytest.mark.parametrize("api, shape", [("anthropic_messages", "anthropic"), ("openai_chat", "openai"), (None, "openai")])
+@pytest.mark.parametrize(
+    "api, shape", [("anthropic_messages", "anthropic"), ("openai_chat", "openai"), (None, "openai")]
+)
 def test_a_replay_without_a_client_request_is_refused_in_the_clients_api_shape(api, shape):
     """The flow's path is the provider's by now (an Anthropic /v1/messages client routed to
     OpenAI shows /v1/chat/completions): the 409 takes the shape of the API the client spoke."""

@@ -81,8 +81,12 @@ def test_no_system_key_without_system_messages():
 
 
 def test_user_string_and_text_parts_become_text_blocks():
-    body = upstream_body(req([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]))
-    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    body = upstream_body(
+        req([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    )
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
 
 
 def test_data_url_image_becomes_base64_source():
@@ -90,7 +94,10 @@ def test_data_url_image_becomes_base64_source():
         {"type": "text", "text": "what is this"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
     ]}]))
-    assert body["messages"][0]["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}}
+    assert body["messages"][0]["content"][1] == {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64},
+    }
 
 
 def test_http_image_url_becomes_url_source_not_downloaded():
@@ -106,7 +113,9 @@ def test_unusable_image_urls_are_rejected(url):
 
 
 def test_unsupported_content_part_is_rejected_with_its_position():
-    error = rejects(req([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]))
+    error = rejects(
+        req([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}])
+    )
     assert error.param == "messages[0].content[0]"
     assert "input_audio" in error.message
 
@@ -138,30 +147,55 @@ def test_assistant_tool_calls_become_tool_use_and_tool_results_follow_in_one_use
 
 
 def test_tool_results_come_first_in_their_user_turn():
-    body = upstream_body(req([
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "user", "content": "by the way"},
-        {"role": "tool", "tool_call_id": "c1", "content": "done"},
-    ]))
+    body = upstream_body(
+        req(
+            [
+                {"role": "user", "content": "go"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                {"role": "user", "content": "by the way"},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+            ]
+        )
+    )
     assert [b["type"] for b in body["messages"][-1]["content"]] == ["tool_result", "text"]
 
 
 def test_assistant_tool_call_without_content_and_empty_arguments():
-    body = upstream_body(req([
-        {"role": "user", "content": "time?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "now", "arguments": ""}}]},
-        {"role": "tool", "tool_call_id": "c", "content": "noon"},
-    ]))
-    assert body["messages"][1] == {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "now", "input": {}}]}
+    body = upstream_body(
+        req(
+            [
+                {"role": "user", "content": "time?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "now", "arguments": ""}}],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "noon"},
+            ]
+        )
+    )
+    assert body["messages"][1] == {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "c", "name": "now", "input": {}}],
+    }
 
 
 @pytest.mark.parametrize("arguments", ["{not json", "[1, 2]", '"text"'])
 def test_tool_arguments_that_are_not_a_json_object_are_rejected_naming_the_message(arguments):
-    error = rejects(req([
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
-    ]))
+    error = rejects(
+        req(
+            [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}],
+                },
+            ]
+        )
+    )
     assert error.param == "messages[1].tool_calls[0].function.arguments"
     assert "message 1" in error.message
 
@@ -184,8 +218,12 @@ def test_consecutive_same_role_messages_are_merged_and_empty_text_never_sent():
 
 
 def test_an_empty_assistant_message_between_users_merges_the_users():
-    body = upstream_body(req([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}]))
-    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    body = upstream_body(
+        req([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}])
+    )
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ]
 
 
 def test_final_assistant_prefill_loses_trailing_whitespace():
@@ -207,7 +245,9 @@ def test_tool_message_without_id_is_rejected():
 
 
 def test_cache_control_on_text_parts_is_kept():
-    body = upstream_body(req([{"role": "user", "content": [{"type": "text", "text": "long", "cache_control": {"type": "ephemeral"}}]}]))
+    body = upstream_body(
+        req([{"role": "user", "content": [{"type": "text", "text": "long", "cache_control": {"type": "ephemeral"}}]}])
+    )
     assert body["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
 
 
@@ -299,16 +339,31 @@ def test_n_of_one_is_fine():
     assert "n" not in upstream_body(req(n=1))
 
 
-PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"], "additionalProperties": False}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}},
+    "required": ["name"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_response_format_becomes_native_output_format():
-    body = upstream_body(req(response_format={"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON_SCHEMA}}))
+    body = upstream_body(
+        req(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "strict": True, "schema": PERSON_SCHEMA},
+            }
+        )
+    )
     assert body["output_config"] == {"format": {"type": "json_schema", "schema": PERSON_SCHEMA}}
     assert "response_format" not in body
 
 
-@pytest.mark.parametrize("response_format", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "yaml"}])
+@pytest.mark.parametrize(
+    "response_format",
+    [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "yaml"}],
+)
 def test_other_json_response_formats_rejected(response_format):
     assert rejects(req(response_format=response_format)).param == "response_format"
 
@@ -317,14 +372,33 @@ def test_text_response_format_is_harmless():
     assert "response_format" not in upstream_body(req(response_format={"type": "text"}))
 
 
-@pytest.mark.parametrize("name,value", [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logprobs", True), ("logit_bias", {"1": 5}), ("top_logprobs", 3),
-                                        ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logprobs", True),
+        ("logit_bias", {"1": 5}),
+        ("top_logprobs", 3),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", "auto"),
+    ],
+)
 def test_answer_changing_openai_only_params_rejected(name, value):
     assert rejects(req(**{name: value})).param == name
 
 
-@pytest.mark.parametrize("name,value", [("presence_penalty", 0), ("logprobs", False), ("seed", 7), ("store", True), ("service_tier", "auto"),
-                                        ("prediction", {"type": "content", "content": "x"})])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("presence_penalty", 0),
+        ("logprobs", False),
+        ("seed", 7),
+        ("store", True),
+        ("service_tier", "auto"),
+        ("prediction", {"type": "content", "content": "x"}),
+    ],
+)
 def test_harmless_openai_only_params_dropped(name, value):
     assert name not in upstream_body(req(**{name: value}))
 
@@ -347,14 +421,24 @@ def test_thinking_passthrough_from_extra_body():
 
 # --- request: tools --------------------------------------------------------------------------
 
-WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "Weather for a city",
-                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def test_tools_become_input_schema_tools():
     body = upstream_body(req(tools=[WEATHER_TOOL, {"type": "function", "function": {"name": "now"}}]))
     assert body["tools"] == [
-        {"name": "weather", "description": "Weather for a city", "input_schema": WEATHER_TOOL["function"]["parameters"]},
+        {
+            "name": "weather",
+            "description": "Weather for a city",
+            "input_schema": WEATHER_TOOL["function"]["parameters"],
+        },
         {"name": "now", "input_schema": {"type": "object", "properties": {}}},
     ]
     assert "tool_choice" not in body
@@ -371,22 +455,39 @@ def test_tool_choice_mapping(choice, expected):
 
 
 def test_parallel_tool_calls_false_disables_parallel_use():
-    assert upstream_body(req(tools=[WEATHER_TOOL], parallel_tool_calls=False))["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
-    assert upstream_body(req(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False))["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert upstream_body(req(tools=[WEATHER_TOOL], parallel_tool_calls=False))["tool_choice"] == {
+        "type": "auto",
+        "disable_parallel_tool_use": True,
+    }
+    assert upstream_body(req(tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False))[
+        "tool_choice"
+    ] == {"type": "any", "disable_parallel_tool_use": True}
     assert "tool_choice" not in upstream_body(req(tools=[WEATHER_TOOL], parallel_tool_calls=True))
 
 
 def test_tool_history_without_tools_declares_them_uncallable():
-    body = upstream_body(req([
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
-                                             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
-                                             {"id": "c3", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "1"},
-        {"role": "tool", "tool_call_id": "c2", "content": "2"},
-        {"role": "tool", "tool_call_id": "c3", "content": "3"},
-    ]))
-    assert body["tools"] == [{"name": "f", "input_schema": {"type": "object"}}, {"name": "g", "input_schema": {"type": "object"}}]
+    body = upstream_body(
+        req(
+            [
+                {"role": "user", "content": "go"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                        {"id": "c3", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "1"},
+                {"role": "tool", "tool_call_id": "c2", "content": "2"},
+                {"role": "tool", "tool_call_id": "c3", "content": "3"},
+            ]
+        )
+    )
+    assert body["tools"] == [
+        {"name": "f", "input_schema": {"type": "object"}},
+        {"name": "g", "input_schema": {"type": "object"}},
+    ]
     assert body["tool_choice"] == {"type": "none"}
 
 
@@ -439,7 +540,10 @@ def test_tool_use_response():
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] == "Let me check."
     calls = choice["message"]["tool_calls"]
-    assert [(c["id"], c["type"], c["function"]["name"]) for c in calls] == [("toolu_1", "function", "weather"), ("toolu_2", "function", "now")]
+    assert [(c["id"], c["type"], c["function"]["name"]) for c in calls] == [
+        ("toolu_1", "function", "weather"),
+        ("toolu_2", "function", "now"),
+    ]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert calls[1]["function"]["arguments"] == "{}"
 
@@ -450,7 +554,9 @@ def test_tool_only_response_has_null_content():
 
 
 def test_thinking_becomes_reasoning_content():
-    completion = translate(message([{"type": "thinking", "thinking": "Hmm.", "signature": "sig"}, {"type": "text", "text": "42"}]))
+    completion = translate(
+        message([{"type": "thinking", "thinking": "Hmm.", "signature": "sig"}, {"type": "text", "text": "42"}])
+    )
     assert completion["choices"][0]["message"]["reasoning_content"] == "Hmm."
     assert completion["choices"][0]["message"]["content"] == "42"
 
@@ -475,7 +581,12 @@ def test_usage_counts_cache_tokens_in_prompt():
 
 def test_usage_without_cache_fields():
     usage = translate(message([{"type": "text", "text": "x"}], usage={"input_tokens": 3, "output_tokens": 4}))["usage"]
-    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"], usage["prompt_tokens_details"]["cached_tokens"]) == (3, 4, 7, 0)
+    assert (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        usage["total_tokens"],
+        usage["prompt_tokens_details"]["cached_tokens"],
+    ) == (3, 4, 7, 0)
 
 
 def test_non_message_2xx_body_raises_so_the_adapter_answers_502():
@@ -497,7 +608,9 @@ def test_non_message_2xx_body_raises_so_the_adapter_answers_502():
     (529, "overloaded_error", "overloaded_error"),
 ])
 def test_anthropic_error_bodies_become_openai_errors(status, anthropic_type, openai_type):
-    body = json.dumps({"type": "error", "error": {"type": anthropic_type, "message": f"msg for {status}"}, "request_id": "req_1"}).encode()
+    body = json.dumps(
+        {"type": "error", "error": {"type": anthropic_type, "message": f"msg for {status}"}, "request_id": "req_1"}
+    ).encode()
     error = translate(body, status)["error"]
     assert error == {"message": f"msg for {status}", "type": openai_type, "param": None, "code": anthropic_type}
 
@@ -591,20 +704,36 @@ def test_stream_text():
 
 
 def test_stream_role_comes_first_even_without_message_start():
-    events = events_of(run_stream([block_start(0, {"type": "text", "text": ""}), block_delta(0, {"type": "text_delta", "text": "x"}), message_delta("end_turn")]))
+    events = events_of(
+        run_stream(
+            [
+                block_start(0, {"type": "text", "text": ""}),
+                block_delta(0, {"type": "text_delta", "text": "x"}),
+                message_delta("end_turn"),
+            ]
+        )
+    )
     assert deltas(events)[0] == {"role": "assistant", "content": "x"}
     assert events[-1] == "[DONE]"
 
 
 def test_stream_tool_calls_indexed_from_zero_with_id_name_and_argument_fragments():
-    stream = [message_start(), block_start(0, {"type": "text", "text": ""}), block_delta(0, {"type": "text_delta", "text": "Checking"}), block_stop(0),
-              block_start(1, {"type": "tool_use", "id": "toolu_A", "name": "weather", "input": {}}),
-              block_delta(1, {"type": "input_json_delta", "partial_json": ""}),
-              block_delta(1, {"type": "input_json_delta", "partial_json": '{"city": '}),
-              block_delta(1, {"type": "input_json_delta", "partial_json": '"Paris"}'}), block_stop(1),
-              block_start(2, {"type": "tool_use", "id": "toolu_B", "name": "weather", "input": {}}),
-              block_delta(2, {"type": "input_json_delta", "partial_json": '{"city": "Rome"}'}), block_stop(2),
-              message_delta("tool_use"), MESSAGE_STOP]
+    stream = [
+        message_start(),
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "text_delta", "text": "Checking"}),
+        block_stop(0),
+        block_start(1, {"type": "tool_use", "id": "toolu_A", "name": "weather", "input": {}}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": ""}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": '{"city": '}),
+        block_delta(1, {"type": "input_json_delta", "partial_json": '"Paris"}'}),
+        block_stop(1),
+        block_start(2, {"type": "tool_use", "id": "toolu_B", "name": "weather", "input": {}}),
+        block_delta(2, {"type": "input_json_delta", "partial_json": '{"city": "Rome"}'}),
+        block_stop(2),
+        message_delta("tool_use"),
+        MESSAGE_STOP,
+    ]
     events = events_of(run_stream(stream))
     tool_deltas = [d["tool_calls"][0] for d in deltas(events) if "tool_calls" in d]
     assert tool_deltas == [
@@ -618,22 +747,37 @@ def test_stream_tool_calls_indexed_from_zero_with_id_name_and_argument_fragments
 
 
 def test_stream_tool_without_arguments_gets_empty_object():
-    stream = [message_start(), block_start(0, {"type": "tool_use", "id": "t", "name": "now", "input": {}}),
-              block_delta(0, {"type": "input_json_delta", "partial_json": ""}), block_stop(0), message_delta("tool_use"), MESSAGE_STOP]
+    stream = [
+        message_start(),
+        block_start(0, {"type": "tool_use", "id": "t", "name": "now", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": ""}),
+        block_stop(0),
+        message_delta("tool_use"),
+        MESSAGE_STOP,
+    ]
     tool_deltas = [d["tool_calls"][0] for d in deltas(events_of(run_stream(stream))) if "tool_calls" in d]
     assert "".join(d["function"]["arguments"] for d in tool_deltas) == "{}"
 
 
 def test_stream_thinking_becomes_reasoning_content_and_signature_dropped():
-    stream = [message_start(), block_start(0, {"type": "thinking", "thinking": ""}),
-              block_delta(0, {"type": "thinking_delta", "thinking": "Let me think"}),
-              block_delta(0, {"type": "signature_delta", "signature": "abc"}), block_stop(0),
-              block_start(1, {"type": "text", "text": ""}), block_delta(1, {"type": "text_delta", "text": "42"}), block_stop(1),
-              message_delta("end_turn"), MESSAGE_STOP]
+    stream = [
+        message_start(),
+        block_start(0, {"type": "thinking", "thinking": ""}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "Let me think"}),
+        block_delta(0, {"type": "signature_delta", "signature": "abc"}),
+        block_stop(0),
+        block_start(1, {"type": "text", "text": ""}),
+        block_delta(1, {"type": "text_delta", "text": "42"}),
+        block_stop(1),
+        message_delta("end_turn"),
+        MESSAGE_STOP,
+    ]
     assert deltas(events_of(run_stream(stream)))[1:3] == [{"reasoning_content": "Let me think"}, {"content": "42"}]
 
 
-@pytest.mark.parametrize("stop_reason,finish", [("max_tokens", "length"), ("refusal", "content_filter"), ("stop_sequence", "stop")])
+@pytest.mark.parametrize(
+    "stop_reason,finish", [("max_tokens", "length"), ("refusal", "content_filter"), ("stop_sequence", "stop")]
+)
 def test_stream_finish_reasons(stop_reason, finish):
     events = events_of(run_stream(text_stream("x", stop=stop_reason)))
     assert events[-2]["choices"][0]["finish_reason"] == finish
@@ -641,12 +785,19 @@ def test_stream_finish_reasons(stop_reason, finish):
 
 def test_stream_usage_chunk_only_with_include_usage():
     stream = text_stream("x")
-    stream[0] = message_start({"input_tokens": 5, "cache_creation_input_tokens": 50, "cache_read_input_tokens": 500, "output_tokens": 1})
+    stream[0] = message_start(
+        {"input_tokens": 5, "cache_creation_input_tokens": 50, "cache_read_input_tokens": 500, "output_tokens": 1}
+    )
     events = events_of(run_stream(stream, include_usage=True))
     usage_chunk = events[-2]
     assert usage_chunk["choices"] == []
     assert usage_chunk["id"] == "msg_s1"
-    assert usage_chunk["usage"] == {"prompt_tokens": 555, "completion_tokens": 9, "total_tokens": 564, "prompt_tokens_details": {"cached_tokens": 500}}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 555,
+        "completion_tokens": 9,
+        "total_tokens": 564,
+        "prompt_tokens_details": {"cached_tokens": 500},
+    }
     assert events[-3]["choices"][0]["finish_reason"] == "stop"
     assert not any("usage" in e for e in events_of(run_stream(stream)) if isinstance(e, dict))
 
@@ -656,11 +807,17 @@ def test_stream_ping_dropped():
 
 
 def test_stream_error_event_becomes_error_chunk_then_done():
-    stream = [message_start(), block_start(0, {"type": "text", "text": ""}), block_delta(0, {"type": "text_delta", "text": "par"}),
-              sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-              block_delta(0, {"type": "text_delta", "text": "ignored"})]
+    stream = [
+        message_start(),
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "text_delta", "text": "par"}),
+        sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        block_delta(0, {"type": "text_delta", "text": "ignored"}),
+    ]
     events = events_of(run_stream(stream))
-    assert events[-2] == {"error": {"message": "Overloaded", "type": "overloaded_error", "param": None, "code": "overloaded_error"}}
+    assert events[-2] == {
+        "error": {"message": "Overloaded", "type": "overloaded_error", "param": None, "code": "overloaded_error"}
+    }
     assert events[-1] == "[DONE]"
     assert events.count("[DONE]") == 1
     assert "ignored" not in json.dumps(events[:-1])
@@ -725,7 +882,9 @@ class Headers(dict):
 def test_gzip_stream_through_adapter_wrapper_matches_plain():
     raw = b"".join(text_stream("Hello", " world"))
     compressed = gzip.compress(raw)
-    headers = Headers({"content-encoding": "gzip", "content-type": "text/event-stream", "content-length": str(len(compressed))})
+    headers = Headers(
+        {"content-encoding": "gzip", "content-type": "text/event-stream", "content-length": str(len(compressed))}
+    )
     stream = fail_closed_stream(StreamTranslator(1700000000, "m", False), headers, "HTTP/1.1")
     out = []
     for i in range(0, len(compressed), 7):

@@ -49,7 +49,9 @@ def test_project_fixture_same_output_at_every_split(line_ending):
     calls: dict[int, dict] = {}
     for e in events[:-1]:
         for call in (e["choices"][0]["delta"].get("tool_calls") or []) if e["choices"] else []:
-            entry = calls.setdefault(call["index"], {"id": call.get("id"), "name": call.get("function", {}).get("name"), "arguments": ""})
+            entry = calls.setdefault(
+                call["index"], {"id": call.get("id"), "name": call.get("function", {}).get("name"), "arguments": ""}
+            )
             entry["arguments"] += call["function"]["arguments"]
     assert calls == {
         0: {"id": "toolu_01Fixture1", "name": "get_weather", "arguments": '{"city": "Zürich", "unit": "c"}'},

@@ -60,28 +60,65 @@ REQUESTS = {
     "everything": {
         "messages": [
             {"role": "system", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "look"},
-                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
-                                         {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]},
-            {"role": "assistant", "content": "checking", "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "checking",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
             {"role": "developer", "content": "answer in French"},
             {"role": "user", "content": "and now?"},
         ],
-        "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False,
-        "temperature": 1.7, "top_p": 0.9, "stop": "END", "max_completion_tokens": 300, "user": "u-1",
-        "stream": True, "stream_options": {"include_usage": True}, "seed": 3,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 1.7,
+        "top_p": 0.9,
+        "stop": "END",
+        "max_completion_tokens": 300,
+        "user": "u-1",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "seed": 3,
     },
-    "named_tool": {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_TOOL],
-                   "tool_choice": {"type": "function", "function": {"name": "weather"}}},
+    "named_tool": {
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "weather"}},
+    },
     "reasoning": {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
-    "tool_history_without_tools": {"messages": [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "summarise"}]},
-    "json_schema": {"messages": [{"role": "user", "content": "x"}], "response_format": {
-        "type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {"type": "object", "properties": {}}}}},
+    "tool_history_without_tools": {
+        "messages": [
+            {"role": "user", "content": "x"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            {"role": "user", "content": "summarise"},
+        ]
+    },
+    "json_schema": {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "p", "strict": True, "schema": {"type": "object", "properties": {}}},
+        },
+    },
 }
 
 
@@ -93,22 +130,31 @@ def test_generated_requests_match_create_message_params(name):
 
 
 def test_the_validator_can_fail():
-    assert list(validator("anthropic-openapi.json", "CreateMessageParams").iter_errors({"model": "m", "messages": [], "n": 2}))
+    assert list(
+        validator("anthropic-openapi.json", "CreateMessageParams").iter_errors({"model": "m", "messages": [], "n": 2})
+    )
 
 
 RESPONSES = {
     "text": message([{"type": "text", "text": "hello"}]),
-    "tools": message([{"type": "text", "text": "x"}, {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}], "tool_use",
-                     usage={"input_tokens": 1, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 2, "output_tokens": 3}),
+    "tools": message(
+        [{"type": "text", "text": "x"}, {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}],
+        "tool_use",
+        usage={"input_tokens": 1, "cache_read_input_tokens": 5, "cache_creation_input_tokens": 2, "output_tokens": 3},
+    ),
     "tool_only": message([{"type": "tool_use", "id": "t1", "name": "f", "input": {}}], "tool_use"),
-    "thinking": message([{"type": "thinking", "thinking": "hmm", "signature": "s"}, {"type": "text", "text": "ok"}], "max_tokens"),
+    "thinking": message(
+        [{"type": "thinking", "thinking": "hmm", "signature": "s"}, {"type": "text", "text": "ok"}], "max_tokens"
+    ),
 }
 
 
 @pytest.mark.parametrize("name", RESPONSES)
 def test_generated_completions_match_openai_response(name):
     _, exchange = OpenAIChatToAnthropic().prepare({"model": "claude", "messages": [{"role": "user", "content": "x"}]})
-    assert_valid("openai-openapi.yaml", "CreateChatCompletionResponse", json.loads(exchange.translate_body(200, RESPONSES[name])))
+    assert_valid(
+        "openai-openapi.yaml", "CreateChatCompletionResponse", json.loads(exchange.translate_body(200, RESPONSES[name]))
+    )
 
 
 def stream_chunks(raw: bytes) -> list[dict]:
@@ -117,8 +163,11 @@ def stream_chunks(raw: bytes) -> list[dict]:
     return [json.loads(f[6:]) for f in out.decode().split("\n\n") if f.startswith("data: {")]
 
 
-@pytest.mark.parametrize("raw", [b"".join(text_stream("a", "b")), FIXTURE.read_bytes(), *[p.read_bytes() for p in RECORDED]],
-                         ids=["text", "fixture", *[p.name for p in RECORDED]])
+@pytest.mark.parametrize(
+    "raw",
+    [b"".join(text_stream("a", "b")), FIXTURE.read_bytes(), *[p.read_bytes() for p in RECORDED]],
+    ids=["text", "fixture", *[p.name for p in RECORDED]],
+)
 def test_generated_chunks_match_openai_stream_response(raw):
     chunks = stream_chunks(raw)
     assert len(chunks) > 3
@@ -153,4 +202,6 @@ def test_recorded_real_responses_translate_to_valid_openai(status, body):
     assert translated["id"] == body["id"]
     tool_uses = [b for b in body["content"] if b["type"] == "tool_use"]
     calls = translated["choices"][0]["message"].get("tool_calls") or []
-    assert [(c["id"], json.loads(c["function"]["arguments"])) for c in calls] == [(b["id"], b["input"]) for b in tool_uses]
+    assert [(c["id"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (b["id"], b["input"]) for b in tool_uses
+    ]

@@ -57,16 +57,30 @@ def test_cache_control_and_context_management_dropped_and_named():
     assert body["user"] == "u" and not upstream.keep_query
 
 
-@pytest.mark.parametrize("request_part,param", [
-    ({"top_k": 5}, "top_k"),
-    ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
-                                                  "content": [{"type": "image", "source": {}}]}]}]}, "messages[0].content[0].content[0]"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"tool_choice": {"type": "any"}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "request_part,param",
+    [
+        ({"top_k": 5}, "top_k"),
+        ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].content[0]",
+        ),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"tool_choice": {"type": "any"}}, "tool_choice"),
+    ],
+)
 def test_parameters_without_a_faithful_equivalent_are_400s_naming_them(request_part, param):
     error = rejects(**request_part)
     assert error.param == param and param.split("[")[0] in error.message
@@ -83,14 +97,27 @@ def test_tool_choice_and_parallel_calls():
 
 
 def test_tool_use_and_results_in_order():
-    body, upstream = prepare(messages=[
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
-                                          {"type": "tool_use", "id": "a", "name": "f", "input": {"x": 1}},
-                                          {"type": "tool_use", "id": "b", "name": "g", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": [{"type": "text", "text": "1"}]},
-                                     {"type": "tool_result", "tool_use_id": "b", "content": "oops", "is_error": True},
-                                     {"type": "text", "text": "next"}]}])
+    body, upstream = prepare(
+        messages=[
+            {"role": "user", "content": "go"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "t", "signature": "s"},
+                    {"type": "tool_use", "id": "a", "name": "f", "input": {"x": 1}},
+                    {"type": "tool_use", "id": "b", "name": "g", "input": {}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "a", "content": [{"type": "text", "text": "1"}]},
+                    {"type": "tool_result", "tool_use_id": "b", "content": "oops", "is_error": True},
+                    {"type": "text", "text": "next"},
+                ],
+            },
+        ]
+    )
     assert body["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x":1}'}},
         {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}
@@ -101,7 +128,14 @@ def test_tool_use_and_results_in_order():
 
 
 def test_reasoning_mapping():
-    assert [effort_for_budget(n) for n in (1024, 2000, 4096, 10000, 16384, 64000)] == ["low", "low", "medium", "medium", "high", "high"]
+    assert [effort_for_budget(n) for n in (1024, 2000, 4096, 10000, 16384, 64000)] == [
+        "low",
+        "low",
+        "medium",
+        "medium",
+        "high",
+        "high",
+    ]
     body, up = prepare(model="o3", thinking={"type": "adaptive"}, output_config={"effort": "max"}, max_tokens=5)
     assert body["reasoning_effort"] == "high" and body["max_completion_tokens"] == 5
     assert up.dropped == ("output_config.effort", "thinking")
@@ -122,24 +156,54 @@ def test_structured_output_and_stream_usage():
 
 
 def completion(message: dict, finish: str = "stop", usage=None) -> bytes:
-    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [
-        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
-        "usage": usage or {"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}}}).encode()
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "usage": usage
+            or {"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}},
+        }
+    ).encode()
 
 
 def test_completion_to_message():
     out = json.loads(MessagesExchange("gpt-4o").translate_body(200, completion(
         {"content": "hi", "reasoning_content": "think", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}, "tool_calls")))
-    assert out == {"id": "msg_chatcmpl-1", "type": "message", "role": "assistant", "model": "gpt-4o",
-                   "content": [{"type": "thinking", "thinking": "think", "signature": ""},
-                               {"type": "text", "text": "hi", "citations": None},
-                               {"type": "tool_use", "id": "c", "name": "f", "input": {"a": 1}, "caller": {"type": "direct"}}],
-                   "stop_reason": "tool_use", "stop_sequence": None, "stop_details": None, "container": None,
-                   "usage": {"input_tokens": 6, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4, "output_tokens": 3,
-                             "server_tool_use": None, "cache_creation": None, "inference_geo": None, "service_tier": None}}
-    refusal = json.loads(MessagesExchange("m").translate_body(200, completion({"content": None, "refusal": "no"}, "content_filter")))
-    assert refusal["content"] == [{"type": "text", "text": "no", "citations": None}] and refusal["stop_reason"] == "refusal"
+    assert out == {
+        "id": "msg_chatcmpl-1",
+        "type": "message",
+        "role": "assistant",
+        "model": "gpt-4o",
+        "content": [
+            {"type": "thinking", "thinking": "think", "signature": ""},
+            {"type": "text", "text": "hi", "citations": None},
+            {"type": "tool_use", "id": "c", "name": "f", "input": {"a": 1}, "caller": {"type": "direct"}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "stop_details": None,
+        "container": None,
+        "usage": {
+            "input_tokens": 6,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 4,
+            "output_tokens": 3,
+            "server_tool_use": None,
+            "cache_creation": None,
+            "inference_geo": None,
+            "service_tier": None,
+        },
+    }
+    refusal = json.loads(
+        MessagesExchange("m").translate_body(200, completion({"content": None, "refusal": "no"}, "content_filter"))
+    )
+    assert (
+        refusal["content"] == [{"type": "text", "text": "no", "citations": None}]
+        and refusal["stop_reason"] == "refusal"
+    )
     deepseek = json.loads(MessagesExchange("m").translate_body(200, completion(
         {"content": "x"}, "length", {"prompt_tokens": 9, "completion_tokens": 1, "prompt_cache_hit_tokens": 5})))
     assert deepseek["stop_reason"] == "max_tokens" and deepseek["usage"]["cache_read_input_tokens"] == 5
@@ -147,20 +211,38 @@ def test_completion_to_message():
 
 def test_bad_tool_arguments_are_not_guessed():
     with pytest.raises(ValueError):
-        MessagesExchange("m").translate_body(200, completion({"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}))
+        MessagesExchange("m").translate_body(
+            200, completion({"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]})
+        )
 
 
-@pytest.mark.parametrize("status,kind", [(400, "invalid_request_error"), (401, "authentication_error"), (402, "billing_error"),
-                                         (403, "permission_error"), (404, "not_found_error"), (413, "request_too_large"),
-                                         (405, "invalid_request_error"), (429, "rate_limit_error"), (500, "api_error"),
-                                         (502, "api_error"), (504, "timeout_error"), (529, "overloaded_error")])
+@pytest.mark.parametrize(
+    "status,kind",
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (402, "billing_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (405, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (504, "timeout_error"),
+        (529, "overloaded_error"),
+    ],
+)
 def test_errors_by_status(status, kind):
     assert error_type(status) == kind
     body = json.dumps({"error": {"message": "m", "type": "whatever", "param": None, "code": None}}).encode()
     assert json.loads(MessagesExchange("m").translate_body(status, body)) == {
         "type": "error", "error": {"type": kind, "message": "m"}, "request_id": None}
     assert json.loads(MessagesExchange("m").translate_body(status, b"<html>")) == {
-        "type": "error", "error": {"type": kind, "message": f"provider returned HTTP {status}: <html>"}, "request_id": None}
+        "type": "error",
+        "error": {"type": kind, "message": f"provider returned HTTP {status}: <html>"},
+        "request_id": None,
+    }
     already = b'{"type":"error","error":{"type":"x","message":"y"}}'
     assert MessagesExchange("m").translate_body(status, already) is None
     assert json.loads(ANTHROPIC_MESSAGES.error_body(GatewayError(status, "g"))) == {
@@ -171,24 +253,44 @@ def test_errors_by_status(status, kind):
 
 
 def chunk(delta=None, finish=None, **extra) -> bytes:
-    body = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "model": "deepseek-reasoner",
-            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if delta is not None or finish else [], **extra}
+    body = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "model": "deepseek-reasoner",
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if delta is not None or finish else [],
+        **extra,
+    }
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-STREAM = b"".join([
-    chunk({"role": "assistant", "content": ""}),
-    chunk({"reasoning_content": "Let me think \u00e9\u4e2d."}),
-    chunk({"reasoning_content": " Done."}),
-    chunk({"content": "Answer: "}), chunk({"content": "two calls."}),
-    chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
-    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
-    chunk({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
-    chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
-    chunk(finish="tool_calls"),
-    chunk(usage={"prompt_tokens": 50, "completion_tokens": 20, "prompt_cache_hit_tokens": 30}),
-    b"data: [DONE]\n\n",
-])
+STREAM = b"".join(
+    [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning_content": "Let me think \u00e9\u4e2d."}),
+        chunk({"reasoning_content": " Done."}),
+        chunk({"content": "Answer: "}),
+        chunk({"content": "two calls."}),
+        chunk(
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}
+                ]
+            }
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+                ]
+            }
+        ),
+        chunk(finish="tool_calls"),
+        chunk(usage={"prompt_tokens": 50, "completion_tokens": 20, "prompt_cache_hit_tokens": 30}),
+        b"data: [DONE]\n\n",
+    ]
+)
 
 
 def translate(pieces) -> bytes:
@@ -210,18 +312,39 @@ def test_stream_event_sequence_indexes_and_usage():
     kinds = [(e["type"], e.get("index"), (e.get("content_block") or e.get("delta") or {}).get("type")) for e in out]
     assert kinds == [
         ("message_start", None, None),
-        ("content_block_start", 0, "thinking"), ("content_block_delta", 0, "thinking_delta"), ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_start", 0, "thinking"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "thinking_delta"),
         ("content_block_stop", 0, None),
-        ("content_block_start", 1, "text"), ("content_block_delta", 1, "text_delta"), ("content_block_delta", 1, "text_delta"),
+        ("content_block_start", 1, "text"),
+        ("content_block_delta", 1, "text_delta"),
+        ("content_block_delta", 1, "text_delta"),
         ("content_block_stop", 1, None),
-        ("content_block_start", 2, "tool_use"), ("content_block_delta", 2, "input_json_delta"), ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_start", 2, "tool_use"),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_delta", 2, "input_json_delta"),
         ("content_block_stop", 2, None),
-        ("content_block_start", 3, "tool_use"), ("content_block_delta", 3, "input_json_delta"), ("content_block_stop", 3, None),
-        ("message_delta", None, None), ("message_stop", None, None)]
-    assert out[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None, "stop_details": None, "container": None}
+        ("content_block_start", 3, "tool_use"),
+        ("content_block_delta", 3, "input_json_delta"),
+        ("content_block_stop", 3, None),
+        ("message_delta", None, None),
+        ("message_stop", None, None),
+    ]
+    assert out[-2]["delta"] == {
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "stop_details": None,
+        "container": None,
+    }
     assert out[-2]["usage"] == {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 30,
                                 "output_tokens": 20, "server_tool_use": None}
-    assert out[9]["content_block"] == {"type": "tool_use", "id": "call_a", "name": "f", "input": {}, "caller": {"type": "direct"}}
+    assert out[9]["content_block"] == {
+        "type": "tool_use",
+        "id": "call_a",
+        "name": "f",
+        "input": {},
+        "caller": {"type": "direct"},
+    }
     # the gateway's ledger reads the same bytes the client gets
     watcher = AnthropicStreamUsage()
     for piece in (translate([STREAM]), b""):
@@ -241,7 +364,11 @@ def test_every_split_offset_gives_the_same_bytes(newline):
 def test_stream_errors_and_cut_streams():
     error = b'data: {"error": {"message": "overloaded now", "type": "overloaded_error"}}\n\n'
     out = events(translate([chunk({"content": "a"}), error, chunk({"content": "never"})]))
-    assert out[-1] == {"type": "error", "error": {"type": "overloaded_error", "message": "overloaded now"}, "request_id": None}
+    assert out[-1] == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "overloaded now"},
+        "request_id": None,
+    }
     assert all(e.get("delta", {}).get("text") != "never" for e in out)
     cut = events(translate([chunk({"content": "a"})]))
     assert cut[-1]["type"] == "error" and cut[-2] == {"type": "content_block_stop", "index": 0}
@@ -280,8 +407,16 @@ def exchange_for(**request):
 
 
 def stopped(exchange, finish: str = "stop", **choice_extra) -> dict:
-    body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": finish, **choice_extra}]}).encode()
+    body = json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": finish, **choice_extra}
+            ],
+        }
+    ).encode()
     message = json.loads(exchange.translate_body(200, body))
     return {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}
 

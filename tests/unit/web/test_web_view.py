@@ -42,7 +42,10 @@ def test_a_stream_is_listed_event_by_event_without_repeating_fields():
     text = render_body(body, "text/event-stream")
     lines = text.splitlines()
     assert lines[0] == "3 events, as they went over the wire:"
-    assert lines[1] == '#1  {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [{"delta": {"role": "assistant"}}]}'
+    assert (
+        lines[1]
+        == '#1  {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [{"delta": {"role": "assistant"}}]}'
+    )
     assert lines[2] == '#2  {"choices": [{"delta": {"content": "Hi"}}]}'
     assert lines[3] == "#3  [DONE]"
 
@@ -64,7 +67,9 @@ def test_bodies_json_pretty_and_empty_or_missing_said_so():
 
 
 def gateway_flow(answered: str | None = None, keep: bool = True) -> http.HTTPFlow:
-    upstream_body = json.dumps({"model": "claude-x", "max_tokens": 4096, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    upstream_body = json.dumps(
+        {"model": "claude-x", "max_tokens": 4096, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
     req = tutils.treq(method=b"POST", host="api.anthropic.com", port=443, scheme=b"https", path=b"/v1/messages",
                       content=upstream_body)
     req.headers.clear()
@@ -78,19 +83,36 @@ def gateway_flow(answered: str | None = None, keep: bool = True) -> http.HTTPFlo
                                         {"content-type": "application/json"})
     if keep:
         f.metadata["record"] = {
-            "client_request": {"method": "POST", "path": "/v1/chat/completions", "http_version": "HTTP/1.1",
-                               "headers": [["host", "127.0.0.1:8080"], ["authorization", "Bearer vkfp:abababababababab"],
-                                           ["content-encoding", "gzip"]],
-                               "content": gzip.compress(b'{"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}')},
-            "upstream": {"status": 200, "reason": "OK", "headers": [["content-type", "text/event-stream"]],
-                         "pieces": [sse(("message_start", {"type": "message_start"})), sse(("message_stop", {"type": "message_stop"}))]},
+            "client_request": {
+                "method": "POST",
+                "path": "/v1/chat/completions",
+                "http_version": "HTTP/1.1",
+                "headers": [
+                    ["host", "127.0.0.1:8080"],
+                    ["authorization", "Bearer vkfp:abababababababab"],
+                    ["content-encoding", "gzip"],
+                ],
+                "content": gzip.compress(b'{"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}'),
+            },
+            "upstream": {
+                "status": 200,
+                "reason": "OK",
+                "headers": [["content-type", "text/event-stream"]],
+                "pieces": [
+                    sse(("message_start", {"type": "message_start"})),
+                    sse(("message_stop", {"type": "message_stop"})),
+                ],
+            },
         }
     return f
 
 
 def test_the_request_view_shows_the_client_request_then_the_upstream_one():
     text = request_sides(gateway_flow())
-    client, upstream = text.index("CLIENT → GATEWAY   POST /v1/chat/completions"), text.index("GATEWAY → PROVIDER (anthropic)")
+    client, upstream = (
+        text.index("CLIENT → GATEWAY   POST /v1/chat/completions"),
+        text.index("GATEWAY → PROVIDER (anthropic)"),
+    )
     assert text.startswith("Routed by the gateway: key team-a → anthropic, model claude-x")
     assert client < upstream
     assert '"content": "hi"' in text[client:upstream]  # the client's gzip body, decoded for display

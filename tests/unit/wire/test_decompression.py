@@ -18,7 +18,9 @@ from addon.wire.bounded import TooLarge, zstd
 
 MB = 1024 * 1024
 GiB = 1024 * MB
-BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": os.urandom(4000).hex()}] * 20}).encode()
+BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": os.urandom(4000).hex()}] * 20}
+).encode()
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])

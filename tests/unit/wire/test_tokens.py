@@ -15,7 +15,12 @@ def sse(*chunks) -> bytes:
 
 
 def chunk(delta, finish=None, **extra):
-    return {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
 
 
 DEEPSEEK = sse(
@@ -109,7 +114,10 @@ def test_recorded_openai_stream():
 
 
 def test_usage_from_bodies():
-    body = {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 8}}}
+    body = {
+        "choices": [],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 8}},
+    }
     assert usage_from_body(json.dumps(body).encode()) == Usage(20, 5, 8)
     assert usage_from_body(b'{"error": {"message": "x"}}') is None
     assert usage_from_body(b"<html>usage</html>") is None
