@@ -14,7 +14,7 @@ recorded provider traffic. Request headers tune streams (the gateway forwards th
                          between adds to each chunk (OpenAI streams)
   x-bench-open: 1        with x-bench-stamp: the stream goes on, a stamped event every G ms,
                          until `POST /bench/end` (to this provider, not through a proxy) ends every
-                         stream begun before it at its next event; then it ends as a stream does
+                         stream begun before it, at once, as a stream ends
 
     python bench/fakeprovider.py [--port 0]     prints "PORT <n>" once listening
 """
@@ -116,7 +116,8 @@ STAMP_PLACEHOLDER = b"T" + b"0" * 19
 # one OpenAI content event, its text the placeholder a stamp replaces at write time
 STAMPED_EVENT = openai_events(5)[1].replace(b" word0", STAMP_PLACEHOLDER)
 END_REPLY = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-streams_end_ns = 0  # POST /bench/end: open streams begun before this end at their next event
+streams_end_ns = 0  # POST /bench/end: open streams begun before this end, at once
+streams_ended = asyncio.Event()  # set (and replaced) at each POST /bench/end: wakes them
 
 
 def stamped_chunk() -> bytes:
@@ -183,8 +184,10 @@ class Server(asyncio.Protocol):
             self.buf = self.buf[total:]
             line = head[:head.find(b"\r\n")]
             if line.startswith(b"post /bench/end "):
-                global streams_end_ns
+                global streams_end_ns, streams_ended
                 streams_end_ns = time.monotonic_ns()
+                streams_ended.set()
+                streams_ended = asyncio.Event()
                 self.transport.write(END_REPLY)
                 continue
             anthropic = b"/messages" in line
@@ -236,7 +239,14 @@ class Server(asyncio.Protocol):
         if first:
             await asyncio.sleep(first)
         while (streams_end_ns < begun) if open_ended else sent < n:
-            if gap:
+            if gap and open_ended:
+                try:  # the pause, cut short by POST /bench/end
+                    async with asyncio.timeout(gap):
+                        await streams_ended.wait()
+                    break
+                except TimeoutError:
+                    pass
+            elif gap:
                 await asyncio.sleep(gap)
             if self.transport.is_closing():
                 return

@@ -90,10 +90,10 @@ class Settings:
     memory_requests: int = 50_000  # per target
     translator_repeats: int = 200  # in-process 200-event streams
     latency_streams: tuple[int, ...] = (100, 1000, 5000)  # stream_latency: concurrent streams per cell
-    latency_rate: int = 2000  # stamped chunks per second over all the streams (each: one every N/rate s)
+    latency_rate: int = 1000  # stamped chunks per second over all the streams (each: one every N/rate s)
     latency_window_s: float = 2.0  # chunks counted once all N are open
     latency_rounds: int = 3  # rounds at 1,000 streams (the targets' cell); one at the other counts
-    latency_budget_s: float = 300  # no further cell is begun after this long (a machine too busy)
+    latency_budget_s: float = 180  # then no cell waits for its streams to open, nor begins (a machine too busy)
 
 
 QUICK = Settings(rounds=1, duration=1.0, connections=(1, 16), stream_iterations=5, concurrent_streams=50,
@@ -909,6 +909,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="JSON result path (default bench/results/bench-<time>.json)")
     ap.add_argument("--rounds", type=int, help="alternating rounds per throughput cell")
     ap.add_argument("--duration", type=float, help="seconds per wrk round")
+    ap.add_argument("--latency-rate", type=int, help="stream_latency: chunks per second over all the streams "
+                    f"(default {Settings.latency_rate}; lower on a busy machine)")
     ap.add_argument("--only", help=f"comma-separated subset of: {','.join(SECTIONS)} (for focused before/after runs)")
     args = ap.parse_args(argv)
     # --quick alone skips the fleet (it starts HAProxy, Redis, nginx and N+3 gateways): --only fleet --quick
@@ -921,6 +923,8 @@ def main(argv=None) -> int:
         s.rounds = args.rounds
     if args.duration:
         s.duration = args.duration
+    if args.latency_rate:
+        s.latency_rate = args.latency_rate
     if not shutil.which("wrk"):
         print(
             "bench: wrk not found; install it (Debian/Ubuntu: apt-get install wrk) or use ./run.sh bench",
