@@ -116,6 +116,7 @@ class AnthropicMessages:
     needs_messages = True
     max_output_fields: tuple[str, ...] = ("max_tokens",)
     choices_field = None
+    stored_input_fields: tuple[str, ...] = ()  # fields naming input the provider stores (Responses')
 
     def output_field(self, provider: str) -> str | None:
         return "max_tokens" if self.max_output_fields else None

@@ -206,6 +206,7 @@ class InboundAPI(Protocol):
     usage_in_stream: bool  # False: the gateway asks upstream for stream usage (see prepare_usage)
     max_output_fields: tuple[str, ...]  # fields bounding one answer's output, first set wins; () no output
     choices_field: str | None  # the field asking for several answers (chat's "n"), if any
+    stored_input_fields: tuple[str, ...]  # fields naming input the provider adds from what it stores
 
     def output_field(self, provider: str) -> str | None:
         """The field a key's max_output_tokens is sent in to `provider` when the client names none."""

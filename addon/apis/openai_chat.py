@@ -25,6 +25,7 @@ class OpenAIChat:
     # several answers (policy/worstcase.py holds their product)
     max_output_fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     choices_field: str | None = "n"
+    stored_input_fields: tuple[str, ...] = ()  # fields naming input the provider stores (Responses')
 
     def output_field(self, provider: str) -> str | None:
         """The field a key's max_output_tokens is sent in to `provider` (the request as the
