@@ -49,7 +49,7 @@ PROBE_FIRST_MS = 50
 AT = 1000  # the targets' stream count
 WARM_UP_STREAMS = 8
 END_MARGIN_S = 10
-MIN_RAMP_S = 5  # what a cell gets to open its streams when the section's budget is spent
+MIN_RAMP_S = 5  # what a ramp gets when the section's budget is spent
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -172,7 +172,8 @@ def request(port: int, spec: tuple[str, bytes, dict], extra: dict[str, str]) -> 
 async def measure(pools: tuple[Pool, Pool], spec, fake_port: int, n: int, gap_ms: int, window_s: float,
                   deadline: float) -> dict:
     """N open-ended streams through the target of `pools` (streams, probes), then the window. The
-    window begins when all are open, or at `deadline` (time.monotonic()) with those open then."""
+    window begins when all are open, or at `deadline` (time.monotonic()) with those open then
+    (at least MIN_RAMP_S after the start)."""
     pool, probe_pool = pools
     cell = Cell()
     long_req = request(pool.port, spec, {"x-bench-stamp": "1", "x-bench-open": "1", "x-bench-gap-ms": str(gap_ms)})
@@ -326,13 +327,20 @@ async def cells(s, ports: dict[str, int], specs: dict, fake_port: int) -> tuple[
                       "(the machine is too busy for these numbers to mean much)", flush=True)
                 continue
             gap_ms = max(1, round(n * 1000 / s.latency_rate))
-            rounds: dict[str, list] = {name: [] for name in ports}
-            for rnd in range(s.latency_rounds if n == AT else 1):
+            # bare mitmdump up to s.latency_bare_max streams: opening a stream costs it about as much
+            # CPU as the gateway (5 ms here), 30 s and more for 5,000, and the targets need it at 1,000
+            names = [name for name in ports if name != "bare" or n <= s.latency_bare_max]
+            rounds: dict[str, list] = {name: [] for name in names}
+            n_rounds = s.latency_rounds if n == AT else 1
+            # what is left of the budget, shared by this cell's ramps alike (each at least MIN_RAMP_S)
+            allowance = max(MIN_RAMP_S, (deadline - time.monotonic()) / (n_rounds * len(names)))
+            for rnd in range(n_rounds):
                 if rnd and time.monotonic() > deadline:
                     break  # (a cell measured once at least)
                 # each round alternates the order, so a slow stretch of the machine falls on each side
-                for name in list(ports) if (i + rnd) % 2 == 0 else list(ports)[::-1]:
-                    r = await measure(pools[name], specs[name], fake_port, n, gap_ms, s.latency_window_s, deadline)
+                for name in names if (i + rnd) % 2 == 0 else names[::-1]:
+                    r = await measure(pools[name], specs[name], fake_port, n, gap_ms, s.latency_window_s,
+                                      time.monotonic() + allowance)
                     rounds[name].append(r)
                     print(f"  {n:5d} streams {name:8s} ramp {r['ramp_s']:5.1f} s  "
                           f"per chunk p50 {fmt_ms(r['chunk_p50_ms'])} p99 {fmt_ms(r['chunk_p99_ms'])} "
@@ -346,9 +354,11 @@ async def cells(s, ports: dict[str, int], specs: dict, fake_port: int) -> tuple[
                         pools[name][0].close()  # its last cell: free the connections (file descriptors)
             row = out[str(n)] = {name: summary(rs) for name, rs in rounds.items()}
             # what a proxy adds over the one before it: per round (the two measured back to back), median
-            row["gateway_added"] = added(rounds["gateway"], rounds["bare"], rounds["bare"])
+            bare = rounds.get("bare", [])
+            if bare:
+                row["gateway_added"] = added(rounds["gateway"], bare, bare)
             if "fleet" in rounds:
-                row["fleet_added"] = added(rounds["fleet"], rounds["gateway"], rounds["bare"])
+                row["fleet_added"] = added(rounds["fleet"], rounds["gateway"], bare)
     finally:
         for stream_pool, probe_pool in pools.values():
             stream_pool.close()
@@ -381,7 +391,7 @@ def whole(r: dict) -> bool:
 def added(rs: list[dict], base: list[dict], bare: list[dict]) -> dict:
     """What `rs` adds over `base` (per chunk) and over `bare` (first chunk), round by round (rounds
     where both sides were whole): median; None when no round was."""
-    def minus(key: str, a: list[dict], b: list[dict]) -> float | None:
+    def minus(key: str, a: list[dict], b: list[dict]) -> float | None:  # (b empty: None)
         return median([x[key] - y[key] for x, y in zip(a, b) if whole(x) and whole(y)
                        and x[key] is not None and y[key] is not None])
     return {"chunk_p50_ms": minus("chunk_p50_ms", rs, base), "chunk_p99_ms": minus("chunk_p99_ms", rs, base),
@@ -424,8 +434,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
                                  ("first_chunk_p50_ms", "first chunk (TTFC) p50", "first_chunk_over_bare_ms")):
             fleet = (f"fleet {fmt(row['fleet'][key])} ({'+' if (fa[over] or 0) >= 0 else ''}{fmt(fa[over])} "
                      f"over {'bare' if over.endswith('bare_ms') else 'gw'})") if fa else ""
-            out.append((f"{n} streams, added latency {label} ms", fmt(row["bare"][key]), fmt(row["gateway"][key]),
-                        fleet))
+            bare = fmt(row["bare"][key]) if "bare" in row else "n/a"
+            out.append((f"{n} streams, added latency {label} ms", bare, fmt(row["gateway"][key]), fleet))
     if not sl["fleet"]["available"]:
         out.append(("stream latency: fleet", "", "", f"n/a: {sl['fleet']['reason']}"))
     if sl.get("skipped"):
