@@ -39,6 +39,7 @@ from addon.providers.registry import PROVIDERS  # noqa: E402
 from addon.translate.registry import PAIRS  # noqa: E402
 from fakeprovider import anthropic_events, openai_events  # noqa: E402
 import fleetbench as fleet_bench  # noqa: E402  (bench/fleetbench.py: the fleet section)
+import largebody as large_body  # noqa: E402  (bench/largebody.py: the large_body section)
 import streamlatency as stream_latency  # noqa: E402  (bench/streamlatency.py: per-chunk latency, fleet included)
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -95,12 +96,13 @@ class Settings:
     latency_rounds: int = 3  # rounds at 1,000 streams (the targets' cell); one at the other counts
     latency_budget_s: float = 150  # shared by the ramps; then no count begins (a machine too busy)
     latency_bare_max: int = 1000  # bare mitmdump is measured up to this many streams (opening them costs)
+    large_burst: int = 24  # large_body: ~31 MB requests sent at once by one rpm-5 key
 
 
 QUICK = Settings(rounds=1, duration=1.0, connections=(1, 16), stream_iterations=5, concurrent_streams=50,
                  concurrent_events=6, concurrent_gap_ms=50, memory_requests=2000, translator_repeats=20,
                  latency_streams=(30,), latency_rate=1000, latency_window_s=0.3, latency_rounds=1,
-                 latency_budget_s=60)
+                 latency_budget_s=60, large_burst=8)
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -187,6 +189,9 @@ class Stack:
             base_path = urlsplit(PROVIDERS[provider].default_base_url).path
             keys["virtual_keys"][f"vk_bench_{scenario}"] = {
                 "provider": provider, "api_key": f"sk-bench-{provider}-0000000000", "base_url": fake_url + base_path}
+        # the large_body section's burst: a key limited to a few requests a minute
+        keys["virtual_keys"][large_body.BURST_KEY] = {"provider": "openai", "api_key": "sk-bench-rpm-0000000000",
+                                                      "base_url": fake_url + "/v1", "rpm": large_body.BURST_RPM}
         # a key that reserves (budget and max_parallel, never reached): instructions.py --key vk_bench_budget
         keys["virtual_keys"][BUDGET_KEY] = {
             "provider": "openai",
@@ -713,57 +718,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def health_during_large_body(stack: Stack, s: Settings) -> dict:
-    """/health latency on the gateway alone, and while another client's ~30 MB chat request is read,
-    parsed and forwarded (one key holder's large body must not stall every client).
-    Sequential GETs on one keep-alive connection; latencies in ms."""
-    import http.client
-    import threading
-
-    port = stack.ports["gateway"]
-
-    def health(until) -> list[float]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        out: list[float] = []
-        while not until() or not out:
-            t = time.perf_counter()
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            out.append((time.perf_counter() - t) * 1000)
-        conn.close()
-        return out
-
-    def summary(xs: list[float]) -> dict:
-        xs = sorted(xs)
-        return {
-            "n": len(xs),
-            "p50_ms": xs[len(xs) // 2],
-            "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
-            "max_ms": xs[-1],
-        }
-
-    end = time.monotonic() + s.duration
-    alone = health(lambda: time.monotonic() >= end)
-    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 16,
-                       "messages": [{"role": "user", "content": "x" * 1_000_000} for _ in range(30)]}).encode()
-    big: dict = {}
-
-    def send_big() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        t = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body, {**SDK_HEADERS, "Authorization": "Bearer vk_bench_openai"})
-        response = conn.getresponse()
-        response.read()
-        big.update(status=response.status, seconds=time.perf_counter() - t)
-        conn.close()
-
-    sender = threading.Thread(target=send_big, daemon=True)
-    sender.start()
-    during = health(lambda: not sender.is_alive())
-    sender.join()
-    return {"body_mb": len(body) / 1e6, "large_request": big, "alone": summary(alone), "during": summary(during)}
-
-
 # --- report ----------------------------------------------------------------------------------
 
 def targets(res: dict) -> list[dict]:
@@ -781,6 +735,7 @@ def targets(res: dict) -> list[dict]:
             add(f"{scenario} added p50 at c=1 (ms)", row["added_p50_ms"], "<= 0.2", row["added_p50_ms"] <= 0.2)
     fleet_bench.targets(res, add)
     stream_latency.targets(res, add)
+    large_body.targets(res, add)
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
@@ -873,13 +828,7 @@ def print_table(res: dict) -> None:
     if "direct" in res:
         d = res["direct"]
         rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
-    if "large_body" in res:
-        lb = res["large_body"]
-        # (columns here: the gateway alone | while another client's large request is handled)
-        rows.append((f"/health p50 ms: alone | during a {lb['body_mb']:.0f} MB request", fmt(lb["alone"]["p50_ms"]),
-                     fmt(lb["during"]["p50_ms"]), ""))
-        rows.append((f"/health p99 ms: alone | during a {lb['body_mb']:.0f} MB request", fmt(lb["alone"]["p99_ms"]),
-                     fmt(lb["during"]["p99_ms"]), f"max {fmt(lb['during']['max_ms'])}"))
+    rows += large_body.rows(res)
     rows += stream_latency.rows(res)
     rows += fleet_bench.rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -970,8 +919,9 @@ def main(argv=None) -> int:
                 lambda: failover_cost(stack, s) if has_targets() else {},
             ),
             "large_body": (
-                "/health latency while a 30 MB request is handled",
-                lambda: health_during_large_body(stack, s),
+                f"/health latency while a {large_body.BODY_MB} MB request is handled (untranslated, translated); "
+                f"{large_body.BURST} of them at once from an rpm-{large_body.BURST_RPM} key",
+                lambda: large_body.section(stack, s, SDK_HEADERS, rss_mb),
             ),
             "stream_latency": (
                 f"latency added per chunk, {'/'.join(map(str, s.latency_streams))} concurrent streams: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import codecs
 import json
 import re
 
@@ -50,13 +51,29 @@ def _no_constant(name: str):
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
 
 
+DECODE_PIECE = 1024 * 1024  # bytes of a large body decoded to text per call (_text)
+
+
 def _loads(raw: bytes | str) -> object:
     """json.loads(raw, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)."""
     if isinstance(raw, str):
         if raw.startswith("\ufeff"):
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", raw, 0)
         return _DECODER.decode(raw)
-    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+    return _DECODER.decode(_text(raw, json.detect_encoding(raw)))
+
+
+def _text(raw: bytes, encoding: str) -> str:
+    """raw.decode(encoding, "surrogatepass"); a large body a piece at a time: one call over 30 MB
+    holds the GIL for tens of milliseconds, and a body that large is parsed in a worker thread
+    precisely so the event loop can run meanwhile."""
+    if len(raw) <= 4 * DECODE_PIECE:
+        return raw.decode(encoding, "surrogatepass")
+    decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+    view = memoryview(raw)
+    parts = [decoder.decode(view[start:start + DECODE_PIECE]) for start in range(0, len(raw), DECODE_PIECE)]
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
 
 
 def json_object(raw: bytes) -> dict:
@@ -105,9 +122,33 @@ def _may_hold_surrogates(raw: bytes | str) -> bool:
         return True
     if raw[:1] == b"\x00" or raw[1:2] == b"\x00" or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return True  # UTF-16 or UTF-32 (json.detect_encoding's cases)
-    if (b"\\ud" in raw or b"\\uD" in raw) and (b"\\\\u" in raw or _LONE_ESCAPE.search(raw) is not None):
+    if (_has(raw, b"\\ud") or _has(raw, b"\\uD")) and (_has(raw, b"\\\\u") or _found(_LONE_ESCAPE, raw)):
         return True  # (two byte searches for most bodies: the pattern runs only where a surrogate is escaped)
-    return b"\xed" in raw and _UTF8_SURROGATE.search(raw) is not None
+    return _has(raw, b"\xed") and _found(_UTF8_SURROGATE, raw)
+
+
+def _found(pattern: re.Pattern, raw: bytes) -> bool:
+    """pattern.search(raw) is not None, DECODE_PIECE bytes per call. Pieces overlap by more than a
+    match's length; one that ends inside a match's lookahead may report a pair cut there as lone
+    (the body is then walked: exact), never the other way round."""
+    if len(raw) <= 4 * DECODE_PIECE:
+        return pattern.search(raw) is not None
+    for start in range(0, len(raw), DECODE_PIECE):
+        if pattern.search(raw, max(0, start - 16), start + DECODE_PIECE) is not None:
+            return True
+    return False
+
+
+def _has(raw: bytes, needle: bytes) -> bool:
+    """needle in raw, searched DECODE_PIECE bytes per call (a worker thread's large body: no call
+    holds the GIL long)."""
+    if len(raw) <= 4 * DECODE_PIECE:
+        return needle in raw
+    overlap = len(needle) - 1
+    for start in range(0, len(raw), DECODE_PIECE):
+        if raw.find(needle, start, start + DECODE_PIECE + overlap) >= 0:
+            return True
+    return False
 
 
 def _bad(text: str) -> bool:

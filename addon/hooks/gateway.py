@@ -8,6 +8,7 @@ instead. Nothing here branches on an API or provider: the tables do (routing/rou
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import logging
@@ -36,7 +37,7 @@ from addon.hooks.headers import (ACCOUNT_HEADERS, CLIENT_SECRETS, drop_hop_by_ho
 from addon.hooks.local import HEALTH_PATHS, MODELS_PATHS, answer_health, answer_models
 from addon.hooks.messages import Fields, field_value, framing_fields, lower_names, plain_content, replace_body
 from addon.hooks.patches import attempts, wirekeys
-from addon.hooks.patches.limits import limits, too_large
+from addon.hooks.patches.limits import held, limits, too_large
 from addon.policy import owners, rules, targets
 from addon.policy.keys import KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
 from addon.policy.store import MemoryStore, UsageStore
@@ -45,13 +46,19 @@ from addon.routing.routes import ROUTES, SERVED, Route, describe_route, resource
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.keyplaces import cookie_key, header_key, hide_path, query_key, without_key_params
+from addon.wire.sse import large_bodies
 from addon.wire.streams import fail_closed_stream
 
 log = logging.getLogger("gateway")
 
 # request bodies above this, and any with a content-encoding (up to max_request_mb once decoded),
-# are decoded and parsed in a worker thread (route_off_loop)
+# are decoded, parsed and translated in a worker thread (route_off_loop)
 OFF_LOOP_BYTES = 1024 * 1024
+# large bodies parsed and prepared at once, each from its parse to its prepared body in one go (in
+# LARGE_BODIES's thread): a burst of them must not hold a parse's worth of memory (several times
+# the body) for each. One: the work holds the GIL, so a second thread would not make it faster
+LARGE_AT_ONCE = 1
+LARGE_BODIES = concurrent.futures.ThreadPoolExecutor(max_workers=LARGE_AT_ONCE, thread_name_prefix="gateway-large-body")
 
 class Routing(NamedTuple):
     """A request being routed: what route() found, for prepare/dispatch/forward (and a retry)."""
@@ -141,6 +148,16 @@ _KEY_HEADERS_AFTER_AUTHORIZATION = (b"x-api-key", b"api-key", b"x-goog-api-key")
 _ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 
+async def off_loop(fn, *args):
+    """fn(*args) in the LARGE_BODIES thread, where JSON is encoded in pieces (wire/sse.json_bytes)."""
+    return await asyncio.get_running_loop().run_in_executor(LARGE_BODIES, _large_body_work, fn, args)
+
+
+def _large_body_work(fn, args):
+    large_bodies.on = True
+    return fn(*args)
+
+
 def read_body(request: http.Request, names: list[bytes], api: InboundAPI) -> tuple[bytes, dict]:
     """The request body decoded (content-encoding, bounded by max_request_mb) and parsed by its
     API: (plain bytes, object). Touches nothing shared: bodies over OFF_LOOP_BYTES run it in a thread."""
@@ -164,6 +181,11 @@ class Gateway:
         self.exchanges: dict[str, tuple[object, InboundAPI, tuple[str, ...]]] = {}
         self.markers: dict[bytes, bytes] = {}  # an authenticated client's key header -> its marker
         self.failovers: dict[str, FailoverRoute] = {}  # in-flight requests of keys with several targets
+        # requests of limited keys past their headers, not yet admitted or refused (bodies being
+        # read): flow id -> key fingerprint, and per fingerprint how many (rules.admit_early)
+        self.gated: dict[str, str] = {}
+        self.pending: dict[str, int] = {}
+        self.large = asyncio.Semaphore(LARGE_AT_ONCE)  # large bodies being parsed and prepared (route_off_loop)
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -212,11 +234,34 @@ class Gateway:
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
+            self.ungate(flow)
             return None
         try:
-            return self.route(flow)  # an awaitable when the store must be asked over the network
+            routing = self.route(flow)  # an awaitable when the store must be asked over the network
         except Exception as e:
             self.refuse(flow, e)
+            routing = None
+        if routing is None or flow.id not in self.gated:
+            self.ungate(flow)
+            return routing
+        return self.ungate_after(flow, routing)
+
+    async def ungate_after(self, flow: http.HTTPFlow, routing: Awaitable[None]) -> None:
+        try:
+            await routing
+        finally:
+            self.ungate(flow)
+
+    def ungate(self, flow: http.HTTPFlow) -> None:
+        """The request was admitted (now counted by the store) or refused, or it ended: it no
+        longer counts as pending for its key (rules.admit_early)."""
+        fingerprint = self.gated.pop(flow.id, None)
+        if fingerprint is not None:
+            left = self.pending[fingerprint] - 1
+            if left:
+                self.pending[fingerprint] = left
+            else:
+                del self.pending[fingerprint]
 
     def refuse(self, flow: http.HTTPFlow, e: Exception) -> None:
         """Answer a request whose routing raised (called in the except block)."""
@@ -287,6 +332,8 @@ class Gateway:
                 response.headers.update(RETRY_AT_ONCE)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if self.gated:
+            self.ungate(flow)  # answered before its body was all read (413, too many bytes held)
         self.finish(flow)
         flow.comment = row_comment(flow)  # with the model and the answer, once both are known
 
@@ -319,6 +366,8 @@ class Gateway:
                 provider_error(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if self.gated:
+            self.ungate(flow)  # the client left while its body was read
         self.failovers.pop(flow.id, None)
         self.exchanges.pop(flow.id, None)
         wirekeys.forget(flow.id)
@@ -382,8 +431,16 @@ class Gateway:
             meta.update(key=key.name, fingerprint=key.fingerprint, provider=key.provider, client_path=shown_path)
             flow.comment = describe_route(meta) + getattr(api, "label", "")  # "... (embeddings)"
             declared = field_value(fields, names, b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limits.body:
+            size = int(declared) if declared is not None and declared.isdigit() else 0
+            if size > limits.body:
                 raise too_large(limits.body)
+            if key.policy.limits is not None:  # before the body is read: what its limits refuse whatever it holds
+                rules.admit_early(key, self.store, time.time(), self.pending.get(key.fingerprint, 0))
+            if size and held.would_pass(size):  # the process holds too many request bytes: not this one too
+                raise held.busy()
+            if key.policy.limits is not None:
+                self.gated[flow.id] = key.fingerprint
+                self.pending[key.fingerprint] = self.pending.get(key.fingerprint, 0) + 1
         finally:
             if not CLIENT_SECRETS.isdisjoint(names):
                 hide_client_secrets(request, fields, names, self.markers if "fingerprint" in meta else None)
@@ -431,21 +488,39 @@ class Gateway:
             return self.route_off_loop(context)
         return self.route_parsed(context, read_body(request, names, api))
 
-    async def route_off_loop(self, context: tuple) -> None:
-        """A large body's decoding and JSON parse run in a worker thread, so the event loop
-        serves other clients (/health, small requests) meanwhile; this request's hook waits."""
-        flow = context[0]
+    async def route_off_loop(self, context: Routing) -> None:
+        """A large body's decoding, JSON parse and preparation (a translation: a new body as
+        large) run in a worker thread, so the event loop serves other clients (/health, small
+        requests) meanwhile; this request's hook waits. What touches shared state (the target's
+        pick, admission) stays on the loop."""
+        flow = context.flow
         try:
-            parsed = await asyncio.to_thread(read_body, flow.request, context[1], context[2])
-            if flow.response is not None or flow.error is not None or not flow.live:  # the client went away meanwhile
+            async with self.large:  # (parsed one after another, each would wait with its parse for a turn to prepare)
+                if flow.response is not None or flow.error is not None or not flow.live:  # the client went away meanwhile
+                    return
+                parsed = await off_loop(read_body, flow.request, context.names, context.api)
+                if flow.response is not None or flow.error is not None or not flow.live:
+                    return
+                context = self.choose(context, parsed)
+                prepared = await off_loop(prepare, parsed, context)
+                refers = owners.refers(context.api, parsed[1], "")
+                del parsed  # (the body as parsed: several times its bytes, not needed while the store is asked)
+            if flow.response is not None or flow.error is not None or not flow.live:
                 return
-            pending = self.route_parsed(context, parsed)
+            pending = self.dispatch(context, "", prepared, refers)
             if pending is not None:
+                del prepared
                 await pending
         except Exception as e:
             self.refuse(flow, e)
 
     def route_parsed(self, context: Routing, parsed: tuple[bytes, dict]) -> Awaitable[None] | None:
+        context = self.choose(context, parsed)
+        return self.dispatch(context, "", prepare(parsed, context), owners.refers(context.api, parsed[1], ""))
+
+    def choose(self, context: Routing, parsed: tuple[bytes, dict]) -> Routing:
+        """A key with several targets: keep the client's body for a retry, and pick again when
+        the first pick cools down for the model the body names."""
         failover = self.failovers.get(context.flow.id) if context.key.failover else None
         if failover is not None:
             failover.raw = parsed[0]  # a retry prepares the client's body again for its target
@@ -453,7 +528,7 @@ class Gateway:
             if type(model) is str:
                 failover.requested = model
                 context = self.pick_for_model(context, failover, model)
-        return self.dispatch(context, "", prepare(parsed, context), owners.refers(context.api, parsed[1], ""))
+        return context
 
     def pick_for_model(self, context: Routing, failover: FailoverRoute, model: str) -> Routing:
         """The first pick was made before the body named the model: when the picked target is

@@ -67,8 +67,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from addon.policy.store import (
-    BUCKET, OWNER_TTL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS, CooldownTable, Demand, Due, Limits,
-    Spend, StoreUnavailable, Verdict, spend_of,
+    BUCKET, BUDGET_TOKENS, BUDGET_USD, OWNER_TTL, PARALLEL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS,
+    RPM, CooldownTable, Demand, Due, Limits, Spend, StoreUnavailable, Verdict, spend_of,
 )
 from addon.wire.tokens import Usage
 from addon.wire.secreturl import masked_url
@@ -81,6 +81,7 @@ SEED_BATCH = 1000  # ledger buckets per round trip when Redis is seeded
 COOLDOWN_SYNC = 0.5  # seconds between two pulls of the shared cooldowns
 COOLDOWN_KEPT = 60.0  # seconds an ended cooldown no request looked at stays in the local table
 SEED_LOCK_S = 10  # seconds one gateway may hold the seeding lock (a gateway that dies loading: another takes over)
+REFUSAL_KEPT = 1.0  # seconds peek() repeats a refusal that came without a wait (a budget used up)
 UNSEEDED = "unseeded"  # the scripts' answer when Redis has no `<prefix>seeded` marker (it lost its data)
 
 # KEYS: rpm, tpm, held, spend, the seeded marker, bg. ARGV: now, rpm, tpm, budget_tokens, budget_usd, period, max_parallel,
@@ -402,6 +403,9 @@ class RedisStore(CooldownTable):
         # trip, or they would hold budget and a max_parallel slot until they expire
         self._lost: list[tuple] = []
         self._held: dict[str, dict[str, tuple[int, float]]] = {}  # key -> ticket -> worst case: what renew() renews
+        # key -> (the last refusal Redis gave, until when it stands): what peek() answers at the
+        # headers of the key's next requests without a round trip
+        self._refused: dict[str, tuple[Verdict, float]] = {}
         self._renewals: list[tuple[float, asyncio.Future]] = []  # renew() calls not yet sent: (now, future)
         self.seeds: list[tuple] = []  # ledger rows to load if Redis is empty (seed_spend/seed_tokens)
         self.owner_seeds: list[tuple[str, str, float]] = []  # stored responses' owners from the ledger (seed_owner)
@@ -466,11 +470,36 @@ class RedisStore(CooldownTable):
             raise StoreUnavailable(str(e)) from None
         self.up()
         if answer[0] == "":
+            self._refused.pop(key, None)
             if len(answer) > 1:
                 self._held.setdefault(key, {})[answer[1]] = (demand.tokens, demand.usd)
                 return Verdict(answer[1])
             return Verdict()
-        return Verdict(None, answer[0], float(answer[1]), float(answer[2]))
+        verdict = Verdict(None, answer[0], float(answer[1]), float(answer[2]))
+        # kept for peek() only when it holds whatever a next request asks: an rpm window full (until
+        # its wait), a budget used up (a moment: spend only grows until the period moves on)
+        if (verdict.refused == RPM or (verdict.refused == BUDGET_TOKENS and verdict.used >= (limits.budget_tokens or 0))
+                or (verdict.refused == BUDGET_USD and verdict.used >= (limits.budget_usd or 0))):
+            self._refused[key] = (verdict, now + (verdict.wait or REFUSAL_KEPT))
+        return verdict
+
+    def peek(self, key: str, limits: Limits, pending: int, now: float) -> Verdict:
+        """Without a round trip: the refusal Redis last gave this key while it stands (an rpm
+        window full until its wait, a budget used up for REFUSAL_KEPT), and rpm or max_parallel
+        full with this gateway's own requests of the key (bodies being read, reservations it
+        holds). The fleet-wide check is reserve()'s, at admission."""
+        refused = self._refused.get(key)
+        if refused is not None:
+            if refused[1] > now:
+                return refused[0]._replace(wait=refused[1] - now)
+            del self._refused[key]
+        if limits.rpm is not None and pending >= limits.rpm:
+            return Verdict(None, RPM, PARALLEL_RETRY, limits.rpm)
+        if limits.max_parallel is not None:
+            mine = len(self._held.get(key, ())) + pending
+            if mine >= limits.max_parallel:
+                return Verdict(None, PARALLEL, PARALLEL_RETRY, mine)
+        return Verdict()
 
     async def spend(self, key: str, period: int | None, now: float) -> Spend:
         """Tokens and dollars spent in the last `period` seconds (None: ever); for metrics."""

@@ -78,6 +78,30 @@ async def _ticket_later(
     return ticket(verdict, policy, demand, model)
 
 
+def admit_early(key: VirtualKey, store: UsageStore, now: float, pending: int) -> None:
+    """At the request's headers, before its body is read (a body can be tens of megabytes): raise
+    the 429 that rpm, max_parallel, or a budget or tpm already used up would give whatever the
+    body. `pending`: this process's requests of the key past this point whose bodies are still
+    being read, or not yet admitted: they count as if admitted. Counts nothing: `admit` does, once
+    the body is read."""
+    limits = key.policy.limits
+    if limits is None:
+        return
+    verdict = store.peek(key.fingerprint, limits, pending, now)
+    if verdict.refused is None:
+        return
+    policy = key.policy
+    if verdict.refused == BUDGET_TOKENS:
+        raise GatewayError(429, f"token budget of this virtual key is used up ({verdict.used:.0f} of {policy.budget_tokens}"
+                           f"{_period(policy.budget_period)} used or held)", code="budget_exceeded", headers=NO_RETRY)
+    if verdict.refused == BUDGET_USD:
+        raise GatewayError(429, f"dollar budget of this virtual key is used up (${verdict.used:.4f} of ${policy.budget_usd:g}"
+                           f"{_period(policy.budget_period)} used or held)", code="budget_exceeded", headers=NO_RETRY)
+    if verdict.refused == TPM:
+        raise _rate_limited(f"tokens per minute limit of this virtual key reached (tpm {policy.tpm})", verdict.wait)
+    ticket(verdict, policy, NO_DEMAND)  # rpm, max_parallel: the same words as at admission
+
+
 def ticket(verdict: Verdict, policy: KeyPolicy, demand: Demand, model: str | None = None) -> str | None:
     """The store's answer as the ticket of an admitted request, or the client's error."""
     refused = verdict.refused

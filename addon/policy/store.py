@@ -156,6 +156,12 @@ class UsageStore(Protocol):
         parallel slot (when limits.reserves), atomically. Raises (or the awaitable raises)
         StoreUnavailable when the store cannot be asked."""
 
+    def peek(self, key: str, limits: Limits, pending: int, now: float) -> Verdict:
+        """At a request's headers, before its body is read: the refusal reserve() would give
+        whatever the body (rpm or max_parallel full, counting `pending`: this process's requests
+        of the key whose bodies are being read; a budget or tpm already used up), else ADMITTED.
+        Counts and holds nothing; sync and local (RedisStore: what it last heard)."""
+
     def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
         """Replace a reservation by the real usage. Never waits."""
 
@@ -361,6 +367,38 @@ class MemoryStore(CooldownTable):
             self._held[key] = held
         held[ticket] = [demand.tokens, demand.usd, now + self.lease]
         return Verdict(ticket)
+
+    def peek(self, key: str, limits: Limits, pending: int, now: float) -> Verdict:
+        held = self._live(key, now)
+        if limits.budget_tokens is not None or limits.budget_usd is not None:
+            held_tokens = held_usd = 0
+            for tokens, usd, _ in held.values():
+                held_tokens += tokens
+                held_usd += usd
+            spent = self.spend(key, limits.budget_period, now)
+            if limits.budget_tokens is not None and not fits(spent.tokens + held_tokens, 0, limits.budget_tokens):
+                return Verdict(None, BUDGET_TOKENS, 0.0, spent.tokens + held_tokens)
+            if limits.budget_usd is not None and not fits(spent.usd + held_usd, 0, limits.budget_usd):
+                return Verdict(None, BUDGET_USD, 0.0, spent.usd + held_usd)
+        if limits.tpm is not None:
+            if self.before_read is not None:
+                self.before_read()
+            used = self._expire_tokens(key, now)
+            if used >= limits.tpm:  # nothing fits until some of the window's tokens leave it
+                return Verdict(None, TPM, self.tokens_wait(key, limits.tpm, now, 1, bool(held)) or PARALLEL_RETRY, used)
+        if limits.max_parallel is not None and len(held) + pending >= limits.max_parallel:
+            return Verdict(None, PARALLEL, PARALLEL_RETRY, len(held) + pending)
+        if limits.rpm is not None:
+            times = self._requests.get(key)
+            while times and times[0] <= now - MINUTE:
+                times.popleft()
+            counted = len(times) if times else 0
+            if counted + pending >= limits.rpm:
+                # the window full: until its oldest request that must leave has; else the bodies
+                # being read fill it, and are admitted (or not) within moments
+                wait = times[counted - limits.rpm] + MINUTE - now if counted >= limits.rpm else PARALLEL_RETRY
+                return Verdict(None, RPM, min(MINUTE, max(wait, 0.0)), limits.rpm)
+        return ADMITTED
 
     def settle(self, key: str, ticket: str, tokens: int, usd: float, when: float) -> None:
         self.release(key, ticket)

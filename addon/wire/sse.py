@@ -8,8 +8,9 @@ held back except an incomplete event.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
-from json.encoder import c_make_encoder, encode_basestring
+from json.encoder import c_make_encoder, encode_basestring, encode_basestring_ascii
 
 
 class SSEDecoder:
@@ -86,14 +87,82 @@ compact_json = json_encoder(",", ":")
 _ascii_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
+class _Large(threading.local):
+    on = False  # this thread encodes a large body: in pieces (json_bytes)
+
+
+large_bodies = _Large()
+PIECE = 256 * 1024  # characters of a string, or of a container's direct strings, encoded in one C call
+
+
 def json_bytes(obj: object) -> bytes:
     """compact_json as UTF-8 bytes. A string holding an unpaired surrogate (JSON's "\\ud800"
     escape parses to one) has no UTF-8 form: then every non-ASCII character is escaped, as the
-    sender's JSON had it, instead of failing."""
+    sender's JSON had it, instead of failing. In a thread that prepares a large body
+    (`large_bodies.on`), in pieces: the same bytes (json_pieces)."""
+    if large_bodies.on:
+        return json_pieces(obj)
     try:
         return compact_json(obj).encode()
     except UnicodeEncodeError:
         return _ascii_json(obj).encode()
+
+
+def json_pieces(obj: object) -> bytes:
+    """json_bytes(obj), made without one C call over the whole of it: the C encoder holds the GIL
+    for as long as it runs (about 300 ms for 31 MB), which stalls the event loop as surely as
+    running there. Here no call encodes more than about PIECE characters of strings (a longer
+    string is cut), and between calls the loop may run."""
+    out: list[bytes] = []
+    try:
+        _pieces(obj, out, compact_json, encode_basestring)
+    except UnicodeEncodeError:  # as json_bytes: every non-ASCII character escaped, everywhere
+        out = []
+        _pieces(obj, out, _ascii_json, encode_basestring_ascii)
+    return b"".join(out)
+
+
+def _pieces(obj: object, out: list[bytes], encode: Callable[[object], str], quote: Callable[[str], str]) -> None:
+    kind = type(obj)
+    if kind is str:
+        if len(obj) <= PIECE:
+            out.append(encode(obj).encode())
+            return
+        out.append(b'"')
+        for start in range(0, len(obj), PIECE):
+            out.append(quote(obj[start:start + PIECE])[1:-1].encode())
+        out.append(b'"')
+    elif (kind is dict or kind is list) and not _small(obj):
+        if kind is dict:
+            out.append(b"{")
+            for i, (name, value) in enumerate(obj.items()):
+                out.append((b"," if i else b"") + encode(name).encode() + b":")
+                _pieces(value, out, encode, quote)
+            out.append(b"}")
+        else:
+            out.append(b"[")
+            for i, value in enumerate(obj):
+                if i:
+                    out.append(b",")
+                _pieces(value, out, encode, quote)
+            out.append(b"]")
+    else:
+        out.append(encode(obj).encode())
+
+
+def _small(container: dict | list) -> bool:
+    """Encoded in one call: a container of scalars whose strings (keys too) total at most PIECE."""
+    total = 0
+    for item in (container.items() if type(container) is dict else container):
+        for value in (item if type(container) is dict else (item,)):
+            kind = type(value)
+            if kind is str:
+                total += len(value)
+                if total > PIECE:
+                    return False
+            elif kind is dict or kind is list:
+                return False
+    return True
 
 
 def encode_data(obj: dict) -> bytes:

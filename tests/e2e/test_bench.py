@@ -97,11 +97,19 @@ def test_translator_cpu_measured_when_anthropic_exists(result):
     assert tr["messages"]["us_per_event"] > 0
 
 
-def test_large_body_section_measured_health_alone_and_during_a_30_mb_request(result):
+def test_large_body_section_measured_health_alone_and_during_31_mb_requests_and_a_burst(result):
     lb = result["large_body"]
-    assert lb["body_mb"] > 29 and lb["large_request"]["status"] == 200  # routed and answered, not refused
-    for side in ("alone", "during"):
+    assert lb["body_mb"] > 30
+    for side in ("untranslated", "translated"):
+        assert lb[side]["large_request"]["status"] == 200  # routed and answered, not refused
+    for side in ("alone", "untranslated", "translated"):
         assert lb[side]["n"] > 0 and 0 < lb[side]["p50_ms"] <= lb[side]["p99_ms"] <= lb[side]["max_ms"]
+    burst = lb["burst"]
+    assert burst["statuses"] == {"200": 5, "429": burst["requests"] - 5}  # the rpm-5 key's five, the rest refused
+    assert 0 < burst["rss_before_mb"] <= burst["rss_peak_mb"] and burst["rss_after_5s_mb"] > 0
+    names = [t["name"] for t in result["targets"]]
+    assert any(n.startswith("/health p99 during a 31 MB translated request") for n in names)
+    assert any("peak RSS" in n for n in names) and any(n.startswith("memory back 5 s after") for n in names)
 
 
 def test_stream_latency_section_measured_every_chunk_of_bare_and_gateway(result):

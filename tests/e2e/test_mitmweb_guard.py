@@ -86,6 +86,7 @@ READ_ONLY_OPTIONS = {
     "keys_file",
     "keys_reload_ms",
     "max_attempts",
+    "max_buffered_mb",
     "max_request_header_kb",
     "max_request_mb",
     "metrics_host",
