@@ -34,13 +34,19 @@ TRANSLATED_P99_FLOOR_MS = 150
 def body(mb: int = BODY_MB) -> bytes:
     """An OpenAI chat request of `mb` MiB: 31 user messages of 1 MiB less a little."""
     piece = "x" * (1024 * 1024 - 64)
-    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 16,
-                       "messages": [{"role": "user", "content": piece} for _ in range(mb)]}).encode()
+    return json.dumps(
+        {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": piece} for _ in range(mb)]}
+    ).encode()
 
 
 def summary(xs: list[float]) -> dict:
     xs = sorted(xs)
-    return {"n": len(xs), "p50_ms": xs[len(xs) // 2], "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))], "max_ms": xs[-1]}
+    return {
+        "n": len(xs),
+        "p50_ms": xs[len(xs) // 2],
+        "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))],
+        "max_ms": xs[-1],
+    }
 
 
 def health(port: int, until) -> list[float]:
@@ -108,9 +114,17 @@ def burst(stack, payload: bytes, headers: dict, rss_mb, count: int = BURST) -> d
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r.get("status"))] = statuses.get(str(r.get("status")), 0) + 1
-    return {"requests": count, "rpm": BURST_RPM, "body_mb": len(payload) / 2**20, "seconds": seconds, "statuses": statuses,
-            "rss_before_mb": before, "rss_peak_mb": max(peak[0], *after), "rss_at_end_mb": after[0],
-            "rss_after_5s_mb": after[-1]}
+    return {
+        "requests": count,
+        "rpm": BURST_RPM,
+        "body_mb": len(payload) / 2**20,
+        "seconds": seconds,
+        "statuses": statuses,
+        "rss_before_mb": before,
+        "rss_peak_mb": max(peak[0], *after),
+        "rss_at_end_mb": after[0],
+        "rss_after_5s_mb": after[-1],
+    }
 
 
 def section(stack, s, headers: dict, rss_mb) -> dict:
@@ -136,33 +150,61 @@ def targets(res: dict, add) -> None:
     if "translated" in lb:
         limit = max(TRANSLATED_P99_FLOOR_MS, 1.5 * lb["untranslated"]["p99_ms"])
         value = lb["translated"]["p99_ms"]
-        add(f"/health p99 during a {lb['body_mb']:.0f} MB translated request (ms)", value,
-            f"<= {limit:.0f} (max of {TRANSLATED_P99_FLOOR_MS}, 1.5 x untranslated)", value <= limit)
+        add(
+            f"/health p99 during a {lb['body_mb']:.0f} MB translated request (ms)",
+            value,
+            f"<= {limit:.0f} (max of {TRANSLATED_P99_FLOOR_MS}, 1.5 x untranslated)",
+            value <= limit,
+        )
     b = lb.get("burst")
     if b:
-        add(f"{b['requests']} x {b['body_mb']:.0f} MB at once from an rpm-{b['rpm']} key: peak RSS (MB)", b["rss_peak_mb"],
-            f"< {PEAK_TARGET_MB}", b["rss_peak_mb"] < PEAK_TARGET_MB)
+        add(
+            f"{b['requests']} x {b['body_mb']:.0f} MB at once from an rpm-{b['rpm']} key: peak RSS (MB)",
+            b["rss_peak_mb"],
+            f"< {PEAK_TARGET_MB}",
+            b["rss_peak_mb"] < PEAK_TARGET_MB,
+        )
         back = b["rss_after_5s_mb"] - b["rss_before_mb"]
-        add(f"memory back {SETTLE_S:.0f} s after the burst: RSS over before (MB)", back, f"<= {BACK_WITHIN_MB}",
-            back <= BACK_WITHIN_MB)
+        add(
+            f"memory back {SETTLE_S:.0f} s after the burst: RSS over before (MB)",
+            back,
+            f"<= {BACK_WITHIN_MB}",
+            back <= BACK_WITHIN_MB,
+        )
 
 
 def rows(res: dict) -> list[tuple[str, str, str, str]]:
     from run import fmt
+
     lb = res.get("large_body")
     if not lb:
         return []
     out = []
     mb = f"{lb['body_mb']:.0f} MB"
-    for label, key in ((f"during an untranslated {mb} request", "untranslated"), (f"during a translated {mb} request", "translated")):
+    for label, key in (
+        (f"during an untranslated {mb} request", "untranslated"),
+        (f"during a translated {mb} request", "translated"),
+    ):
         if key in lb:
             row = lb[key]
-            out.append((f"/health p50 | p99 ms: alone | {label}", f"{fmt(lb['alone']['p50_ms'])} | {fmt(lb['alone']['p99_ms'])}",
-                        f"{fmt(row['p50_ms'])} | {fmt(row['p99_ms'])}", f"max {fmt(row['max_ms'])}, "
-                        f"request {row['large_request'].get('status')} in {fmt(row['large_request'].get('seconds'))} s"))
+            out.append(
+                (
+                    f"/health p50 | p99 ms: alone | {label}",
+                    f"{fmt(lb['alone']['p50_ms'])} | {fmt(lb['alone']['p99_ms'])}",
+                    f"{fmt(row['p50_ms'])} | {fmt(row['p99_ms'])}",
+                    f"max {fmt(row['max_ms'])}, "
+                    f"request {row['large_request'].get('status')} in {fmt(row['large_request'].get('seconds'))} s",
+                )
+            )
     b = lb.get("burst")
     if b:
-        out.append((f"{b['requests']} x {b['body_mb']:.0f} MB from an rpm-{b['rpm']} key: RSS MB before | peak",
-                    fmt(b["rss_before_mb"], 0), fmt(b["rss_peak_mb"], 0),
-                    f"end {fmt(b['rss_at_end_mb'], 0)}, +5 s {fmt(b['rss_after_5s_mb'], 0)}; {b['statuses']} in {fmt(b['seconds'])} s"))
+        out.append(
+            (
+                f"{b['requests']} x {b['body_mb']:.0f} MB from an rpm-{b['rpm']} key: RSS MB before | peak",
+                fmt(b["rss_before_mb"], 0),
+                fmt(b["rss_peak_mb"], 0),
+                f"end {fmt(b['rss_at_end_mb'], 0)}, +5 s {fmt(b['rss_after_5s_mb'], 0)}; "
+                f"{b['statuses']} in {fmt(b['seconds'])} s",
+            )
+        )
     return out

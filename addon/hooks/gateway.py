@@ -496,7 +496,7 @@ class Gateway:
         flow = context.flow
         try:
             async with self.large:  # (parsed one after another, each would wait with its parse for a turn to prepare)
-                if flow.response is not None or flow.error is not None or not flow.live:  # the client went away meanwhile
+                if flow.response is not None or flow.error is not None or not flow.live:  # the client left meanwhile
                     return
                 parsed = await off_loop(read_body, flow.request, context.names, context.api)
                 if flow.response is not None or flow.error is not None or not flow.live:

@@ -22,8 +22,13 @@ MB = 1024 * 1024
 
 
 def head(length: int | None, key: str, path: bytes = b"/v1/chat/completions") -> bytes:
-    lines = [b"POST " + path + b" HTTP/1.1", b"Host: gw", b"Content-Type: application/json",
-             b"Authorization: Bearer " + key.encode(), b"anthropic-version: 2023-06-01"]
+    lines = [
+        b"POST " + path + b" HTTP/1.1",
+        b"Host: gw",
+        b"Content-Type: application/json",
+        b"Authorization: Bearer " + key.encode(),
+        b"anthropic-version: 2023-06-01",
+    ]
     lines.append(b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -31,8 +36,9 @@ def head(length: int | None, key: str, path: bytes = b"/v1/chat/completions") ->
 def body(size: int) -> bytes:
     """A chat request of about `size` bytes."""
     pad = max(0, size - 120)
-    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 1,
-                       "messages": [{"role": "user", "content": "x" * pad}]}).encode()
+    return json.dumps(
+        {"model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * pad}]}
+    ).encode()
 
 
 def answer_of(sock: socket.socket, timeout: float = 10) -> tuple[int | None, dict | None]:
@@ -60,7 +66,9 @@ def length_of(data: bytes) -> int:
     return 0
 
 
-def headers_only(port: int, length: int, key: str, path: bytes = b"/v1/chat/completions") -> tuple[int | None, dict | None]:
+def headers_only(
+    port: int, length: int, key: str, path: bytes = b"/v1/chat/completions"
+) -> tuple[int | None, dict | None]:
     """Send a request's head (announcing `length` body bytes) and nothing more: what comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head(length, key, path))
@@ -89,11 +97,11 @@ def test_bodies_being_read_count_toward_rpm(provider, gateway_factory):
     socks = [socket.create_connection(("127.0.0.1", gw.port), timeout=30) for _ in range(2)]
     try:
         for sock in socks:
-            sock.sendall(head(len(payload), "vk_rpm2") + payload[:4 * MB])
+            sock.sendall(head(len(payload), "vk_rpm2") + payload[: 4 * MB])
         status, error = headers_only(gw.port, len(payload), "vk_rpm2")
         assert status == 429 and error["error"]["code"] == "rate_limit_exceeded", (status, error)
         for sock in socks:
-            sock.sendall(payload[4 * MB:])
+            sock.sendall(payload[4 * MB :])
         assert [answer_of(sock, 30)[0] for sock in socks] == [200, 200]
     finally:
         for sock in socks:
@@ -139,25 +147,27 @@ def test_past_max_buffered_mb_a_request_gets_a_503_in_its_apis_shape(provider, g
     gw = gateway_factory(keys, ["--set", "max_buffered_mb=8"])
     # announced past the cap: at the headers, nothing read
     status, error = headers_only(gw.port, 10 * MB, "vk_a")
-    assert status == 503 and error["error"]["code"] == "gateway_busy" and "max_buffered_mb 8" in error["error"]["message"]
+    assert (
+        status == 503 and error["error"]["code"] == "gateway_busy" and "max_buffered_mb 8" in error["error"]["message"]
+    )
     status, error = headers_only(gw.port, 10 * MB, "vk_a", b"/v1/messages")
     assert status == 503 and error["type"] == "error" and error["error"]["type"] == "api_error", error
     # under it alone, but not with another body held: A's 5 MB are in, B's chunked body passes the cap
     a_payload = body(6 * MB)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as a:
-        a.sendall(head(len(a_payload), "vk_a") + a_payload[:5 * MB])
+        a.sendall(head(len(a_payload), "vk_a") + a_payload[: 5 * MB])
         with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as b:
             b.sendall(head(None, "vk_b"))
             b_payload = body(6 * MB)
             for start in range(0, len(b_payload), MB):
-                piece = b_payload[start:start + MB]
+                piece = b_payload[start : start + MB]
                 try:
                     b.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
                 except (BrokenPipeError, ConnectionResetError):
                     break
             status, error = answer_of(b)
             assert status == 503 and error["error"]["code"] == "gateway_busy", (status, error)
-        a.sendall(a_payload[5 * MB:])  # A was never refused: it goes through
+        a.sendall(a_payload[5 * MB :])  # A was never refused: it goes through
         assert answer_of(a, 30)[0] == 200
     assert [json.loads(r.body)["messages"][0]["content"][:3] for r in provider.received] == ["xxx"]
     # every byte counted was released: the cap's worth goes through again

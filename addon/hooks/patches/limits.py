@@ -116,8 +116,8 @@ class _Held:
         return self.total + more > self.cap
 
     def busy(self) -> GatewayError:
-        return GatewayError(503, f"the gateway holds too many request bodies right now (max_buffered_mb {self.cap // MB}); "
-                                 "retry shortly", code="gateway_busy", type="server_error", headers={"retry-after": "1"})
+        message = f"the gateway holds too many request bodies right now (max_buffered_mb {self.cap // MB}); retry soon"
+        return GatewayError(503, message, code="gateway_busy", type="server_error", headers={"retry-after": "1"})
 
     def grow(self, flow_id: str, size: int) -> bool:
         """The flow's body is `size` bytes so far; False (nothing counted) when that would pass the cap."""
@@ -337,7 +337,8 @@ def _read_body(self: _http1.Http1Server, event):
         self.state = self.done
 
 
-_stream = Patches(HttpStream, check_body_size=_check_body_size, state_wait_for_request_headers=_wait_for_request_headers)
+_stream = Patches(HttpStream, check_body_size=_check_body_size,
+                  state_wait_for_request_headers=_wait_for_request_headers)
 _server = Patches(_http1.Http1Server, read_headers=_read_headers, read_body=_read_body)
 
 

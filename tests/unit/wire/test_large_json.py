@@ -4,7 +4,6 @@ a lone surrogate is found wherever the pieces are cut."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
@@ -16,9 +15,12 @@ from addon.wire import sse
 from addon.wire.errors import GatewayError
 from tests.conftest import examples
 
-text = st.text(max_size=40) | st.sampled_from(["a\ud800b", "é" * 30, "\n\"\\" * 9, "😀" * 20])
-values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
-                      lambda inner: st.lists(inner, max_size=5) | st.dictionaries(text, inner, max_size=5), max_leaves=30)
+text = st.text(max_size=40) | st.sampled_from(["a\ud800b", "é" * 30, '\n"\\' * 9, "😀" * 20])
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(text, inner, max_size=5),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=examples(300), deadline=None)
