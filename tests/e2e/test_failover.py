@@ -1,4 +1,4 @@
-"""Several targets per virtual key (issue #14), through a real gateway and the official openai SDK
+"""Several targets per virtual key, through a real gateway and the official openai SDK
 with max_retries=0: what is tested is the gateway's own failover, never the SDK's retries.
 
 Targets are told apart by the path of their base_url on the fake provider (/a, /b, ...) and by

@@ -1,4 +1,4 @@
-"""Several targets per key (#14), the edges: a failed last attempt that could not connect still
+"""Several targets per key, the edges: a failed last attempt that could not connect still
 tells the SDK to retry when a healthy target is left; a stored response is asked for at the target
 that made it, and only there; budgets reserve what the most generous target may answer. Through a
 real gateway and the official SDKs with max_retries=0 (test_failover.py has the helpers)."""

@@ -610,7 +610,7 @@ def test_the_local_redis_password_is_new_at_each_start_and_only_in_a_0600_file(t
 
 def test_workers_auto_is_one_per_core_sharing_the_redis_given(provider):
     """GATEWAY_WORKERS=auto REDIS_URL=... ./run.sh: one worker per core, no local redis-server,
-    limits in the Redis given (the issue's third command)."""
+    limits in the Redis given."""
     from tests.services.redis import RedisServer
 
     cores = len(os.sched_getaffinity(0))

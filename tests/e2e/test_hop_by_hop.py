@@ -1,9 +1,9 @@
 """Hop-by-hop headers as RFC 9110 (7.6.1) says, and `x-gateway-attempts` on every answer of a key
 with several targets.
 
-A client's `Connection: authorization` used to be forwarded next to the real key: a compliant
-proxy between the gateway and the provider then drops the real key (401, and a 600 s cooldown).
-The gateway's own 502/504 pages for such a key lacked `x-gateway-attempts`.
+A client's `Connection: authorization` must not be forwarded next to the real key: a compliant proxy
+between the gateway and the provider would drop the real key (401, and a 600 s cooldown). The
+gateway's own 502/504 pages for such a key carry `x-gateway-attempts` too.
 """
 
 from __future__ import annotations

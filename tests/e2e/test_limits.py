@@ -1,4 +1,4 @@
-"""Issue #11, break 1 (and 12's trailers): request size limits, through a real gateway process.
+"""Request size limits (trailers included), through a real gateway process.
 
 Attacks are reproduced on loopback, bounded in size; memory is read from /proc/PID/status of the
 gateway under test (VmHWM: the peak, so a body buffered and freed again still shows).

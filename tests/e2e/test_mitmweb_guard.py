@@ -309,8 +309,8 @@ def test_the_attack_cut_save_then_script_run_is_refused(web, provider_server):
     time.sleep(0.5)
     assert not pwned.exists()
     assert refusals(web, "command cut.save") == 1 and refusals(web, "command script.run") == 1
-    # the keys file and the recording file are read-only: the issue pointed keys_file at the
-    # user's own file (env: keys that sent secrets to their host) and record_file anywhere
+    # the keys file and the recording file are read-only: keys_file pointed at the user's own
+    # file would send env: secrets to their host, and record_file could write anywhere
     evil_keys = web.tmp / "evil-keys.json"
     evil_keys.write_text(
         json.dumps({"virtual_keys": {"vk_evil_00000000": {"provider": "openai", "api_key": "env:PATH"}}})

@@ -1,4 +1,4 @@
-"""Issue #11, break 3: keys never reach mitmweb, and a mitmweb user cannot redirect the real key.
+"""Keys never reach mitmweb, and a mitmweb user cannot redirect the real key.
 
 A real mitmweb runs the gateway; the test talks to its JSON API and /updates websocket as a
 logged-in user would (the web engineer's browser tests cover what the UI displays).

@@ -1,4 +1,4 @@
-"""Issue #11, break 5 (item 4): a large body's decoding and JSON parse run in a worker thread, so
+"""A large body's decoding and JSON parse run in a worker thread, so
 the gateway keeps answering other clients meanwhile. No timing assertion: the test counts /health
 answers that complete after a compressed body was sent and before the provider received it."""
 

@@ -1,4 +1,4 @@
-"""The keys file's `targets` and `pools` (issue 14): parsing, validation, labels, ids, served_model."""
+"""The keys file's `targets` and `pools`: parsing, validation, labels, ids, served_model."""
 
 import json
 import runpy

@@ -28,7 +28,7 @@ def count(db: Path, where: str = "1") -> int:
         con.close()
 
 
-# --- break 8: bad provider numbers --------------------------------------------------------
+# --- bad provider numbers --------------------------------------------------------
 
 def test_provider_numbers_are_clamped_to_the_documented_maximum():
     assert usage_from_dict({"prompt_tokens": 10**30, "completion_tokens": 3,
@@ -71,7 +71,7 @@ def test_an_older_ledger_file_gets_the_estimated_column(tmp_path):
     con.close()
 
 
-# --- break 7: a deleted ledger, a full disk -------------------------------------------------
+# --- a deleted ledger, a full disk -------------------------------------------------
 
 def remove_ledger(db: Path) -> None:
     for suffix in ("", "-wal", "-shm"):  # rm usage.sqlite3*
