@@ -36,7 +36,7 @@ from addon.hooks.reload import KeysReloader
 from addon.hooks.stores import StoreChoice
 from addon.hooks.streamends import StreamEnds
 from addon.hooks.timeouts import StreamIdleTimeout, UpstreamTimeout
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.recording.recorder import Recorder, Snapshot
 from addon.web.contentview import WebViews
 from addon.web.listing import WebListing

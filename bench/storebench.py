@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from addon.policy.store import Demand, Limits, MemoryStore  # noqa: E402
+from addon.policy.memory_store import MemoryStore  # noqa: E402
+from addon.policy.store import Demand, Limits  # noqa: E402
 
 LIMITS = {"rpm": Limits(rpm=1_000_000_000),
           "budget": Limits(budget_tokens=10**15, max_parallel=10_000)}

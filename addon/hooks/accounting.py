@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL ledger is used
 from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
 from addon.policy.owners import record
-from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due, MemoryStore, UsageStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due, UsageStore
 from addon.hooks.timeouts import seconds_option
 from addon.apis.openai_responses import ENDED, RUNNING, ResponsesStreamUsage, response_state
 from addon.wire.streams import frame_for_new_length

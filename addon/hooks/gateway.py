@@ -40,7 +40,8 @@ from addon.hooks.patches import attempts, wirekeys
 from addon.hooks.patches.limits import held, limits, too_large
 from addon.policy import owners, rules, targets
 from addon.policy.keys import KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
-from addon.policy.store import MemoryStore, UsageStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import UsageStore
 from addon.routing.prepare import parse_body, prepare
 from addon.routing.routes import ROUTES, SERVED, Route, describe_route, resource_request
 from addon.wire.bounded import TooLarge

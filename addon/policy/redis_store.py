@@ -66,9 +66,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from addon.policy.cooldowns import CooldownTable
 from addon.policy.store import (
     BUCKET, BUDGET_TOKENS, BUDGET_USD, OWNER_TTL, PARALLEL, PARALLEL_RETRY, RESERVATION_LEASE, RETENTION_HOURS,
-    RPM, CooldownTable, Demand, Due, Limits, Spend, StoreUnavailable, Verdict, spend_of,
+    RPM, Demand, Due, Limits, Spend, StoreUnavailable, Verdict, spend_of,
 )
 from addon.wire.tokens import Usage
 from addon.wire.secreturl import masked_url

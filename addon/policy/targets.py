@@ -44,7 +44,7 @@ log = logging.getLogger("gateway")
 
 
 class Cooldowns(Protocol):
-    """What pick() needs of the store (policy/store.py CooldownTable)."""
+    """What pick() needs of the store (policy/cooldowns.py CooldownTable)."""
 
     def cooldown_until(self, target_id: str) -> float: ...
 

@@ -3,7 +3,7 @@
 import pytest
 from mitmproxy.test import taddons
 
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.hooks.stores import StoreChoice
 
 

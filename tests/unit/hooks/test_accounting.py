@@ -59,7 +59,7 @@ def test_flows_loaded_from_a_file_are_not_counted_again():
     import json
     from mitmproxy.test import taddons, tflow, tutils
     from addon.hooks.accounting import UsageAccounting
-    from addon.policy.store import MemoryStore
+    from addon.policy.memory_store import MemoryStore
 
     store = MemoryStore()
     accounting = UsageAccounting(store)
@@ -95,7 +95,7 @@ def _finished_flow(fingerprint: str, tokens: tuple[int, int] = (5, 2)):
 def test_counting_waits_for_a_batch_but_every_read_of_usage_sees_it_first():
     from mitmproxy.test import taddons
     from addon.hooks.accounting import UsageAccounting
-    from addon.policy.store import MemoryStore
+    from addon.policy.memory_store import MemoryStore
 
     store = MemoryStore()
     accounting = UsageAccounting(store)
@@ -117,7 +117,7 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
     from mitmproxy.test import taddons
     from addon.usage import sqlite
     from addon.hooks.accounting import UsageAccounting
-    from addon.policy.store import MemoryStore
+    from addon.policy.memory_store import MemoryStore
 
     async def go():
         store = MemoryStore()

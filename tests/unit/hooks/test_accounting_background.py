@@ -8,7 +8,8 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.hooks.accounting import BACKGROUND_HOLD, UsageAccounting
-from addon.policy.store import Due, MemoryStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import Due
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])

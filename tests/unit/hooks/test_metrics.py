@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port
 from addon.hooks.chain import AddonChain
 from addon.hooks.gateway import Gateway
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.hooks.accounting import UsageAccounting
 from addon.hooks.metrics import OTHER, Metrics, ModelLabels
 from addon.policy.keys import parse_keys

@@ -13,7 +13,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.hooks.optionguard import OptionGuard
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.hooks.stores import StoreChoice
 from addon.wire.secreturl import masked_url, resolve
 from addon.hooks.accounting import UsageAccounting

@@ -6,7 +6,8 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.policy.redis_store import RedisStore
-from addon.policy.store import Demand, Limits, MemoryStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import Demand, Limits
 from addon.hooks.stores import StoreChoice
 
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from addon.policy.store import BUDGET_TOKENS, BUDGET_USD, TPM, Demand, Due, Limits, MemoryStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import BUDGET_TOKENS, BUDGET_USD, TPM, Demand, Due, Limits
 from addon.wire.tokens import Usage
 
 META = json.dumps({"key": "k", "model": "gpt-4o", "price": [2.5, 10.0, 1.25]})

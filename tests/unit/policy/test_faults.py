@@ -10,7 +10,7 @@ import random
 import pytest
 
 from addon.policy.keys import parse_keys
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.policy.targets import MODEL, REQUEST, TARGET, cool, fault, healthy, pick, retry_after
 
 NOW = 1_800_000_000.0
@@ -226,7 +226,7 @@ def test_a_whole_target_cooldown_covers_every_model():
 def test_cooldowns_of_models_nobody_asks_for_again_do_not_pile_up():
     """Per-model cooldowns are named by a model the client chose: those no pick looks at again
     are dropped once over, as the table grows."""
-    from addon.policy.store import COOLDOWNS_SWEEP
+    from addon.policy.cooldowns import COOLDOWNS_SWEEP
 
     vk, store = key(("openai", {}), ("openai", {})), MemoryStore()
     for i in range(50_000):  # a model a second, each cooling 30 s

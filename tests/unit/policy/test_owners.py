@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from addon.policy import owners
-from addon.policy.store import OWNER_TTL, OWNERS_PER_KEY, MemoryStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import OWNER_TTL, OWNERS_PER_KEY
 from addon.wire.errors import GatewayError
 
 NOW = 1_800_000_000.0

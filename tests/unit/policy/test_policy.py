@@ -8,7 +8,7 @@ import pytest
 from addon.policy import rules as policy
 from addon.wire.errors import GatewayError
 from addon.policy.keys import KeysError, parse_keys
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 
 
 def keys_with(**fields):

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from addon.policy.memory_store import MemoryStore
 from addon.policy.store import (
-    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_LEASE, RPM, TPM, Demand, Limits, MemoryStore, Verdict,
-    renew_leases,
+    BUDGET_TOKENS, BUDGET_USD, PARALLEL, RESERVATION_LEASE, RPM, TPM, Demand, Limits, Verdict, renew_leases,
 )
 
 

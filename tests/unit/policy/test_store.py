@@ -1,6 +1,7 @@
 """MemoryStore: the sliding windows and spend buckets, with the time passed in."""
 
-from addon.policy.store import BUCKET, MemoryStore, Spend, retry_after_header
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import BUCKET, Spend, retry_after_header
 
 
 def test_rpm_admits_up_to_the_limit_then_says_when_a_slot_frees():

@@ -7,7 +7,7 @@ from collections import Counter
 
 
 from addon.policy.keys import parse_keys
-from addon.policy.store import MemoryStore
+from addon.policy.memory_store import MemoryStore
 from addon.policy.targets import cool, pick, retry_after
 
 NOW = 1_800_000_000.0

@@ -13,7 +13,8 @@ from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
 from addon.apis.openai_responses import OPENAI_RESPONSES
 from addon.policy import rules
 from addon.policy.keys import KeysError, parse_keys
-from addon.policy.store import NO_DEMAND, MemoryStore
+from addon.policy.memory_store import MemoryStore
+from addon.policy.store import NO_DEMAND
 from addon.policy.worstcase import made_of, worst_case
 from addon.providers.catalog import model_limits
 from addon.wire.errors import GatewayError
