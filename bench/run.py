@@ -474,8 +474,9 @@ BUDGET_KEY = "vk_bench_budget"
 
 def has_targets(addon_dir: Path = ROOT / "addon") -> bool:
     """Whether the keys file of the gateway in addon_dir takes `targets` (older revisions: not)."""
-    keys = addon_dir / "policy" / "keys.py"
-    return keys.exists() and "class Target" in keys.read_text()
+    # (the records moved from policy/keys.py to policy/virtual_keys.py)
+    found = (addon_dir / "policy" / name for name in ("keys.py", "virtual_keys.py"))
+    return any(path.exists() and "class Target" in path.read_text() for path in found)
 
 
 def failover_cost(stack: Stack, s: Settings) -> dict:

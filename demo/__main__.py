@@ -72,7 +72,7 @@ def _budget(entry: dict, amount: str) -> str:
     return f"a {amount} budget" + (f" per {period}" if period else "")
 
 
-# every per-key limit of the keys file (addon/policy/keys.py POLICY_FIELDS), in the banner's words
+# every per-key limit of the keys file (addon/policy/keys_parse.py POLICY_FIELDS), in the banner's words
 LIMIT_WORDS = {
     "models": lambda e: "only " + ", ".join(e["models"]),
     "rpm": lambda e: f"{e['rpm']} requests a minute",

@@ -159,7 +159,8 @@ def silence_s(worker_args: list[str]) -> int:
 
 def fleet_endpoint_line(url: str, worker_args: list[str]) -> str:
     """The gateway's start-up line for the whole fleet: HAProxy's `url` and the workers' keys."""
-    from addon.policy.keys import KeysError, endpoint_line, load_keys_with_timeout
+    from addon.policy.keys import endpoint_line, load_keys_with_timeout
+    from addon.policy.keys_parse import KeysError
 
     try:
         reach = load_keys_with_timeout(set_option(worker_args, "keys_file") or "keys.json").summary()

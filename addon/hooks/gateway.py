@@ -39,7 +39,9 @@ from addon.hooks.messages import Fields, field_value, framing_fields, lower_name
 from addon.hooks.patches import attempts, wirekeys
 from addon.hooks.patches.limits import held, limits, too_large
 from addon.policy import owners, rules, targets
-from addon.policy.keys import KeysError, KeyStore, Target, VirtualKey, endpoint_line, load_keys_with_timeout
+from addon.policy.keys import endpoint_line, load_keys_with_timeout
+from addon.policy.keys_parse import KeysError
+from addon.policy.virtual_keys import KeyStore, Target, VirtualKey
 from addon.policy.memory_store import MemoryStore
 from addon.policy.store import UsageStore
 from addon.routing.prepare import parse_body, prepare

@@ -10,7 +10,7 @@ from mitmproxy import http
 from addon.apis.registry import api_for_request
 from addon.hooks.answers import JSON_HEADERS
 from addon.policy import rules
-from addon.policy.keys import VirtualKey
+from addon.policy.virtual_keys import VirtualKey
 from addon.routing.routes import check_model_name
 from addon.wire.errors import GatewayError
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 
-from addon.policy.keys import KeyStore
+from addon.policy.virtual_keys import KeyStore
 
 from addon.wire import logtext
 from addon.wire.secrets import mask

@@ -53,7 +53,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
-from addon.policy.keys import MODEL_ANSWERS_KEPT, KeyStore
+from addon.policy.virtual_keys import MODEL_ANSWERS_KEPT, KeyStore
 from addon.hooks.accounting import client_status
 from addon.hooks.patches import errorpages
 log = logging.getLogger("gateway")

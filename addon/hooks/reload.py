@@ -15,7 +15,9 @@ import os
 
 from mitmproxy import ctx
 
-from addon.policy.keys import KEYS_READ_TIMEOUT, KeysError, KeyStore, load_keys_with_timeout
+from addon.policy.keys import KEYS_READ_TIMEOUT, load_keys_with_timeout
+from addon.policy.keys_parse import KeysError
+from addon.policy.virtual_keys import KeyStore
 
 log = logging.getLogger("gateway")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from addon.policy.keys import KeyPolicy, KeyStore, VirtualKey
+from addon.policy.virtual_keys import KeyPolicy, KeyStore, VirtualKey
 
 from addon.wire.tokens import Price
 from addon.policy.store import (

@@ -38,7 +38,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from addon.policy.keys import Target, VirtualKey
+    from addon.policy.virtual_keys import Target, VirtualKey
 
 log = logging.getLogger("gateway")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from addon.policy.keys import Bound, KeyPolicy
+from addon.policy.virtual_keys import Bound, KeyPolicy
 from addon.policy.store import NO_DEMAND, Demand
 from addon.wire.tokens import Price
 

@@ -8,7 +8,7 @@ Two URL forms (Azure serves both):
   (no dated api-version: `?api-version=` only for "preview" or "latest"); the body's `model`
   names the deployment.
 The Responses API has only the v1 form (`/openai/v1/responses`, its `model` is the deployment).
-`AzureTarget` is parsed by the keys file (policy/keys.py) from the key's fields, or the
+`AzureTarget` is parsed by the keys file (policy/keys_parse.py) from the key's fields, or the
 `providers.azure` entry's; pure, no mitmproxy.
 """
 

@@ -9,7 +9,7 @@ from addon.providers.catalog import CATALOG, ProviderInfo
 
 
 class Endpoint(Protocol):
-    """What a provider needs of a key's target to build its URL (policy/keys.py's Target is one)."""
+    """What a provider needs of a key's target to build its URL (policy/virtual_keys.py's Target is one)."""
 
     base_url: str  # the target's base URL, no trailing slash
     upstream_url: str  # base_url + the chat API's path, computed once at load

@@ -7,8 +7,8 @@ OpenAI APIs it serves natively (embeddings, responses), whether it accepts
 
 Adding one more OpenAI-compatible provider is one line here and one in providers/registry.py.
 
-The keys file (policy/keys.py) validates provider names and builds upstream URLs from this table;
-the registry (providers/registry.py) pairs each entry with its implementation.
+The keys file (policy/keys_parse.py) validates provider names and builds upstream URLs from
+this table; the registry (providers/registry.py) pairs each entry with its implementation.
 """
 
 from __future__ import annotations

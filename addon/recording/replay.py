@@ -28,7 +28,7 @@ import yaml
 from mitmproxy import http, io
 from mitmproxy.net import encoding
 
-from addon.policy.keys import HASHED_PREFIX, KeysError, parse_keys
+from addon.policy.keys_parse import HASHED_PREFIX, KeysError, parse_keys
 
 from addon.wire.secrets import fingerprint
 from addon.recording.process import GatewayProcess
@@ -141,7 +141,7 @@ def replay_keys(keys_file: str, upstream: str) -> tuple[dict, dict[str, str]]:
     }
     by_fingerprint = {}
     for vk, entry in data["virtual_keys"].items():
-        # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/policy/keys.py)
+        # a hashed entry's fingerprint is the first 16 hex digits of its digest (addon/policy/keys_parse.py)
         fp = vk[len(HASHED_PREFIX):16 + len(HASHED_PREFIX)].lower() if vk.startswith(HASHED_PREFIX) else fingerprint(vk)
         stand_in = f"vk-replay-{fp}"
         out["virtual_keys"][stand_in] = {

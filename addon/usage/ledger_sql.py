@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from addon.policy.keys import HASHED_PREFIX
+from addon.policy.keys_parse import HASHED_PREFIX
 from addon.wire.secrets import fingerprint
 
 SCHEMA = """

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from addon.policy.keys import POLICY_FIELDS
+from addon.policy.keys_parse import POLICY_FIELDS
 from demo import __main__ as demo
 from demo.__main__ import keys_file
 

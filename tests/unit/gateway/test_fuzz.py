@@ -284,7 +284,7 @@ def test_model_names_over_256_bytes_get_400(gw):
 
 
 def test_price_cache_is_bounded_in_bytes(gw):
-    from addon.policy.keys import MODEL_ANSWERS_BYTES
+    from addon.policy.virtual_keys import MODEL_ANSWERS_BYTES
     store = gw.keys
     for i in range(20_000):
         store.price(f"{i:08d}" + "x" * 240)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from addon.hooks import accesslog
 from addon.hooks.logredact import Secrets
-from addon.policy.keys import parse_keys
+from addon.policy.keys_parse import parse_keys
 
 VK = "vk_victim_log_3141592"
 

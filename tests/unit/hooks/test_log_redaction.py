@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addon.hooks import logredact
-from addon.policy.keys import parse_keys
+from addon.policy.keys_parse import parse_keys
 from addon.hooks.logredact import RedactingFilter, Secrets
 from tests.conftest import examples
 

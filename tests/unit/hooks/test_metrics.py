@@ -18,7 +18,7 @@ from addon.hooks.gateway import Gateway
 from addon.policy.memory_store import MemoryStore
 from addon.hooks.accounting import UsageAccounting
 from addon.hooks.metrics import OTHER, Metrics, ModelLabels
-from addon.policy.keys import parse_keys
+from addon.policy.keys_parse import parse_keys
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from addon.policy.keys import parse_keys
+from addon.policy.keys_parse import parse_keys
 from addon.policy.memory_store import MemoryStore
 from addon.policy.targets import MODEL, REQUEST, TARGET, cool, fault, healthy, pick, retry_after
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from addon.policy.keys import KeysError, load_keys, parse_keys
+from addon.policy.keys import load_keys
+from addon.policy.keys_parse import KeysError, parse_keys
 
 from addon.wire.secrets import fingerprint, mask
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from addon.policy.keys import KeysError, load_keys, load_keys_with_timeout
+from addon.policy.keys import load_keys, load_keys_with_timeout
+from addon.policy.keys_parse import KeysError
 
 
 def bounded(fn, timeout: float = 5.0):

@@ -7,7 +7,7 @@ import pytest
 
 from addon.policy import rules as policy
 from addon.wire.errors import GatewayError
-from addon.policy.keys import KeysError, parse_keys
+from addon.policy.keys_parse import KeysError, parse_keys
 from addon.policy.memory_store import MemoryStore
 
 
@@ -181,7 +181,7 @@ def test_policy_summary_for_the_keys_check():
 
 
 def test_remembered_price_and_model_answers_match_a_fresh_lookup_and_stay_bounded(monkeypatch):
-    from addon.policy import keys as keys_module
+    from addon.policy import virtual_keys as keys_module
 
     keys = keys_with()
     for _ in range(2):  # the second round is answered from the caches

@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 
-from addon.policy.keys import parse_keys
+from addon.policy.keys_parse import parse_keys
 from addon.policy.memory_store import MemoryStore
 from addon.policy.targets import cool, pick, retry_after
 

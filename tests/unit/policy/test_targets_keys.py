@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from addon.policy.keys import KeysError, Target, load_keys, parse_keys, target_id
+from addon.policy.keys import load_keys
+from addon.policy.keys_parse import KeysError, parse_keys
+from addon.policy.virtual_keys import Target, target_id
 from tests.conftest import ROOT
 
 KEY_A = "sk-real-target-aaaa-111111"

@@ -12,7 +12,7 @@ from addon.apis.openai_chat import OPENAI_CHAT
 from addon.apis.openai_embeddings import OPENAI_EMBEDDINGS
 from addon.apis.openai_responses import OPENAI_RESPONSES
 from addon.policy import rules
-from addon.policy.keys import KeysError, parse_keys
+from addon.policy.keys_parse import KeysError, parse_keys
 from addon.policy.memory_store import MemoryStore
 from addon.policy.store import NO_DEMAND
 from addon.policy.worstcase import made_of, worst_case

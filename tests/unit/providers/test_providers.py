@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from addon.routing.routes import ROUTES
-from addon.policy.keys import KeysError, parse_keys
+from addon.policy.keys_parse import KeysError, parse_keys
 from addon.providers.azure import AzureTarget
 from addon.providers.catalog import CATALOG, EMBEDDINGS, RESPONSES
 from addon.providers.registry import PROVIDERS
