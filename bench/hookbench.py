@@ -32,7 +32,7 @@ from mitmproxy import http  # noqa: E402
 from mitmproxy.test import tflow  # noqa: E402
 
 from addon import gateway  # noqa: E402
-from addon.policy.keys import parse_keys  # noqa: E402
+from addon.policy.keys_parse import parse_keys  # noqa: E402
 from addon.providers.registry import PROVIDERS  # noqa: E402
 from fakeprovider import REPLY_ANTHROPIC, REPLY_OPENAI  # noqa: E402
 from run import ANTHROPIC_MODEL, MESSAGES, SDK_HEADERS  # noqa: E402
