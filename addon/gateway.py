@@ -23,6 +23,7 @@ from addon.hooks.chain import AddonChain
 from addon.hooks.drain import Drain
 from addon.hooks.failover import Failover
 from addon.hooks.gateway import Gateway
+from addon.hooks.live import Live
 from addon.hooks.logredact import LogRedaction
 from addon.hooks.metrics import Metrics
 from addon.hooks.optionguard import OptionGuard
@@ -36,46 +37,40 @@ from addon.hooks.reload import KeysReloader
 from addon.hooks.stores import StoreChoice
 from addon.hooks.streamends import StreamEnds
 from addon.hooks.timeouts import StreamIdleTimeout, UpstreamTimeout
-from addon.policy.memory_store import MemoryStore
 from addon.recording.recorder import Recorder, Snapshot
 from addon.web.contentview import WebViews
 from addon.web.listing import WebListing
 
-_store = MemoryStore()  # shared by the policy checks (Gateway) and the usage counting
-_gateway = Gateway(_store)
-_accounting = UsageAccounting(_store)
-_owners = ResponseOwners(_store)
-_redaction = LogRedaction(_gateway)
+_live = Live()  # the keys in force, the usage store, the flows in flight: what the parts share
+_failover = Failover(_live)  # a key's targets: the first one, pinning, another after a failed attempt
+_gateway = Gateway(_live, _failover)
+_accounting = UsageAccounting(_live)
+_redaction = LogRedaction(_live)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
-_metrics = Metrics(_gateway, _accounting, _store)
 
 # One addon for mitmproxy (hooks/chain.py says why); its parts' hooks run in this order.
-addons = [
-    AddonChain(
-        OptionGuard(),  # first: refuses a change to a guarded option before any part applies it
-        _redaction,  # before anything logs: every log record passes its filter
-        JsonErrorPages(),  # mitmproxy's own error pages in the client's API's shape
-        RequestLimits(answer),  # header and body bounds, enforced below the flow hooks
-        WireKeys(),  # the real key only in the bytes sent to the routed host
-        Attempts(),  # retries an upstream attempt before the first byte reached the client
-        ConnectReset(),  # a reset at connect is a failed attempt, not a crash
-        StoreChoice(
-            _gateway, _accounting, _metrics, _owners
-        ),  # may swap in RedisStore before the accounting loads the ledger into it
-        Snapshot(_gateway),  # before the Gateway: keeps the client's request and the provider's answer as they came
-        _gateway,  # the data path: routes the request, makes the answer the client's
-        Failover(_gateway),  # after the Gateway routed: another target for a failed attempt
-        _owners,  # after the Gateway, whose responseheaders chose the stream it watches
-        KeysReloader(_gateway),  # no flow hook: swaps the keys in force when the file changes
-        Drain(_gateway),  # no flow hook: lets forwarded requests finish at a stop
-        UpstreamTimeout(),  # before the accounting, whose error hook counts what the timeouts made of a flow
-        StreamIdleTimeout(),  # likewise
-        StreamEnds(),  # ends a broken stream for the client before the accounting counts it
-        _accounting,  # counts usage once every part that changes the answer has run
-        Recorder(),  # after the Gateway: taps the stream it chose and writes the final flow
-        ACCESS,  # the access line, once the flow is counted
-        WebViews(),  # mitmweb's view of a flow (no flow hook)
-        WebListing(),  # mitmweb's list: the path the client called, room for the comment (no flow hook)
-        _metrics,  # last: its clock sees every part
-    )
-]
+addons = [AddonChain(
+    OptionGuard(),  # first: refuses a change to a guarded option before any part applies it
+    _redaction,  # before anything logs: every log record passes its filter
+    JsonErrorPages(),  # mitmproxy's own error pages in the client's API's shape
+    RequestLimits(answer),  # header and body bounds, enforced below the flow hooks
+    WireKeys(),  # the real key only in the bytes sent to the routed host
+    Attempts(),  # retries an upstream attempt before the first byte reached the client
+    ConnectReset(),  # a reset at connect is a failed attempt, not a crash
+    StoreChoice(_live, _accounting),  # may put RedisStore in _live before the accounting loads the ledger into it
+    Snapshot(_live),  # before the Gateway: keeps the client's request and the provider's answer as they came
+    _gateway,  # the data path: routes the request, makes the answer the client's
+    _failover,  # after the Gateway: another target for a failed attempt, until the flow ends
+    ResponseOwners(_live),  # after the Gateway, whose responseheaders chose the stream it watches
+    KeysReloader(_live),  # no flow hook: swaps the keys in force when the file changes
+    Drain(_live),  # no flow hook: lets forwarded requests finish at a stop
+    UpstreamTimeout(),  # before the accounting, whose error hook counts what the timeouts made of a flow
+    StreamIdleTimeout(),  # likewise
+    StreamEnds(),  # ends a broken stream for the client before the accounting counts it
+    _accounting,  # counts usage once every part that changes the answer has run
+    Recorder(),  # after the Gateway: taps the stream it chose and writes the final flow
+    ACCESS,  # the access line, once the flow is counted
+    WebViews(),  # mitmweb's view of a flow (no flow hook)
+    WebListing(),  # mitmweb's list: the path the client called, room for the comment (no flow hook)
+    Metrics(_live, _accounting),  # last: its clock sees every part
+)]

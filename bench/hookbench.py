@@ -32,6 +32,8 @@ from mitmproxy import http  # noqa: E402
 from mitmproxy.test import tflow  # noqa: E402
 
 from addon import gateway  # noqa: E402
+from addon.hooks.gateway import Gateway  # noqa: E402
+from addon.hooks.live import Live  # noqa: E402
 from addon.policy.keys_parse import parse_keys  # noqa: E402
 from addon.providers.registry import PROVIDERS  # noqa: E402
 from fakeprovider import REPLY_ANTHROPIC, REPLY_OPENAI  # noqa: E402
@@ -79,8 +81,7 @@ def flows(scenario: str, n: int) -> list[http.HTTPFlow]:
 
 
 def run(scenario: str, n: int) -> float:
-    gw = gateway.Gateway()
-    gw.keys = parse_keys({"virtual_keys": key_entries()})
+    gw = Gateway(Live(keys=parse_keys({"virtual_keys": key_entries()})))
     fs, payload = flows(scenario, n)
     responses = [http.Response.make(200, payload, {"content-type": "application/json"}) for _ in fs]
     gc.freeze()  # the thousands of pre-built flows would otherwise make every GC pass expensive
@@ -93,7 +94,7 @@ def run(scenario: str, n: int) -> float:
         gw.response(f)
     cpu = time.process_time() - t
     f = fs[-1]
-    assert f.response.status_code == 200 and not gw.exchanges, f.response.content[:200]
+    assert f.response.status_code == 200 and not gw.live.in_flight, f.response.content[:200]
     return cpu / n * 1e6
 
 

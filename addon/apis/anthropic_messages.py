@@ -135,9 +135,8 @@ class AnthropicMessages:
             raise GatewayError(400, "stream: must be a boolean", param="stream", code="invalid_value")
         return body
 
-    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
-        meta["client_usage"] = True  # Anthropic streams always carry usage: nothing to strip
-        return None
+    def prepare_usage(self, body: dict, raw: bytes) -> tuple[bytes | None, bool]:
+        return None, True  # Anthropic streams always carry usage: nothing to strip
 
     def error_body(self, error: GatewayError) -> bytes:
         return error_body(error.message, error_type(error.status))

@@ -256,8 +256,9 @@ class InboundAPI(Protocol):
         """The request body, checked for what the gateway itself relies on (model, stream).
         Raises GatewayError(400) in this API's terms."""
 
-    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
-        """For a streamed request: make the answer carry usage; the new body bytes, or None."""
+    def prepare_usage(self, body: dict, raw: bytes) -> tuple[bytes | None, bool]:
+        """For a streamed request: make the answer carry usage. (the new body bytes or None,
+        whether the client asked for the usage itself: if not, it is hidden from it again)."""
 
     def error_body(self, error: GatewayError) -> bytes:
         """A gateway answer in this API's error shape."""

@@ -48,11 +48,12 @@ class OpenAIChat:
             raise GatewayError(400, "'stream_options' must be an object", param="stream_options", code="invalid_value")
         return body
 
-    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
+    def prepare_usage(self, body: dict, raw: bytes) -> tuple[bytes | None, bool]:
         # always ask for stream usage so the ledger can count it; accounting.py hides it
         # again from a client that did not ask
-        meta["client_usage"] = client_wants_stream_usage(body)
-        return None if meta["client_usage"] else request_stream_usage(body, raw)
+        if client_wants_stream_usage(body):
+            return None, True
+        return request_stream_usage(body, raw), False
 
     def error_body(self, error: GatewayError) -> bytes:
         return error.body()

@@ -78,9 +78,8 @@ class OpenAIResponses(OpenAIChat):
             raise GatewayError(400, "'stream' must be a boolean", param="stream", code="invalid_value")
         return body
 
-    def prepare_usage(self, body: dict, raw: bytes, meta: dict) -> bytes | None:
-        meta["client_usage"] = True  # the stream reports usage itself: watch it, change nothing
-        return None
+    def prepare_usage(self, body: dict, raw: bytes) -> tuple[bytes | None, bool]:
+        return None, True  # the stream reports usage itself: watch it, change nothing
 
     def stream_error(self, message: str, code: str = "gateway_error") -> list[bytes]:
         """The Responses stream's own error event (the openai SDK raises APIError at it)."""

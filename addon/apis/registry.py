@@ -45,9 +45,3 @@ def api_for_request(request) -> InboundAPI:
     """`api_for_path` of a request, an Anthropic client known by its `anthropic-version` header."""
     return api_for_path(request.path, "anthropic-version" in request.headers)
 
-
-def api_for_flow(flow) -> InboundAPI:
-    """The API a flow's client spoke: the one it was routed as (once routed, the request's path
-    is the provider's), else `api_for_request`."""
-    api = APIS.get(flow.metadata.get("gateway", {}).get("api"))
-    return api if api is not None else api_for_request(flow.request)

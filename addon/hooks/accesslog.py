@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 
+from addon.routing.state import FlowState
 from addon.wire import logtext
 from addon.wire.secrets import fingerprint
 
@@ -114,47 +115,49 @@ def word(text) -> str:
     return logtext.word(ACCESS.redact(text))
 
 
-def outcome(status: int, meta: dict) -> str:
+def outcome(status: int, state: FlowState | None) -> str:
     """`200`, `429 budget_exceeded` (the gateway refused), `502 upstream_unreachable` (the
     gateway's answer for a provider it could not reach), `401 from provider`, `0 failed`."""
-    if "answered" in meta:
-        return f"{status} {word(meta['answered'])}"
+    if state is not None and state.answered is not None:
+        return f"{status} {word(state.answered)}"
     if status == 0:
         return "0 failed"
-    if "failed" in meta:  # the gateway's 502/504 for a provider it got no answer from
-        return f"{status} {meta['failed']}"
+    if state is not None and state.failed is not None:  # the gateway's 502/504 for a provider it got no answer from
+        return f"{status} {state.failed}"
     if status >= 400:
         return f"{status} from provider"
     return str(status)
 
 
-def key_name(meta: dict) -> str:
+def key_name(state: FlowState) -> str:
     """The key's name, unless someone named a key with the key itself."""
-    name = meta.get("key", "")
-    return f"key-{meta['fingerprint']}" if _fingerprint(name) == meta.get("fingerprint") else name
+    name = state.key if state.key is not None else ""
+    return f"key-{state.fingerprint}" if _fingerprint(name) == state.fingerprint else name
 
 
 _fingerprint = functools.lru_cache(maxsize=1024)(fingerprint)  # a SHA-256 per line otherwise; names are few
 
 
-def log_counted(meta: dict, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float,
+def log_counted(state: FlowState, status: int, prompt_tokens: int, completion_tokens: int, latency_ms: float,
                 ended: float, estimated: bool = False) -> None:
     if not ACCESS.enabled:
         return
-    line = (f"{outcome(status, meta)} key={value(key_name(meta))} provider={value(meta.get('provider', '-'))} "
-            f"model={value(meta.get('model', '-'))}")
+    provider = state.provider if state.provider is not None else "-"
+    model = state.model if state.model is not None else "-"
+    line = f"{outcome(status, state)} key={value(key_name(state))} provider={value(provider)} model={value(model)}"
     if prompt_tokens or completion_tokens:
         line += f" tokens={'~' if estimated else ''}{prompt_tokens}/{completion_tokens}"
-    if "target" in meta:  # a key with several targets: which one answered, after how many attempts
-        line += f" target={value(meta['target'])} attempts={meta.get('attempts', 1)}"
-    if meta.get("dropped_params"):  # dropped or approximated in translation (x-gateway-dropped-params)
-        line += f" dropped={value(','.join(meta['dropped_params']))}"
+    if state.target is not None:  # a key with several targets: which one answered, after how many attempts
+        line += f" target={value(state.target)} attempts={state.attempts or 1}"
+    if state.dropped_params:  # dropped or approximated in translation (x-gateway-dropped-params)
+        line += f" dropped={value(','.join(state.dropped_params))}"
     ACCESS.add(f"{line} latency={latency_ms:.0f}ms", ended)
 
 
-def log_unkeyed(method: str, path: str, status: int, meta: dict, latency_ms: float, ended: float) -> None:
+def log_unkeyed(method: str, path: str, status: int, state: FlowState | None, latency_ms: float, ended: float) -> None:
     if not ACCESS.enabled or status == 200 and "/health" in path:
         return
     ACCESS.add(
-        f"{outcome(status, meta)} {word(method)} {word(path.partition('?')[0][:200])} latency={latency_ms:.0f}ms", ended
+        f"{outcome(status, state)} {word(method)} {word(path.partition('?')[0][:200])} latency={latency_ms:.0f}ms",
+        ended,
     )

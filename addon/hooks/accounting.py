@@ -49,7 +49,7 @@ from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
 from addon.policy.owners import record
 from addon.policy.memory_store import MemoryStore
-from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due, UsageStore
+from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due
 from addon.hooks.timeouts import seconds_option
 from addon.apis.openai_responses import ENDED, RUNNING, ResponsesStreamUsage, response_state
 from addon.wire.streams import frame_for_new_length
@@ -57,6 +57,7 @@ from addon.wire.estimate import StreamSample, estimate_from_chars
 from addon.wire.tokens import Usage, cost
 from addon.apis.base import StreamUsageReader
 from addon.apis.registry import APIS, DEFAULT_API
+from addon.routing.state import FlowState, state_of
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
 NO_USAGE = Usage()
@@ -89,16 +90,16 @@ def read_seeds(path: str) -> tuple[list, list]:
 
 
 class UsageAccounting:
-    def __init__(self, store: UsageStore) -> None:
-        self.store = store
+    def __init__(self, live) -> None:
+        self.live = live  # its `store` (hooks/live.py): budgets and tpm counted there
         self.ledger: SQLiteLedger | PostgresLedger | None = None
         self.watchers: dict[str, tuple[StreamUsageReader, StreamSample]] = {}  # per streamed flow
-        # finished flows not yet counted: (meta, started, ended, status, usage or whole response)
+        # finished flows not yet counted: (FlowState, started, ended, status, usage or whole response)
         self.unsettled: list[tuple] = []
-        store.before_read = self.settle
+        live.store.before_read = self.settle
         self.writer: asyncio.Task | None = None  # settles and flushes every FLUSH_EVERY seconds
-        # told each counted request's (meta, prompt, completion, cached tokens, usd): the metrics
-        self.counted: Callable[[dict, int, int, int, float], None] | None = None
+        # told each counted request's (FlowState, prompt, completion, cached tokens, usd): the metrics
+        self.counted: Callable[[FlowState, int, int, int, float], None] | None = None
         self.background_hold = BACKGROUND_HOLD  # option background_hold
         self.settling: set[asyncio.Task] = set()  # deferred holds being settled in a remote store
 
@@ -139,17 +140,17 @@ class UsageAccounting:
         except Exception as e:  # sqlite3.Error, psycopg.Error, OSError: one line, the gateway does not start
             raise exceptions.OptionsError(f"usage_db {masked_url(path)}: {e}") from None
         for fingerprint, start, tokens, usd in buckets:
-            self.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
+            self.live.store.seed_spend(fingerprint, tokens or 0, usd or 0.0, start)
         for fingerprint, when, tokens in recent:
-            self.store.seed_tokens(fingerprint, tokens, when)
+            self.live.store.seed_tokens(fingerprint, tokens, when)
         try:
             for resource_id, record, when in read_owners(path, self.owners_per_key()):
-                self.store.seed_owner(resource_id, record, when)
+                self.live.store.seed_owner(resource_id, record, when)
         except Exception as e:
             raise exceptions.OptionsError(f"usage_db {masked_url(path)}: {e}") from None
-        if hasattr(self.store, "reload_seeds"):  # RedisStore: Redis may lose its data while we run
-            self.store.reload_seeds = self.reload_seeds
-            self.store.reload_owners = self.reload_owners
+        if hasattr(self.live.store, "reload_seeds"):  # RedisStore: Redis may lose its data while we run
+            self.live.store.reload_seeds = self.reload_seeds
+            self.live.store.reload_owners = self.reload_owners
         log.info("gateway: usage ledger %s (%d key-hours of past spend loaded)", masked_url(path), len(buckets))
 
     async def reload_seeds(self, counted: Callable[[], None]) -> list[tuple]:
@@ -188,8 +189,8 @@ class UsageAccounting:
             self.writer = None
         for task in self.settling:
             task.cancel()
-        if isinstance(self.store, MemoryStore):  # its holds end with the process: never free
-            for due in self.store.charge_due(time.time(), everything=True):
+        if isinstance(self.live.store, MemoryStore):  # its holds end with the process: never free
+            for due in self.live.store.charge_due(time.time(), everything=True):
                 self.charged(due)
         self.settle()
         if self.ledger is not None:
@@ -234,7 +235,7 @@ class UsageAccounting:
     async def sweep(self) -> None:
         """Charge the holds that fell due their worst case (ledger rows included)."""
         try:
-            due = self.store.charge_due(time.time())
+            due = self.live.store.charge_due(time.time())
             if inspect.isawaitable(due):
                 due = await due
             for hold in due:
@@ -256,39 +257,39 @@ class UsageAccounting:
         prompt, completion = info.get("input", 0), info.get("output", 0)
         if not (type(prompt) is int and type(completion) is int and prompt + completion == due.tokens):
             prompt, completion = due.tokens, 0
-        meta = {**info, "fingerprint": due.key, "counted": True}
+        state = FlowState.from_dict({**info, "fingerprint": due.key, "counted": True})
         started = info.get("started") if isinstance(info.get("started"), (int, float)) else due.when
         self.unsettled.append(
-            (meta, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False)
+            (state, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False)
         )
 
-    def defer(self, meta: dict, started: float) -> None:
+    def defer(self, state: FlowState, started: float) -> None:
         """A background create answered without its usage: its reservation (if its key holds
         any) becomes a hold on the response, due background_hold seconds from now. Keys without
         a limit get one holding nothing: the usage is still counted once, when it shows."""
-        ticket = meta.pop("ticket", None)
-        tokens, usd, prompt, completion = meta.get("held") or (0, 0.0, 0, 0)
+        ticket, state.ticket = state.ticket, None
+        tokens, usd, prompt, completion = state.held or (0, 0.0, 0, 0)
         info = json.dumps(
             {
-                "key": meta.get("key", ""),
-                "provider": meta.get("provider", ""),
-                "model": meta.get("model", ""),
-                "price": meta.get("price"),
-                "target": meta.get("target", ""),
-                "attempts": meta.get("attempts", 1),
-                "api": meta.get("api"),
+                "key": state.key or "",
+                "provider": state.provider or "",
+                "model": state.model or "",
+                "price": state.price,
+                "target": state.target or "",
+                "attempts": state.attempts or 1,
+                "api": state.api,
                 "started": started,
                 "input": prompt,
                 "output": completion,
             },
             separators=(",", ":"),
         )
-        self.store.defer(
-            meta["fingerprint"], ticket, meta["background"], tokens, usd, time.time() + self.background_hold, info
+        self.live.store.defer(
+            state.fingerprint, ticket, state.background, tokens, usd, time.time() + self.background_hold, info
         )
 
     def resolve(
-        self, flow: http.HTTPFlow, meta: dict, status: int, state: str | None, usage: Usage | None, streamed: bool
+        self, flow: http.HTTPFlow, noted: FlowState, status: int, state: str | None, usage: Usage | None, streamed: bool
     ) -> None:
         """A request on a stored response (GET, stream, cancel) ended: when it shows the final
         usage of a background response whose hold is still held, settle that, once, and count the
@@ -301,55 +302,58 @@ class UsageAccounting:
             usage = NO_USAGE  # the provider's own failure: billed nothing, as an error
         if found is None or status != 200 or state not in ENDED or usage is None:
             if found is not None and status == 200 and state in RUNNING:
-                self.store.extend(meta["fingerprint"], found.group(1), time.time() + self.background_hold)
-            self.unsettled.append((meta, started, ended, status, None, streamed))
+                self.live.store.extend(noted.fingerprint, found.group(1), time.time() + self.background_hold)
+            self.unsettled.append((noted, started, ended, status, None, streamed))
             return
-        settled = self.store.settle_deferred(meta["fingerprint"], found.group(1), usage, ended)
+        settled = self.live.store.settle_deferred(noted.fingerprint, found.group(1), usage, ended)
         if not inspect.isawaitable(settled):
-            self.settled(meta, settled, usage, (started, ended, status, streamed))
+            self.settled(noted, settled, usage, (started, ended, status, streamed))
             return
         task = asyncio.get_running_loop().create_task(
-            self.settle_later(meta, settled, usage, (started, ended, status, streamed))
+            self.settle_later(noted, settled, usage, (started, ended, status, streamed))
         )
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
 
-    async def settle_later(self, meta: dict, settled, usage: Usage, row: tuple) -> None:
+    async def settle_later(self, state: FlowState, settled, usage: Usage, row: tuple) -> None:
         try:
             answer = await settled
         except Exception:
             log.exception("gateway: could not settle a background response (it is charged its worst case when due)")
             answer = None
-        self.settled(meta, answer, usage, row)
+        self.settled(state, answer, usage, row)
 
-    def settled(self, meta: dict, answer: tuple[str, float] | None, usage: Usage, row: tuple) -> None:
+    def settled(self, state: FlowState, answer: tuple[str, float] | None, usage: Usage, row: tuple) -> None:
         started, ended, status, streamed = row
         if answer is None:  # no hold: not a background response, or counted already
-            self.unsettled.append((meta, started, ended, status, None, streamed))
+            self.unsettled.append((state, started, ended, status, None, streamed))
             return
         try:
             info = json.loads(answer[0])
         except ValueError:
             info = {}
         made = {name: info[name] for name in ("model", "price", "provider", "target") if name in info}
-        self.unsettled.append(({**meta, **made, "counted": True}, started, ended, status, usage, streamed))
+        counted = FlowState.from_dict({**state.to_dict(), **made, "counted": True})  # (the flow's own state stays)
+        self.unsettled.append((counted, started, ended, status, usage, streamed))
 
     # --- hooks -------------------------------------------------------------------------
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("gateway", {})
+        state = state_of(flow)
         response = flow.response
-        if meta.get("resource") and response is not None and response.stream and response.status_code == 200:
+        if state is None:
+            return
+        if state.resource and response is not None and response.stream and response.status_code == 200:
             # a stored response streamed (GET ?stream=true): its final event may settle a background hold
             watcher = ResponsesStreamUsage()
             response.stream = watched_stream(response.stream, watcher)
             self.watchers[flow.id] = watcher, StreamSample()
             return
-        if not meta.get("stream") or "client_usage" not in meta or response is None or not response.stream:
+        if not state.stream or state.client_usage is None or response is None or not response.stream:
             return
         try:
             # usage read from what the client receives, in its API's format
-            watcher = APIS.get(meta.get("api"), DEFAULT_API).stream_usage(strip=not meta["client_usage"])
+            watcher = APIS.get(state.api, DEFAULT_API).stream_usage(strip=not state.client_usage)
             if watcher.strip:
                 frame_for_new_length(response.headers, flow.request.http_version)
             sample = StreamSample()
@@ -361,13 +365,14 @@ class UsageAccounting:
     def response(self, flow: http.HTTPFlow) -> None:
         watched = self.watchers.pop(flow.id, None)
         response = flow.response
-        meta = flow.metadata.get("gateway", {})
-        if meta.get("resource"):  # a stored response's request: counted when made, unless it settles a background one
+        state = state_of(flow)
+        # a stored response's request: counted when made, unless it settles a background one
+        if state is not None and state.resource:
             self.note_resource(flow, response.status_code, watched)
         elif watched is not None:
             if watched[1].first_at:  # time to first token (the metrics)
-                meta["first_chunk_at"] = watched[1].first_at
-            self.note(flow, response.status_code, self.streamed_usage(flow, meta, watched), streamed=True)
+                state.first_chunk_at = watched[1].first_at
+            self.note(flow, response.status_code, self.streamed_usage(flow, state, watched), streamed=True)
         elif response.status_code == 200 and not response.stream:
             self.note(flow, 200, response, streamed=False)  # its usage is read when settled
         else:
@@ -376,42 +381,42 @@ class UsageAccounting:
     def error(self, flow: http.HTTPFlow) -> None:
         watched = self.watchers.pop(flow.id, None)
         status = client_status(flow)
-        meta = flow.metadata.get("gateway")
-        if status in (502, 504) and meta is not None and not (flow.response and flow.response.stream):
+        state = state_of(flow)
+        if status in (502, 504) and state is not None and not (flow.response and flow.response.stream):
             # the gateway's own error page (x-gateway-error-source: gateway), not the provider's
             # answer: the access line says which, as the header does
-            meta["failed"] = "upstream_timeout" if status == 504 else "upstream_unreachable"
-        if meta is not None and meta.get("resource"):
+            state.failed = "upstream_timeout" if status == 504 else "upstream_unreachable"
+        if state is not None and state.resource:
             self.note_resource(flow, status, watched)
             return
-        usage = self.streamed_usage(flow, meta, watched) if watched else None
+        usage = self.streamed_usage(flow, state, watched) if watched else None
         self.note(flow, status, usage, streamed=watched is not None)
 
     @staticmethod
-    def streamed_usage(flow: http.HTTPFlow, meta: dict | None, watched: tuple) -> Usage:
+    def streamed_usage(flow: http.HTTPFlow, state: FlowState | None, watched: tuple) -> Usage:
         """What a stream is charged (stream_usage); PENDING for a background response's stream
         that ended before its final usage: it runs on at the provider, and is held instead."""
-        if meta is not None and "background" in meta and watched[0].usage is None:
+        if state is not None and state.background is not None and watched[0].usage is None:
             return PENDING
         return stream_usage(flow, *watched)
 
     def note_resource(self, flow: http.HTTPFlow, status: int, watched: tuple | None) -> None:
         if not flow.live:
             return
-        meta = flow.metadata.get("gateway")
-        if meta is None or "fingerprint" not in meta:
+        noted = state_of(flow)
+        if noted is None or noted.fingerprint is None:
             self.note(flow, status, None, streamed=watched is not None)
             return
         try:
             if watched is not None:  # a stream: its final event's usage (an ended response's)
                 usage = watched[0].usage
-                self.resolve(flow, meta, status, "completed" if usage is not None else None, usage, True)
+                self.resolve(flow, noted, status, "completed" if usage is not None else None, usage, True)
                 return
             response = flow.response
             state, usage = (None, None)
             if status == 200 and response is not None and response.raw_content:
                 state, usage = response_state(plain_content(response))
-            self.resolve(flow, meta, status, state, usage, False)
+            self.resolve(flow, noted, status, state, usage, False)
         except Exception:
             log.exception("gateway: could not account a stored response's request")
             self.note(flow, status, None, streamed=watched is not None)
@@ -420,86 +425,87 @@ class UsageAccounting:
         """Keep what counting this finished flow needs (flows are not kept: mitmproxy drops them)."""
         if not flow.live:  # loaded from a file (mitmweb -r): counted when it happened
             return
-        meta = flow.metadata.get("gateway")
+        state = state_of(flow)
         now = time.time()
         ended = (flow.response.timestamp_end if flow.response else None) or now
-        if meta is None or "fingerprint" not in meta:  # not a request made with a known key
+        if state is None or state.fingerprint is None:  # not a request made with a known key
             log_unkeyed(
                 flow.request.method,
                 flow.request.path,
                 status,
-                meta or {},
+                state,
                 (ended - flow.request.timestamp_start) * 1000,
                 ended,
             )
             return
-        if "background" in meta and status == 200:  # a background create: is its usage still to come?
+        if state.background is not None and status == 200:  # a background create: is its usage still to come?
             if isinstance(usage, http.Response):
-                usage = body_usage(meta, usage)
+                usage = body_usage(state, usage)
             if usage is None or usage is PENDING:
-                self.defer(meta, flow.request.timestamp_start)
+                self.defer(state, flow.request.timestamp_start)
                 usage = None
-        if "ticket" in meta:  # the store holds a reservation for it: end that at once
-            usage = self.end_reservation(meta, usage, ended)
-        self.unsettled.append((meta, flow.request.timestamp_start, ended, status, usage, streamed))
+        if state.ticket is not None:  # the store holds a reservation for it: end that at once
+            usage = self.end_reservation(state, usage, ended)
+        self.unsettled.append((state, flow.request.timestamp_start, ended, status, usage, streamed))
         if len(self.unsettled) >= SETTLE_AT:
             self.settle()
 
-    def end_reservation(self, meta: dict, usage: Usage | http.Response | None, ended: float) -> Usage | None:
+    def end_reservation(self, state: FlowState, usage: Usage | http.Response | None, ended: float) -> Usage | None:
         """Settle the reservation of a request that ended to what it used, or release it when
         the provider answered nothing billable (an error, or no response at all). Done when
         the flow ends, not batched: the reservation holds budget and a max_parallel slot."""
-        fingerprint, ticket = meta["fingerprint"], meta["ticket"]
+        fingerprint, ticket = state.fingerprint, state.ticket
         try:
             if isinstance(usage, http.Response):
-                usage = body_usage(meta, usage)
+                usage = body_usage(state, usage)
             if usage is None:
                 # nothing billable: an error, no answer, or a whole body without usage (counted 0,
                 # as in the ledger; a stream always has a count or an estimate by now)
-                self.store.release(fingerprint, ticket)
+                self.live.store.release(fingerprint, ticket)
             else:
-                price = meta.get("price")
-                self.store.settle(fingerprint, ticket, usage.total, cost(usage, Price(*price)) if price else 0.0, ended)
+                price = state.price
+                usd = cost(usage, Price(*price)) if price else 0.0
+                self.live.store.settle(fingerprint, ticket, usage.total, usd, ended)
         except Exception:
             log.exception("gateway: could not end a reservation (it expires by itself)")
-            self.store.release(fingerprint, ticket)
+            self.live.store.release(fingerprint, ticket)
             return None
         return usage
 
     def settle(self) -> None:
         """Count every noted flow: store (budgets, tpm) and ledger."""
         pending, self.unsettled = self.unsettled, []
-        for meta, started, ended, status, usage, streamed in pending:
+        for state, started, ended, status, usage, streamed in pending:
             try:
-                self.count(meta, started, ended, status, usage, streamed)
+                self.count(state, started, ended, status, usage, streamed)
             except Exception:
                 log.exception("gateway: could not account a response")
 
-    def count(self, meta: dict, started: float, ended: float, status: int,
+    def count(self, state: FlowState, started: float, ended: float, status: int,
               usage: Usage | http.Response | None, streamed: bool) -> None:
         if isinstance(usage, http.Response):
-            usage = body_usage(meta, usage)
+            usage = body_usage(state, usage)
         if usage is None:
             usage = NO_USAGE
-        price = meta.get("price")
+        price = state.price
         usd = cost(usage, Price(*price)) if price else 0.0
-        fingerprint = meta["fingerprint"]
+        fingerprint = state.fingerprint
         tokens = usage.prompt_tokens + usage.completion_tokens
         if tokens or usd:
             # a reservation was settled in the store when the flow ended; a deferred hold's
             # usage (settled or charged) is counted in the store already
-            if "ticket" not in meta and "counted" not in meta:
-                self.store.add_usage(fingerprint, tokens, usd, ended)
+            if state.ticket is None and state.counted is None:
+                self.live.store.add_usage(fingerprint, tokens, usd, ended)
             if self.counted is not None:
-                self.counted(meta, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
+                self.counted(state, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usd)
         latency_ms = max(0.0, (ended - started) * 1000)
-        log_counted(meta, status, usage.prompt_tokens, usage.completion_tokens, latency_ms, ended, usage.estimated)
+        log_counted(state, status, usage.prompt_tokens, usage.completion_tokens, latency_ms, ended, usage.estimated)
         if self.ledger is not None:
             self.ledger.record(UsageRecord(  # positional, in COLUMNS order
-                started, meta.get("key", ""), fingerprint, meta.get("provider", ""), meta.get("model", ""),
+                started, state.key or "", fingerprint, state.provider or "", state.model or "",
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                latency_ms, streamed, usd, usage.estimated, meta.get("target", ""), meta.get("attempts", 1),
-                meta.get("created", ""), meta.get("target_id", ""),
+                latency_ms, streamed, usd, usage.estimated, state.target or "", state.attempts or 1,
+                state.created or "", state.target_id or "",
             ))
 
 
@@ -512,16 +518,17 @@ def client_status(flow: http.HTTPFlow) -> int:
         return response.status_code
     if not flow.client_conn.state & ConnectionState.CAN_WRITE:
         return 0
-    return 504 if flow.metadata.get("gateway", {}).get("timeout") else 502
+    state = state_of(flow)
+    return 504 if state is not None and state.timeout else 502
 
 
-def body_usage(meta: dict, response: http.Response) -> Usage | None:
+def body_usage(state: FlowState, response: http.Response) -> Usage | None:
     """The usage in a whole response body, read as the request's API writes it; None when it
     has none or cannot be decoded (corrupt gzip: its row still counts)."""
     if response.raw_content is None:
         return None
     try:
-        return APIS.get(meta.get("api"), DEFAULT_API).usage_from_body(plain_content(response))
+        return APIS.get(state.api, DEFAULT_API).usage_from_body(plain_content(response))
     except ValueError:
         return None
 

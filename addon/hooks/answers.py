@@ -7,10 +7,10 @@ import json
 
 from mitmproxy import http
 
-from addon.apis.registry import api_for_flow
 from addon.hooks.messages import plain_content, replace_body
 from addon.policy import targets
-from addon.routing.routes import describe_route
+from addon.routing.routes import describe_attempt
+from addon.routing.state import api_for_flow, state_for, state_of
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -25,7 +25,7 @@ def answer(flow: http.HTTPFlow, error: GatewayError) -> None:
     body = api_for_flow(flow).error_body(error)
     flow.response = http.Response.make(error.status, body, {**GATEWAY_ERROR_HEADERS, **error.headers})
     code = error.code or error.type
-    flow.metadata.setdefault("gateway", {})["answered"] = code
+    state_for(flow).answered = code
     flow.marked = REFUSED_MARK
     flow.comment = row_comment(flow)  # says why: "team-a -> openai gpt-4o · refused 429 budget_exceeded"
 
@@ -37,8 +37,8 @@ def provider_error(flow: http.HTTPFlow) -> None:
     response = flow.response
     response.headers[ERROR_SOURCE] = "provider"
     flow.comment = row_comment(flow)
-    meta = flow.metadata.get("gateway", {})
-    if response.status_code not in (401, 403) or "provider" not in meta:
+    state = state_of(flow)
+    if response.status_code not in (401, 403) or state is None or state.provider is None:
         return
     try:
         body = json.loads(plain_content(response))
@@ -46,14 +46,15 @@ def provider_error(flow: http.HTTPFlow) -> None:
         said = error.get("message") or ""
     except (ValueError, KeyError, TypeError, AttributeError):
         return
-    if response.status_code == 403 and not targets.fault(403, json.dumps(body), model=meta.get("model")).key:
+    name = state.key if state.key is not None else "?"
+    if response.status_code == 403 and not targets.fault(403, json.dumps(body), model=state.model).key:
         # no access to a model, a content refused: this request's own, not the key (policy/targets.py)
-        error["message"] = (f"the provider ({meta['provider']}) refused this request for virtual key "
-                            f"{meta.get('key', '?')!r}. Provider said: {said}")
+        error["message"] = (f"the provider ({state.provider}) refused this request for virtual key "
+                            f"{name!r}. Provider said: {said}")
     else:
         verb = "rejected" if response.status_code == 401 else "refused"
-        error["message"] = (f"the provider ({meta['provider']}) {verb} the gateway's key for virtual key "
-                            f"{meta.get('key', '?')!r}; check its api_key in the keys file. Provider said: {said}")
+        error["message"] = (f"the provider ({state.provider}) {verb} the gateway's key for virtual key "
+                            f"{name!r}; check its api_key in the keys file. Provider said: {said}")
     replace_body(response, json.dumps(body).encode(), b"application/json")
 
 
@@ -61,11 +62,11 @@ def row_comment(flow: http.HTTPFlow) -> str:
     """mitmweb's comment, the one place its list says what happened: which key went to which
     provider and model, and an error's source and code: "team-a -> openai gpt-4o · provider 429",
     "refused 401 invalid_api_key". Kept short: the column is narrow (web/listing.py widens it)."""
-    meta = flow.metadata.get("gateway", {})
-    said = [describe_route(meta)] if "key" in meta else []
+    state = state_of(flow)
+    said = [describe_attempt(state)] if state is not None and state.key is not None else []
     response = flow.response
-    if response is not None and "answered" in meta:
-        said.append(f"refused {response.status_code} {meta['answered']}")
+    if response is not None and state is not None and state.answered is not None:
+        said.append(f"refused {response.status_code} {state.answered}")
     elif response is not None and response.status_code >= 400 and ERROR_SOURCE in response.headers:
         said.append(f"{response.headers[ERROR_SOURCE]} {response.status_code}")  # provider's, or the gateway's 502/504
     return " · ".join(said)

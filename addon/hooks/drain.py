@@ -5,7 +5,7 @@ mid-answer included. With `drain_s` above 0 the first SIGTERM or SIGINT instead:
 
 1. closes the listening sockets: new connections are refused, so a load balancer or a
    Kubernetes Service moves on (connections already open stay, and are served);
-2. waits until no request the gateway forwarded is in flight (`Gateway.exchanges`; a stream
+2. waits until no request the gateway forwarded is in flight (`Live.in_flight`, hooks/live.py; a stream
    leaves it when it ends), for at most `drain_s` seconds;
 3. shuts down as mitmproxy would have: the usage ledger writes its pending rows in `done`.
 
@@ -40,8 +40,8 @@ def requests(n: int) -> str:
 
 
 class Drain:
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway  # its `exchanges`: the forwarded requests in flight
+    def __init__(self, live) -> None:
+        self.live = live  # its `in_flight`: the forwarded requests not ended yet
         self.seconds = 0.0
         self.task: asyncio.Task | None = None
 
@@ -95,7 +95,7 @@ class Drain:
             proxyserver = ctx.master.addons.get("proxyserver")
             if proxyserver is not None:
                 await proxyserver.servers.update([])  # listening sockets closed; open connections stay
-            in_flight = self.gateway.exchanges
+            in_flight = self.live.in_flight
             if in_flight:
                 log.info("gateway: stopping: no new connections; waiting up to %g s for %s in flight",
                          seconds, requests(len(in_flight)))

@@ -10,6 +10,7 @@ from mitmproxy import http
 
 from addon.hooks.messages import BODY_HEADERS, Fields
 from addon.providers.registry import PROVIDERS
+from addon.routing.state import state_of
 from addon.wire.keyplaces import KEY_HEADERS, hide_cookies
 from addon.wire.secrets import REDACTED, hide
 
@@ -133,10 +134,10 @@ def hide_client_secrets(
 def redact(flow: http.HTTPFlow) -> None:
     """The real key is on the request object while it is sent; overwrite it afterwards so
     no view, log line or saved flow carries it."""
-    provider = flow.metadata.get("gateway", {}).get("provider")
-    if provider is None:
+    state = state_of(flow)
+    if state is None or state.provider is None:
         return
-    secret = _SECRET_HEADERS[provider]
+    secret = _SECRET_HEADERS[state.provider]
     fields = flow.request.headers.fields
     # the forwarding dropped every client header of this name and appended the provider's one
     # after the client's headers: look from the end, and stop at it

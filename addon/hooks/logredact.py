@@ -148,8 +148,8 @@ class LogRedaction:
     """The addon: installs one RedactingFilter on every handler of the root logger, at load and
     whenever options change (handlers added later, e.g. by another addon, get it then too)."""
 
-    def __init__(self, gateway) -> None:
-        self.filter = RedactingFilter(lambda: gateway.keys)
+    def __init__(self, live) -> None:
+        self.filter = RedactingFilter(lambda: live.keys)
 
     def install(self) -> None:
         for handler in logging.getLogger().handlers:

@@ -3,7 +3,7 @@
 `GatewayMetrics` is the metric set (one registry, names in docs/metrics.md). `Metrics` is the
 addon part, last in the AddonChain so that its clock sees every other part's work:
 
-- `request`: a routed request's forwarding time goes into the flow's metadata (`forwarded`).
+- `request`: a routed request's forwarding time goes into the flow's state (`FlowState.forwarded`).
 - `responseheaders` (streams) / `response` (whole bodies): the gateway's own time is put on the
   response as `x-gateway-overhead-ms`: from the end of the client's request to the response
   leaving the gateway, less the provider's part (forwarded -> provider's headers for a stream,
@@ -56,6 +56,7 @@ from prometheus_client.process_collector import ProcessCollector
 from addon.policy.virtual_keys import MODEL_ANSWERS_KEPT, KeyStore
 from addon.hooks.accounting import client_status
 from addon.hooks.patches import errorpages
+from addon.routing.state import FlowState, state_of
 log = logging.getLogger("gateway")
 disable_created_metrics()  # no `_created` series beside every counter and histogram: half the output
 
@@ -70,6 +71,11 @@ NONE = "none"  # label value where a request has no key, provider or model (refu
 OTHER = "other"  # model label of a model name the keys file does not name
 MAX_REQUEST_HEAD = 16 * 1024  # a scrape's request line and headers
 SCRAPE_READ_TIMEOUT = 10.0
+
+
+def label(value: str | None) -> str:
+    """A key or provider name as a label value (NONE: not known)."""
+    return NONE if value is None else value
 
 
 def multiprocess_dir() -> str | None:
@@ -207,10 +213,9 @@ def is_loopback(host: str) -> bool:
 
 
 class Metrics:
-    def __init__(self, gateway, accounting=None, store=None) -> None:
-        self.gateway = gateway  # its `keys` (the KeyStore in force) name keys and models
+    def __init__(self, live, accounting=None) -> None:
+        self.live = live  # its keys in force name keys and models; its store: budgets remaining
         self.accounting = accounting  # settled before a scrape; hands over tokens and cost
-        self.store = store  # budgets remaining
         self.metrics: GatewayMetrics | None = None  # set while metrics_port is on
         self.enabled = False
         self.noted: list[tuple] = []
@@ -335,18 +340,18 @@ class Metrics:
     # --- hooks -------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("gateway")
-        if meta is None or flow.response is not None or flow.error is not None or not flow.live:
+        state = state_of(flow)
+        if state is None or flow.response is not None or flow.error is not None or not flow.live:
             return
-        meta["forwarded"] = time.time()
+        state.forwarded = time.time()
         if self.enabled:
-            self.in_flight[meta.get("key", NONE)] += 1
+            self.in_flight[label(state.key)] += 1
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is not None and response.stream and flow.live:
-            meta = flow.metadata.get("gateway")
-            forwarded = meta.get("forwarded") if meta else None
+            state = state_of(flow)
+            forwarded = state.forwarded if state is not None else None
             upstream = response.timestamp_start - forwarded if forwarded else 0.0
             self.put_overhead(flow, response, upstream)
 
@@ -354,60 +359,58 @@ class Metrics:
         if not flow.live:
             return
         response = flow.response
-        meta = flow.metadata.get("gateway")
-        forwarded = meta.get("forwarded") if meta else None
+        state = state_of(flow)
+        forwarded = state.forwarded if state is not None else None
         if response.stream:
-            overhead = meta.get("overhead") if meta else None
+            overhead = state.overhead if state is not None else None
         else:
             upstream = (response.timestamp_end or time.time()) - forwarded if forwarded else 0.0
             overhead = self.put_overhead(flow, response, upstream)
-        if self.enabled and meta is not None:
-            self.note(flow, meta, response.status_code, forwarded, overhead, meta.get("answered", ""))
+        if self.enabled and state is not None:
+            self.note(flow, state, response.status_code, forwarded, overhead, state.answered or "")
 
     def error(self, flow: http.HTTPFlow) -> None:
         if not flow.live:
             return
-        meta = flow.metadata.get("gateway")
-        forwarded = meta.get("forwarded") if meta else None
-        overhead = meta.get("overhead") if meta else None
+        state = state_of(flow)
+        forwarded = state.forwarded if state is not None else None
+        overhead = state.overhead if state is not None else None
         if flow.response is None and flow.error is not None:
             # mitmproxy renders its own error page after this hook: it carries the gateway's
             # time too, the request's way to the provider (the failed provider part is not ours)
             request = flow.request
             overhead = max(0.0, (forwarded or time.time()) - (request.timestamp_end or request.timestamp_start))
             errorpages.put_overhead_on_next(flow.error.msg, f"{overhead * 1000:.3f}")
-        if self.enabled and meta is not None:
+        if self.enabled and state is not None:
             status = client_status(flow)  # as the ledger records it: 0 when the client had gone
-            code = "upstream_timeout" if meta.get("timeout") else "client_closed" if status == 0 else "upstream_error"
-            self.note(flow, meta, status, forwarded, overhead, code)
+            code = "upstream_timeout" if state.timeout else "client_closed" if status == 0 else "upstream_error"
+            self.note(flow, state, status, forwarded, overhead, code)
 
     def put_overhead(self, flow: http.HTTPFlow, response: http.Response, upstream: float) -> float:
         """Put the gateway's own time on the response; `upstream` the provider's part of it."""
         overhead = max(0.0, time.time() - (flow.request.timestamp_end or flow.request.timestamp_start) - upstream)
         response.headers.fields = (*response.headers.fields, (OVERHEAD_HEADER, b"%.3f" % (overhead * 1000)))
-        meta = flow.metadata.get("gateway")
-        if meta is not None:
-            meta["overhead"] = overhead
+        state = state_of(flow)
+        if state is not None:
+            state.overhead = overhead
         return overhead
 
-    def note(self, flow: http.HTTPFlow, meta: dict, status: int, forwarded: float | None, overhead: float | None,
+    def note(self, flow: http.HTTPFlow, state: FlowState, status: int, forwarded: float | None, overhead: float | None,
              code: str) -> None:
         """Keep what the metrics need of a finished flow; fold() counts it."""
         if forwarded is not None:
-            self.in_flight[meta.get("key", NONE)] -= 1
+            self.in_flight[label(state.key)] -= 1
         response = flow.response
         ended = (response.timestamp_end if response is not None else None) or time.time()
         self.noted.append(
             (
-                meta,
+                state,
                 status,
                 code,
                 ended - flow.request.timestamp_start,
                 overhead,
                 ended - forwarded if forwarded is not None else None,
-                meta.get("first_chunk_at", 0.0) - forwarded
-                if forwarded is not None and meta.get("first_chunk_at")
-                else None,
+                state.first_chunk_at - forwarded if forwarded is not None and state.first_chunk_at else None,
             )
         )
         if len(self.noted) >= FOLD_AT:
@@ -416,7 +419,7 @@ class Metrics:
     # --- counting ------------------------------------------------------------------------
 
     def model_label(self, model: str | None) -> str:
-        keys = self.gateway.keys
+        keys = self.live.keys
         if keys is not self._labels_of:  # the keys file was (re)loaded
             self._labels, self._labels_of = ModelLabels(keys), keys
         return self._labels(model)
@@ -429,10 +432,10 @@ class Metrics:
         noted, self.noted = self.noted, []
         requests: Tally = Tally()
         series = self._series
-        for meta, status, code, total, overhead, upstream, ttft in noted:
-            provider = meta.get("provider", NONE)
-            model = self.model_label(meta.get("model"))
-            requests[(meta.get("key", NONE), provider, model, f"{status // 100}xx", code)] += 1
+        for state, status, code, total, overhead, upstream, ttft in noted:
+            provider = label(state.provider)
+            model = self.model_label(state.model)
+            requests[(label(state.key), provider, model, f"{status // 100}xx", code)] += 1
             # a label set's children looked up once: labels() costs as much as an observe
             children = series.get((provider, model))
             if children is None:
@@ -455,12 +458,12 @@ class Metrics:
                 m.in_flight.labels(key).set(count)
                 shown[key] = count
 
-    def count_usage(self, meta: dict, prompt: int, completion: int, cached: int, usd: float) -> None:
+    def count_usage(self, state: FlowState, prompt: int, completion: int, cached: int, usd: float) -> None:
         """UsageAccounting.counted: one settled request's tokens and dollars."""
         m = self.metrics
         if m is None:
             return
-        labels = (meta.get("key", NONE), meta.get("provider", NONE), self.model_label(meta.get("model")))
+        labels = (label(state.key), label(state.provider), self.model_label(state.model))
         children = self._usage_series.get(labels)
         if children is None:
             children = self._usage_series[labels] = (
@@ -472,7 +475,7 @@ class Metrics:
 
     async def update_budgets(self) -> None:
         """Remaining budget of every key that has one, from the store (sync or async)."""
-        keys, store, m = self.gateway.keys, self.store, self.metrics
+        keys, store, m = self.live.keys, self.live.store, self.metrics
         if keys is None or store is None or m is None:
             return
         now = time.time()
@@ -494,7 +497,7 @@ class Metrics:
     def update_targets(self) -> None:
         """Up or cooling down, for every target of the keys with several (policy/targets.py);
         read from the store's local cooldown table, no I/O."""
-        keys, store, m = self.gateway.keys, self.store, self.metrics
+        keys, store, m = self.live.keys, self.live.store, self.metrics
         if keys is None or store is None or m is None:
             return
         now = time.time()

@@ -16,16 +16,17 @@ from mitmproxy import ctx, exceptions, http
 from addon.hooks.messages import plain_content
 from addon.policy.owners import OWNED_API, FirstEvent, created, record
 from addon.policy.store import OWNERS_PER_KEY
+from addon.routing.state import state_of
 
 log = logging.getLogger("gateway")
 
 
 class ResponseOwners:
-    """Records who created each stored response (see the module's docstring). `store` is
-    swapped for RedisStore by StoreChoice, as the Gateway's is."""
+    """Records who created each stored response (see the module's docstring) in the shared
+    store (hooks/live.py)."""
 
-    def __init__(self, store) -> None:
-        self.store = store
+    def __init__(self, live) -> None:
+        self.live = live
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -39,27 +40,28 @@ class ResponseOwners:
         if "owners_per_key" in updated:
             if ctx.options.owners_per_key < 1:
                 raise exceptions.OptionsError(f"owners_per_key must be 1 or more, not {ctx.options.owners_per_key}")
-            if hasattr(self.store, "owners_per_key"):  # MemoryStore (RedisStore has no cap: a TTL per record)
-                self.store.owners_per_key = ctx.options.owners_per_key
+            store = self.live.store
+            if hasattr(store, "owners_per_key"):  # MemoryStore (RedisStore has no cap: a TTL per record)
+                store.owners_per_key = ctx.options.owners_per_key
 
     @staticmethod
     def creating(flow: http.HTTPFlow) -> str | None:
         """The creating key's fingerprint when the flow is a 200 to a Responses create."""
-        meta = flow.metadata.get("gateway")
+        state = state_of(flow)
         response = flow.response
-        if (meta is None or meta.get("api") != OWNED_API or meta.get("resource") or "answered" in meta
+        if (state is None or state.api != OWNED_API or state.resource or state.answered is not None
                 or response is None or response.status_code != 200):
             return None
-        return meta.get("fingerprint")
+        return state.fingerprint
 
     def note(self, flow: http.HTTPFlow, key: str, body: object):
-        meta = flow.metadata["gateway"]
+        state = state_of(flow)
         if isinstance(body, dict) and body.get("background") is True and isinstance(body.get("id"), str):
-            meta["background"] = body["id"]  # its usage comes later: hooks/accounting.py holds its worst case
+            state.background = body["id"]  # its usage comes later: hooks/accounting.py holds its worst case
         resource_id = created(body)
         if resource_id is not None:
-            meta["created"] = resource_id
-            return self.store.note_owner(resource_id, record(key, meta.get("target_id")), time.time())
+            state.created = resource_id
+            return self.live.store.note_owner(resource_id, record(key, state.target_id), time.time())
         return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -81,7 +83,7 @@ class ResponseOwners:
 
     def response(self, flow: http.HTTPFlow) -> Awaitable | None:
         key = self.creating(flow)
-        if key is None or flow.response.stream or "created" in flow.metadata["gateway"]:
+        if key is None or flow.response.stream or state_of(flow).created is not None:
             return None
         try:
             body = json.loads(plain_content(flow.response))

@@ -1,4 +1,4 @@
-"""Hot reload of the keys file: poll its mtime, swap the gateway's KeyStore when it changes.
+"""Hot reload of the keys file: poll its mtime, swap the KeyStore in force (hooks/live.py) when it changes.
 
 Polling (not inotify) so it works the same on every OS and with editors that replace the file.
 A request looks its key up once, so requests in flight keep the key they started with. An edit
@@ -31,8 +31,8 @@ def file_state(path: str) -> tuple | None:
 
 
 class KeysReloader:
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway  # anything with a `keys` attribute
+    def __init__(self, live) -> None:
+        self.live = live  # its `keys`: the KeyStore in force, replaced whole here
         self._seen: tuple | None = None
         self._task: asyncio.Task | None = None
         self._reading: asyncio.Future | None = None  # the check running on a worker thread
@@ -79,10 +79,10 @@ class KeysReloader:
             return
         self._seen = state
         if isinstance(loaded, KeysError):
-            kept = len(self.gateway.keys) if self.gateway.keys is not None else 0
+            kept = len(self.live.keys) if self.live.keys is not None else 0
             log.error("gateway: keys file changed but not reloaded, keeping the %d keys in force: %s", kept, loaded)
             return
-        self.gateway.keys = loaded
+        self.live.keys = loaded
         log.info("gateway: keys file reloaded: %d virtual keys from %s", len(loaded), path)
 
     def read_if_changed(self, path: str) -> tuple[tuple | None, KeyStore | KeysError | None]:

@@ -2,8 +2,9 @@
 
 Without `redis_url` (the default) the store is the in-process MemoryStore: one gateway. With
 it, RedisStore (policy/redis_store.py): every gateway with the same Redis and prefix enforces a
-key's limits as one. The chosen store is handed to each part that uses one (the Gateway's
-admission, the usage accounting); it cannot change while the gateway runs. Option
+key's limits as one. The chosen store goes into the holder every part reads it from
+(hooks/live.py: the Gateway's admission, the usage accounting, owners, metrics), while the
+options are configured, before any request; it cannot change while the gateway runs. Option
 `reservation_lease`: how long a reservation is held without its holder renewing it
 (`renew_leases`, run here while the gateway runs).
 
@@ -36,8 +37,9 @@ MIN_LEASE = 1.0  # seconds: a shorter lease could pass between two renewals on a
 
 
 class StoreChoice:
-    def __init__(self, *users) -> None:
-        self.users = users  # objects with a `store` attribute
+    def __init__(self, live, accounting=None) -> None:
+        self.live = live  # its `store` (hooks/live.py), which every part that uses one reads
+        self.accounting = accounting  # its ledger, named when Redis's spend and the ledger's disagree
         self.chosen: tuple[str, str] | None = None  # (url, prefix) once configured
         self.renewing: asyncio.Task | None = None  # renew_leases, while the gateway runs
         self.checking: asyncio.Task | None = None  # check_spend, at start
@@ -77,8 +79,7 @@ class StoreChoice:
         if "redis_url" in updated or "redis_prefix" in updated:
             self.choose()
         if lease is not None:
-            for user in self.users:
-                user.store.lease = lease
+            self.live.store.lease = lease
 
     def choose(self) -> None:
         url, prefix = ctx.options.redis_url, ctx.options.redis_prefix
@@ -103,15 +104,13 @@ class StoreChoice:
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
             store = RedisStore(resolved, prefix, on_error=count_store_error)
-            for user in self.users:
-                user.store = store
-            log.info(
-                "gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(resolved), prefix
-            )
+            self.live.store = store
+            log.info("gateway: limits, budgets and max_parallel shared in Redis %s (prefix %s)", masked_url(resolved),
+                     prefix)
         self.chosen = (url, prefix)
 
     def running(self) -> None:
-        store = self.users[0].store if self.users else None
+        store = self.live.store
         if hasattr(store, "start_seeding"):  # RedisStore
             store.start_seeding()
             store.start_cooldown_sync()
@@ -133,10 +132,9 @@ class StoreChoice:
             log.debug("gateway: spend check skipped: %s", e)
             return
         if found is not None:
-            ledger = next((user.ledger for user in self.users if getattr(user, "ledger", None) is not None), None)
-            log.warning(
-                "%s", disagreement(masked_url(store.url), store.prefix, ledger and masked_url(ledger.path), *found)
-            )
+            ledger = getattr(self.accounting, "ledger", None)
+            ledger_path = ledger and masked_url(ledger.path)
+            log.warning("%s", disagreement(masked_url(store.url), store.prefix, ledger_path, *found))
 
     def done(self):
         """RedisStore: its close (what is queued is sent first), for the chain (addon/hooks/chain.py)
@@ -145,7 +143,7 @@ class StoreChoice:
             if task is not None:
                 task.cancel()
         self.renewing = self.checking = None
-        store = self.users[0].store if self.users else None
+        store = self.live.store
         if hasattr(store, "close"):  # RedisStore
             return store.close()
         return None

@@ -26,6 +26,7 @@ from mitmproxy import ctx, http
 from mitmproxy.connection import ConnectionState
 
 from addon.apis.registry import APIS, DEFAULT_API
+from addon.routing.state import state_of
 from addon.wire.sse import DONE
 
 log = logging.getLogger("gateway")
@@ -58,16 +59,16 @@ def chunked(parts: list[bytes]) -> bytes:
 class StreamEnds:
     def error(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        meta = flow.metadata.get("gateway", {})
-        if response is None or not callable(response.stream) or not meta.get("stream"):
+        state = state_of(flow)
+        if response is None or not callable(response.stream) or state is None or not state.stream:
             return  # not a stream the gateway routed, or its headers never came (errorpages answers)
         try:
-            idle = meta.get("idle_timeout")
+            idle = state.idle_timeout
             final = response.stream(b"")  # the translator's finish; the usage watcher sees it
             response.stream = True  # (whatever happens, it is not called again)
             if client_writable(flow):
                 message, code = stalled(idle) if idle else BROKEN
-                events = APIS.get(meta.get("api"), DEFAULT_API).stream_error(message, code)
+                events = APIS.get(state.api, DEFAULT_API).stream_error(message, code)
                 write_to_client(flow, tail(final, events, bool(idle)))
         except Exception:
             log.exception("gateway: could not end a broken stream for the client")

@@ -26,6 +26,7 @@ from mitmproxy.proxy.layers.http import GetHttpConnection, HttpLayer
 from addon.hooks.accesslog import word
 from addon.hooks.patches import attempts, errorpages
 
+from addon.routing.state import state_for, state_of
 log = logging.getLogger("gateway")
 
 
@@ -116,7 +117,7 @@ class Sweeper:
         see a timeout."""
         text = expired.pop(flow.id, None)
         if text is not None:
-            flow.metadata.setdefault("gateway", {})["timeout"] = True
+            state_for(flow).timeout = True
             if flow.error:
                 errorpages.answer_as_timeout(flow, text)
 
@@ -164,7 +165,7 @@ class UpstreamTimeout(Sweeper):
             self._expire(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or "provider" not in flow.metadata.get("gateway", {}):
+        if flow.response or flow.error or (state := state_of(flow)) is None or state.provider is None:
             return
         self.waiting[flow.id] = (time.monotonic() + self.seconds, flow)
 
@@ -246,7 +247,7 @@ class StreamIdleTimeout(Sweeper):
                 continue
             streamed = bool(flow.response.stream)
             if streamed:
-                flow.metadata.setdefault("gateway", {})["idle_timeout"] = self.seconds
+                state_for(flow).idle_timeout = self.seconds
             else:
                 self.expired[flow_id] = f"provider sent its response headers but not the body within {self.seconds:g}s"
             if cancel_server_connection(flow):
@@ -257,8 +258,8 @@ class StreamIdleTimeout(Sweeper):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
-        meta = flow.metadata.get("gateway", {})
-        if response is None or "provider" not in meta or "answered" in meta:
+        state = state_of(flow)
+        if response is None or state is None or state.provider is None or state.answered is not None:
             return  # not routed, or answered by the gateway itself
         last = [time.monotonic()]
         self.waiting[flow.id] = (flow, last)

@@ -21,7 +21,7 @@ import os
 from mitmproxy import ctx, exceptions, http, io
 from mitmproxy.utils import human
 
-from addon.apis.registry import api_for_flow
+from addon.routing.state import KEY, api_for_flow, state_of
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.keyplaces import KEY_HEADERS, hide_header, hide_path, unmark_header, unmark_path
 from addon.wire.secrets import MARKER, fingerprint
@@ -53,18 +53,18 @@ def headers_state(headers: http.Headers) -> list[list[str]]:
 def routed(flow: http.HTTPFlow) -> bool:
     """Sent to a provider: the gateway knows the provider and did not answer itself (refusals
     after the key lookup carry a provider too)."""
-    meta = flow.metadata.get("gateway", {})
-    return "provider" in meta and "answered" not in meta
+    state = state_of(flow)
+    return state is not None and state.provider is not None and state.answered is None
 
 
 def hide_unnamed_key(flow: http.HTTPFlow) -> None:
     """A key without a "name" in the keys file is named by the virtual key itself: keep that
     name out of recordings (the fingerprint still identifies it)."""
-    meta = flow.metadata.get("gateway", {})
-    name = meta.get("key")
-    if name and fingerprint(name) == meta.get("fingerprint"):
-        meta["key"] = MARKER + meta["fingerprint"]
-        flow.comment = flow.comment.replace(name, meta["key"])
+    state = state_of(flow)
+    name = state.key if state is not None else None
+    if name and fingerprint(name) == state.fingerprint:
+        state.key = MARKER + state.fingerprint
+        flow.comment = flow.comment.replace(name, state.key)
 
 
 class Snapshot:
@@ -75,8 +75,8 @@ class Snapshot:
     Keeping costs a copy per request, so it happens only while recording or when asked for
     (`replayable_flows`, which ./run.sh web sets for mitmweb's Replay button)."""
 
-    def __init__(self, gateway=None) -> None:
-        self.gateway = gateway  # anything with a `keys` attribute: replays re-resolve keys there
+    def __init__(self, live=None) -> None:
+        self.live = live  # its `keys`, the KeyStore in force: replays re-resolve keys there
         self.keeping = False
 
     def load(self, loader) -> None:
@@ -121,7 +121,7 @@ class Snapshot:
             flow.response = http.Response.make(409, body, {"content-type": "application/json", ERROR_SOURCE: "gateway"})
             flow.marked = ":heavy_multiplication_x:"
             return
-        flow.metadata.pop("gateway", None)  # the replay is routed afresh
+        flow.metadata.pop(KEY, None)  # the replay is routed afresh
         flow.metadata["record"] = {"client_request": snap}
         known = self.virtual_keys()
         req = flow.request
@@ -134,7 +134,7 @@ class Snapshot:
         req.raw_content = snap["content"]
 
     def virtual_keys(self) -> dict[str, str]:
-        store = getattr(self.gateway, "keys", None)
+        store = getattr(self.live, "keys", None)
         return store.virtual_keys_by_fingerprint() if store is not None else {}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -34,6 +34,7 @@ from addon.wire.secrets import fingerprint
 from addon.recording.process import GatewayProcess
 from addon.providers.registry import PROVIDERS
 from addon.recording.recorder import routed
+from addon.routing.state import FlowState, state_of
 from addon.wire.keyplaces import unmark_header, unmark_path
 from addon.wire.sse import SSEDecoder
 
@@ -231,8 +232,8 @@ class Result:
 
 
 def label(n: int, flow: http.HTTPFlow) -> str:
-    meta = flow.metadata.get("gateway", {})
-    route = f"{meta['key']} -> {meta['provider']}" if routed(flow) else meta.get("answered", "answered")
+    state = state_of(flow) or FlowState()
+    route = f"{state.key} -> {state.provider}" if routed(flow) else state.answered or "answered"
     snap = flow.metadata["record"]["client_request"]
     status = flow.response.status_code if flow.response else "error"
     return f"#{n} {snap['method']} {snap['path']} [{route}] {status}"
@@ -240,8 +241,8 @@ def label(n: int, flow: http.HTTPFlow) -> str:
 
 def unreachable(flow: http.HTTPFlow) -> bool:
     """Routed, and the provider never answered (not a timeout: that would take upstream_timeout)."""
-    meta = flow.metadata.get("gateway", {})
-    return bool(flow.error) and routed(flow) and "upstream" not in flow.metadata["record"] and not meta.get("timeout")
+    state = state_of(flow)
+    return bool(flow.error) and routed(flow) and "upstream" not in flow.metadata["record"] and not state.timeout
 
 
 def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: GatewayProcess, vks: dict[str, str]) -> str | None:
@@ -265,7 +266,7 @@ def replay_flow(flow: http.HTTPFlow, server: ReplayServer, gateway: GatewayProce
     resp_headers = http.Headers([(k.encode(), v.encode()) for k, v in resp.getheaders()])
 
     # the route: which provider the gateway asked (the replay server path starts with it)
-    recorded_provider = flow.metadata.get("gateway", {}).get("provider") if routed(flow) else None
+    recorded_provider = state_of(flow).provider if routed(flow) else None
     sent = server.received[0] if server.received else None
     replayed_provider = sent.path.split("/")[1] if sent else None
     if recorded_provider != replayed_provider:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from addon.apis.registry import APIS
-from addon.policy import rules
 from addon.providers.base import Provider
 from addon.providers.registry import PROVIDERS
+from addon.routing.state import FlowState
 from addon.translate.base import Pair
 from addon.translate.registry import PAIRS
 from addon.wire.errors import GatewayError
@@ -41,20 +41,14 @@ ROUTES: dict[str, dict[str, Route]] = {
 SERVED = ", ".join(f"{'/'.join(sorted(api.methods))} {max(api.paths, key=len)}" for api in APIS.values())
 
 
-def resource_request(route: Route) -> tuple:
-    """prepare()'s answer for a stored resource's path (GET /v1/responses/{id}): no body, no
-    model, nothing to reserve."""
-    return (None, None, *route.pair.prepare({}), rules.NO_DEMAND)
-
-
-def describe_route(meta: dict) -> str:
-    """mitmweb's comment for a flow's route, from its metadata (key, provider, and once known the
+def describe_attempt(state: FlowState) -> str:
+    """mitmweb's comment for where a flow went, from its state (key, provider, and once known the
     model, the API and the attempt): "team-alpha -> anthropic claude-sonnet-4-6 (fallback, attempt 2)"."""
-    model = f" {meta['model']}" if meta.get("model") else ""
-    api = APIS.get(meta.get("api", ""))
-    attempt = meta.get("attempts", 1)
-    notes = [n for n in ("fallback" if meta.get("fallback") else "", f"attempt {attempt}" if attempt > 1 else "") if n]
-    return (f"{meta['key']} -> {meta['provider']}{model}{getattr(api, 'label', '')}"
+    model = f" {state.model}" if state.model else ""
+    api = APIS.get(state.api or "")
+    attempt = state.attempts or 1
+    notes = [n for n in ("fallback" if state.fallback else "", f"attempt {attempt}" if attempt > 1 else "") if n]
+    return (f"{state.key} -> {state.provider}{model}{getattr(api, 'label', '')}"
             + (f" ({', '.join(notes)})" if notes else ""))
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from mitmproxy import contentviews, http
 from mitmproxy.contentviews import Metadata
 
+from addon.routing.state import FlowState, state_of
 from addon.web.listing import called_url
 from addon.web.sides import Message, render
 
@@ -45,33 +46,43 @@ def refusal(flow: http.HTTPFlow) -> str:
         return ""
 
 
+def state(flow: http.HTTPFlow) -> FlowState:
+    return state_of(flow) or FlowState()
+
+
+def answered(state: FlowState) -> bool:
+    """Nothing went upstream: the gateway answered the request itself."""
+    return state.answered is not None or state.provider is None
+
+
 def summary(flow: http.HTTPFlow) -> str:
-    meta = flow.metadata.get("gateway", {})
-    if "answered" in meta:
-        return (f"Answered by the gateway, never forwarded: {flow.response.status_code} {meta['answered']}"
+    noted = state(flow)
+    if noted.answered is not None:
+        return (f"Answered by the gateway, never forwarded: {flow.response.status_code} {noted.answered}"
                 f" — {refusal(flow)}")
-    if "provider" not in meta:
+    if noted.provider is None:
         return "Answered by the gateway, never forwarded."
-    parts = [f"key {meta.get('key', '?')} → {meta['provider']}"]
-    if meta.get("model"):
-        parts.append(f"model {meta['model']}")
-    if meta.get("stream"):
+    parts = [f"key {noted.key if noted.key is not None else '?'} → {noted.provider}"]
+    if noted.model:
+        parts.append(f"model {noted.model}")
+    if noted.stream:
         parts.append("streamed")
-    return "Routed by the gateway: " + ", ".join(parts) + attempts(flow, meta)
+    return "Routed by the gateway: " + ", ".join(parts) + attempts(flow, noted)
 
 
-def attempts(flow: http.HTTPFlow, meta: dict) -> str:
+def attempts(flow: http.HTTPFlow, state: FlowState) -> str:
     """A failover's attempts, one line each: the failed ones (hooks/failover.py keeps them) with
     their status or error and time, then the one this flow is."""
-    failed = meta.get("failed_attempts")
+    failed = state.failed_attempts
     if not failed:
         return ""
     lines = [f"\n{len(failed) + 1} attempts:"]
     for a in failed:
         outcome = f"{a['status']}" if a.get("status") is not None else (a.get("error") or "failed")
-        lines.append(f"  {a['attempt']}. {target_name(a)}: {outcome} after {a['ms']:g} ms, at {clock(a['started'])}"
+        name = target_name(a.get("provider"), a.get("target"), a.get("fallback"))
+        lines.append(f"  {a['attempt']}. {name}: {outcome} after {a['ms']:g} ms, at {clock(a['started'])}"
                      " — failed, the next target was tried")
-    started = meta.get("attempt_started")
+    started = state.attempt_started
     if flow.response is not None:
         took = (
             f" after {(flow.response.timestamp_start - started) * 1000:.1f} ms"
@@ -82,16 +93,15 @@ def attempts(flow: http.HTTPFlow, meta: dict) -> str:
     else:
         outcome = f"failed: {flow.error.msg}" if flow.error else "in flight"
     at = f", at {clock(started)}" if started else ""
-    lines.append(f"  {meta.get('attempts', len(failed) + 1)}. {target_name(meta)}: {outcome}{at} — this flow")
+    attempt = state.attempts if state.attempts is not None else len(failed) + 1
+    lines.append(f"  {attempt}. {target_name(state.provider, state.target, state.fallback)}: {outcome}{at} — this flow")
     return "\n".join(lines)
 
 
-def target_name(attempt: dict) -> str:
+def target_name(provider: str | None, target: str | None, fallback: bool | None) -> str:
     """ "openai (target 0)", "anthropic (target 1, fallback)" """
-    notes = ", ".join(
-        n for n in (f"target {attempt.get('target')}", "fallback" if attempt.get("fallback") else "") if n
-    )
-    return f"{attempt.get('provider')} ({notes})"
+    notes = ", ".join(n for n in (f"target {target}", "fallback" if fallback else "") if n)
+    return f"{provider} ({notes})"
 
 
 def clock(when: float) -> str:
@@ -100,10 +110,10 @@ def clock(when: float) -> str:
 
 
 def request_sides(flow: http.HTTPFlow) -> str:
-    meta = flow.metadata.get("gateway", {})
+    noted = state(flow)
     snap = flow.metadata.get("record", {}).get("client_request")
     upstream = flow.request
-    if "answered" in meta or "provider" not in meta:
+    if answered(noted):
         # nothing went upstream: flow.request is the client's request (its key marked)
         client = Message("CLIENT → GATEWAY", f"{upstream.method} {called_url(flow)}", headers_list(upstream.headers),
                          upstream.raw_content, "not forwarded: the gateway answered it itself")
@@ -116,41 +126,29 @@ def request_sides(flow: http.HTTPFlow) -> str:
                                 snap["content"], "as the client sent it (its key as a fingerprint)"))
     else:
         messages.append(Message("CLIENT → GATEWAY", "(not kept)", [], None, NOT_KEPT))
-    messages.append(
-        Message(
-            f"GATEWAY → PROVIDER ({meta['provider']})",
-            url_of(upstream),
-            headers_list(upstream.headers),
-            upstream.raw_content,
-            "as sent upstream (the provider key redacted once sent)",
-            client_headers,
-        )
-    )
+    messages.append(Message(f"GATEWAY → PROVIDER ({noted.provider})", url_of(upstream), headers_list(upstream.headers),
+                            upstream.raw_content, "as sent upstream (the provider key redacted once sent)",
+                            client_headers))
     return render(messages, summary(flow))
 
 
 def response_sides(flow: http.HTTPFlow, client_body: bytes) -> str:
-    meta = flow.metadata.get("gateway", {})
+    noted = state(flow)
     response = flow.response
     client_line = status_line(response.status_code, response.reason)
-    if "answered" in meta or "provider" not in meta:
+    if answered(noted):
         return render([Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
                                "the gateway's own answer")], summary(flow))
     upstream = flow.metadata.get("record", {}).get("upstream")
     if upstream is None:
-        provider = Message(f"PROVIDER ({meta['provider']}) → GATEWAY", "(not kept)", [], None, NOT_KEPT)
-        client = Message(
-            "GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body, "what the client received"
-        )
+        provider = Message(f"PROVIDER ({noted.provider}) → GATEWAY", "(not kept)", [], None, NOT_KEPT)
+        client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
+                         "what the client received")
     else:
         provider_headers = headers_list(upstream["headers"])
-        provider = Message(
-            f"PROVIDER ({meta['provider']}) → GATEWAY",
-            status_line(upstream["status"], upstream.get("reason", "")),
-            provider_headers,
-            b"".join(upstream["pieces"]),
-            "as the provider answered",
-        )
+        provider = Message(f"PROVIDER ({noted.provider}) → GATEWAY",
+                           status_line(upstream["status"], upstream.get("reason", "")), provider_headers,
+                           b"".join(upstream["pieces"]), "as the provider answered")
         client = Message("GATEWAY → CLIENT", client_line, headers_list(response.headers), client_body,
                          "what the client received", provider_headers)
     return render([provider, client], summary(flow))

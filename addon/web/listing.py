@@ -20,6 +20,7 @@ import sys
 
 from mitmproxy import http
 
+from addon.routing.state import state_of
 from addon.wire.patching import Patches
 
 WEB_APP = "mitmproxy.tools.web.app"
@@ -34,8 +35,8 @@ def as_called(flow: http.HTTPFlow) -> dict | None:
     """The request line's parts as the client called them (scheme, host, port, path,
     pretty_host), for a flow the gateway routed or answered; None for any other flow."""
     request = flow.request
-    meta = flow.metadata.get("gateway", {})
-    path = meta.get("client_path")
+    state = state_of(flow)
+    path = state.client_path if state is not None else None
     if path is None:
         if request.port != 1:  # not reverse mode's placeholder: not a flow the gateway answered
             return None

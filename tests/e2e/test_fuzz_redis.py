@@ -36,7 +36,7 @@ def on_redis(addon, url: str):
     loop = asyncio.new_event_loop()
     store = RedisStore(url, f"fuzz{next(_prefixes)}:")
     loop.run_until_complete(store.seed())  # an empty Redis gets its marker (nothing in a ledger)
-    addon.store = store
+    addon.live.store = store
 
     def run(pending) -> None:
         async def until_done():
@@ -49,7 +49,7 @@ def on_redis(addon, url: str):
 
     async def record_owners():
         for name, resource_id in unit.RECORDED.items():
-            key = addon.keys.lookup(name)
+            key = addon.live.keys.lookup(name)
             if key is not None:  # (gw's keys)
                 await store.note_owner(resource_id, key.fingerprint, time.time())
 
@@ -79,14 +79,14 @@ def mgw(tmp_path_factory, redis):
 def test_the_fuzzed_gateway_asks_redis(gw, redis):
     """What this module runs on: a limited key's request is admitted through Redis (its rpm
     window there), and a recorded owner is read from it."""
-    assert isinstance(gw.store, RedisStore)
+    assert isinstance(gw.live.store, RedisStore)
     body = {"model": "gpt-4o", "input": "hi", "previous_response_id": unit.RECORDED["vk_l"]}
     assert unit.send(gw, "vk_l", json.dumps(body).encode(), b"/v1/responses") is None  # routed: the owner was found
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(redis.url)
     try:
-        assert client.zcard(gw.store.keys(gw.keys.lookup("vk_l").fingerprint)[0]) >= 1  # its rpm window
+        assert client.zcard(gw.live.store.keys(gw.live.keys.lookup("vk_l").fingerprint)[0]) >= 1  # its rpm window
     finally:
         client.close()
 

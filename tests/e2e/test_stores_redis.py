@@ -16,17 +16,19 @@ def test_what_the_accounting_counts_at_a_clean_stop_reaches_redis(redis_server, 
 
     from addon.hooks.chain import AddonChain
     from addon.hooks.accounting import UsageAccounting
+    from addon.hooks.live import Live
     from tests.unit.hooks.test_accounting import _finished_flow
 
     async def go():
-        accounting = UsageAccounting(MemoryStore())
-        choice = StoreChoice(accounting)
+        live = Live(MemoryStore())
+        accounting = UsageAccounting(live)
+        choice = StoreChoice(live)
         chain = AddonChain(choice, accounting)
         with taddons.context(chain) as tctx:
             tctx.configure(chain, redis_url=redis_server.url, usage_db="")
             choice.running()
             accounting.running()
-            store = accounting.store
+            store = live.store
             while store.seeding is not None:  # the empty Redis gets its (empty) ledger and marker
                 await asyncio.sleep(0.01)
             accounting.response(_finished_flow("fp-stop", (5, 2)))  # noted, counted with the next batch

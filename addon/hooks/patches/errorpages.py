@@ -36,7 +36,8 @@ from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError, SendH
 
 from addon.apis.base import InboundAPI
 from addon.wire.patching import Patches
-from addon.apis.registry import DEFAULT_API, api_for_flow
+from addon.apis.registry import DEFAULT_API
+from addon.routing.state import api_for_flow, state_of
 from addon.hooks.accesslog import key_name
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 
@@ -98,11 +99,11 @@ def _classify(status: int, message: str, flow: http.HTTPFlow | None = None) -> t
     if status == 502:
         # mitmproxy's text names the provider's address ("Connect call failed ('10.0.0.5', 443)"):
         # the operator's log gets it, the client gets the cause and the key's name
-        meta = flow.metadata.get("gateway") if flow is not None else None
-        if not meta or "key" not in meta:
+        state = state_of(flow) if flow is not None else None
+        if state is None or state.key is None:
             log.warning("gateway: provider unreachable: %s", text)
             return 502, "provider unreachable (the gateway's log has the details)", "upstream_unreachable"
-        provider, name = meta.get("provider", "the provider"), key_name(meta)
+        provider, name = state.provider if state.provider is not None else "the provider", key_name(state)
         log.warning("gateway: provider unreachable for key %s: %s at %s: %s", name, provider,
                     human.format_address((flow.request.host, flow.request.port)), text)
         cause = unreachable_cause(text, flow.request.host, flow.request.scheme == "https")

@@ -65,7 +65,8 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
-from addon.apis.registry import DEFAULT_API, api_for_flow, api_for_path, api_for_request
+from addon.apis.registry import DEFAULT_API, api_for_path, api_for_request
+from addon.routing.state import api_for_flow
 from addon.wire.patching import Patches
 from addon.hooks.patches.errorpages import error_response
 from addon.wire.errors import GatewayError

@@ -99,9 +99,8 @@ class ToyAPI:
             raise GatewayError(400, "toy needs a model")
         return body
 
-    def prepare_usage(self, body, raw, meta):
-        meta["client_usage"] = True
-        return None
+    def prepare_usage(self, body, raw):
+        return None, True
 
     def error_body(self, error: GatewayError) -> bytes:
         return json.dumps({"problem": error.message, "status": error.status}).encode()
@@ -150,7 +149,7 @@ def test_a_third_api_routes_through_the_tables(gw, toy):  # noqa: F811
     wire = dict(wirekeys.on_the_wire(f.request.headers.fields, ("127.0.0.1", 9001)))  # the key is put in on the wire
     assert wire[b"authorization"] == f"Bearer {REAL}".encode() and f.request.headers["x-toy"] == "1"
     assert json.loads(f.request.content)["messages"][0]["content"] == "hello"
-    assert f.metadata["gateway"]["api"] == "toy"
+    assert f.metadata["gateway"].api == "toy"
     f.response = tutils.tresp(status_code=503, content=b"down", headers=http.Headers(content_type="text/plain"))
     gw.responseheaders(f)
     gw.response(f)

@@ -47,7 +47,7 @@ def gateway_with(keys: dict, directory):
 
 def record_owners(addon: Gateway) -> None:
     for name, resource_id in RECORDED.items():
-        assert addon.store.note_owner(resource_id, addon.keys.lookup(name).fingerprint, time.time()) is None
+        assert addon.live.store.note_owner(resource_id, addon.live.keys.lookup(name).fingerprint, time.time()) is None
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ bodies = st.fixed_dictionaries(
 )
 def test_no_chat_body_gets_a_500(gw, body, key):
     check_refusal(body, send(gw, key, json.dumps(body).encode()))
-    assert not gw.exchanges
+    assert not gw.live.in_flight
 
 
 # the Responses API: the stored objects a request names (previous_response_id, conversation) are
@@ -221,7 +221,7 @@ responses_bodies = st.fixed_dictionaries(
 @example(body={"model": "gpt-4o", "input": "hi", "previous_response_id": RECORDED["vk_l"]}, key="vk_l")
 def test_no_responses_body_gets_a_500(gw, body, key):
     check_refusal(body, send(gw, key, json.dumps(body).encode(), b"/v1/responses"))
-    assert not gw.exchanges
+    assert not gw.live.in_flight
 
 
 @settings(
@@ -236,7 +236,7 @@ def test_no_responses_body_gets_a_500(gw, body, key):
 @example(body={"model": "text-embedding-3-small", "input": ["hi"]}, key="vk_l")
 def test_no_embeddings_body_gets_a_500(gw, body, key):
     check_refusal(body, send(gw, key, json.dumps(body).encode(), b"/v1/embeddings"))
-    assert not gw.exchanges
+    assert not gw.live.in_flight
 
 
 @settings(
@@ -285,7 +285,7 @@ def test_model_names_over_256_bytes_get_400(gw):
 
 def test_price_cache_is_bounded_in_bytes(gw):
     from addon.policy.virtual_keys import MODEL_ANSWERS_BYTES
-    store = gw.keys
+    store = gw.live.keys
     for i in range(20_000):
         store.price(f"{i:08d}" + "x" * 240)
     assert store._price_bytes <= MODEL_ANSWERS_BYTES
@@ -454,7 +454,7 @@ def test_no_messages_body_gets_a_500_or_an_unmeant_request(mgw, body, key):
     check_refusal(body, result)
     if result is not None:
         assert 400 <= result[0] < 500, (result, body)
-    assert not mgw.exchanges
+    assert not mgw.live.in_flight
 
 
 @MESSAGES_SETTINGS

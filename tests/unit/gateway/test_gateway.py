@@ -68,7 +68,7 @@ def test_routes_openai_and_swaps_the_key(gw):
     assert wirekeys.on_the_wire(g.request.headers.fields, ("127.0.0.1", 9001)) is None  # used once
     assert f.request.headers["host"] == "127.0.0.1:9001"
     assert json.loads(f.request.content) == CHAT
-    assert f.metadata["gateway"]["provider"] == "openai"
+    assert f.metadata["gateway"].provider == "openai"
     assert f.comment == f"key-{fingerprint('vk_o')} -> openai"  # neither the virtual nor the real key
     assert "vk_o" not in f.comment and REAL not in f.comment
 
@@ -150,7 +150,7 @@ def test_key_is_redacted_on_error(gw):
     f.response = None
     gw.error(f)
     assert f.request.headers["authorization"] == "REDACTED"
-    assert not gw.exchanges
+    assert not gw.live.in_flight
 
 
 def test_streams_pass_through_untouched(gw):
@@ -244,7 +244,7 @@ def test_a_gzipped_request_body_is_decoded_and_a_broken_encoding_is_a_400(gw):
         body=gzip.compress(json.dumps({**CHAT, "model": "gpt-4o-mini"}).encode()), headers={"content-encoding": "gzip"}
     )
     asyncio.run(gw.request(f))  # an encoded body is decoded and parsed in a worker thread: the hook waits
-    assert f.response is None and f.metadata["gateway"]["model"] == "gpt-4o-mini"
+    assert f.response is None and f.metadata["gateway"].model == "gpt-4o-mini"
     assert json.loads(f.request.content)["model"] == "gpt-4o-mini"
 
     f = flow(body=b"not gzip at all", headers={"content-encoding": "gzip"})
@@ -357,14 +357,17 @@ def test_account_response_headers_do_not_reach_the_client(gw):
 
 
 def test_the_mitmweb_comment_names_the_key_the_answering_target_and_the_model():
-    from addon.routing.routes import describe_route
+    from dataclasses import replace
 
-    meta = {"key": "team-alpha", "provider": "openai"}
-    assert describe_route(meta) == "team-alpha -> openai"  # before the body is read
-    meta.update(model="gpt-4o", api="openai_chat")
-    assert describe_route(meta) == "team-alpha -> openai gpt-4o"
-    assert describe_route({**meta, "attempts": 2}) == "team-alpha -> openai gpt-4o (attempt 2)"
-    meta.update(provider="anthropic", model="claude-haiku-4-5", fallback=True, attempts=2)
-    assert describe_route(meta) == "team-alpha -> anthropic claude-haiku-4-5 (fallback, attempt 2)"
-    assert describe_route({**meta, "api": "openai_embeddings", "fallback": False, "attempts": 1}) == \
+    from addon.routing.routes import describe_attempt
+    from addon.routing.state import FlowState
+
+    state = FlowState(key="team-alpha", provider="openai")
+    assert describe_attempt(state) == "team-alpha -> openai"  # before the body is read
+    state.model, state.api = "gpt-4o", "openai_chat"
+    assert describe_attempt(state) == "team-alpha -> openai gpt-4o"
+    assert describe_attempt(replace(state, attempts=2)) == "team-alpha -> openai gpt-4o (attempt 2)"
+    state.provider, state.model, state.fallback, state.attempts = "anthropic", "claude-haiku-4-5", True, 2
+    assert describe_attempt(state) == "team-alpha -> anthropic claude-haiku-4-5 (fallback, attempt 2)"
+    assert describe_attempt(replace(state, api="openai_embeddings", fallback=False, attempts=1)) == \
         "team-alpha -> anthropic claude-haiku-4-5 (embeddings)"

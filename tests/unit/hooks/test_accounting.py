@@ -59,10 +59,11 @@ def test_flows_loaded_from_a_file_are_not_counted_again():
     import json
     from mitmproxy.test import taddons, tflow, tutils
     from addon.hooks.accounting import UsageAccounting
+    from addon.hooks.live import Live
     from addon.policy.memory_store import MemoryStore
 
     store = MemoryStore()
-    accounting = UsageAccounting(store)
+    accounting = UsageAccounting(Live(store))
     body = json.dumps(
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
     ).encode()
@@ -95,10 +96,11 @@ def _finished_flow(fingerprint: str, tokens: tuple[int, int] = (5, 2)):
 def test_counting_waits_for_a_batch_but_every_read_of_usage_sees_it_first():
     from mitmproxy.test import taddons
     from addon.hooks.accounting import UsageAccounting
+    from addon.hooks.live import Live
     from addon.policy.memory_store import MemoryStore
 
     store = MemoryStore()
-    accounting = UsageAccounting(store)
+    accounting = UsageAccounting(Live(store))
     with taddons.context(accounting) as tctx:
         tctx.configure(accounting, usage_db="")
         f = _finished_flow("fp", (600, 400))
@@ -117,11 +119,12 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
     from mitmproxy.test import taddons
     from addon.usage import sqlite
     from addon.hooks.accounting import UsageAccounting
+    from addon.hooks.live import Live
     from addon.policy.memory_store import MemoryStore
 
     async def go():
         store = MemoryStore()
-        accounting = UsageAccounting(store)
+        accounting = UsageAccounting(Live(store))
         with taddons.context(accounting) as tctx:
             tctx.configure(accounting, usage_db="")
             accounting.running()
@@ -131,7 +134,7 @@ def test_the_writer_settles_without_a_ledger_and_done_settles_the_rest(tmp_path)
             accounting.done()
 
         store = MemoryStore()
-        accounting = UsageAccounting(store)
+        accounting = UsageAccounting(Live(store))
         db = tmp_path / "usage.sqlite3"
         with taddons.context(accounting) as tctx:
             tctx.configure(accounting, usage_db=str(db))
@@ -165,11 +168,10 @@ def test_an_access_line_never_names_a_key_by_the_key_itself():
     """key_name remembers names it has checked: the answer must stay per name, every time."""
     from addon.wire.secrets import fingerprint
     from addon.hooks.accesslog import key_name
+    from addon.routing.state import FlowState
     vk = "vk_named_by_itself_0001"
     for _ in range(3):
-        assert key_name({"key": vk, "fingerprint": fingerprint(vk)}) == f"key-{fingerprint(vk)}"
-        assert key_name({"key": "team-alpha", "fingerprint": fingerprint(vk)}) == "team-alpha"
-        assert (
-            key_name({"key": "team-alpha", "fingerprint": fingerprint("team-alpha")})
-            == f"key-{fingerprint('team-alpha')}"
-        )
+        assert key_name(FlowState(key=vk, fingerprint=fingerprint(vk))) == f"key-{fingerprint(vk)}"
+        assert key_name(FlowState(key="team-alpha", fingerprint=fingerprint(vk))) == "team-alpha"
+        assert key_name(FlowState(key="team-alpha", fingerprint=fingerprint("team-alpha"))) == \
+            f"key-{fingerprint('team-alpha')}"

@@ -8,13 +8,14 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from addon.hooks.accounting import BACKGROUND_HOLD, UsageAccounting
+from addon.hooks.live import Live
 from addon.policy.memory_store import MemoryStore
 from addon.policy.store import Due
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf"])
 def test_background_hold_must_be_a_positive_number_of_seconds(value):
-    accounting = UsageAccounting(MemoryStore())
+    accounting = UsageAccounting(Live(MemoryStore()))
     with taddons.context(accounting) as tctx:
         tctx.configure(accounting, usage_db="")
         assert accounting.background_hold == BACKGROUND_HOLD
@@ -25,7 +26,7 @@ def test_background_hold_must_be_a_positive_number_of_seconds(value):
 
 
 def test_a_charged_hold_is_one_estimated_row_with_the_creates_key_model_and_split():
-    accounting = UsageAccounting(MemoryStore())
+    accounting = UsageAccounting(Live(MemoryStore()))
     meta = json.dumps(
         {
             "key": "team",
@@ -41,10 +42,10 @@ def test_a_charged_hold_is_one_estimated_row_with_the_creates_key_model_and_spli
         }
     )
     accounting.charged(Due("fp1", "resp_1", 16444, 0.16, 3700.0, meta))
-    [(row_meta, started, ended, status, usage, streamed)] = accounting.unsettled
-    assert (row_meta["key"], row_meta["model"], row_meta["fingerprint"]) == ("team", "gpt-4o", "fp1")
+    [(row, started, ended, status, usage, streamed)] = accounting.unsettled
+    assert (row.key, row.model, row.fingerprint) == ("team", "gpt-4o", "fp1")
     assert (started, ended, status, streamed) == (100.0, 3700.0, 200, False)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (60, 16384, True)
-    assert "counted" in row_meta  # the store has counted it: the ledger row must not count it again
+    assert row.counted  # the store has counted it: the ledger row must not count it again
     accounting.charged(Due("fp1", "resp_2", 0, 0.0, 3700.0, meta))  # a hold of nothing (a key without limits): no row
     assert len(accounting.unsettled) == 1

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port
 from addon.hooks.chain import AddonChain
 from addon.hooks.gateway import Gateway
+from addon.hooks.live import Live
 from addon.policy.memory_store import MemoryStore
 from addon.hooks.accounting import UsageAccounting
 from addon.hooks.metrics import OTHER, Metrics, ModelLabels
@@ -65,8 +66,9 @@ def test_two_thousand_random_model_names_do_not_make_a_series_each(tmp_path):
                          "vk_listed": {"provider": "openai", "api_key": "sk-listed-000000000", "name": "listed",
                                        "models": ["gpt-4o"], "base_url": "http://127.0.0.1:9/v1"}}}))
     store = MemoryStore()
-    gateway, accounting = Gateway(store), UsageAccounting(store)
-    metrics = Metrics(gateway, accounting, store)
+    live = Live(store)
+    gateway, accounting = Gateway(live), UsageAccounting(live)
+    metrics = Metrics(live, accounting)
     rng = random.Random(15)
     chain = AddonChain(gateway, accounting, metrics)  # in the gateway's order, Metrics last
     with taddons.context(chain) as tctx:

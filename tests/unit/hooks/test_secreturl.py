@@ -14,6 +14,7 @@ from mitmproxy.test import taddons
 
 from addon.hooks.optionguard import OptionGuard
 from addon.policy.memory_store import MemoryStore
+from addon.hooks.live import Live
 from addon.hooks.stores import StoreChoice
 from addon.wire.secreturl import masked_url, resolve
 from addon.hooks.accounting import UsageAccounting
@@ -53,14 +54,9 @@ def test_masked_url_never_shows_a_password(url, shown):
     assert masked_url(url) == shown
 
 
-class User:
-    def __init__(self, store) -> None:
-        self.store = store
-
-
 def test_redis_url_env_gives_the_store_the_variables_url_and_the_options_keep_the_name(monkeypatch, caplog):
     monkeypatch.setenv("SECRETURL_REDIS", "redis://:s3cret-redis@127.0.0.1:1/2")
-    user = User(MemoryStore())
+    user = Live(MemoryStore())
     choice = StoreChoice(user)
     with caplog.at_level(logging.INFO, logger="gateway"), taddons.context(choice) as tctx:
         tctx.configure(choice, redis_url="env:SECRETURL_REDIS")
@@ -69,14 +65,14 @@ def test_redis_url_env_gives_the_store_the_variables_url_and_the_options_keep_th
         with pytest.raises(exceptions.OptionsError, match="cannot change while the gateway runs"):
             tctx.configure(choice, redis_url="env:PATH")
     assert "redis://:***@127.0.0.1:1/2" in caplog.text and "s3cret" not in caplog.text
-    with taddons.context(choice := StoreChoice(User(MemoryStore()))) as tctx:
+    with taddons.context(choice := StoreChoice(Live(MemoryStore()))) as tctx:
         with pytest.raises(exceptions.OptionsError, match="SECRETURL_NOT_SET is not set"):
             tctx.configure(choice, redis_url="env:SECRETURL_NOT_SET")
 
 
 def test_usage_db_env_opens_the_ledger_the_variable_names(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SECRETURL_DB", str(tmp_path / "ledger.sqlite3"))
-    accounting = UsageAccounting(MemoryStore())
+    accounting = UsageAccounting(Live(MemoryStore()))
     with caplog.at_level(logging.INFO, logger="gateway"), taddons.context(accounting) as tctx:
         tctx.configure(accounting, usage_db="env:SECRETURL_DB")
         assert accounting.ledger.path == str(tmp_path / "ledger.sqlite3") and (tmp_path / "ledger.sqlite3").exists()

@@ -7,6 +7,7 @@ import pytest
 
 from addon.hooks.accesslog import outcome
 from addon.hooks.patches.errorpages import unreachable_cause
+from addon.routing.state import FlowState
 
 
 @pytest.mark.parametrize(
@@ -42,7 +43,7 @@ def test_each_cause_in_words_without_the_address(message, tls, cause):
 
 def test_the_access_line_says_who_answered_as_the_header_does():
     meta = {"key": "team-a", "fingerprint": "f" * 16}
-    assert outcome(502, {**meta, "failed": "upstream_unreachable"}) == "502 upstream_unreachable"
-    assert outcome(504, {**meta, "failed": "upstream_timeout"}) == "504 upstream_timeout"
-    assert outcome(502, meta) == "502 from provider"  # the provider's own 502
-    assert outcome(0, {**meta, "failed": "upstream_unreachable"}) == "0 failed"  # the client had gone
+    assert outcome(502, FlowState(**meta, failed="upstream_unreachable")) == "502 upstream_unreachable"
+    assert outcome(504, FlowState(**meta, failed="upstream_timeout")) == "504 upstream_timeout"
+    assert outcome(502, FlowState(**meta)) == "502 from provider"  # the provider's own 502
+    assert outcome(0, FlowState(**meta, failed="upstream_unreachable")) == "0 failed"  # the client had gone
