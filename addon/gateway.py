@@ -22,7 +22,9 @@ from addon.hooks.answers import answer
 from addon.hooks.chain import AddonChain
 from addon.hooks.drain import Drain
 from addon.hooks.failover import Failover
+from addon.hooks.gate import HeadersGate
 from addon.hooks.gateway import Gateway
+from addon.hooks.largebodies import LargeBodies
 from addon.hooks.live import Live
 from addon.hooks.logredact import LogRedaction
 from addon.hooks.metrics import Metrics
@@ -43,7 +45,8 @@ from addon.web.listing import WebListing
 
 _live = Live()  # the keys in force, the usage store, the flows in flight: what the parts share
 _failover = Failover(_live)  # a key's targets: the first one, pinning, another after a failed attempt
-_gateway = Gateway(_live, _failover)
+# the data path; its headers' early refusals, and the worker thread of large bodies, are its own
+_gateway = Gateway(_live, _failover, HeadersGate(_live), LargeBodies())
 _accounting = UsageAccounting(_live)
 _redaction = LogRedaction(_live)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters

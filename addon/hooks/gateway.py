@@ -2,14 +2,15 @@
 
 1. requestheaders (`screen`): /health and /v1/models answered here (hooks/local.py), unknown
    paths and methods refused, the virtual key looked up, the declared size checked, what the
-   key's limits refuse whatever the body refused (rules.admit_early; its requests whose bodies
-   are being read count as admitted), the client's secrets replaced on the flow by their
+   key's limits refuse whatever the body refused (hooks/gate.py; its requests whose bodies are
+   being read count as admitted), the client's secrets replaced on the flow by their
    fingerprint markers (hooks/headers.py).
 2. request (`take`): the key again (a reload may have removed it), its target (several
    targets: hooks/failover.py picks) and how that provider serves the API (routing/routes.py),
    the body read and prepared for the target (routing/prepare.py; a large one in a worker
-   thread, one at a time), a stored response's owner checked, then admission (policy/rules.py)
-   last, and the request pointed at the provider (hooks/upstream.py).
+   thread, one at a time: hooks/largebodies.py), a stored response's owner checked, then
+   admission (policy/rules.py) last, and the request pointed at the provider
+   (hooks/upstream.py).
 3. responseheaders, response, error: the real key redacted, the provider's account headers
    dropped, stream translation chosen, a whole body translated, a provider's error named as
    the provider's (hooks/answers.py).
@@ -21,8 +22,6 @@ branches on an API or provider: the tables do.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import inspect
 import logging
 import time
@@ -38,11 +37,13 @@ from addon.hooks.answers import (FAILED_MARK, GATEWAY_ERROR_HEADERS, PROVIDER_ER
 from addon.hooks.failover import ATTEMPTS_HEADER, Failover
 from addon.hooks.headers import (ACCOUNT_HEADERS, CLIENT_SECRETS, drop_hop_by_hop, hide_client_secrets, redact,
                                  response_hop_by_hop)
+from addon.hooks.gate import HeadersGate
+from addon.hooks.largebodies import OFF_LOOP_BYTES, LargeBodies
 from addon.hooks.live import Live
 from addon.hooks.local import HEALTH_PATHS, MODELS_PATHS, answer_health, answer_models
 from addon.hooks.messages import Fields, field_value, lower_names, plain_content, replace_body
 from addon.hooks.patches import wirekeys
-from addon.hooks.patches.limits import held, limits, too_large
+from addon.hooks.patches.limits import limits, too_large
 from addon.hooks.upstream import Address, address_for, point
 from addon.policy import owners, rules
 from addon.policy.keys import endpoint_line, load_keys_with_timeout
@@ -54,19 +55,10 @@ from addon.routing.state import FlowState, api_for_flow, state_for, state_of
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.keyplaces import cookie_key, header_key, hide_path, query_key, without_key_params
-from addon.wire.sse import large_bodies
 from addon.wire.streams import fail_closed_stream
 
 log = logging.getLogger("gateway")
 
-# request bodies above this, and any with a content-encoding (up to max_request_mb once decoded),
-# are decoded, parsed and translated in a worker thread (take_off_loop)
-OFF_LOOP_BYTES = 1024 * 1024
-# large bodies parsed and prepared at once, each from its parse to its prepared body in one go (in
-# LARGE_BODIES's thread): a burst of them must not hold a parse's worth of memory (several times
-# the body) for each. One: the work holds the GIL, so a second thread would not make it faster
-LARGE_AT_ONCE = 1
-LARGE_BODIES = concurrent.futures.ThreadPoolExecutor(max_workers=LARGE_AT_ONCE, thread_name_prefix="gateway-large-body")
 
 def presented_key(fields: Fields, names: list[bytes], query: str = "") -> str | None:
     """The virtual key from the first place that holds one (wire/keyplaces.py): `Authorization:
@@ -90,16 +82,6 @@ _KEY_HEADERS_AFTER_AUTHORIZATION = (b"x-api-key", b"api-key", b"x-goog-api-key")
 _ATTEMPTS = ATTEMPTS_HEADER.encode()
 
 
-async def off_loop(fn, *args):
-    """fn(*args) in the LARGE_BODIES thread, where JSON is encoded in pieces (wire/sse.json_bytes)."""
-    return await asyncio.get_running_loop().run_in_executor(LARGE_BODIES, _large_body_work, fn, args)
-
-
-def _large_body_work(fn, args):
-    large_bodies.on = True
-    return fn(*args)
-
-
 def read_body(request: http.Request, names: list[bytes], api: InboundAPI) -> tuple[bytes, dict]:
     """The request body decoded (content-encoding, bounded by max_request_mb) and parsed by its
     API: (plain bytes, object). Touches nothing shared: bodies over OFF_LOOP_BYTES run it in a thread."""
@@ -115,16 +97,15 @@ def read_body(request: http.Request, names: list[bytes], api: InboundAPI) -> tup
 class Gateway:
     """Routes the inbound APIs' requests to providers; everything else is answered locally."""
 
-    def __init__(self, live: Live | None = None, failover: Failover | None = None) -> None:
+    def __init__(self, live: Live | None = None, failover: Failover | None = None, gate: HeadersGate | None = None,
+                 large: LargeBodies | None = None) -> None:
         self.live = live if live is not None else Live()  # the keys in force, the store, the flows in flight
         # a key with several targets: its first target, pinning, the retry headers (hooks/failover.py)
         self.failover = failover if failover is not None else Failover(self.live)
+        # what the headers refuse before a body is read; a limited key's requests being read
+        self.gate = gate if gate is not None else HeadersGate(self.live)
+        self.large = large if large is not None else LargeBodies()  # the worker thread of large bodies
         self.markers: dict[bytes, bytes] = {}  # an authenticated client's key header -> its marker
-        # requests of limited keys past their headers, not yet admitted or refused (bodies being
-        # read): flow id -> key fingerprint, and per fingerprint how many (rules.admit_early)
-        self.gated: dict[str, str] = {}
-        self.pending: dict[str, int] = {}
-        self.large = asyncio.Semaphore(LARGE_AT_ONCE)  # large bodies being parsed and prepared (take_off_loop)
 
     # --- the keys file, loaded at start-up (hooks/reload.py reloads it) --------------------
 
@@ -224,13 +205,7 @@ class Gateway:
             size = int(declared) if declared is not None and declared.isdigit() else 0
             if size > limits.body:
                 raise too_large(limits.body)
-            if key.policy.limits is not None:  # before the body is read: what its limits refuse whatever it holds
-                rules.admit_early(key, self.live.store, time.time(), self.pending.get(key.fingerprint, 0))
-            if size and held.would_pass(size):  # the process holds too many request bytes: not this one too
-                raise held.busy()
-            if key.policy.limits is not None:
-                self.gated[flow.id] = key.fingerprint
-                self.pending[key.fingerprint] = self.pending.get(key.fingerprint, 0) + 1
+            self.gate.screen(flow.id, key, size)  # what the key's limits refuse whatever the body; bytes held
         finally:
             if not CLIENT_SECRETS.isdisjoint(names):
                 hide_client_secrets(request, fields, names, self.markers if known else None)
@@ -255,34 +230,14 @@ class Gateway:
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            self.ungate(flow)
+            self.gate.leave(flow)
             return None
         try:
             taking = self.take(flow)  # an awaitable when the store must be asked over the network
         except Exception as e:
             self.refuse(flow, e)
             taking = None
-        if taking is None or flow.id not in self.gated:
-            self.ungate(flow)
-            return taking
-        return self.ungate_after(flow, taking)
-
-    async def ungate_after(self, flow: http.HTTPFlow, taking: Awaitable[None]) -> None:
-        try:
-            await taking
-        finally:
-            self.ungate(flow)
-
-    def ungate(self, flow: http.HTTPFlow) -> None:
-        """The request was admitted (now counted by the store) or refused, or it ended: it no
-        longer counts as pending for its key (rules.admit_early)."""
-        fingerprint = self.gated.pop(flow.id, None)
-        if fingerprint is not None:
-            left = self.pending[fingerprint] - 1
-            if left:
-                self.pending[fingerprint] = left
-            else:
-                del self.pending[fingerprint]
+        return self.gate.after(flow, taking)  # a limited key's request: pending until admitted or refused
 
     def take(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """The request, its body arrived: its key again (a reload may have removed it), the
@@ -328,20 +283,20 @@ class Gateway:
 
     async def take_off_loop(self, call: Call) -> None:
         """A large body's decoding, JSON parse and preparation (a translation: a new body as
-        large) run in a worker thread, so the event loop serves other clients (/health, small
-        requests) meanwhile; this request's hook waits. What touches shared state (the target's
-        pick, admission) stays on the loop."""
-        flow = call.flow
+        large) run in the worker thread (hooks/largebodies.py), one body at a time; this
+        request's hook waits. What touches shared state (the target's pick, admission) stays on
+        the loop."""
+        flow, large = call.flow, self.large
         try:
-            async with self.large:  # (parsed one after another, each would wait with its parse for a turn to prepare)
+            async with large.turn:  # (parsed one after another, each would wait with its parse for a turn to prepare)
                 if flow.response is not None or flow.error is not None or not flow.live:  # the client left meanwhile
                     return
-                raw, body = await off_loop(read_body, flow.request, call.names, call.api)
+                raw, body = await large.run(read_body, flow.request, call.names, call.api)
                 if flow.response is not None or flow.error is not None or not flow.live:
                     return
                 if call.key.failover:
                     call = self.failover.with_body(call, raw, body)
-                prepared = await off_loop(prepare, raw, body, call)
+                prepared = await large.run(prepare, raw, body, call)
                 refers = owners.refers(call.api, body, "")
                 del raw, body  # (the body as parsed: several times its bytes, not needed while the store is asked)
             if flow.response is not None or flow.error is not None or not flow.live:
@@ -479,8 +434,8 @@ class Gateway:
             response.headers.fields += ((_ATTEMPTS, b"0"),)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self.gated:
-            self.ungate(flow)  # answered before its body was all read (413, too many bytes held)
+        if self.gate.gated:
+            self.gate.leave(flow)  # answered before its body was all read (413, too many bytes held)
         self.finish(flow)
         flow.comment = row_comment(flow)  # with the model and the answer, once both are known
 
@@ -509,8 +464,8 @@ class Gateway:
                 provider_error(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if self.gated:
-            self.ungate(flow)  # the client left while its body was read
+        if self.gate.gated:
+            self.gate.leave(flow)  # the client left while its body was read
         self.landed(flow, state_of(flow))
         wirekeys.forget(flow.id)
         redact(flow)

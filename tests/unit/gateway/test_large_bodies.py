@@ -10,7 +10,7 @@ import threading
 from mitmproxy import flow
 from mitmproxy.test import tflow, tutils
 
-from addon.hooks import gateway as gateway_module
+from addon.hooks import largebodies
 from addon.translate.openai_chat_anthropic import OpenAIChatToAnthropic
 from addon.wire.sse import large_bodies
 from tests.unit.gateway.test_fuzz import gateway_with
@@ -69,4 +69,4 @@ def test_a_large_body_is_translated_in_the_worker_thread(tmp_path, monkeypatch):
 
 
 def test_large_bodies_are_worked_on_one_at_a_time():
-    assert gateway_module.LARGE_AT_ONCE == 1 and gateway_module.LARGE_BODIES._max_workers == 1
+    assert largebodies.LARGE_AT_ONCE == 1 and largebodies.LARGE_BODIES._max_workers == 1
