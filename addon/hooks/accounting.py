@@ -7,12 +7,8 @@ dollars, counts them in the store (budgets, tpm) and queues a ledger row. Nothin
 refuse or hold up a request.
 
 Background responses (a Responses create with `background: true`, answered `queued` without
-usage): the request's reservation becomes a hold on the response's id (`defer`, policy/store.py),
-due `background_hold` seconds later. A later GET, stream or cancel of that response that shows its
-final usage settles it, once, to that usage (the ledger row is that request's); one that shows it
-still running moves its due time on; one nobody settles is charged its worst case when due
-(`charge_due`, swept every SWEEP_EVERY seconds, a ledger row marked estimated). MemoryStore's holds
-die with the process, so at a stop they are charged their worst case; RedisStore keeps them.
+usage) are held until their usage shows: hooks/background.py, whose holds that fell due are swept
+every SWEEP_EVERY seconds by the writer here.
 
 Why later: run once per request between mitmproxy's own work, the usage parse and the counting
 found their code and data out of the CPU caches every time; in a batch they stay warm (bench/ab.py:
@@ -26,10 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import asyncio
-import inspect
-import json
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -38,6 +31,7 @@ from mitmproxy.connection import ConnectionState
 
 from addon.usage import ledger as ledger_db, sqlite
 from addon.hooks.accesslog import ACCESS, log_counted, log_unkeyed
+from addon.hooks.background import BACKGROUND_HOLD, NO_USAGE, BackgroundResponses
 from addon.wire.tokens import Price
 from addon.wire.secreturl import masked_url, resolve
 from addon.usage.ledger import open_ledger
@@ -49,9 +43,9 @@ from addon.usage.ledger_sql import UsageRecord
 from addon.hooks.messages import plain_content
 from addon.policy.owners import record
 from addon.policy.memory_store import MemoryStore
-from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY, Due
+from addon.policy.store import BUCKET, MINUTE, OWNER_TTL, OWNERS_PER_KEY
 from addon.hooks.timeouts import seconds_option
-from addon.apis.openai_responses import ENDED, RUNNING, ResponsesStreamUsage, response_state
+from addon.apis.openai_responses import ResponsesStreamUsage, response_state
 from addon.wire.streams import frame_for_new_length
 from addon.wire.estimate import StreamSample, estimate_from_chars
 from addon.wire.tokens import Usage, cost
@@ -60,13 +54,8 @@ from addon.apis.registry import APIS, DEFAULT_API
 from addon.routing.state import FlowState, state_of
 
 SETTLE_AT = 10_000  # finished flows noted before they are settled at once, whatever the timer
-NO_USAGE = Usage()
 PENDING = Usage(estimated=True)  # a background stream that ended before its usage: it is held instead
-BACKGROUND_HOLD = 3600.0  # default seconds a background response is held without news of it
 SWEEP_EVERY = 2.0  # seconds between two charges of the holds that fell due
-STORED_ID = re.compile(
-    r"/responses/(resp_[A-Za-z0-9_-]{1,200})"
-)  # in the provider's path of a stored response's request
 
 log = logging.getLogger("gateway")
 
@@ -100,8 +89,7 @@ class UsageAccounting:
         self.writer: asyncio.Task | None = None  # settles and flushes every FLUSH_EVERY seconds
         # told each counted request's (FlowState, prompt, completion, cached tokens, usd): the metrics
         self.counted: Callable[[FlowState, int, int, int, float], None] | None = None
-        self.background_hold = BACKGROUND_HOLD  # option background_hold
-        self.settling: set[asyncio.Task] = set()  # deferred holds being settled in a remote store
+        self.background = BackgroundResponses(live, self.count_later)  # their holds; option background_hold
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -120,7 +108,7 @@ class UsageAccounting:
 
     def configure(self, updated) -> None:
         if "background_hold" in updated:
-            self.background_hold = seconds_option("background_hold")
+            self.background.hold = seconds_option("background_hold")
         if "usage_db" not in updated:
             return
         self.start_writer()  # (when the event loop runs already; else running() starts it)
@@ -187,11 +175,10 @@ class UsageAccounting:
         if self.writer is not None:
             self.writer.cancel()
             self.writer = None
-        for task in self.settling:
-            task.cancel()
+        self.background.cancel()
         if isinstance(self.live.store, MemoryStore):  # its holds end with the process: never free
             for due in self.live.store.charge_due(time.time(), everything=True):
-                self.charged(due)
+                self.background.charged(due)
         self.settle()
         if self.ledger is not None:
             self.ledger.close()
@@ -213,7 +200,7 @@ class UsageAccounting:
             await asyncio.sleep(sqlite.FLUSH_EVERY)
             if time.monotonic() - last_sweep >= SWEEP_EVERY:
                 last_sweep = time.monotonic()
-                await self.sweep()
+                await self.background.sweep()
             try:
                 self.settle()
             except Exception:
@@ -229,112 +216,6 @@ class UsageAccounting:
                     await asyncio.to_thread(ledger.checkpoint)
             except Exception:
                 log.exception("gateway: usage ledger write failed")
-
-    # --- background responses: their usage comes later ------------------------------------
-
-    async def sweep(self) -> None:
-        """Charge the holds that fell due their worst case (ledger rows included)."""
-        try:
-            due = self.live.store.charge_due(time.time())
-            if inspect.isawaitable(due):
-                due = await due
-            for hold in due:
-                self.charged(hold)
-        except Exception:
-            log.exception("gateway: could not charge the background responses that fell due")
-
-    def charged(self, due: Due) -> None:
-        """A hold charged its worst case: its ledger row (estimated), and one line saying why."""
-        try:
-            info = json.loads(due.meta)
-        except ValueError:
-            info = {}
-        if not (due.tokens or due.usd) or not isinstance(info, dict):
-            return
-        log.info("gateway: background response %s of key %s: no final usage seen within %.0fs of the last news of it; "
-                 "charged its worst case, %d tokens ($%.4f)", due.resource_id, info.get("key", "?"),
-                 self.background_hold, due.tokens, due.usd)
-        prompt, completion = info.get("input", 0), info.get("output", 0)
-        if not (type(prompt) is int and type(completion) is int and prompt + completion == due.tokens):
-            prompt, completion = due.tokens, 0
-        state = FlowState.from_dict({**info, "fingerprint": due.key, "counted": True})
-        started = info.get("started") if isinstance(info.get("started"), (int, float)) else due.when
-        self.unsettled.append(
-            (state, started, max(due.when, started), 200, Usage(prompt, completion, estimated=True), False)
-        )
-
-    def defer(self, state: FlowState, started: float) -> None:
-        """A background create answered without its usage: its reservation (if its key holds
-        any) becomes a hold on the response, due background_hold seconds from now. Keys without
-        a limit get one holding nothing: the usage is still counted once, when it shows."""
-        ticket, state.ticket = state.ticket, None
-        tokens, usd, prompt, completion = state.held or (0, 0.0, 0, 0)
-        info = json.dumps(
-            {
-                "key": state.key or "",
-                "provider": state.provider or "",
-                "model": state.model or "",
-                "price": state.price,
-                "target": state.target or "",
-                "attempts": state.attempts or 1,
-                "api": state.api,
-                "started": started,
-                "input": prompt,
-                "output": completion,
-            },
-            separators=(",", ":"),
-        )
-        self.live.store.defer(
-            state.fingerprint, ticket, state.background, tokens, usd, time.time() + self.background_hold, info
-        )
-
-    def resolve(
-        self, flow: http.HTTPFlow, noted: FlowState, status: int, state: str | None, usage: Usage | None, streamed: bool
-    ) -> None:
-        """A request on a stored response (GET, stream, cancel) ended: when it shows the final
-        usage of a background response whose hold is still held, settle that, once, and count the
-        usage on this request's row (with the create's model and price); when it shows one still
-        running, hold it longer. Anything else is counted as the request it is."""
-        started = flow.request.timestamp_start
-        ended = (flow.response.timestamp_end if flow.response else None) or time.time()
-        found = STORED_ID.search(flow.request.path)
-        if state == "failed" and usage is None:
-            usage = NO_USAGE  # the provider's own failure: billed nothing, as an error
-        if found is None or status != 200 or state not in ENDED or usage is None:
-            if found is not None and status == 200 and state in RUNNING:
-                self.live.store.extend(noted.fingerprint, found.group(1), time.time() + self.background_hold)
-            self.unsettled.append((noted, started, ended, status, None, streamed))
-            return
-        settled = self.live.store.settle_deferred(noted.fingerprint, found.group(1), usage, ended)
-        if not inspect.isawaitable(settled):
-            self.settled(noted, settled, usage, (started, ended, status, streamed))
-            return
-        task = asyncio.get_running_loop().create_task(
-            self.settle_later(noted, settled, usage, (started, ended, status, streamed))
-        )
-        self.settling.add(task)
-        task.add_done_callback(self.settling.discard)
-
-    async def settle_later(self, state: FlowState, settled, usage: Usage, row: tuple) -> None:
-        try:
-            answer = await settled
-        except Exception:
-            log.exception("gateway: could not settle a background response (it is charged its worst case when due)")
-            answer = None
-        self.settled(state, answer, usage, row)
-
-    def settled(self, state: FlowState, answer: tuple[str, float] | None, usage: Usage, row: tuple) -> None:
-        started, ended, status, streamed = row
-        if answer is None:  # no hold: not a background response, or counted already
-            self.unsettled.append((state, started, ended, status, None, streamed))
-            return
-        try:
-            info = json.loads(answer[0])
-        except ValueError:
-            info = {}
-        made = {name: info[name] for name in ("model", "price", "provider", "target") if name in info}
-        counted = FlowState.from_dict({**state.to_dict(), **made, "counted": True})  # (the flow's own state stays)
-        self.unsettled.append((counted, started, ended, status, usage, streamed))
 
     # --- hooks -------------------------------------------------------------------------
 
@@ -410,13 +291,13 @@ class UsageAccounting:
         try:
             if watched is not None:  # a stream: its final event's usage (an ended response's)
                 usage = watched[0].usage
-                self.resolve(flow, noted, status, "completed" if usage is not None else None, usage, True)
+                self.background.resolve(flow, noted, status, "completed" if usage is not None else None, usage, True)
                 return
             response = flow.response
             state, usage = (None, None)
             if status == 200 and response is not None and response.raw_content:
                 state, usage = response_state(plain_content(response))
-            self.resolve(flow, noted, status, state, usage, False)
+            self.background.resolve(flow, noted, status, state, usage, False)
         except Exception:
             log.exception("gateway: could not account a stored response's request")
             self.note(flow, status, None, streamed=watched is not None)
@@ -442,7 +323,7 @@ class UsageAccounting:
             if isinstance(usage, http.Response):
                 usage = body_usage(state, usage)
             if usage is None or usage is PENDING:
-                self.defer(state, flow.request.timestamp_start)
+                self.background.defer(state, flow.request.timestamp_start)
                 usage = None
         if state.ticket is not None:  # the store holds a reservation for it: end that at once
             usage = self.end_reservation(state, usage, ended)
@@ -471,6 +352,10 @@ class UsageAccounting:
             self.live.store.release(fingerprint, ticket)
             return None
         return usage
+
+    def count_later(self, row: tuple) -> None:
+        """(FlowState, started, ended, status, usage or whole response, streamed): counted with the next batch."""
+        self.unsettled.append(row)
 
     def settle(self) -> None:
         """Count every noted flow: store (budgets, tpm) and ledger."""

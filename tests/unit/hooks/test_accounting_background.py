@@ -1,5 +1,6 @@
-"""hooks/accounting.py's side of background responses, in-process: the background_hold option, and
-what a charged hold's ledger row says. Through a real gateway: tests/e2e/test_background_budgets.py."""
+"""The accounting's side of background responses (hooks/background.py), in-process: the
+background_hold option, and what a charged hold's ledger row says. Through a real gateway:
+tests/e2e/test_background_budgets.py."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon.hooks.accounting import BACKGROUND_HOLD, UsageAccounting
+from addon.hooks.accounting import UsageAccounting
+from addon.hooks.background import BACKGROUND_HOLD
 from addon.hooks.live import Live
 from addon.policy.memory_store import MemoryStore
 from addon.policy.store import Due
@@ -18,11 +20,11 @@ def test_background_hold_must_be_a_positive_number_of_seconds(value):
     accounting = UsageAccounting(Live(MemoryStore()))
     with taddons.context(accounting) as tctx:
         tctx.configure(accounting, usage_db="")
-        assert accounting.background_hold == BACKGROUND_HOLD
+        assert accounting.background.hold == BACKGROUND_HOLD
         with pytest.raises(exceptions.OptionsError, match="background_hold must be a positive number of seconds"):
             tctx.configure(accounting, background_hold=value)
         tctx.configure(accounting, background_hold="90")
-        assert accounting.background_hold == 90.0
+        assert accounting.background.hold == 90.0
 
 
 def test_a_charged_hold_is_one_estimated_row_with_the_creates_key_model_and_split():
@@ -41,11 +43,12 @@ def test_a_charged_hold_is_one_estimated_row_with_the_creates_key_model_and_spli
             "output": 16384,
         }
     )
-    accounting.charged(Due("fp1", "resp_1", 16444, 0.16, 3700.0, meta))
+    accounting.background.charged(Due("fp1", "resp_1", 16444, 0.16, 3700.0, meta))
     [(row, started, ended, status, usage, streamed)] = accounting.unsettled
     assert (row.key, row.model, row.fingerprint) == ("team", "gpt-4o", "fp1")
     assert (started, ended, status, streamed) == (100.0, 3700.0, 200, False)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (60, 16384, True)
     assert row.counted  # the store has counted it: the ledger row must not count it again
-    accounting.charged(Due("fp1", "resp_2", 0, 0.0, 3700.0, meta))  # a hold of nothing (a key without limits): no row
+    # a hold of nothing (a key without limits): no row
+    accounting.background.charged(Due("fp1", "resp_2", 0, 0.0, 3700.0, meta))
     assert len(accounting.unsettled) == 1
