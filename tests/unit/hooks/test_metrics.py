@@ -18,7 +18,8 @@ from addon.hooks.gateway import Gateway
 from addon.hooks.live import Live
 from addon.policy.memory_store import MemoryStore
 from addon.hooks.accounting import UsageAccounting
-from addon.hooks.metrics import OTHER, Metrics, ModelLabels
+from addon.hooks.metrics import Metrics
+from addon.hooks.metricset import OTHER, ModelLabels
 from addon.policy.keys_parse import parse_keys
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -114,7 +115,7 @@ def test_grafana_dashboard_queries_only_metrics_and_labels_the_gateway_exports()
     import re
     from pathlib import Path
 
-    from addon.hooks.metrics import GatewayMetrics
+    from addon.hooks.metricset import GatewayMetrics
 
     dashboard = json.loads((Path(__file__).resolve().parents[3] / "deploy" / "grafana-dashboard.json").read_text())
     names = {family.name for family in GatewayMetrics().registry.collect()}
