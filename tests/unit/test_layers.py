@@ -13,7 +13,7 @@ LAYERS = (
     ("wire",),  # L0 the ground: bytes, SSE, error bodies, secrets, token counts
     ("providers",),  # L1 where each provider is and how its key is sent
     ("apis",),  # L2 the inbound APIs: paths, checks, error shapes, usage readers
-    ("translate",),  # L3 pure pairs between two APIs
+    ("translate", "guard"),  # L3 pure pairs between two APIs; guardrails over each API's text
     ("policy",),  # L4 keys, limits, stores, targets, owners: pure
     ("usage", "routing"),  # L5 the ledger; pure routing (routes, request preparation)
     ("recording", "web", "hooks"),  # L6 mitmproxy addons and patches (not each other)

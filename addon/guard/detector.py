@@ -1,0 +1,159 @@
+"""The one interface every detector implements, and the pattern-based detector most are built on.
+
+A detector finds spans of text to mask. For streams it also says where a match could still be
+growing at the end of the text seen so far (`pending`), so that only those characters are held
+back: the `regex` module's partial matching answers that for any pattern, custom ones included,
+so no detector hand-writes its own "could this be the start of a match" logic."""
+
+from __future__ import annotations
+
+import re
+from re import _parser
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import regex
+
+Span = tuple[int, int]
+
+
+class Detector(Protocol):
+    name: str
+    max_len: int  # the longest text one match can cover: a stream never holds back more
+
+    def find(self, text: str, view: View | None = None) -> Iterator[Span]:
+        """Spans (start, end) of text to mask, in any order; they may overlap. `view` is the
+        text's shared View, when the caller has one."""
+
+    def pending(self, text: str, start: int) -> int:
+        """The earliest index >= start where a match (or the start of one) reaches the end of
+        `text`: more text could complete or extend it. len(text) when there is none."""
+
+
+_DIGITS = str.maketrans("0123456789", "0000000000")
+_WIDEST = 20000
+
+
+class View:
+    """One text as the detectors read it: the text, and (made once, when a detector first asks)
+    the text with every digit turned to 0, where a run of digits is found with str.find."""
+
+    __slots__ = ("text", "_zeros", "_hits")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._zeros: str | None = None
+        self._hits: dict = {}
+
+    def hits(self, anchor: re.Pattern, zeros: bool) -> list[int]:
+        """Where `anchor` occurs, found once per text however many expressions share it."""
+        found = self._hits.get((anchor, zeros))
+        if found is None:
+            text = self.zeros if zeros else self.text
+            found = self._hits[(anchor, zeros)] = [m.start() for m in anchor.finditer(text)]
+        return found
+
+    @property
+    def zeros(self) -> str:
+        if self._zeros is None:
+            self._zeros = self.text.translate(_DIGITS)
+        return self._zeros
+
+
+class Pattern:
+    """One regular expression: `group` is the part masked (0: the whole match); `valid` checks a
+    candidate the expression alone cannot (a checksum, a decodable header).
+
+    Where it is searched: Python's engine tries an expression at every position unless it
+    begins with a plain string, and most of these cannot (a \\b, a lookbehind, a class). So an
+    expression names `anchors`: expressions that do begin with a plain string (which re finds at
+    memchr speed), one of which every match contains at most `lead` characters after its start;
+    or `digits`, a run of that many digits every match contains. The text is searched for those
+    and the expression only around them. With neither, it is searched everywhere (custom
+    expressions: one that begins with a plain string stays fast)."""
+
+    __slots__ = ("source", "flags", "compiled", "partial", "group", "valid", "anchors", "lead", "digits", "width")
+
+    def __init__(self, source: str, flags: int = 0, group: int = 0, valid: Callable[[str], bool] | None = None,
+                 anchors: tuple[str, ...] = (), lead: int = 0, digits: int = 0) -> None:
+        self.source, self.flags = source, flags
+        self.compiled = re.compile(source, flags)
+        # the same expression in `regex`, for partial matches at a stream's edge (re has none)
+        self.partial = regex.compile(source, flags)
+        self.group = group
+        self.valid = valid
+        self.anchors = tuple(_anchor(a) for a in anchors) or ((_anchor("0" * digits),) if digits else ())
+        self.lead, self.digits = lead, digits
+        self.width = min(_parser.parse(source, flags).getwidth()[1], _WIDEST)
+
+    def windows(self, view: View) -> list[tuple[int, int]] | None:
+        """Merged (start, end) ranges holding every match; None: search the whole text."""
+        if not self.anchors:
+            return None
+        n = len(view.text)
+        zeros = bool(self.digits)
+        if len(self.anchors) == 1:
+            hits = view.hits(self.anchors[0], zeros)
+        else:
+            hits = sorted(at for a in self.anchors for at in view.hits(a, zeros))
+        if not hits:
+            return []
+        out: list[list[int]] = []
+        before, after = self.lead, self.width + 2  # (+2: the character a lookahead reads after a match)
+        for at in hits:
+            lo, hi = max(0, at - before), min(n, at + after)
+            if out and lo <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], hi)
+            else:
+                out.append([lo, hi])
+        return [(lo, hi) for lo, hi in out]
+
+
+_ANCHORS: dict[str, re.Pattern] = {}
+
+
+def _anchor(source: str) -> re.Pattern:
+    """One compiled anchor per source, so a View finds each once for every expression using it."""
+    compiled = _ANCHORS.get(source)
+    if compiled is None:
+        compiled = _ANCHORS[source] = re.compile(source)
+    return compiled
+
+
+class PatternDetector:
+    """A detector made of expressions (Pattern), each searched around its anchors."""
+
+    def __init__(self, name: str, patterns: list[Pattern], max_len: int) -> None:
+        self.name = name
+        self.patterns = patterns
+        self.max_len = max_len
+
+    def find(self, text: str, view: View | None = None) -> Iterator[Span]:
+        view = view or View(text)
+        for p in self.patterns:
+            windows = p.windows(view)
+            if windows is None:
+                windows = ((0, len(text)),)
+            for lo, hi in windows:
+                for m in p.compiled.finditer(text, lo, hi):
+                    if p.valid is None or p.valid(m.group(p.group)):
+                        if m.start(p.group) < m.end(p.group):
+                            yield m.span(p.group)
+
+    def pending(self, text: str, start: int) -> int:
+        end = len(text)
+        first = end
+        window = max(start, end - self.max_len)
+        for p in self.patterns:
+            # partial=True also returns a match cut off by the end of the text. A whole match that
+            # ends at the end may still grow (or stop matching: a \b, a checksum), and one that ends
+            # earlier may be the short reading of a longer match still coming (`\d{4}( ?\d{2,7}){2,4}`
+            # reads "4111 1111 " as "4111 11 11"): fullmatch(partial=True) says whether the rest of the
+            # text could still belong to a match from the same start. Either way it waits.
+            m = p.partial.search(text, window, partial=True)
+            while m is not None and m.start() < first:
+                if m.end() == end or p.partial.fullmatch(text, m.start(), partial=True) is not None:
+                    first = m.start()
+                    break
+                m = p.partial.search(text, m.end() if m.end() > m.start() else m.start() + 1, partial=True)
+        return first
