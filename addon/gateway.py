@@ -24,6 +24,7 @@ from addon.hooks.drain import Drain
 from addon.hooks.failover import Failover
 from addon.hooks.gate import HeadersGate
 from addon.hooks.gateway import Gateway
+from addon.hooks.guardrails import Guardrails
 from addon.hooks.largebodies import LargeBodies
 from addon.hooks.live import Live
 from addon.hooks.logredact import LogRedaction
@@ -47,6 +48,7 @@ _live = Live()  # the keys in force, the usage store, the flows in flight: what 
 _failover = Failover(_live)  # a key's targets: the first one, pinning, another after a failed attempt
 # the data path; its headers' early refusals, and the worker thread of large bodies, are its own
 _gateway = Gateway(_live, _failover, HeadersGate(_live), LargeBodies())
+_guardrails = Guardrails(_live)  # a key's guardrail set, from the keys in force
 _accounting = UsageAccounting(_live)
 _redaction = LogRedaction(_live)
 ACCESS.redact = lambda text: _redaction.filter.secrets().redact(text)  # its lines skip logging's filters
@@ -61,10 +63,12 @@ addons = [AddonChain(
     Attempts(),  # retries an upstream attempt before the first byte reached the client
     ConnectReset(),  # a reset at connect is a failed attempt, not a crash
     StoreChoice(_live, _accounting),  # may put RedisStore in _live before the accounting loads the ledger into it
+    _guardrails.requests,  # before the Snapshot and the Gateway: what is kept, shown and forwarded is masked
     Snapshot(_live),  # before the Gateway: keeps the client's request and the provider's answer as they came
     _gateway,  # the data path: routes the request, makes the answer the client's
     _failover,  # after the Gateway: another target for a failed attempt, until the flow ends
     ResponseOwners(_live),  # after the Gateway, whose responseheaders chose the stream it watches
+    _guardrails.answers,  # after the Gateway's stream and translation, before the accounting and recording
     KeysReloader(_live),  # no flow hook: swaps the keys in force when the file changes
     Drain(_live),  # no flow hook: lets forwarded requests finish at a stop
     UpstreamTimeout(),  # before the accounting, whose error hook counts what the timeouts made of a flow

@@ -16,6 +16,7 @@ from datetime import date, datetime, timezone
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from addon.guard.config import GuardSet, parse_sets
 from addon.providers import azure
 from addon.providers.catalog import CATALOG
 from addon.policy.store import MAX_BUDGET_PERIOD
@@ -34,7 +35,7 @@ _POOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PERIOD = re.compile(r"([1-9][0-9]*)([hd])")
 _PERIOD_SECONDS = {"h": 3600, "d": 86400}
 ENDPOINT_FIELDS = frozenset({"provider", "api_key", "base_url"}) | azure.FIELDS  # where and with which real key
-BASE_FIELDS = ENDPOINT_FIELDS | {"name", "targets"}
+BASE_FIELDS = ENDPOINT_FIELDS | {"name", "targets", "guardrails"}
 TARGET_FIELDS = ENDPOINT_FIELDS | {"weight", "fallback", "model_map", "model", "max_output_tokens"}
 POLICY_FIELDS = frozenset(
     {
@@ -61,6 +62,10 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
         raise KeysError(f"{source}: \"virtual_keys\" must be a non-empty object")
     prices = _parse_prices(data.get("prices") or {}, source)
     pools = _parse_pools(data.get("pools", {}), provider_urls, source)
+    try:
+        guardrails = parse_sets(data.get("guardrails"))
+    except ValueError as e:
+        raise KeysError(f"{source}: {e}") from None
     keys: dict[str, VirtualKey] = {}
     hashed: dict[str, VirtualKey] = {}
     for vk, entry in entries.items():
@@ -69,9 +74,10 @@ def parse_keys(data: object, source: str = "keys file") -> KeyStore:
             digest = vk[len(HASHED_PREFIX):].lower()
             if not _HEX64.fullmatch(digest):
                 raise KeysError(f'{source}: virtual key {vk[:20]!r}...: a hashed key must be "sha256:" + 64 hex digits')
-            hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest, pools=pools)
+            hashed[digest] = _parse_entry(vk, entry, provider_urls, source, digest=digest, pools=pools,
+                                          guardrails=guardrails)
         else:
-            keys[vk] = _parse_entry(vk, entry, provider_urls, source, pools=pools)
+            keys[vk] = _parse_entry(vk, entry, provider_urls, source, pools=pools, guardrails=guardrails)
     return KeyStore(keys, source, hashed, prices)
 
 
@@ -117,7 +123,8 @@ def _provider_defaults(section: object, source: str) -> dict[str, dict]:
 
 
 def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str, digest: str | None = None,
-                 pools: Mapping[str, tuple[Target, ...]] | None = None) -> VirtualKey:
+                 pools: Mapping[str, tuple[Target, ...]] | None = None,
+                 guardrails: Mapping[str, GuardSet] | None = None) -> VirtualKey:
     # a hashed entry's fingerprint is the same as the plain key's would be, so spend carries over
     # when a key is moved from plain to hashed
     key_fingerprint = digest[:16] if digest else fingerprint(vk)
@@ -141,6 +148,13 @@ def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str,
     else:
         first = _parse_endpoint(entry, defaults, where)
         targets = (first,)
+    guard = None
+    if "guardrails" in entry:
+        named = entry["guardrails"]
+        guard = (guardrails or {}).get(named) if isinstance(named, str) else None
+        if guard is None:
+            known = ", ".join(sorted(guardrails or {})) or "none defined"
+            raise KeysError(f"{where}: guardrails must name a set of the top-level \"guardrails\" ({known})")
     return VirtualKey(
         name=str(name),
         fingerprint=key_fingerprint,
@@ -152,6 +166,7 @@ def _parse_entry(vk: str, entry: object, defaults: dict[str, dict], source: str,
         azure=first.azure,
         targets=targets,
         failover="targets" in entry,
+        guardrails=guard,
     )
 
 

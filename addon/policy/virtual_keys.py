@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Mapping, NamedTuple
 
+from addon.guard.config import GuardSet
 from addon.providers import azure
 from addon.providers.catalog import model_limits
 from addon.policy.store import Limits
@@ -184,6 +185,7 @@ class VirtualKey:
     # where requests may go: a classic key has one target, built from the fields above
     targets: tuple[Target, ...] = ()
     failover: bool = False  # True for a key with `targets`: cooldowns and retries apply
+    guardrails: GuardSet | None = None  # the named guardrail set its requests (and answers) pass
     # precomputed for policy/targets.py's pick(): indices of the primaries with their cumulative
     # weights, and of the fallbacks in file order
     primaries: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
