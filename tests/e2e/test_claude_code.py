@@ -125,3 +125,41 @@ def test_claude_code_through_an_anthropic_key_passes_through(claude, gateway, pr
     assert "cache_control" in last.body.decode()  # unchanged: Anthropic caches
     assert_clean(last, "sk-ant-cc-real-0003")
     assert "authorization" not in last.headers
+
+
+def test_claude_code_reads_a_file_with_a_key_and_the_provider_gets_it_masked(claude, gateway_factory, provider,
+                                                                             tmp_path):
+    """A key under the `default` guardrail set: the agent reads a file holding a fake AWS key (its
+    Read tool, asked for by the fake provider) and the tool result reaches the provider masked."""
+    aws_id, aws_secret = "AKIA" + "IOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "creds.env").write_text(f"AWS_ACCESS_KEY_ID={aws_id}\nAWS_SECRET_ACCESS_KEY={aws_secret}\nREGION=eu\n")
+    guarded = gateway_factory({
+        "providers": {"anthropic": {"base_url": provider.url + "/v1"}},
+        "guardrails": {"default": {"detect": ["secrets", "private_keys", "credit_cards", "emails"]}},
+        "virtual_keys": {"vk_cc_guarded": {"provider": "anthropic", "api_key": "sk-ant-cc-real-0004",
+                                           "name": "cc-guarded", "guardrails": "default"}}})
+
+    def reply(r: Received) -> Reply:
+        body = r.json()
+        results = [b for m in body.get("messages", []) if isinstance(m.get("content"), list)
+                   for b in m["content"] if b.get("type") == "tool_result"]
+        if body.get("tools") and not results:
+            return Reply.sse(stream_events([({"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}},
+                                             [{"type": "input_json_delta",
+                                               "partial_json": json.dumps({"file_path": str(work / "creds.env")})}])],
+                                           stop_reason="tool_use"))
+        return Reply.sse(stream_events([text_block("I read ", "the file.")]))
+
+    provider.reset(reply)
+    out = run_claude(claude, guarded, "vk_cc_guarded", "claude-sonnet-4-6", work, prompt="read creds.env")
+    assert "I read the file." in out
+    sent = [r for r in messages_requests(provider) if b"tool_result" in r.body]
+    assert sent, "the agent never sent the file's content back"
+    body = sent[-1].body.decode()
+    assert "REGION=eu" in body  # the file did reach the provider...
+    assert "AWS_ACCESS_KEY_ID=[REDACTED:secrets]" in body and "[REDACTED:secrets]" in body.split("SECRET")[1]
+    assert aws_id not in body and aws_secret not in body  # ...without the key
+    for r in provider.received:
+        assert aws_id.encode() not in r.body and aws_secret.encode() not in r.body
