@@ -39,6 +39,7 @@ from addon.providers.registry import PROVIDERS  # noqa: E402
 from addon.translate.registry import PAIRS  # noqa: E402
 from fakeprovider import anthropic_events, openai_events  # noqa: E402
 import fleetbench as fleet_bench  # noqa: E402  (bench/fleetbench.py: the fleet section)
+import guardrails as guard_bench  # noqa: E402  (bench/guardrails.py: the guardrails section)
 import largebody as large_body  # noqa: E402  (bench/largebody.py: the large_body section)
 import streamlatency as stream_latency  # noqa: E402  (bench/streamlatency.py: per-chunk latency, fleet included)
 
@@ -63,6 +64,7 @@ SECTIONS = (
     "metrics",
     "failover",
     "large_body",
+    "guardrails",
     "stream_latency",
     "fleet",
 )
@@ -737,6 +739,7 @@ def targets(res: dict) -> list[dict]:
     fleet_bench.targets(res, add)
     stream_latency.targets(res, add)
     large_body.targets(res, add)
+    guard_bench.targets(res, add)
     tr = res.get("translator", {})
     if tr.get("available"):
         add("anthropic translation CPU per event (us)", tr["us_per_event"], "<= 50", tr["us_per_event"] <= 50)
@@ -830,6 +833,7 @@ def print_table(res: dict) -> None:
         d = res["direct"]
         rows.append(("direct to fake provider: req/s c=1 / c=64", fmt(d["c1"]["rps"], 0), fmt(d["c64"]["rps"], 0), ""))
     rows += large_body.rows(res)
+    rows += guard_bench.rows(res)
     rows += stream_latency.rows(res)
     rows += fleet_bench.rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -923,6 +927,10 @@ def main(argv=None) -> int:
                 f"/health latency while a {large_body.BODY_MB} MB request is handled (untranslated, translated); "
                 f"{large_body.BURST} of them at once from an rpm-{large_body.BURST_RPM} key",
                 lambda: large_body.section(stack, s, SDK_HEADERS, rss_mb),
+            ),
+            "guardrails": (
+                "guardrails: scanning per KB, added p50 at 2 and 200 KB, throughput, stream masking per chunk",
+                lambda: guard_bench.section(stack, s, SDK_HEADERS, wrk),
             ),
             "stream_latency": (
                 f"latency added per chunk, {'/'.join(map(str, s.latency_streams))} concurrent streams: "

@@ -30,33 +30,45 @@ class Detector(Protocol):
         `text`: more text could complete or extend it. len(text) when there is none."""
 
 
-_DIGITS = str.maketrans("0123456789", "0000000000")
+_DIGITS = bytes.maketrans(b"0123456789", b"0000000000")
 _WIDEST = 20000
 
 
 class View:
-    """One text as the detectors read it: the text, and (made once, when a detector first asks)
-    the text with every digit turned to 0, where a run of digits is found with str.find."""
+    """One text as the detectors read it: the text; where anchors are searched, the text itself
+    when it is ASCII, else a copy with every other character as "?" (same length, same
+    positions: re's plain-string search runs at memchr speed on one-byte strings only, and a
+    single "—" in 200 KB of code made every anchor search ~30x slower); and (made once, when a
+    detector first asks) that copy with every digit turned to 0, where a run of digits is found."""
 
-    __slots__ = ("text", "_zeros", "_hits")
+    __slots__ = ("text", "_ascii", "_zeros", "_hits")
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._zeros: str | None = None
+        self._ascii: str | None = text if text.isascii() else None
+        self._zeros: bytes | None = None
         self._hits: dict = {}
+
+    @property
+    def ascii(self) -> str:
+        if self._ascii is None:
+            self._ascii = self.text.encode("ascii", "replace").decode("ascii")
+        return self._ascii
 
     def hits(self, anchor: re.Pattern, zeros: bool) -> list[int]:
         """Where `anchor` occurs, found once per text however many expressions share it."""
         found = self._hits.get((anchor, zeros))
         if found is None:
-            text = self.zeros if zeros else self.text
-            found = self._hits[(anchor, zeros)] = [m.start() for m in anchor.finditer(text)]
+            text = self.zeros if zeros else self.ascii
+            first = anchor.search(text)  # (most anchors are in no text: one C call says so)
+            found = [] if first is None else [m.start() for m in anchor.finditer(text, first.start())]
+            self._hits[(anchor, zeros)] = found
         return found
 
     @property
-    def zeros(self) -> str:
+    def zeros(self) -> bytes:
         if self._zeros is None:
-            self._zeros = self.text.translate(_DIGITS)
+            self._zeros = self.ascii.encode().translate(_DIGITS)  # (bytes.translate: a table lookup per byte)
         return self._zeros
 
 
@@ -82,7 +94,7 @@ class Pattern:
         self.partial = regex.compile(source, flags)
         self.group = group
         self.valid = valid
-        self.anchors = tuple(_anchor(a) for a in anchors) or ((_anchor("0" * digits),) if digits else ())
+        self.anchors = tuple(_anchor(a) for a in anchors) or ((_anchor(b"0" * digits),) if digits else ())
         self.lead, self.digits = lead, digits
         self.width = min(_parser.parse(source, flags).getwidth()[1], _WIDEST)
 
@@ -90,14 +102,15 @@ class Pattern:
         """Merged (start, end) ranges holding every match; None: search the whole text."""
         if not self.anchors:
             return None
-        n = len(view.text)
         zeros = bool(self.digits)
         if len(self.anchors) == 1:
             hits = view.hits(self.anchors[0], zeros)
         else:
             hits = sorted(at for a in self.anchors for at in view.hits(a, zeros))
-        if not hits:
-            return []
+        return self.around(hits, len(view.text))
+
+    def around(self, hits: list[int], n: int) -> list[tuple[int, int]]:
+        """The merged windows around sorted anchor positions."""
         out: list[list[int]] = []
         before, after = self.lead, self.width + 2  # (+2: the character a lookahead reads after a match)
         for at in hits:
@@ -108,11 +121,19 @@ class Pattern:
                 out.append([lo, hi])
         return [(lo, hi) for lo, hi in out]
 
+    def matches(self, text: str, windows) -> Iterator[Span]:
+        compiled, group, valid = self.compiled, self.group, self.valid
+        for lo, hi in windows:
+            for m in compiled.finditer(text, lo, hi):
+                if valid is None or valid(m.group(group)):
+                    if m.start(group) < m.end(group):
+                        yield m.span(group)
 
-_ANCHORS: dict[str, re.Pattern] = {}
+
+_ANCHORS: dict[str | bytes, re.Pattern] = {}
 
 
-def _anchor(source: str) -> re.Pattern:
+def _anchor(source: str | bytes) -> re.Pattern:
     """One compiled anchor per source, so a View finds each once for every expression using it."""
     compiled = _ANCHORS.get(source)
     if compiled is None:
@@ -132,13 +153,7 @@ class PatternDetector:
         view = view or View(text)
         for p in self.patterns:
             windows = p.windows(view)
-            if windows is None:
-                windows = ((0, len(text)),)
-            for lo, hi in windows:
-                for m in p.compiled.finditer(text, lo, hi):
-                    if p.valid is None or p.valid(m.group(p.group)):
-                        if m.start(p.group) < m.end(p.group):
-                            yield m.span(p.group)
+            yield from p.matches(text, ((0, len(text)),) if windows is None else windows)
 
     def pending(self, text: str, start: int) -> int:
         end = len(text)

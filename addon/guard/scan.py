@@ -4,19 +4,32 @@ listed first in the set). Counts are kept by detector; the matched text is never
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 
-from addon.guard.detector import View
+from addon.guard.detector import PatternDetector, View
 
 MARK = "[REDACTED:{}]"
 class Scanner:
-    __slots__ = ("detectors", "names", "max_len", "marks")
+    __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan")
 
     def __init__(self, detectors: Sequence) -> None:
         self.detectors = tuple(detectors)
         self.names = tuple(d.name for d in self.detectors)
         self.max_len = max((d.max_len for d in self.detectors), default=0)
         self.marks = {d.name: MARK.format(d.name) for d in self.detectors}
+        # the plan of `spans`: every anchor once (several expressions share one), then each
+        # expression with the indices of its anchors; a detector of another kind is asked itself
+        anchors: dict = {}
+        self.plan: list = []
+        for rank, d in enumerate(self.detectors):
+            if type(d) is not PatternDetector:
+                self.plan.append((rank, d, None, ()))
+                continue
+            for p in d.patterns:
+                ids = tuple(anchors.setdefault((a, bool(p.digits)), len(anchors)) for a in p.anchors)
+                self.plan.append((rank, d, p, ids))
+        self.anchors = tuple(anchors)
 
     def pending(self, text: str, start: int) -> int:
         """Where a match may still be growing at the end of `text` (at or after `start`)."""
@@ -31,8 +44,24 @@ class Scanner:
         """Merged, ordered, non-overlapping (start, end, detector)."""
         found = []
         view = View(text)
-        for rank, d in enumerate(self.detectors):
-            for start, end in d.find(text, view):
+        ascii_text = view.ascii
+        hits = []
+        for anchor, zeros in self.anchors:  # (inline: this loop is most of a short text's cost)
+            src = view.zeros if zeros else ascii_text
+            m = anchor.search(src)
+            hits.append(() if m is None else [x.start() for x in anchor.finditer(src, m.start())])
+        n = len(text)
+        for rank, d, p, ids in self.plan:
+            if p is None:
+                spans = d.find(text, view)
+            elif not ids:
+                spans = p.matches(text, ((0, n),))
+            else:
+                at = hits[ids[0]] if len(ids) == 1 else sorted(x for i in ids for x in hits[i])
+                if not at:
+                    continue
+                spans = p.matches(text, p.around(at, n))
+            for start, end in spans:
                 found.append((start, rank, end, d.name))
         if not found:
             return found
@@ -91,16 +120,39 @@ class Outcome:
         return tuple(sorted(self.counts))
 
 
+SEPARATOR = "\n\x00\n"  # between the texts of one body, scanned as one: no detector matches across it
+
+
 def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
-    """Scan each (place, holder, key) string; with `mask`, replace it masked in its holder."""
+    """Scan each (place, holder, key) string; with `mask`, replace it masked in its holder.
+
+    The strings are joined and scanned once: each scan has a fixed cost (an anchor search per
+    expression), which the many short texts of a conversation would otherwise pay each."""
     outcome = Outcome()
-    for where, holder, key in places:
-        text = holder[key]
-        spans = scanner.spans(text)
-        if not spans:
-            continue
-        outcome.places.append((where, tuple(sorted({s[2] for s in spans}))))
-        masked = scanner.apply(text, spans, outcome.counts)
+    found = list(places)
+    if not found:
+        return outcome
+    texts = [holder[key] for _, holder, key in found]
+    joined = SEPARATOR.join(texts)
+    spans = scanner.spans(joined)
+    if not spans:
+        return outcome
+    starts, at = [], 0
+    for text in texts:
+        starts.append(at)
+        at += len(text) + len(SEPARATOR)
+    own: dict[int, list] = {}
+    for start, end, name in spans:
+        i = bisect_right(starts, start) - 1
+        while i < len(texts) and end > starts[i]:  # (one that crossed a separator is cut at it)
+            lo, hi = max(start, starts[i]) - starts[i], min(end, starts[i] + len(texts[i])) - starts[i]
+            if hi > lo:
+                own.setdefault(i, []).append((lo, hi, name))
+            i += 1
+    for i, piece in own.items():  # (in order: spans come sorted by where they start)
+        where, holder, key = found[i]
+        outcome.places.append((where, tuple(sorted({s[2] for s in piece}))))
+        masked = scanner.apply(texts[i], piece, outcome.counts)
         if mask:
             holder[key] = masked
     return outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from addon.guard import places
-from addon.guard.scan import Scanner
+from addon.guard.scan import Scanner, guard_body
 from addon.wire.sse import SSEDecoder
 
 # released characters kept for the lookbehinds and \b in front of held text (what could still
@@ -295,10 +295,7 @@ def mask_answer(api: str, body: dict, scanner: Scanner, counts: dict[str, int]) 
     walk = places.RESPONSES.get(api)
     if walk is None:
         return False
-    changed = False
-    for _, holder, key in walk(body):
-        masked = scanner.mask(holder[key], counts)
-        if masked is not None:
-            holder[key] = masked
-            changed = True
-    return changed
+    outcome = guard_body(scanner, walk(body), mask=True)
+    for name, n in outcome.counts.items():
+        counts[name] = counts.get(name, 0) + n
+    return bool(outcome)
