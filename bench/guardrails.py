@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = {"detect": ["secrets", "private_keys", "credit_cards", "emails"], "action": "mask", "responses": "mask"}
+# the issue's `default` set: requests masked (answers are not: their cost is the stream row's)
+DEFAULT = {"detect": ["secrets", "private_keys", "credit_cards", "emails"], "action": "mask"}
 EVERY = ["secrets", "private_keys", "credit_cards", "iban", "phones", "emails"]
 GUARD_KEY, PLAIN_KEY = "vk_bench_guard", "vk_bench_unguarded"
 SIZES = (2_000, 200_000)

@@ -130,6 +130,20 @@ class Pattern:
                         yield m.span(group)
 
 
+_FLAGS = ((re.IGNORECASE, "i"), (re.DOTALL, "s"), (re.MULTILINE, "m"), (re.VERBOSE, "x"))
+_LEADING_FLAGS = re.compile(r"^\(\?([imsx]+)\)")
+
+
+def _scoped(source: str, flags: int) -> str:
+    """An expression as one alternative of a larger one: its flags scoped to it."""
+    letters = "".join(ch for flag, ch in _FLAGS if flags & flag)
+    lead = _LEADING_FLAGS.match(source)
+    if lead:
+        letters += lead.group(1)
+        source = source[lead.end():]
+    return f"(?{letters}:{source})" if letters else f"(?:{source})"
+
+
 _ANCHORS: dict[str | bytes, re.Pattern] = {}
 
 
@@ -148,6 +162,9 @@ class PatternDetector:
         self.name = name
         self.patterns = patterns
         self.max_len = max_len
+        # every expression as one, for a stream's partial matches: one search per chunk, not one
+        # per expression (a call into `regex` costs a few microseconds however short the text)
+        self.partial = regex.compile("|".join(_scoped(p.source, p.flags) for p in patterns))
 
     def find(self, text: str, view: View | None = None) -> Iterator[Span]:
         view = view or View(text)
@@ -159,16 +176,16 @@ class PatternDetector:
         end = len(text)
         first = end
         window = max(start, end - self.max_len)
-        for p in self.patterns:
-            # partial=True also returns a match cut off by the end of the text. A whole match that
-            # ends at the end may still grow (or stop matching: a \b, a checksum), and one that ends
-            # earlier may be the short reading of a longer match still coming (`\d{4}( ?\d{2,7}){2,4}`
-            # reads "4111 1111 " as "4111 11 11"): fullmatch(partial=True) says whether the rest of the
-            # text could still belong to a match from the same start. Either way it waits.
-            m = p.partial.search(text, window, partial=True)
-            while m is not None and m.start() < first:
-                if m.end() == end or p.partial.fullmatch(text, m.start(), partial=True) is not None:
-                    first = m.start()
-                    break
-                m = p.partial.search(text, m.end() if m.end() > m.start() else m.start() + 1, partial=True)
+        # partial=True also returns a match cut off by the end of the text. A whole match that
+        # ends at the end may still grow (or stop matching: a \b, a checksum), and one that ends
+        # earlier may be the short reading of a longer match still coming (`\d{4}( ?\d{2,7}){2,4}`
+        # reads "4111 1111 " as "4111 11 11"): fullmatch(partial=True) says whether the rest of the
+        # text could still belong to a match from the same start. Either way it waits.
+        partial = self.partial
+        m = partial.search(text, window, partial=True)
+        while m is not None and m.start() < first:
+            if m.end() == end or partial.fullmatch(text, m.start(), partial=True) is not None:
+                first = m.start()
+                break
+            m = partial.search(text, m.end() if m.end() > m.start() else m.start() + 1, partial=True)
         return first

@@ -39,7 +39,7 @@ from addon.wire.streams import frame_for_new_length
 log = logging.getLogger("gateway")
 
 HEADER = "x-gateway-guardrails"
-OFF_LOOP_BYTES = 256 * 1024  # larger bodies are parsed and scanned in a thread: the loop serves others meanwhile
+OFF_LOOP_BYTES = 1024 * 1024  # larger bodies are parsed and scanned in a thread: the loop serves others meanwhile
 MAX_BODY = 64 * 1024 * 1024  # decoded bytes scanned at most (a larger one is refused by the gateway anyway)
 PLACES_NAMED = 10  # a block's message names this many places at most
 

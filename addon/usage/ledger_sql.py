@@ -31,14 +31,15 @@ CREATE TABLE IF NOT EXISTS usage (
     target TEXT NOT NULL DEFAULT '',      -- a key with several targets: the one that answered ("1", "pool[2]")
     attempts INTEGER NOT NULL DEFAULT 1,  -- upstream attempts this request took (failover)
     created TEXT NOT NULL DEFAULT '',     -- the stored response it created (resp_...): its owner, read back at start-up
-    target_id TEXT NOT NULL DEFAULT ''    -- a key with several targets: the answering target's id (a hash, never the key)
+    target_id TEXT NOT NULL DEFAULT '',   -- a key with several targets: the answering target's id (a hash, never the key)
+    guardrails TEXT NOT NULL DEFAULT ''   -- what the key's guardrails masked, by detector ("secrets:2,emails:1"), never the text
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_fingerprint, ts);
 """
 # columns added after the first release: (name, definition), added by ALTER TABLE to older files
 ADDED_COLUMNS = (("estimated", "INTEGER NOT NULL DEFAULT 0"), ("target", "TEXT NOT NULL DEFAULT ''"),
                  ("attempts", "INTEGER NOT NULL DEFAULT 1"), ("created", "TEXT NOT NULL DEFAULT ''"),
-                 ("target_id", "TEXT NOT NULL DEFAULT ''"))
+                 ("target_id", "TEXT NOT NULL DEFAULT ''"), ("guardrails", "TEXT NOT NULL DEFAULT ''"))
 # made once the added columns are there (an older file gets them first)
 INDEXES = ("CREATE INDEX IF NOT EXISTS usage_created ON usage (ts) WHERE created != ''",)
 COLUMNS = (
@@ -59,6 +60,7 @@ COLUMNS = (
     "attempts",
     "created",
     "target_id",
+    "guardrails",
 )
 MAX_PENDING = 200_000  # rows kept while another writer holds the lock (about 40 MB)
 
@@ -81,6 +83,7 @@ class UsageRecord(NamedTuple):  # a tuple: inserted as it is, in COLUMNS order
     attempts: int = 1
     created: str = ""
     target_id: str = ""
+    guardrails: str = ""  # (hooks/guardrails.py's ledger_value: counts by detector, never the text)
 
 
 class Dialect(NamedTuple):
