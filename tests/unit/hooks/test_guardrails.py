@@ -1,0 +1,122 @@
+"""hooks/guardrails.py on mitmproxy's test flows: the request replaced masked (or answered 400
+content_blocked, masked too), what is noted where, the answer's header, a stream wrapped after
+the gateway's own (True or a callable) and ended fail-closed when masking fails, a recording's
+raw provider answer masked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from addon.hooks.guardrails import Guardrails, masked_stream
+from addon.guard.stream import StreamGuard
+from addon.apis.registry import APIS
+from addon.policy.keys_parse import parse_keys
+from tests.unit.guard.corpus import AWS_ID
+
+KEYS = parse_keys({
+    "guardrails": {"default": {"detect": ["secrets", "emails"], "responses": "mask"},
+                   "strict": {"detect": ["secrets"], "action": "block"}},
+    "virtual_keys": {"vk_m": {"provider": "openai", "api_key": "sk-x", "name": "m", "guardrails": "default"},
+                     "vk_b": {"provider": "openai", "api_key": "sk-y", "name": "b", "guardrails": "strict"},
+                     "vk_n": {"provider": "openai", "api_key": "sk-z", "name": "n"}}})
+
+
+class Holder:
+    keys = KEYS
+
+
+def flow(key: str, body: dict, path: str = "/v1/chat/completions") -> http.HTTPFlow:
+    f = tflow.tflow()
+    f.request.path = path
+    f.request.content = json.dumps(body).encode()
+    f.metadata["gateway"] = {"fingerprint": KEYS.lookup(key).fingerprint}
+    return f
+
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": f"key {AWS_ID} mail bob@example.com"}]}
+
+
+def test_a_masked_request_and_its_answer():
+    g = Guardrails(Holder())
+    f = flow("vk_m", CHAT)
+    assert g.requests.request(f) is None
+    sent = json.loads(f.request.content)
+    assert sent["messages"][0]["content"] == "key [REDACTED:secrets] mail [REDACTED:emails]"
+    assert f.metadata["guardrails"] == {"set": "default", "action": "mask", "masked": {"emails": 1, "secrets": 1},
+                                        "where": ["messages[0].content"]}
+    assert "guardrails masked=emails:1,secrets:1" in f.comment
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"it is {AWS_ID}"}}]}
+    f.response = http.Response.make(200, json.dumps(answer).encode(), {"content-type": "application/json"})
+    raw = json.dumps(answer).encode()
+    f.metadata["record"] = {"upstream": {"pieces": [raw[:20], raw[20:]]}}
+    g.answers.responseheaders(f)
+    assert f.response.headers["x-gateway-guardrails"] == "masked=emails:1,secrets:1"
+    g.answers.response(f)
+    assert json.loads(f.response.content)["choices"][0]["message"]["content"] == "it is [REDACTED:secrets]"
+    assert f.metadata["guardrails"]["answer_masked"] == {"secrets": 1}
+    assert AWS_ID.encode() not in b"".join(f.metadata["record"]["upstream"]["pieces"])
+    assert g.sets == {}  # nothing left per flow
+
+
+def test_a_block_answers_in_the_clients_shape_and_keeps_the_request_masked():
+    g = Guardrails(Holder())
+    f = flow("vk_b", {"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": f"k {AWS_ID}"}]},
+             "/v1/messages")
+    g.requests.request(f)
+    assert f.response.status_code == 400
+    body = json.loads(f.response.content)
+    assert body["type"] == "error" and "secrets in messages[0].content" in body["error"]["message"]
+    assert f.response.headers["x-gateway-guardrails"] == "blocked=secrets"
+    assert AWS_ID.encode() not in f.response.content and AWS_ID.encode() not in f.request.content
+    assert f.metadata["guardrails"]["blocked"] == ["secrets"]
+
+
+def test_keys_without_a_set_paths_without_text_and_bad_json_are_left_alone():
+    g = Guardrails(Holder())
+    f = flow("vk_n", CHAT)
+    before = f.request.content
+    g.requests.request(f)
+    assert f.request.content == before and "guardrails" not in f.metadata
+    f = flow("vk_m", CHAT, "/v1/responses/resp_1")
+    g.requests.request(f)
+    assert "guardrails" not in f.metadata
+    f = flow("vk_m", CHAT)
+    f.request.content = b"{not json " + AWS_ID.encode()
+    g.requests.request(f)
+    assert f.response is None  # the gateway answers invalid_json
+
+
+def test_a_large_body_is_scanned_off_the_loop():
+    g = Guardrails(Holder())
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (1 << 20) + f" {AWS_ID}"}]}
+    f = flow("vk_m", big)
+    pending = g.requests.request(f)
+    assert pending is not None
+    asyncio.run(pending)
+    assert json.loads(f.request.content)["messages"][0]["content"].endswith(" [REDACTED:secrets]")
+
+
+def chat_event(text: str) -> bytes:
+    event = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def test_a_stream_is_masked_after_the_gateways_own_and_fails_closed():
+    api = APIS["openai_chat"]
+    scanner = KEYS.lookup("vk_m").guardrails.scanner
+    half = len(AWS_ID) // 2
+    raw = [chat_event("key " + AWS_ID[:half]), chat_event(AWS_ID[half:] + " ok"), b"data: [DONE]\n\n"]
+    for inner in (True, lambda piece: [piece]):  # the gateway's True, or its translator (may return a list)
+        fn = masked_stream(inner, StreamGuard("openai_chat", scanner), api)
+        out = b"".join(fn(p) for p in raw) + fn(b"")
+        assert AWS_ID.encode() not in out and b"[REDACTED:secrets]" in out
+
+    def broken(piece):
+        raise RuntimeError("boom")
+    fn = masked_stream(broken, StreamGuard("openai_chat", scanner), api)
+    first = fn(raw[0])
+    assert b"the gateway could not check this answer" in first and fn(raw[1]) == b""
