@@ -110,27 +110,44 @@ def start_gateway(stack) -> int:
     return port
 
 
-def added_p50(port: int, headers: dict, size: int, n: int) -> dict:
+def added_p50(port: int, pid: int, headers: dict, size: int, n: int) -> dict:
+    """Blocks of requests by each key in turn on one keep-alive connection: p50 latency per key,
+    and the gateway process's CPU per request per key (steadier than latency on a busy machine)."""
+    from run import cpu_seconds  # (bench/run.py)
+
     body = chat_body(size)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     times: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
+    cpu: dict[str, float] = {GUARD_KEY: 0.0, PLAIN_KEY: 0.0}
+    block = 10
+
+    def send(key: str) -> float:
+        t = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={**headers, "content-type": "application/json", "authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"guardrails bench: {resp.status} for {key}")
+        return (time.perf_counter() - t) * 1000
+
     try:
-        for i in range(n * 2 + 10):
-            key = (GUARD_KEY, PLAIN_KEY)[i % 2]
-            t = time.perf_counter()
-            conn.request("POST", "/v1/chat/completions", body=body,
-                         headers={**headers, "content-type": "application/json", "authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"guardrails bench: {resp.status} for {key}")
-            if i >= 10:  # (warm-up)
-                times[key].append((time.perf_counter() - t) * 1000)
+        for key in (GUARD_KEY, PLAIN_KEY):  # warm-up
+            for _ in range(5):
+                send(key)
+        for _ in range(max(1, n // block)):
+            for key in (GUARD_KEY, PLAIN_KEY):
+                c = cpu_seconds(pid)
+                times[key] += [send(key) for _ in range(block)]
+                cpu[key] += cpu_seconds(pid) - c
     finally:
         conn.close()
     p50 = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    per = {k: cpu[k] * 1000 / len(times[k]) for k in cpu}
     return {"guarded_p50_ms": p50[GUARD_KEY], "unguarded_p50_ms": p50[PLAIN_KEY],
-            "added_p50_ms": p50[GUARD_KEY] - p50[PLAIN_KEY], "n": n}
+            "added_p50_ms": p50[GUARD_KEY] - p50[PLAIN_KEY], "n": len(times[GUARD_KEY]),
+            "guarded_cpu_ms": per[GUARD_KEY], "unguarded_cpu_ms": per[PLAIN_KEY],
+            "added_cpu_ms": per[GUARD_KEY] - per[PLAIN_KEY]}
 
 
 def section(stack, s, headers: dict, wrk) -> dict:
@@ -139,17 +156,25 @@ def section(stack, s, headers: dict, wrk) -> dict:
     port = start_gateway(stack)
     try:
         count = 30 if quick else 300
-        res["latency"] = {str(size // 1000): added_p50(port, headers, size, count // (1 + size // 50_000))
+        pid = stack.procs["gateway_guardrails"].pid
+        res["latency"] = {str(size // 1000): added_p50(port, pid, headers, size, count // (1 + size // 50_000))
                           for size in SIZES}
         body = chat_body(SIZES[0])
         rounds: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
+        cpus: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
         for _ in range(max(1, s.rounds)):
             for key in (PLAIN_KEY, GUARD_KEY):
                 spec = ("/v1/chat/completions", body, {**headers, "authorization": f"Bearer {key}"})
-                rounds[key].append(wrk(f"http://127.0.0.1:{port}", spec, 16, s.duration, stack.tmp)["rps"])
+                got = wrk(f"http://127.0.0.1:{port}", spec, 16, s.duration, stack.tmp, pid)
+                rounds[key].append(got["rps"])
+                cpus[key].append(got["cpu_us_per_request"])
         rps = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+        cpu = {k: sorted(v)[len(v) // 2] for k, v in cpus.items()}
         res["throughput"] = {"guarded_rps": rps[GUARD_KEY], "unguarded_rps": rps[PLAIN_KEY],
-                             "ratio": rps[GUARD_KEY] / rps[PLAIN_KEY] if rps[PLAIN_KEY] else None}
+                             "ratio": rps[GUARD_KEY] / rps[PLAIN_KEY] if rps[PLAIN_KEY] else None,
+                             "guarded_cpu_us": cpu[GUARD_KEY], "unguarded_cpu_us": cpu[PLAIN_KEY],
+                             # throughput as the gateway's CPU per request allows it: what a busy machine blurs
+                             "cpu_ratio": cpu[PLAIN_KEY] / cpu[GUARD_KEY] if cpu[GUARD_KEY] else None}
     finally:
         proc = stack.procs.pop("gateway_guardrails", None)
         if proc is not None:
@@ -185,10 +210,15 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
     for size, row in g.get("latency", {}).items():
         out.append((f"guardrails {size} KB p50 ms unguarded / guarded / added", f"{row['unguarded_p50_ms']:.3f}",
                     f"{row['guarded_p50_ms']:.3f}", f"{row['added_p50_ms']:+.3f}"))
+        out.append((f"guardrails {size} KB gateway CPU ms/request unguarded / guarded / added",
+                    f"{row['unguarded_cpu_ms']:.3f}", f"{row['guarded_cpu_ms']:.3f}", f"{row['added_cpu_ms']:+.3f}"))
     t = g.get("throughput")
     if t:
         out.append(("guardrails c=16 2 KB req/s unguarded / guarded / ratio", f"{t['unguarded_rps']:.0f}",
                     f"{t['guarded_rps']:.0f}", f"{t['ratio']:.2f}" if t["ratio"] else "-"))
+        if t.get("cpu_ratio"):
+            out.append(("guardrails c=16 2 KB CPU us/request unguarded / guarded / ratio",
+                        f"{t['unguarded_cpu_us']:.0f}", f"{t['guarded_cpu_us']:.0f}", f"{t['cpu_ratio']:.2f}"))
     st = g.get("stream")
     if st:
         out.append(("guardrails stream masking CPU us/chunk, chars held/chunk", "", f"{st['us_per_chunk']:.1f}",

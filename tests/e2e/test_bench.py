@@ -112,6 +112,18 @@ def test_large_body_section_measured_health_alone_and_during_31_mb_requests_and_
     assert any("peak RSS" in n for n in names) and any(n.startswith("memory back 5 s after") for n in names)
 
 
+def test_guardrails_section_measured_scans_both_keys_and_streams(result):
+    g = result["guardrails"]
+    assert all(v > 0 for v in g["scan"].values()) and len(g["scan"]) == 4
+    for size in ("2", "200"):  # every request of both keys answered 200 (added_p50 raises otherwise)
+        row = g["latency"][size]
+        assert row["n"] > 0 and row["guarded_p50_ms"] > 0 and row["unguarded_p50_ms"] > 0
+    assert g["throughput"]["guarded_rps"] > 0 and g["throughput"]["unguarded_rps"] > 0
+    assert g["stream"]["us_per_chunk"] > 0 and g["stream"]["events"] > 100
+    names = [t["name"] for t in result["targets"]]
+    assert sum(n.startswith("guardrails ") for n in names) == 3
+
+
 def test_stream_latency_section_measured_every_chunk_of_bare_and_gateway(result):
     """--quick alone runs it without the fleet (tests/e2e/test_fleet.py runs that column): every
     stream completed, chunks stamped by the fake provider were read and timed, probes too."""
