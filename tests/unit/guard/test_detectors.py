@@ -13,10 +13,11 @@ import pytest
 
 from addon.guard import detectors
 from addon.guard.scan import Scanner
+from tests.conftest import SHARED_REFERENCE
 from tests.unit.guard.corpus import NEGATIVE, POSITIVE
 
 ROOT = Path(__file__).resolve().parents[3]
-RECORDED = Path("/work/shared/reference/recorded")
+RECORDED = SHARED_REFERENCE / "recorded"
 NAMES = detectors.NAMES
 
 
