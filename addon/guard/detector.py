@@ -173,8 +173,14 @@ class PatternDetector:
             yield from p.matches(text, ((0, len(text)),) if windows is None else windows)
 
     def pending(self, text: str, start: int) -> int:
+        return self.pending_and_whole(text, start)[0]
+
+    def pending_and_whole(self, text: str, start: int) -> tuple[int, bool]:
+        """pending(), and whether a whole match was passed on the way (else nothing of
+        text[start:first] can need masking: the stream skips finding spans)."""
         end = len(text)
         first = end
+        whole = False
         window = max(start, end - self.max_len)
         # partial=True also returns a match cut off by the end of the text. A whole match that
         # ends at the end may still grow (or stop matching: a \b, a checksum), and one that ends
@@ -184,8 +190,9 @@ class PatternDetector:
         partial = self.partial
         m = partial.search(text, window, partial=True)
         while m is not None and m.start() < first:
+            whole = whole or not m.partial
             if m.end() == end or partial.fullmatch(text, m.start(), partial=True) is not None:
                 first = m.start()
                 break
             m = partial.search(text, m.end() if m.end() > m.start() else m.start() + 1, partial=True)
-        return first
+        return first, whole

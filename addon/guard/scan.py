@@ -31,14 +31,21 @@ class Scanner:
                 self.plan.append((rank, d, p, ids))
         self.anchors = tuple(anchors)
 
-    def pending(self, text: str, start: int) -> int:
-        """Where a match may still be growing at the end of `text` (at or after `start`)."""
-        first = len(text)
+    def pending(self, text: str, start: int) -> tuple[int, bool]:
+        """Where a match may still be growing at the end of `text` (at or after `start`), and
+        whether text[start:] may hold a whole match (False: no span needs finding before it).
+        Detectors whose search did not cover all of text[start:] (longer than their max_len),
+        or that are not made of expressions, always say it may."""
+        first, whole = len(text), False
         for d in self.detectors:
-            at = d.pending(text, start)
+            if type(d) is PatternDetector or hasattr(d, "pending_and_whole"):
+                at, seen = d.pending_and_whole(text, start)
+                whole = whole or seen or len(text) - start > d.max_len
+            else:
+                at, whole = d.pending(text, start), True
             if at < first:
                 first = at
-        return first
+        return first, whole
 
     def spans(self, text: str) -> list[tuple[int, int, str]]:
         """Merged, ordered, non-overlapping (start, end, detector)."""

@@ -36,10 +36,10 @@ class TextMasker:
         full = self.context + self.held + delta
         end = len(full)
         if final:
-            cut = end
+            cut, whole = end, True
         else:
-            cut = self.scanner.pending(full, base)
-        spans = self.scanner.spans(full)
+            cut, whole = self.scanner.pending(full, base)
+        spans = self.scanner.spans(full) if whole else ()
         out = []
         pos = base
         for start, stop, name in spans:
