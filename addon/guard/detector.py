@@ -41,12 +41,13 @@ class View:
     single "—" in 200 KB of code made every anchor search ~30x slower); and (made once, when a
     detector first asks) that copy with every digit turned to 0, where a run of digits is found."""
 
-    __slots__ = ("text", "_ascii", "_zeros", "_hits")
+    __slots__ = ("text", "_ascii", "_zeros", "_lower", "_hits")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self._ascii: str | None = text if text.isascii() else None
         self._zeros: bytes | None = None
+        self._lower: str | None = None
         self._hits: dict = {}
 
     @property
@@ -55,14 +56,24 @@ class View:
             self._ascii = self.text.encode("ascii", "replace").decode("ascii")
         return self._ascii
 
-    def hits(self, anchor: re.Pattern, zeros: bool) -> list[int]:
+    def source(self, kind: int):
+        """Where anchors of a kind are searched: 0 the ASCII copy, 1 its digits as 0, 2 lower-cased."""
+        if kind == 0:
+            return self.ascii
+        if kind == 1:
+            return self.zeros
+        if self._lower is None:
+            self._lower = self.ascii.lower()
+        return self._lower
+
+    def hits(self, anchor: re.Pattern, kind: int) -> list[int]:
         """Where `anchor` occurs, found once per text however many expressions share it."""
-        found = self._hits.get((anchor, zeros))
+        found = self._hits.get((anchor, kind))
         if found is None:
-            text = self.zeros if zeros else self.ascii
+            text = self.source(kind)
             first = anchor.search(text)  # (most anchors are in no text: one C call says so)
             found = [] if first is None else [m.start() for m in anchor.finditer(text, first.start())]
-            self._hits[(anchor, zeros)] = found
+            self._hits[(anchor, kind)] = found
         return found
 
     @property
@@ -84,10 +95,11 @@ class Pattern:
     and the expression only around them. With neither, it is searched everywhere (custom
     expressions: one that begins with a plain string stays fast)."""
 
-    __slots__ = ("source", "flags", "compiled", "partial", "group", "valid", "anchors", "lead", "digits", "width")
+    __slots__ = ("source", "flags", "compiled", "partial", "group", "valid", "anchors", "lead", "digits", "width",
+                 "kind")
 
     def __init__(self, source: str, flags: int = 0, group: int = 0, valid: Callable[[str], bool] | None = None,
-                 anchors: tuple[str, ...] = (), lead: int = 0, digits: int = 0) -> None:
+                 anchors: tuple[str, ...] = (), lead: int = 0, digits: int = 0, folded: bool = False) -> None:
         self.source, self.flags = source, flags
         self.compiled = re.compile(source, flags)
         # the same expression in `regex`, for partial matches at a stream's edge (re has none)
@@ -96,17 +108,18 @@ class Pattern:
         self.valid = valid
         self.anchors = tuple(_anchor(a) for a in anchors) or ((_anchor(b"0" * digits),) if digits else ())
         self.lead, self.digits = lead, digits
+        self.kind = 1 if digits else 2 if folded else 0  # (folded: lower-case anchors, found in any case)
         self.width = min(_parser.parse(source, flags).getwidth()[1], _WIDEST)
 
     def windows(self, view: View) -> list[tuple[int, int]] | None:
         """Merged (start, end) ranges holding every match; None: search the whole text."""
         if not self.anchors:
             return None
-        zeros = bool(self.digits)
+        kind = self.kind
         if len(self.anchors) == 1:
-            hits = view.hits(self.anchors[0], zeros)
+            hits = view.hits(self.anchors[0], kind)
         else:
-            hits = sorted(at for a in self.anchors for at in view.hits(a, zeros))
+            hits = sorted(at for a in self.anchors for at in view.hits(a, kind))
         return self.around(hits, len(view.text))
 
     def around(self, hits: list[int], n: int) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ class Scanner:
                 self.plan.append((rank, d, None, ()))
                 continue
             for p in d.patterns:
-                ids = tuple(anchors.setdefault((a, bool(p.digits)), len(anchors)) for a in p.anchors)
+                ids = tuple(anchors.setdefault((a, p.kind), len(anchors)) for a in p.anchors)
                 self.plan.append((rank, d, p, ids))
         self.anchors = tuple(anchors)
 
@@ -53,8 +53,8 @@ class Scanner:
         view = View(text)
         ascii_text = view.ascii
         hits = []
-        for anchor, zeros in self.anchors:  # (inline: this loop is most of a short text's cost)
-            src = view.zeros if zeros else ascii_text
+        for anchor, kind in self.anchors:  # (inline: this loop is most of a short text's cost)
+            src = ascii_text if kind == 0 else view.source(kind)
             m = anchor.search(src)
             hits.append(() if m is None else [x.start() for x in anchor.finditer(src, m.start())])
         n = len(text)

@@ -44,7 +44,7 @@ DETECTOR = PatternDetector(
                 anchors=("A(?:KIA|SIA|BIA|CCA|3T)",)),
         Pattern(r"(?i)\baws[A-Za-z0-9_.\-]{0,20}?(?:secret|key|pass|token)[A-Za-z0-9_.\-]{0,20}?['\"]?\s{0,3}[:=]"
                 r"{1,2}>?\s{0,3}['\"]?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])", group=1,
-                anchors=("aws", "AWS")),
+                anchors=("aws",), folded=True),
         # GitHub, GitLab
         Pattern(r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36}" + _T,
                 anchors=(_G,)),
@@ -74,7 +74,7 @@ DETECTOR = PatternDetector(
         # key=value connection strings (ADO.NET, JDBC properties, libpq): a host, then a password
         Pattern(r"(?i)\b(?:server|host|hostaddr|data source|address|addr)\s{0,3}=\s{0,3}[^;\s\"']{1,253}[;\s]"
                 r"[^\n\"]{0,300}?\b(?:password|pwd)\s{0,3}=\s{0,3}([^;\s\"']{1,128})", group=1, valid=_password,
-                anchors=("assword", "ASSWORD", "wd", "WD"), lead=620),
+                anchors=("assword", "pwd"), lead=620, folded=True),
     ],
     max_len=12000,
 )
