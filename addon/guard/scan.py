@@ -163,3 +163,48 @@ def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
         if mask:
             holder[key] = masked
     return outcome
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ",".join(f"{name}:{n}" for name, n in sorted(counts.items()))
+
+
+def log_fields(info: dict | None) -> str:
+    """The access line's fields for a flow's guardrails record: ` guardrails=secrets:2,emails:1`
+    (masked in the request), ` guardrails_answer=emails:1`, ` guardrails_blocked=credit_cards`.
+    Names and numbers only: detector names are the keys file's ([a-z0-9_]), never matched text."""
+    if not info:
+        return ""
+    out = ""
+    if info.get("masked"):
+        out += " guardrails=" + _counts(info["masked"])
+    if info.get("answer_masked"):
+        out += " guardrails_answer=" + _counts(info["answer_masked"])
+    if info.get("blocked"):
+        out += " guardrails_blocked=" + ",".join(info["blocked"])
+    return out
+
+
+def ledger_value(info: dict | None) -> str:
+    """The ledger's `guardrails` column: `masked=secrets:2,emails:1;answer=emails:1`, or ''."""
+    if not info:
+        return ""
+    parts = []
+    if info.get("masked"):
+        parts.append("masked=" + _counts(info["masked"]))
+    if info.get("answer_masked"):
+        parts.append("answer=" + _counts(info["answer_masked"]))
+    if info.get("blocked"):
+        parts.append("blocked=" + ",".join(info["blocked"]))
+    return ";".join(parts)
+
+
+def metric_counts(info: dict | None):
+    """(detector, action, n) for the metrics: action masked, answer_masked or blocked."""
+    if not info:
+        return
+    for action in ("masked", "answer_masked"):
+        for name, n in (info.get(action) or {}).items():
+            yield name, action, n
+    for name in info.get("blocked") or ():
+        yield name, "blocked", 1

@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 
+from addon.guard.scan import log_fields
 from addon.routing.state import FlowState
 from addon.wire import logtext
 from addon.wire.secrets import fingerprint
@@ -151,6 +152,8 @@ def log_counted(state: FlowState, status: int, prompt_tokens: int, completion_to
         line += f" target={value(state.target)} attempts={state.attempts or 1}"
     if state.dropped_params:  # dropped or approximated in translation (x-gateway-dropped-params)
         line += f" dropped={value(','.join(state.dropped_params))}"
+    if state.guardrails:  # what the key's guardrails masked or blocked, by detector (never the text)
+        line += log_fields(state.guardrails)
     ACCESS.add(f"{line} latency={latency_ms:.0f}ms", ended)
 
 

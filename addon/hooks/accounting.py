@@ -29,6 +29,7 @@ from collections.abc import Callable
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
+from addon.guard.scan import ledger_value
 from addon.usage import ledger as ledger_db, sqlite
 from addon.hooks.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.hooks.background import BACKGROUND_HOLD, NO_USAGE, BackgroundResponses
@@ -390,7 +391,7 @@ class UsageAccounting:
                 started, state.key or "", fingerprint, state.provider or "", state.model or "",
                 status, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                 latency_ms, streamed, usd, usage.estimated, state.target or "", state.attempts or 1,
-                state.created or "", state.target_id or "",
+                state.created or "", state.target_id or "", ledger_value(state.guardrails),
             ))
 
 

@@ -12,8 +12,9 @@ Two parts, because their hooks must run at two places of the chain (addon/gatewa
   translated a whole body): what the client receives, in its own API's shape, is masked last,
   and a recording's copy of the provider's raw answer is masked too.
 
-What was found is on `flow.metadata["guardrails"]` (counts by detector and where, never the
-text), in the `x-gateway-guardrails` response header and in one log line per flow.
+What was found is on the flow's record (`FlowState.guardrails`: counts by detector and where,
+never the text), in the `x-gateway-guardrails` response header, the access line, the ledger's
+`guardrails` column, the metrics and mitmweb's gateway view.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import logging
 
 from mitmproxy import http
 
-from addon.apis.registry import ENDPOINTS, api_for_flow
+from addon.apis.registry import ENDPOINTS
 from addon.guard import places
 from addon.guard.config import GuardSet
 from addon.guard.scan import Outcome, guard_body, header_value
 from addon.guard.stream import StreamGuard, mask_answer
 from addon.hooks.answers import answer
 from addon.hooks.messages import field_value, lower_names, plain_content, replace_body
+from addon.routing.state import api_for_flow, state_for, state_of
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import GatewayError
 from addon.wire.sse import json_bytes
@@ -47,16 +49,16 @@ PLACES_NAMED = 10  # a block's message names this many places at most
 class Guardrails:
     """The state both parts share: the set of each guarded flow still in flight."""
 
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway  # anything with a `keys` attribute: the KeyStore in force
+    def __init__(self, live) -> None:
+        self.live = live  # anything with a `keys` attribute: the KeyStore in force (hooks/live.py)
         self.sets: dict[str, GuardSet] = {}  # flow id -> its key's set (popped when the flow ends)
         self.requests = GuardRequests(self)
         self.answers = GuardAnswers(self)
 
     def set_for(self, flow: http.HTTPFlow) -> GuardSet | None:
-        meta = flow.metadata.get("gateway")
-        fingerprint = meta.get("fingerprint") if meta else None
-        keys = self.gateway.keys
+        state = state_of(flow)
+        fingerprint = state.fingerprint if state is not None else None
+        keys = self.live.keys
         if fingerprint is None or keys is None:
             return None
         key = keys.by_fingerprint(fingerprint)
@@ -64,7 +66,10 @@ class Guardrails:
 
 
 def note(flow: http.HTTPFlow, guard: GuardSet) -> dict:
-    return flow.metadata.setdefault("guardrails", {"set": guard.name, "action": guard.action})
+    state = state_for(flow)
+    if state.guardrails is None:
+        state.guardrails = {"set": guard.name, "action": guard.action}
+    return state.guardrails
 
 
 class GuardRequests:
@@ -147,7 +152,8 @@ class GuardAnswers:
         response = flow.response
         if guard is None or response is None:
             return
-        info = flow.metadata.get("guardrails")
+        state = state_of(flow)
+        info = state.guardrails if state is not None else None
         if info and info.get("masked"):
             response.headers[HEADER] = header_value(info["masked"])
         if not guard.responses or response.status_code != 200:

@@ -36,6 +36,7 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from addon.guard.scan import metric_counts
 from addon.policy.virtual_keys import KeyStore
 from addon.hooks.accounting import client_status
 from addon.hooks.metricset import GatewayMetrics, ModelLabels, label, multiprocess_dir, private_multiprocess_dir
@@ -309,6 +310,10 @@ class Metrics:
                 ttft_seconds.observe(max(0.0, ttft))
         for labels, count in requests.items():
             m.requests.labels(*labels).inc(count)
+        for state, *_ in noted:
+            if state.guardrails:
+                for detector, action, n in metric_counts(state.guardrails):
+                    m.guardrails.labels(detector, action).inc(n)
         shown = self._in_flight_shown
         for key, count in self.in_flight.items():
             if shown.get(key) != count:

@@ -116,6 +116,10 @@ class GatewayMetrics:
         self.budget_remaining = Gauge(
             "gateway_budget_remaining", "What is left of a key's budget (unit: usd or tokens) in its "
             "budget period, as of the last scrape.", ("key", "unit"), multiprocess_mode="livemostrecent", registry=r)
+        self.guardrails = Counter(
+            "gateway_guardrails", "Matches of a key's guardrails, by detector (the built-in ones and the "
+            "keys file's custom names) and action: masked (request), answer_masked, blocked.",
+            ("detector", "action"), registry=r)
         self.store_errors = Counter(
             "gateway_store_errors", "Errors of the usage store (Redis), by operation.", ("operation",), registry=r)
         self.target_up = Gauge(

@@ -58,6 +58,9 @@ class FlowState:
     created: str | None = None  # the stored response this request created
     background: str | None = None  # a background response it created, whose usage comes later (accounting)
     counted: bool | None = None  # its usage is in the store already (a background hold settled or charged)
+    # the key's guardrail set (hooks/guardrails.py): its name, action, counts by detector of what it
+    # masked in the request ("masked") and the answer ("answer_masked") or "blocked", and where: never the text
+    guardrails: dict | None = None
     # the live flow only, never saved: the pair's Exchange that translates its answer (set
     # while the request is forwarded), and the parameters this attempt's pair dropped
     exchange: Exchange | None = None

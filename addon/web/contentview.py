@@ -59,15 +59,34 @@ def summary(flow: http.HTTPFlow) -> str:
     noted = state(flow)
     if noted.answered is not None:
         return (f"Answered by the gateway, never forwarded: {flow.response.status_code} {noted.answered}"
-                f" — {refusal(flow)}")
+                f" — {refusal(flow)}" + guardrails(noted))
     if noted.provider is None:
-        return "Answered by the gateway, never forwarded."
+        return "Answered by the gateway, never forwarded." + guardrails(noted)
     parts = [f"key {noted.key if noted.key is not None else '?'} → {noted.provider}"]
     if noted.model:
         parts.append(f"model {noted.model}")
     if noted.stream:
         parts.append("streamed")
-    return "Routed by the gateway: " + ", ".join(parts) + attempts(flow, noted)
+    return "Routed by the gateway: " + ", ".join(parts) + attempts(flow, noted) + guardrails(noted)
+
+
+def guardrails(state: FlowState) -> str:
+    """Where the key's guardrails masked or blocked (hooks/guardrails.py): detectors and places,
+    one line each; both sides shown here hold only the masked text."""
+    info = state.guardrails
+    if not info:
+        return ""
+    lines = [f"\nGuardrails ({info.get('set', '?')}):"]
+    if info.get("blocked"):
+        lines.append(f"  blocked: {', '.join(info['blocked'])}")
+    if info.get("masked"):
+        lines.append("  masked in the request: " + ", ".join(f"{n} {d}" for d, n in sorted(info["masked"].items())))
+    for where in info.get("where") or ():
+        lines.append(f"    at {where}")
+    if info.get("answer_masked"):
+        lines.append("  masked in the answer: "
+                     + ", ".join(f"{n} {d}" for d, n in sorted(info["answer_masked"].items())))
+    return "\n".join(lines)
 
 
 def attempts(flow: http.HTTPFlow, state: FlowState) -> str:

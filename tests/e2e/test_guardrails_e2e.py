@@ -7,6 +7,7 @@ the gateway's log (most verbose), the recording, the ledger."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 
@@ -15,6 +16,9 @@ import openai
 import pytest
 
 from tests import rawhttp
+from tests.conftest import free_port
+from tests.e2e.test_metrics import scrape_until
+from tests.unit.hooks.test_metrics import value
 from tests.e2e.test_anthropic_e2e import anthropic_message, stream_events, text_block, tool_block
 from tests.fakeprovider import Received, Reply, openai_completion, openai_stream
 from tests.fakeresponses import response, response_stream
@@ -91,12 +95,18 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gateway(gateway_factory, provider_server, run):
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(gateway_factory, provider_server, run, metrics_port):
     keys = {"providers": {"openai": {"base_url": provider_server.url + "/v1"},
                           "anthropic": {"base_url": provider_server.url + "/v1"}},
             "guardrails": SETS, "virtual_keys": KEYS}
     return gateway_factory(keys, ["--set", f"record_file={run / 'flows.mitm'}", "--set", f"usage_db={run / 'usage.db'}",
-                                  "--set", "termlog_verbosity=debug", "--set", "flow_detail=4"])
+                                  "--set", "termlog_verbosity=debug", "--set", "flow_detail=4",
+                                  "--set", f"metrics_port={metrics_port}"])
 
 
 @pytest.fixture
@@ -241,7 +251,38 @@ def test_a_key_without_guardrails_is_untouched(gateway, provider):
     assert sent(provider)["messages"][0]["content"] == f"key {other}"  # (the control: the fake can see one)
 
 
-def test_nothing_matched_is_anywhere_the_run_wrote(gateway, fake, run):
+def test_counts_are_in_the_access_line_the_ledger_the_metrics_and_the_flow_view(gateway, fake, run, metrics_port):
+    oai(gateway).chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": f"x {AWS_ID} y {EMAIL}"}])
+    sent(fake)
+    deadline = time.time() + 10
+    while time.time() < deadline and "guardrails=emails:1,secrets:1 guardrails_answer=" not in gateway.log():
+        time.sleep(0.1)
+    assert re.search(r"200 key=guard-openai provider=openai model=gpt-4o .*guardrails=emails:1,secrets:1 "
+                     r"guardrails_answer=credit_cards:1,emails:2,secrets:1 ", gateway.log())
+    assert re.search(r"400 content_blocked key=guard-strict .*guardrails_blocked=credit_cards,ticket", gateway.log())
+    db = sqlite3.connect(run / "usage.db")
+    try:
+        values = [row[0] for row in db.execute("SELECT guardrails FROM usage WHERE key_name = 'guard-openai'")]
+    finally:
+        db.close()
+    assert "masked=emails:1,secrets:1;answer=credit_cards:1,emails:2,secrets:1" in values
+    found = scrape_until(metrics_port, lambda s: value(s, "gateway_guardrails_total", action="masked") > 0)
+    assert value(found, "gateway_guardrails_total", action="masked", detector="secrets") >= 1
+    assert value(found, "gateway_guardrails_total", action="blocked", detector="ticket") >= 1
+    assert value(found, "gateway_guardrails_total", action="answer_masked", detector="credit_cards") >= 1
+    # mitmweb's gateway view of the recorded flow says where
+    from mitmproxy import io
+    from addon.web.contentview import summary
+
+    with open(run / "flows.mitm", "rb") as f:
+        flows = [fl for fl in io.FlowReader(f).stream() if fl.comment and "guard-openai" in fl.comment]
+    view = summary(flows[-1])
+    assert "Guardrails (default):" in view and "masked in the request: 1 emails, 1 secrets" in view
+    assert "at messages[0].content" in view and "masked in the answer:" in view
+
+
+def test_nothing_matched_is_anywhere_the_run_wrote(gateway, fake, run, metrics_port):
     """Last in this module: every test above sent and received matched text through guarded
     keys, blocked ones included, and the log printed every flow whole (flow_detail=4)."""
     oai(gateway).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": f"x {AWS_ID}"}])
@@ -256,7 +297,8 @@ def test_nothing_matched_is_anywhere_the_run_wrote(gateway, fake, run):
     db = sqlite3.connect(run / "usage.db")
     ledger = "\n".join(repr(row) for row in db.execute("SELECT * FROM usage")).encode()
     db.close()
+    metrics = scrape_until(metrics_port, lambda s: True)
     assert b"blocked=credit_cards,ticket" in log and len(flows) > 10_000
-    for name, raw in (("log", log), ("flows", flows), ("ledger", ledger)):
+    for name, raw in (("log", log), ("flows", flows), ("ledger", ledger), ("metrics", repr(metrics).encode())):
         for text in (*MATCHED, "ACME-123456"):
             assert text.encode() not in raw, (name, text)
