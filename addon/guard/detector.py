@@ -53,7 +53,9 @@ class View:
     @property
     def ascii(self) -> str:
         if self._ascii is None:
-            self._ascii = self.text.encode("ascii", "replace").decode("ascii")
+            raw = self.text.encode("ascii", "replace")
+            self._ascii = raw.decode("ascii")
+            self._zeros = raw.translate(_DIGITS)  # (while the bytes are at hand)
         return self._ascii
 
     def source(self, kind: int):
