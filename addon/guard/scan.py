@@ -11,7 +11,7 @@ from addon.guard.detector import PatternDetector, View
 
 MARK = "[REDACTED:{}]"
 class Scanner:
-    __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan")
+    __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan", "clean")
 
     def __init__(self, detectors: Sequence) -> None:
         self.detectors = tuple(detectors)
@@ -30,6 +30,11 @@ class Scanner:
                 ids = tuple(anchors.setdefault((a, p.kind), len(anchors)) for a in p.anchors)
                 self.plan.append((rank, d, p, ids))
         self.anchors = tuple(anchors)
+        # texts this scanner found nothing in, by (hash, length): an agent resends its whole
+        # conversation every turn, and only the new part needs scanning. str's hash is keyed
+        # SipHash with a per-process random key, so a client cannot make a text collide with one
+        # known clean; the texts themselves are not kept.
+        self.clean: dict[tuple[int, int], None] = {}
 
     def pending(self, text: str, start: int) -> tuple[int, bool]:
         """Where a match may still be growing at the end of `text` (at or after `start`), and
@@ -130,20 +135,32 @@ class Outcome:
 SEPARATOR = "\n\x00\n"  # between the texts of one body, scanned as one: no detector matches across it
 
 
+CLEAN_MIN = 512  # shorter texts are scanned each time (a hash and a lookup cost about what they save)
+CLEAN_KEPT = 100_000  # clean texts remembered per scanner (about 10 MB), the oldest forgotten first
+
+
 def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
     """Scan each (place, holder, key) string; with `mask`, replace it masked in its holder.
 
     The strings are joined and scanned once: each scan has a fixed cost (an anchor search per
-    expression), which the many short texts of a conversation would otherwise pay each."""
+    expression), which the many short texts of a conversation would otherwise pay each. A long
+    text this scanner already found clean is not scanned again (Scanner.clean)."""
     outcome = Outcome()
-    found = list(places)
+    clean = scanner.clean
+    found, texts, fresh = [], [], []
+    for place in places:
+        text = place[1][place[2]]
+        if len(text) >= CLEAN_MIN:
+            known = (hash(text), len(text))
+            if known in clean:
+                continue
+            fresh.append((len(found), known))
+        found.append(place)
+        texts.append(text)
     if not found:
         return outcome
-    texts = [holder[key] for _, holder, key in found]
     joined = SEPARATOR.join(texts)
     spans = scanner.spans(joined)
-    if not spans:
-        return outcome
     starts, at = [], 0
     for text in texts:
         starts.append(at)
@@ -156,6 +173,9 @@ def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
             if hi > lo:
                 own.setdefault(i, []).append((lo, hi, name))
             i += 1
+    for i, known in fresh:
+        if i not in own:
+            remember(clean, known)
     for i, piece in own.items():  # (in order: spans come sorted by where they start)
         where, holder, key = found[i]
         outcome.places.append((where, tuple(sorted({s[2] for s in piece}))))
@@ -163,6 +183,15 @@ def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
         if mask:
             holder[key] = masked
     return outcome
+
+
+def remember(clean: dict, known: tuple[int, int]) -> None:
+    clean[known] = None
+    if len(clean) > CLEAN_KEPT:
+        try:  # (a large body is scanned in a thread: another may be changing the dict meanwhile)
+            del clean[next(iter(clean))]
+        except (KeyError, RuntimeError, StopIteration):
+            pass
 
 
 def _counts(counts: dict[str, int]) -> str:
