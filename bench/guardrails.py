@@ -3,8 +3,10 @@ set costs.
 
 - in-process: scanning CPU per KB of text (the default set, and every detector), on the
   project's own code and docs (text like what Claude Code sends: source files, prose);
-- in one gateway, a key under the default set against a key without one, alternating request by
-  request on one keep-alive connection: the added p50 for a 2 KB and a 200 KB chat request;
+- in one gateway, a key under the default set against a key without one, in alternating blocks
+  on one keep-alive connection: the added p50 for a 2 KB and a 200 KB chat request whose text is
+  new every time (cold: nothing a scan found clean before is reused), and for a 200 KB agent
+  turn (the same history every time, a new 2 KB message last);
 - the same two keys under wrk (16 connections, 2 KB, alternating rounds): throughput ratio;
 - in-process: the CPU a streamed chunk costs with response masking on (200-event chat streams
   of a few characters each, as providers send them), and how many characters the masker holds
@@ -38,10 +40,17 @@ def corpus(size: int) -> str:
     return (text * (size // len(text) + 1))[:size]
 
 
-def chat_body(size: int) -> bytes:
-    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 16, "messages": [
-        {"role": "system", "content": "You are a coding agent."},
-        {"role": "user", "content": corpus(size)}]}).encode()
+def chat_body(size: int, turn: int | None = None, agent: bool = False) -> bytes:
+    """A chat request of about `size` characters of text. `turn` makes its text new (no scan
+    result can be reused: the cold case); `agent`: the conversation so far is the same every turn
+    and only a last 2 KB message is new, as an agent resends its history each turn."""
+    history = corpus(size - 2_000 if agent else size)
+    if turn is not None and not agent:
+        history = f"turn {turn}\n" + history
+    messages = [{"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": history}]
+    if agent:
+        messages.append({"role": "user", "content": f"turn {turn}\n" + corpus(2_000)})
+    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 16, "messages": messages}).encode()
 
 
 def scan_cost(repeats: int) -> dict:
@@ -110,18 +119,19 @@ def start_gateway(stack) -> int:
     return port
 
 
-def added_p50(port: int, pid: int, headers: dict, size: int, n: int) -> dict:
+def added_p50(port: int, pid: int, headers: dict, size: int, n: int, agent: bool = False) -> dict:
     """Blocks of requests by each key in turn on one keep-alive connection: p50 latency per key,
     and the gateway process's CPU per request per key (steadier than latency on a busy machine)."""
     from run import cpu_seconds  # (bench/run.py)
 
-    body = chat_body(size)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    turn = iter(range(10**9))
     times: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
     cpu: dict[str, float] = {GUARD_KEY: 0.0, PLAIN_KEY: 0.0}
     block = 10
 
     def send(key: str) -> float:
+        body = chat_body(size, next(turn), agent)  # (made before the clock starts)
         t = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", body=body,
                      headers={**headers, "content-type": "application/json", "authorization": f"Bearer {key}"})
@@ -159,6 +169,7 @@ def section(stack, s, headers: dict, wrk) -> dict:
         pid = stack.procs["gateway_guardrails"].pid
         res["latency"] = {str(size // 1000): added_p50(port, pid, headers, size, count // (1 + size // 50_000))
                           for size in SIZES}
+        res["latency"]["200_agent"] = added_p50(port, pid, headers, SIZES[1], count // 5, agent=True)
         body = chat_body(SIZES[0])
         rounds: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
         cpus: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
@@ -208,9 +219,10 @@ def rows(res: dict) -> list[tuple[str, str, str, str]]:
     for name, value in g.get("scan", {}).items():
         out.append((f"guardrails scan {name.replace('_', ' ')}", "", f"{value:.1f}", ""))
     for size, row in g.get("latency", {}).items():
-        out.append((f"guardrails {size} KB p50 ms unguarded / guarded / added", f"{row['unguarded_p50_ms']:.3f}",
+        name = "200 KB agent turn" if size == "200_agent" else f"{size} KB"
+        out.append((f"guardrails {name} p50 ms unguarded / guarded / added", f"{row['unguarded_p50_ms']:.3f}",
                     f"{row['guarded_p50_ms']:.3f}", f"{row['added_p50_ms']:+.3f}"))
-        out.append((f"guardrails {size} KB gateway CPU ms/request unguarded / guarded / added",
+        out.append((f"guardrails {name} gateway CPU ms/request unguarded / guarded / added",
                     f"{row['unguarded_cpu_ms']:.3f}", f"{row['guarded_cpu_ms']:.3f}", f"{row['added_cpu_ms']:+.3f}"))
     t = g.get("throughput")
     if t:
