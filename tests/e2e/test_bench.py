@@ -115,7 +115,7 @@ def test_large_body_section_measured_health_alone_and_during_31_mb_requests_and_
 def test_guardrails_section_measured_scans_both_keys_and_streams(result):
     g = result["guardrails"]
     assert all(v > 0 for v in g["scan"].values()) and len(g["scan"]) == 4
-    for size in ("2", "200"):  # every request of both keys answered 200 (added_p50 raises otherwise)
+    for size in ("2", "200", "200_agent"):  # every request of both keys answered 200 (added_p50 raises otherwise)
         row = g["latency"][size]
         assert row["n"] > 0 and row["guarded_p50_ms"] > 0 and row["unguarded_p50_ms"] > 0
     assert g["throughput"]["guarded_rps"] > 0 and g["throughput"]["unguarded_rps"] > 0
