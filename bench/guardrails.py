@@ -18,6 +18,7 @@ Ratios within one run; nothing here is asserted by a test (tests/e2e/test_bench.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import subprocess
@@ -32,6 +33,7 @@ GUARD_KEY, PLAIN_KEY = "vk_bench_guard", "vk_bench_unguarded"
 SIZES = (2_000, 200_000)
 
 
+@functools.lru_cache(maxsize=8)
 def corpus(size: int) -> str:
     """`size` characters of the project's own code and docs (no secret in them: the common case)."""
     text = "".join(p.read_text(errors="replace") for p in sorted((ROOT / "addon").rglob("*.py"))

@@ -8,7 +8,7 @@ so no detector hand-writes its own "could this be the start of a match" logic.""
 from __future__ import annotations
 
 import re
-from re import _parser
+from re import _constants, _parser
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -31,6 +31,8 @@ class Detector(Protocol):
 
 
 _DIGITS = bytes.maketrans(b"0123456789", b"0000000000")
+# the alphabet every anchor is found in at once (View.norm): letters lower-cased, digits as 0
+_NORM = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", b"abcdefghijklmnopqrstuvwxyz0000000000")
 _WIDEST = 20000
 
 
@@ -39,16 +41,28 @@ class View:
     when it is ASCII, else a copy with every other character as "?" (same length, same
     positions: re's plain-string search runs at memchr speed on one-byte strings only, and a
     single "—" in 200 KB of code made every anchor search ~30x slower); and (made once, when a
-    detector first asks) that copy with every digit turned to 0, where a run of digits is found."""
+    detector first asks) that copy with every digit turned to 0, where a run of digits is found.
+    A Scanner finds every anchor at once in `norm` and leaves the hits here (`hits_found`); the
+    other copies are made only for an anchor searched apart, or a detector used alone."""
 
-    __slots__ = ("text", "_ascii", "_zeros", "_lower", "_hits")
+    __slots__ = ("text", "_ascii", "_zeros", "_lower", "_norm", "hits_found")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self._ascii: str | None = text if text.isascii() else None
         self._zeros: bytes | None = None
         self._lower: str | None = None
-        self._hits: dict = {}
+        self._norm: bytes | None = None
+        # where each (anchor, kind) occurs: found once per text, by hits() or all at once by a Scanner
+        self.hits_found: dict = {}
+
+    @property
+    def norm(self) -> bytes:
+        """The text as one byte a character (other than ASCII: "?"), letters lower-cased and
+        digits as 0: where a Scanner finds every anchor in one pass (scan.py)."""
+        if self._norm is None:
+            self._norm = self.text.encode("ascii", "replace").translate(_NORM)
+        return self._norm
 
     @property
     def ascii(self) -> str:
@@ -70,12 +84,12 @@ class View:
 
     def hits(self, anchor: re.Pattern, kind: int) -> list[int]:
         """Where `anchor` occurs, found once per text however many expressions share it."""
-        found = self._hits.get((anchor, kind))
+        found = self.hits_found.get((anchor, kind))
         if found is None:
             text = self.source(kind)
             first = anchor.search(text)  # (most anchors are in no text: one C call says so)
             found = [] if first is None else [m.start() for m in anchor.finditer(text, first.start())]
-            self._hits[(anchor, kind)] = found
+            self.hits_found[(anchor, kind)] = found
         return found
 
     @property
@@ -160,6 +174,50 @@ def _scoped(source: str, flags: int) -> str:
 
 
 _ANCHORS: dict[str | bytes, re.Pattern] = {}
+_MOST_LITERALS = 64
+
+
+def literals(anchor: re.Pattern) -> list[bytes] | None:
+    """Every string `anchor` matches, in View.norm's alphabet (lower case, digits as 0): a
+    superset of where it occurs in any kind of source, so one multi-string search over View.norm
+    finds every anchor of a scanner. None when the anchor is not a small set of plain strings."""
+    source = anchor.pattern
+    if anchor.flags & ~re.UNICODE:
+        return None
+    try:
+        text = source.decode("ascii") if isinstance(source, bytes) else source
+        found = _strings(list(_parser.parse(text)))
+    except (re.error, UnicodeDecodeError):
+        return None
+    if not found or "" in found or not all(s.isascii() and "?" not in s for s in found):
+        return None
+    return sorted({s.encode().translate(_NORM) for s in found})
+
+
+def _strings(items) -> list[str] | None:
+    out = [""]
+    for op, av in items:
+        if op is _constants.LITERAL:
+            choices = [chr(av)]
+        elif op is _constants.IN and all(o is _constants.LITERAL for o, _ in av):
+            choices = [chr(a) for _, a in av]
+        elif op is _constants.SUBPATTERN and not av[1] and not av[2]:
+            choices = _strings(list(av[3]))
+        elif op is _constants.BRANCH:
+            choices = []
+            for branch in av[1]:
+                more = _strings(list(branch))
+                if more is None:
+                    return None
+                choices += more
+        else:
+            return None
+        if choices is None:
+            return None
+        out = [a + b for a in out for b in choices]
+        if len(out) > _MOST_LITERALS:
+            return None
+    return out
 
 
 def _anchor(source: str | bytes) -> re.Pattern:

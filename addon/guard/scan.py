@@ -7,11 +7,16 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 
-from addon.guard.detector import PatternDetector, View
+from ahocorasick_rs import BytesAhoCorasick, Implementation
+
+from addon.guard.detector import PatternDetector, View, literals
 
 MARK = "[REDACTED:{}]"
+
+
 class Scanner:
-    __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan", "clean")
+    __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan", "clean", "automaton", "owner",
+                 "single", "apart")
 
     def __init__(self, detectors: Sequence) -> None:
         self.detectors = tuple(detectors)
@@ -20,16 +25,39 @@ class Scanner:
         self.marks = {d.name: MARK.format(d.name) for d in self.detectors}
         # the plan of `spans`: every anchor once (several expressions share one), then each
         # expression with the indices of its anchors; a detector of another kind is asked itself
+        # (one built on PatternDetector gets its anchors' hits through the View)
         anchors: dict = {}
         self.plan: list = []
         for rank, d in enumerate(self.detectors):
             if type(d) is not PatternDetector:
                 self.plan.append((rank, d, None, ()))
+                for p in d.patterns if isinstance(d, PatternDetector) else ():
+                    for a in p.anchors:
+                        anchors.setdefault((a, p.kind), len(anchors))
                 continue
             for p in d.patterns:
                 ids = tuple(anchors.setdefault((a, p.kind), len(anchors)) for a in p.anchors)
                 self.plan.append((rank, d, p, ids))
         self.anchors = tuple(anchors)
+        # Every anchor found in one pass: an Aho-Corasick automaton (Rust's aho-corasick, a DFA)
+        # over View.norm, of each anchor's strings in that alphabet (a superset of its places: the
+        # expression decides). One search per anchor cost a pass over the text each, and ~14 of
+        # them were most of a scan. An anchor that is not a few plain strings is searched apart.
+        strings, owner, self.apart = [], [], []
+        count = [0] * len(self.anchors)
+        for i, (anchor, _) in enumerate(self.anchors):
+            found = literals(anchor)
+            if found is None:
+                self.apart.append(i)
+                continue
+            strings += found
+            owner += [i] * len(found)
+            count[i] = len(found)
+        self.owner = tuple(owner)
+        # anchors of one string: a hit overlapping the one before is skipped (re's finditer
+        # does the same), so a run of digits is not a hit at every digit
+        self.single = tuple(n == 1 for n in count)
+        self.automaton = BytesAhoCorasick(strings, implementation=Implementation.DFA) if strings else None
         # texts this scanner found nothing in, by (hash, length): an agent resends its whole
         # conversation every turn, and only the new part needs scanning. str's hash is keyed
         # SipHash with a per-process random key, so a client cannot make a text collide with one
@@ -56,12 +84,26 @@ class Scanner:
         """Merged, ordered, non-overlapping (start, end, detector)."""
         found = []
         view = View(text)
-        ascii_text = view.ascii
-        hits = []
-        for anchor, kind in self.anchors:  # (inline: this loop is most of a short text's cost)
-            src = ascii_text if kind == 0 else view.source(kind)
+        hits: list = [[] for _ in self.anchors]
+        if self.automaton is not None:
+            owner, single, last = self.owner, self.single, [-1] * len(hits)
+            # (overlapping: one anchor's string may begin inside another's)
+            for which, start, end in self.automaton.find_matches_as_indexes(view.norm, overlapping=True):
+                i = owner[which]
+                if start >= last[i] or not single[i]:
+                    hits[i].append(start)
+                    last[i] = end
+            for i, single_one in enumerate(single):
+                if not single_one and len(hits[i]) > 1:
+                    hits[i].sort()
+        for i in self.apart:
+            anchor, kind = self.anchors[i]
+            src = view.source(kind)
             m = anchor.search(src)
-            hits.append(() if m is None else [x.start() for x in anchor.finditer(src, m.start())])
+            hits[i] = [] if m is None else [x.start() for x in anchor.finditer(src, m.start())]
+        found_at = view.hits_found
+        for i, key in enumerate(self.anchors):
+            found_at[key] = hits[i]
         n = len(text)
         for rank, d, p, ids in self.plan:
             if p is None:

@@ -2,9 +2,9 @@
 and `@scope/name` do not fire), not a URL's user (`postgresql://app@db.internal`). `git@host:`
 in an SSH URL is an address too: it fires.
 
-Found from each "@": the domain by an expression that begins there (re finds "@" at memchr
-speed), the local part by walking back over its characters (an expression starting at the local
-part would be tried at every letter of the text)."""
+Found from each "@" (the scanner's one pass over the text finds them with every other anchor):
+the domain by an expression matched there, the local part by walking back over its characters
+(an expression starting at the local part would be tried at every letter of the text)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ _WHOLE = (r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@(?:[A-Za-z0
 
 class Emails(PatternDetector):
     def find(self, text: str, view: View | None = None) -> Iterator[Span]:
-        for m in _DOMAIN.finditer(text):
-            at = m.start()
+        view = view or View(text)
+        domain = _DOMAIN.match
+        for at in view.hits(self.patterns[0].anchors[0], 0):
+            m = domain(text, at)
+            if m is None:
+                continue
             start = at
             while start > 0 and at - start < 64 and text[start - 1] in _LOCAL:
                 start -= 1
