@@ -51,7 +51,7 @@ from addon.policy.keys_parse import KeysError
 from addon.policy.virtual_keys import VirtualKey
 from addon.routing.prepare import Call, Prepared, parse_body, prepare, prepare_resource
 from addon.routing.routes import ROUTES, SERVED, describe_attempt
-from addon.routing.state import FlowState, api_for_flow, state_for, state_of
+from addon.routing.state import FlowState, ParsedBody, api_for_flow, state_for, state_of
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import ERROR_SOURCE, GatewayError
 from addon.wire.keyplaces import cookie_key, header_key, hide_path, query_key, without_key_params
@@ -229,19 +229,24 @@ class Gateway:
     # --- 2. the request: its target, its body prepared, admitted, forwarded -----------------
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        state = state_of(flow)
+        parsed = None
+        if state is not None and state.parsed is not None:  # (taken once, whatever happens next)
+            parsed, state.parsed = state.parsed, None
         if flow.response or flow.error or not flow.live:
             self.gate.leave(flow)
             return None
         try:
-            taking = self.take(flow)  # an awaitable when the store must be asked over the network
+            taking = self.take(flow, parsed)  # an awaitable when the store must be asked over the network
         except Exception as e:
             self.refuse(flow, e)
             taking = None
         return self.gate.after(flow, taking)  # a limited key's request: pending until admitted or refused
 
-    def take(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+    def take(self, flow: http.HTTPFlow, parsed: ParsedBody | None = None) -> Awaitable[None] | None:
         """The request, its body arrived: its key again (a reload may have removed it), the
-        target and how its provider serves the API, the body read and prepared."""
+        target and how its provider serves the API, the body read and prepared. `parsed`: the
+        body as a part before read it (hooks/guardrails.py), used when it is still the request's."""
         request = flow.request
         state = state_of(flow)
         if state is None or state.fingerprint is None:  # a replay, or called without requestheaders
@@ -277,11 +282,16 @@ class Gateway:
         if tail:  # no body, no model, no usage: passed through for the key's provider key
             state.api, state.model, state.stream, state.price, state.resource = api.name, "", False, None, True
             return self.dispatch(call, prepare_resource(route), owners.refers(api, None, tail))
+        if parsed is not None and not (parsed.api == api.name and parsed.content is request.raw_content
+                                       and len(parsed.raw) <= limits.body):
+            parsed = None
         if b"content-encoding" in names or len(request.raw_content or b"") > OFF_LOOP_BYTES:  # in a worker thread
-            return self.take_off_loop(call)
+            return self.take_off_loop(call, parsed)
+        if parsed is not None:
+            return self.take_parsed(call, (parsed.raw, parsed.body))
         return self.take_parsed(call, read_body(request, names, api))
 
-    async def take_off_loop(self, call: Call) -> None:
+    async def take_off_loop(self, call: Call, parsed: ParsedBody | None = None) -> None:
         """A large body's decoding, JSON parse and preparation (a translation: a new body as
         large) run in the worker thread (hooks/largebodies.py), one body at a time; this
         request's hook waits. What touches shared state (the target's pick, admission) stays on
@@ -291,7 +301,11 @@ class Gateway:
             async with large.turn:  # (parsed one after another, each would wait with its parse for a turn to prepare)
                 if flow.response is not None or flow.error is not None or not flow.live:  # the client left meanwhile
                     return
-                raw, body = await large.run(read_body, flow.request, call.names, call.api)
+                if parsed is not None:
+                    raw, body = parsed.raw, parsed.body
+                    del parsed
+                else:
+                    raw, body = await large.run(read_body, flow.request, call.names, call.api)
                 if flow.response is not None or flow.error is not None or not flow.live:
                     return
                 if call.key.failover:

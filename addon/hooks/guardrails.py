@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -32,7 +33,7 @@ from addon.guard.scan import Outcome, guard_body, header_value
 from addon.guard.stream import StreamGuard, mask_answer
 from addon.hooks.answers import answer
 from addon.hooks.messages import field_value, lower_names, plain_content, replace_body
-from addon.routing.state import api_for_flow, state_for, state_of
+from addon.routing.state import ParsedBody, api_for_flow, state_for, state_of
 from addon.wire.bounded import TooLarge
 from addon.wire.errors import GatewayError
 from addon.wire.sse import json_bytes
@@ -92,21 +93,26 @@ class GuardRequests:
             return None
         names = lower_names(request.headers.fields)
         if len(request.raw_content) > OFF_LOOP_BYTES or b"content-encoding" in names:
-            return self.guard_off_loop(flow, guard, walk, names)
-        self.apply(flow, guard, scan(request, names, guard, walk))
+            return self.guard_off_loop(flow, guard, walk, names, api)
+        self.apply(flow, guard, scan(request, names, guard, walk, api))
         return None
 
-    async def guard_off_loop(self, flow, guard, walk, names) -> None:
-        found = await asyncio.get_running_loop().run_in_executor(None, scan, flow.request, names, guard, walk)
+    async def guard_off_loop(self, flow, guard, walk, names, api) -> None:
+        found = await asyncio.get_running_loop().run_in_executor(None, scan, flow.request, names, guard, walk, api)
         if flow.response is None and flow.error is None and flow.live:
             self.apply(flow, guard, found)
 
-    def apply(self, flow: http.HTTPFlow, guard: GuardSet, found: tuple[bytes, Outcome] | None) -> None:
-        """Replace the body with the masked one, or answer the block; None: nothing was found
-        (or the body is not JSON: the gateway answers that)."""
+    def apply(self, flow: http.HTTPFlow, guard: GuardSet, found: Scanned | None) -> None:
+        """Replace the body with the masked one, or answer the block (None: the body is not
+        JSON: the gateway answers that). A body its API parsed is handed to the Gateway."""
         if found is None:
             return
-        body, outcome = found
+        outcome = found.outcome
+        if not outcome:
+            if found.body is not None:
+                state_for(flow).parsed = ParsedBody(found.api, found.content, found.raw, found.body)
+            return
+        body = found.masked
         info = note(flow, guard)
         where = [w for w, _ in outcome.places]
         if guard.action == "block":
@@ -122,24 +128,50 @@ class GuardRequests:
             log.info("gateway: guardrails %s blocked a request: %s", guard.name, ",".join(detectors))
             return
         replace_body(flow.request, body)
+        if found.body is not None:  # (masked strings in place of strings: what the API checked still holds)
+            state_for(flow).parsed = ParsedBody(found.api, flow.request.raw_content, body, found.body)
         info.update(masked=dict(sorted(outcome.counts.items())), where=where)
         flow.comment = (flow.comment + " · " if flow.comment else "") + "guardrails " + header_value(outcome.counts)
         log.info("gateway: guardrails %s %s", guard.name, header_value(outcome.counts))
 
 
-def scan(request: http.Request, names, guard: GuardSet, walk) -> tuple[bytes, Outcome] | None:
-    """(new body, outcome) when something was found; pure work, run in a thread for big bodies."""
+@dataclass(slots=True, eq=False)
+class Scanned:
+    """One request body scanned: what it was read from, the object its API parsed (None: the API
+    refused it; its JSON object was scanned anyway, so what is kept and shown of a refused request
+    is masked too), what was found, and the masked body's bytes when something was."""
+
+    api: str
+    content: bytes
+    raw: bytes
+    body: dict | None
+    outcome: Outcome
+    masked: bytes | None
+
+
+def scan(request: http.Request, names, guard: GuardSet, walk, api) -> Scanned | None:
+    """The body read, parsed by its API and scanned (masked in place); pure work, run in a
+    thread for big bodies. The API's parse is the one the Gateway needs (it is handed over)."""
+    content = request.raw_content
     try:
         raw = plain_content(request, names, MAX_BODY)
-        body = json.loads(raw)
-    except (ValueError, TooLarge, RecursionError):
-        return None  # the gateway refuses it (invalid_json, invalid_encoding, too large)
-    if not isinstance(body, dict):
+    except (ValueError, TooLarge):
+        return None  # the gateway refuses it (invalid_encoding, too large)
+    body = loose = None
+    try:
+        body = api.parse_request(raw)
+    except RecursionError:
         return None
-    outcome = guard_body(guard.scanner, walk(body), mask=True)  # (a blocked body is kept masked too)
-    if not outcome:
-        return None
-    return json_bytes(body), outcome
+    except GatewayError:  # refused by the gateway anyway: still masked if it is a JSON object
+        try:
+            loose = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(loose, dict):
+            return None
+    scanned = body if body is not None else loose
+    outcome = guard_body(guard.scanner, walk(scanned), mask=True)  # (a blocked body is kept masked too)
+    return Scanned(api.name, content, raw, body, outcome, json_bytes(scanned) if outcome else None)
 
 
 class GuardAnswers:

@@ -23,6 +23,19 @@ KEY = "gateway"  # flow.metadata[KEY]
 
 
 @dataclass(slots=True, eq=False)
+class ParsedBody:
+    """A request body a part before the Gateway already decoded and had its API parse
+    (hooks/guardrails.py), so the Gateway does not read it again: the plain bytes and the
+    object, which API parsed it, and the request's content it stands for (compared by identity:
+    a part that replaced the body since makes it stale)."""
+
+    api: str
+    content: bytes
+    raw: bytes
+    body: dict
+
+
+@dataclass(slots=True, eq=False)
 class FlowState:
     # known from the request's headers (refusals after the key lookup carry them too)
     key: str | None = None  # the key's name (key-<fingerprint> when it has none)
@@ -65,6 +78,8 @@ class FlowState:
     # while the request is forwarded), and the parameters this attempt's pair dropped
     exchange: Exchange | None = None
     dropped: tuple[str, ...] = ()
+    # the request body as parsed before the Gateway (taken, and cleared, by its request hook)
+    parsed: ParsedBody | None = None
 
     def to_dict(self) -> dict:
         """The set fields under their names, as a saved flow keeps them."""
@@ -78,7 +93,7 @@ class FlowState:
         return self.to_dict()
 
 
-SAVED = tuple(f.name for f in fields(FlowState) if f.name not in ("exchange", "dropped"))
+SAVED = tuple(f.name for f in fields(FlowState) if f.name not in ("exchange", "dropped", "parsed"))
 
 
 def state_of(flow) -> FlowState | None:

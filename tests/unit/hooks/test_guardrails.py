@@ -121,3 +121,72 @@ def test_a_stream_is_masked_after_the_gateways_own_and_fails_closed():
     fn = masked_stream(broken, StreamGuard("openai_chat", scanner), api)
     first = fn(raw[0])
     assert b"the gateway could not check this answer" in first and fn(raw[1]) == b""
+
+
+def test_the_gateway_reads_the_body_the_guard_parsed_once(tmp_path, monkeypatch):
+    """The guard's parse (the API's own) is handed to the Gateway: one parse per request, the
+    masked object forwarded as parsed; a body replaced after the guard is read again."""
+    from mitmproxy.test import taddons
+
+    from addon.apis.openai_chat import OpenAIChat
+    from addon.hooks.chain import AddonChain
+    from addon.hooks.gateway import Gateway
+    from addon.hooks.live import Live
+    from addon.policy.memory_store import MemoryStore
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"guardrails": {"default": {"detect": ["secrets", "emails"]}}, "virtual_keys": {
+        "vk_m": {"provider": "openai", "api_key": "sk-m-000000000000", "name": "m", "guardrails": "default",
+                 "base_url": "http://127.0.0.1:9/v1"}}}))
+    parsed = []
+    original = OpenAIChat.parse_request
+
+    def counting(self, raw):
+        parsed.append(raw)
+        return original(self, raw)
+
+    monkeypatch.setattr(OpenAIChat, "parse_request", counting)
+    live = Live(MemoryStore())
+    gateway, guard = Gateway(live), Guardrails(live)
+    chain = AddonChain(guard.requests, gateway)
+
+    def request(body: dict) -> http.HTTPFlow:
+        return tflow.tflow(req=http.Request.make("POST", "http://127.0.0.1:8080/v1/chat/completions",
+                                                 json.dumps(body).encode(),
+                                                 {"authorization": "Bearer vk_m", "content-type": "application/json"}))
+
+    with taddons.context(chain) as tctx:
+        tctx.configure(chain, keys_file=str(keys))
+        clean = request({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]})
+        chain.requestheaders(clean)
+        chain.request(clean)
+        assert clean.response is None and clean.request.host == "127.0.0.1" and clean.request.port == 9
+        assert len(parsed) == 1 and state_of(clean).parsed is None  # (taken: nothing left on the flow)
+        assert json.loads(clean.request.content)["messages"][0]["content"] == "hello"
+
+        parsed.clear()
+        masked = request(CHAT)
+        chain.requestheaders(masked)
+        chain.request(masked)
+        assert masked.response is None and len(parsed) == 1
+        sent = json.loads(masked.request.content)
+        assert sent["messages"][0]["content"] == "key [REDACTED:secrets] mail [REDACTED:emails]"
+
+        parsed.clear()
+        replaced = request({"model": "gpt-4o", "messages": [{"role": "user", "content": "first"}]})
+        chain.requestheaders(replaced)
+        guard.requests.request(replaced)
+        assert state_of(replaced).parsed is not None
+        replaced.request.content = json.dumps({"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "second"}]}).encode()  # a part after the guard rewrote it
+        gateway.request(replaced)
+        assert len(parsed) == 2 and state_of(replaced).model == "gpt-4o-mini"
+        assert json.loads(replaced.request.content)["messages"][0]["content"] == "second"
+
+
+def test_a_body_its_api_refuses_is_masked_all_the_same_and_not_handed_on():
+    g = Guardrails(Holder())
+    f = flow("vk_m", {"messages": [{"role": "user", "content": f"no model, key {AWS_ID}"}]})  # the gateway: 400
+    g.requests.request(f)
+    assert AWS_ID.encode() not in f.request.content and b"[REDACTED:secrets]" in f.request.content
+    assert state_of(f).parsed is None
