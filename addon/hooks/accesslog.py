@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 
-from addon.guard.scan import log_fields
+from addon.guard.record import log_fields
 from addon.routing.state import FlowState
 from addon.wire import logtext
 from addon.wire.secrets import fingerprint

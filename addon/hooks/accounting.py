@@ -29,7 +29,7 @@ from collections.abc import Callable
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 
-from addon.guard.scan import ledger_value
+from addon.guard.record import ledger_value
 from addon.usage import ledger as ledger_db, sqlite
 from addon.hooks.accesslog import ACCESS, log_counted, log_unkeyed
 from addon.hooks.background import BACKGROUND_HOLD, NO_USAGE, BackgroundResponses

@@ -29,6 +29,7 @@ from mitmproxy import http
 from addon.apis.registry import ENDPOINTS
 from addon.guard import places
 from addon.guard.config import GuardSet
+from addon.guard.record import GuardRecord
 from addon.guard.scan import Outcome, guard_body, header_value
 from addon.guard.stream import StreamGuard, mask_answer
 from addon.hooks.answers import answer
@@ -66,10 +67,10 @@ class Guardrails:
         return key.guardrails if key is not None else None
 
 
-def note(flow: http.HTTPFlow, guard: GuardSet) -> dict:
+def note(flow: http.HTTPFlow, guard: GuardSet) -> GuardRecord:
     state = state_for(flow)
     if state.guardrails is None:
-        state.guardrails = {"set": guard.name, "action": guard.action}
+        state.guardrails = GuardRecord(guard.name, guard.action)
     return state.guardrails
 
 
@@ -118,7 +119,7 @@ class GuardRequests:
         if guard.action == "block":
             replace_body(flow.request, body)  # never forwarded; what is kept and shown holds no match
             detectors = outcome.detectors
-            info.update(blocked=list(detectors), where=where)
+            info.blocked, info.where = list(detectors), where
             named = "; ".join(f"{', '.join(d)} in {w}" for w, d in outcome.places[:PLACES_NAMED])
             more = len(outcome.places) - PLACES_NAMED
             message = (f"request blocked by guardrails ({guard.name}): {named}"
@@ -130,7 +131,7 @@ class GuardRequests:
         replace_body(flow.request, body)
         if found.body is not None:  # (masked strings in place of strings: what the API checked still holds)
             state_for(flow).parsed = ParsedBody(found.api, flow.request.raw_content, body, found.body)
-        info.update(masked=dict(sorted(outcome.counts.items())), where=where)
+        info.masked, info.where = dict(sorted(outcome.counts.items())), where
         flow.comment = (flow.comment + " · " if flow.comment else "") + "guardrails " + header_value(outcome.counts)
         log.info("gateway: guardrails %s %s", guard.name, header_value(outcome.counts))
 
@@ -186,8 +187,8 @@ class GuardAnswers:
             return
         state = state_of(flow)
         info = state.guardrails if state is not None else None
-        if info and info.get("masked"):
-            response.headers[HEADER] = header_value(info["masked"])
+        if info is not None and info.masked:
+            response.headers[HEADER] = header_value(info.masked)
         if not guard.responses or response.status_code != 200:
             return
         fields = response.headers.fields
@@ -230,7 +231,7 @@ class GuardAnswers:
     @staticmethod
     def finish(flow: http.HTTPFlow, guard: GuardSet, counts: dict[str, int]) -> None:
         if counts:
-            note(flow, guard)["answer_masked"] = dict(sorted(counts.items()))
+            note(flow, guard).answer_masked = dict(sorted(counts.items()))
             log.info("gateway: guardrails %s answer %s", guard.name, header_value(counts))
         # a recording keeps the provider's raw answer for replays: masked as text, like the rest
         upstream = flow.metadata.get("record", {}).get("upstream")

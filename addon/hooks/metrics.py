@@ -36,7 +36,7 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from addon.guard.scan import metric_counts
+from addon.guard.record import metric_counts
 from addon.policy.virtual_keys import KeyStore
 from addon.hooks.accounting import client_status
 from addon.hooks.metricset import GatewayMetrics, ModelLabels, label, multiprocess_dir, private_multiprocess_dir

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 from addon.apis.base import InboundAPI
 from addon.apis.registry import APIS, api_for_request
+from addon.guard.record import GuardRecord
 from addon.translate.base import Exchange
 
 KEY = "gateway"  # flow.metadata[KEY]
@@ -71,9 +72,8 @@ class FlowState:
     created: str | None = None  # the stored response this request created
     background: str | None = None  # a background response it created, whose usage comes later (accounting)
     counted: bool | None = None  # its usage is in the store already (a background hold settled or charged)
-    # the key's guardrail set (hooks/guardrails.py): its name, action, counts by detector of what it
-    # masked in the request ("masked") and the answer ("answer_masked") or "blocked", and where: never the text
-    guardrails: dict | None = None
+    # what the key's guardrail set did (hooks/guardrails.py): counts by detector and where, never the text
+    guardrails: GuardRecord | None = None
     # the live flow only, never saved: the pair's Exchange that translates its answer (set
     # while the request is forwarded), and the parameters this attempt's pair dropped
     exchange: Exchange | None = None
@@ -82,12 +82,18 @@ class FlowState:
     parsed: ParsedBody | None = None
 
     def to_dict(self) -> dict:
-        """The set fields under their names, as a saved flow keeps them."""
-        return {name: value for name in SAVED if (value := getattr(self, name)) is not None}
+        """The set fields under their names, as a saved flow keeps them (a record within as its dict)."""
+        saved = {name: value for name in SAVED if (value := getattr(self, name)) is not None}
+        if self.guardrails is not None:
+            saved["guardrails"] = self.guardrails.to_dict()
+        return saved
 
     @classmethod
     def from_dict(cls, saved: dict) -> FlowState:
-        return cls(**{name: value for name, value in saved.items() if name in SAVED})
+        state = cls(**{name: value for name, value in saved.items() if name in SAVED})
+        if isinstance(state.guardrails, dict):
+            state.guardrails = GuardRecord.from_dict(state.guardrails)
+        return state
 
     def __deepcopy__(self, memo) -> dict:
         return self.to_dict()

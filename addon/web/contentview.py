@@ -74,18 +74,18 @@ def guardrails(state: FlowState) -> str:
     """Where the key's guardrails masked or blocked (hooks/guardrails.py): detectors and places,
     one line each; both sides shown here hold only the masked text."""
     info = state.guardrails
-    if not info:
+    if info is None:
         return ""
-    lines = [f"\nGuardrails ({info.get('set', '?')}):"]
-    if info.get("blocked"):
-        lines.append(f"  blocked: {', '.join(info['blocked'])}")
-    if info.get("masked"):
-        lines.append("  masked in the request: " + ", ".join(f"{n} {d}" for d, n in sorted(info["masked"].items())))
-    for where in info.get("where") or ():
+    lines = [f"\nGuardrails ({info.set_name}):"]
+    if info.blocked:
+        lines.append(f"  blocked: {', '.join(info.blocked)}")
+    if info.masked:
+        lines.append("  masked in the request: " + ", ".join(f"{n} {d}" for d, n in sorted(info.masked.items())))
+    for where in info.where or ():
         lines.append(f"    at {where}")
-    if info.get("answer_masked"):
+    if info.answer_masked:
         lines.append("  masked in the answer: "
-                     + ", ".join(f"{n} {d}" for d, n in sorted(info["answer_masked"].items())))
+                     + ", ".join(f"{n} {d}" for d, n in sorted(info.answer_masked.items())))
     return "\n".join(lines)
 
 

@@ -47,8 +47,8 @@ def test_a_masked_request_and_its_answer():
     assert g.requests.request(f) is None
     sent = json.loads(f.request.content)
     assert sent["messages"][0]["content"] == "key [REDACTED:secrets] mail [REDACTED:emails]"
-    assert state_of(f).guardrails == {"set": "default", "action": "mask", "masked": {"emails": 1, "secrets": 1},
-                                        "where": ["messages[0].content"]}
+    assert state_of(f).guardrails.to_dict() == {"set": "default", "action": "mask",
+                                                "masked": {"emails": 1, "secrets": 1}, "where": ["messages[0].content"]}
     assert "guardrails masked=emails:1,secrets:1" in f.comment
     answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"it is {AWS_ID}"}}]}
     f.response = http.Response.make(200, json.dumps(answer).encode(), {"content-type": "application/json"})
@@ -58,7 +58,7 @@ def test_a_masked_request_and_its_answer():
     assert f.response.headers["x-gateway-guardrails"] == "masked=emails:1,secrets:1"
     g.answers.response(f)
     assert json.loads(f.response.content)["choices"][0]["message"]["content"] == "it is [REDACTED:secrets]"
-    assert state_of(f).guardrails["answer_masked"] == {"secrets": 1}
+    assert state_of(f).guardrails.answer_masked == {"secrets": 1}
     assert AWS_ID.encode() not in b"".join(f.metadata["record"]["upstream"]["pieces"])
     assert g.sets == {}  # nothing left per flow
 
@@ -73,7 +73,7 @@ def test_a_block_answers_in_the_clients_shape_and_keeps_the_request_masked():
     assert body["type"] == "error" and "secrets in messages[0].content" in body["error"]["message"]
     assert f.response.headers["x-gateway-guardrails"] == "blocked=secrets"
     assert AWS_ID.encode() not in f.response.content and AWS_ID.encode() not in f.request.content
-    assert state_of(f).guardrails["blocked"] == ["secrets"]
+    assert state_of(f).guardrails.blocked == ["secrets"]
 
 
 def test_keys_without_a_set_paths_without_text_and_bad_json_are_left_alone():

@@ -40,3 +40,25 @@ def test_the_recorded_corpus_reads_into_the_same_fields():
         recorded = f.metadata["gateway"]
         assert set(recorded) <= set(SAVED), set(recorded) - set(SAVED)  # no field of a recording is dropped
         assert state_of(f).to_dict() == {name: value for name, value in recorded.items() if value is not None}
+
+
+def test_a_guardrails_record_is_saved_as_its_dict_and_read_back_typed(gw):  # noqa: F811
+    from addon.guard.record import GuardRecord
+
+    f = flow()
+    gw.request(f)
+    state = f.metadata["gateway"]
+    state.guardrails = GuardRecord("default", "mask", masked={"secrets": 2}, where=["messages[0].content"],
+                                   answer_masked={"emails": 1})
+    saved = f.get_state()["metadata"]["gateway"]["guardrails"]
+    assert saved == {"set": "default", "action": "mask", "masked": {"secrets": 2}, "where": ["messages[0].content"],
+                     "answer_masked": {"emails": 1}}
+    saved["masked"]["secrets"] = 9  # a copy's dict is its own
+    assert state.guardrails.masked == {"secrets": 2}
+    out = bytes_io.BytesIO()
+    io.FlowWriter(out).add(f)
+    loaded = next(io.FlowReader(bytes_io.BytesIO(out.getvalue())).stream())
+    again = state_of(loaded).guardrails
+    assert type(again) is GuardRecord and again.set_name == "default" and again.masked == {"secrets": 2}
+    assert again.blocked is None and again.where == ["messages[0].content"] and again.answer_masked == {"emails": 1}
+    assert state_of(f.copy()).guardrails.to_dict() == state.guardrails.to_dict()
