@@ -116,11 +116,30 @@ def test_a_stream_is_masked_after_the_gateways_own_and_fails_closed():
         out = b"".join(fn(p) for p in raw) + fn(b"")
         assert AWS_ID.encode() not in out and b"[REDACTED:secrets]" in out
 
-    def broken(piece):
-        raise RuntimeError("boom")
-    fn = masked_stream(broken, StreamGuard("openai_chat", scanner), api)
-    first = fn(raw[0])
-    assert b"the gateway could not check this answer" in first and fn(raw[1]) == b""
+
+
+def test_a_stream_whose_masking_fails_ends_with_the_apis_error_and_logs_one_line(caplog, monkeypatch):
+    """Fail closed: the client gets the API's error event and nothing after it; the log gets the
+    exception's type, never its traceback or its message (which may quote what was caught)."""
+    api = APIS["openai_chat"]
+    scanner = KEYS.lookup("vk_m").guardrails.scanner
+    guard = StreamGuard("openai_chat", scanner)
+
+    def broken(data: bytes) -> bytes:
+        raise ValueError(f"could not mask {AWS_ID} in {data!r}")
+
+    monkeypatch.setattr(guard, "feed", broken)
+    fn = masked_stream(True, guard, api)
+    with caplog.at_level("DEBUG", logger="gateway"):
+        first = fn(chat_event(f"key {AWS_ID}"))
+        rest = fn(chat_event("more")) + fn(b"")
+    assert first == b"".join(api.stream_error("the gateway could not check this answer", "gateway_error"))
+    assert json.loads(first.split(b"data: ", 1)[1].split(b"\n")[0])["error"]["code"] == "gateway_error"
+    assert rest == b""  # nothing of the answer after the error, not even at its end
+    assert [r.getMessage() for r in caplog.records] == [
+        "gateway: guardrails could not mask a stream (ValueError); ended for the client"]
+    assert all(r.exc_info is None and r.exc_text is None for r in caplog.records)
+    assert AWS_ID not in caplog.text and "Traceback" not in caplog.text
 
 
 def test_the_gateway_reads_the_body_the_guard_parsed_once(tmp_path, monkeypatch):
