@@ -16,7 +16,7 @@ MARK = "[REDACTED:{}]"
 
 class Scanner:
     __slots__ = ("detectors", "names", "max_len", "marks", "anchors", "plan", "clean", "automaton", "owner",
-                 "single", "apart")
+                 "single", "apart", "always", "by_anchor", "viewed")
 
     def __init__(self, detectors: Sequence) -> None:
         self.detectors = tuple(detectors)
@@ -39,6 +39,15 @@ class Scanner:
                 ids = tuple(anchors.setdefault((a, p.kind), len(anchors)) for a in p.anchors)
                 self.plan.append((rank, d, p, ids))
         self.anchors = tuple(anchors)
+        # what `spans` visits: the entries asked whatever the text, and those an anchor's hit wakes
+        # (most texts wake none); and the anchors whose hits a detector reads from the View
+        self.always = tuple(e for e in self.plan if e[2] is None or not e[3])
+        self.by_anchor: dict[int, tuple] = {}
+        for j, e in enumerate(self.plan):
+            for i in e[3]:
+                self.by_anchor[i] = (*self.by_anchor.get(i, ()), j)
+        used = {i for e in self.plan for i in e[3]}
+        self.viewed = tuple((i, key) for i, key in enumerate(self.anchors) if i not in used)
         # Every anchor found in one pass: an Aho-Corasick automaton (Rust's aho-corasick, a DFA)
         # over View.norm, of each anchor's strings in that alphabet (a superset of its places: the
         # expression decides). One search per anchor cost a pass over the text each, and ~14 of
@@ -84,36 +93,44 @@ class Scanner:
         """Merged, ordered, non-overlapping (start, end, detector)."""
         found = []
         view = View(text)
-        hits: list = [[] for _ in self.anchors]
+        hits: dict[int, list[int]] = {}  # anchor -> where it occurs (only those that do)
         if self.automaton is not None:
-            owner, single, last = self.owner, self.single, [-1] * len(hits)
+            owner, single, last = self.owner, self.single, {}
             # (overlapping: one anchor's string may begin inside another's)
             for which, start, end in self.automaton.find_matches_as_indexes(view.norm, overlapping=True):
                 i = owner[which]
-                if start >= last[i] or not single[i]:
-                    hits[i].append(start)
+                got = hits.get(i)
+                if got is None:
+                    hits[i] = [start]
                     last[i] = end
-            for i, single_one in enumerate(single):
-                if not single_one and len(hits[i]) > 1:
-                    hits[i].sort()
+                elif start >= last[i] or not single[i]:
+                    got.append(start)
+                    last[i] = end
+            for i, got in hits.items():
+                if not single[i] and len(got) > 1:
+                    got.sort()
         for i in self.apart:
             anchor, kind = self.anchors[i]
             src = view.source(kind)
             m = anchor.search(src)
-            hits[i] = [] if m is None else [x.start() for x in anchor.finditer(src, m.start())]
+            if m is not None:
+                hits[i] = [x.start() for x in anchor.finditer(src, m.start())]
         found_at = view.hits_found
-        for i, key in enumerate(self.anchors):
-            found_at[key] = hits[i]
+        for i, key in self.viewed:
+            found_at[key] = hits.get(i, [])
+        entries = self.always
+        if hits:
+            plan = self.plan
+            woken = sorted({j for i in hits for j in self.by_anchor.get(i, ())})
+            entries = (*entries, *(plan[j] for j in woken))
         n = len(text)
-        for rank, d, p, ids in self.plan:
+        for rank, d, p, ids in entries:
             if p is None:
                 spans = d.find(text, view)
             elif not ids:
                 spans = p.matches(text, ((0, n),))
             else:
-                at = hits[ids[0]] if len(ids) == 1 else sorted(x for i in ids for x in hits[i])
-                if not at:
-                    continue
+                at = hits[ids[0]] if len(ids) == 1 else sorted(x for i in ids for x in hits.get(i, ()))
                 spans = p.matches(text, p.around(at, n))
             for start, end in spans:
                 found.append((start, rank, end, d.name))

@@ -64,3 +64,11 @@ def test_an_anchor_not_made_of_plain_strings_is_searched_apart():
     scanner = Scanner([odd, detectors.builtin("emails")])
     assert len(scanner.apart) == 1
     assert scanner.mask("ref Q123-ABCD, mail a@b.example") == "ref [REDACTED:odd], mail [REDACTED:emails]"
+
+
+def test_text_past_ascii_keeps_every_position():
+    # one byte a character whatever the text holds (Latin-1, wider, a lone surrogate), so a hit's
+    # place in the searched bytes is its place in the text
+    for prefix in ("é" * 3, "— “quoted” ", "😀 emoji ", "\ud800 lone "):
+        masked = default().mask(prefix + "mail bob@example.com and AKIAIOSFODNN7EXAMPLE")
+        assert masked == prefix + "mail [REDACTED:emails] and [REDACTED:secrets]", prefix
