@@ -3,8 +3,8 @@ set costs.
 
 - in-process: scanning CPU per KB of text (the default set, and every detector), on the
   project's own code and docs (text like what Claude Code sends: source files, prose);
-- in one gateway, a key under the default set against a key without one, in alternating blocks
-  on one keep-alive connection: the added p50 for a 2 KB and a 200 KB chat request whose text is
+- in one gateway, a key under the default set against a key without one, one request by each in
+  turn on one keep-alive connection: the added p50 for a 2 KB and a 200 KB chat request whose text is
   new every time (cold: nothing a scan found clean before is reused), and for a 200 KB agent
   turn (the same history every time, a new 2 KB message last);
 - the same two keys under wrk (16 connections, 2 KB, alternating rounds): throughput ratio;
@@ -122,15 +122,14 @@ def start_gateway(stack) -> int:
 
 
 def added_p50(port: int, pid: int, headers: dict, size: int, n: int, agent: bool = False) -> dict:
-    """Blocks of requests by each key in turn on one keep-alive connection: p50 latency per key,
-    and the gateway process's CPU per request per key (steadier than latency on a busy machine)."""
+    """Requests by each key in turn on one keep-alive connection: p50 latency per key, and the
+    gateway process's CPU per request per key (steadier than latency on a busy machine)."""
     from run import cpu_seconds  # (bench/run.py)
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     turn = iter(range(10**9))
     times: dict[str, list[float]] = {GUARD_KEY: [], PLAIN_KEY: []}
     cpu: dict[str, float] = {GUARD_KEY: 0.0, PLAIN_KEY: 0.0}
-    block = 10
 
     def send(key: str) -> float:
         body = chat_body(size, next(turn), agent)  # (made before the clock starts)
@@ -147,10 +146,12 @@ def added_p50(port: int, pid: int, headers: dict, size: int, n: int, agent: bool
         for key in (GUARD_KEY, PLAIN_KEY):  # warm-up
             for _ in range(5):
                 send(key)
-        for _ in range(max(1, n // block)):
-            for key in (GUARD_KEY, PLAIN_KEY):
+        # one request by each key in turn, which goes first alternating: a busy machine's load
+        # drifts within a block of ten, and the p50s of two blocks measured that drift as well
+        for i in range(max(1, n)):
+            for key in ((GUARD_KEY, PLAIN_KEY) if i % 2 == 0 else (PLAIN_KEY, GUARD_KEY)):
                 c = cpu_seconds(pid)
-                times[key] += [send(key) for _ in range(block)]
+                times[key].append(send(key))
                 cpu[key] += cpu_seconds(pid) - c
     finally:
         conn.close()
