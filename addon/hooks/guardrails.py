@@ -7,14 +7,16 @@ Two parts, because their hooks must run at two places of the chain (addon/gatewa
 
 - `GuardRequests`, before the Snapshot and the Gateway: the client's body is masked (or the
   request answered 400 `content_blocked`) before anything keeps, shows, translates or forwards
-  it, so the flow, recordings, mitmweb and the provider all see the masked text only.
+  it, so the flow, recordings, mitmweb and the provider all see the masked text only. It parses
+  the body with its API's own parser and hands the object to the Gateway (`FlowState.parsed`),
+  which would otherwise parse it a second time.
 - `GuardAnswers`, after the Gateway (whose responseheaders chose the stream and whose response
   translated a whole body): what the client receives, in its own API's shape, is masked last,
   and a recording's copy of the provider's raw answer is masked too.
 
-What was found is on the flow's record (`FlowState.guardrails`: counts by detector and where,
-never the text), in the `x-gateway-guardrails` response header, the access line, the ledger's
-`guardrails` column, the metrics and mitmweb's gateway view.
+What was found is on the flow's record (`FlowState.guardrails`, a guard/record.py GuardRecord:
+counts by detector and where, never the text), in the `x-gateway-guardrails` response header,
+the access line, the ledger's `guardrails` column, the metrics and mitmweb's gateway view.
 """
 
 from __future__ import annotations
