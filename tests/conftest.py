@@ -131,11 +131,12 @@ def provider(provider_server):
     provider_server.reset()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway_factory():
     """start(keys, extra_args, env): a real gateway process (mitmdump with addon/gateway.py, as
-    run.sh starts it; addon/recording/process.py) on a free port, `keys` a dict or a file's path;
-    every one started is stopped at the end of the session, or earlier by gw.stop()."""
+    run.sh starts it; addon/recording/process.py) on a free port, `keys` a dict or a file's path.
+    One a test started stops when the test ends (_stop_the_tests_gateways), one a module's
+    fixture started when the module ends, or either earlier by gw.stop()."""
     started: list[GatewayProcess] = []
 
     def start(keys: dict | str, extra_args: list[str] | None = None, env: dict | None = None) -> GatewayProcess:
@@ -143,9 +144,26 @@ def gateway_factory():
         started.append(gw)
         return gw
 
+    start.started = started
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_tests_gateways(request):
+    """Gateways started by a test or its function-scoped fixtures stop at its end: kept to the
+    session's end, a full run held 140 idle gateways (each with its timers and ~70 MB) at once.
+    pytest sets up higher-scoped fixtures first, so a module's gateway is started before `mark`."""
+    if "gateway_factory" not in request.fixturenames:
+        yield
+        return
+    started = request.getfixturevalue("gateway_factory").started
+    mark = len(started)
+    yield
+    for gw in started[mark:]:
+        gw.stop()
+    del started[mark:]
 
 
 @pytest.fixture
