@@ -79,19 +79,20 @@ def _blocks(blocks: object, where: str) -> Iterator[Place]:
     for j, block in enumerate(blocks):
         if not isinstance(block, dict):
             continue
-        at = f"{where}[{j}]"
         kind = block.get("type")
-        if kind == "text":
-            yield from _text(block, "text", at + ".text")
-        elif kind in ("tool_use", "server_tool_use"):
-            if isinstance(block.get("input"), (dict, list)):
-                yield from _leaves(block["input"], at + ".input")
+        if kind == "text":  # (the commonest, inline: a generator per block costs more than the block)
+            if isinstance(block.get("text"), str):
+                yield f"{where}[{j}].text", block, "text"
         elif kind == "tool_result":
             if isinstance(block.get("content"), str):
-                yield at + ".content", block, "content"
+                yield f"{where}[{j}].content", block, "content"
             else:
-                yield from _blocks(block.get("content"), at + ".content")
+                yield from _blocks(block.get("content"), f"{where}[{j}].content")
+        elif kind in ("tool_use", "server_tool_use"):
+            if isinstance(block.get("input"), (dict, list)):
+                yield from _leaves(block["input"], f"{where}[{j}].input")
         elif kind == "document":
+            at = f"{where}[{j}]"
             source = block.get("source")
             if isinstance(source, dict) and source.get("type") == "text":
                 yield from _text(source, "data", at + ".source.data")
@@ -99,7 +100,7 @@ def _blocks(blocks: object, where: str) -> Iterator[Place]:
                 yield from _blocks(source.get("content"), at + ".source.content")
             yield from _text(block, "context", at + ".context")
         elif kind == "search_result":
-            yield from _blocks(block.get("content"), at + ".content")
+            yield from _blocks(block.get("content"), f"{where}[{j}].content")
 
 
 def messages_request(body: dict) -> Iterator[Place]:

@@ -5,6 +5,7 @@ listed first in the set). Counts are kept by detector; the matched text is never
 from __future__ import annotations
 
 from bisect import bisect_right
+from itertools import accumulate
 from collections.abc import Sequence
 
 from ahocorasick_rs import BytesAhoCorasick, Implementation
@@ -205,25 +206,29 @@ def guard_body(scanner: Scanner, places, mask: bool) -> Outcome:
     expression), which the many short texts of a conversation would otherwise pay each. A long
     text this scanner already found clean is not scanned again (Scanner.clean)."""
     outcome = Outcome()
+    found = list(places)
+    texts = [holder[key] for _, holder, key in found]
     clean = scanner.clean
-    found, texts, fresh = [], [], []
-    for place in places:
-        text = place[1][place[2]]
-        if len(text) >= CLEAN_MIN:
-            known = (hash(text), len(text))
-            if known in clean:
-                continue
-            fresh.append((len(found), known))
-        found.append(place)
-        texts.append(text)
+    fresh = []  # (index, (hash, length)) of the long texts not known clean
+    if any(len(text) >= CLEAN_MIN for text in texts):
+        kept = []
+        for i, text in enumerate(texts):
+            if len(text) >= CLEAN_MIN:
+                known = (hash(text), len(text))
+                if known in clean:
+                    continue
+                fresh.append((len(kept), known))
+            kept.append(i)
+        if len(kept) < len(texts):
+            found, texts = [found[i] for i in kept], [texts[i] for i in kept]
     if not found:
         return outcome
-    joined = SEPARATOR.join(texts)
-    spans = scanner.spans(joined)
-    starts, at = [], 0
-    for text in texts:
-        starts.append(at)
-        at += len(text) + len(SEPARATOR)
+    spans = scanner.spans(SEPARATOR.join(texts))
+    if not spans:
+        for _, known in fresh:
+            remember(clean, known)
+        return outcome
+    starts = list(accumulate([len(text) + len(SEPARATOR) for text in texts[:-1]], initial=0))
     own: dict[int, list] = {}
     for start, end, name in spans:
         i = bisect_right(starts, start) - 1
