@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,23 @@ def head(length: int | None, key: str, path: bytes = b"/v1/chat/completions") ->
     ]
     lines.append(b"Content-Length: %d" % length if length is not None else b"Transfer-Encoding: chunked")
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def read_by_gateway(gw_port: int, client: socket.socket, timeout: float = 20) -> None:
+    """Waits until the gateway's side of `client`'s connection has nothing left unread in the
+    kernel (/proc/net/tcp's rx_queue): what the client sent is then in the gateway (at most the
+    asyncio reader's 64-128 KiB not yet handed on), not merely in a socket buffer."""
+    local = "%04X" % gw_port
+    remote = "%04X" % client.getsockname()[1]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(":" + local) and fields[2].endswith(":" + remote):
+                if int(fields[4].split(":")[1], 16) == 0:
+                    return
+        time.sleep(0.05)
+    raise AssertionError("the gateway did not read what the client sent")
 
 
 def body(size: int) -> bytes:
@@ -156,6 +175,7 @@ def test_past_max_buffered_mb_a_request_gets_a_503_in_its_apis_shape(provider, g
     a_payload = body(6 * MB)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as a:
         a.sendall(head(len(a_payload), "vk_a") + a_payload[: 5 * MB])
+        read_by_gateway(gw.port, a)  # (else B's bytes may be counted first, and A is the one past the cap)
         with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as b:
             b.sendall(head(None, "vk_b"))
             b_payload = body(6 * MB)
