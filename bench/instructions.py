@@ -7,7 +7,7 @@ TARGET is `bare` (mitmdump without addon), `.` (the checked-out gateway), a git 
 directory holding an `addon/`; the default is `bare .`. Each target runs under
 `valgrind --tool=callgrind` with instrumentation off through start-up and warm-up, then on for
 N sequential keep-alive requests (--stream: streamed answers of --events SSE events each, bare
-mitmdump then with stream_large_bodies=1 as in the benchmark's streaming section): the count per request repeats within about 0.1% run to run,
+mitmdump then with stream_large_bodies=1 as in the benchmark's streaming section): the count per request repeats within about 0.1% run to run (PYTHONHASHSEED=0 unless set),
 where CPU time on this shared machine varies by 10%. Counts are not time (C code such as the
 JSON decoder retires far more instructions per microsecond than interpreted Python), so confirm a
 win with bench/ab.py. --cache-sim adds valgrind's simulated L1 cache misses (instruction, data)
@@ -88,7 +88,10 @@ def instructions_per_request(stack: bench.Stack, addon: Path | None, scenario: s
     out = tmp / f"callgrind.{port}"
     sim = ["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", *sim, "--instr-atstart=no", f"--callgrind-out-file={out}",
-                             str(bench.MITMDUMP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(bench.MITMDUMP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            # a fixed hash seed: with a random one the same revision's count moved by up to 1%
+                            # between runs (dict and set layouts), more than the changes this tool is for
+                            env={**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")})
     try:
         bench.wait_port(port, proc, name, Path(os.devnull), timeout=180)
         spec = bench.request_spec("bare" if addon is None else "gateway", scenario, stream=events > 0)
