@@ -69,6 +69,9 @@ def row_comment(flow: http.HTTPFlow) -> str:
         said.append(f"refused {response.status_code} {state.answered}")
     elif response is not None and response.status_code >= 400 and ERROR_SOURCE in response.headers:
         said.append(f"{response.headers[ERROR_SOURCE]} {response.status_code}")  # provider's, or the gateway's 502/504
+    guard = state.guardrails if state is not None else None
+    if guard is not None and guard.masked:  # (counts only, as the x-gateway-guardrails header)
+        said.append("guardrails masked=" + ",".join(f"{d}:{n}" for d, n in sorted(guard.masked.items())))
     return " · ".join(said)
 
 

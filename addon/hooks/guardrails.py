@@ -235,13 +235,35 @@ class GuardAnswers:
         if counts:
             note(flow, guard).answer_masked = dict(sorted(counts.items()))
             log.info("gateway: guardrails %s answer %s", guard.name, header_value(counts))
-        # a recording keeps the provider's raw answer for replays: masked as text, like the rest
+        # a recording (and mitmweb) keeps the provider's raw answer for replays: masked like the rest
         upstream = flow.metadata.get("record", {}).get("upstream")
         if upstream and upstream.get("pieces"):
-            raw = b"".join(upstream["pieces"]).decode("utf-8", "replace")
-            masked = guard.scanner.mask(raw)
+            raw = b"".join(upstream["pieces"])
+            api = upstream_stream_api(flow, upstream)
+            if api is not None:
+                # event by event, as the client's stream was: a secret the provider cut across
+                # events is in no one event's text, and masking the raw text would leave its pieces
+                events = StreamGuard(api, guard.scanner)
+                raw = events.feed(raw) + events.end()
+            text = raw.decode("utf-8", "replace")
+            masked = guard.scanner.mask(text)
             if masked is not None:
                 upstream["pieces"] = [masked.encode()]
+            elif api is not None:
+                upstream["pieces"] = [raw]
+
+
+# the API a provider's event stream speaks, by the path it was sent to (the upstream request)
+UPSTREAM_STREAMS = (("/chat/completions", "openai_chat"), ("/messages", "anthropic_messages"),
+                    ("/responses", "openai_responses"))
+
+
+def upstream_stream_api(flow: http.HTTPFlow, upstream: dict) -> str | None:
+    content_type = next((v for k, v in upstream.get("headers") or () if k.lower() == "content-type"), "")
+    if not content_type.startswith("text/event-stream"):
+        return None
+    path = flow.request.path.partition("?")[0]
+    return next((api for end, api in UPSTREAM_STREAMS if path.endswith(end)), None)
 
 
 def masked_stream(inner, stream: StreamGuard, api):

@@ -2,21 +2,28 @@
 gateway, then the rendered page: the flow list's columns and comments, both sides of a flow, a
 stream event by event, why a refused flow was refused, and no secret anywhere on the page.
 
+A second mitmweb (`./run.sh web` on a keys file with guardrail sets, the fake provider of
+tests/fakeprovider.py behind it) shows where secrets were masked or why a request was blocked,
+and never the secret itself.
+
 Screenshots: SCREENSHOTS=/some/dir ./run.sh test -m browser (else they go to pytest's tmp dir).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.fakeprovider import FakeProvider, Received, Reply, openai_completion, openai_stream
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "pw-browser-test-4242"
@@ -84,20 +91,31 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(demo_web):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(15_000)
-        page.goto(demo_web["web"])
-        page.fill("input[name=token]", PASSWORD)  # mitmweb's login form
-        page.click("input[type=submit]")
-        page.locator(".flow-table td.col-comment", has_text="refused 401").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+def logged_in(browser, url: str, password: str, last_comment: str):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(15_000)
+    page.goto(url)
+    page.fill("input[name=token]", password)  # mitmweb's login form
+    page.click("input[type=submit]")
+    page.locator(".flow-table td.col-comment", has_text=last_comment).wait_for()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(demo_web, browser):
+    page = logged_in(browser, demo_web["web"], PASSWORD, "refused 401")
+    yield page
+    page.close()
 
 
 def row(page, comment: str):
@@ -255,3 +273,174 @@ def test_reading_every_body_through_the_ui_api_never_fails(page):
         return out;
     }""")
     assert statuses and set(statuses) == {200}, statuses
+
+
+# --- guardrails -------------------------------------------------------------------------------
+
+GUARD_PASSWORD = "pw-browser-guard-7070"
+AWS_IN = "AKIA" + "Q2W3E4R5T6Y7U8I9"  # a fake AWS access key id the client sends
+EMAIL_IN = "grace.hopper@example.org"
+AWS_OUT = "AKIA" + "ZXCVBNMASDFGHJKL"  # and one the provider answers, cut across stream events
+EMAIL_OUT = "alan.turing@example.net"
+ORIGINALS = (AWS_IN, EMAIL_IN, AWS_OUT, EMAIL_OUT)
+GUARD_KEYS = {
+    "vk_browser_guard_mask": {"provider": "openai", "api_key": "sk-browser-guard-real-1", "name": "guard-mask",
+                              "guardrails": "default"},
+    "vk_browser_guard_block": {"provider": "openai", "api_key": "sk-browser-guard-real-2", "name": "guard-block",
+                               "guardrails": "strict"},
+}
+GUARD_SECRETS = (*ORIGINALS, *GUARD_KEYS, *(k["api_key"] for k in GUARD_KEYS.values()), GUARD_PASSWORD)
+ANSWER = f"Rotate {AWS_OUT} and tell {EMAIL_OUT}."
+
+
+def answer_with_secrets(req: Received) -> Reply:
+    body = req.json()
+    if body.get("stream"):  # the access key id cut in three events, the address in two
+        cuts = [ANSWER.index(AWS_OUT) + 3, ANSWER.index(AWS_OUT) + 11, ANSWER.index(EMAIL_OUT) + 6]
+        bounds = [0, *cuts, len(ANSWER)]
+        return Reply.sse(openai_stream(body, [ANSWER[a:b] for a, b in zip(bounds, bounds[1:])]))
+    return Reply.json(openai_completion(body, ANSWER))
+
+
+@pytest.fixture(scope="module")
+def guard_web(tmp_path_factory):
+    """./run.sh web with a `mask` key whose set masks answers too and a `block` key, the fake
+    provider behind both, and three flows made: masked (plain and streamed) and blocked."""
+    provider = FakeProvider(answer_with_secrets).start()
+    home = tmp_path_factory.mktemp("guardhome")
+    keys = home / "keys.json"
+    keys.write_text(json.dumps({
+        "providers": {"openai": {"base_url": provider.url + "/v1"}},
+        "guardrails": {
+            "default": {"detect": ["secrets", "emails"], "action": "mask", "responses": "mask"},
+            "strict": {"detect": ["secrets", "emails"], "action": "block"}},
+        "virtual_keys": GUARD_KEYS}))
+    gateway_port, web_port = free_port(), free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "GATEWAY_PORT": str(gateway_port),
+           "WEB_PORT": str(web_port), "WEB_PASSWORD": GUARD_PASSWORD, "KEYS_FILE": str(keys),
+           "USAGE_DB": str(home / "usage.sqlite3"), "PYTHONUNBUFFERED": "1"}  # (its lines as they come)
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "web"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    give_up = threading.Timer(60, os.killpg, (proc.pid, signal.SIGKILL))  # the wait below is bounded
+    give_up.start()
+    for line in proc.stdout:
+        output.append(line)
+        seen = "".join(output)
+        if f"listening at 127.0.0.1:{gateway_port}" in seen and "Web server listening at" in seen:
+            break
+    give_up.cancel()
+    if proc.poll() is not None:
+        provider.stop()
+        pytest.fail("./run.sh web did not start:\n" + "".join(output))
+
+    def client(key):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=key, max_retries=0, timeout=20)
+    try:
+        masked = client("vk_browser_guard_mask").chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"deploy with {AWS_IN}, mail {EMAIL_IN}"}])
+        assert masked.headers["x-gateway-guardrails"] == "masked=emails:1,secrets:1"
+        assert masked.parse().choices[0].message.content == "Rotate [REDACTED:secrets] and tell [REDACTED:emails]."
+        assert provider.received[0].json()["messages"][0]["content"] == \
+            "deploy with [REDACTED:secrets], mail [REDACTED:emails]"
+        stream = client("vk_browser_guard_mask").chat.completions.create(
+            model="gpt-4.1", stream=True, messages=[{"role": "user", "content": "stream it"}])
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == "Rotate [REDACTED:secrets] and tell [REDACTED:emails]."
+        with pytest.raises(openai.BadRequestError) as blocked:
+            client("vk_browser_guard_block").chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"key {AWS_IN} for {EMAIL_IN}"}])
+        assert blocked.value.code == "content_blocked"
+        assert len(provider.received) == 2  # the blocked one never went out
+        yield {"web": f"http://127.0.0.1:{web_port}/", "gateway_port": gateway_port}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        provider.stop()
+
+
+@pytest.fixture(scope="module")
+def guard_page(guard_web, browser):
+    page = logged_in(browser, guard_web["web"], GUARD_PASSWORD, "content_blocked")
+    yield page
+    page.close()
+
+
+def assert_no_original(page):
+    """Neither the page's HTML nor its text holds a secret of the run, whole or cut (a secret the
+    provider streamed in pieces could be on the page in those pieces)."""
+    html, text = page.content(), page.locator("body").inner_text()
+    for secret in GUARD_SECRETS:
+        assert secret not in html and secret not in text, secret
+    for secret in ORIGINALS:
+        for piece in (secret[:8], secret[-8:]):
+            assert piece not in html and piece not in text, piece
+
+
+def test_a_masked_flow_shows_where_guardrails_masked_and_never_the_secret(guard_page, shots):
+    page = guard_page
+    comments = page.locator(".flow-table td.col-comment").all_inner_texts()
+    assert row(page, "guardrails masked=emails:1,secrets:1").count() == 1, comments  # (the stream sent none)
+    comment = row(page, "guardrails masked=").locator("td.col-comment").inner_text()
+    assert "guard-mask -> openai gpt-4o-mini" in comment, comment
+    text = open_tab(page, "guardrails masked=", "Request")
+    assert ("Guardrails (default):\n  masked in the request: 1 emails, 1 secrets\n    at messages[0].content\n"
+            "  masked in the answer: 1 emails, 1 secrets") in text, text
+    client = text.index("CLIENT → GATEWAY   POST /v1/chat/completions")
+    upstream = text.index("GATEWAY → PROVIDER (openai)   POST http://127.0.0.1:")
+    # both sides hold the masked request: the guard ran before anything kept it
+    masked = '"content": "deploy with [REDACTED:secrets], mail [REDACTED:emails]"'
+    assert masked in text[client:upstream] and masked in text[upstream:]
+    assert_no_original(page)
+    page.screenshot(path=str(shots / "mitmweb-guardrails-request.png"), full_page=True)
+    text = open_tab(page, "guardrails masked=", "Response")
+    provider, client = text.index("PROVIDER (openai) → GATEWAY   200"), text.index("GATEWAY → CLIENT   200")
+    assert text.count("Rotate [REDACTED:secrets] and tell [REDACTED:emails].") == 2  # both sides masked
+    assert "x-gateway-guardrails: masked=emails:1,secrets:1" in text[client:]
+    assert "masked in the answer: 1 emails, 1 secrets" in text
+    assert provider < client
+    assert_no_original(page)
+
+
+def test_a_masked_stream_shows_no_piece_of_the_secret_on_either_side(guard_page, shots):
+    text = open_tab(guard_page, "gpt-4.1", "Response")
+    assert "Guardrails (default):\n  masked in the answer: 1 emails, 1 secrets" in text, text
+    assert "events, as they went over the wire:" in text
+    client = text.index("GATEWAY → CLIENT   200")
+    assert "[REDACTED:secrets]" in text[client:]
+    guard_page.screenshot(path=str(shots / "mitmweb-guardrails-stream.png"), full_page=True)
+    assert_no_original(guard_page)
+
+
+def test_a_blocked_flow_names_detectors_and_places_without_the_text(guard_page, shots):
+    page = guard_page
+    text = open_tab(page, "content_blocked", "Response")
+    message = "request blocked by guardrails (strict): emails, secrets in messages[0].content"
+    assert f"Answered by the gateway, never forwarded: 400 content_blocked — {message}" in text, text
+    assert "Guardrails (strict):\n  blocked: emails, secrets\n    at messages[0].content" in text
+    assert "x-gateway-guardrails: blocked=emails,secrets" in text
+    text = open_tab(page, "content_blocked", "Request")
+    assert "GATEWAY → PROVIDER" not in text
+    assert '"content": "key [REDACTED:secrets] for [REDACTED:emails]"' in text  # kept masked
+    page.screenshot(path=str(shots / "mitmweb-guardrails-blocked.png"), full_page=True)
+    assert_no_original(page)
+
+
+def test_no_body_mitmweb_serves_holds_a_secret(guard_page):
+    """What Download gives for every flow, both sides, and the flow list's JSON: no secret."""
+    bodies = guard_page.evaluate("""async () => {
+        const flows = await (await fetch('./flows')).json();
+        const out = [JSON.stringify(flows)];
+        for (const f of flows) for (const part of ['request', 'response']) {
+            out.push(await (await fetch(`./flows/${f.id}/${part}/content.data`)).text());
+        }
+        return out;
+    }""")
+    assert len(bodies) == 1 + 2 * 3  # the three flows
+    for body in bodies:
+        for secret in GUARD_SECRETS:
+            assert secret not in body, secret
