@@ -75,6 +75,11 @@ def demo_web(tmp_path_factory):
             model="gpt-4o", messages=[{"role": "user", "content": "Hi"}]
         )
     yield {"web": f"http://127.0.0.1:{web_port}/", "gateway_port": gateway_port}
+    stop_web(proc)
+
+
+def stop_web(proc: subprocess.Popen) -> None:
+    """Ctrl-C to `./run.sh web`'s process group, as a user stops it; SIGKILL after 20 s."""
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.communicate(timeout=20)
@@ -354,12 +359,7 @@ def guard_web(tmp_path_factory):
         assert len(provider.received) == 2  # the blocked one never went out
         yield {"web": f"http://127.0.0.1:{web_port}/", "gateway_port": gateway_port}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop_web(proc)
         provider.stop()
 
 
