@@ -49,3 +49,28 @@ def test_the_banner_has_words_for_every_limit_a_key_can_carry():
     ]
     with pytest.raises(ValueError):  # a field the banner cannot name is not left out silently
         demo.limits({"provider": "openai", "some_new_limit": 1})
+
+
+def test_a_client_hanging_up_mid_stream_prints_no_traceback(capfd):
+    """`curl -sN ... | head` closes the stream early; the gateway then closes its connection to the
+    fake provider, whose next write fails: no traceback from the demo (socketserver prints one)."""
+    import json
+    import socket
+    import time
+
+    from demo import provider as fake
+
+    server = fake.start()
+    try:
+        body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+        with socket.create_connection(server.server_address, timeout=5) as sock:
+            sock.sendall(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         f"{fake.KEYS['openai']}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+            assert b" 200 " in sock.recv(65536).split(b"\r\n", 1)[0]  # the stream began
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # a reset
+        time.sleep(20 * fake.STREAM_DELAY + 0.3)  # every event the handler would still write
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Broken pipe" not in err and "Connection reset" not in err, err
